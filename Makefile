@@ -1,0 +1,60 @@
+# Two commands for users: `make run` and `make test`. Both set up everything they
+# need on a fresh Debian machine (as root): system packages, the virtual
+# environment in .venv, the project's small C helpers, then run or test.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+# Debian packages the project needs at build, run or test time.
+SYSTEM_PACKAGES := gcc libc6-dev libcap-dev python3-dev python3-venv \
+	iproute2 busybox-static debootstrap btrfs-progs e2fsprogs util-linux \
+	openssh-server openssh-client nftables crun bubblewrap procps psmisc
+
+# C helpers: kernel/native/NAME.c becomes kernel/bin/NAME (static, tiny).
+NATIVE_SRC := $(wildcard kernel/native/*.c)
+NATIVE_BIN := $(patsubst kernel/native/%.c,kernel/bin/%,$(NATIVE_SRC))
+
+.PHONY: run test setup system venv native bench lint clean
+
+run: setup
+	$(PY) scripts/run_demo.py
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+setup: system venv native
+
+# Install missing Debian packages only (no network when all are present).
+system: .stamp-system
+.stamp-system: Makefile
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	touch $@
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: setup.cfg pyproject.toml .stamp-system
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,dev]'
+	touch $@
+
+native: $(NATIVE_BIN)
+kernel/bin/%: kernel/native/%.c .stamp-system
+	@mkdir -p kernel/bin
+	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check plc agent kernel sensors tests bench
+	$(VENV)/bin/mypy plc agent kernel sensors
+
+clean:
+	rm -rf $(VENV) kernel/bin .stamp-system build *.egg-info
