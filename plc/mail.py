@@ -98,6 +98,34 @@ class MailConfig:
         return cls(**kwargs)
 
 
+    @classmethod
+    def from_plc_config(cls, cfg: Any) -> MailConfig:
+        """From plc.toml's ``[mail]`` table (``cfg.get(section, name)`` as plc.config gives).
+
+        ``smtp_host`` is ``host`` or ``host:port``; empty means the spool directory.
+        """
+        where = f"{getattr(cfg, 'source', 'plc.toml')}: [mail]"
+        host_port = cfg.get("mail", "smtp_host") or ""
+        host, port = None, 25
+        if host_port:
+            host, sep, port_text = host_port.rpartition(":")
+            if not sep or host.endswith(":") or not host:  # no port, or a bare IPv6 address
+                host, port_text = host_port, "25"
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"{where} smtp_host = {host_port!r}: port must be 1..65535")
+            host, port = host.strip("[]"), int(port_text)
+        support = cfg.get("mail", "support_address")
+        return cls(
+            enabled=bool(cfg.get("mail", "enabled")),
+            smtp_host=host,
+            smtp_port=port,
+            spool_dir=Path(cfg.get("mail", "spool_dir")),
+            sender=support,
+            support_address=support,
+            boot_address=cfg.get("mail", "boot_address"),
+        )
+
+
 def _check_address(address: str) -> str:
     """Refuse what could inject headers or is obviously not an address."""
     if not isinstance(address, str) or not address.strip():

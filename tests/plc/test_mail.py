@@ -191,3 +191,33 @@ def test_config_from_mapping() -> None:
         mail.MailConfig.from_mapping({"enabled": 1})
     with pytest.raises(ValueError, match="sender"):
         mail.MailConfig.from_mapping({"sender": "bad\naddress@x"})
+
+
+class _FakeCfg:
+    """Stands in for plc.config.Config: only ``get(section, name)`` is used."""
+
+    source = "plc.toml"
+
+    def __init__(self, **mail_values: object) -> None:
+        self.values = {"enabled": True, "smtp_host": "", "spool_dir": "/tmp/s",
+                       "support_address": "support@plc.example.org",
+                       "boot_address": "boot@plc.example.org", **mail_values}
+
+    def get(self, section: str, name: str) -> object:
+        assert section == "mail"
+        return self.values[name]
+
+
+def test_config_from_plc_config() -> None:
+    cfg = mail.MailConfig.from_plc_config(_FakeCfg())
+    assert cfg.smtp_host is None and cfg.spool_dir == Path("/tmp/s")
+    assert cfg.sender == "support@plc.example.org" and cfg.boot_address == "boot@plc.example.org"
+    cfg = mail.MailConfig.from_plc_config(_FakeCfg(smtp_host="mx.example.org:2525"))
+    assert (cfg.smtp_host, cfg.smtp_port) == ("mx.example.org", 2525)
+    cfg = mail.MailConfig.from_plc_config(_FakeCfg(smtp_host="mx.example.org"))
+    assert (cfg.smtp_host, cfg.smtp_port) == ("mx.example.org", 25)
+    cfg = mail.MailConfig.from_plc_config(_FakeCfg(smtp_host="[::1]:26"))
+    assert (cfg.smtp_host, cfg.smtp_port) == ("::1", 26)
+    with pytest.raises(ValueError, match=r"plc.toml: \[mail\] smtp_host = 'mx:0'"):
+        mail.MailConfig.from_plc_config(_FakeCfg(smtp_host="mx:0"))
+    assert not mail.MailConfig.from_plc_config(_FakeCfg(enabled=False)).enabled
