@@ -1,0 +1,238 @@
+"""agent.toml: the node agent's configuration, read with tomllib, written with tomli-w.
+
+Every key is declared once in `FIELDS` (type, default, allowed range, help text); the
+same table drives validation, the defaults and the commented file `init-config` writes.
+A bad key or value stops the agent with a `ConfigError` naming the file, the key and
+what is allowed, before anything privileged happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+DEFAULT_STATE_DIR = "/var/lib/planetlab"
+DEFAULT_RUN_DIR = "/run/planetlab"
+DEFAULT_SOCKET = "/run/planetlab/agent.sock"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is unusable; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: type
+    default: Any
+    help: str
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    optional: bool = False  # may be absent from the file and None in the config
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("plc_url", str, "https://localhost/PLCAPI/",
+          "PLC's XML-RPC endpoint (http:// or https://)"),
+    Field("hostname", str, "", "this node's hostname as PLC knows it (empty: the machine's FQDN)"),
+    Field("key_file", str, "",
+          "file with NODE_ID and NODE_KEY (`plc node-key` output, plnode.txt format); "
+          "empty to use node_id and node_key below"),
+    Field("node_id", int, 0, "node id at PLC (used when key_file is empty)", minimum=0),
+    Field("node_key", str, "", "node key (used when key_file is empty)"),
+    Field("ca_file", str, "", "CA bundle that PLC's TLS certificate must verify against "
+          "(empty: the system's CAs)"),
+    Field("state_dir", str, DEFAULT_STATE_DIR, "persistent state: agent.db, session, images, roots"),
+    Field("run_dir", str, DEFAULT_RUN_DIR, "runtime state of running contexts"),
+    Field("socket_path", str, DEFAULT_SOCKET, "the slice API Unix socket"),
+    Field("poll_interval", int, 600, "seconds between two GetSlivers polls", minimum=1,
+          maximum=86400),
+    Field("poll_jitter", int, 300, "random extra seconds [0, poll_jitter) added to each wait",
+          minimum=0, maximum=86400),
+    Field("plc_timeout", int, 60, "seconds before a call to PLC is given up", minimum=1,
+          maximum=3600),
+    Field("backoff_max", int, 600, "longest wait between retries while PLC is failing",
+          minimum=1, maximum=86400),
+    Field("default_image", str, "default", "image of a slice that has no vref tag"),
+    Field("slice_prefix", str, "pl", "PLC_SLICE_PREFIX: <prefix>_default holds node-wide "
+          "resource overrides"),
+    Field("uid_pool_start", int, 1_000_000, "first host uid of the pool sliver uid ranges "
+          "come from", minimum=65536, maximum=2**31),
+    Field("uid_range_size", int, 65536, "uids per sliver", minimum=1, maximum=2**24),
+    Field("uid_pool_ranges", int, 30000, "number of sliver uid ranges in the pool", minimum=1,
+          maximum=2**20),
+    Field("concurrency", int, 8, "slivers created or changed at the same time", minimum=1,
+          maximum=256),
+    Field("api_rate", float, 20.0, "slice API calls per second allowed to one slice (refill)",
+          minimum=0.001, maximum=1e6),
+    Field("api_burst", int, 40, "slice API calls one slice may make in a burst", minimum=1,
+          maximum=1_000_000),
+    Field("api_max_request", int, 1 << 20, "largest slice API request in bytes", minimum=1024,
+          maximum=64 << 20),
+    Field("sliver_socket_dir", str, "/run/planetlab",
+          "where the API socket's directory appears inside every sliver"),
+    Field("ssh_shell", str, "", "login shell of slice host accounts (empty: the agent's "
+          "own `planetlab-agent-shell` next to its Python)"),
+)
+
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    plc_url: str
+    hostname: str
+    key_file: str
+    node_id: int
+    node_key: str
+    ca_file: str
+    state_dir: str
+    run_dir: str
+    socket_path: str
+    poll_interval: int
+    poll_jitter: int
+    plc_timeout: int
+    backoff_max: int
+    default_image: str
+    slice_prefix: str
+    uid_pool_start: int
+    uid_range_size: int
+    uid_pool_ranges: int
+    concurrency: int
+    api_rate: float
+    api_burst: int
+    api_max_request: int
+    sliver_socket_dir: str
+    ssh_shell: str
+    source: str = "<defaults>"
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def effective_hostname(self) -> str:
+        return self.hostname or socket.getfqdn()
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(source: str, name: str, value: Any) -> Any:
+    """Check one key's value against its declaration; returns the value normalised."""
+    field = _BY_NAME.get(name)
+    if field is None:
+        allowed = ", ".join(sorted(_BY_NAME))
+        raise ConfigError(f"{source}: unknown key {name!r}; allowed keys: {allowed}")
+    expected = field.type
+    ok = isinstance(value, expected) and not isinstance(value, bool)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(
+            f"{source}: key {name!r} must be {expected.__name__}, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if field.minimum is not None and value < field.minimum:
+        raise ConfigError(f"{source}: key {name!r} = {value!r} is below the minimum {field.minimum}")
+    if field.maximum is not None and value > field.maximum:
+        raise ConfigError(f"{source}: key {name!r} = {value!r} is above the maximum {field.maximum}")
+    if name == "plc_url" and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: key 'plc_url' = {value!r} must start with http:// or https://")
+    if name in ("state_dir", "run_dir", "socket_path", "sliver_socket_dir") and not value.startswith("/"):
+        raise ConfigError(f"{source}: key {name!r} = {value!r} must be an absolute path")
+    if name == "slice_prefix" and (not value or not value.replace("_", "").isalnum()):
+        raise ConfigError(f"{source}: key 'slice_prefix' = {value!r} must be letters, digits or _")
+    return value
+
+
+def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig:
+    values = {f.name: f.default for f in FIELDS}
+    for name, value in data.items():
+        values[name] = _check(source, name, value)
+    return AgentConfig(**values, source=source)
+
+
+def load(path: str | Path) -> AgentConfig:
+    """Read and validate agent.toml; ConfigError names the file and key on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_mapping(data, str(path))
+
+
+def defaults() -> AgentConfig:
+    return from_mapping({}, "<defaults>")
+
+
+def render(overrides: dict[str, Any] | None = None) -> str:
+    """A commented agent.toml with every key at its default or the given override."""
+    overrides = overrides or {}
+    for name, value in overrides.items():
+        _check("<init-config>", name, value)
+    lines = ["# planetlab-agent configuration (agent.toml).",
+             "# Every key is optional; the value shown is the default unless set by init-config.",
+             ""]
+    for field in FIELDS:
+        value = overrides.get(field.name, field.default)
+        bounds = ""
+        if field.minimum is not None or field.maximum is not None:
+            bounds = f" [{field.minimum} .. {field.maximum}]"
+        lines.append(f"# {field.help}{bounds}")
+        lines.append(tomli_w.dumps({field.name: value}).rstrip("\n"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_default(path: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    text = render(overrides)
+    if path.exists():
+        raise ConfigError(f"{path}: already exists; remove it or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def read_node_key(cfg: AgentConfig) -> tuple[int, str]:
+    """(node_id, node_key) from key_file (plnode.txt format: NAME="value" lines) or the config."""
+    if not cfg.key_file:
+        if not cfg.node_id or not cfg.node_key:
+            raise ConfigError(f"{cfg.source}: set key_file, or node_id and node_key")
+        return cfg.node_id, cfg.node_key
+    path = Path(cfg.key_file)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{cfg.source}: key 'key_file' = {cfg.key_file!r}: {exc.strerror}") from None
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        found[key.strip().upper()] = value.strip().strip("'\"")
+    try:
+        node_id = int(found["NODE_ID"])
+        node_key = found["NODE_KEY"]
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"{path}: needs lines NODE_ID=<int> and NODE_KEY=<key> (key_file of {cfg.source})"
+        ) from None
+    if not node_key:
+        raise ConfigError(f"{path}: NODE_KEY is empty")
+    return node_id, node_key

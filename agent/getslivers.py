@@ -1,0 +1,158 @@
+"""Strict validation of a GetSlivers reply (plcapi spec §7).
+
+A reply is accepted whole or rejected whole: a missing key, a wrong type, a bad slice
+name or an oversized list raises `InvalidReply` naming the path of the bad value
+(e.g. `slivers[3].attributes[0].value`). The caller then keeps its last known state.
+The original node manager instead looked for keys one module at a time and carried on
+with whatever was there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.rspec import attributes_to_dict
+
+SLICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+INSTANTIATIONS = ("plc-instantiated", "nm-controller", "delegated", "not-instantiated")
+MAX_SLIVERS = 100_000
+MAX_ITEMS = 10_000
+MAX_STRING = 1 << 20
+
+
+class InvalidReply(ValueError):
+    """The GetSlivers reply is malformed; the message names the offending path."""
+
+
+@dataclass(frozen=True)
+class SliverSpec:
+    """What PLC wants for one slice on this node."""
+
+    name: str
+    slice_id: int
+    instantiation: str
+    expires: int
+    keys: tuple[str, ...]
+    attributes: dict[str, str] = field(hash=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "slice_id": self.slice_id, "instantiation": self.instantiation,
+            "expires": self.expires, "keys": list(self.keys), "attributes": dict(self.attributes),
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> SliverSpec:
+        return cls(name=d["name"], slice_id=int(d["slice_id"]), instantiation=d["instantiation"],
+                   expires=int(d["expires"]), keys=tuple(d["keys"]),
+                   attributes=dict(d["attributes"]))
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A validated GetSlivers reply, reduced to what the agent uses."""
+
+    timestamp: int
+    node_id: int
+    hostname: str
+    slivers: dict[str, SliverSpec]
+    accounts: dict[str, tuple[str, ...]]
+    initscripts: dict[str, str]
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], path: str) -> Any:
+    # bool is an int subclass in Python; XML-RPC distinguishes them, so do we.
+    if isinstance(value, bool) and kind is int:
+        raise InvalidReply(f"GetSlivers reply: {path} must be int, got boolean")
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise InvalidReply(f"GetSlivers reply: {path} must be {name}, got {type(value).__name__}")
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise InvalidReply(f"GetSlivers reply: {path} is longer than {MAX_STRING} characters")
+    if isinstance(value, list) and len(value) > (MAX_SLIVERS if path == "slivers" else MAX_ITEMS):
+        raise InvalidReply(f"GetSlivers reply: {path} has too many items ({len(value)})")
+    return value
+
+
+def _key(d: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str) -> Any:
+    if key not in d:
+        raise InvalidReply(f"GetSlivers reply: {path} lacks the key {key!r}")
+    return _expect(d[key], kind, f"{path}.{key}" if path else key)
+
+
+def _tag_value(value: Any, path: str) -> str:
+    # Tag values are strings at PLC; ints sneak in from some clients. Anything else is bad.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidReply(f"GetSlivers reply: {path} must be string, got {type(value).__name__}")
+    return str(value)
+
+
+def parse(reply: Any, expected_node_id: int | None = None) -> Desired:
+    """Validate a GetSlivers reply; InvalidReply on the first problem."""
+    _expect(reply, dict, "reply")
+    timestamp = _key(reply, "timestamp", int, "")
+    node_id = _key(reply, "node_id", int, "")
+    hostname = _key(reply, "hostname", str, "")
+    if expected_node_id is not None and node_id != expected_node_id:
+        raise InvalidReply(
+            f"GetSlivers reply: node_id {node_id} is not this node's id {expected_node_id}")
+    for key in ("interfaces", "groups", "conf_files"):
+        if key in reply:
+            _expect(reply[key], list, key)
+    initscripts: dict[str, str] = {}
+    for i, item in enumerate(_key(reply, "initscripts", list, "")):
+        path = f"initscripts[{i}]"
+        _expect(item, dict, path)
+        initscripts[_key(item, "name", str, path)] = _key(item, "script", str, path)
+    accounts: dict[str, tuple[str, ...]] = {}
+    for i, item in enumerate(_key(reply, "accounts", list, "")):
+        path = f"accounts[{i}]"
+        _expect(item, dict, path)
+        name = _key(item, "name", str, path)
+        keys = _key(item, "keys", list, path)
+        accounts[name] = tuple(_expect(k, str, f"{path}.keys[{j}]") for j, k in enumerate(keys))
+    slivers: dict[str, SliverSpec] = {}
+    for i, item in enumerate(_key(reply, "slivers", list, "")):
+        spec = _sliver(item, f"slivers[{i}]")
+        if spec.name in slivers:
+            raise InvalidReply(f"GetSlivers reply: slivers[{i}] repeats the slice {spec.name!r}")
+        slivers[spec.name] = spec
+    return Desired(timestamp=timestamp, node_id=node_id, hostname=hostname, slivers=slivers,
+                   accounts=accounts, initscripts=initscripts)
+
+
+def _sliver(item: Any, path: str) -> SliverSpec:
+    _expect(item, dict, path)
+    name = _key(item, "name", str, path)
+    if not SLICE_NAME.match(name):
+        raise InvalidReply(f"GetSlivers reply: {path}.name {name!r} is not a valid slice name "
+                           "(lower-case letter, then up to 31 of a-z 0-9 _)")
+    slice_id = _key(item, "slice_id", int, path)
+    instantiation = _key(item, "instantiation", str, path)
+    if instantiation not in INSTANTIATIONS:
+        raise InvalidReply(f"GetSlivers reply: {path}.instantiation {instantiation!r} is not one "
+                           f"of {', '.join(INSTANTIATIONS)}")
+    expires = _key(item, "expires", int, path)
+    keys = []
+    for j, k in enumerate(_key(item, "keys", list, path)):
+        kpath = f"{path}.keys[{j}]"
+        _expect(k, dict, kpath)
+        _key(k, "key_type", str, kpath)
+        key = _key(k, "key", str, kpath)
+        if "\n" in key or "\r" in key:
+            raise InvalidReply(f"GetSlivers reply: {kpath}.key contains a line break")
+        keys.append(key)
+    attrs = []
+    for j, a in enumerate(_key(item, "attributes", list, path)):
+        apath = f"{path}.attributes[{j}]"
+        _expect(a, dict, apath)
+        tagname = _key(a, "tagname", str, apath)
+        if "value" not in a:
+            raise InvalidReply(f"GetSlivers reply: {apath} lacks the key 'value'")
+        attrs.append({"tagname": tagname, "value": _tag_value(a["value"], f"{apath}.value")})
+    if "GetSliceFamily" in item and item["GetSliceFamily"] is not None:
+        _expect(item["GetSliceFamily"], str, f"{path}.GetSliceFamily")
+    return SliverSpec(name=name, slice_id=slice_id, instantiation=instantiation, expires=expires,
+                      keys=tuple(keys), attributes=attributes_to_dict(attrs))

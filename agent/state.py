@@ -1,0 +1,262 @@
+"""The agent's persistent state: one SQLite database, `<state_dir>/agent.db`.
+
+Every resource a sliver holds is written here *before* it is granted (architecture,
+"Rules of the house"), so that a restarted agent can find, re-adopt or release it. No
+module-level state: a `State` object is opened by the program and passed around.
+
+SQLite in WAL mode with synchronous=NORMAL: a committed transaction survives an agent
+crash (kill -9), which is what we need; a power loss may lose the last commits, which
+the next poll repairs. Calls are short (well under a millisecond each), so they run on
+the trio thread; nothing here waits on the network or the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slivers (
+    name TEXT PRIMARY KEY,
+    slice_id INTEGER NOT NULL,
+    instantiation TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    spec TEXT NOT NULL,          -- JSON: the GetSlivers entry as PLC sent it (validated)
+    rspec TEXT NOT NULL,         -- JSON: the resolved rspec
+    problems TEXT NOT NULL DEFAULT '[]',
+    state TEXT NOT NULL,         -- pending | creating | running | stopped | failed | destroying
+    message TEXT NOT NULL DEFAULT '',
+    want_running INTEGER NOT NULL DEFAULT 1,
+    applied TEXT NOT NULL DEFAULT '',  -- JSON of what was last applied to the kernel
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uid_ranges (
+    idx INTEGER PRIMARY KEY,     -- range number in the pool
+    name TEXT NOT NULL UNIQUE,
+    allocated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ports (
+    address TEXT NOT NULL,
+    proto TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,        -- 'plc' or 'runtime'
+    PRIMARY KEY (address, proto, port)
+);
+CREATE TABLE IF NOT EXISTS loans (
+    lender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (lender, position)
+);
+CREATE TABLE IF NOT EXISTS byte_counters (
+    name TEXT PRIMARY KEY,       -- keyed by slice name, kept after destroy (dead-slice memory)
+    window_start REAL NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    i2bytes INTEGER NOT NULL DEFAULT 0,
+    baseline INTEGER NOT NULL DEFAULT 0,
+    i2baseline INTEGER NOT NULL DEFAULT 0,
+    capped INTEGER NOT NULL DEFAULT 0,
+    notified INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class StateError(RuntimeError):
+    """The state database cannot be used (wrong schema, full pool, ...)."""
+
+
+@dataclass
+class SliverRecord:
+    name: str
+    slice_id: int
+    instantiation: str
+    expires: int
+    image: str
+    spec: dict[str, Any]
+    rspec: dict[str, Any]
+    problems: list[str]
+    state: str
+    message: str
+    want_running: bool
+    applied: str
+    created_at: float
+    updated_at: float
+
+
+_COLUMNS = ("name, slice_id, instantiation, expires, image, spec, rspec, problems, state, "
+            "message, want_running, applied, created_at, updated_at")
+
+
+def _row_to_record(row: tuple[Any, ...]) -> SliverRecord:
+    return SliverRecord(
+        name=row[0], slice_id=row[1], instantiation=row[2], expires=row[3], image=row[4],
+        spec=json.loads(row[5]), rspec=json.loads(row[6]), problems=json.loads(row[7]),
+        state=row[8], message=row[9], want_running=bool(row[10]), applied=row[11],
+        created_at=row[12], updated_at=row[13],
+    )
+
+
+class State:
+    """Open with `State.open(state_dir)`; close with `close()` (or use as a context manager)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, state_dir: str | Path) -> State:
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = state_dir / "agent.db"
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StateError(f"{path}: schema version {row[0]}, this agent knows "
+                                 f"{SCHEMA_VERSION}; move the file aside or upgrade the agent")
+        except BaseException:
+            db.close()
+            raise
+        return cls(db, path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                         "value=excluded.value", (key, value))
+
+    def save_reply(self, reply: dict[str, Any]) -> None:
+        """The last good (validated) GetSlivers reply, as JSON."""
+        with self.transaction():
+            self.set_meta("last_reply", json.dumps(reply, sort_keys=True))
+            self.set_meta("last_reply_at", repr(time.time()))
+
+    def last_reply(self) -> dict[str, Any] | None:
+        text = self.get_meta("last_reply")
+        return json.loads(text) if text else None
+
+    # -- uid ranges ------------------------------------------------------------------------
+
+    def allocate_uid_range(self, name: str, pool_ranges: int) -> int:
+        """Range index for `name`: its existing one, or the lowest free one (recorded)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT idx FROM uid_ranges WHERE name=?", (name,)).fetchone()
+            if row:
+                return int(row[0])
+            # Lowest free index: the first gap in the sorted list.
+            row = db.execute(
+                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM uid_ranges WHERE idx=0) THEN 0 ELSE "
+                "(SELECT MIN(a.idx)+1 FROM uid_ranges a WHERE NOT EXISTS "
+                "(SELECT 1 FROM uid_ranges b WHERE b.idx=a.idx+1)) END").fetchone()
+            idx = int(row[0])
+            if idx >= pool_ranges:
+                raise StateError(f"uid pool exhausted: all {pool_ranges} ranges are in use "
+                                 f"(raise uid_pool_ranges); cannot give one to {name!r}")
+            db.execute("INSERT INTO uid_ranges VALUES (?, ?, ?)", (idx, name, time.time()))
+            return idx
+
+    def uid_range_of(self, name: str) -> int | None:
+        row = self._db.execute("SELECT idx FROM uid_ranges WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def uid_ranges(self) -> dict[str, int]:
+        return {n: int(i) for i, n in self._db.execute("SELECT idx, name FROM uid_ranges")}
+
+    def release_uid_range(self, name: str) -> None:
+        self._db.execute("DELETE FROM uid_ranges WHERE name=?", (name,))
+
+    # -- slivers ------------------------------------------------------------------------------
+
+    def put_sliver(self, rec: SliverRecord) -> None:
+        rec.updated_at = time.time()
+        self._db.execute(
+            f"INSERT INTO slivers ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET slice_id=excluded.slice_id, "
+            "instantiation=excluded.instantiation, expires=excluded.expires, "
+            "image=excluded.image, spec=excluded.spec, rspec=excluded.rspec, "
+            "problems=excluded.problems, state=excluded.state, message=excluded.message, "
+            "want_running=excluded.want_running, applied=excluded.applied, "
+            "updated_at=excluded.updated_at",
+            (rec.name, rec.slice_id, rec.instantiation, rec.expires, rec.image,
+             json.dumps(rec.spec, sort_keys=True), json.dumps(rec.rspec, sort_keys=True),
+             json.dumps(rec.problems), rec.state, rec.message, int(rec.want_running),
+             rec.applied, rec.created_at, rec.updated_at),
+        )
+
+    def set_sliver_state(self, name: str, state: str, message: str = "",
+                         applied: str | None = None) -> None:
+        if applied is None:
+            self._db.execute("UPDATE slivers SET state=?, message=?, updated_at=? WHERE name=?",
+                             (state, message, time.time(), name))
+        else:
+            self._db.execute("UPDATE slivers SET state=?, message=?, applied=?, updated_at=? "
+                             "WHERE name=?", (state, message, applied, time.time(), name))
+
+    def get_sliver(self, name: str) -> SliverRecord | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM slivers WHERE name=?", (name,)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def slivers(self) -> dict[str, SliverRecord]:
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM slivers ORDER BY name")
+        return {row[0]: _row_to_record(row) for row in rows}
+
+    def delete_sliver(self, name: str) -> None:
+        """Forget a destroyed sliver and everything it held (its counters stay)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM slivers WHERE name=?", (name,))
+            db.execute("DELETE FROM uid_ranges WHERE name=?", (name,))
+            db.execute("DELETE FROM ports WHERE name=?", (name,))
+            db.execute("DELETE FROM loans WHERE lender=? OR recipient=?", (name, name))
+
+    # -- loans (read by the slice API; written by a later part) --------------------------------
+
+    def loans_of(self, name: str) -> list[list[Any]]:
+        rows = self._db.execute("SELECT recipient, resource, amount FROM loans WHERE lender=? "
+                                "ORDER BY position", (name,))
+        return [[r, res, amt] for r, res, amt in rows]

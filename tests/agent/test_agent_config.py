@@ -1,0 +1,83 @@
+"""agent.toml: defaults, validation with clear messages, init-config output."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent import config
+
+
+def test_defaults_are_valid() -> None:
+    cfg = config.defaults()
+    assert cfg.poll_interval == 600
+    assert cfg.socket_path == "/run/planetlab/agent.sock"
+    assert cfg.concurrency >= 1
+
+
+def test_render_round_trips_and_is_commented(tmp_path: Path) -> None:
+    path = config.write_default(tmp_path / "agent.toml", {
+        "plc_url": "http://127.0.0.1:9/PLCAPI/", "hostname": "n1.example.org",
+        "state_dir": str(tmp_path / "state")})
+    text = path.read_text()
+    assert text.count("\n# ") >= len(config.FIELDS)
+    data = tomllib.loads(text)
+    assert data["hostname"] == "n1.example.org"
+    cfg = config.load(path)
+    assert cfg.plc_url == "http://127.0.0.1:9/PLCAPI/"
+    assert cfg.state_dir == str(tmp_path / "state")
+    assert cfg.poll_interval == 600
+
+
+def test_write_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = config.write_default(tmp_path / "agent.toml")
+    with pytest.raises(config.ConfigError, match="already exists"):
+        config.write_default(path)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("pol_interval = 5\n", ["pol_interval", "allowed keys", "poll_interval"]),
+    ("poll_interval = 'ten'\n", ["poll_interval", "must be int", "str"]),
+    ("poll_interval = 0\n", ["poll_interval", "minimum 1"]),
+    ("poll_interval = true\n", ["poll_interval", "must be int"]),
+    ("plc_url = 'ftp://x'\n", ["plc_url", "http://"]),
+    ("state_dir = 'relative'\n", ["state_dir", "absolute"]),
+    ("concurrency = [1]\n", ["concurrency", "must be int"]),
+    ("this is not toml", ["not valid TOML"]),
+])
+def test_bad_values_name_file_key_and_allowed(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_float_accepts_int(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("api_rate = 5\n")
+    assert config.load(path).api_rate == 5.0
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_node_key_from_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "plnode.txt"
+    key_file.write_text('# node\nNODE_ID="7"\nNODE_KEY="abc="\n')
+    cfg = config.from_mapping({"key_file": str(key_file)}, "t.toml")
+    assert config.read_node_key(cfg) == (7, "abc=")
+    key_file.write_text("NODE_ID=x\n")
+    with pytest.raises(config.ConfigError, match="NODE_ID"):
+        config.read_node_key(cfg)
+    cfg2 = config.from_mapping({"node_id": 3, "node_key": "k"}, "t.toml")
+    assert config.read_node_key(cfg2) == (3, "k")
+    with pytest.raises(config.ConfigError, match="key_file"):
+        config.read_node_key(config.defaults())
