@@ -1,0 +1,77 @@
+"""pidfd_open(2), pidfd_getfd(2), pidfd_send_signal(2) and process_vm_readv(2).
+
+Thin wrappers: each raises OSError(errno, "call: reason", subject) on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+NR_PIDFD_SEND_SIGNAL = 424
+NR_PIDFD_OPEN = 434
+NR_PIDFD_GETFD = 438
+PIDFD_NONBLOCK = os.O_NONBLOCK
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _check(ret: int, what: str, subject: object) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", subject)
+    return ret
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    """A pidfd for `pid` (close-on-exec). The pid must be a thread-group leader."""
+    return _check(_libc.syscall(ctypes.c_long(NR_PIDFD_OPEN), ctypes.c_long(pid),
+                                ctypes.c_long(flags)), "pidfd_open", pid)
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """A close-on-exec duplicate, in this process, of fd `targetfd` of the process.
+
+    Needs PTRACE_MODE_ATTACH_REALCREDS over the target (root has it).
+    """
+    if not 0 <= targetfd < 2**31:
+        raise OSError(9, f"pidfd_getfd: bad fd number {targetfd}", targetfd)
+    return _check(_libc.syscall(ctypes.c_long(NR_PIDFD_GETFD), ctypes.c_long(pidfd),
+                                ctypes.c_long(targetfd), ctypes.c_long(0)),
+                  "pidfd_getfd", targetfd)
+
+
+def pidfd_send_signal(pidfd: int, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to the process of `pidfd` (no pid-reuse race)."""
+    _check(_libc.syscall(ctypes.c_long(NR_PIDFD_SEND_SIGNAL), ctypes.c_long(pidfd),
+                         ctypes.c_long(sig), None, ctypes.c_long(0)),
+           "pidfd_send_signal", pidfd)
+
+
+def read_memory(pid: int, address: int, length: int) -> bytes:
+    """`length` bytes at `address` in process `pid` (process_vm_readv).
+
+    Raises OSError(EFAULT) if the range is not fully readable; never returns a
+    short read.
+    """
+    if length < 0 or address < 0 or address + length > 2**64:
+        raise OSError(22, f"process_vm_readv: bad range {address:#x}+{length}", pid)
+    buf = ctypes.create_string_buffer(length)
+    local = _IOVec(ctypes.addressof(buf), length)
+    remote = _IOVec(address, length)
+    got = _check(_libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0),
+                 "process_vm_readv", pid)
+    if got != length:
+        raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
+    return buf.raw
