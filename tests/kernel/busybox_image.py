@@ -80,3 +80,86 @@ def make_busybox_tree(dest: Path) -> Path:
     (dest / "etc/hostname").write_text("sliver\n")
     os.chown(dest / f"home/{USER_NAME}", USER_UID, USER_GID)
     return dest
+
+
+_CLONE_NEWUSER = 0x10000000
+
+
+def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
+                  count: int = 65536, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Run `argv` as `uid`/`gid` of a fresh user namespace mapped 0 -> `uid_base`
+    (`count` ids) and return (exit status, stdout, stderr).
+
+    This is what a sliver's root (or user) is, as far as files are concerned, before
+    contexts exist: its host uid is uid_base + uid and it has no supplementary groups.
+    The child unshares, the parent writes the maps, then the child takes the ids and
+    execs. -1 is returned as status if the command was killed by a signal.
+    """
+    import ctypes
+    import select
+    import signal
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only async-signal-safe-ish calls until exec
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            os.close(out_r)
+            os.close(err_r)
+            if libc.unshare(_CLONE_NEWUSER) != 0:
+                os._exit(120)
+            os.write(ready_w, b"u")
+            if os.read(go_r, 1) != b"g":
+                os._exit(121)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.chdir("/")
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    os.close(ready_w)
+    os.close(go_r)
+    os.close(out_w)
+    os.close(err_w)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise OSError("run_in_userns: child could not create a user namespace")
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{kind}", "w") as f:
+                f.write(f"0 {uid_base} {count}\n")
+        os.write(go_w, b"g")
+        chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+        open_fds = [out_r, err_r]
+        deadline = time.monotonic() + timeout
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                break
+            readable, _, _ = select.select(open_fds, [], [], left)
+            for fd in readable:
+                data = os.read(fd, 65536)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    open_fds.remove(fd)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+        for fd in (ready_r, go_w, out_r, err_r):
+            os.close(fd)
+    code = os.waitstatus_to_exitcode(status)
+    return (code if code >= 0 else -1,
+            b"".join(chunks[out_r]).decode(errors="replace"),
+            b"".join(chunks[err_r]).decode(errors="replace"))
