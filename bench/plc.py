@@ -17,6 +17,7 @@ Run as `.venv/bin/python bench/plc.py` (add `--quick` for a smaller smoke run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -90,7 +91,7 @@ def populate(srv: LiveServer, auth: dict[str, Any], sites: int, nodes_per_site: 
             multicall(proxy, [{"methodName": "AddNode", "params": [
                 auth, f"b{h[1:4]}", {"hostname": h}]} for h in part[i:i + 100]])
 
-    in_parallel([lambda p=p: add_nodes(p) for p in chunks(hosts, CLIENTS)])
+    in_parallel([functools.partial(add_nodes, p) for p in chunks(hosts, CLIENTS)])
     hot = hosts[0]
     others = hosts[1:]
     plan: list[tuple[str, list[str]]] = []
@@ -113,7 +114,7 @@ def populate(srv: LiveServer, auth: dict[str, Any], sites: int, nodes_per_site: 
                           for t, v in TAGS]
             multicall(proxy, calls)
 
-    in_parallel([lambda p=p: add_slices(p) for p in chunks(plan, CLIENTS)])
+    in_parallel([functools.partial(add_slices, p) for p in chunks(plan, CLIENTS)])
     seconds = time.perf_counter() - t0
     (node,) = api.GetNodes(auth, [hot], ["slice_ids"])  # type: ignore[misc]
     return seconds, hot, len(node["slice_ids"])
