@@ -77,6 +77,9 @@ FIELDS: tuple[Field, ...] = (
           maximum=64 << 20),
     Field("sliver_socket_dir", str, "/run/planetlab",
           "where the API socket's directory appears inside every sliver"),
+    Field("node_accounts", str, "root,site_admin",
+          "local users whose authorized_keys follow GetSlivers `accounts` (comma list; "
+          "empty: none)"),
     Field("ssh_shell", str, "", "login shell of slice host accounts (empty: the agent's "
           "own `planetlab-agent-shell` next to its Python)"),
 )
@@ -109,6 +112,7 @@ class AgentConfig:
     api_burst: int
     api_max_request: int
     sliver_socket_dir: str
+    node_accounts: str
     ssh_shell: str
     source: str = "<defaults>"
 

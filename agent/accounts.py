@@ -1,0 +1,184 @@
+"""Accounts and initscripts: ssh keys into slivers, node accounts, slice initscripts.
+
+Files inside a sliver root are written by walking the path one component at a time
+with O_NOFOLLOW from a directory fd (the sliver owns its COW layer and could plant a
+symlink to escape, nodemanager spec §9 "security hygiene"), then chowned to the
+sliver's own uid range.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.backend import Backend
+from agent.config import AgentConfig
+from agent.getslivers import Desired
+from agent.state import State
+
+log = logging.getLogger("agent.accounts")
+
+MARK_BEGIN = "# --- planetlab-agent managed keys (do not edit below) ---"
+MARK_END = "# --- end of planetlab-agent managed keys ---"
+
+
+def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: int,
+                  dir_mode: int = 0o700) -> None:
+    """Write `root/rel` atomically without following any symlink below `root`."""
+    parts = [p for p in rel.strip("/").split("/")]
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad path inside the sliver: {rel!r}")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                os.mkdir(part, dir_mode, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                created = False
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            if created:
+                os.fchown(fd, uid, gid)
+        tmp = f".{parts[-1]}.agent-tmp"
+        try:
+            os.unlink(tmp, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        ffd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=fd)
+        try:
+            os.write(ffd, data)
+            os.fchown(ffd, uid, gid)
+            os.fchmod(ffd, mode)
+        finally:
+            os.close(ffd)
+        os.rename(tmp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def managed_block(existing: str, keys: tuple[str, ...] | list[str]) -> str:
+    """Replace the agent's block in an authorized_keys file, keeping the rest."""
+    lines = existing.splitlines()
+    out: list[str] = []
+    skipping = False
+    for line in lines:
+        if line == MARK_BEGIN:
+            skipping = True
+            continue
+        if line == MARK_END:
+            skipping = False
+            continue
+        if not skipping:
+            out.append(line)
+    out.append(MARK_BEGIN)
+    out.extend(keys)
+    out.append(MARK_END)
+    return "\n".join(out) + "\n"
+
+
+class Accounts:
+    def __init__(self, cfg: AgentConfig, state: State, backend: Backend) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.backend = backend
+        self._installed: dict[str, str] = {}
+
+    def _uid_base(self, name: str) -> int | None:
+        idx = self.state.uid_range_of(name)
+        if idx is None:
+            return None
+        return self.cfg.uid_pool_start + idx * self.cfg.uid_range_size
+
+    def install_sliver_keys(self, name: str, keys: list[str]) -> bool:
+        """authorized_keys for root and for the slice's user inside the sliver."""
+        root = self.backend.root_of(name)
+        base = self._uid_base(name)
+        if root is None or base is None:
+            return False
+        text = "".join(k + "\n" for k in keys).encode()
+        write_in_root(root, "root/.ssh/authorized_keys", text, 0o600, base, base)
+        # The slice's user inside the sliver: uid 1000 by convention of our images.
+        write_in_root(root, f"home/{name}/.ssh/authorized_keys", text, 0o600, base + 1000,
+                      base + 1000)
+        return True
+
+    def install_node_accounts(self, accounts: dict[str, tuple[str, ...]]) -> None:
+        """Honour GetSlivers `accounts` for the node's existing local users."""
+        allowed = {n.strip() for n in self.cfg.node_accounts.split(",") if n.strip()}
+        for name, keys in accounts.items():
+            if name not in allowed:
+                continue
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                log.info("node account %s: no such local user; skipped", name)
+                continue
+            path = Path(pw.pw_dir) / ".ssh" / "authorized_keys"
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            try:
+                existing = path.read_text()
+            except FileNotFoundError:
+                existing = ""
+            text = managed_block(existing, keys)
+            if text != existing:
+                tmp = path.with_name(".authorized_keys.agent-tmp")
+                tmp.write_text(text)
+                os.chown(tmp, pw.pw_uid, pw.pw_gid)
+                tmp.chmod(0o600)
+                tmp.replace(path)
+                log.info("node account %s: %d keys installed", name, len(keys))
+
+    async def sync(self, desired: Desired | None) -> None:
+        """Keys of every running sliver (rewritten only when they change)."""
+        for name, rec in self.state.slivers().items():
+            if rec.state not in ("running", "stopped"):
+                continue
+            keys = list(rec.spec.get("keys", []))
+            digest = "\n".join(keys)
+            if self._installed.get(name) == digest:
+                continue
+            try:
+                if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
+                    self._installed[name] = digest
+            except OSError as exc:
+                log.error("sliver %s: installing ssh keys failed: %s", name, exc)
+        if desired is not None:
+            try:
+                await trio.to_thread.run_sync(self.install_node_accounts, desired.accounts)
+            except OSError as exc:
+                log.error("node accounts: %s", exc)
+
+    async def after_start(self, name: str) -> Any:
+        """Keys, then the slice's initscript (`start NAME`), its output logged."""
+        rec = self.state.get_sliver(name)
+        if rec is None:
+            return
+        try:
+            if await trio.to_thread.run_sync(self.install_sliver_keys, name,
+                                             list(rec.spec.get("keys", []))):
+                self._installed[name] = "\n".join(rec.spec.get("keys", []))
+        except OSError as exc:
+            log.error("sliver %s: installing ssh keys failed: %s", name, exc)
+        script = rec.spec.get("initscript") or ""
+        if not script:
+            return
+        root = self.backend.root_of(name)
+        base = self._uid_base(name)
+        if root is None or base is None:
+            return
+        await trio.to_thread.run_sync(
+            write_in_root, root, "etc/planetlab/initscript", script.encode(), 0o755, base, base,
+            0o755)
+        code, output = await trio.to_thread.run_sync(
+            self.backend.run, name, ["/bin/sh", "/etc/planetlab/initscript", "start", name])
+        for line in output.splitlines()[-200:]:
+            log.info("sliver %s initscript: %s", name, line)
+        log.info("sliver %s: initscript exited with %d", name, code)
+        self.state.set_meta(f"initscript_status:{name}", str(code))

@@ -1,0 +1,248 @@
+"""What the reconciler needs from the node, and its implementation on `kernel/`.
+
+`Backend` is the seam: the reconciler plans and records in the agent's state, then asks
+a backend to act. `KernelBackend` does it with real contexts, images and COW roots
+(docs/interfaces.md); its methods block, so the reconciler calls them through
+`trio.to_thread.run_sync`.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("agent.backend")
+
+
+class MissingImage(LookupError):
+    """The sliver's image is not on this node."""
+
+
+@dataclass(frozen=True)
+class SliverPlan:
+    """Everything needed to create or update one sliver in the kernel."""
+
+    name: str
+    image: str
+    uid_base: int
+    uid_count: int
+    limits: dict[str, Any]      # agent.rspec.limits_kwargs
+    disk_max_kib: int | None
+    hostname: str
+    binds: tuple[tuple[str, str], ...] = ()  # (host path, path inside the sliver)
+
+
+class Backend(Protocol):
+    def image_exists(self, image: str) -> bool: ...
+    def live(self) -> set[str]: ...
+    def create(self, plan: SliverPlan) -> None: ...
+    def adopt(self, name: str) -> bool: ...
+    def update(self, plan: SliverPlan) -> None: ...
+    def start(self, name: str) -> None: ...
+    def stop(self, name: str) -> None: ...
+    def destroy(self, name: str) -> None: ...
+    def usage(self, name: str) -> dict[str, Any]: ...
+    def run(self, name: str, argv: list[str], user: str = "root",
+            timeout: float = 60.0) -> tuple[int, str]: ...
+    def root_of(self, name: str) -> Path | None: ...
+
+
+def _kernel_limits(limits: dict[str, Any]) -> Any:
+    """kernel Limits from agent.rspec.limits_kwargs: extra capabilities are added to the
+    kernel's safe default set; the CPU cap is clamped to the node's CPUs."""
+    import os
+
+    from kernel import caps
+    from kernel.context import RLIMITS, Limits
+
+    extra = tuple(limits.get("extra_capabilities", ()))
+    capabilities = None
+    if extra:
+        capabilities = tuple(sorted(set(caps.DEFAULT_CAPS) | {caps.normalize(c) for c in extra}))
+    cap = limits.get("cpu_pct")
+    if cap is not None:
+        cap = max(1, min(int(cap), 100 * (os.cpu_count() or 1)))
+    return Limits(
+        cpu_share=int(limits["cpu_share"]), cpu_pct=cap, mem_max=limits.get("mem_max"),
+        pids_max=limits.get("pids_max"),
+        rlimits={k: tuple(v) for k, v in limits.get("rlimits", {}).items() if k in RLIMITS},
+        capabilities=capabilities,
+    )
+
+
+class KernelBackend:
+    """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
+
+    def __init__(self, state_dir: Path, run_dir: Path) -> None:
+        from kernel.images import ImageStore
+
+        self.images_dir = state_dir / "images"
+        self.roots_dir = state_dir / "roots"
+        self.run_dir = run_dir / "contexts"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.roots_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ImageStore(self.images_dir)
+        self._contexts: dict[str, Any] = {}
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            self.store.get(image)
+        except (KeyError, LookupError, FileNotFoundError):
+            return False
+        return True
+
+    def live(self) -> set[str]:
+        """Contexts whose init is alive (running or frozen); stale ones are not live."""
+        from kernel.context import Context
+
+        out = set()
+        for name in Context.list(self.run_dir):
+            ctx = self._contexts.get(name)
+            if ctx is not None:
+                if ctx.alive():
+                    out.add(name)
+                else:
+                    del self._contexts[name]
+                continue
+            try:
+                self._contexts[name] = Context.adopt(self.run_dir, name)
+            except (ProcessLookupError, FileNotFoundError, ValueError, KeyError):
+                continue
+            out.add(name)
+        for name in set(self._contexts) - out:
+            del self._contexts[name]
+        return out
+
+    def _context(self, name: str) -> Any:
+        ctx = self._contexts.get(name)
+        if ctx is None:
+            from kernel.context import Context
+
+            ctx = Context.adopt(self.run_dir, name)
+            self._contexts[name] = ctx
+        return ctx
+
+    def create(self, plan: SliverPlan) -> None:
+        from kernel.context import Context
+        from kernel.rootfs import prepare_root, release_root
+
+        if not self.image_exists(plan.image):
+            raise MissingImage(plan.image)
+        if (self.run_dir / plan.name).exists():
+            # A context whose init is gone (node reboot, crash): clear what it left.
+            Context.destroy_stale(self.run_dir, plan.name)
+        root = prepare_root(self.store, self.roots_dir, plan.name, plan.image, plan.uid_base,
+                            plan.uid_count, plan.disk_max_kib)
+        try:
+            for host, inside in plan.binds:
+                _bind_into(root, Path(host), inside)
+            ctx = Context.create(self.run_dir, plan.name, root, plan.uid_base, plan.uid_count,
+                                 _kernel_limits(plan.limits), hostname=plan.hostname)
+        except BaseException:
+            release_root(self.roots_dir, plan.name)
+            raise
+        self._contexts[plan.name] = ctx
+
+    def adopt(self, name: str) -> bool:
+        try:
+            self._context(name)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not adoptable"
+            log.info("sliver %s: not adoptable (%s)", name, exc)
+            self._contexts.pop(name, None)
+            return False
+        return True
+
+    def update(self, plan: SliverPlan) -> None:
+        from kernel.rootfs import set_disk_limit
+
+        self._context(plan.name).update_limits(_kernel_limits(plan.limits))
+        set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+
+    def start(self, name: str) -> None:
+        self._context(name).start()
+
+    def stop(self, name: str) -> None:
+        self._context(name).stop()
+
+    def destroy(self, name: str) -> None:
+        from kernel.context import Context
+        from kernel.rootfs import release_root
+
+        ctx = self._contexts.pop(name, None)
+        if ctx is None and name in self.live():
+            ctx = Context.adopt(self.run_dir, name)
+        if ctx is not None:
+            ctx.destroy()
+        root = self.roots_dir / name
+        for mnt in _mounts_under(root, strictly=True):
+            subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+        release_root(self.roots_dir, name)
+
+    def usage(self, name: str) -> dict[str, Any]:
+        from kernel.rootfs import disk_usage_kib
+
+        out = dict(self._context(name).usage())
+        try:
+            out["disk_kib"] = disk_usage_kib(self.roots_dir, name)
+        except OSError:
+            pass
+        return out
+
+    def run(self, name: str, argv: list[str], user: str = "root",
+            timeout: float = 60.0) -> tuple[int, str]:
+        proc = self._context(name).spawn(argv, user=user, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        text = out.decode("utf-8", "replace") if isinstance(out, bytes) else str(out or "")
+        return int(proc.returncode or 0), text
+
+    def root_of(self, name: str) -> Path | None:
+        ctx = self._contexts.get(name)
+        root = getattr(ctx, "root", None)
+        return Path(root) if root else None
+
+
+def _mounts_under(path: Path, strictly: bool = False) -> list[str]:
+    """Mount points at (unless strictly) or below `path`, deepest first."""
+    prefix = str(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].replace("\\040", " ")
+            if (mnt == prefix and not strictly) or mnt.startswith(prefix + "/"):
+                found.append(mnt)
+    return sorted(found, key=len, reverse=True)
+
+
+def _bind_into(root: Path, host: Path, inside: str) -> None:
+    """Bind-mount a host directory into the sliver root, without following links the
+    sliver controls: the target is created with O_NOFOLLOW semantics component by
+    component (a sliver could have planted a symlink in its COW layer)."""
+    import os
+
+    rel = inside.strip("/").split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in rel:
+            if part in ("", ".", ".."):
+                raise ValueError(f"bad path inside the sliver: {inside!r}")
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        target = f"/proc/self/fd/{fd}"
+        subprocess.run(["mount", "--bind", str(host), target], check=True, capture_output=True,
+                       pass_fds=(fd,))
+    finally:
+        os.close(fd)

@@ -1,0 +1,153 @@
+"""`planetlab-agent run | init-config | status | list`: the node manager's own commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from agent import config as config_mod
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the node agent (poll PLC, reconcile, serve slices)")
+    p.add_argument("--once", action="store_true", help="one poll and reconcile, then exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("init-config", help="write a commented default agent.toml")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--plc-url")
+    p.add_argument("--hostname")
+    p.add_argument("--key-file")
+    p.add_argument("--state-dir", dest="init_state_dir")
+    p.set_defaults(func=cmd_init_config)
+
+    p = sub.add_parser("status", help="every sliver: state, image, rspec, usage")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", help="sliver names and states")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+
+def load_config(args: argparse.Namespace) -> config_mod.AgentConfig:
+    """The config from --config (or defaults); --state-dir overrides state_dir."""
+    try:
+        cfg = config_mod.load(args.config) if args.config else config_mod.defaults()
+        if getattr(args, "state_dir", None):
+            cfg = cfg.replace(state_dir=config_mod._check("--state-dir", "state_dir",
+                                                          args.state_dir))
+    except config_mod.ConfigError as exc:
+        print(f"planetlab-agent: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from agent.main import run_agent
+
+    return run_agent(cfg, once=args.once)
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for key, value in (("plc_url", args.plc_url), ("hostname", args.hostname),
+                       ("key_file", args.key_file), ("state_dir", args.init_state_dir)):
+        if value is not None:
+            overrides[key] = value
+    try:
+        path = config_mod.write_default(args.path, overrides)
+    except config_mod.ConfigError as exc:
+        print(f"planetlab-agent init-config: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict[str, Any]:
+    from agent.state import State
+
+    out: dict[str, Any] = {"slivers": [], "node": {}}
+    with State.open(cfg.state_dir) as st:
+        for key in ("last_poll_ok", "last_poll_error", "last_timestamp", "last_reply_at"):
+            out["node"][key] = st.get_meta(key)
+        ranges = st.uid_ranges()
+        backend = None
+        live: set[str] = set()
+        if with_usage:
+            try:
+                from pathlib import Path
+
+                from agent.backend import KernelBackend
+
+                backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
+                live = backend.live()
+            except Exception as exc:  # noqa: BLE001 - status degrades, never fails
+                out["node"]["kernel"] = f"unavailable: {exc}"
+        for name, rec in st.slivers().items():
+            item: dict[str, Any] = {
+                "name": name, "state": rec.state, "message": rec.message, "image": rec.image,
+                "instantiation": rec.instantiation, "expires": rec.expires,
+                "live": name in live,
+                "uid_base": (cfg.uid_pool_start + ranges[name] * cfg.uid_range_size
+                             if name in ranges else None),
+                "rspec": {k: v for k, v in rec.rspec.items() if k != "tags"},
+                "problems": rec.problems,
+            }
+            if backend is not None and name in live:
+                try:
+                    item["usage"] = backend.usage(name)
+                except Exception as exc:  # noqa: BLE001
+                    item["usage"] = {"error": str(exc)}
+            out["slivers"].append(item)
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    status = collect_status(cfg)
+    if args.json:
+        json.dump(status, sys.stdout, indent=2, sort_keys=True, default=str)
+        print()
+        return 0
+    node = status["node"]
+    ok = node.get("last_poll_ok")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ok))) if ok else "never"
+    print(f"last good poll: {when}")
+    if node.get("last_poll_error"):
+        print(f"last poll error: {node['last_poll_error']}")
+    for s in status["slivers"]:
+        r = s["rspec"]
+        usage = s.get("usage", {})
+        line = (f"{s['name']:<24} {s['state']:<9} image={s['image']} cpu_share={r['cpu_share']} "
+                f"disk_max={r['disk_max']}KiB")
+        if usage and "error" not in usage:
+            line += " usage=" + ",".join(f"{k}={v}" for k, v in sorted(usage.items()))
+        print(line)
+        if s["message"]:
+            print(f"    {s['message']}")
+        for p in s["problems"]:
+            print(f"    rspec: {p}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    status = collect_status(cfg, with_usage=False)
+    rows = [{"name": s["name"], "state": s["state"], "image": s["image"]}
+            for s in status["slivers"]]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        for r in rows:
+            print(f"{r['name']}\t{r['state']}\t{r['image']}")
+    return 0

@@ -1,0 +1,187 @@
+"""The node agent: one trio program, a nursery of named services.
+
+Services: `poller` (GetSlivers every poll_interval + jitter, backoff while PLC fails),
+`reconciler` (runs whenever the poller or the slice API pokes it), `sliceapi` (the Unix
+socket). At start, before PLC is asked anything, running contexts are re-adopted and
+every sliver the state says should run is brought up.
+
+Cancellation: Ctrl-C or SIGTERM cancels the nursery; slivers keep running (they are
+the node's, not the agent's), the state database is closed, the socket removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent import getslivers
+from agent.accounts import Accounts
+from agent.backend import Backend
+from agent.config import AgentConfig, read_node_key
+from agent.plcclient import PLCClient, PLCError
+from agent.reconcile import Outcome, Reconciler, ingest
+from agent.sliceapi import SliceAPI
+from agent.state import State
+
+log = logging.getLogger("agent")
+
+
+@dataclass
+class PollResult:
+    ok: bool
+    message: str
+    outcome: Outcome | None = None
+    removed: list[str] = field(default_factory=list)
+
+
+class Agent:
+    """The agent's state and services; `run` is the long-lived program, `once` one cycle."""
+
+    def __init__(self, cfg: AgentConfig, backend: Backend | None = None,
+                 plc: PLCClient | None = None) -> None:
+        self.cfg = cfg
+        self.state = State.open(cfg.state_dir)
+        if backend is None:
+            from agent.backend import KernelBackend
+
+            backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
+        self.backend = backend
+        self.plc = plc or PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
+                                    ca_file=cfg.ca_file, timeout=cfg.plc_timeout)
+        self.api_dir = Path(cfg.run_dir) / "api"
+        self.accounts = Accounts(cfg, self.state, backend)
+        self.reconciler = Reconciler(
+            self.state, backend, concurrency=cfg.concurrency,
+            uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
+            uid_pool_ranges=cfg.uid_pool_ranges, binds=self._binds,
+            after_start=self.accounts.after_start)
+        self._reconcile_lock = trio.Lock()
+        self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
+        self.failures = 0
+        self.last_poll_ok: float | None = None
+
+    def _binds(self, name: str) -> tuple[tuple[str, str], ...]:
+        return ((str(self.api_dir), self.cfg.sliver_socket_dir),)
+
+    def close(self) -> None:
+        self.state.close()
+
+    # -- one cycle ----------------------------------------------------------------------
+
+    async def bring_up_from_state(self) -> Outcome:
+        """Adopt running contexts and bring up what the state says should run; removes
+        nothing (PLC has not been asked yet)."""
+        async with self._reconcile_lock:
+            outcome = await self.reconciler.reconcile(removed=[], have_reply=False)
+            await self.accounts.sync(None)
+            return outcome
+
+    async def poll_once(self) -> PollResult:
+        """One GetSlivers and, if the reply is good, one reconcile."""
+        node_id: int | None = None
+        try:
+            node_id = read_node_key(self.cfg)[0]
+        except Exception:  # noqa: BLE001 - no key: accept the reply's own node id
+            node_id = None
+        try:
+            reply = await self.plc.get_slivers()
+        except PLCError as exc:
+            self.state.set_meta("last_poll_error", str(exc))
+            return PollResult(False, str(exc))
+        try:
+            desired = getslivers.parse(reply, expected_node_id=node_id)
+        except getslivers.InvalidReply as exc:
+            log.error("%s; keeping the last known state", exc)
+            self.state.set_meta("last_poll_error", str(exc))
+            return PollResult(False, str(exc))
+        last_ts = int(self.state.get_meta("last_timestamp", "0") or 0)
+        if desired.timestamp < last_ts:
+            msg = (f"GetSlivers reply timestamp {desired.timestamp} is older than the last "
+                   f"applied {last_ts}; ignored")
+            log.warning(msg)
+            return PollResult(False, msg)
+        async with self._reconcile_lock:
+            self.state.save_reply(reply)
+            self.state.set_meta("last_timestamp", str(desired.timestamp))
+            self.state.set_meta("last_poll_ok", repr(time.time()))
+            self.state.set_meta("last_poll_error", "")
+            removed = ingest(self.state, desired, self.cfg.default_image,
+                             self.cfg.slice_prefix, time.time())
+            outcome = await self.reconciler.reconcile(removed=removed, have_reply=True)
+            await self.accounts.sync(desired)
+        self.last_poll_ok = time.time()
+        return PollResult(True, "ok", outcome, removed)
+
+    async def reconcile_now(self) -> Outcome:
+        async with self._reconcile_lock:
+            return await self.reconciler.reconcile(removed=[], have_reply=True)
+
+    def poke(self) -> None:
+        """Ask the poller for an early poll (used by the slice API); never blocks."""
+        try:
+            self._poke_send.send_nowait("poke")
+        except trio.WouldBlock:
+            pass
+
+    # -- services --------------------------------------------------------------------
+
+    def next_wait(self) -> float:
+        if self.failures:
+            return min(float(self.cfg.backoff_max), 5.0 * 2 ** (self.failures - 1)) * (
+                0.5 + random.random() / 2)
+        return self.cfg.poll_interval + random.uniform(0, self.cfg.poll_jitter)
+
+    async def poller(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            result = await self.poll_once()
+            if result.ok:
+                self.failures = 0
+            else:
+                self.failures += 1
+                log.warning("poll failed (%d in a row): %s", self.failures, result.message)
+            with trio.move_on_after(self.next_wait()):
+                await self._poke_recv.receive()
+
+    async def run(self, *, once: bool = False,
+                  ready: Callable[[], Awaitable[None]] | None = None) -> int:
+        """The program. With `once`: bring up from state, poll once, exit (1 if it failed)."""
+        await self.bring_up_from_state()
+        if once:
+            result = await self.poll_once()
+            if not result.ok:
+                log.error("poll failed: %s", result.message)
+            return 0 if result.ok else 1
+        api = SliceAPI(self)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(api.serve, name="sliceapi")
+            await nursery.start(self.poller, name="poller")
+            nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
+            if ready is not None:
+                await ready()
+        return 0
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: stopping the agent (slivers keep running)",
+                     signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def run_agent(cfg: AgentConfig, once: bool = False) -> int:
+    agent = Agent(cfg)
+    try:
+        return trio.run(lambda: agent.run(once=once))
+    finally:
+        agent.close()

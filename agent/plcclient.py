@@ -1,0 +1,177 @@
+"""XML-RPC client for PLC with node authentication (plcapi spec §2.3, §2.4).
+
+Calls use the node's session (`{'AuthMethod': 'session', 'session': S}`) kept in
+`<state_dir>/session`. When there is no session, or PLC answers a call with an
+authentication fault (103), the client asks for a new session with one HMAC-signed
+`GetSession()` call made with the node key, stores it, and retries once.
+
+The blocking `xmlrpc.client` runs in a worker thread (`trio.to_thread.run_sync`) with a
+socket timeout, so a hung PLC never blocks the agent's other tasks; the trio side is
+also cancellable. HTTPS is verified against `ca_file` (or the system CAs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import logging
+import os
+import ssl
+import xmlrpc.client
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+log = logging.getLogger("agent.plc")
+
+FAULT_AUTH = 103
+
+
+class PLCError(Exception):
+    """A call to PLC failed. `kind` is 'unreachable', 'fault' or 'protocol'."""
+
+    def __init__(self, kind: str, message: str, fault_code: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.fault_code = fault_code
+
+
+def _flatten(value: Any, out: list[str]) -> None:
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _flatten(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _flatten(item, out)
+    else:
+        out.append(str(value))
+
+
+def hmac_message(args: tuple[Any, ...]) -> str:
+    """The canonical message of plcapi §2.4: the call's arguments after the auth struct,
+    flattened (dict values only, recursively), str()'d, sorted, concatenated, bracketed."""
+    parts: list[str] = []
+    _flatten(list(args), parts)
+    parts.sort()
+    return "[" + "".join(parts) + "]"
+
+
+def hmac_auth(node_id: int, node_key: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """BootAuth struct; the key is used as UTF-8 bytes (the Python 3 NM passed a str: §1.2)."""
+    digest = hmac.new(node_key.encode("utf-8"), hmac_message(args).encode("utf-8"),
+                      hashlib.sha1).hexdigest()
+    return {"AuthMethod": "hmac", "node_id": node_id, "value": digest}
+
+
+class _TimeoutTransport(xmlrpc.client.Transport):
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+class _TimeoutSafeTransport(xmlrpc.client.SafeTransport):
+    def __init__(self, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+class PLCClient:
+    """One node's connection to PLC. `credentials` returns (node_id, node_key) when asked,
+    so a missing key file only matters once a session is really needed."""
+
+    def __init__(self, url: str, state_dir: str | Path,
+                 credentials: Callable[[], tuple[int, str]],
+                 ca_file: str = "", timeout: float = 60.0) -> None:
+        self.url = url
+        self.session_path = Path(state_dir) / "session"
+        self._credentials = credentials
+        self._timeout = timeout
+        self._ssl: ssl.SSLContext | None = None
+        if url.startswith("https://"):
+            self._ssl = ssl.create_default_context(cafile=ca_file or None)
+
+    # -- session file ----------------------------------------------------------------------
+
+    def load_session(self) -> str | None:
+        try:
+            text = self.session_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def _save_session(self, session: str) -> None:
+        tmp = self.session_path.with_name("session.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(session + "\n")
+        os.replace(tmp, self.session_path)
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _proxy(self) -> xmlrpc.client.ServerProxy:
+        transport: xmlrpc.client.Transport
+        if self._ssl is not None:
+            transport = _TimeoutSafeTransport(self._timeout, self._ssl)
+        else:
+            transport = _TimeoutTransport(self._timeout)
+        return xmlrpc.client.ServerProxy(self.url, transport=transport, allow_none=True)
+
+    def _call_blocking(self, method: str, auth: dict[str, Any], args: tuple[Any, ...]) -> Any:
+        try:
+            return getattr(self._proxy(), method)(auth, *args)
+        except xmlrpc.client.Fault as exc:
+            raise PLCError("fault", f"PLC {method}: fault {exc.faultCode}: {exc.faultString}",
+                           exc.faultCode) from None
+        except xmlrpc.client.ProtocolError as exc:
+            raise PLCError("protocol", f"PLC {method}: HTTP {exc.errcode} {exc.errmsg}") from None
+        except ssl.SSLError as exc:
+            raise PLCError("unreachable", f"PLC {method}: TLS failed: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise PLCError("unreachable", f"PLC {method} at {self.url}: {exc}") from None
+        except xmlrpc.client.ResponseError as exc:
+            raise PLCError("protocol", f"PLC {method}: malformed response: {exc}") from None
+
+    async def _call(self, method: str, auth: dict[str, Any], args: tuple[Any, ...]) -> Any:
+        return await trio.to_thread.run_sync(self._call_blocking, method, auth, args,
+                                             abandon_on_cancel=True)
+
+    async def new_session(self) -> str:
+        """HMAC-authenticated GetSession(); the session is stored before it is returned."""
+        node_id, node_key = self._credentials()
+        session = await self._call("GetSession", hmac_auth(node_id, node_key, ()), ())
+        if not isinstance(session, str) or not session:
+            raise PLCError("protocol", f"PLC GetSession returned {type(session).__name__}, "
+                           "not a session string")
+        self._save_session(session)
+        log.info("new PLC session obtained with the node key (node_id %d)", node_id)
+        return session
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call `method` with session auth, renewing the session once if PLC refuses it."""
+        session = self.load_session()
+        if session is None:
+            session = await self.new_session()
+        try:
+            return await self._call(method, {"AuthMethod": "session", "session": session}, args)
+        except PLCError as exc:
+            if exc.kind != "fault" or exc.fault_code != FAULT_AUTH:
+                raise
+            log.warning("PLC refused the session (%s); renewing it by HMAC", exc)
+        session = await self.new_session()
+        return await self._call(method, {"AuthMethod": "session", "session": session}, args)
+
+    async def get_slivers(self) -> Any:
+        return await self.call("GetSlivers")

@@ -1,0 +1,292 @@
+"""Desired (PLC) against actual (state + kernel) -> a plan -> idempotent actions.
+
+`ingest` turns a validated GetSlivers reply into sliver records in the agent's state
+(recorded before anything is granted). `plan` is pure: from the records, the set of
+live contexts and the time, it lists what to do. `Reconciler.execute` runs the plan
+with bounded concurrency; each sliver's actions run under its own lock and one failure
+is recorded on that sliver only.
+
+Safety rules (nodemanager spec §1.5, §9):
+- only a good full reply removes slivers; an empty or failed poll removes nothing,
+  and an empty state is never read as "destroy everything";
+- a reply older than the last applied one is ignored (timestamp rule);
+- expiry is checked against the sliver's `expires` only while the agent holds a
+  reply, and a sliver that PLC no longer lists is destroyed only on a good reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from agent import rspec as rspec_mod
+from agent.backend import Backend, MissingImage, SliverPlan
+from agent.getslivers import Desired, SliverSpec
+from agent.state import SliverRecord, State
+
+log = logging.getLogger("agent.reconcile")
+
+CREATED_BY_SYNC = ("plc-instantiated", "nm-controller")
+
+# Sliver states recorded in the database.
+PENDING, CREATING, RUNNING, STOPPED, FAILED = "pending", "creating", "running", "stopped", "failed"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str      # create | adopt | update | start | stop | destroy
+    name: str
+    reason: str = ""
+
+
+@dataclass
+class Outcome:
+    done: list[Action] = field(default_factory=list)
+    failed: list[tuple[Action, str]] = field(default_factory=list)
+
+
+def applied_key(rec: SliverRecord) -> str:
+    """What must match between the kernel and the record for no update to be needed."""
+    return json.dumps({"limits": rspec_mod.limits_kwargs(rec.rspec),
+                       "disk_max": rspec_mod.disk_max_kib(rec.rspec)}, sort_keys=True)
+
+
+def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str,
+           now: float) -> list[str]:
+    """Write what PLC wants into the sliver records; returns the names PLC no longer wants.
+
+    Delegated slivers are only refreshed when they already exist (the API creates
+    them); not-instantiated ones are not wanted.
+    """
+    overrides = {}
+    default_slice = desired.slivers.get(f"{slice_prefix}_default")
+    if default_slice is not None:
+        overrides = default_slice.attributes
+    records = state.slivers()
+    wanted: set[str] = set()
+    with state.transaction():
+        for name, spec in desired.slivers.items():
+            if name == f"{slice_prefix}_default":
+                continue
+            existing = records.get(name)
+            if spec.instantiation not in CREATED_BY_SYNC and not (
+                    spec.instantiation == "delegated" and existing is not None):
+                continue
+            wanted.add(name)
+            rec = _record_from_spec(spec, overrides, desired.initscripts, default_image,
+                                    existing, now)
+            if existing is None or _differs(existing, rec):
+                state.put_sliver(rec)
+    return sorted(set(records) - wanted)
+
+
+def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
+                      initscripts: Mapping[str, str], default_image: str,
+                      existing: SliverRecord | None, now: float) -> SliverRecord:
+    resolved = rspec_mod.resolve(spec.attributes, overrides)
+    wire = spec.to_wire()
+    wire["initscript"] = rspec_mod.initscript_of(spec.attributes, initscripts)
+    image = rspec_mod.image_of(spec.attributes, default_image)
+    return SliverRecord(
+        name=spec.name, slice_id=spec.slice_id, instantiation=spec.instantiation,
+        expires=spec.expires, image=existing.image if existing and existing.state in (
+            RUNNING, STOPPED) else image,
+        spec=wire, rspec=resolved.rspec, problems=resolved.problems,
+        state=existing.state if existing else PENDING,
+        message=existing.message if existing else "",
+        want_running=bool(resolved.rspec["enabled"]),
+        applied=existing.applied if existing else "",
+        created_at=existing.created_at if existing else now, updated_at=now,
+    )
+
+
+def _differs(a: SliverRecord, b: SliverRecord) -> bool:
+    return (a.spec != b.spec or a.rspec != b.rspec or a.expires != b.expires
+            or a.image != b.image or a.want_running != b.want_running
+            or a.problems != b.problems or a.slice_id != b.slice_id
+            or a.instantiation != b.instantiation)
+
+
+def plan(records: Mapping[str, SliverRecord], live: set[str], adopted: set[str],
+         removed: list[str], now: float, have_reply: bool) -> list[Action]:
+    """Pure: the actions that bring the node to the records.
+
+    `live` are the running contexts found on the node, `adopted` those this agent holds.
+    `removed` are records PLC no longer lists (only given for a good full reply).
+    """
+    actions: list[Action] = []
+    for name in removed:
+        actions.append(Action("destroy", name, "no longer listed by PLC"))
+    gone = set(removed)
+    for name, rec in records.items():
+        if name in gone:
+            continue
+        if have_reply and rec.expires < now:
+            actions.append(Action("destroy", name, "expired"))
+            continue
+        if name not in live:
+            actions.append(Action("create", name,
+                                  "new" if rec.state == PENDING else f"not running ({rec.state})"))
+            continue
+        if name not in adopted:
+            actions.append(Action("adopt", name, "running context found"))
+        if rec.applied != applied_key(rec):
+            actions.append(Action("update", name, "resource spec changed"))
+        if rec.want_running and rec.state == STOPPED:
+            actions.append(Action("start", name, "enabled"))
+        elif not rec.want_running and rec.state != STOPPED:
+            actions.append(Action("stop", name, "disabled (enabled=0)"))
+        elif rec.state not in (RUNNING, STOPPED):
+            actions.append(Action("update", name, f"state {rec.state}"))
+    return _dedupe(actions)
+
+
+def _dedupe(actions: list[Action]) -> list[Action]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for a in actions:
+        if (a.kind, a.name) not in seen:
+            seen.add((a.kind, a.name))
+            out.append(a)
+    return out
+
+
+class Reconciler:
+    """Executes plans against a backend, recording each step in the state first."""
+
+    def __init__(self, state: State, backend: Backend, *, concurrency: int,
+                 uid_pool_start: int, uid_range_size: int, uid_pool_ranges: int,
+                 binds: Callable[[str], tuple[tuple[str, str], ...]] = lambda name: (),
+                 after_start: Callable[[str], Any] | None = None) -> None:
+        self.state = state
+        self.backend = backend
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.uid_pool_start = uid_pool_start
+        self.uid_range_size = uid_range_size
+        self.uid_pool_ranges = uid_pool_ranges
+        self.adopted: set[str] = set()
+        self._locks: dict[str, trio.Lock] = {}
+        self._binds = binds
+        self._after_start = after_start
+
+    def lock(self, name: str) -> trio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = trio.Lock()
+        return lock
+
+    async def live(self) -> set[str]:
+        return await trio.to_thread.run_sync(self.backend.live)
+
+    async def reconcile(self, removed: list[str], have_reply: bool,
+                        now: float | None = None) -> Outcome:
+        live = await self.live()
+        # Contexts this agent has not adopted yet (after a restart) are adopted first,
+        # so nothing is created twice.
+        self.adopted &= live
+        actions = plan(self.state.slivers(), live, self.adopted, removed,
+                       time.time() if now is None else now, have_reply)
+        return await self.execute(actions)
+
+    async def execute(self, actions: list[Action]) -> Outcome:
+        outcome = Outcome()
+        by_name: dict[str, list[Action]] = {}
+        for a in actions:
+            by_name.setdefault(a.name, []).append(a)
+        async with trio.open_nursery() as nursery:
+            for name, acts in by_name.items():
+                nursery.start_soon(self._run_sliver, name, acts, outcome)
+        return outcome
+
+    async def _run_sliver(self, name: str, actions: list[Action], outcome: Outcome) -> None:
+        async with self.lock(name), self.limiter:
+            for action in actions:
+                try:
+                    await self._do(action)
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - boundary: one sliver's failure
+                    message = _describe(action, exc)
+                    log.error("sliver %s: %s", name, message)
+                    outcome.failed.append((action, message))
+                    if self.state.get_sliver(name) is not None:
+                        state = PENDING if isinstance(exc, MissingImage) else FAILED
+                        self.state.set_sliver_state(name, state, message)
+                    return
+                outcome.done.append(action)
+                log.info("sliver %s: %s done (%s)", name, action.kind, action.reason)
+
+    def _plan_for(self, rec: SliverRecord, idx: int) -> SliverPlan:
+        return SliverPlan(
+            name=rec.name, image=rec.image,
+            uid_base=self.uid_pool_start + idx * self.uid_range_size,
+            uid_count=self.uid_range_size, limits=rspec_mod.limits_kwargs(rec.rspec),
+            disk_max_kib=rspec_mod.disk_max_kib(rec.rspec), hostname=rec.name,
+            binds=self._binds(rec.name),
+        )
+
+    async def _do(self, action: Action) -> None:
+        name = action.name
+        rec = self.state.get_sliver(name)
+        if action.kind == "destroy":
+            if rec is not None:
+                self.state.set_sliver_state(name, "destroying", action.reason)
+            await trio.to_thread.run_sync(self.backend.destroy, name)
+            self.adopted.discard(name)
+            self.state.delete_sliver(name)
+            return
+        if rec is None:
+            return
+        if action.kind == "adopt":
+            if await trio.to_thread.run_sync(self.backend.adopt, name):
+                self.adopted.add(name)
+            return
+        if action.kind == "create":
+            if not await trio.to_thread.run_sync(self.backend.image_exists, rec.image):
+                raise MissingImage(rec.image)
+            # Recorded before granted: the uid range and the "creating" state first.
+            idx = self.state.allocate_uid_range(name, self.uid_pool_ranges)
+            self.state.set_sliver_state(name, CREATING, "")
+            sliver = self._plan_for(rec, idx)
+            if name in await self.live():
+                await trio.to_thread.run_sync(self.backend.adopt, name)
+                await trio.to_thread.run_sync(self.backend.update, sliver)
+            else:
+                await trio.to_thread.run_sync(self.backend.create, sliver)
+            self.adopted.add(name)
+            if not rec.want_running:
+                await trio.to_thread.run_sync(self.backend.stop, name)
+                self.state.set_sliver_state(name, STOPPED, "disabled (enabled=0)",
+                                            applied=applied_key(rec))
+                return
+            self.state.set_sliver_state(name, RUNNING, "", applied=applied_key(rec))
+            if self._after_start is not None:
+                await self._after_start(name)
+            return
+        idx_or_none = self.state.uid_range_of(name)
+        if idx_or_none is None:
+            raise RuntimeError("no uid range recorded for a live sliver")
+        if action.kind == "update":
+            await trio.to_thread.run_sync(self.backend.update, self._plan_for(rec, idx_or_none))
+            state = rec.state if rec.state in (RUNNING, STOPPED) else (
+                RUNNING if rec.want_running else STOPPED)
+            self.state.set_sliver_state(name, state, "", applied=applied_key(rec))
+        elif action.kind == "start":
+            await trio.to_thread.run_sync(self.backend.start, name)
+            self.state.set_sliver_state(name, RUNNING, "")
+        elif action.kind == "stop":
+            await trio.to_thread.run_sync(self.backend.stop, name)
+            self.state.set_sliver_state(name, STOPPED, action.reason)
+
+
+def _describe(action: Action, exc: Exception) -> str:
+    if isinstance(exc, MissingImage):
+        return (f"image {exc.args[0]!r} is not on this node; import it with "
+                f"`planetlab-agent image import {exc.args[0]} DIR`")
+    return f"{action.kind} failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,394 @@
+"""The slice API: XML-RPC over HTTP on a Unix stream socket (nodemanager spec §4.5-§4.7).
+
+Who calls is read from the connection (SO_PEERCRED), never from the arguments: a
+process whose uid lies in a sliver's uid range is that sliver; host root is the node
+admin; any other host user may make only the calls open to anyone. A name given as an
+argument by a sliver is ignored: a sliver always gets its own data.
+
+Two listening sockets serve the same calls: `socket_path` for the host, and
+`<run_dir>/api/agent.sock`, whose directory is bind-mounted into every sliver at
+`sliver_socket_dir` (so a restarted agent's new socket is visible in running slivers).
+
+Hostile input is bounded: request size, header count, a deadline per connection, a
+cap on open connections, a token bucket per caller. Errors reach the client as XML-RPC
+faults without any traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from agent.tokenbucket import TokenBuckets
+
+if TYPE_CHECKING:
+    from agent.main import Agent
+
+log = logging.getLogger("agent.sliceapi")
+
+# Fault codes of the original local API (§4.5), plus one for rate limiting.
+FAULT_UNKNOWN_METHOD = 100
+FAULT_ARG_COUNT = 101
+FAULT_BAD_TARGET = 102
+FAULT_ERROR = 104
+FAULT_RATE = 105
+FAULT_UNSUPPORTED = 106
+FAULT_PERMISSION = 108
+
+CONNECTION_DEADLINE = 10.0
+MAX_CONNECTIONS = 256
+MAX_HEADER_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    kind: str          # "sliver" | "admin" | "host"
+    name: str          # slice name, "root", or "uid:<n>"
+    pid: int
+    uid: int
+
+
+class APIFault(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, as the kernel recorded them at connect()."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def identify(pid: int, uid: int, ranges: dict[str, int], pool_start: int,
+             range_size: int) -> Caller:
+    """A caller from its credentials: a sliver by uid range, else root or a host user."""
+    if uid >= pool_start:
+        idx = (uid - pool_start) // range_size
+        for name, i in ranges.items():
+            if i == idx:
+                return Caller("sliver", name, pid, uid)
+    if uid == 0:
+        return Caller("admin", "root", pid, uid)
+    return Caller("host", f"uid:{uid}", pid, uid)
+
+
+class SliceAPI:
+    """Calls, permissions and the socket servers."""
+
+    PUBLIC = ("Help", "GetXIDs", "GetSSHKeys", "Ticket")
+
+    def __init__(self, agent: Agent, clock: Callable[[], float] = time.monotonic) -> None:
+        self.agent = agent
+        cfg = agent.cfg
+        self.buckets = TokenBuckets(cfg.api_rate, cfg.api_burst, clock)
+        self.max_request = cfg.api_max_request
+        self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self.methods: dict[str, Callable[..., Any]] = {
+            "Help": self.Help, "GetXIDs": self.GetXIDs, "GetSSHKeys": self.GetSSHKeys,
+            "GetRSpec": self.GetRSpec, "GetEffectiveRSpec": self.GetEffectiveRSpec,
+            "GetLoans": self.GetLoans, "GetRecord": self.GetRecord, "Ticket": self.Ticket,
+            "Create": self.Create, "Destroy": self.Destroy, "Start": self.Start,
+            "Stop": self.Stop,
+        }
+
+    # -- identity and targets -----------------------------------------------------------
+
+    def caller_of(self, pid: int, uid: int) -> Caller:
+        cfg = self.agent.cfg
+        return identify(pid, uid, self.agent.state.uid_ranges(), cfg.uid_pool_start,
+                        cfg.uid_range_size)
+
+    def _target(self, caller: Caller, args: tuple[Any, ...]) -> str:
+        """The slice a call is about. A sliver always means itself, whatever it passes."""
+        if caller.kind == "sliver":
+            return caller.name
+        if caller.kind != "admin":
+            raise APIFault(FAULT_PERMISSION, "only slivers and the node admin may call this")
+        if not args or not isinstance(args[0], str):
+            raise APIFault(FAULT_ARG_COUNT, "expected a slice name as the first argument")
+        if self.agent.state.get_sliver(args[0]) is None:
+            raise APIFault(FAULT_BAD_TARGET, f"no sliver {args[0]!r} on this node")
+        return args[0]
+
+    # -- calls --------------------------------------------------------------------------
+
+    def Help(self, caller: Caller, *args: Any) -> str:
+        """Help(): the calls this socket offers."""
+        return "\n\n".join(f"{name}: {(fn.__doc__ or '').strip()}"
+                           for name, fn in sorted(self.methods.items()))
+
+    def GetXIDs(self, caller: Caller, *args: Any) -> dict[str, int]:
+        """GetXIDs(): {slice: first host uid of its range}."""
+        cfg = self.agent.cfg
+        return {name: cfg.uid_pool_start + idx * cfg.uid_range_size
+                for name, idx in self.agent.state.uid_ranges().items()}
+
+    def GetSSHKeys(self, caller: Caller, *args: Any) -> dict[str, str]:
+        """GetSSHKeys(): {slice: its members' public keys, one per line}."""
+        return {name: "\n".join(rec.spec.get("keys", []))
+                for name, rec in self.agent.state.slivers().items()}
+
+    def GetRSpec(self, caller: Caller, *args: Any) -> dict[str, Any]:
+        """GetRSpec([name]): the rspec PLC gave the caller's sliver (its own, always)."""
+        rec = self.agent.state.get_sliver(self._target(caller, args))
+        assert rec is not None
+        return _wire(rec.rspec)
+
+    def GetEffectiveRSpec(self, caller: Caller, *args: Any) -> dict[str, Any]:
+        """GetEffectiveRSpec([name]): the rspec after loans given and received."""
+        name = self._target(caller, args)
+        rec = self.agent.state.get_sliver(name)
+        assert rec is not None
+        eff = dict(rec.rspec)
+        for _recipient, resource, amount in self.agent.state.loans_of(name):
+            if resource in eff and isinstance(eff[resource], int):
+                eff[resource] -= amount
+        for lender in self.agent.state.slivers():
+            if lender == name:
+                continue
+            for recipient, resource, amount in self.agent.state.loans_of(lender):
+                if recipient == name and resource in eff and isinstance(eff[resource], int):
+                    eff[resource] += amount
+        return _wire(eff)
+
+    def GetLoans(self, caller: Caller, *args: Any) -> list[list[Any]]:
+        """GetLoans([name]): [[recipient, resource, amount], ...] the sliver has lent."""
+        return self.agent.state.loans_of(self._target(caller, args))
+
+    def GetRecord(self, caller: Caller, *args: Any) -> dict[str, Any]:
+        """GetRecord(): the caller's own sliver record."""
+        if caller.kind != "sliver":
+            raise APIFault(FAULT_BAD_TARGET, "GetRecord is for slivers only")
+        rec = self.agent.state.get_sliver(caller.name)
+        assert rec is not None
+        return _wire({"name": rec.name, "slice_id": rec.slice_id, "instantiation":
+                      rec.instantiation, "expires": rec.expires, "image": rec.image,
+                      "state": rec.state, "keys": "\n".join(rec.spec.get("keys", [])),
+                      "attributes": rec.spec.get("attributes", {}), "rspec": rec.rspec})
+
+    def Ticket(self, caller: Caller, *args: Any) -> int:
+        """Ticket(ticket): redeem a PLC-signed ticket (delegated instantiation)."""
+        raise APIFault(FAULT_UNSUPPORTED, "Ticket: not supported on this node yet "
+                       "(delegated instantiation comes with signed tickets)")
+
+    def Create(self, caller: Caller, *args: Any) -> int:
+        """Create(name): instantiate a delegated sliver."""
+        raise APIFault(FAULT_UNSUPPORTED, "Create: only delegated slivers may be created by "
+                       "call, and this node does not redeem tickets yet")
+
+    def Destroy(self, caller: Caller, *args: Any) -> int:
+        """Destroy(name): remove a delegated sliver."""
+        raise APIFault(FAULT_UNSUPPORTED, "Destroy: only delegated slivers may be destroyed "
+                       "by call, and this node does not redeem tickets yet")
+
+    async def Start(self, caller: Caller, *args: Any) -> int:
+        """Start(name): thaw a sliver (node admin only for now)."""
+        return await self._start_stop(caller, args, "start")
+
+    async def Stop(self, caller: Caller, *args: Any) -> int:
+        """Stop(name): freeze a sliver until the next reconcile (node admin only for now)."""
+        return await self._start_stop(caller, args, "stop")
+
+    async def _start_stop(self, caller: Caller, args: tuple[Any, ...], kind: str) -> int:
+        if caller.kind != "admin":
+            raise APIFault(FAULT_UNSUPPORTED, f"{kind.title()}: not supported for slivers "
+                           "yet (needs delegations); the node admin may call it")
+        name = self._target(caller, args)
+        from agent.reconcile import Action
+
+        outcome = await self.agent.reconciler.execute([Action(kind, name, "slice API")])
+        if outcome.failed:
+            raise APIFault(FAULT_ERROR, f"{kind} {name}: failed; see the agent's log")
+        return 1
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    async def dispatch(self, caller: Caller, body: bytes) -> bytes:
+        """One XML-RPC request body -> one response body. Never raises."""
+        try:
+            try:
+                args, method = xmlrpc.client.loads(body, use_builtin_types=False)
+            except Exception:  # noqa: BLE001 - any parse failure is the client's
+                raise APIFault(FAULT_ERROR, "malformed XML-RPC request") from None
+            if not self.buckets.take(caller.name):
+                raise APIFault(FAULT_RATE, f"rate limit: at most {self.agent.cfg.api_rate:g} "
+                               f"calls a second for {caller.name}; retry later")
+            fn = self.methods.get(method or "")
+            if fn is None:
+                raise APIFault(FAULT_UNKNOWN_METHOD, f"Invalid method {method!r}; valid: "
+                               + ", ".join(sorted(self.methods)))
+            if caller.kind == "host" and method not in self.PUBLIC:
+                raise APIFault(FAULT_PERMISSION, f"{method}: not allowed for {caller.name}")
+            if len(args) > 4:
+                raise APIFault(FAULT_ARG_COUNT, f"{method}: too many arguments ({len(args)})")
+            result = fn(caller, *args)
+            if hasattr(result, "__await__"):
+                result = await result
+            if result is None:
+                result = 1
+            return xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True).encode()
+        except APIFault as fault:
+            return xmlrpc.client.dumps(xmlrpc.client.Fault(fault.code, fault.message),
+                                       methodresponse=True).encode()
+        except Exception:  # noqa: BLE001 - boundary: log, answer without details
+            log.exception("slice API: %s failed for %s", body[:64], caller.name)
+            return xmlrpc.client.dumps(xmlrpc.client.Fault(FAULT_ERROR, "Error in call"),
+                                       methodresponse=True).encode()
+
+    # -- transport ----------------------------------------------------------------------
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """One connection: read one HTTP POST, answer it, close. Bounded in size and time."""
+        async with self._connections:
+            try:
+                with trio.move_on_after(CONNECTION_DEADLINE):
+                    pid, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
+                    caller = self.caller_of(pid, uid)
+                    body = await _read_request(stream, self.max_request)
+                    if body is None:
+                        await _send(stream, 400, b"bad request\n", "text/plain")
+                        return
+                    if isinstance(body, int):
+                        await _send(stream, body, b"request too large\n", "text/plain")
+                        return
+                    response = await self.dispatch(caller, body)
+                    await _send(stream, 200, response, "text/xml")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                with trio.move_on_after(1):
+                    await stream.aclose()
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        paths = [Path(self.agent.cfg.socket_path), self.agent.api_dir / "agent.sock"]
+        self.agent.api_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.agent.api_dir, 0o755)
+        listeners = [await _unix_listener(p) for p in dict.fromkeys(paths)]
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(trio.serve_listeners, self.handle, [listener])
+                task_status.started()
+        finally:
+            for p in dict.fromkeys(paths):
+                with _suppress():
+                    p.unlink()
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+async def _unix_listener(path: Path) -> trio.SocketListener:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        await sock.bind(str(path))
+        os.chmod(path, 0o666)  # anyone may connect; who they are comes from SO_PEERCRED
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def _read_request(stream: trio.SocketStream, limit: int) -> bytes | int | None:
+    """The body of one HTTP POST; None if malformed, 413 if too large."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEADER_BYTES:
+            return None
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"POST "):
+        return None
+    length = None
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return None
+    if length is None or length < 0:
+        return None
+    if length > limit:
+        return 413
+    body = bytearray(rest)
+    while len(body) < length:
+        chunk = await stream.receive_some(min(65536, length - len(body)))
+        if not chunk:
+            return None
+        body += chunk
+    return bytes(body[:length])
+
+
+async def _send(stream: trio.SocketStream, status: int, body: bytes, ctype: str) -> None:
+    reason = {200: "OK", 400: "Bad Request", 413: "Payload Too Large"}.get(status, "Error")
+    head = (f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    await stream.send_all(head + body)
+
+
+def _wire(value: Any) -> Any:
+    """Make a value XML-RPC safe: ints beyond 32 bits become strings (as PLC clamps)."""
+    if isinstance(value, dict):
+        return {str(k): _wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wire(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31:
+        return str(value)
+    return value
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    """xmlrpc.client over a Unix socket: `ServerProxy('http://agent/', UnixTransport(path))`."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        super().__init__()
+        self._path = path
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> Any:
+        import http.client
+
+        path, timeout = self._path, self._timeout
+
+        class _Conn(http.client.HTTPConnection):
+            def connect(self) -> None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(timeout)
+                s.connect(path)
+                self.sock = s
+
+        return _Conn("localhost")
+
+
+def client(path: str) -> xmlrpc.client.ServerProxy:
+    return xmlrpc.client.ServerProxy("http://agent/", transport=UnixTransport(path),
+                                     allow_none=True)

@@ -1,0 +1,78 @@
+"""A node without a kernel, for testing the agent's pure logic (planning, dispatch).
+
+Kernel behaviour itself is tested against the real kernel in test_agent_kernel.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agent.backend import MissingImage, SliverPlan
+
+
+class FakeBackend:
+    def __init__(self, images: tuple[str, ...] = ("base",), fail: set[str] | None = None) -> None:
+        self.images = set(images)
+        self.fail = fail or set()
+        self.contexts: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def image_exists(self, image: str) -> bool:
+        return image in self.images
+
+    def live(self) -> set[str]:
+        return set(self.contexts)
+
+    def create(self, plan: SliverPlan) -> None:
+        self.calls.append(("create", plan.name))
+        if plan.name in self.fail:
+            raise OSError(5, "simulated failure", plan.name)
+        if plan.image not in self.images:
+            raise MissingImage(plan.image)
+        assert plan.name not in self.contexts, "double creation"
+        self.contexts[plan.name] = {"plan": plan, "frozen": False}
+
+    def adopt(self, name: str) -> bool:
+        self.calls.append(("adopt", name))
+        return name in self.contexts
+
+    def update(self, plan: SliverPlan) -> None:
+        self.calls.append(("update", plan.name))
+        self.contexts[plan.name]["plan"] = plan
+
+    def start(self, name: str) -> None:
+        self.calls.append(("start", name))
+        self.contexts[name]["frozen"] = False
+
+    def stop(self, name: str) -> None:
+        self.calls.append(("stop", name))
+        self.contexts[name]["frozen"] = True
+
+    def destroy(self, name: str) -> None:
+        self.calls.append(("destroy", name))
+        self.contexts.pop(name, None)
+
+    def usage(self, name: str) -> dict[str, Any]:
+        return {"cpu_usec": 0}
+
+    def run(self, name: str, argv: list[str], user: str = "root",
+            timeout: float = 60.0) -> tuple[int, str]:
+        self.calls.append(("run", name))
+        return 0, ""
+
+    def root_of(self, name: str) -> Path | None:
+        return None
+
+
+def sliver(name: str, **attrs: str) -> dict[str, Any]:
+    return {"name": name, "slice_id": abs(hash(name)) % 100000, "instantiation":
+            "plc-instantiated", "expires": 2**31 - 1,
+            "keys": [{"key_type": "ssh", "key": f"ssh-ed25519 AAAA {name}"}],
+            "attributes": [{"tagname": k, "value": v} for k, v in attrs.items()]}
+
+
+def reply(slivers: list[dict[str, Any]], node_id: int = 1, timestamp: int = 1000) -> dict[str, Any]:
+    return {"timestamp": timestamp, "node_id": node_id, "hostname": "node.test",
+            "interfaces": [], "groups": [], "conf_files": [], "initscripts": [],
+            "accounts": [], "slivers": slivers}
