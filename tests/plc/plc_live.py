@@ -51,7 +51,7 @@ class LiveServer:
         return {"AuthMethod": "password", "Username": self.admin_email,
                 "AuthString": self.admin_password}
 
-    def proxy(self) -> xmlrpc.client.ServerProxy:
+    def proxy(self) -> Any:  # ServerProxy; results are XML-RPC values of any shape
         return xmlrpc.client.ServerProxy(self.url, allow_none=True)
 
     def node_key(self, hostname: str) -> str:
