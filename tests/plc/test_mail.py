@@ -26,7 +26,8 @@ class _SMTPHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         server: _SMTPServer = self.server  # type: ignore[assignment]
         self._reply("220 test.localhost ESMTP")
-        sender, rcpts = None, []
+        sender: str | None = None
+        rcpts: list[str] = []
         while True:
             raw = self.rfile.readline(4096)
             if not raw:
@@ -56,7 +57,8 @@ class _SMTPHandler(socketserver.StreamRequestHandler):
                 server.received.append((sender, list(rcpts), bytes(data)))
                 self._reply("250 queued")
             elif verb == "RSET":
-                sender, rcpts = None, []
+                sender: str | None = None
+        rcpts: list[str] = []
                 self._reply("250 OK")
             elif verb == "QUIT":
                 self._reply("221 bye")
