@@ -57,8 +57,7 @@ class _SMTPHandler(socketserver.StreamRequestHandler):
                 server.received.append((sender, list(rcpts), bytes(data)))
                 self._reply("250 queued")
             elif verb == "RSET":
-                sender: str | None = None
-        rcpts: list[str] = []
+                sender, rcpts = None, []
                 self._reply("250 OK")
             elif verb == "QUIT":
                 self._reply("221 bye")
