@@ -1,0 +1,370 @@
+"""cgroup groups for slivers: layout detection, limits, freeze, usage, removal.
+
+Two layouts are supported, detected from /proc/mounts (never assumed):
+- "v1" (hybrid): one v1 hierarchy per controller (cpu, cpuacct, cpuset, memory, pids,
+  freezer, net_cls), usually with a controller-less cgroup2 beside it
+  (/sys/fs/cgroup/unified). A sliver gets a group in every one of them, the cgroup2
+  one included (so nftables `socket cgroupv2` can match it). The net_cls hierarchy is
+  mounted at <cgroup root>/net_cls when the kernel has it and nobody mounted it.
+- "v2": a single cgroup2 hierarchy with cpu, memory, pids, cpuset enabled down to the
+  node-wide parent. There is no net_cls in v2; the class id is kept in the sliver's
+  record and the bandwidth shaper classifies by the cgroup2 path instead
+  (`SliverCgroup.v2_path`, for nftables `socket cgroupv2` or a cgroup BPF program).
+
+Every sliver's group lives under one node-wide parent, `planetlab/` by default.
+Writes raise OSError naming the file and the value; nothing here holds policy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+PARENT = "planetlab"
+
+# Controllers a sliver's group uses, per layout.
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "freezer", "net_cls")
+V2_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
+
+CFS_PERIOD_US = 100_000
+V1_SHARES_PER_UNIT = 1024     # cpu_share 1 = the kernel's default weight
+V2_WEIGHT_PER_UNIT = 100
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the cgroup hierarchies are mounted."""
+
+    mode: str                                   # "v1" (hybrid) or "v2"
+    v1: dict[str, Path] = field(default_factory=dict)   # controller -> mount point
+    v2: Path | None = None                      # cgroup2 mount point, if any
+
+    def describe(self) -> str:
+        if self.mode == "v2":
+            return f"cgroup v2 only at {self.v2}"
+        ctl = ", ".join(f"{c}={p}" for c, p in sorted(self.v1.items()))
+        return f"cgroup v1 ({ctl}) with cgroup2 at {self.v2}"
+
+
+def _parse_mounts(text: str) -> tuple[dict[str, Path], Path | None]:
+    v1: dict[str, Path] = {}
+    v2: Path | None = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        where, fstype, opts = parts[1], parts[2], parts[3].split(",")
+        where = where.replace("\\040", " ")
+        if fstype == "cgroup2" and v2 is None:
+            v2 = Path(where)
+        elif fstype == "cgroup":
+            for opt in opts:
+                if opt in V1_CONTROLLERS and opt not in v1:
+                    v1[opt] = Path(where)
+    return v1, v2
+
+
+def detect_layout(mounts: str | None = None) -> Layout:
+    """Read the layout from /proc/mounts (or the given text, for tests).
+
+    "v1" when the memory controller lives in a v1 hierarchy, "v2" when a cgroup2
+    mount has the controllers; anything else is an error naming what was found.
+    """
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text()
+    v1, v2 = _parse_mounts(mounts)
+    if "memory" in v1:
+        return Layout("v1", v1, v2)
+    if v2 is not None:
+        ctrl = (v2 / "cgroup.controllers")
+        have = set(ctrl.read_text().split()) if ctrl.exists() else set(V2_CONTROLLERS)
+        missing = [c for c in ("cpu", "memory", "pids") if c not in have]
+        if missing:
+            raise OSError(errno.ENOTSUP,
+                          f"cgroup2 at {v2} lacks controllers {missing}; "
+                          "enable them or mount the v1 hierarchies", str(v2))
+        return Layout("v2", {}, v2)
+    raise OSError(errno.ENOTSUP, "no usable cgroup hierarchy: mount cgroup2 or v1 "
+                  "cpu/memory/pids hierarchies", "/proc/mounts")
+
+
+def _kernel_has(controller: str) -> bool:
+    for line in Path("/proc/cgroups").read_text().splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == controller:
+            return parts[-1] == "1"
+    return False
+
+
+def ensure_net_cls(layout: Layout) -> Layout:
+    """On a v1 layout, mount the net_cls hierarchy if the kernel has it and it is not
+    mounted yet (at <dir of the memory hierarchy>/net_cls). Returns the new layout."""
+    if layout.mode != "v1" or "net_cls" in layout.v1 or not _kernel_has("net_cls"):
+        return layout
+    from kernel.mount import mount  # thin mount(2) wrapper of the images people
+
+    where = layout.v1["memory"].parent / "net_cls"
+    where.mkdir(exist_ok=True)
+    try:
+        mount("cgroup", str(where), "cgroup", 0, "net_cls")
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    return detect_layout()
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cgroup write {value.strip()!r}: {exc.strerror}",
+                      str(path)) from None
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def _rmdir_when_empty(path: Path, deadline: float) -> None:
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise OSError(exc.errno, f"remove cgroup: {exc.strerror}", str(path)) from None
+        for pid in _pids_in(path):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+
+
+def _pids_in(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in (path / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+class SliverCgroup:
+    """The groups of one sliver, one per hierarchy, under the node-wide parent."""
+
+    def __init__(self, layout: Layout, name: str, parent: str = PARENT) -> None:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"bad cgroup name {name!r}")
+        self.layout = layout
+        self.name = name
+        self.parent = parent
+
+    # -- where things are --
+    def path(self, controller: str) -> Path:
+        """The sliver's group directory that holds `controller`'s files."""
+        if self.layout.mode == "v2":
+            assert self.layout.v2 is not None
+            return self.layout.v2 / self.parent / self.name
+        if controller == "unified":
+            assert self.layout.v2 is not None
+            return self.layout.v2 / self.parent / self.name
+        return self.layout.v1[controller] / self.parent / self.name
+
+    @property
+    def v2_path(self) -> str | None:
+        """The group's path inside the cgroup2 hierarchy (for `socket cgroupv2`)."""
+        return f"/{self.parent}/{self.name}" if self.layout.v2 else None
+
+    def dirs(self) -> list[Path]:
+        """Every group directory of this sliver (distinct, parents' order irrelevant)."""
+        out: list[Path] = []
+        if self.layout.mode == "v2":
+            out.append(self.path("cpu"))
+        else:
+            for c in V1_CONTROLLERS:
+                if c in self.layout.v1:
+                    p = self.path(c)
+                    if p not in out:
+                        out.append(p)
+            if self.layout.v2 is not None:
+                out.append(self.path("unified"))
+        return out
+
+    def exists(self) -> bool:
+        return any(d.is_dir() for d in self.dirs())
+
+    # -- lifecycle --
+    def _ensure_parent(self) -> None:
+        if self.layout.mode == "v2":
+            assert self.layout.v2 is not None
+            top = self.layout.v2
+            par = top / self.parent
+            par.mkdir(exist_ok=True)
+            want = " ".join("+" + c for c in V2_CONTROLLERS
+                            if c in _read(top / "cgroup.controllers").split())
+            for d in (top, par):
+                have = set(_read(d / "cgroup.subtree_control").split())
+                if not set(w[1:] for w in want.split()) <= have:
+                    _write(d / "cgroup.subtree_control", want)
+            return
+        for c, mnt in self.layout.v1.items():
+            par = mnt / self.parent
+            if not par.is_dir():
+                par.mkdir(exist_ok=True)
+            if c == "cpuset":
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not _read(par / f):
+                        _write(par / f, _read(mnt / f))
+        if self.layout.v2 is not None:
+            (self.layout.v2 / self.parent).mkdir(exist_ok=True)
+
+    def create(self, limits: LimitsLike) -> None:
+        """Create every group and apply `limits`; on failure remove what was made."""
+        self._ensure_parent()
+        made: list[Path] = []
+        try:
+            for d in self.dirs():
+                d.mkdir()        # FileExistsError: the name is taken
+                made.append(d)
+            if self.layout.mode == "v1" and "cpuset" in self.layout.v1:
+                par = self.path("cpuset").parent
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    _write(self.path("cpuset") / f, _read(par / f))
+            self.apply(limits)
+        except BaseException:
+            for d in reversed(made):
+                _rmdir_when_empty(d, time.monotonic() + 2)
+            raise
+
+    def apply(self, limits: LimitsLike) -> None:
+        """Write the limits into the groups (also used to update them in place)."""
+        share = max(1, int(limits.cpu_share))
+        pct = limits.cpu_pct
+        if pct is not None and not 1 <= pct <= 100 * os.cpu_count():  # type: ignore[operator]
+            raise ValueError(f"cpu_pct {pct} out of range 1..{100 * (os.cpu_count() or 1)}")
+        if self.layout.mode == "v1":
+            cpu = self.path("cpu")
+            _write(cpu / "cpu.shares", str(min(262144, share * V1_SHARES_PER_UNIT)))
+            _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us",
+                   "-1" if pct is None else str(pct * CFS_PERIOD_US // 100))
+            mem = self.path("memory")
+            _write(mem / "memory.limit_in_bytes",
+                   "-1" if limits.mem_max is None else str(int(limits.mem_max)))
+            _write(self.path("pids") / "pids.max",
+                   "max" if limits.pids_max is None else str(int(limits.pids_max)))
+            if "net_cls" in self.layout.v1:
+                _write(self.path("net_cls") / "net_cls.classid",
+                       str(int(limits.net_cls_classid or 0)))
+            cpus = getattr(limits, "cpus", None)
+            if "cpuset" in self.layout.v1:
+                cs = self.path("cpuset")
+                _write(cs / "cpuset.cpus", cpus if cpus else _read(cs.parent / "cpuset.cpus"))
+        else:
+            g = self.path("cpu")
+            _write(g / "cpu.weight", str(min(10000, share * V2_WEIGHT_PER_UNIT)))
+            _write(g / "cpu.max", f"{'max' if pct is None else pct * CFS_PERIOD_US // 100}"
+                   f" {CFS_PERIOD_US}")
+            _write(g / "memory.max",
+                   "max" if limits.mem_max is None else str(int(limits.mem_max)))
+            _write(g / "pids.max",
+                   "max" if limits.pids_max is None else str(int(limits.pids_max)))
+            cpus = getattr(limits, "cpus", None)
+            if (g / "cpuset.cpus").exists():
+                _write(g / "cpuset.cpus", cpus or "")
+
+    def attach(self, pid: int) -> None:
+        """Move process `pid` into every group of the sliver."""
+        for d in self.dirs():
+            _write(d / "cgroup.procs", str(pid))
+
+    def pids(self) -> set[int]:
+        """Host pids of every process in any of the sliver's groups."""
+        out: set[int] = set()
+        for d in self.dirs():
+            out.update(_pids_in(d))
+        return out
+
+    # -- freeze --
+    def _freezer(self) -> tuple[Path, str, str]:
+        if self.layout.mode == "v1" and "freezer" in self.layout.v1:
+            return self.path("freezer") / "freezer.state", "FROZEN", "THAWED"
+        d = self.path("cpu") if self.layout.mode == "v2" else self.path("unified")
+        return d / "cgroup.freeze", "1", "0"
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        """Freeze every process of the sliver and wait until the kernel says FROZEN."""
+        f, on, _ = self._freezer()
+        _write(f, on)
+        deadline = time.monotonic() + timeout
+        while not self.frozen():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"freeze {self.name}: still not frozen after {timeout}s")
+            time.sleep(0.002)
+
+    def thaw(self) -> None:
+        f, _, off = self._freezer()
+        _write(f, off)
+
+    def frozen(self) -> bool:
+        f, on, _ = self._freezer()
+        if f.name == "cgroup.freeze":
+            events = (f.parent / "cgroup.events").read_text()
+            return "frozen 1" in events
+        return _read(f) == on
+
+    # -- usage --
+    def usage(self) -> dict[str, int]:
+        """cpu_usec (CPU time used), mem_bytes (memory charged), pids (tasks now)."""
+        if self.layout.mode == "v1":
+            cpu_usec = int(_read(self.path("cpuacct") / "cpuacct.usage")) // 1000
+            mem = int(_read(self.path("memory") / "memory.usage_in_bytes"))
+            pids = int(_read(self.path("pids") / "pids.current"))
+        else:
+            g = self.path("cpu")
+            stat = dict(line.split() for line in (g / "cpu.stat").read_text().splitlines())
+            cpu_usec = int(stat["usage_usec"])
+            mem = int(_read(g / "memory.current"))
+            pids = int(_read(g / "pids.current"))
+        return {"cpu_usec": cpu_usec, "mem_bytes": mem, "pids": pids}
+
+    def destroy(self, timeout: float = 10.0) -> None:
+        """Kill what is left, thaw, and remove every group. Idempotent."""
+        if not self.exists():
+            return
+        try:
+            if self.frozen():
+                # Killed tasks must run to die.
+                for p in self.pids():
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.thaw()
+        except FileNotFoundError:
+            pass
+        deadline = time.monotonic() + timeout
+        for d in self.dirs():
+            _rmdir_when_empty(d, deadline)
+
+
+class LimitsLike(Protocol):
+    """What apply() reads; kernel.context.Limits fits it."""
+
+    @property
+    def cpu_share(self) -> int: ...
+    @property
+    def cpu_pct(self) -> int | None: ...
+    @property
+    def mem_max(self) -> int | None: ...
+    @property
+    def pids_max(self) -> int | None: ...
+    @property
+    def net_cls_classid(self) -> int | None: ...

@@ -1,0 +1,720 @@
+"""Slivers as Linux contexts: create, run in, freeze, thaw, adopt, destroy.
+
+A context is a tree of processes under one small static init
+(kernel/native/sliver-init.c, built to kernel/bin/sliver-init): its own user
+namespace mapped to a host uid/gid range, mount, PID, UTS, IPC and cgroup
+namespaces, a pivot_root into the prepared root, a fresh /proc, a minimal /dev, the
+capability bounding set and rlimits asked for, no_new_privs, and optionally the
+seccomp guard. Limits are cgroups (kernel/cgroups.py).
+
+Everything runs in a sliver by asking its init over a root-only control socket
+(<run_dir>/<name>/ctl), so every process of the sliver descends from the init and is
+covered by the guard filter the init installed before its first child.
+
+On the host a context is a directory <run_dir>/<name>/ with `ctl` and `state.json`
+(init pid and start time, uid range, root, limits); `adopt` finds a running context
+again from it after the caller restarts. `destroy` kills the PID namespace (SIGKILL
+to the init), waits for it, removes the cgroups and that directory: the namespaces
+and every mount made inside die with the last process.
+
+These calls block (they wait on the init); from trio call them with trio.to_thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeAlias
+
+from kernel import caps as _caps
+from kernel.cgroups import Layout, SliverCgroup, detect_layout, ensure_net_cls
+
+INIT_BIN = Path(__file__).resolve().parent / "bin" / "sliver-init"
+
+#: The fd at which every sliver init keeps its own copy of the seccomp listener, so
+#: the agent can take it back with pidfd_getfd(init_pid, GUARD_LISTENER_FD) after a
+#: restart (kernel/native/sliver-init.c GUARD_FD).
+GUARD_LISTENER_FD = 4
+
+UID_COUNT = 65536
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")   # also a valid hostname label set
+RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+           "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+RLIM_INFINITY = 2**64 - 1
+
+SETUP_TIMEOUT = 10.0
+
+# Control protocol (see sliver-init.c): request header and reply.
+REQ_MAGIC = 0x534C5652
+REQ_TTY = 1
+REQ_HDR = struct.Struct("<IIIHH")
+REPLY = struct.Struct("<ii120s")
+R_STARTED, R_EXITED, R_ERROR = 1, 2, 3
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+StdSpec: TypeAlias = "int | IO[Any] | None"
+
+
+class ContextError(RuntimeError):
+    """A context operation failed; the message names the sliver and the step."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A sliver's limits. cgroup ones can change in place (update_limits); rlimits
+    and capabilities are fixed when the context is created."""
+
+    cpu_share: int = 1                     # relative weight (PlanetLab cpu_share)
+    cpu_pct: int | None = None             # cap, percent of one CPU
+    mem_max: int | None = None             # bytes
+    pids_max: int | None = None
+    net_cls_classid: int | None = None
+    rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # -1 = unlimited
+    capabilities: tuple[str, ...] | None = None   # bounding set; None = caps.DEFAULT_CAPS
+    cpus: str | None = None                # cpuset, e.g. "0" or "0-1"; None = all
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.cpu_share, int) or self.cpu_share < 1:
+            raise ValueError(f"cpu_share must be an integer >= 1, not {self.cpu_share!r}")
+        ncpu = os.cpu_count() or 1
+        if self.cpu_pct is not None and not 1 <= self.cpu_pct <= 100 * ncpu:
+            raise ValueError(f"cpu_pct must be 1..{100 * ncpu}, not {self.cpu_pct!r}")
+        for key in ("mem_max", "pids_max", "net_cls_classid"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{key} must be a positive integer, not {v!r}")
+        for name, pair in self.rlimits.items():
+            if name not in RLIMITS:
+                raise ValueError(f"unknown rlimit {name!r}; known: {', '.join(RLIMITS)}")
+            soft, hard = pair
+            s, h = _rlim(soft), _rlim(hard)
+            if s > h:
+                raise ValueError(f"rlimit {name}: soft {soft} above hard {hard}")
+        if self.cpus is not None and not re.fullmatch(r"[0-9]+([-,][0-9]+)*", self.cpus):
+            raise ValueError(f"cpus must look like '0' or '0-1,3', not {self.cpus!r}")
+        _caps.bounding_mask(self.capabilities)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rlimits"] = {k: list(v) for k, v in self.rlimits.items()}
+        d["capabilities"] = None if self.capabilities is None else list(self.capabilities)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Limits:
+        d = dict(d)
+        d["rlimits"] = {k: (int(v[0]), int(v[1])) for k, v in d.get("rlimits", {}).items()}
+        if d.get("capabilities") is not None:
+            d["capabilities"] = tuple(d["capabilities"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """Seccomp user-notification guard for a context (kernel/seccomp.py builds it)."""
+
+    filter: bytes          # struct sock_filter[] as raw bytes
+    listener_sink: int     # fd of a connected AF_UNIX socket; the listener is sent over
+                           # it with SCM_RIGHTS once the filter is installed
+
+
+def _rlim(v: int) -> int:
+    return RLIM_INFINITY if v < 0 else int(v)
+
+
+def _proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): with the pid it
+    identifies a process across pid reuse. None if there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    rest = data.rsplit(")", 1)[1].split()
+    if rest[0] == "Z":    # exited, waiting for its reaper
+        return None
+    return int(rest[19])
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"bad sliver name {name!r}: use 1-63 of a-z 0-9 _ . - "
+                         "starting with a letter or digit")
+
+
+class _SyncReader:
+    """Lines from the init's sync socket, with a deadline."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock, self.name, self.buf = sock, name, b""
+
+    def line(self, deadline: float) -> str:
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ContextError(f"create {self.name}: init did not answer in "
+                                   f"{SETUP_TIMEOUT}s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(512)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise ContextError(f"create {self.name}: init exited during setup"
+                                   + (f" ({self.buf.decode(errors='replace')})"
+                                      if self.buf else ""))
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        text = line.decode(errors="replace")
+        if text.startswith("error "):
+            raise ContextError(f"create {self.name}: {text[6:]}")
+        return text
+
+    def expect(self, word: str, deadline: float) -> str:
+        text = self.line(deadline)
+        if not text.startswith(word):
+            raise ContextError(f"create {self.name}: init said {text!r}, expected {word!r}")
+        return text[len(word):].strip()
+
+
+class Context:
+    """A running (or frozen) sliver context. Get one from create() or adopt()."""
+
+    def __init__(self, run_dir: Path, name: str, state: dict[str, Any],
+                 layout: Layout | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.name = name
+        self.state = state
+        self.init_pid: int = state["init_pid"]
+        self.uid_base: int = state["uid_base"]
+        self.uid_count: int = state["uid_count"]
+        self.root = Path(state["root"])
+        self.limits = Limits.from_json(state["limits"])
+        self.cgroup = SliverCgroup(layout or detect_layout(), name)
+
+    # -- paths --
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def ctl_path(self) -> Path:
+        return self.dir / "ctl"
+
+    # -- construction --
+    @classmethod
+    def create(cls, run_dir: Path, name: str, root: Path, uid_base: int,
+               uid_count: int = UID_COUNT, limits: Limits | None = None,
+               hostname: str | None = None, guard: GuardSpec | None = None) -> Context:
+        """Start a new context. On any failure nothing is left behind (no process,
+        cgroup, or directory) and ContextError/ValueError/OSError names the step."""
+        limits = limits or Limits()
+        run_dir = Path(run_dir)
+        _check_name(name)
+        hostname = hostname or name
+        if not isinstance(uid_base, int) or uid_base < 1 or uid_base + uid_count > 2**32 - 1:
+            raise ValueError(f"bad uid range base {uid_base!r} count {uid_count!r}")
+        if uid_count < 1:
+            raise ValueError(f"bad uid count {uid_count!r}")
+        root = Path(root)
+        if not root.is_absolute() or not root.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"create {name}: root is not a directory",
+                                    str(root))
+        if not (root / "bin/sh").exists() and not any(root.iterdir()):
+            raise FileNotFoundError(errno.ENOENT, f"create {name}: root is empty", str(root))
+        limits.validate()
+        capmask = _caps.bounding_mask(limits.capabilities)
+        if not INIT_BIN.is_file():
+            raise FileNotFoundError(errno.ENOENT, "sliver init not built: run `make native`",
+                                    str(INIT_BIN))
+        if len(str(run_dir / name / "ctl")) > 107:
+            raise ValueError(f"run dir {run_dir} too long for a unix socket path")
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (run_dir / name).exists():
+            raise FileExistsError(errno.EEXIST, f"create {name}: the name is taken",
+                                  str(run_dir / name))
+        for other in cls.list(run_dir):
+            st = cls._read_state(run_dir, other)
+            if st is None:
+                continue
+            lo, hi = st["uid_base"], st["uid_base"] + st["uid_count"]
+            if uid_base < hi and lo < uid_base + uid_count:
+                raise ValueError(f"create {name}: uid range {uid_base}..{uid_base + uid_count - 1}"
+                                 f" overlaps sliver {other}'s {lo}..{hi - 1}")
+        layout = ensure_net_cls(detect_layout()) if limits.net_cls_classid else detect_layout()
+        cg = SliverCgroup(layout, name)
+
+        with contextlib.ExitStack() as undo, contextlib.ExitStack() as fds:
+            d = run_dir / name
+            d.mkdir(mode=0o700)   # FileExistsError if a racing create took the name
+            undo.callback(shutil.rmtree, d, True)
+            try:
+                cg.create(limits)
+            except FileExistsError:
+                raise FileExistsError(errno.EEXIST, f"create {name}: a cgroup of that name "
+                                      "exists (another sliver, or left by a crash)",
+                                      str(cg.dirs()[0])) from None
+            undo.callback(cg.destroy)
+
+            ctl = fds.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            old = os.umask(0o177)
+            try:
+                ctl.bind(str(d / "ctl"))
+            finally:
+                os.umask(old)
+            ctl.listen(128)
+            host_end, init_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fds.enter_context(host_end)
+            fds.enter_context(init_end)
+            argv = [str(INIT_BIN), f"--sync={init_end.fileno()}", f"--ctl={ctl.fileno()}",
+                    f"--root={root}", f"--hostname={hostname}", f"--capbset={capmask:x}"]
+            for rname, (soft, hard) in sorted(limits.rlimits.items()):
+                argv.append(f"--rlimit={rname}:{_rlim(soft)}:{_rlim(hard)}")
+            pass_fds = [init_end.fileno(), ctl.fileno()]
+            if guard is not None:
+                if not guard.filter or len(guard.filter) % 8 or len(guard.filter) > 4096 * 8:
+                    raise ValueError(f"create {name}: guard filter of {len(guard.filter)} "
+                                     "bytes is not 1..4096 sock_filter entries")
+                rfd, wfd = os.pipe()
+                fds.callback(os.close, rfd)
+                try:
+                    os.write(wfd, guard.filter)   # at most 32 KiB: fits the pipe buffer
+                finally:
+                    os.close(wfd)
+                argv += [f"--guard-filter={rfd}", f"--guard-sink={guard.listener_sink}"]
+                pass_fds += [rfd, guard.listener_sink]
+            launcher = subprocess.Popen(argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+            undo.callback(_reap, launcher)
+            init_end.close()
+            deadline = time.monotonic() + SETUP_TIMEOUT
+            sync = _SyncReader(host_end, name)
+            init_pid: int | None = None
+            try:
+                cg.attach(launcher.pid)
+                host_end.sendall(b"c")
+                sync.expect("userns", deadline)
+                for which in ("uid_map", "gid_map"):
+                    with open(f"/proc/{launcher.pid}/{which}", "w") as f:
+                        f.write(f"0 {uid_base} {uid_count}\n")
+                host_end.sendall(b"m")
+                init_pid = int(sync.expect("pid", deadline))
+                undo.callback(_kill_init, init_pid)
+                sync.expect("ready", deadline)
+            except OSError as exc:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    raise ContextError(f"create {name}: init exited during setup") from None
+                raise
+            start = _proc_starttime(init_pid)
+            if start is None:
+                raise ContextError(f"create {name}: init {init_pid} died after setup")
+            state = {
+                "name": name, "init_pid": init_pid, "init_start": start,
+                "uid_base": uid_base, "uid_count": uid_count, "root": str(root),
+                "hostname": hostname, "limits": limits.to_json(),
+                "guard": guard is not None, "created": time.time(),
+            }
+            _write_json(d / "state.json", state)
+            undo.pop_all()
+        return cls(run_dir, name, state, layout)
+
+    @staticmethod
+    def _read_state(run_dir: Path, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((Path(run_dir) / name / "state.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    @classmethod
+    def adopt(cls, run_dir: Path, name: str) -> Context:
+        """The running context `name` (after the caller restarted).
+
+        ProcessLookupError if its init is gone (clean up with `destroy_stale`)."""
+        _check_name(name)
+        state = cls._read_state(run_dir, name)
+        if state is None:
+            raise FileNotFoundError(errno.ENOENT, f"no context {name}", str(Path(run_dir) / name))
+        ctx = cls(run_dir, name, state)
+        if not ctx.alive():
+            raise ProcessLookupError(f"context {name}: its init {state['init_pid']} is gone")
+        return ctx
+
+    @classmethod
+    def list(cls, run_dir: Path) -> list[str]:
+        """Names of the contexts recorded under run_dir (running, frozen or stale)."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            return []
+        return sorted(p.name for p in run_dir.iterdir()
+                      if NAME_RE.match(p.name) and (p / "state.json").exists())
+
+    @classmethod
+    def destroy_stale(cls, run_dir: Path, name: str) -> None:
+        """Remove what a context whose init is gone left: cgroups, its directory."""
+        _check_name(name)
+        state = cls._read_state(run_dir, name)
+        if state is not None:
+            ctx = cls(run_dir, name, state)
+            ctx.destroy()
+            return
+        SliverCgroup(detect_layout(), name).destroy()
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+
+    # -- state --
+    def alive(self) -> bool:
+        return _proc_starttime(self.init_pid) == self.state["init_start"]
+
+    def frozen(self) -> bool:
+        return self.cgroup.frozen()
+
+    def start(self) -> None:
+        """Thaw the context if it is frozen."""
+        self._require_alive("start")
+        self.cgroup.thaw()
+
+    def stop(self) -> None:
+        """Freeze every process of the context (the init too)."""
+        self._require_alive("stop")
+        self.cgroup.freeze()
+
+    def update_limits(self, limits: Limits) -> None:
+        """Change the cgroup limits in place. rlimits and capabilities are fixed at
+        creation; asking to change them is an error naming them."""
+        limits.validate()
+        if dict(limits.rlimits) != dict(self.limits.rlimits) or \
+                limits.capabilities != self.limits.capabilities:
+            raise ValueError(f"update {self.name}: rlimits and capabilities apply from "
+                             "creation only; recreate the sliver to change them")
+        if limits.net_cls_classid and "net_cls" not in self.cgroup.layout.v1 \
+                and self.cgroup.layout.mode == "v1":
+            raise ValueError(f"update {self.name}: net_cls was not mounted at creation")
+        self.cgroup.apply(limits)
+        self.limits = limits
+        self.state["limits"] = limits.to_json()
+        _write_json(self.dir / "state.json", self.state)
+
+    def usage(self) -> dict[str, int]:
+        """cpu_usec, mem_bytes, pids of the whole context."""
+        return self.cgroup.usage()
+
+    def _thaw_quietly(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.cgroup.thaw()
+
+    def _require_alive(self, op: str) -> None:
+        if not self.alive():
+            raise ProcessLookupError(f"{op} {self.name}: its init {self.init_pid} is gone")
+
+    # -- running commands --
+    def spawn(self, argv: Sequence[str], user: str = "root",
+              env: Mapping[str, str] | None = None, tty: bool = False,
+              stdin: StdSpec = None, stdout: StdSpec = None, stderr: StdSpec = None,
+              cwd: str | None = None, winsize: tuple[int, int] | None = None) -> SliverProcess:
+        """Start `argv` inside the context as `user` (a name from its /etc/passwd).
+
+        stdin/stdout/stderr: None inherits the caller's, DEVNULL, PIPE, an fd or a
+        file object. With tty=True a pty is made inside (its devpts) and the master
+        is `proc.master` on the host side; std* are then ignored. An empty argv runs
+        the user's shell. Raises ContextError naming the step if it cannot start.
+        """
+        self._require_alive("enter")
+        if self.frozen():
+            raise ContextError(f"enter {self.name}: the context is stopped; start it first")
+        payload = bytearray()
+        for tag, items in (("u", [user]), ("c", [cwd] if cwd else []), ("a", list(argv)),
+                           ("e", [f"{k}={v}" for k, v in (env or {}).items()])):
+            for item in items:
+                b = item.encode()
+                if b"\0" in b:
+                    raise ValueError(f"enter {self.name}: NUL byte in {item!r}")
+                payload += tag.encode() + b + b"\0"
+        rows, cols = winsize or (0, 0)
+        hdr = REQ_HDR.pack(REQ_MAGIC, REQ_TTY if tty else 0, len(payload), rows, cols)
+
+        proc = SliverProcess(self.name)
+        close_after: list[int] = []
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            proc._sock = sock
+            try:
+                sock.connect(str(self.ctl_path))
+            except OSError as exc:
+                raise ContextError(f"enter {self.name}: cannot reach its init at "
+                                   f"{self.ctl_path}: {exc.strerror}") from None
+            passfds: list[int] = []
+            if not tty:
+                for i, spec in enumerate((stdin, stdout, stderr)):
+                    fd, ours, keep = _std_fd(i, spec)
+                    passfds.append(fd)
+                    if ours:
+                        close_after.append(fd)
+                    if keep is not None:
+                        setattr(proc, ("stdin", "stdout", "stderr")[i], keep)
+            sock.sendmsg([hdr], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  struct.pack(f"{len(passfds)}i", *passfds))] if passfds else [])
+            sock.sendall(bytes(payload))
+            rtype, value, msg, fds = proc._recv_reply()
+            if rtype == R_ERROR:
+                raise ContextError(f"enter {self.name}: {msg}: {os.strerror(value)}"
+                                   + (f" ({argv[0]})" if argv and msg == "exec" else ""))
+            if rtype != R_STARTED:
+                raise ContextError(f"enter {self.name}: init answered {rtype}")
+            proc.pid = value
+            if tty:
+                if not fds:
+                    raise ContextError(f"enter {self.name}: init sent no pty")
+                proc.master = fds[0]
+            return proc
+        except BaseException:
+            proc._close_all()
+            raise
+        finally:
+            for fd in close_after:
+                os.close(fd)
+
+    def run(self, argv: Sequence[str], user: str = "root",
+            env: Mapping[str, str] | None = None, tty: bool = False,
+            stdin: StdSpec = None, stdout: StdSpec = None, stderr: StdSpec = None,
+            cwd: str | None = None, timeout: float | None = None) -> int:
+        """spawn() and wait: the exit code, or -N if killed by signal N."""
+        proc = self.spawn(argv, user, env, tty, stdin, stdout, stderr, cwd)
+        try:
+            return proc.wait(timeout)
+        finally:
+            proc._close_all()
+
+    def output(self, argv: Sequence[str], user: str = "root", input: bytes | None = None,
+               timeout: float | None = 60) -> tuple[int, bytes, bytes]:
+        """Run and capture: (exit code, stdout, stderr)."""
+        proc = self.spawn(argv, user, stdin=PIPE if input is not None else DEVNULL,
+                          stdout=PIPE, stderr=PIPE)
+        out, err = proc.communicate(input, timeout)
+        return proc.returncode if proc.returncode is not None else -1, out, err
+
+    # -- destruction --
+    def destroy(self, timeout: float = 10.0) -> None:
+        """Kill every process, then remove the cgroups and the run directory.
+        Idempotent; the namespaces and the mounts inside die with the processes."""
+        if self.alive():
+            # A frozen task dies of SIGKILL only once thawed: thaw after signalling.
+            _kill_init(self.init_pid, timeout, then=self._thaw_quietly)
+        self.cgroup.destroy(timeout)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SliverProcess:
+    """A command running in a context (Popen-like). `pid` is its pid inside."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pid: int = 0
+        self.returncode: int | None = None
+        self.master: int | None = None
+        self.stdin: IO[bytes] | None = None
+        self.stdout: IO[bytes] | None = None
+        self.stderr: IO[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def fileno(self) -> int:
+        """Readable when the command has exited (for trio.lowlevel.wait_readable)."""
+        assert self._sock is not None
+        return self._sock.fileno()
+
+    def _recv_reply(self, block: bool = True) -> tuple[int, int, str, list[int]]:
+        assert self._sock is not None
+        fds: list[int] = []
+        while len(self._buf) < REPLY.size:
+            try:
+                data, got, _, _ = socket.recv_fds(self._sock, REPLY.size - len(self._buf), 1,
+                                                  0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                raise
+            fds += got
+            if not data:
+                raise EOFError
+            self._buf += data
+        rtype, value, msg = REPLY.unpack(self._buf[:REPLY.size])
+        self._buf = self._buf[REPLY.size:]
+        return rtype, value, msg.rstrip(b"\0").decode(errors="replace"), fds
+
+    def _finish(self, block: bool, timeout: float | None = None) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        assert self._sock is not None
+        if timeout is not None:
+            self._sock.settimeout(timeout)
+        try:
+            rtype, status, _, fds = self._recv_reply(block)
+        except (BlockingIOError, TimeoutError):
+            if timeout is not None:
+                raise subprocess.TimeoutExpired(f"{self.name} pid {self.pid}", timeout) from None
+            return None
+        except (EOFError, ConnectionResetError):
+            # The init went away (the context was destroyed): everything was killed.
+            self.returncode = -signal.SIGKILL
+            return self.returncode
+        finally:
+            self._sock.settimeout(None)
+        for fd in fds:
+            os.close(fd)
+        if rtype != R_EXITED:
+            raise ContextError(f"{self.name}: unexpected reply {rtype} from init")
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._sock.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._finish(block=False)
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self._finish(block=True, timeout=timeout)
+        assert rc is not None
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None and self._sock is not None:
+            self._sock.sendall(struct.pack("<i", int(sig)))
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, input: bytes | None = None,
+                    timeout: float | None = None) -> tuple[bytes, bytes]:
+        """Feed input, read stdout/stderr pipes to EOF, wait. (b"" for non-pipes.)"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: dict[int, bytearray] = {}
+        sel = selectors.DefaultSelector()
+        pending = memoryview(input or b"")
+        if self.stdin is not None:
+            if pending:
+                os.set_blocking(self.stdin.fileno(), False)
+                sel.register(self.stdin.fileno(), selectors.EVENT_WRITE)
+            else:
+                self.stdin.close()
+                self.stdin = None
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                out[f.fileno()] = bytearray()
+                sel.register(f.fileno(), selectors.EVENT_READ)
+        try:
+            while sel.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(f"{self.name} pid {self.pid}", timeout or 0)
+                for key, _ in sel.select(left):
+                    if key.events & selectors.EVENT_WRITE:
+                        try:
+                            n = os.write(key.fd, pending[:65536])
+                        except BrokenPipeError:
+                            n = len(pending)
+                        pending = pending[n:]
+                        if not pending:
+                            sel.unregister(key.fd)
+                            assert self.stdin is not None
+                            self.stdin.close()
+                            self.stdin = None
+                    else:
+                        chunk = os.read(key.fd, 65536)
+                        if chunk:
+                            out[key.fd] += chunk
+                        else:
+                            sel.unregister(key.fd)
+        finally:
+            sel.close()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.wait(left)
+        res = [bytes(out.get(f.fileno(), b"")) if f is not None else b""
+               for f in (self.stdout, self.stderr)]
+        self._close_all()
+        return res[0], res[1]
+
+    def _close_all(self) -> None:
+        for attr in ("stdin", "stdout", "stderr"):
+            f = getattr(self, attr)
+            if f is not None:
+                f.close()
+                setattr(self, attr, None)
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+        if self._sock is not None and self.returncode is not None:
+            self._sock.close()
+
+    def close(self) -> None:
+        """Release the host side; the command runs on if it has not exited."""
+        self._close_all()
+        if self._sock is not None:
+            self._sock.close()
+
+
+def _std_fd(i: int, spec: StdSpec) -> tuple[int, bool, IO[bytes] | None]:
+    """(fd to send, whether the fd is ours to close once sent, the parent's end)."""
+    if spec is None:
+        return i, False, None
+    if spec == DEVNULL:
+        return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC), True, None
+    if spec == PIPE:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        if i == 0:
+            return r, True, open(w, "wb", buffering=0)
+        return w, True, open(r, "rb", buffering=0)
+    if isinstance(spec, int):
+        return spec, False, None
+    return spec.fileno(), False, None
+
+
+def _reap(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+def _kill_init(pid: int, timeout: float = 10.0, then: Any = None) -> None:
+    """SIGKILL a sliver init (so the kernel kills its whole PID namespace) and wait
+    until it has exited. Uses a pidfd so a reused pid is never signalled."""
+    try:
+        pfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        try:
+            signal.pidfd_send_signal(pfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if then is not None:
+            then()
+        sel = selectors.DefaultSelector()
+        sel.register(pfd, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                raise ContextError(f"init {pid} did not die within {timeout}s of SIGKILL")
+        finally:
+            sel.close()
+    finally:
+        os.close(pfd)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

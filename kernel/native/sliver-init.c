@@ -1,0 +1,801 @@
+/*
+ * sliver-init: the PID 1 of a PlanetLab sliver.
+ *
+ * Started by kernel/context.py as root on the host, already placed in the sliver's
+ * cgroups. It builds the sliver's namespaces and root, then stays as PID 1: it reaps
+ * orphans and runs commands for the host on request, so every process of the sliver
+ * (entered ones too) descends from it and is covered by the guard filter it installs
+ * before its first child.
+ *
+ * Setup, in order (each step reports "error STEP: reason" on the sync socket):
+ *   launcher: chdir into the root (as host root, which may reach it); unshare(USER);
+ *             parent writes uid_map/gid_map; become root inside;
+ *             unshare(NS, UTS, IPC, PID, CGROUP); fork the init; report its host pid; exit.
+ *   init:     private mounts; clone the root as a mount of our own; mount proc (before the old
+ *             root goes: the kernel wants a full proc visible, KERNEL-FACTS); tmpfs /dev
+ *             with host device nodes bound in, devpts newinstance, /dev/shm; pivot_root;
+ *             detach the old root; hostname; rlimits; capability bounding set;
+ *             no_new_privs; seccomp guard with a listener (sent to the agent and kept at
+ *             fd GUARD_FD); then "ready" and the service loop.
+ *
+ * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
+ *   host -> launcher: 'c' (placed in cgroups), then 'm' (maps written)
+ *   launcher -> host: "userns\n", then "pid N\n"; init -> host: "ready\n"
+ *   any failure: "error STEP: strerror\n" and exit 1.
+ *
+ * Control protocol (root-only AF_UNIX stream socket, listening fd given by --ctl and
+ * kept at CTL_FD): the client sends struct req_hdr with 0 or 3 fds (stdin, stdout,
+ * stderr) by SCM_RIGHTS, then hdr.len bytes of NUL-terminated tagged strings:
+ * "u<user>", "c<cwd>", "a<argv item>"..., "e<env item>"... The init answers with
+ * struct reply messages: STARTED (value = pid inside the sliver; with REQ_TTY the
+ * pty master fd rides along), then EXITED (value = wait status); or ERROR (value =
+ * errno, msg = step). While the command runs the client may send int32 signal
+ * numbers, which the init delivers to the command.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <grp.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#define OPEN_TREE_CLOEXEC O_CLOEXEC
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define CTL_FD 3            /* the control socket, in the init */
+#define GUARD_FD 4          /* the init's own copy of the seccomp listener */
+#define REQ_MAGIC 0x534c5652u  /* "SLVR" */
+#define REQ_TTY 1u
+#define REQ_MAX 262144u     /* bound on a request's strings */
+#define MAX_ARGS 4096
+#define MAX_GROUPS 64
+
+enum { R_STARTED = 1, R_EXITED = 2, R_ERROR = 3 };
+
+struct req_hdr {
+	uint32_t magic;
+	uint32_t flags;
+	uint32_t len;
+	uint16_t rows, cols;
+};
+
+struct reply {
+	int32_t type;
+	int32_t value;
+	char msg[120];
+};
+
+static int sync_fd = -1;
+
+/* Report a failed setup step to the host and exit. */
+static void die(const char *step, int err)
+{
+	char buf[256];
+	int n = snprintf(buf, sizeof buf, "error %s: %s\n", step, strerror(err));
+	if (sync_fd >= 0 && n > 0)
+		(void)!write(sync_fd, buf, (size_t)n);
+	_exit(1);
+}
+
+static void say(const char *fmt, ...)
+{
+	char buf[128];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	if (n <= 0 || write(sync_fd, buf, (size_t)n) != n)
+		die("sync write", errno ? errno : EPIPE);
+}
+
+static void wait_byte(char want, const char *step)
+{
+	char c;
+	ssize_t n = read(sync_fd, &c, 1);
+	if (n != 1 || c != want)
+		die(step, n < 0 ? errno : EPROTO);
+}
+
+/* Move fd to number `to` (close-on-exec) or die. */
+static void move_fd(int fd, int to, const char *step)
+{
+	if (fd == to) {
+		if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+			die(step, errno);
+		return;
+	}
+	if (dup3(fd, to, O_CLOEXEC) < 0)
+		die(step, errno);
+	close(fd);
+}
+
+/* ---- setup ---- */
+
+struct opts {
+	int ctl, guard_filter, guard_sink;
+	const char *root, *hostname;
+	uint64_t capbset;
+	int nrl;
+	struct { int res; struct rlimit rl; } rl[RLIM_NLIMITS];
+};
+
+static int rlimit_res(const char *name)
+{
+	static const struct { const char *n; int r; } t[] = {
+		{"as", RLIMIT_AS}, {"core", RLIMIT_CORE}, {"cpu", RLIMIT_CPU},
+		{"data", RLIMIT_DATA}, {"fsize", RLIMIT_FSIZE}, {"locks", RLIMIT_LOCKS},
+		{"memlock", RLIMIT_MEMLOCK}, {"msgqueue", RLIMIT_MSGQUEUE},
+		{"nice", RLIMIT_NICE}, {"nofile", RLIMIT_NOFILE}, {"nproc", RLIMIT_NPROC},
+		{"rss", RLIMIT_RSS}, {"rtprio", RLIMIT_RTPRIO}, {"rttime", RLIMIT_RTTIME},
+		{"sigpending", RLIMIT_SIGPENDING}, {"stack", RLIMIT_STACK},
+	};
+	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+		if (strcmp(t[i].n, name) == 0)
+			return t[i].r;
+	return -1;
+}
+
+static void parse_opts(int argc, char **argv, struct opts *o)
+{
+	static const struct option lo[] = {
+		{"sync", 1, 0, 's'}, {"ctl", 1, 0, 'c'}, {"root", 1, 0, 'r'},
+		{"hostname", 1, 0, 'h'}, {"capbset", 1, 0, 'b'}, {"rlimit", 1, 0, 'l'},
+		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {0, 0, 0, 0},
+	};
+	int c;
+	memset(o, 0, sizeof *o);
+	o->ctl = o->guard_filter = o->guard_sink = -1;
+	o->capbset = ~0ULL;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		char name[32];
+		unsigned long long soft, hard;
+		switch (c) {
+		case 's': sync_fd = atoi(optarg); break;
+		case 'c': o->ctl = atoi(optarg); break;
+		case 'r': o->root = optarg; break;
+		case 'h': o->hostname = optarg; break;
+		case 'b': o->capbset = strtoull(optarg, NULL, 16); break;
+		case 'f': o->guard_filter = atoi(optarg); break;
+		case 'k': o->guard_sink = atoi(optarg); break;
+		case 'l':
+			if (o->nrl >= RLIM_NLIMITS ||
+			    sscanf(optarg, "%31[a-z]:%llu:%llu", name, &soft, &hard) != 3 ||
+			    (o->rl[o->nrl].res = rlimit_res(name)) < 0)
+				die("parse --rlimit", EINVAL);
+			o->rl[o->nrl].rl.rlim_cur = soft;
+			o->rl[o->nrl].rl.rlim_max = hard;
+			o->nrl++;
+			break;
+		default: die("parse arguments", EINVAL);
+		}
+	}
+	if (sync_fd < 0 || o->ctl < 0 || !o->root || !o->hostname)
+		die("parse arguments (need --sync --ctl --root --hostname)", EINVAL);
+	if ((o->guard_filter < 0) != (o->guard_sink < 0))
+		die("parse arguments (--guard-filter and --guard-sink go together)", EINVAL);
+}
+
+static void bind_dev(const char *name)
+{
+	char src[64], dst[64];
+	snprintf(src, sizeof src, "/dev/%s", name);
+	snprintf(dst, sizeof dst, "dev/%s", name);
+	int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC, 0666);
+	if (fd < 0)
+		die("create /dev node", errno);
+	close(fd);
+	if (mount(src, dst, NULL, MS_BIND, NULL) < 0)
+		die("bind /dev node", errno);
+}
+
+static void ensure_dir(const char *path, const char *step)
+{
+	if (mkdir(path, 0755) < 0 && errno != EEXIST)
+		die(step, errno);
+}
+
+static void setup_root(const struct opts *o)
+{
+	static const char *devs[] = {"null", "zero", "full", "random", "urandom", "tty"};
+	static const char *links[][2] = {
+		{"pts/ptmx", "dev/ptmx"}, {"/proc/self/fd", "dev/fd"},
+		{"/proc/self/fd/0", "dev/stdin"}, {"/proc/self/fd/1", "dev/stdout"},
+		{"/proc/self/fd/2", "dev/stderr"},
+	};
+	(void)o;
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		die("make mounts private", errno);
+	/* cwd is the root (entered by the launcher). pivot_root needs it to be a mount
+	 * we made (copies of host mounts are locked), reached without walking the path
+	 * from "/": clone it as a detached tree, attach that on top of cwd, and fchdir
+	 * into the clone's fd. */
+	int tree = (int)syscall(SYS_open_tree, AT_FDCWD, ".",
+				OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+	if (tree < 0)
+		die("clone root mount (open_tree)", errno);
+	if (syscall(SYS_move_mount, tree, "", AT_FDCWD, ".", MOVE_MOUNT_F_EMPTY_PATH) < 0)
+		die("attach root mount (move_mount)", errno);
+	if (fchdir(tree) < 0)
+		die("enter root mount", errno);
+	close(tree);
+	ensure_dir("proc", "mkdir /proc");
+	if (mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+		die("mount /proc", errno);
+	ensure_dir("dev", "mkdir /dev");
+	if (mount("tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k,nr_inodes=64") < 0)
+		die("mount /dev tmpfs", errno);
+	for (size_t i = 0; i < sizeof devs / sizeof devs[0]; i++)
+		bind_dev(devs[i]);
+	ensure_dir("dev/pts", "mkdir /dev/pts");
+	if (mount("devpts", "dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		  "newinstance,ptmxmode=0666,mode=620,gid=5") < 0)
+		die("mount /dev/pts", errno);
+	ensure_dir("dev/shm", "mkdir /dev/shm");
+	if (mount("tmpfs", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+		die("mount /dev/shm", errno);
+	for (size_t i = 0; i < sizeof links / sizeof links[0]; i++)
+		if (symlink(links[i][0], links[i][1]) < 0)
+			die("symlink in /dev", errno);
+	/* pivot_root(".", "."): the old root ends up stacked on "/", then detached. */
+	if (syscall(SYS_pivot_root, ".", ".") < 0)
+		die("pivot_root", errno);
+	if (umount2(".", MNT_DETACH) < 0)
+		die("detach old root", errno);
+	if (chdir("/") < 0)
+		die("chdir /", errno);
+}
+
+static void drop_bounding_set(uint64_t keep)
+{
+	int last = 40;
+	FILE *f = fopen("/proc/sys/kernel/cap_last_cap", "re");
+	if (f) {
+		if (fscanf(f, "%d", &last) != 1)
+			last = 40;
+		fclose(f);
+	}
+	for (int cap = 0; cap <= last && cap < 64; cap++)
+		if (!(keep & (1ULL << cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+			die("drop capability from bounding set", errno);
+}
+
+/* Read the filter, install it with a listener, send the listener to the agent and
+ * keep our own copy at GUARD_FD. Returns nothing: dies on any failure. */
+static void install_guard(int filter_fd, int sink)
+{
+	static struct sock_filter insns[BPF_MAXINSNS];
+	size_t got = 0;
+	for (;;) {
+		ssize_t n = read(filter_fd, (char *)insns + got, sizeof insns - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			die("read guard filter", errno);
+		if (n == 0)
+			break;
+		got += (size_t)n;
+		if (got == sizeof insns)
+			die("read guard filter (more than BPF_MAXINSNS)", E2BIG);
+	}
+	close(filter_fd);
+	if (got == 0 || got % sizeof(struct sock_filter))
+		die("read guard filter (size not a multiple of 8)", EINVAL);
+	struct sock_fprog prog = { .len = (unsigned short)(got / sizeof(struct sock_filter)), .filter = insns };
+	int lis = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+			       SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+	if (lis < 0)
+		die("install seccomp filter", errno);
+	char byte = 'L';
+	struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+	union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } cm;
+	memset(&cm, 0, sizeof cm);
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+			     .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &lis, sizeof(int));
+	if (sendmsg(sink, &mh, MSG_NOSIGNAL) != 1)
+		die("send guard listener", errno);
+	close(sink);
+	move_fd(lis, GUARD_FD, "keep guard listener");
+}
+
+/* ---- service ---- */
+
+struct job {
+	int conn;   /* -1 once the client went away */
+	pid_t pid;
+};
+
+static struct job *jobs;
+static size_t njobs, capjobs;
+
+static void send_reply(int conn, int type, int value, const char *msg, int fd)
+{
+	struct reply r;
+	memset(&r, 0, sizeof r);
+	r.type = type;
+	r.value = value;
+	if (msg)
+		snprintf(r.msg, sizeof r.msg, "%s", msg);
+	struct iovec iov = { .iov_base = &r, .iov_len = sizeof r };
+	union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } cm;
+	memset(&cm, 0, sizeof cm);
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	if (fd >= 0) {
+		mh.msg_control = cm.buf;
+		mh.msg_controllen = sizeof cm.buf;
+		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	}
+	/* A client that left is not an error for the init. */
+	(void)sendmsg(conn, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+struct user {
+	uid_t uid;
+	gid_t gid;
+	char home[256], shell[256];
+	gid_t groups[MAX_GROUPS];
+	int ngroups;
+};
+
+/* Look `name` up in the sliver's /etc/passwd and /etc/group (no NSS: static). */
+static int lookup_user(const char *name, struct user *u)
+{
+	char line[1024];
+	int found = 0;
+	FILE *f = fopen("/etc/passwd", "re");
+	if (!f)
+		return errno;
+	while (!found && fgets(line, sizeof line, f)) {
+		char *fld[7];
+		int n = 0;
+		char *p = line;
+		line[strcspn(line, "\n")] = 0;
+		for (; n < 7; n++) {
+			fld[n] = strsep(&p, ":");
+			if (!fld[n])
+				break;
+		}
+		if (n == 7 && strcmp(fld[0], name) == 0) {
+			u->uid = (uid_t)strtoul(fld[2], NULL, 10);
+			u->gid = (gid_t)strtoul(fld[3], NULL, 10);
+			snprintf(u->home, sizeof u->home, "%s", fld[5][0] ? fld[5] : "/");
+			snprintf(u->shell, sizeof u->shell, "%s", fld[6][0] ? fld[6] : "/bin/sh");
+			found = 1;
+		}
+	}
+	fclose(f);
+	if (!found)
+		return ENOENT;
+	u->groups[0] = u->gid;
+	u->ngroups = 1;
+	f = fopen("/etc/group", "re");
+	if (!f)
+		return 0;
+	while (u->ngroups < MAX_GROUPS && fgets(line, sizeof line, f)) {
+		char *p = line, *gname, *gid;
+		line[strcspn(line, "\n")] = 0;
+		gname = strsep(&p, ":");
+		(void)strsep(&p, ":");
+		gid = strsep(&p, ":");
+		if (!gname || !gid || !p)
+			continue;
+		for (char *m; (m = strsep(&p, ",")) != NULL;)
+			if (strcmp(m, name) == 0) {
+				gid_t g = (gid_t)strtoul(gid, NULL, 10);
+				if (g != u->gid)
+					u->groups[u->ngroups++] = g;
+				break;
+			}
+	}
+	fclose(f);
+	return 0;
+}
+
+static ssize_t read_full(int fd, void *buf, size_t len)
+{
+	size_t got = 0;
+	while (got < len) {
+		ssize_t n = read(fd, (char *)buf + got, len - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -1 : (ssize_t)got;
+		got += (size_t)n;
+	}
+	return (ssize_t)got;
+}
+
+/* In the forked child: become the user, wire stdio, exec. Writes errno and exits
+ * on failure (errpipe is close-on-exec, so a successful exec closes it silently). */
+static void child_exec(int errpipe, const struct user *u, const char *cwd, char **argv,
+		       char **envp, const int *fds, int nfds, const char *pts)
+{
+	int err;
+	const char *step;
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	for (int s = 1; s < NSIG; s++)
+		signal(s, SIG_DFL);
+	step = "setsid";
+	if (setsid() < 0)
+		goto fail;
+	if (pts) {
+		step = "open pty";
+		int slave = open(pts, O_RDWR | O_NOCTTY);
+		if (slave < 0)
+			goto fail;
+		step = "chown pty";
+		if (fchown(slave, u->uid, (gid_t)-1) < 0)
+			goto fail;
+		step = "set controlling tty";
+		if (ioctl(slave, TIOCSCTTY, 0) < 0)
+			goto fail;
+		step = "dup pty";
+		for (int i = 0; i < 3; i++)
+			if (dup2(slave, i) < 0)
+				goto fail;
+		if (slave > 2)
+			close(slave);
+	} else if (nfds == 3) {
+		step = "dup stdio";
+		for (int i = 0; i < 3; i++)
+			if (dup2(fds[i], i) < 0)
+				goto fail;
+	} else {
+		step = "open /dev/null";
+		int nul = open("/dev/null", O_RDWR);
+		if (nul < 0)
+			goto fail;
+		for (int i = 0; i < 3; i++)
+			if (dup2(nul, i) < 0)
+				goto fail;
+	}
+	step = "setgroups";
+	if (setgroups((size_t)u->ngroups, u->groups) < 0)
+		goto fail;
+	step = "setresgid";
+	if (setresgid(u->gid, u->gid, u->gid) < 0)
+		goto fail;
+	step = "setresuid";
+	if (setresuid(u->uid, u->uid, u->uid) < 0)
+		goto fail;
+	step = "chdir";
+	if (chdir(cwd ? cwd : u->home) < 0 && (cwd || chdir("/") < 0))
+		goto fail;
+	environ = envp;
+	step = "exec";
+	execvp(argv[0], argv);
+fail:
+	err = errno;
+	(void)!write(errpipe, &err, sizeof err);
+	(void)!write(errpipe, step, strlen(step) + 1);
+	_exit(127);
+}
+
+static void handle_request(int conn)
+{
+	struct req_hdr h;
+	int fds[3] = {-1, -1, -1}, nfds = 0, master = -1;
+	char *buf = NULL, *argv[MAX_ARGS + 1], *envp[MAX_ARGS + 8];
+	int argc = 0, envc = 0;
+	const char *user = "root", *cwd = NULL;
+	const char *emsg = "read request";
+	int err = EPROTO;
+	char pts[64];
+	struct timeval tv = { .tv_sec = 5 };
+	setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+
+	struct iovec iov = { .iov_base = &h, .iov_len = sizeof h };
+	union { struct cmsghdr c; char b[CMSG_SPACE(3 * sizeof(int))]; } cm;
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+			     .msg_control = cm.b, .msg_controllen = sizeof cm.b };
+	ssize_t n = recvmsg(conn, &mh, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+			int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+			for (int i = 0; i < k; i++) {
+				int fd;
+				memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+				if (nfds < 3)
+					fds[nfds++] = fd;
+				else
+					close(fd);
+			}
+		}
+	if (n != (ssize_t)sizeof h || h.magic != REQ_MAGIC || h.len > REQ_MAX ||
+	    (nfds != 0 && nfds != 3))
+		goto bad;
+	buf = malloc(h.len + 1);
+	if (!buf) {
+		err = ENOMEM;
+		goto bad;
+	}
+	if (read_full(conn, buf, h.len) != (ssize_t)h.len)
+		goto bad;
+	buf[h.len] = 0;
+	for (char *p = buf; p < buf + h.len; p += strlen(p) + 1) {
+		switch (*p) {
+		case 'u': user = p + 1; break;
+		case 'c': cwd = p + 1; break;
+		case 'a': if (argc < MAX_ARGS) argv[argc++] = p + 1; else goto bad; break;
+		case 'e': if (envc < MAX_ARGS) envp[envc++] = p + 1; else goto bad; break;
+		default: goto bad;
+		}
+	}
+	struct user u;
+	emsg = "look up user";
+	if ((err = lookup_user(user, &u)) != 0)
+		goto bad;
+	if (argc == 0)
+		argv[argc++] = u.shell;
+	argv[argc] = NULL;
+	if (envc == 0) {
+		static char e[5][300];
+		snprintf(e[0], sizeof e[0], "HOME=%s", u.home);
+		snprintf(e[1], sizeof e[1], "USER=%s", user);
+		snprintf(e[2], sizeof e[2], "LOGNAME=%s", user);
+		snprintf(e[3], sizeof e[3], "SHELL=%s", u.shell);
+		envp[envc++] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+		for (int i = 0; i < 4; i++)
+			envp[envc++] = e[i];
+		if (h.flags & REQ_TTY)
+			envp[envc++] = "TERM=xterm";
+	}
+	envp[envc] = NULL;
+	if (h.flags & REQ_TTY) {
+		unsigned int ptn, unlock = 0;
+		emsg = "open /dev/ptmx";
+		master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (master < 0 || ioctl(master, TIOCSPTLCK, &unlock) < 0 ||
+		    ioctl(master, TIOCGPTN, &ptn) < 0) {
+			err = errno;
+			goto bad;
+		}
+		struct winsize ws = { .ws_row = h.rows ? h.rows : 24, .ws_col = h.cols ? h.cols : 80 };
+		(void)ioctl(master, TIOCSWINSZ, &ws);
+		snprintf(pts, sizeof pts, "/dev/pts/%u", ptn);
+	}
+	int ep[2];
+	emsg = "pipe";
+	if (pipe2(ep, O_CLOEXEC) < 0) {
+		err = errno;
+		goto bad;
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(ep[0]);
+		child_exec(ep[1], &u, cwd, argv, envp, fds, nfds, master >= 0 ? pts : NULL);
+	}
+	close(ep[1]);
+	if (pid < 0) {
+		err = errno;
+		emsg = "fork";
+		close(ep[0]);
+		goto bad;
+	}
+	char ebuf[sizeof(int) + 64];
+	ssize_t en = read_full(ep[0], ebuf, sizeof ebuf);
+	close(ep[0]);
+	for (int i = 0; i < nfds; i++)
+		close(fds[i]);
+	nfds = 0;
+	if (en >= (ssize_t)sizeof(int)) {
+		/* exec failed; the child exits 127 and is reaped by the loop. */
+		memcpy(&err, ebuf, sizeof err);
+		ebuf[sizeof ebuf - 1] = 0;
+		send_reply(conn, R_ERROR, err, ebuf + sizeof(int), -1);
+		goto out;
+	}
+	if (njobs == capjobs) {
+		size_t nc = capjobs ? capjobs * 2 : 8;
+		struct job *nj = realloc(jobs, nc * sizeof *nj);
+		if (!nj) {
+			kill(pid, SIGKILL);
+			err = ENOMEM;
+			emsg = "track job";
+			goto bad;
+		}
+		jobs = nj;
+		capjobs = nc;
+	}
+	jobs[njobs].conn = conn;
+	jobs[njobs].pid = pid;
+	njobs++;
+	send_reply(conn, R_STARTED, pid, NULL, master);
+	if (master >= 0)
+		close(master);
+	free(buf);
+	return;
+bad:
+	send_reply(conn, R_ERROR, err, emsg, -1);
+out:
+	for (int i = 0; i < nfds; i++)
+		close(fds[i]);
+	if (master >= 0)
+		close(master);
+	free(buf);
+	close(conn);
+}
+
+static void reap(void)
+{
+	int status;
+	pid_t pid;
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		for (size_t i = 0; i < njobs; i++) {
+			if (jobs[i].pid != pid)
+				continue;
+			if (jobs[i].conn >= 0) {
+				send_reply(jobs[i].conn, R_EXITED, status, NULL, -1);
+				close(jobs[i].conn);
+			}
+			jobs[i] = jobs[--njobs];
+			break;
+		}
+	}
+}
+
+/* A client of a running job sent something: a signal number, or it left. */
+static void client_input(struct job *j)
+{
+	int32_t sig;
+	ssize_t n = recv(j->conn, &sig, sizeof sig, MSG_DONTWAIT);
+	if (n == (ssize_t)sizeof sig) {
+		if (sig > 0 && sig < NSIG)
+			kill(j->pid, sig);
+		return;
+	}
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	close(j->conn);   /* gone (or spoke nonsense): the job runs on unattended */
+	j->conn = -1;
+}
+
+static void serve(void)
+{
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+		die("block SIGCHLD", errno);
+	int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (sfd < 0)
+		die("signalfd", errno);
+	say("ready\n");
+	close(sync_fd);
+	sync_fd = -1;
+	struct pollfd *pfd = NULL;
+	size_t cap = 0;
+	for (;;) {
+		if (cap < njobs + 2) {
+			cap = njobs + 16;
+			struct pollfd *np = realloc(pfd, cap * sizeof *np);
+			if (!np) {   /* keep reaping at least */
+				reap();
+				sleep(1);
+				continue;
+			}
+			pfd = np;
+		}
+		pfd[0] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+		pfd[1] = (struct pollfd){ .fd = CTL_FD, .events = POLLIN };
+		for (size_t i = 0; i < njobs; i++)
+			pfd[2 + i] = (struct pollfd){ .fd = jobs[i].conn, .events = POLLIN };
+		size_t n = njobs + 2;
+		if (poll(pfd, n, -1) < 0)
+			continue;
+		if (pfd[0].revents) {
+			struct signalfd_siginfo si;
+			while (read(sfd, &si, sizeof si) > 0)
+				;
+			reap();
+		}
+		for (size_t i = 2; i < n && i - 2 < njobs; i++)
+			if (pfd[i].revents && jobs[i - 2].conn == pfd[i].fd)
+				client_input(&jobs[i - 2]);
+		if (pfd[1].revents & POLLIN) {
+			int conn = accept4(CTL_FD, NULL, NULL, SOCK_CLOEXEC);
+			if (conn >= 0)
+				handle_request(conn);
+		}
+	}
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o;
+	parse_opts(argc, argv, &o);
+	wait_byte('c', "wait for cgroups");
+	/* Enter the root while still host root: the sliver's uids may not be allowed to
+	 * traverse the directories above it. unshare(CLONE_NEWNS) below moves our cwd to
+	 * the copy of this mount in the sliver's mount namespace. */
+	if (chdir(o.root) < 0)
+		die("chdir root", errno);
+	if (unshare(CLONE_NEWUSER) < 0)
+		die("unshare user namespace", errno);
+	say("userns\n");
+	wait_byte('m', "wait for uid/gid maps");
+	if (setgroups(0, NULL) < 0)
+		die("setgroups", errno);
+	if (setresgid(0, 0, 0) < 0)
+		die("setresgid 0", errno);
+	if (setresuid(0, 0, 0) < 0)
+		die("setresuid 0", errno);
+	if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
+		die("unshare mount/uts/ipc/pid/cgroup namespaces", errno);
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork init", errno);
+	if (pid > 0) {
+		say("pid %d\n", (int)pid);
+		_exit(0);
+	}
+	/* The init (PID 1 of the new PID namespace). */
+	if (setsid() < 0)
+		die("setsid", errno);
+	setup_root(&o);
+	if (sethostname(o.hostname, strlen(o.hostname)) < 0)
+		die("sethostname", errno);
+	for (int i = 0; i < o.nrl; i++)
+		if (setrlimit(o.rl[i].res, &o.rl[i].rl) < 0)
+			die("setrlimit", errno);
+	drop_bounding_set(o.capbset);
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		die("set no_new_privs", errno);
+	/* Fix the fds: ctl at CTL_FD, guard at GUARD_FD, sync above them, nothing else. */
+	int ctl = fcntl(o.ctl, F_DUPFD_CLOEXEC, 10);
+	int sfd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 10);
+	int gf = o.guard_filter >= 0 ? fcntl(o.guard_filter, F_DUPFD_CLOEXEC, 10) : -1;
+	int gs = o.guard_sink >= 0 ? fcntl(o.guard_sink, F_DUPFD_CLOEXEC, 10) : -1;
+	if (ctl < 0 || sfd < 0 || (o.guard_filter >= 0 && (gf < 0 || gs < 0)))
+		die("duplicate fds", errno);
+	close(o.ctl);
+	close(sync_fd);
+	sync_fd = sfd;
+	if (o.guard_filter >= 0) {
+		close(o.guard_filter);
+		close(o.guard_sink);
+	}
+	move_fd(ctl, CTL_FD, "place control socket");
+	if (gf >= 0)
+		install_guard(gf, gs);
+	serve();
+	return 0;
+}
