@@ -1,0 +1,192 @@
+"""The slice API socket: identity from SO_PEERCRED, own data only, bounded, rate-limited.
+
+Callers are real processes running under the host uids of sliver ranges (the identity
+the kernel reports for a sliver's processes), so SO_PEERCRED is exercised for real.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import xmlrpc.client
+from pathlib import Path
+
+import pytest
+import trio
+from agent_fakes import FakeBackend, reply, sliver
+
+from agent import config, getslivers
+from agent.main import Agent
+from agent.reconcile import ingest
+from agent.sliceapi import SliceAPI, client
+
+POOL = 1_000_000
+SIZE = 65536
+
+@pytest.fixture
+def api_env():
+    d = Path(tempfile.mkdtemp(prefix=f"agent-api-{os.getpid()}-"))
+    os.chmod(d, 0o755)
+    cfg = config.from_mapping({
+        "state_dir": str(d / "state"), "run_dir": str(d / "run"),
+        "socket_path": str(d / "agent.sock"), "uid_pool_start": POOL, "uid_range_size": SIZE,
+        "api_rate": 5.0, "api_burst": 10, "node_id": 1, "node_key": "k",
+        "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
+    agent = Agent(cfg, backend=FakeBackend())
+    try:
+        yield agent, d
+    finally:
+        agent.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def _setup(agent: Agent) -> None:
+    desired = getslivers.parse(reply([sliver("pl_a", cpu_share="11"),
+                                      sliver("pl_b", cpu_share="22")]))
+    removed = ingest(agent.state, desired, "base", "pl", time.time())
+    await agent.reconciler.reconcile(removed, have_reply=True)
+
+
+def _call_as(uid: int, sock: str, method: str, args: str = "[]") -> dict:
+    """Make one call from a forked child running as `uid` (what SO_PEERCRED reports for
+    a process of a sliver whose range holds that uid)."""
+    import json
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to uid, call, report, exit without cleanup handlers
+        code = 0
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                res = {"ok": getattr(client(sock), method)(*json.loads(args))}
+            except xmlrpc.client.Fault as f:
+                res = {"fault": f.faultCode, "msg": f.faultString}
+            os.write(wfd, json.dumps(res).encode())
+        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+            os.write(wfd, json.dumps({"error": repr(exc)}).encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 65536):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "error" not in result, result
+    return result
+
+
+async def _serving(agent: Agent, fn):
+    api = SliceAPI(agent)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.serve)
+        try:
+            return await trio.to_thread.run_sync(fn)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_sliver_sees_only_its_own_rspec(api_env) -> None:
+    agent, d = api_env
+    await _setup(agent)
+    idx_a = agent.state.uid_range_of("pl_a")
+    idx_b = agent.state.uid_range_of("pl_b")
+    uid_a = POOL + idx_a * SIZE
+    uid_b = POOL + idx_b * SIZE + 1000   # the slice's user inside, not only its root
+    inner = str(agent.api_dir / "agent.sock")
+
+    def calls():
+        return (_call_as(uid_a, inner, "GetRSpec"),
+                _call_as(uid_b, inner, "GetRSpec"),
+                # A forged name is ignored: the caller still gets its own rspec.
+                _call_as(uid_a, inner, "GetRSpec", '["pl_b"]'),
+                _call_as(uid_a, str(d / "agent.sock"), "GetRecord"),
+                _call_as(uid_b, inner, "GetEffectiveRSpec", '["pl_a"]'))
+
+    ra, rb, forged, record, eff = await _serving(agent, calls)
+    assert ra["ok"]["cpu_share"] == 11
+    assert rb["ok"]["cpu_share"] == 22
+    assert forged["ok"]["cpu_share"] == 11
+    assert record["ok"]["name"] == "pl_a"
+    assert eff["ok"]["cpu_share"] == 22
+
+
+async def test_host_callers(api_env) -> None:
+    agent, d = api_env
+    await _setup(agent)
+    sock = str(d / "agent.sock")
+
+    def calls():
+        c = client(sock)
+        as_root = c.GetRSpec("pl_b")
+        with pytest.raises(xmlrpc.client.Fault) as missing:
+            c.GetRSpec("pl_zz")
+        xids = c.GetXIDs()
+        keys = c.GetSSHKeys()
+        with pytest.raises(xmlrpc.client.Fault) as unknown:
+            c.NoSuchCall()
+        with pytest.raises(xmlrpc.client.Fault) as unsupported:
+            c.Ticket("x")
+        other = _call_as(65534, sock, "GetRSpec", '["pl_a"]')
+        public = _call_as(65534, sock, "GetXIDs")
+        return as_root, missing.value, xids, keys, unknown.value, unsupported.value, other, public
+
+    as_root, missing, xids, keys, unknown, unsupported, other, public = await _serving(agent, calls)
+    assert as_root["cpu_share"] == 22
+    assert missing.faultCode == 102 and "pl_zz" in missing.faultString
+    assert set(xids) == {"pl_a", "pl_b"} and min(xids.values()) == POOL
+    assert keys["pl_a"] == "ssh-ed25519 AAAA pl_a"
+    assert unknown.faultCode == 100
+    assert unsupported.faultCode == 106
+    assert other["fault"] == 108
+    assert set(public["ok"]) == {"pl_a", "pl_b"}
+
+
+async def test_rate_limit_and_hostile_clients(api_env) -> None:
+    agent, d = api_env
+    await _setup(agent)
+    sock = str(d / "agent.sock")
+
+    def calls():
+        import socket
+
+        # A client that connects and says nothing, one that sends garbage, one that
+        # announces a huge body: none of them stops the agent serving others.
+        idle = socket.socket(socket.AF_UNIX)
+        idle.connect(sock)
+        junk = socket.socket(socket.AF_UNIX)
+        junk.connect(sock)
+        junk.sendall(b"\x00" * 20000)
+        big = socket.socket(socket.AF_UNIX)
+        big.connect(sock)
+        big.sendall(b"POST / HTTP/1.0\r\nContent-Length: 999999999\r\n\r\n")
+        big_answer = big.recv(100)
+        bad_xml = socket.socket(socket.AF_UNIX)
+        bad_xml.connect(sock)
+        bad_xml.sendall(b"POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\n<a><b")
+        bad_answer = bad_xml.recv(4096)
+        c = client(sock)
+        results = []
+        for _ in range(15):
+            try:
+                c.GetXIDs()
+                results.append("ok")
+            except xmlrpc.client.Fault as f:
+                results.append(f.faultCode)
+        for s in (idle, junk, big, bad_xml):
+            s.close()
+        return big_answer, bad_answer, results
+
+    big_answer, bad_answer, results = await _serving(agent, calls)
+    assert b"413" in big_answer
+    assert b"faultCode" in bad_answer and b"malformed" in bad_answer
+    # burst 10, of which the malformed request used one
+    assert results.count("ok") in (9, 10) and 105 in results
