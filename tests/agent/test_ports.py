@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.ports import (
-    PortConflict, PortError, PortRange, PortTable, format_ports_tag, parse_ports_tag,
+    PortConflict,
+    PortError,
+    PortRange,
+    PortTable,
+    format_ports_tag,
+    parse_ports_tag,
 )
 
 EPH = (32768, 60999)

@@ -1,0 +1,476 @@
+"""The guard supervisor: answers the seccomp user notifications of every sliver.
+
+Each sliver's init installs `kernel.seccomp.guard_filter()` before its first child
+and hands the listener fd to the agent. `serve_guard` runs one task per listener in
+the agent's trio loop. Only bind(2) is notified; for it the guard
+
+1. takes a copy of the caller's socket (pidfd_getfd) and reads the sockaddr from the
+   caller's memory (process_vm_readv) into the agent's own buffer;
+2. checks the caller is still waiting (SECCOMP_IOCTL_NOTIF_ID_VALID);
+3. decides: IP sockets by the port table (`agent.ports`), others by family;
+4. performs the bind itself on its copy with its own buffer, and replies with the
+   result. It never answers CONTINUE, so a thread of the caller that rewrites the
+   sockaddr (or swaps the fd) after the check cannot change what is bound.
+
+IP binds run as the agent (root), so an owned port below 1024 works for a sliver
+whose root is not the node's. Abstract Unix addresses and netlink sockets without
+multicast groups are bound by the agent directly (no privilege is involved); every
+other bind (Unix socket paths, netlink groups, other families) runs in the helper
+`kernel/bin/guard-bindas`, which takes on the caller's namespaces, root, cwd and
+credentials first.
+
+Restarts: before handling a notification its id and registers are written to a small
+journal file per listener (`<run_dir>/<slice>.inflight`); a new supervisor that picks
+the listener up (from the sliver's init, with pidfd_getfd) redoes a journaled request
+whose caller still waits. A bind that the dead supervisor had already done is
+recognised (the socket is bound to the requested address) and answered 0.
+
+A malformed or hostile request is denied (EPERM if nothing better fits); nothing a
+caller sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.ports import (
+    BindDecision,
+    PortConflict,
+    PortError,
+    PortRange,
+    PortTable,
+    format_ports_tag,
+    parse_ports_tag,
+)
+from kernel import seccomp
+from kernel.packet import bind_bytes
+from kernel.pidfd import pidfd_getfd, pidfd_open, read_memory
+
+log = logging.getLogger("agent.guard")
+
+PIDFD_THREAD = os.O_EXCL  # pidfd of a thread, not only of a thread-group leader (6.9+)
+SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage); the kernel refuses more with EINVAL
+BINDAS = Path(__file__).resolve().parent.parent / "kernel" / "bin" / "guard-bindas"
+BINDAS_TIMEOUT = 5.0
+JOURNAL = struct.Struct("<QIi6Q")  # id, pid, nr, args
+
+IPPROTO_MPTCP = 262
+IPPROTO_UDPLITE = 136
+IPPROTO_ICMPV6 = 58
+
+
+# -- ports: the table plus persistence ------------------------------------------------------
+
+class PortStore:
+    """Where port ownership is recorded (before it is granted). The default keeps
+    nothing; `StatePortStore` writes the agent's SQLite state."""
+
+    def load(self) -> list[tuple[str, str, PortRange]]:
+        return []
+
+    def save(self, entries: list[tuple[str, str, PortRange]]) -> None:
+        pass
+
+
+class StatePortStore(PortStore):
+    """The `ports` table of `agent.state.State` (sources 'plc' = tag, 'runtime' = reserve)."""
+
+    _TO_DB = {"tag": "plc", "reserve": "runtime"}
+    _FROM_DB = {v: k for k, v in _TO_DB.items()}
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def load(self) -> list[tuple[str, str, PortRange]]:
+        with self.state.transaction() as db:
+            rows = db.execute("SELECT address, proto, port, name, source FROM ports").fetchall()
+        return [(name, self._FROM_DB.get(src, "reserve"), PortRange(proto, port, port, addr))
+                for addr, proto, port, name, src in rows]
+
+    def save(self, entries: list[tuple[str, str, PortRange]]) -> None:
+        with self.state.transaction() as db:
+            db.execute("DELETE FROM ports")
+            db.executemany(
+                "INSERT INTO ports (address, proto, port, name, source) VALUES (?, ?, ?, ?, ?)",
+                [(r.address, r.proto, r.lo, s, self._TO_DB[src]) for s, src, r in entries])
+
+
+class PortService:
+    """The port table with persistence: every change is saved before it takes effect."""
+
+    def __init__(self, table: PortTable, store: PortStore | None = None) -> None:
+        self.table = table
+        self.store = store or PortStore()
+        self.table.load(self.store.load())
+
+    def _commit(self, change: Callable[[PortTable], object]) -> None:
+        trial = PortTable(self.table.addresses, self.table.ephemeral)
+        trial.load(self.table.entries())
+        change(trial)                    # raises before anything is recorded or granted
+        self.store.save(trial.entries())  # recorded ...
+        self.table = trial               # ... then granted
+
+    def reserve(self, slice_name: str, spec: str) -> None:
+        ranges = parse_ports_tag(spec)
+        self._commit(lambda t: t.grant(slice_name, ranges, "reserve"))
+        log.info("slice %s reserved %s", slice_name, format_ports_tag(ranges))
+
+    def release(self, slice_name: str, spec: str) -> None:
+        ranges = parse_ports_tag(spec)
+        self._commit(lambda t: t.release(slice_name, ranges))
+        log.info("slice %s released %s", slice_name, format_ports_tag(ranges))
+
+    def set_tag_ports(self, slice_name: str, tag_value: str) -> None:
+        ranges = parse_ports_tag(tag_value)
+        self._commit(lambda t: t.set_tag_ports(slice_name, ranges))
+
+    def release_slice(self, slice_name: str) -> None:
+        self._commit(lambda t: t.release_slice(slice_name))
+        log.info("slice %s: all ports released", slice_name)
+
+    def check_bind(self, slice_name: str, proto: str, address: str, port: int) -> BindDecision:
+        return self.table.check_bind(slice_name, proto, address, port)
+
+
+# -- reading a bind request ------------------------------------------------------------------
+
+class Denied(Exception):
+    """A request answered with an errno without being performed."""
+
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = err
+
+
+def _ip_proto(sock: socket.socket) -> str | None:
+    stype, proto = sock.type, sock.proto
+    if stype == socket.SOCK_STREAM and proto in (0, socket.IPPROTO_TCP, IPPROTO_MPTCP):
+        return "tcp"
+    if stype == socket.SOCK_DGRAM and proto in (0, socket.IPPROTO_UDP, IPPROTO_UDPLITE):
+        return "udp"
+    if stype == socket.SOCK_DGRAM and proto in (socket.IPPROTO_ICMP, IPPROTO_ICMPV6):
+        return "icmp"
+    return None
+
+
+def parse_ip_sockaddr(family: int, raw: bytes) -> tuple[str, int]:
+    """(address text, port) of a sockaddr_in/in6 as the kernel would read it."""
+    if family == socket.AF_INET:
+        if len(raw) < 16:
+            raise Denied(errno.EINVAL, f"sockaddr_in of {len(raw)} bytes")
+        fam, port = struct.unpack_from("<H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
+        addr = socket.inet_ntop(socket.AF_INET, raw[4:8])
+        # inet_bind's "compatibility games": AF_UNSPEC is taken for INADDR_ANY only.
+        if fam != socket.AF_INET and not (fam == socket.AF_UNSPEC and addr == "0.0.0.0"):
+            raise Denied(errno.EAFNOSUPPORT, f"family {fam} on an AF_INET socket")
+        return addr, port
+    if len(raw) < 24:  # SIN6_LEN_RFC2133
+        raise Denied(errno.EINVAL, f"sockaddr_in6 of {len(raw)} bytes")
+    fam, port = struct.unpack_from("<H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
+    if fam != socket.AF_INET6:
+        raise Denied(errno.EINVAL, f"family {fam} on an AF_INET6 socket")
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+
+
+def _bind_raw(fd: int, raw: bytes) -> int:
+    """bind(2) with exactly these bytes; returns 0 or the errno."""
+    return bind_bytes(fd, raw)
+
+
+def _already_bound(sock: socket.socket, address: str, port: int) -> bool:
+    try:
+        got = sock.getsockname()
+    except OSError:
+        return False
+    bound_port = got[1]
+    return bound_port != 0 and (port == 0 or bound_port == port) and \
+        socket.inet_pton(sock.family, got[0]) == socket.inet_pton(sock.family, address)
+
+
+@dataclass
+class Outcome:
+    """The reply for one notification and what happened (for the log and tests)."""
+
+    error: int
+    what: str
+
+
+@dataclass
+class GuardStats:
+    handled: int = 0
+    denied: int = 0
+    errors: int = 0
+    by_errno: dict[int, int] = field(default_factory=dict)
+
+
+# -- the supervisor --------------------------------------------------------------------------
+
+class Guard:
+    """Handles the notifications of the slivers' listeners (see the module docstring)."""
+
+    def __init__(self, ports: PortService, run_dir: Path) -> None:
+        self.ports = ports
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.stats = GuardStats()
+        self.listening: dict[str, int] = {}
+
+    # The journal: one slot per listener, since a listener's task handles one request
+    # at a time. Written with pwrite (no fsync: it must survive the agent, not the node).
+    def _journal_path(self, slice_name: str) -> Path:
+        if not slice_name or "/" in slice_name or slice_name.startswith("."):
+            raise ValueError(f"bad slice name {slice_name!r}")
+        return self.run_dir / f"{slice_name}.inflight"
+
+    async def handle(self, slice_name: str, listener: int, n: seccomp.Notification,
+               redo: bool = False) -> Outcome:
+        """Decide and perform one notified syscall; never raises for bad input."""
+        try:
+            if n.nr != seccomp.NR_BIND:
+                raise Denied(errno.ENOSYS, f"syscall {n.nr} is not guarded by this agent")
+            return await self._bind(slice_name, listener, n, redo)
+        except Denied as d:
+            return Outcome(d.errno, str(d))
+        except OSError as exc:  # the caller's fd or memory: its errno is the answer
+            return Outcome(exc.errno or errno.EPERM, f"{exc.strerror}")
+        except Exception as exc:  # boundary: a bug must not open or stop the guard
+            log.exception("guard: %s: internal error on syscall %d", slice_name, n.nr)
+            self.stats.errors += 1
+            return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
+
+    async def _bind(self, slice_name: str, listener: int, n: seccomp.Notification,
+              redo: bool) -> Outcome:
+        fdnum = n.args[0] & 0xFFFFFFFF
+        addrlen = n.args[2] & 0xFFFFFFFF
+        if fdnum >= 2**31:
+            raise Denied(errno.EBADF, "negative fd")
+        if addrlen > SOCKADDR_MAX:  # also catches a negative int
+            raise Denied(errno.EINVAL, f"addrlen {addrlen}")
+        try:
+            pidfd = pidfd_open(n.pid, PIDFD_THREAD)
+        except OSError as exc:
+            raise Denied(errno.ESRCH, f"caller {n.pid} gone") from exc
+        try:
+            fd = pidfd_getfd(pidfd, fdnum)
+        finally:
+            os.close(pidfd)
+        try:
+            raw = read_memory(n.pid, n.args[1], addrlen) if addrlen else b""
+            # The pid could have been reused between RECV and now: only trust what was
+            # read if the caller is still the one waiting.
+            if not seccomp.notif_id_valid(listener, n.id):
+                raise Denied(errno.ESRCH, "caller no longer waiting")
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as exc:
+                raise Denied(exc.errno or errno.ENOTSOCK, "not a socket") from exc
+            fd = -1  # the socket object owns it now
+            with sock:
+                return await self._bind_socket(slice_name, n, sock, raw, redo)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    async def _bind_socket(self, slice_name: str, n: seccomp.Notification, sock: socket.socket,
+                     raw: bytes, redo: bool) -> Outcome:
+        family = sock.family
+        if family in (socket.AF_INET, socket.AF_INET6):
+            proto = _ip_proto(sock)
+            address, port = parse_ip_sockaddr(family, raw)
+            if proto is None:
+                raise Denied(errno.EACCES, f"bind of socket type {sock.type} proto {sock.proto}")
+            decision = self.ports.check_bind(slice_name, proto, address, port)
+            what = f"{proto} {address} port {port}"
+            if not decision.allowed:
+                log.warning("guard: slice %s pid %d bind %s refused (%s): %s", slice_name,
+                            n.pid, what, errno.errorcode.get(decision.errno, decision.errno),
+                            decision.reason)
+                raise Denied(decision.errno, decision.reason)
+            err = _bind_raw(sock.fileno(), raw)
+            if err == errno.EINVAL and redo and _already_bound(sock, address, port):
+                err = 0  # the previous supervisor did it before it died
+            return Outcome(err, what)
+        if family == socket.AF_UNIX:
+            path = raw[2:]
+            if len(raw) <= 2 or path[:1] == b"\0":  # autobind or abstract: no privilege
+                return Outcome(_bind_raw(sock.fileno(), raw), f"unix abstract {path[1:]!r}")
+        if family == socket.AF_NETLINK and len(raw) >= 12:
+            nl_pid, groups = struct.unpack_from("<II", raw, 4)
+            if groups == 0:
+                return Outcome(self._bind_netlink(n.pid, sock, raw, nl_pid), "netlink")
+        return Outcome(await self._bind_as_caller(n.pid, sock, raw), f"family {family} as caller")
+
+    def _bind_netlink(self, pid: int, sock: socket.socket, raw: bytes, nl_pid: int) -> int:
+        """A netlink bind without groups, as the kernel would do it for the caller.
+
+        The kernel's autobind (nl_pid 0) takes the caller's tgid as the port id
+        (netlink_autobind); done by the agent it would take the agent's, so try the
+        caller's own tgid (in its pid namespace) first.
+        """
+        if nl_pid == 0:
+            tgid = _ns_tgid(pid)
+            if tgid:
+                err = _bind_raw(sock.fileno(), raw[:4] + struct.pack("<I", tgid) + raw[8:])
+                if err != errno.EADDRINUSE:
+                    return err
+        return _bind_raw(sock.fileno(), raw)
+
+    async def _bind_as_caller(self, pid: int, sock: socket.socket, raw: bytes) -> int:
+        """Run guard-bindas: bind with the caller's namespaces, root, cwd and credentials."""
+        try:
+            with trio.fail_after(BINDAS_TIMEOUT):
+                done = await trio.run_process(
+                    [str(BINDAS), str(pid), str(sock.fileno())], stdin=raw,
+                    pass_fds=(sock.fileno(),), check=False)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("guard: guard-bindas for pid %d failed: %s", pid, exc)
+            return errno.EPERM
+        if done.returncode == 125 or done.returncode < 0:
+            log.warning("guard: guard-bindas could not take on pid %d", pid)
+            return errno.EPERM
+        return done.returncode
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _reply(self, slice_name: str, listener: int, n: seccomp.Notification,
+               out: Outcome) -> None:
+        self.stats.handled += 1
+        if out.error:
+            self.stats.denied += 1
+            self.stats.by_errno[out.error] = self.stats.by_errno.get(out.error, 0) + 1
+            log.info("guard: %s pid %d %s -> %s", slice_name, n.pid, out.what,
+                     errno.errorcode.get(out.error, out.error))
+        try:
+            seccomp.notif_send(listener, n.id, 0, out.error)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the caller was interrupted or died
+                raise
+
+    async def _recover(self, slice_name: str, listener: int, journal: int) -> None:
+        """Redo a request the previous supervisor received but did not answer."""
+        raw = os.pread(journal, JOURNAL.size, 0)
+        if len(raw) != JOURNAL.size:
+            return
+        nid, pid, nr, *args = JOURNAL.unpack(raw)
+        if nid == 0 or not seccomp.notif_id_valid(listener, nid):
+            return
+        n = seccomp.Notification(nid, pid, 0, nr, seccomp.AUDIT_ARCH_X86_64, 0, tuple(args))
+        log.warning("guard: %s: redoing request %d of pid %d left by the previous agent",
+                    slice_name, nid, pid)
+        self._reply(slice_name, listener, n, await self.handle(slice_name, listener, n, redo=True))
+        os.pwrite(journal, bytes(JOURNAL.size), 0)
+
+    async def supervise(self, slice_name: str, listener: int, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer `listener` until no process uses the filter any more (or cancelled).
+
+        Takes ownership of `listener` (closed on return). Cancellation between two
+        requests loses nothing: a request is journaled before it is handled, and a
+        cancelled supervisor never leaves a received request unanswered, since
+        handling is synchronous.
+        """
+        journal = os.open(self._journal_path(slice_name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          0o600)
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        self.listening[slice_name] = listener
+        try:
+            try:
+                seccomp.set_sync_wake_up(listener)
+            except OSError as exc:  # older kernels: slower, still correct
+                log.warning("guard: %s: SYNC_WAKE_UP unavailable: %s", slice_name, exc)
+            await self._recover(slice_name, listener, journal)
+            task_status.started()
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                events = dict(poller.poll(0)).get(listener, 0)
+                if events & select.POLLIN:
+                    try:
+                        n = seccomp.notif_recv(listener)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOENT:  # caller interrupted: normal
+                            continue
+                        raise
+                    os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
+                    self._reply(slice_name, listener, n, await self.handle(slice_name, listener, n))
+                    os.pwrite(journal, bytes(JOURNAL.size), 0)
+                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    log.info("guard: %s: no process left under the filter", slice_name)
+                    return
+                await trio.lowlevel.checkpoint_if_cancelled()
+        finally:
+            if self.listening.get(slice_name) == listener:
+                del self.listening[slice_name]
+            trio.lowlevel.notify_closing(listener)
+            os.close(listener)
+            os.close(journal)
+
+    def release_sliver(self, slice_name: str) -> None:
+        """The sliver went: free its ports and forget its journal."""
+        self.ports.release_slice(slice_name)
+        try:
+            self._journal_path(slice_name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _ns_tgid(pid: int) -> int:
+    """The caller's tgid as seen in its own pid namespace (last NSpid of its leader)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+        with open(f"/proc/{tgid}/status") as f:
+            line = next(line for line in f if line.startswith("NSpid:"))
+        return int(line.split()[-1])
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def listener_of(init_pid: int) -> int:
+    """Take a copy of the seccomp listener the sliver's init keeps (after a restart).
+
+    The init's fd table is searched for the one fd that is a seccomp notify file.
+    """
+    fds = []
+    for name in os.listdir(f"/proc/{init_pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{init_pid}/fd/{name}") == "anon_inode:seccomp notify":
+                fds.append(int(name))
+        except OSError:
+            continue
+    if len(fds) != 1:
+        raise LookupError(f"init {init_pid} holds {len(fds)} seccomp listeners, expected 1")
+    pidfd = pidfd_open(init_pid)
+    try:
+        return pidfd_getfd(pidfd, fds[0])
+    finally:
+        os.close(pidfd)
+
+
+async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[str, int]], *,
+                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The agent's guard service: supervise every (slice, listener fd) received.
+
+    Runs until cancelled (or the channel closes and every listener is done).
+    """
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        async for slice_name, fd in listeners:
+            nursery.start_soon(guard.supervise, slice_name, fd, name=f"guard:{slice_name}")
+
+
+__all__ = [
+    "Guard", "GuardStats", "PortService", "PortStore", "StatePortStore", "serve_guard",
+    "listener_of", "PortConflict", "PortError",
+]

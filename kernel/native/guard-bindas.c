@@ -1,0 +1,156 @@
+/* guard-bindas: perform bind(2) on a socket as a given process would.
+ *
+ * The agent's guard performs guarded binds itself (it never lets a syscall
+ * continue after reading the caller's memory). For IP sockets the agent binds
+ * as root on purpose: the port table is the policy. For every other family
+ * (a Unix socket path, netlink groups, ...) the caller's own view and
+ * privileges must apply, so this helper takes them on first:
+ *
+ *   guard-bindas PID FD < sockaddr-bytes     (FD: the socket, inherited)
+ *
+ * Steps, in order: open the caller's namespaces, root and cwd; join its user
+ * namespace (if different), then its mount namespace; chroot to its root and
+ * chdir to its cwd; take its groups, gid and uid as seen inside its user
+ * namespace, and its umask; bind. Exit status: 0 on success, else the errno of
+ * bind, or 125 when taking on the caller failed (the agent then denies).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#define FAIL 125
+#define MAX_GROUPS 64
+
+static int open_proc(int pid, const char *what, int flags)
+{
+	char path[64];
+	snprintf(path, sizeof path, "/proc/%d/%s", pid, what);
+	return open(path, flags | O_CLOEXEC);
+}
+
+/* Map a host id to the id inside the caller's user namespace (uid_map/gid_map). */
+static long map_id(int pid, const char *map, unsigned long host)
+{
+	char path[64], line[128];
+	snprintf(path, sizeof path, "/proc/%d/%s", pid, map);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return -1;
+	long found = -1;
+	while (fgets(line, sizeof line, f)) {
+		unsigned long inside, outside, count;
+		if (sscanf(line, "%lu %lu %lu", &inside, &outside, &count) == 3 &&
+		    host >= outside && host - outside < count) {
+			found = (long)(inside + (host - outside));
+			break;
+		}
+	}
+	fclose(f);
+	return found;
+}
+
+static int same_ns(int pid, const char *ns)
+{
+	char a[64], b[64];
+	struct stat sa, sb;
+	snprintf(a, sizeof a, "/proc/%d/ns/%s", pid, ns);
+	snprintf(b, sizeof b, "/proc/self/ns/%s", ns);
+	if (stat(a, &sa) || stat(b, &sb))
+		return -1;
+	return sa.st_ino == sb.st_ino && sa.st_dev == sb.st_dev;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 3)
+		return FAIL;
+	int pid = atoi(argv[1]), sock = atoi(argv[2]);
+	if (pid <= 0 || sock < 0)
+		return FAIL;
+	unsigned char addr[128];
+	ssize_t len = read(0, addr, sizeof addr);
+	if (len < 0)
+		return FAIL;
+
+	/* The caller's credentials, from its status file (host ids). */
+	char path[64], line[512];
+	unsigned long uid = 0, gid = 0, umask_v = 022;
+	unsigned long groups[MAX_GROUPS];
+	int ngroups = 0, have_uid = 0, have_gid = 0;
+	snprintf(path, sizeof path, "/proc/%d/status", pid);
+	FILE *st = fopen(path, "re");
+	if (!st)
+		return FAIL;
+	while (fgets(line, sizeof line, st)) {
+		unsigned long r, e, s, fs;
+		if (sscanf(line, "Uid: %lu %lu %lu %lu", &r, &e, &s, &fs) == 4) {
+			uid = fs;
+			have_uid = 1;
+		} else if (sscanf(line, "Gid: %lu %lu %lu %lu", &r, &e, &s, &fs) == 4) {
+			gid = fs;
+			have_gid = 1;
+		} else if (sscanf(line, "Umask: %lo", &umask_v) == 1) {
+			continue;
+		} else if (strncmp(line, "Groups:", 7) == 0) {
+			char *p = line + 7, *end;
+			while (ngroups < MAX_GROUPS) {
+				unsigned long g = strtoul(p, &end, 10);
+				if (end == p)
+					break;
+				groups[ngroups++] = g;
+				p = end;
+			}
+		}
+	}
+	fclose(st);
+	if (!have_uid || !have_gid)
+		return FAIL;
+
+	int root = open_proc(pid, "root", O_PATH | O_DIRECTORY);
+	int cwd = open_proc(pid, "cwd", O_PATH | O_DIRECTORY);
+	int userns = open_proc(pid, "ns/user", O_RDONLY);
+	int mntns = open_proc(pid, "ns/mnt", O_RDONLY);
+	if (root < 0 || cwd < 0 || userns < 0 || mntns < 0)
+		return FAIL;
+
+	/* Ids inside the caller's user namespace (before joining it). */
+	long in_uid = map_id(pid, "uid_map", uid), in_gid = map_id(pid, "gid_map", gid);
+	gid_t in_groups[MAX_GROUPS];
+	int n_in = 0;
+	for (int i = 0; i < ngroups; i++) {
+		long g = map_id(pid, "gid_map", groups[i]);
+		if (g >= 0)
+			in_groups[n_in++] = (gid_t)g;
+	}
+	if (in_uid < 0 || in_gid < 0)
+		return FAIL;
+
+	/* User namespace first (it grants the rights to join its mount namespace). */
+	int s = same_ns(pid, "user");
+	if (s < 0 || (!s && setns(userns, CLONE_NEWUSER)))
+		return FAIL;
+	s = same_ns(pid, "mnt");
+	if (s < 0 || (!s && setns(mntns, CLONE_NEWNS)))
+		return FAIL;
+	if (fchdir(root) || chroot(".") || fchdir(cwd))
+		return FAIL;
+	if (setgroups((size_t)n_in, in_groups) && errno != EPERM)
+		return FAIL;
+	if (setresgid((gid_t)in_gid, (gid_t)in_gid, (gid_t)in_gid) ||
+	    setresuid((uid_t)in_uid, (uid_t)in_uid, (uid_t)in_uid))
+		return FAIL;
+	umask((mode_t)umask_v);
+
+	if (bind(sock, (struct sockaddr *)addr, (socklen_t)len) < 0)
+		return errno > 0 && errno < FAIL ? errno : FAIL;
+	return 0;
+}

@@ -1,0 +1,407 @@
+"""The guard supervisor on the real kernel: harness slivers under the guard filter.
+
+Each harness "sliver" is a Python process that installs `guard_filter()` with
+NEW_LISTENER, sends the listener to the test (as the sliver init sends it to the
+agent), keeps its own copy (as the init does), and then runs commands sent over a
+SOCK_SEQPACKET pair: bind, a racing bind, direct raw sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from agent.guard import Guard, PortService, PortStore, listener_of, serve_guard
+from agent.ports import PortRange, PortTable, read_ephemeral_range
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = r"""
+import ctypes, errno, json, os, socket, struct, sys, threading
+sys.path.insert(0, sys.argv[2])
+from kernel import seccomp
+ctl = socket.socket(fileno=int(sys.argv[1]))
+listener = seccomp.install(seccomp.guard_filter())
+socket.send_fds(ctl, [b"L"], [listener])   # and keep our copy, as the sliver init does
+libc = ctypes.CDLL(None, use_errno=True)
+socks = {}
+
+def sockaddr(host, port):
+    if ":" in host:
+        return struct.pack("<H", socket.AF_INET6) + struct.pack("!HI", port, 0) + \
+            socket.inet_pton(socket.AF_INET6, host) + struct.pack("<I", 0)
+    return struct.pack("<H", socket.AF_INET) + struct.pack("!H", port) + \
+        socket.inet_aton(host) + bytes(8)
+
+def do(req):
+    op = req["op"]
+    if op == "bind":
+        fam = socket.AF_INET6 if ":" in req["host"] else socket.AF_INET
+        s = socket.socket(fam, getattr(socket, req.get("type", "SOCK_STREAM")))
+        try:
+            s.bind((req["host"], req["port"]))
+        except OSError as e:
+            s.close()
+            return {"errno": e.errno}
+        socks[s.fileno()] = s
+        return {"errno": 0, "name": list(s.getsockname()[:2]), "fd": s.fileno()}
+    if op == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(req["path"].replace("@", "\0", 1))
+        except OSError as e:
+            s.close()
+            return {"errno": e.errno}
+        socks[s.fileno()] = s
+        return {"errno": 0, "name": repr(s.getsockname())}
+    if op == "close":
+        socks.pop(req["fd"]).close()
+        return {}
+    if op == "race":
+        owned, other, host = req["owned"], req["other"], req["host"]
+        buf = ctypes.create_string_buffer(sockaddr(host, owned), 16)
+        a, b = sockaddr(host, owned), sockaddr(host, other)
+        stop = False
+        def flip():
+            while not stop:
+                ctypes.memmove(buf, b, 16)
+                ctypes.memmove(buf, a, 16)
+        t = threading.Thread(target=flip)
+        t.start()
+        counts = {"ok_owned": 0, "ok_other": 0, "denied": 0, "other_errors": 0}
+        try:
+            for _ in range(req["tries"]):
+                s = socket.socket()
+                if libc.bind(s.fileno(), buf, 16) == 0:
+                    port = s.getsockname()[1]
+                    counts["ok_owned" if port == owned else "ok_other"] += 1
+                elif ctypes.get_errno() == errno.EACCES:
+                    counts["denied"] += 1
+                else:
+                    counts["other_errors"] += 1
+                s.close()
+        finally:
+            stop = True
+            t.join()
+        return counts
+    if op == "raw":
+        out = {}
+        for name, args in [("packet", (socket.AF_PACKET, socket.SOCK_RAW, 0)),
+                           ("inet_raw", (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+                           ("inet6_raw", (socket.AF_INET6, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 58))]:
+            try:
+                socket.socket(*args).close()
+                out[name] = 0
+            except OSError as e:
+                out[name] = e.errno
+        return out
+    if op == "exec":
+        import subprocess
+        p = subprocess.run(req["argv"], capture_output=True, text=True)
+        return {"rc": p.returncode, "out": p.stdout}
+    raise ValueError(op)
+
+while True:
+    raw = ctl.recv(65536)
+    if not raw:
+        break
+    req = json.loads(raw)
+    try:
+        ctl.send(json.dumps(do(req)).encode())
+    except Exception as e:
+        ctl.send(json.dumps({"exception": repr(e)}).encode())
+"""
+
+
+class Sliver:
+    """A harness process under the guard filter (see the module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ctl = mine
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(ROOT)],
+            pass_fds=(theirs.fileno(),))
+        theirs.close()
+        try:
+            mine.settimeout(20)
+            _, fds, _, _ = socket.recv_fds(mine, 16, 1)
+            self.listener = fds[0]
+        except BaseException:
+            self.kill()
+            raise
+
+    def call(self, **req: Any) -> dict[str, Any]:
+        self.ctl.send(json.dumps(req).encode())
+        reply = json.loads(self.ctl.recv(65536))
+        assert "exception" not in reply, reply
+        return reply
+
+    async def acall(self, **req: Any) -> dict[str, Any]:
+        return await trio.to_thread.run_sync(lambda: self.call(**req))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.ctl.close()
+
+
+@pytest.fixture
+def slivers() -> Iterator[Any]:
+    made: list[Sliver] = []
+
+    def make(name: str) -> Sliver:
+        s = Sliver(f"{name}{os.getpid()}")
+        made.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.kill()
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports below the ephemeral range that nobody on the node has bound right now."""
+    lo = read_ephemeral_range()[0]
+    out: list[int] = []
+    port = 20000 + (os.getpid() * 7) % (lo - 21000)
+    while len(out) < count:
+        port = port + 1 if port + 1 < lo else 20000
+        try:
+            for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(fam, kind) as s:
+                        s.bind((host, port))
+        except OSError:
+            continue
+        out.append(port)
+    return out
+
+
+def make_guard(tmp_path: Path) -> Guard:
+    table = PortTable([], read_ephemeral_range())  # loopback 127.0.0.1 and ::1
+    return Guard(PortService(table, PortStore()), tmp_path / "guard")
+
+
+async def start(nursery: trio.Nursery, guard: Guard, *slivers: Sliver) -> None:
+    for s in slivers:
+        await nursery.start(guard.supervise, s.name, os.dup(s.listener))
+
+
+async def test_owner_binds_other_gets_eacces(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a, b = slivers("a"), slivers("b")
+    port, low = free_ports(1)[0], 0
+    guard.ports.reserve(a.name, f"tcp:{port}")
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        got = await a.acall(op="bind", host="127.0.0.1", port=port)
+        assert got["errno"] == 0 and got["name"] == ["127.0.0.1", port]
+        assert (await b.acall(op="bind", host="::1", port=port))["errno"] == errno.EADDRINUSE
+        assert (await b.acall(op="bind", host="127.0.0.1", port=port + 1))["errno"] == errno.EACCES
+        # unowned, ephemeral and port 0 binds
+        assert (await a.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0
+        eph = read_ephemeral_range()
+        assert (await b.acall(op="bind", host="0.0.0.0", port=0, type="SOCK_DGRAM"))["errno"] == 0
+        # a port below 1024, owned by b: b binds it though it could not by itself
+        for candidate in range(900, 1000):
+            try:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+                low = candidate
+                break
+            except OSError:
+                continue
+        guard.ports.reserve(b.name, f"tcp:{low}@127.0.0.1")
+        assert (await b.acall(op="bind", host="127.0.0.1", port=low))["errno"] == 0
+        assert eph[0] > 1024
+        nursery.cancel_scope.cancel()
+    assert guard.stats.denied == 2
+
+
+async def test_same_port_on_different_addresses(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a, b = slivers("a"), slivers("b")
+    port = free_ports(1)[0]
+    guard.ports.reserve(a.name, f"tcp:{port}@::1,udp:{port}@::1")
+    guard.ports.reserve(b.name, f"tcp:{port}@127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        assert (await a.acall(op="bind", host="::1", port=port))["errno"] == 0
+        assert (await b.acall(op="bind", host="127.0.0.1", port=port))["errno"] == 0
+        assert (await a.acall(op="bind", host="::", port=port))["errno"] == errno.EADDRINUSE
+        # IPv6 and wildcard: a owns udp on ::1 only, not on 127.0.0.1
+        assert (await a.acall(op="bind", host="::", port=port, type="SOCK_DGRAM"))["errno"] \
+            == errno.EACCES
+        nursery.cancel_scope.cancel()
+
+
+async def test_racing_thread_never_binds_unowned_port(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a = slivers("a")
+    owned, other = free_ports(2)
+    guard.ports.reserve(a.name, f"tcp:{owned}")
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a)
+        t0 = time.monotonic()
+        counts = await a.acall(op="race", host="127.0.0.1", owned=owned, other=other, tries=3000)
+        elapsed = time.monotonic() - t0
+        nursery.cancel_scope.cancel()
+    print("race", counts, elapsed)
+    assert counts["ok_other"] == 0, counts
+    assert counts["other_errors"] == 0, counts
+    # the race really ran: the guard read both values
+    assert counts["ok_owned"] > 0 and counts["denied"] > 0, counts
+    assert elapsed < 30
+
+
+async def test_direct_raw_and_packet_sockets_fail(slivers: Any) -> None:
+    a = slivers("a")
+    # The harness runs as node root, so only the filter can refuse these.
+    assert await a.acall(op="raw") == {"packet": errno.EPERM, "inet_raw": errno.EPERM,
+                                      "inet6_raw": errno.EPERM}
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0):
+        pass  # outside the filter the same call works
+
+
+async def test_unix_binds_are_performed_for_the_caller(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a = slivers("a")
+    path = tmp_path / "sock"
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a)
+        got = await a.acall(op="unix", path=str(path))
+        assert got["errno"] == 0 and path.is_socket()
+        got = await a.acall(op="unix", path=f"@guard-test-{os.getpid()}")
+        assert got["errno"] == 0 and f"guard-test-{os.getpid()}" in got["name"]
+        got = await a.acall(op="unix", path=str(tmp_path / "missing" / "sock"))
+        assert got["errno"] == errno.ENOENT
+        nursery.cancel_scope.cancel()
+
+
+async def test_supervisor_ends_when_sliver_goes(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a = slivers("a")
+    send, recv = trio.open_memory_channel[tuple[str, int]](1)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_guard, guard, recv)
+            await send.send((a.name, os.dup(a.listener)))
+            await send.aclose()
+            await trio.sleep(0.1)
+            assert a.name in guard.listening
+            os.close(a.listener)
+            a.kill()
+    assert a.name not in guard.listening  # the task saw POLLHUP and returned
+
+
+SLOW_SUPERVISOR = r"""
+import os, sys, trio
+sys.path.insert(0, sys.argv[1])
+from agent.guard import Guard, PortService, PortStore
+from agent.ports import PortTable, read_ephemeral_range
+mode, name, fd, port = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+
+class Stuck(Guard):
+    async def handle(self, slice_name, listener, n, redo=False):
+        out = await super().handle(slice_name, listener, n, redo) if mode == "after" else None
+        print("stuck", flush=True)
+        await trio.sleep_forever()
+
+guard = Stuck(PortService(PortTable([], read_ephemeral_range())), sys.argv[6])
+guard.ports.reserve(name, f"tcp:{port}")
+trio.run(guard.supervise, name, fd)
+"""
+
+
+@pytest.mark.parametrize("mode", ["before", "after"])
+async def test_kill_supervisor_during_bind(tmp_path: Path, slivers: Any, mode: str) -> None:
+    """kill -9 of the supervisor while it holds a bind ("after": it had bound already):
+    a new supervisor takes the listener from the "init" and the bind completes."""
+    a = slivers("a")
+    port = free_ports(1)[0]
+    run_dir = tmp_path / "guard"
+    fd = os.dup(a.listener)
+    old = subprocess.Popen([sys.executable, "-c", SLOW_SUPERVISOR, str(ROOT), mode, a.name,
+                            str(fd), str(port), str(run_dir)],
+                           pass_fds=(fd,), stdout=subprocess.PIPE, text=True)
+    os.close(fd)
+    try:
+        async with trio.open_nursery() as nursery:
+            result: dict[str, Any] = {}
+
+            async def bind() -> None:
+                result.update(await a.acall(op="bind", host="127.0.0.1", port=port))
+
+            nursery.start_soon(bind)
+            assert old.stdout is not None
+            line = await trio.to_thread.run_sync(old.stdout.readline)
+            assert line.strip() == "stuck"
+            old.send_signal(signal.SIGKILL)
+            old.wait()
+            assert not result  # the caller still waits: it is not failed with ENOSYS
+            guard = make_guard(tmp_path)
+            guard.ports.reserve(a.name, f"tcp:{port}")
+            await nursery.start(guard.supervise, a.name, listener_of(a.proc.pid))
+            with trio.fail_after(10):
+                while not result:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+    assert result["errno"] == 0 and result["name"] == ["127.0.0.1", port], result
+
+
+async def test_releasing_frees_ports(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a, b = slivers("a"), slivers("b")
+    port = free_ports(1)[0]
+    guard.ports.reserve(a.name, f"udp:{port}")
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        got = await a.acall(op="bind", host="127.0.0.1", port=port, type="SOCK_DGRAM")
+        assert got["errno"] == 0
+        await a.acall(op="close", fd=got["fd"])
+        assert (await b.acall(op="bind", host="127.0.0.1", port=port, type="SOCK_DGRAM"))[
+            "errno"] == errno.EADDRINUSE
+        guard.release_sliver(a.name)
+        assert (await b.acall(op="bind", host="127.0.0.1", port=port, type="SOCK_DGRAM"))[
+            "errno"] == errno.EACCES
+        guard.ports.reserve(b.name, f"udp:{port}")
+        assert (await b.acall(op="bind", host="127.0.0.1", port=port, type="SOCK_DGRAM"))[
+            "errno"] == 0
+        nursery.cancel_scope.cancel()
+    assert guard.ports.table.holdings(a.name) == []
+
+
+def test_state_store_round_trip(tmp_path: Path) -> None:
+    from agent.guard import StatePortStore
+    from agent.state import State
+    with State.open(tmp_path) as state:
+        svc = PortService(PortTable(["192.0.2.1"], (32768, 60999)), StatePortStore(state))
+        svc.reserve("s1", "tcp:80,udp:53@192.0.2.1")
+        svc.set_tag_ports("s2", "tcp:443")
+    with State.open(tmp_path) as state:
+        again = PortService(PortTable(["192.0.2.1"], (32768, 60999)), StatePortStore(state))
+        assert again.table.entries() == svc.table.entries()
+        assert again.table.owner("tcp", "127.0.0.1", 443) == "s2"
+        assert PortRange("udp", 53, 53, "192.0.2.1") in again.table.holdings("s1")
