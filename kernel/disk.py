@@ -329,6 +329,7 @@ def unmount_store(roots_dir: Path, *, remove: bool = False) -> None:
         umount(mnt)
     if remove:
         img.unlink(missing_ok=True)
+        _pending_file(roots_dir).unlink(missing_ok=True)
         for p in (mnt, base):
             try:
                 p.rmdir()

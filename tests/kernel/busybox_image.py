@@ -86,14 +86,16 @@ _CLONE_NEWUSER = 0x10000000
 
 
 def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
-                  count: int = 65536, timeout: float = 30.0) -> tuple[int, str, str]:
+                  count: int = 65536, root: Path | None = None,
+                  timeout: float = 30.0) -> tuple[int, str, str]:
     """Run `argv` as `uid`/`gid` of a fresh user namespace mapped 0 -> `uid_base`
     (`count` ids) and return (exit status, stdout, stderr).
 
     This is what a sliver's root (or user) is, as far as files are concerned, before
     contexts exist: its host uid is uid_base + uid and it has no supplementary groups.
-    The child unshares, the parent writes the maps, then the child takes the ids and
-    execs. -1 is returned as status if the command was killed by a signal.
+    With `root`, the child chroots there first (as host root), so `argv` and its
+    paths are those of the sliver's root. The child unshares, the parent writes the
+    maps, then the child takes the ids and execs. -1 is returned as status if the command was killed by a signal.
     """
     import ctypes
     import select
@@ -112,11 +114,17 @@ def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
             os.close(go_w)
             os.close(out_r)
             os.close(err_r)
+            # Open the root now, as host root; chroot once in the new namespace (a
+            # chrooted process may not create a user namespace).
+            root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY) if root is not None else -1
             if libc.unshare(_CLONE_NEWUSER) != 0:
                 os._exit(120)
             os.write(ready_w, b"u")
             if os.read(go_r, 1) != b"g":
                 os._exit(121)
+            if root_fd >= 0:
+                os.fchdir(root_fd)
+                os.chroot(".")
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
@@ -163,3 +171,22 @@ def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
     return (code if code >= 0 else -1,
             b"".join(chunks[out_r]).decode(errors="replace"),
             b"".join(chunks[err_r]).decode(errors="replace"))
+
+
+def cleanup_roots(roots_dir: Path) -> None:
+    """Release every sliver root under `roots_dir` and take the layer store down
+    (unmount, free its loop device, delete its file). For test teardown."""
+    from kernel import disk, rootfs
+
+    errors = []
+    for name in rootfs.list_roots(roots_dir):
+        try:
+            rootfs.release_root(roots_dir, name)
+        except Exception as exc:  # noqa: BLE001 - keep cleaning, report at the end
+            errors.append(f"{name}: {exc}")
+    try:
+        disk.unmount_store(roots_dir, remove=True)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"store: {exc}")
+    if errors:
+        raise RuntimeError("cleanup of " + str(roots_dir) + " failed: " + "; ".join(errors))
