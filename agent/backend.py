@@ -194,15 +194,8 @@ class KernelBackend:
 
     def run(self, name: str, argv: list[str], user: str = "root",
             timeout: float = 60.0) -> tuple[int, str]:
-        proc = self._context(name).spawn(argv, user=user, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        text = out.decode("utf-8", "replace") if isinstance(out, bytes) else str(out or "")
-        return int(proc.returncode or 0), text
+        code, out, err = self._context(name).output(argv, user=user, timeout=timeout)
+        return int(code), (out + err).decode("utf-8", "replace")
 
     def root_of(self, name: str) -> Path | None:
         ctx = self._contexts.get(name)
