@@ -213,21 +213,26 @@ def write_default(path: str | Path, overrides: dict[str, Any] | None = None) -> 
 
 
 def read_node_key(cfg: AgentConfig) -> tuple[int, str]:
-    """(node_id, node_key) from key_file (plnode.txt format: NAME="value" lines) or the config."""
+    """(node_id, node_key) from key_file or the config.
+
+    key_file is either plnode.txt style (NODE_ID="7" and NODE_KEY="..." lines) or the
+    bare key `plc node-key` prints; with a bare key the node id is the config's
+    node_id, and 0 means "ask PLC for the id of `hostname`" (the caller does that).
+    """
     if not cfg.key_file:
-        if not cfg.node_id or not cfg.node_key:
-            raise ConfigError(f"{cfg.source}: set key_file, or node_id and node_key")
+        if not cfg.node_key:
+            raise ConfigError(f"{cfg.source}: set key_file, or node_key (and node_id)")
         return cfg.node_id, cfg.node_key
     path = Path(cfg.key_file)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{cfg.source}: key 'key_file' = {cfg.key_file!r}: {exc.strerror}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if len(lines) == 1 and "=" not in lines[0].rstrip("="):
+        return cfg.node_id, lines[0]
     found: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
+    for line in lines:
         key, _, value = line.partition("=")
         found[key.strip().upper()] = value.strip().strip("'\"")
     try:
@@ -235,7 +240,8 @@ def read_node_key(cfg: AgentConfig) -> tuple[int, str]:
         node_key = found["NODE_KEY"]
     except (KeyError, ValueError):
         raise ConfigError(
-            f"{path}: needs lines NODE_ID=<int> and NODE_KEY=<key> (key_file of {cfg.source})"
+            f"{path}: needs lines NODE_ID=<int> and NODE_KEY=<key>, or only the key "
+            f"(key_file of {cfg.source})"
         ) from None
     if not node_key:
         raise ConfigError(f"{path}: NODE_KEY is empty")

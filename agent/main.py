@@ -25,7 +25,7 @@ import trio
 from agent import getslivers
 from agent.accounts import Accounts
 from agent.backend import Backend
-from agent.config import AgentConfig, read_node_key
+from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.plcclient import PLCClient, PLCError
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.sliceapi import SliceAPI
@@ -55,7 +55,8 @@ class Agent:
             backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
         self.backend = backend
         self.plc = plc or PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
-                                    ca_file=cfg.ca_file, timeout=cfg.plc_timeout)
+                                    ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
+                                    hostname=cfg.effective_hostname)
         self.api_dir = Path(cfg.run_dir) / "api"
         self.accounts = Accounts(cfg, self.state, backend)
         self.reconciler = Reconciler(
@@ -86,14 +87,11 @@ class Agent:
 
     async def poll_once(self) -> PollResult:
         """One GetSlivers and, if the reply is good, one reconcile."""
-        node_id: int | None = None
         try:
-            node_id = read_node_key(self.cfg)[0]
-        except Exception:  # noqa: BLE001 - no key: accept the reply's own node id
-            node_id = None
-        try:
+            node_id: int | None = read_node_key(self.cfg)[0] or self.plc.node_id
             reply = await self.plc.get_slivers()
-        except PLCError as exc:
+            node_id = node_id or self.plc.node_id
+        except (PLCError, ConfigError) as exc:
             self.state.set_meta("last_poll_error", str(exc))
             return PollResult(False, str(exc))
         try:

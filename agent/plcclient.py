@@ -94,8 +94,10 @@ class PLCClient:
 
     def __init__(self, url: str, state_dir: str | Path,
                  credentials: Callable[[], tuple[int, str]],
-                 ca_file: str = "", timeout: float = 60.0) -> None:
+                 ca_file: str = "", timeout: float = 60.0, hostname: str = "") -> None:
         self.url = url
+        self.hostname = hostname
+        self.node_id: int | None = None
         self.session_path = Path(state_dir) / "session"
         self._credentials = credentials
         self._timeout = timeout
@@ -151,6 +153,8 @@ class PLCClient:
     async def new_session(self) -> str:
         """HMAC-authenticated GetSession(); the session is stored before it is returned."""
         node_id, node_key = self._credentials()
+        if not node_id:
+            node_id = await self.resolve_node_id()
         session = await self._call("GetSession", hmac_auth(node_id, node_key, ()), ())
         if not isinstance(session, str) or not session:
             raise PLCError("protocol", f"PLC GetSession returned {type(session).__name__}, "
@@ -158,6 +162,20 @@ class PLCClient:
         self._save_session(session)
         log.info("new PLC session obtained with the node key (node_id %d)", node_id)
         return session
+
+    async def resolve_node_id(self) -> int:
+        """This node's id from its hostname (GetNodes may be called anonymously)."""
+        if self.node_id:
+            return self.node_id
+        if not self.hostname:
+            raise PLCError("protocol", "no node_id configured and no hostname to look it up")
+        nodes = await self._call("GetNodes", {"AuthMethod": "anonymous"},
+                                 ({"hostname": self.hostname}, ["node_id"]))
+        if (not isinstance(nodes, list) or len(nodes) != 1 or not isinstance(nodes[0], dict)
+                or not isinstance(nodes[0].get("node_id"), int)):
+            raise PLCError("protocol", f"PLC knows no single node named {self.hostname!r}")
+        self.node_id = int(nodes[0]["node_id"])
+        return self.node_id
 
     async def call(self, method: str, *args: Any) -> Any:
         """Call `method` with session auth, renewing the session once if PLC refuses it."""

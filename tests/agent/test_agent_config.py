@@ -77,6 +77,8 @@ def test_node_key_from_key_file(tmp_path: Path) -> None:
     key_file.write_text("NODE_ID=x\n")
     with pytest.raises(config.ConfigError, match="NODE_ID"):
         config.read_node_key(cfg)
+    key_file.write_text("bareKEY123\n")
+    assert config.read_node_key(cfg) == (0, "bareKEY123")
     cfg2 = config.from_mapping({"node_id": 3, "node_key": "k"}, "t.toml")
     assert config.read_node_key(cfg2) == (3, "k")
     with pytest.raises(config.ConfigError, match="key_file"):
