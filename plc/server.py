@@ -1,0 +1,186 @@
+"""The HTTP(S) front end: POST /PLCAPI/ (slashes collapsed), XML-RPC with nil.
+
+A ThreadingHTTPServer speaking HTTP/1.1 with keep-alive; each thread keeps its own
+store connection. Bodies are bounded (413), must be XML-RPC (400 otherwise), and a
+call's fault or result is marshalled inside its transaction's lifetime; unexpected
+errors answer 500 without details. Only the method name, the caller and the fault
+code are logged, never arguments (passwords).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import ssl
+import threading
+import xmlrpc.client
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from plc.api import API, InternalError
+from plc.config import Config, parse_listen
+from plc.store import Store
+from plc.store.base import Connection
+
+log = logging.getLogger("plc.server")
+
+GET_PAGE = (b"<html><head><title>PLCAPI</title></head><body>"
+            b"<h1>PLCAPI</h1><p>Please use XML-RPC or SOAP to access the PLCAPI.</p>"
+            b"</body></html>\n")
+_API_PATH = re.compile(r"^/PLCAPI/?$")
+IDLE_TIMEOUT = 120.0
+
+
+class PLCServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, api: API, address: tuple[str, int], max_body: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.api = api
+        self.max_body = max_body
+        self.local = threading.local()
+        self._conns: list[Connection] = []
+        self._conns_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+        if ssl_context is not None:
+            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
+
+    def connection(self) -> Connection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.api.store.connect()
+            self.local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except Exception:  # closing at shutdown: nothing left to do
+                    pass
+            self._conns.clear()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: PLCServer
+    server_version = "PLCAPI"
+    timeout = IDLE_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.client_address[0], format % args)
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/html; charset=utf-8",
+              close: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, text: str) -> None:
+        self._send(status, f"{status} {text}\n".encode(), "text/plain; charset=utf-8",
+                   close=status in (411, 413) or status >= 500)
+
+    def do_GET(self) -> None:
+        self._send(200, GET_PAGE)
+
+    do_HEAD = do_GET
+    do_PUT = do_GET
+    do_DELETE = do_GET
+
+    def do_POST(self) -> None:
+        path = re.sub(r"/+", "/", self.path.split("?", 1)[0])
+        if not _API_PATH.match(path):
+            self._error(404, "Not Found (the API is at /PLCAPI/)")
+            return
+        if self.headers.get("Transfer-Encoding"):
+            self._error(411, "Length Required (chunked bodies are not accepted)")
+            return
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.strip().isdigit():
+            self._error(411, "Length Required")
+            return
+        length = int(length_text)
+        if length > self.server.max_body:
+            self._error(413, f"Payload Too Large (limit {self.server.max_body} bytes)")
+            return
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return
+        reply = self._dispatch(body)
+        if reply is not None:
+            self._send(200, reply, "text/xml; charset=utf-8")
+
+    def _dispatch(self, body: bytes) -> bytes | None:
+        if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+            self._error(400, "Bad Request (DTDs are not accepted)")
+            return None
+        try:
+            params, method = xmlrpc.client.loads(body, use_builtin_types=True)
+        except Exception:  # expat, value and type errors of malformed XML-RPC
+            self._error(400, "Bad Request (not an XML-RPC methodCall)")
+            return None
+        if method is None:
+            self._error(400, "Bad Request (not an XML-RPC methodCall)")
+            return None
+        api = self.server.api
+        try:
+            conn = self.server.connection()
+            result = api.run(conn, method, params, self.client_address[:2])
+            return xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True,
+                                       encoding="utf-8").encode("utf-8", "replace")
+        except xmlrpc.client.Fault as fault:
+            log.info("%s: fault %s", method, fault.faultCode)
+            fault.faultString = _clean(fault.faultString)
+            return xmlrpc.client.dumps(fault, methodresponse=True, allow_none=True,
+                                       encoding="utf-8").encode("utf-8", "replace")
+        except InternalError:
+            self._error(500, "Internal Server Error")
+            return None
+        except Exception:
+            log.exception("unexpected error serving %s", method)
+            self._error(500, "Internal Server Error")
+            return None
+
+
+def _clean(text: str) -> str:
+    return re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]", "?", text)
+
+
+def make_server(api: API, config: Config) -> PLCServer:
+    host, port = parse_listen(config.api_listen, "[api] listen")
+    context = None
+    if config.api_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(config.api_cert, config.api_key)
+    return PLCServer(api, (host, port), config.api_max_body, context)
+
+
+def serve(store: Store, config: Config, ready: threading.Event | None = None) -> None:
+    api = API(store, config)
+    server = make_server(api, config)
+    scheme = "https" if config.api_cert else "http"
+    host, port = server.server_address[:2]
+    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/", scheme, host, port)
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,116 @@
+"""The store interface every backend implements.
+
+SQL written against it uses ``?`` placeholders, plain SQL-92 plus these functions,
+which each backend provides: ``plc_ilike(value, pattern)`` (case-insensitive match
+where ``*`` and ``%`` are any sequence and ``_`` any one character), JSON arrays
+built with ``json_group_array`` and read with ``json_each`` (PostgreSQL: json_agg /
+json_array_elements, mapped by its backend). Identifiers are never taken from
+clients; ``check_ident`` guards the helpers that build SQL from names.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class DBError(Exception):
+    """A database error (becomes fault 106, the call's transaction is rolled back)."""
+
+
+def check_ident(name: str) -> str:
+    if not _IDENT.match(name):
+        raise ValueError(f"bad SQL identifier {name!r}")
+    return name
+
+
+class Connection(ABC):
+    """One connection, used by one thread; a call runs in one transaction on it."""
+
+    @abstractmethod
+    def begin(self, write: bool) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None: ...
+
+    @abstractmethod
+    def rollback(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts keyed by column name."""
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; the number of rows changed."""
+
+    @abstractmethod
+    def insert(self, table: str, values: dict[str, Any]) -> int:
+        """Insert one row; its new integer primary key (or 0)."""
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = self.query(sql, params)
+        if not rows:
+            return None
+        return next(iter(rows[0].values()))
+
+    def update(self, table: str, where: dict[str, Any], values: dict[str, Any]) -> int:
+        if not values:
+            return 0
+        sets = ", ".join(f"{check_ident(k)} = ?" for k in values)
+        cond, params = where_clause(where)
+        return self.execute(f"UPDATE {check_ident(table)} SET {sets} WHERE {cond}",
+                            [*values.values(), *params])
+
+    def delete(self, table: str, where: dict[str, Any]) -> int:
+        cond, params = where_clause(where)
+        return self.execute(f"DELETE FROM {check_ident(table)} WHERE {cond}", params)
+
+    def select(self, table: str, where: dict[str, Any],
+               columns: Iterable[str] = ("*",)) -> list[dict[str, Any]]:
+        cols = ", ".join(c if c == "*" else check_ident(c) for c in columns)
+        cond, params = where_clause(where)
+        return self.query(f"SELECT {cols} FROM {check_ident(table)} WHERE {cond}", params)
+
+
+def where_clause(where: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``{col: value}`` -> conjunction; a list value means IN, None means IS NULL."""
+    parts: list[str] = []
+    params: list[Any] = []
+    for col, value in where.items():
+        check_ident(col)
+        if value is None:
+            parts.append(f"{col} IS NULL")
+        elif isinstance(value, list | tuple | set | frozenset):
+            values = list(value)
+            if not values:
+                parts.append("0 = 1")
+            else:
+                parts.append(f"{col} IN ({', '.join('?' * len(values))})")
+                params += values
+        else:
+            parts.append(f"{col} = ?")
+            params.append(value)
+    return (" AND ".join(parts) or "1 = 1"), params
+
+
+class Store(ABC):
+    """A database: hands out connections and creates the schema."""
+
+    @abstractmethod
+    def connect(self) -> Connection: ...
+
+    @abstractmethod
+    def create_schema(self) -> None:
+        """Create every table of the object model in an empty database."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the database has been initialised."""

@@ -1,0 +1,125 @@
+"""SQLite backend (WAL mode; one connection per thread)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from plc.store.base import Connection, DBError, Store, check_ident
+
+
+@lru_cache(maxsize=4096)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    out = []
+    for ch in pattern:
+        if ch in "*%":
+            out.append(".*")
+        elif ch == "_":
+            out.append(".")  # [quirk] _ stays the SQL single-character wildcard
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out), re.IGNORECASE | re.DOTALL)
+
+
+def plc_ilike(value: Any, pattern: Any) -> int | None:
+    """Case-insensitive LIKE with * and % as wildcards (the legacy ILIKE filter)."""
+    if value is None or pattern is None:
+        return None
+    return 1 if _pattern(str(pattern)).fullmatch(str(value)) else 0
+
+
+class SQLiteConnection(Connection):
+    def __init__(self, path: str) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._db.create_function("plc_ilike", 2, plc_ilike, deterministic=True)
+        except sqlite3.Error as e:
+            raise DBError(f"cannot open database {path}: {e}") from None
+        self._in_tx = False
+
+    def begin(self, write: bool) -> None:
+        # IMMEDIATE takes the write lock up front: two writers never deadlock on a
+        # read-to-write upgrade, the second waits (busy_timeout) for the first.
+        self._run("BEGIN IMMEDIATE" if write else "BEGIN")
+        self._in_tx = True
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self._in_tx = False
+            self._run("COMMIT")
+
+    def rollback(self) -> None:
+        if self._in_tx:
+            self._in_tx = False
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def close(self) -> None:
+        self.rollback()
+        self._db.close()
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.Error as e:
+            raise DBError(str(e)) from None
+        except OverflowError:
+            raise DBError("integer out of range") from None
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._run(sql, params).fetchall()]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._run(sql, params).rowcount
+
+    def insert(self, table: str, values: dict[str, Any]) -> int:
+        cols = ", ".join(check_ident(c) for c in values)
+        marks = ", ".join("?" * len(values))
+        sql = f"INSERT INTO {check_ident(table)} ({cols}) VALUES ({marks})" if values else \
+            f"INSERT INTO {check_ident(table)} DEFAULT VALUES"
+        return self._run(sql, list(values.values())).lastrowid or 0
+
+    def executescript(self, script: str) -> None:
+        try:
+            self._db.executescript(script)
+        except sqlite3.Error as e:
+            raise DBError(str(e)) from None
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def connect(self) -> SQLiteConnection:
+        return SQLiteConnection(self.path)
+
+    def exists(self) -> bool:
+        if not Path(self.path).exists():
+            return False
+        conn = self.connect()
+        try:
+            return bool(conn.query(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'plc_meta'"))
+        finally:
+            conn.close()
+
+    def create_schema(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        script = resources.files("plc.store").joinpath("schema.sql").read_text()
+        conn = self.connect()
+        try:
+            conn.executescript("BEGIN;\n" + script + "\nCOMMIT;")
+        finally:
+            conn.close()
