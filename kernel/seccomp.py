@@ -139,7 +139,8 @@ def guard_filter(
 
     In order:
     1. any architecture but native x86-64 (i386 by `int 0x80`) fails with ENOSYS;
-    2. x32 syscall numbers (bit 30 set) fail with ENOSYS;
+    2. x32 syscall numbers (bit 30 set) fail with EPERM (this kernel has no x32 ABI
+       and would say ENOSYS itself: EPERM shows the filter refused them);
     3. syscalls in `notify` go to the supervisor (user notification);
     4. syscalls in `refuse` fail with the given errno (io_uring by default: its
        SOCKET and BIND operations would bypass this filter);
@@ -158,7 +159,7 @@ def guard_filter(
         _ret(enosys),
         _ld(DATA_NR),
         Insn(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
-        _ret(enosys),
+        _ret(eperm),
     ]
     for nr in notify:
         prog += [Insn(BPF_JEQ_K, 0, 1, nr), _ret(SECCOMP_RET_USER_NOTIF)]
@@ -284,8 +285,9 @@ def notif_addfd(listener: int, nid: int, srcfd: int, newfd: int = 0, send: bool 
     """
     flags = (SECCOMP_ADDFD_FLAG_SETFD if newfd else 0) | (SECCOMP_ADDFD_FLAG_SEND if send else 0)
     newfd_flags = os.O_CLOEXEC if cloexec else 0
-    arg = NOTIF_ADDFD.pack(nid, flags, srcfd, newfd, newfd_flags)
-    return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, arg)  # type: ignore[return-value]
+    # A mutable buffer makes fcntl.ioctl return the ioctl's result (the fd number).
+    arg = bytearray(NOTIF_ADDFD.pack(nid, flags, srcfd, newfd, newfd_flags))
+    return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, arg, True)
 
 
 def set_sync_wake_up(listener: int) -> None:
