@@ -177,9 +177,13 @@ class KernelBackend:
             ctx = Context.adopt(self.run_dir, name)
         if ctx is not None:
             ctx.destroy()
-        root = self.roots_dir / name
-        for mnt in _mounts_under(root, strictly=True):
-            subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+        from kernel import mount as m
+
+        for mnt in _mounts_under(self.roots_dir / name, strictly=True):
+            try:
+                m.umount(mnt, detach=True)
+            except OSError as exc:
+                log.warning("sliver %s: unmounting %s: %s", name, mnt, exc)
         release_root(self.roots_dir, name)
 
     def usage(self, name: str) -> dict[str, Any]:
@@ -234,8 +238,8 @@ def _bind_into(root: Path, host: Path, inside: str) -> None:
             nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        target = f"/proc/self/fd/{fd}"
-        subprocess.run(["mount", "--bind", str(host), target], check=True, capture_output=True,
-                       pass_fds=(fd,))
+        # mount(8) in a child resolves /proc/self/fd/N to the directory we opened safely.
+        subprocess.run(["mount", "--bind", str(host), f"/proc/self/fd/{fd}"], check=True,
+                       capture_output=True, pass_fds=(fd,))
     finally:
         os.close(fd)

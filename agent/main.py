@@ -58,6 +58,8 @@ class Agent:
                                     ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
                                     hostname=cfg.effective_hostname)
         self.api_dir = Path(cfg.run_dir) / "api"
+        self.api_dir.mkdir(parents=True, exist_ok=True)
+        self.api_dir.chmod(0o755)
         self.accounts = Accounts(cfg, self.state, backend)
         self.reconciler = Reconciler(
             self.state, backend, concurrency=cfg.concurrency,

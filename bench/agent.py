@@ -1,0 +1,162 @@
+"""Node agent benchmark (issue 4): creations, an unchanged poll, memory.
+
+1. Reconcile N new slivers on an empty node (real contexts on real COW roots of a
+   busybox image): wall time. Target: 1000 in under 30 s.
+2. A poll that finds the same N slivers unchanged: CPU time of one poll (decode the
+   XML-RPC reply, validate, ingest, plan, act), median of several. Target < 100 ms.
+3. The agent's RSS with N slivers. Target < 100 MB.
+
+Run as root: `.venv/bin/python bench/agent.py [--count N]`. Everything it makes is
+removed at the end (also on failure). The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import trio  # noqa: E402
+
+from agent import config, getslivers  # noqa: E402
+from agent.backend import KernelBackend, _mounts_under  # noqa: E402
+from agent.main import Agent  # noqa: E402
+from agent.reconcile import ingest  # noqa: E402
+
+
+def make_reply(count: int, timestamp: int) -> dict[str, Any]:
+    slivers = [{"name": f"bench_s{i:05d}", "slice_id": 1000 + i, "instantiation":
+                "plc-instantiated", "expires": 2**31 - 1,
+                "keys": [{"key_type": "ssh", "key": f"ssh-ed25519 AAAAC3Nz{i:08d} u{i}@x"}],
+                "attributes": [{"tagname": "cpu_share", "value": str(1 + i % 7)},
+                               {"tagname": "vref", "value": "bb"},
+                               {"tagname": "disk_max", "value": "100000"}]}
+               for i in range(count)]
+    return {"timestamp": timestamp, "node_id": 1, "hostname": "bench.node", "interfaces": [],
+            "groups": [], "conf_files": [], "initscripts": [], "accounts": [],
+            "slivers": slivers}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cleanup(base: Path) -> None:
+    from kernel import disk
+    from kernel.context import Context
+    from kernel.rootfs import list_roots, release_root
+
+    run = base / "run" / "contexts"
+    for name in Context.list(run):
+        try:
+            Context.adopt(run, name).destroy()
+        except (ProcessLookupError, FileNotFoundError):
+            Context.destroy_stale(run, name)
+    roots = base / "state" / "roots"
+    if roots.exists():
+        import subprocess
+
+        for mnt in _mounts_under(roots, strictly=True):
+            if "/run/planetlab" in mnt:
+                subprocess.run(["umount", "-l", mnt], check=False)
+        for name in list_roots(roots):
+            release_root(roots, name)
+        disk.unmount_store(roots, remove=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+async def bench(count: int, base: Path) -> dict[str, Any]:
+    from tests.kernel.busybox_image import make_busybox_tree
+
+    cfg = config.from_mapping({
+        "state_dir": str(base / "state"), "run_dir": str(base / "run"),
+        "socket_path": str(base / "agent.sock"), "concurrency": 8, "node_accounts": "",
+        "node_id": 1, "node_key": "unused", "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "bench")
+    backend = KernelBackend(base / "state", base / "run")
+    backend.store.import_dir("bb", make_busybox_tree(base / "src"))
+    agent = Agent(cfg, backend=backend)
+    figures: dict[str, Any] = {"count": count}
+    try:
+        rss0 = rss_mb()
+        wire = xmlrpc.client.dumps((make_reply(count, 1000),), methodresponse=True)
+        t0 = time.monotonic()
+        (reply,), _ = xmlrpc.client.loads(wire)
+        desired = getslivers.parse(reply)
+        removed = ingest(agent.state, desired, cfg.default_image, cfg.slice_prefix, time.time())
+        outcome = await agent.reconciler.reconcile(removed, have_reply=True)
+        figures["create_s"] = round(time.monotonic() - t0, 2)
+        figures["created"] = len([a for a in outcome.done if a.kind == "create"])
+        figures["failed"] = len(outcome.failed)
+        if outcome.failed:
+            figures["first_failure"] = outcome.failed[0][1]
+        figures["live"] = len(await trio.to_thread.run_sync(backend.live))
+
+        cpu = []
+        for i in range(5):
+            wire = xmlrpc.client.dumps((make_reply(count, 2000 + i),), methodresponse=True)
+            c0 = time.process_time()
+            (reply,), _ = xmlrpc.client.loads(wire)
+            desired = getslivers.parse(reply)
+            removed = ingest(agent.state, desired, cfg.default_image, cfg.slice_prefix,
+                             time.time())
+            out = await agent.reconciler.reconcile(removed, have_reply=True)
+            cpu.append(time.process_time() - c0)
+            assert not out.done and not out.failed, (out.done[:3], out.failed[:3])
+        figures["unchanged_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
+        figures["agent_rss_mb"] = round(rss_mb(), 1)
+        figures["agent_rss_growth_mb"] = round(rss_mb() - rss0, 1)
+        figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+        t0 = time.monotonic()
+        removed = ingest(agent.state, getslivers.parse(make_reply(0, 9000)), cfg.default_image,
+                         cfg.slice_prefix, time.time())
+        out = await agent.reconciler.reconcile(removed, have_reply=True)
+        figures["destroy_s"] = round(time.monotonic() - t0, 2)
+        figures["left_live"] = len(await trio.to_thread.run_sync(backend.live))
+    finally:
+        agent.close()
+    figures["targets"] = {"create_s": 30 * count / 1000, "unchanged_poll_cpu_ms": 100,
+                          "agent_rss_mb": 100}
+    figures["ok"] = (figures.get("create_s", 1e9) < 30 * count / 1000
+                     and figures.get("unchanged_poll_cpu_ms", 1e9) < 100
+                     and figures.get("agent_rss_mb", 1e9) < 100 and figures.get("failed") == 0)
+    return figures
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=1000)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print(json.dumps({"error": "bench/agent.py needs root (real contexts)"}))
+        return 1
+    base = Path(tempfile.mkdtemp(prefix=f"agent-bench-{os.getpid()}-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        figures = trio.run(bench, args.count, base)
+    finally:
+        cleanup(base)
+    print(f"created {figures.get('created')} slivers in {figures.get('create_s')} s; unchanged "
+          f"poll {figures.get('unchanged_poll_cpu_ms')} ms CPU; agent RSS "
+          f"{figures.get('agent_rss_mb')} MB; destroyed all in {figures.get('destroy_s')} s")
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
