@@ -54,7 +54,7 @@ class _Op:
     code: int
     jt: int | str = 0
     jf: int | str = 0
-    k: int = 0
+    k: int | str = 0
 
 
 class Asm:
@@ -74,8 +74,21 @@ class Asm:
             raise ValueError(f"BPF label {name!r} defined twice")
         self.labels[name] = len(self.ops)
 
-    def op(self, code: int, k: int = 0, jt: int | str = 0, jf: int | str = 0) -> None:
-        self.ops.append(_Op(code, jt, jf, k))
+    def op(self, code: int, k: int | str = 0, jt: int | str = 0, jf: int | str = 0) -> None:
+        """Append one instruction; `k` may name a label only for JA (a long jump)."""
+        if isinstance(k, str) and code != JA:
+            raise ValueError(f"label {k!r} as k of opcode {code:#x}: only JA takes one")
+        self.ops.append(_Op(code, jt, jf, k))  # type: ignore[arg-type]
+
+    def drop_if(self, code: int, k: int) -> None:
+        """Return 0 (drop) when the conditional jump `code k` is true."""
+        self.op(code, k, 0, 1)
+        self.op(RET_K, 0)
+
+    def drop_unless(self, code: int, k: int) -> None:
+        """Return 0 (drop) unless the conditional jump `code k` is true."""
+        self.op(code, k, 1, 0)
+        self.op(RET_K, 0)
 
     def assemble(self) -> bytes:
         if not 0 < len(self.ops) <= BPF_MAXINSNS:
@@ -91,7 +104,14 @@ class Asm:
                 if not 0 <= j <= 255:
                     raise ValueError(f"BPF jump of {j} at instruction {i} (0..255 only)")
                 jumps.append(j)
-            out.append(SOCK_FILTER.pack(o.code, jumps[0], jumps[1], o.k & 0xFFFFFFFF))
+            k = o.k
+            if isinstance(k, str):
+                if k not in self.labels:
+                    raise ValueError(f"BPF label {k!r} not defined")
+                k = self.labels[k] - i - 1
+                if k < 0:
+                    raise ValueError(f"BPF jump backwards to {o.k!r} at instruction {i}")
+            out.append(SOCK_FILTER.pack(o.code, jumps[0], jumps[1], k & 0xFFFFFFFF))
         return b"".join(out)
 
 
@@ -123,7 +143,13 @@ def open_sniffer(filter_bytes: bytes, ifname: str | None = None) -> socket.socke
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
     try:
         attach_filter(sock, filter_bytes, lock=True)
-        sock.bind((ifname or "", ETH_P_ALL))
+        ifindex = socket.if_nametoindex(ifname) if ifname else 0
+        # struct sockaddr_ll; Python's own tuple form cannot say "every interface".
+        err = bind_bytes(sock.fileno(), struct.pack("<HHiHBB8s", socket.AF_PACKET,
+                                                    socket.htons(ETH_P_ALL), ifindex, 0, 0, 0,
+                                                    bytes(8)))
+        if err:
+            raise OSError(err, f"bind packet socket to {ifname or 'every interface'}")
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,298 @@
+"""Safe raw sockets: what a slice may see and send below the socket layer.
+
+A slice never opens a raw or packet socket itself (the guard filter refuses it).
+Through the slice API it gets instead, by SCM_RIGHTS:
+
+- a sniffer: a packet socket (cooked, every interface) whose locked BPF filter
+  accepts only IPv4/IPv6 packets from or to an (address, port) the slice owns, or
+  ICMP echo with an ICMP id it owns (`sniffer_filter`);
+- an error socket: the same kind of socket, accepting only ICMP errors whose quoted
+  packet was sent from an (address, port) or ICMP id the slice owns (`error_filter`).
+
+And the agent sends a raw IP packet for it (`raw_send`) only after checking the
+source address is the node's and the source port (or ICMP echo id) is the slice's.
+
+The filters are compiled from what the slice owns when the socket is opened; open a
+new one after reserving more ports. IPv6 extension headers are not followed (such
+packets are not shown), and IPv4 fragments after the first are not shown.
+
+Known limit: a packet socket can also send frames; handing one out lets the slice
+inject frames on the node's interfaces. See docs/guard.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from agent.ports import LOOPBACK4, PortRange, PortTable, normalize_address
+from kernel import packet as pk
+from kernel.packet import Asm
+
+SNAPLEN = 0x40000
+ICMP_ERRORS_V4 = (3, 4, 5, 11, 12)
+ICMP_ERRORS_V6 = (1, 2, 3, 4)
+ICMP_ECHO_V4 = (0, 8)
+ICMP_ECHO_V6 = (128, 129)
+IPPROTO = {"tcp": (6, 6), "udp": (17, 17), "icmp": (1, 58)}  # (IPv4, IPv6) protocol numbers
+
+# Scratch memory slots of the filter.
+M_PROTO, M_SRC, M_DST, M_SPORT, M_DPORT, M_ID = range(6)
+
+
+def _v4_match(addr: str) -> tuple[int, int]:
+    """(mask, value) for an IPv4 table address (loopback is all of 127/8)."""
+    if addr == LOOPBACK4:
+        return 0xFF000000, 0x7F000000
+    return 0xFFFFFFFF, int(ipaddress.IPv4Address(addr))
+
+
+def _rule_v4(asm: Asm, r: PortRange, both_sides: bool) -> None:
+    skip, other, accept = asm.fresh("skip"), asm.fresh("dst"), asm.fresh("acc")
+    assert r.address is not None
+    mask, value = _v4_match(r.address)
+    sport, dport = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
+    asm.op(pk.LD_MEM, M_PROTO)
+    asm.op(pk.JEQ_K, IPPROTO[r.proto][0], 0, skip)
+    for side, (m_addr, m_port) in enumerate([(M_SRC, sport), (M_DST, dport)][:2 if both_sides else 1]):
+        fail = other if (side == 0 and both_sides) else skip
+        if side == 1:
+            asm.label(other)
+        asm.op(pk.LD_MEM, m_addr)
+        asm.op(pk.ALU_AND_K, mask)
+        asm.op(pk.JEQ_K, value, 0, fail)
+        asm.op(pk.LD_MEM, m_port)
+        asm.op(pk.JGE_K, r.lo, 0, fail)
+        asm.op(pk.JGT_K, r.hi, fail, accept)
+    asm.label(accept)
+    asm.op(pk.RET_K, SNAPLEN)
+    asm.label(skip)
+
+
+def _rule_v6(asm: Asm, r: PortRange, base: int, both_sides: bool) -> None:
+    """As `_rule_v4`, with the addresses compared word by word in the packet at
+    `base` (the IPv6 header: source at +8, destination at +24)."""
+    skip, other, accept = asm.fresh("skip"), asm.fresh("dst"), asm.fresh("acc")
+    assert r.address is not None
+    words = struct.unpack("!4I", ipaddress.IPv6Address(r.address).packed)
+    sport, dport = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
+    asm.op(pk.LD_MEM, M_PROTO)
+    asm.op(pk.JEQ_K, IPPROTO[r.proto][1], 0, skip)
+    for side, (off, m_port) in enumerate([(base + 8, sport), (base + 24, dport)][:2 if both_sides else 1]):
+        fail = other if (side == 0 and both_sides) else skip
+        if side == 1:
+            asm.label(other)
+        for i, w in enumerate(words):
+            asm.op(pk.LD_W_ABS, off + 4 * i)
+            asm.op(pk.JEQ_K, w, 0, fail)
+        asm.op(pk.LD_MEM, m_port)
+        asm.op(pk.JGE_K, r.lo, 0, fail)
+        asm.op(pk.JGT_K, r.hi, fail, accept)
+    asm.label(accept)
+    asm.op(pk.RET_K, SNAPLEN)
+    asm.label(skip)
+
+
+def _split(holdings: list[PortRange]) -> tuple[list[PortRange], list[PortRange]]:
+    v4 = [r for r in holdings if r.address and ipaddress.ip_address(r.address).version == 4]
+    v6 = [r for r in holdings if r.address and ipaddress.ip_address(r.address).version == 6]
+    return v4, v6
+
+
+def _dispatch(asm: Asm) -> tuple[str, str]:
+    """IPv4 falls through to the label "v4" (next); IPv6 jumps far to "v6"; else drop."""
+    asm.op(pk.LD_B_ABS, 0)
+    asm.op(pk.ALU_AND_K, 0xF0)
+    asm.op(pk.JEQ_K, 0x40, 3, 0)
+    asm.drop_unless(pk.JEQ_K, 0x60)
+    asm.op(pk.JA, "v6")
+    return "v4", "v6"
+
+
+def sniffer_filter(holdings: list[PortRange]) -> bytes:
+    """BPF for a cooked packet socket: only the traffic of `holdings`."""
+    v4rules, v6rules = _split(holdings)
+    asm = Asm()
+    v4, v6 = _dispatch(asm)
+    asm.label(v4)
+    asm.op(pk.LD_H_ABS, 6)
+    asm.drop_if(pk.JSET_K, 0x1FFF)          # a later fragment: no ports to check
+    for slot, off in ((M_PROTO, 9), (M_SRC, 12), (M_DST, 16)):
+        asm.op(pk.LD_B_ABS if slot == M_PROTO else pk.LD_W_ABS, off)
+        asm.op(pk.ST, slot)
+    asm.op(pk.LDX_B_MSH, 0)                 # X = IHL * 4
+    for slot, off in ((M_SPORT, 0), (M_DPORT, 2), (M_ID, 4)):
+        asm.op(pk.LD_H_IND, off)
+        asm.op(pk.ST, slot)
+    for r in v4rules:
+        _rule_v4(asm, r, both_sides=True)
+    asm.op(pk.RET_K, 0)
+    asm.label(v6)
+    asm.op(pk.LD_B_ABS, 6)
+    asm.op(pk.ST, M_PROTO)
+    for slot, off in ((M_SPORT, 40), (M_DPORT, 42), (M_ID, 44)):
+        asm.op(pk.LD_H_ABS, off)
+        asm.op(pk.ST, slot)
+    for r in v6rules:
+        _rule_v6(asm, r, 0, both_sides=True)
+    asm.op(pk.RET_K, 0)
+    return asm.assemble()
+
+
+def error_filter(holdings: list[PortRange]) -> bytes:
+    """BPF: only ICMP errors quoting a packet sent from what `holdings` owns."""
+    v4rules, v6rules = _split(holdings)
+    asm = Asm()
+    v4, v6 = _dispatch(asm)
+    asm.label(v4)
+    asm.op(pk.LD_H_ABS, 6)
+    asm.drop_if(pk.JSET_K, 0x1FFF)
+    asm.op(pk.LD_B_ABS, 9)
+    asm.drop_unless(pk.JEQ_K, 1)            # ICMP
+    asm.op(pk.LDX_B_MSH, 0)
+    asm.op(pk.LD_B_IND, 0)                  # ICMP type
+    for t in ICMP_ERRORS_V4:
+        asm.op(pk.JEQ_K, t, "v4err", 0)
+    asm.op(pk.RET_K, 0)
+    asm.label("v4err")
+    # The quoted IP header starts 8 bytes into the ICMP message.
+    asm.op(pk.LD_B_IND, 8 + 9)
+    asm.op(pk.ST, M_PROTO)
+    asm.op(pk.LD_W_IND, 8 + 12)
+    asm.op(pk.ST, M_SRC)
+    asm.op(pk.LD_B_IND, 8)                  # quoted version/IHL
+    asm.op(pk.ALU_AND_K, 0x0F)
+    asm.op(pk.ALU_LSH_K, 2)
+    asm.op(pk.ALU_ADD_X, 0)
+    asm.op(pk.ALU_ADD_K, 8)
+    asm.op(pk.TAX)                          # X = start of the quoted transport header
+    for slot, off in ((M_SPORT, 0), (M_ID, 4)):
+        asm.op(pk.LD_H_IND, off)
+        asm.op(pk.ST, slot)
+    for r in v4rules:
+        _rule_v4(asm, r, both_sides=False)
+    asm.op(pk.RET_K, 0)
+    asm.label(v6)
+    asm.op(pk.LD_B_ABS, 6)
+    asm.drop_unless(pk.JEQ_K, 58)           # ICMPv6
+    asm.op(pk.LD_B_ABS, 40)
+    asm.drop_unless(pk.JGE_K, ICMP_ERRORS_V6[0])
+    asm.drop_if(pk.JGT_K, ICMP_ERRORS_V6[-1])
+    asm.op(pk.LD_B_ABS, 48 + 6)             # the quoted IPv6 header at 48
+    asm.op(pk.ST, M_PROTO)
+    for slot, off in ((M_SPORT, 88), (M_ID, 92)):
+        asm.op(pk.LD_H_ABS, off)
+        asm.op(pk.ST, slot)
+    for r in v6rules:
+        _rule_v6(asm, r, 48, both_sides=False)
+    asm.op(pk.RET_K, 0)
+    return asm.assemble()
+
+
+class RawSendRefused(Exception):
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = err
+
+
+def check_raw_packet(table: PortTable, slice_name: str, data: bytes) -> tuple[int, str, str]:
+    """Check a whole IP packet a slice wants sent; returns (family, source, destination).
+
+    Raises RawSendRefused naming what is wrong: not an IP packet, a fragment, a
+    source address that is not the node's, a source port or ICMP id the slice does
+    not own, or a protocol other than TCP, UDP and ICMP echo.
+    """
+    if not 20 <= len(data) <= 65535:
+        raise RawSendRefused(errno.EMSGSIZE, f"packet of {len(data)} bytes")
+    version = data[0] >> 4
+    if version == 4:
+        ihl = (data[0] & 0x0F) * 4
+        if ihl < 20 or len(data) < ihl + 8:
+            raise RawSendRefused(errno.EINVAL, "truncated IPv4 packet")
+        if struct.unpack_from("!H", data, 6)[0] & 0x3FFF:
+            raise RawSendRefused(errno.EPERM, "IPv4 fragments are not sent")
+        proto, src, dst = data[9], data[12:16], data[16:20]
+        family, l4 = socket.AF_INET, ihl
+    elif version == 6:
+        if len(data) < 48:
+            raise RawSendRefused(errno.EINVAL, "truncated IPv6 packet")
+        proto, src, dst = data[6], data[8:24], data[24:40]
+        family, l4 = socket.AF_INET6, 40
+    else:
+        raise RawSendRefused(errno.EINVAL, f"IP version {version}")
+    src_text = socket.inet_ntop(family, src)
+    dst_text = socket.inet_ntop(family, dst)
+    try:
+        src_norm = normalize_address(src_text)
+    except ValueError:
+        raise RawSendRefused(errno.EINVAL, f"bad source {src_text}") from None
+    if src_norm not in table.addresses:
+        raise RawSendRefused(errno.EADDRNOTAVAIL, f"source {src_text} is not this node's")
+    names = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+    name = names.get(proto)
+    if name is None or (name == "icmp") != (proto == (1 if version == 4 else 58)):
+        raise RawSendRefused(errno.EPERM, f"IP protocol {proto} cannot be sent raw")
+    if name == "icmp":
+        echo = ICMP_ECHO_V4 if version == 4 else ICMP_ECHO_V6
+        if data[l4] not in echo:
+            raise RawSendRefused(errno.EPERM, f"ICMP type {data[l4]} cannot be sent raw")
+        port = struct.unpack_from("!H", data, l4 + 4)[0]
+    else:
+        port = struct.unpack_from("!H", data, l4)[0]
+    owner = table.owner(name, src_norm, port)
+    if owner != slice_name:
+        why = f"owned by {owner!r}" if owner else "not owned"
+        raise RawSendRefused(errno.EACCES, f"{name} {port} on {src_text}: {why}")
+    return family, src_text, dst_text
+
+
+@dataclass
+class FdReply:
+    """A slice API result that carries sockets: `value` goes in the XML-RPC reply,
+    `socks` travel with it by SCM_RIGHTS (the API closes them once sent)."""
+
+    value: object
+    socks: list[socket.socket] = field(default_factory=list)
+
+
+class RawSockets:
+    """The agent side: opens filtered sockets and sends checked raw packets."""
+
+    def __init__(self, table_of: object) -> None:
+        # `table_of()` gives the current PortTable (PortService swaps tables on commit).
+        self._table_of = table_of
+        self._senders: dict[int, socket.socket] = {}
+
+    def _table(self) -> PortTable:
+        return self._table_of()  # type: ignore[operator, no-any-return]
+
+    def open_sniffer(self, slice_name: str) -> socket.socket:
+        holdings = self._table().holdings(slice_name)
+        if not holdings:
+            raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port to sniff")
+        return pk.open_sniffer(sniffer_filter(holdings))
+
+    def open_error_socket(self, slice_name: str) -> socket.socket:
+        holdings = self._table().holdings(slice_name)
+        if not holdings:
+            raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
+        return pk.open_sniffer(error_filter(holdings))
+
+    def raw_send(self, slice_name: str, data: bytes) -> int:
+        family, _, dst = check_raw_packet(self._table(), slice_name, data)
+        sender = self._senders.get(family)
+        if sender is None:
+            # IPPROTO_RAW implies IP_HDRINCL: the packet goes out as given (the
+            # kernel fills in the IPv4 total length and checksum).
+            sender = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   socket.IPPROTO_RAW)
+            self._senders[family] = sender
+        return sender.sendto(data, (dst, 0))
+
+    def close(self) -> None:
+        for s in self._senders.values():
+            s.close()
+        self._senders.clear()

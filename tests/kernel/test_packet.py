@@ -1,0 +1,167 @@
+"""Safe raw sockets on the real kernel (loopback): a slice's sniffer sees its traffic
+and none of another slice's, its filter cannot be replaced, the error socket gets
+ICMP errors about its own traffic only, and raw sends are checked."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent.ports import PortRange, PortTable, read_ephemeral_range
+from agent.rawsock import RawSendRefused, RawSockets, error_filter, sniffer_filter
+from kernel import packet as pk
+
+pytestmark = pytest.mark.kernel
+
+
+def free_udp_ports(count: int) -> list[int]:
+    lo = read_ephemeral_range()[0]
+    out: list[int] = []
+    port = 20000 + (os.getpid() * 13) % (lo - 21000)
+    while len(out) < count:
+        port = port + 1 if port + 1 < lo else 20000
+        try:
+            for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+                with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        out.append(port)
+    return out
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[RawSockets, PortTable, list[int]]]:
+    table = PortTable([], read_ephemeral_range())
+    pa, pb, closed, recv = free_udp_ports(4)
+    table.grant("a", [PortRange("udp", pa, pa)])
+    table.grant("b", [PortRange("udp", pb, pb)])
+    raw = RawSockets(lambda: table)
+    try:
+        yield raw, table, [pa, pb, closed, recv]
+    finally:
+        raw.close()
+
+
+def udp_send(family: int, host: str, sport: int, dport: int, payload: bytes) -> None:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, sport))
+        s.sendto(payload, (host, dport))
+
+
+def collect(sock: socket.socket, settle: float = 0.2) -> list[bytes]:
+    time.sleep(settle)
+    return pk.drain(sock)
+
+
+def test_sniffer_sees_own_traffic_only(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, _, (pa, pb, closed, recv) = setup
+    tag = str(os.getpid()).encode()
+    with raw.open_sniffer("a") as sniff:
+        for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            udp_send(fam, host, pa, recv, b"A-out-" + tag)   # from a's port
+            udp_send(fam, host, recv, pa, b"A-in-" + tag)    # to a's port
+            udp_send(fam, host, pb, recv, b"B-out-" + tag)
+            udp_send(fam, host, recv, pb, b"B-in-" + tag)
+        got = collect(sniff)
+    mine = [p for p in got if tag in p]
+    assert not [p for p in mine if b"B-" in p]
+    v4 = {p[28:] for p in mine if p[0] >> 4 == 4}
+    v6 = {p[48:] for p in mine if p[0] >> 4 == 6}
+    assert v4 == v6 == {b"A-out-" + tag, b"A-in-" + tag}
+    # every packet shown is to or from a's port
+    for p in got:
+        off = (p[0] & 15) * 4 if p[0] >> 4 == 4 else 40
+        assert pa in struct.unpack_from("!HH", p, off), p[:48]
+
+
+def test_sniffer_filter_cannot_be_replaced(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, _, _ = setup
+    with raw.open_sniffer("a") as sniff:
+        prog, buf = pk._fprog(pk.accept_all())
+        with pytest.raises(PermissionError):
+            sniff.setsockopt(socket.SOL_SOCKET, pk.SO_ATTACH_FILTER, prog)
+        with pytest.raises(PermissionError):
+            sniff.setsockopt(socket.SOL_SOCKET, pk.SO_DETACH_FILTER, 0)
+        with pytest.raises(PermissionError):
+            sniff.setsockopt(socket.SOL_SOCKET, pk.SO_LOCK_FILTER, 0)
+        del buf
+    # an unlocked socket accepts the same calls: the lock is what refuses them
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        pk.attach_filter(s, pk.accept_all(), lock=False)
+        s.setsockopt(socket.SOL_SOCKET, pk.SO_DETACH_FILTER, 0)
+
+
+def test_error_socket_gets_own_icmp_errors(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, _, (pa, pb, closed, _) = setup
+    with raw.open_error_socket("a") as errs:
+        for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            udp_send(fam, host, pa, closed, b"to-closed")  # port unreachable, about a
+            udp_send(fam, host, pb, closed, b"to-closed")  # about b
+        got = collect(errs)
+    quoted_sports = set()
+    for p in got:
+        if p[0] >> 4 == 4:
+            ihl = (p[0] & 15) * 4
+            assert p[9] == 1 and p[ihl] == 3  # ICMP destination unreachable
+            inner = ihl + 8
+            quoted_sports.add(("v4", struct.unpack_from("!H", p, inner + (p[inner] & 15) * 4)[0]))
+        else:
+            assert p[6] == 58 and p[40] == 1
+            quoted_sports.add(("v6", struct.unpack_from("!H", p, 88)[0]))
+    assert quoted_sports == {("v4", pa), ("v6", pa)}
+
+
+def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + udp
+
+
+def test_raw_send_checked(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, _, (pa, pb, _, recv) = setup
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", recv))
+        rx.settimeout(5)
+        pkt = ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"raw-from-a")
+        assert raw.raw_send("a", pkt) == len(pkt)
+        data, peer = rx.recvfrom(100)
+        assert data == b"raw-from-a" and peer[1] == pa
+    for slice_name, packet, err in [
+        ("a", ipv4_udp("127.0.0.1", "127.0.0.1", pb, recv, b"x"), errno.EACCES),   # b's port
+        ("b", ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"x"), errno.EACCES),
+        ("a", ipv4_udp("127.0.0.1", "127.0.0.1", 40000, recv, b"x"), errno.EACCES),  # ephemeral
+        ("a", ipv4_udp("192.0.2.1", "127.0.0.1", pa, recv, b"x"), errno.EADDRNOTAVAIL),
+        ("a", ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"x")[:9] + b"\x2f"
+         + ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"x")[10:], errno.EPERM),   # GRE
+        ("a", b"\x10" * 40, errno.EINVAL),
+        ("a", b"\x45", errno.EMSGSIZE),
+    ]:
+        with pytest.raises(RawSendRefused) as exc:
+            raw.raw_send(slice_name, packet)
+        assert exc.value.errno == err, (slice_name, exc.value)
+
+
+def test_filters_bounded_and_empty_holdings(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, table, _ = setup
+    with pytest.raises(RawSendRefused):
+        raw.open_sniffer("nobody")
+    many = [PortRange("udp", p, p, "127.0.0.1") for p in range(1000, 1600, 2)]
+    with pytest.raises(ValueError, match="instructions"):
+        sniffer_filter(many)
+    assert len(error_filter(many[:50])) % 8 == 0
+    asm = pk.Asm()
+    asm.op(pk.JEQ_K, 1, "far", 0)
+    for _ in range(300):
+        asm.op(pk.RET_K, 0)
+    asm.label("far")
+    asm.op(pk.RET_K, 0)
+    with pytest.raises(ValueError, match="jump"):
+        asm.assemble()
