@@ -110,6 +110,9 @@ def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish calls until exec
         try:
+            os.setsid()  # its own process group: teardown kills pipelines too
+            # Python ignores SIGPIPE; an exec'd shell pipeline needs the default back.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             os.close(ready_r)
             os.close(go_w)
             os.close(out_r)
@@ -151,7 +154,7 @@ def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
         while open_fds:
             left = deadline - time.monotonic()
             if left <= 0:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
                 break
             readable, _, _ = select.select(open_fds, [], [], left)
             for fd in readable:
@@ -161,10 +164,14 @@ def run_in_userns(uid_base: int, argv: list[str], *, uid: int = 0, gid: int = 0,
                 else:
                     open_fds.remove(fd)
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
         raise
     finally:
         _, status = os.waitpid(pid, 0)
+        try:  # whatever the command left running in its group goes too
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         for fd in (ready_r, go_w, out_r, err_r):
             os.close(fd)
     code = os.waitstatus_to_exitcode(status)

@@ -1,0 +1,137 @@
+"""Per-sliver disk limits on the real kernel: btrfs subvolume layers with qgroup
+limits in one loop-backed filesystem (kernel/disk.py via kernel/rootfs.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel import disk, rootfs
+from kernel.images import ImageStore
+from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree, run_in_userns
+
+pytestmark = pytest.mark.kernel
+
+STORE_KIB = 512 * 1024
+BASE_A = 2_000_000_000 + (os.getpid() % 1000) * 131072
+BASE_B = BASE_A + 65536
+
+
+@pytest.fixture
+def node() -> Iterator[tuple[ImageStore, Path]]:
+    base = Path(tempfile.mkdtemp(prefix=f"pldisk-{os.getpid()}-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    roots = base / "roots"
+    try:
+        store = ImageStore(base / "images")
+        store.import_dir("bb", make_busybox_tree(base / "src"))
+        yield store, roots
+    finally:
+        try:
+            cleanup_roots(roots)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def fill(base: int, root: Path, path: str, mib: int) -> tuple[int, int, str]:
+    """Write up to `mib` MiB to `path` as the sliver's root; (rc, bytes written, err)."""
+    rc, _, err = run_in_userns(base, ["/bin/sh", "-c",
+                                      f"yes 0123456789abcdef | dd of={path} bs=65536 "
+                                      f"count={mib * 16} iflag=fullblock conv=fsync"], root=root)
+    size = os.stat(root / path.lstrip("/")).st_size if (root / path.lstrip("/")).exists() else 0
+    return rc, size, err
+
+
+def test_fill_stops_at_disk_max_in_that_sliver_only(node: tuple[ImageStore, Path]) -> None:
+    store, roots = node
+    a = rootfs.prepare_root(store, roots, f"fa{os.getpid()}", "bb", BASE_A, disk_max_kib=8192,
+                            store_size_kib=STORE_KIB)
+    b = rootfs.prepare_root(store, roots, f"fb{os.getpid()}", "bb", BASE_B, disk_max_kib=8192)
+    rc, written, err = fill(BASE_A, a, "/big", 32)
+    assert rc != 0
+    assert "Disk quota exceeded" in err or "No space left" in err, err
+    # Stopped at the limit: not much under it, and never over it.
+    assert 7 * 1024 * 1024 <= written <= 8 * 1024 * 1024, written
+    used = rootfs.disk_usage_kib(roots, a.name, sync=True)
+    assert 7 * 1024 <= used <= 8192 + 64, used
+    # A is full; B, on the same filesystem, still writes.
+    rc, written_b, err = fill(BASE_B, b, "/data", 4)
+    assert rc == 0, err
+    assert written_b == 4 * 1024 * 1024
+    rc, _, err = run_in_userns(BASE_A, ["/bin/sh", "-c", "echo more > /more"], root=a)
+    assert rc != 0
+    # Deleting frees the space again for A.
+    rc, _, err = run_in_userns(BASE_A, ["/bin/sh", "-c", "rm /big && sync && echo ok > /more"],
+                               root=a)
+    assert rc == 0, err
+
+
+def test_disk_max_changes_in_place(node: tuple[ImageStore, Path]) -> None:
+    store, roots = node
+    name = f"fc{os.getpid()}"
+    a = rootfs.prepare_root(store, roots, name, "bb", BASE_A, disk_max_kib=2048,
+                            store_size_kib=STORE_KIB)
+    rc, written, err = fill(BASE_A, a, "/one", 8)
+    assert rc != 0 and "Disk quota exceeded" in err
+    assert 1536 * 1024 <= written <= 2 * 1024 * 1024
+    rootfs.set_disk_limit(roots, name, 12 * 1024)
+    assert disk.layer_limit_kib(roots, name) == 12 * 1024
+    assert rootfs.read_state(roots, name)["disk_max_kib"] == 12 * 1024
+    rc, written, err = fill(BASE_A, a, "/two", 6)
+    assert rc == 0 and written == 6 * 1024 * 1024, err
+    rootfs.set_disk_limit(roots, name, None)
+    assert disk.layer_limit_kib(roots, name) is None
+    rc, written, err = fill(BASE_A, a, "/three", 16)
+    assert rc == 0, err
+    # Lowering the limit under what is used stops new writes at once.
+    rootfs.set_disk_limit(roots, name, 1024)
+    rc, _, err = fill(BASE_A, a, "/four", 1)
+    assert rc != 0 and "Disk quota exceeded" in err
+    with pytest.raises(ValueError, match="disk_max"):
+        rootfs.set_disk_limit(roots, name, 0)
+    with pytest.raises(disk.DiskError, match="no disk layer"):
+        rootfs.set_disk_limit(roots, f"none{os.getpid()}", 1024)
+
+
+def test_empty_sliver_costs_little_disk(node: tuple[ImageStore, Path]) -> None:
+    store, roots = node
+    names = [f"e{os.getpid()}x{i}" for i in range(5)]
+    for i, n in enumerate(names):
+        rootfs.prepare_root(store, roots, n, "bb", BASE_A + i * 65536, disk_max_kib=1024,
+                            store_size_kib=STORE_KIB)
+    image_kib = store.get("bb").size_kib
+    for n in names:
+        used = rootfs.disk_usage_kib(roots, n, sync=True)
+        assert used < 100, (n, used)
+    assert image_kib > 1000  # each sliver sees the whole image yet holds none of it
+    # One loop device for the whole store, not one per sliver.
+    loops = subprocess.run(["losetup", "-j", str(roots / ".disk/layers.btrfs")],
+                           capture_output=True, text=True, check=True).stdout
+    assert len(loops.splitlines()) == 1
+
+
+def test_store_errors_and_teardown_leave_nothing(node: tuple[ImageStore, Path]) -> None:
+    store, roots = node
+    with pytest.raises(disk.DiskError, match="too small"):
+        disk.ensure_store(roots, size_kib=1000)
+    assert not (roots / ".disk/layers.btrfs").exists()
+    assert not disk.store_mounted(roots)
+    mnt = disk.ensure_store(roots, size_kib=STORE_KIB)
+    assert disk.ensure_store(roots) == mnt  # idempotent
+    img = roots / ".disk/layers.btrfs"
+    assert os.stat(img).st_blocks * 512 < STORE_KIB * 1024 // 4  # sparse
+    rootfs.prepare_root(store, roots, f"t{os.getpid()}", "bb", BASE_A)
+    with pytest.raises(disk.DiskError, match="still holds layers"):
+        disk.unmount_store(roots)
+    cleanup_roots(roots)
+    assert not img.exists()
+    loops = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout
+    assert loops.strip() == ""
+    with open("/proc/mounts") as f:
+        assert str(roots) not in f.read()
