@@ -458,6 +458,123 @@ def listener_of(init_pid: int) -> int:
         os.close(pidfd)
 
 
+def recv_listener(sock: socket.socket, timeout: float = 10.0) -> int:
+    """The listener fd a sliver init sent over its GuardSpec.listener_sink (SCM_RIGHTS).
+
+    The init sends it before it reports ready, so after Context.create this does not
+    wait; `timeout` bounds a broken init.
+    """
+    sock.settimeout(timeout)
+    msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EPROTO, f"expected one seccomp listener, got {len(fds)} fds ({msg!r})")
+    if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:seccomp notify":
+        os.close(fds[0])
+        raise OSError(errno.EPROTO, "the fd received is not a seccomp listener")
+    return fds[0]
+
+
+class GuardAPI:
+    """Slice API calls of the guard, to mount into the agent's slice API:
+    `api.methods.update(GuardAPI(guard, raw).methods())`.
+
+    Each call takes the caller first (an object with `.kind` "sliver" | "admin" |
+    "host" and `.name`). A sliver always acts for itself; the node admin names the
+    slice as the first argument. Calls that hand over sockets return an
+    `agent.rawsock.FdReply`; the transport sends its sockets with the reply by
+    SCM_RIGHTS and closes them (docs/guard.md).
+    """
+
+    MAX_RESERVED_PORTS = 256  # per slice, by ReservePort (tags are PLC's business)
+
+    def __init__(self, guard: Guard, raw: Any) -> None:
+        self.guard = guard
+        self.raw = raw
+
+    def methods(self) -> dict[str, Callable[..., Any]]:
+        return {"ReservePort": self.ReservePort, "ReleasePort": self.ReleasePort,
+                "GetPorts": self.GetPorts, "OpenSniffer": self.OpenSniffer,
+                "OpenErrorSocket": self.OpenErrorSocket, "RawSend": self.RawSend}
+
+    @staticmethod
+    def _fault(code: int, message: str) -> Exception:
+        from agent.sliceapi import APIFault
+        return APIFault(code, message)
+
+    def _who(self, caller: Any, args: tuple[Any, ...], nargs: int) -> tuple[str, tuple[Any, ...]]:
+        if caller.kind == "sliver":
+            name, rest = caller.name, args
+        elif caller.kind == "admin" and args and isinstance(args[0], str):
+            name, rest = args[0], args[1:]
+        else:
+            raise self._fault(108, "only a sliver, or the node admin naming a slice, may call this")
+        if len(rest) != nargs:
+            raise self._fault(101, f"expected {nargs} argument(s) after the caller, got {len(rest)}")
+        return name, rest
+
+    def ReservePort(self, caller: Any, *args: Any) -> int:
+        """ReservePort(spec): own ports, e.g. "tcp:8080,udp:5000-5010@10.0.0.1"."""
+        name, (spec,) = self._who(caller, args, 1)
+        try:
+            wanted = parse_ports_tag(str(spec))
+            have = sum((r.hi - r.lo + 1) for r in self.guard.ports.table.holdings(name))
+            more = sum((r.hi - r.lo + 1) for r in wanted)
+            if caller.kind == "sliver" and have + more > self.MAX_RESERVED_PORTS:
+                raise PortError(f"at most {self.MAX_RESERVED_PORTS} ports per slice")
+            self.guard.ports.reserve(name, str(spec))
+        except (PortError, PortConflict) as exc:
+            raise self._fault(102, f"ReservePort {spec!r}: {exc}") from None
+        return 1
+
+    def ReleasePort(self, caller: Any, *args: Any) -> int:
+        """ReleasePort(spec): give ports back (same syntax as ReservePort)."""
+        name, (spec,) = self._who(caller, args, 1)
+        try:
+            self.guard.ports.release(name, str(spec))
+        except PortError as exc:
+            raise self._fault(102, f"ReleasePort {spec!r}: {exc}") from None
+        return 1
+
+    def GetPorts(self, caller: Any, *args: Any) -> str:
+        """GetPorts(): what the slice owns, in the ports tag syntax."""
+        name, _ = self._who(caller, args, 0)
+        return format_ports_tag(self.guard.ports.table.holdings(name))
+
+    def _open(self, caller: Any, args: tuple[Any, ...], kind: str) -> Any:
+        from agent.rawsock import FdReply, RawSendRefused
+        name, _ = self._who(caller, args, 0)
+        try:
+            sock = self.raw.open_sniffer(name) if kind == "sniffer" else \
+                self.raw.open_error_socket(name)
+        except RawSendRefused as exc:
+            raise self._fault(102, f"{kind}: {exc}") from None
+        log.info("guard: %s socket for slice %s", kind, name)
+        return FdReply(1, [sock])
+
+    def OpenSniffer(self, caller: Any, *args: Any) -> Any:
+        """OpenSniffer(): a packet socket showing only the slice's own traffic."""
+        return self._open(caller, args, "sniffer")
+
+    def OpenErrorSocket(self, caller: Any, *args: Any) -> Any:
+        """OpenErrorSocket(): a packet socket showing ICMP errors about the slice's traffic."""
+        return self._open(caller, args, "errors")
+
+    def RawSend(self, caller: Any, *args: Any) -> int:
+        """RawSend(packet): send one whole IP packet (base64) from an owned port."""
+        from agent.rawsock import RawSendRefused
+        name, (packet,) = self._who(caller, args, 1)
+        data = getattr(packet, "data", packet)
+        if not isinstance(data, bytes):
+            raise self._fault(102, "RawSend: the packet must be XML-RPC base64")
+        try:
+            return int(self.raw.raw_send(name, data))
+        except RawSendRefused as exc:
+            log.warning("guard: raw send by %s refused: %s", name, exc)
+            raise self._fault(102, f"RawSend: {exc}") from None
+
+
 async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[str, int]], *,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """The agent's guard service: supervise every (slice, listener fd) received.
@@ -471,6 +588,6 @@ async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[s
 
 
 __all__ = [
-    "Guard", "GuardStats", "PortService", "PortStore", "StatePortStore", "serve_guard",
+    "Guard", "GuardAPI", "GuardStats", "recv_listener", "PortService", "PortStore", "StatePortStore", "serve_guard",
     "listener_of", "PortConflict", "PortError",
 ]

@@ -11,19 +11,21 @@
  * Steps, in order: open the caller's namespaces, root and cwd; join its user
  * namespace (if different), then its mount namespace; chroot to its root and
  * chdir to its cwd; take its groups, gid and uid as seen inside its user
- * namespace, and its umask; bind. Exit status: 0 on success, else the errno of
+ * namespace, its capabilities and its umask; bind. Exit status: 0 on success, else the errno of
  * bind, or 125 when taking on the caller failed (the agent then denies).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/capability.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -84,6 +86,7 @@ int main(int argc, char **argv)
 	/* The caller's credentials, from its status file (host ids). */
 	char path[64], line[512];
 	unsigned long uid = 0, gid = 0, umask_v = 022;
+	unsigned long long cap_eff = 0, cap_prm = 0, cap_inh = 0;
 	unsigned long groups[MAX_GROUPS];
 	int ngroups = 0, have_uid = 0, have_gid = 0;
 	snprintf(path, sizeof path, "/proc/%d/status", pid);
@@ -98,7 +101,10 @@ int main(int argc, char **argv)
 		} else if (sscanf(line, "Gid: %lu %lu %lu %lu", &r, &e, &s, &fs) == 4) {
 			gid = fs;
 			have_gid = 1;
-		} else if (sscanf(line, "Umask: %lo", &umask_v) == 1) {
+		} else if (sscanf(line, "Umask: %lo", &umask_v) == 1 ||
+			   sscanf(line, "CapInh: %llx", &cap_inh) == 1 ||
+			   sscanf(line, "CapPrm: %llx", &cap_prm) == 1 ||
+			   sscanf(line, "CapEff: %llx", &cap_eff) == 1) {
 			continue;
 		} else if (strncmp(line, "Groups:", 7) == 0) {
 			char *p = line + 7, *end;
@@ -149,6 +155,16 @@ int main(int argc, char **argv)
 	    setresuid((uid_t)in_uid, (uid_t)in_uid, (uid_t)in_uid))
 		return FAIL;
 	umask((mode_t)umask_v);
+	/* Exactly the caller's capabilities (in its user namespace). setresuid above
+	 * clears none: we were not that namespace's root before, so the kernel's
+	 * "root becomes non-root" rule does not apply. */
+	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct caps[2] = {
+		{ (__u32)cap_eff, (__u32)cap_prm, (__u32)cap_inh },
+		{ (__u32)(cap_eff >> 32), (__u32)(cap_prm >> 32), (__u32)(cap_inh >> 32) },
+	};
+	if (syscall(SYS_capset, &hdr, caps))
+		return FAIL;
 
 	if (bind(sock, (struct sockaddr *)addr, (socklen_t)len) < 0)
 		return errno > 0 && errno < FAIL ? errno : FAIL;

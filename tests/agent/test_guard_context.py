@@ -1,0 +1,107 @@
+"""The guard through real sliver contexts (kernel/context.py): the init installs the
+guard filter before its first child and sends the listener; the agent's guard
+decides binds of processes entered into the sliver (busybox root, static probe)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent.guard import Guard, PortService, listener_of, recv_listener
+from agent.ports import PortTable, read_ephemeral_range
+from kernel.context import Context, GuardSpec
+from kernel.seccomp import guard_filter
+from tests.kernel.test_context_support import Slivers, slivers
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
+
+PROBE = Path(__file__).resolve().parents[2] / "kernel" / "bin" / "guard-probe"
+
+
+@pytest.fixture
+def sl() -> Iterator[Slivers]:
+    if not PROBE.exists():
+        pytest.fail(f"{PROBE} missing: run `make native`")
+    with slivers() as s:
+        yield s
+
+
+def guarded(sl: Slivers, tag: str) -> tuple[Context, int]:
+    agent_end, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        name = sl.name(tag)
+        ctx = sl.create(name, guard=GuardSpec(filter=guard_filter(), listener_sink=sink.fileno()))
+        listener = recv_listener(agent_end)
+    finally:
+        agent_end.close()
+        sink.close()
+    root = sl.tmp / "roots" / name
+    shutil.copy(PROBE, root / "bin" / "guard-probe")
+    os.chmod(root / "bin" / "guard-probe", 0o755)
+    return ctx, listener
+
+
+async def probe(ctx: Context, *argv: str, user: str = "root") -> list[str]:
+    rc, out, err = await trio.to_thread.run_sync(
+        lambda: ctx.output(["/bin/guard-probe", *argv], user=user, timeout=30))
+    assert rc == 0, (argv, rc, err)
+    return out.decode().split()
+
+
+def free_port(low: bool) -> int:
+    rng = range(600, 1000) if low else range(20000 + os.getpid() % 5000, 30000)
+    for port in rng:
+        try:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+async def test_binds_in_real_slivers(sl: Slivers, tmp_path: Path) -> None:
+    a, la = guarded(sl, "a")
+    b, lb = guarded(sl, "b")
+    guard = Guard(PortService(PortTable([], read_ephemeral_range())), tmp_path / "guard")
+    port, low = free_port(False), free_port(True)
+    guard.ports.reserve(a.name, f"tcp:{port},tcp:{low}@127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.supervise, a.name, la)
+        await nursery.start(guard.supervise, b.name, lb)
+        assert await probe(a, "bind", "127.0.0.1", str(port)) == ["bind", "0", str(port)]
+        assert await probe(a, "bind", "::1", str(port), user="user") == ["bind", "0", str(port)]
+        assert await probe(b, "bind", "127.0.0.1", str(port)) == \
+            ["bind", str(errno.EADDRINUSE), "0"]
+        assert await probe(b, "bind", "127.0.0.1", str(port + 1)) == \
+            ["bind", str(errno.EACCES), "0"]
+        # sliver root is not node root, yet an owned port below 1024 binds
+        assert await probe(a, "bind", "127.0.0.1", str(low)) == ["bind", "0", str(low)]
+        assert (await probe(b, "bind", "0.0.0.0", "0", "udp"))[:2] == ["bind", "0"]
+        # a Unix socket path inside the sliver, as the sliver's unprivileged user
+        assert await probe(a, "unix", "/tmp/guard.sock", user="user") == ["unix", "0"]
+        st = (sl.tmp / "roots" / a.name / "tmp" / "guard.sock").lstat()
+        assert st.st_uid != 0  # created as the caller (mapped), not as the agent
+        # and not where the caller may not write
+        assert await probe(a, "unix", "/etc/guard.sock", user="user") == \
+            ["unix", str(errno.EACCES)]
+        assert await probe(a, "raw") == ["packet", str(errno.EPERM), "raw", str(errno.EPERM)]
+        out = await probe(a)
+        assert out[out.index("i386_getpid") + 1] == str(-errno.ENOSYS)
+        assert out[out.index("x32_getpid") + 1] == str(-errno.EPERM)
+        # after an "agent restart", the listener comes back from the init
+        nursery.cancel_scope.cancel()
+    again = listener_of(a.init_pid)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.supervise, a.name, again)
+        assert await probe(a, "bind", "127.0.0.1", str(port)) == ["bind", "0", str(port)]
+        nursery.cancel_scope.cancel()
