@@ -140,7 +140,7 @@ def load(path: str | Path | None) -> Config:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file (create one with `plc init-config {source}`)")
+        raise ConfigError(f"{source}: no such file (create one with `plc init-config {source}`)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     values: dict[tuple[str, str], Any] = {}

@@ -13,7 +13,7 @@ To add a class: declare its table in store/schema.sql, then an ``ObjClass`` here
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from plc.params import Parameter

@@ -7,7 +7,7 @@ from typing import Any
 from plc.auth import Auth
 from plc.faults import PLCAPIError, PLCInvalidArgument
 from plc.filters import FilterParam
-from plc.method import ALL_PERSON_ROLES, ALL_ROLES, api_method
+from plc.method import ALL_ROLES, api_method
 from plc.methods._util import new_session_id
 from plc.model import Person, Session
 from plc.params import Mixed, Parameter

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import xmlrpc.client
+from typing import Any
 
 from plc.faults import FAULT_RECURSIVE_MULTICALL, FAULT_UNEXPECTED, PLCInvalidAPIMethod
 from plc.method import METHODS, make_method
