@@ -451,8 +451,9 @@ def run_debootstrap(argv: list[str], progress: Progress) -> DebootstrapLog:
     r4, w4 = os.pipe()
     lines: list[str] = []
     # debootstrap writes to fds 3 and 4 by number: a shell moves our pipes there.
-    wrapper = ["/bin/sh", "-c", 'exec 3>&"$1" 4>&"$2"; shift 2; exec "$@"', "sh",
-               str(w3), str(w4), *argv]
+    # bash, not dash: dash takes only one-digit fd numbers in redirections.
+    wrapper = ["/bin/bash", "-c", f'exec 3>&{int(w3)} 4>&{int(w4)} {int(w3)}>&- {int(w4)}>&-; '
+               'exec "$@"', "sh", *argv]
     proc = subprocess.Popen(wrapper, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, pass_fds=(w3, w4))
     os.close(w3)
