@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
+import prctl
+
 from kernel import caps as _caps
 from kernel.cgroups import Layout, SliverCgroup, detect_layout, ensure_net_cls
 
@@ -315,7 +317,7 @@ class Context:
                         f.write(f"0 {uid_base} {uid_count}\n")
                 host_end.sendall(b"m")
                 init_pid = int(sync.expect("pid", deadline))
-                undo.callback(_kill_init, init_pid)
+                undo.callback(_kill_and_reap, init_pid)
                 sync.expect("ready", deadline)
             except OSError as exc:
                 if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
@@ -514,6 +516,7 @@ class Context:
         if self.alive():
             # A frozen task dies of SIGKILL only once thawed: thaw after signalling.
             _kill_init(self.init_pid, timeout, then=self._thaw_quietly)
+            _reap_init(self.init_pid, self.state["init_start"], timeout)
         self.cgroup.destroy(timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -541,12 +544,14 @@ class SliverProcess:
         assert self._sock is not None
         fds: list[int] = []
         while len(self._buf) < REPLY.size:
-            try:
-                data, got, _, _ = socket.recv_fds(self._sock, REPLY.size - len(self._buf), 1,
-                                                  0 if block else socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                raise
-            fds += got
+            # (socket.recv_fds ignores its flags argument: use recvmsg.)
+            data, anc, _, _ = self._sock.recvmsg(
+                REPLY.size - len(self._buf), socket.CMSG_SPACE(4),
+                socket.MSG_CMSG_CLOEXEC | (0 if block else socket.MSG_DONTWAIT))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    n = len(payload) // 4
+                    fds += list(struct.unpack(f"{n}i", payload[:4 * n]))
             if not data:
                 raise EOFError
             self._buf += data
@@ -689,6 +694,36 @@ def _reap(p: subprocess.Popen[bytes]) -> None:
     p.wait()
 
 
+def become_subreaper() -> None:
+    """Make the calling process the reaper of the inits it creates.
+
+    A sliver init is orphaned when its launcher exits. Without this it goes to the
+    host's PID 1, which may reap late (this VM's PID 1 polls about every 2 s), so a
+    destroyed init lingers as a zombie. A long-lived caller (the agent, tests, the
+    benchmark) should call this once at startup; destroy() then reaps at once.
+    """
+    prctl.set_child_subreaper(1)
+
+
+def _reap_init(pid: int, start: int, timeout: float) -> None:
+    """Wait until the dead init `pid` is reaped: by us if we are its reaper, else
+    by whoever is (bounded by `timeout`; a zombie holds no namespace or mount)."""
+    try:
+        os.waitpid(pid, 0)
+        return
+    except ChildProcessError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if int(stat.rsplit(")", 1)[1].split()[19]) != start:
+            return      # the pid was reused: ours is gone
+        time.sleep(0.01)
+
+
 def _kill_init(pid: int, timeout: float = 10.0, then: Any = None) -> None:
     """SIGKILL a sliver init (so the kernel kills its whole PID namespace) and wait
     until it has exited. Uses a pidfd so a reused pid is never signalled."""
@@ -712,6 +747,16 @@ def _kill_init(pid: int, timeout: float = 10.0, then: Any = None) -> None:
             sel.close()
     finally:
         os.close(pfd)
+
+
+def _kill_and_reap(pid: int) -> None:
+    start = _proc_starttime(pid)
+    _kill_init(pid)
+    if start is not None:
+        _reap_init(pid, start, 10.0)
+    else:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -8,13 +8,14 @@
  * before its first child.
  *
  * Setup, in order (each step reports "error STEP: reason" on the sync socket):
- *   launcher: chdir into the root (as host root, which may reach it); unshare(USER);
+ *   launcher: chdir into the root (as host root, which may reach it); rlimits;
+ *             unshare(USER);
  *             parent writes uid_map/gid_map; become root inside;
  *             unshare(NS, UTS, IPC, PID, CGROUP); fork the init; report its host pid; exit.
  *   init:     private mounts; clone the root as a mount of our own; mount proc (before the old
  *             root goes: the kernel wants a full proc visible, KERNEL-FACTS); tmpfs /dev
  *             with host device nodes bound in, devpts newinstance, /dev/shm; pivot_root;
- *             detach the old root; hostname; rlimits; capability bounding set;
+ *             detach the old root; hostname; capability bounding set;
  *             no_new_privs; seccomp guard with a listener (sent to the agent and kept at
  *             fd GUARD_FD); then "ready" and the service loop.
  *
@@ -144,7 +145,7 @@ struct opts {
 	const char *root, *hostname;
 	uint64_t capbset;
 	int nrl;
-	struct { int res; struct rlimit rl; } rl[RLIM_NLIMITS];
+	struct { int res; struct rlimit rl; char name[100]; } rl[RLIM_NLIMITS];
 };
 
 static int rlimit_res(const char *name)
@@ -190,6 +191,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 			    sscanf(optarg, "%31[a-z]:%llu:%llu", name, &soft, &hard) != 3 ||
 			    (o->rl[o->nrl].res = rlimit_res(name)) < 0)
 				die("parse --rlimit", EINVAL);
+			snprintf(o->rl[o->nrl].name, sizeof o->rl[o->nrl].name,
+				 "setrlimit %s (raising a hard limit needs CAP_SYS_RESOURCE)", name);
 			o->rl[o->nrl].rl.rlim_cur = soft;
 			o->rl[o->nrl].rl.rlim_max = hard;
 			o->nrl++;
@@ -748,6 +751,10 @@ int main(int argc, char **argv)
 	 * the copy of this mount in the sliver's mount namespace. */
 	if (chdir(o.root) < 0)
 		die("chdir root", errno);
+	/* rlimits too: raising a hard limit needs CAP_SYS_RESOURCE of the host. */
+	for (int i = 0; i < o.nrl; i++)
+		if (setrlimit(o.rl[i].res, &o.rl[i].rl) < 0)
+			die(o.rl[i].name, errno);
 	if (unshare(CLONE_NEWUSER) < 0)
 		die("unshare user namespace", errno);
 	say("userns\n");
@@ -773,9 +780,6 @@ int main(int argc, char **argv)
 	setup_root(&o);
 	if (sethostname(o.hostname, strlen(o.hostname)) < 0)
 		die("sethostname", errno);
-	for (int i = 0; i < o.nrl; i++)
-		if (setrlimit(o.rl[i].res, &o.rl[i].rl) < 0)
-			die("setrlimit", errno);
 	drop_bounding_set(o.capbset);
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 		die("set no_new_privs", errno);
