@@ -13,9 +13,10 @@ How the merged root is made (all with the fd-based mount API, kernel 6.8+):
  2. mount_setattr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY) with a user namespace mapped
     0 -> uid_base: files owned by 0 in the image read as owned by uid_base, and the
     mount cannot be written at all;
- 3. fsopen("overlay") with that detached mount as "lowerdir+" (by fd, so it never
-    appears in any mount table), the layer's upper/work dirs, then fsmount with
-    nodev and move_mount onto <roots_dir>/NAME.
+ 3. fsopen("overlay") with that detached mount as "lowerdir+" and the layer's
+    upper/work dirs as "upperdir"/"workdir", all by fd (kernel 6.13+), so no layer
+    appears in any mount table and no host path shows in the sliver's
+    /proc/mounts; then fsmount with nodev and move_mount onto <roots_dir>/NAME.
 Copy-up keeps the ids the lower layer shows, so a file root-in-the-sliver changes is
 stored in the layer owned by uid_base; the upper dir itself is owned by uid_base.
 The state file is written before anything is made, so release_root (or a restarted
@@ -148,16 +149,22 @@ def prepare_root(store: ImageStore, roots_dir: Path, name: str, image: str,
 
 def _mount_overlay(lower: Path, layer: Path, target: Path, uid_base: int,
                    uid_count: int) -> None:
-    tree = fs = mnt = -1
+    tree = fs = mnt = ltree = upper = work = -1
     try:
         with m.IdmapUserns(uid_base, uid_count) as userns:
             tree = m.open_tree(lower, clone=True)
             m.mount_setattr(tree, attr_set=m.MOUNT_ATTR_IDMAP | m.MOUNT_ATTR_RDONLY,
                             userns_fd=userns, subject=lower)
+        # The layer's dirs are passed as fds on one detached clone of the layer (upper
+        # and work must share a mount): the sliver's /proc/mounts then shows "/" for
+        # every layer instead of host paths.
+        ltree = m.open_tree(layer, clone=True)
+        upper = os.open("upper", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=ltree)
+        work = os.open("work", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=ltree)
         fs = m.fsopen("overlay")
         m.fsconfig(fs, m.FSCONFIG_SET_FD, "lowerdir+", None, tree)
-        m.fsconfig(fs, m.FSCONFIG_SET_STRING, "upperdir", str(layer / "upper"))
-        m.fsconfig(fs, m.FSCONFIG_SET_STRING, "workdir", str(layer / "work"))
+        m.fsconfig(fs, m.FSCONFIG_SET_FD, "upperdir", None, upper)
+        m.fsconfig(fs, m.FSCONFIG_SET_FD, "workdir", None, work)
         m.fsconfig(fs, m.FSCONFIG_CMD_CREATE)
         mnt = m.fsmount(fs, m.MOUNT_ATTR_NODEV)
         m.move_mount(mnt, target)
@@ -165,7 +172,7 @@ def _mount_overlay(lower: Path, layer: Path, target: Path, uid_base: int,
         raise RootError(f"cannot mount the root of {target.name!r} on {target}: "
                         f"{exc.strerror} ({exc.filename})") from exc
     finally:
-        for fd in (mnt, fs, tree):
+        for fd in (mnt, fs, work, upper, ltree, tree):
             m.close_quietly(fd)
 
 

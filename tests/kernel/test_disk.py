@@ -15,12 +15,16 @@ import pytest
 from kernel import disk, rootfs
 from kernel.images import ImageStore
 from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree, run_in_userns
+from tests.kernel.test_context_support import unique_uid_base
 
 pytestmark = pytest.mark.kernel
 
 STORE_KIB = 512 * 1024
-BASE_A = 2_000_000_000 + (os.getpid() % 1000) * 131072
-BASE_B = BASE_A + 65536
+# Disjoint from every other test process (the contexts tests' allocator); A and B
+# are two slots, and further slivers of a test take unique_uid_base() within the
+# 16 slots this process owns.
+BASE_A = unique_uid_base()
+BASE_B = unique_uid_base()
 
 
 @pytest.fixture
@@ -102,8 +106,8 @@ def test_disk_max_changes_in_place(node: tuple[ImageStore, Path]) -> None:
 def test_empty_sliver_costs_little_disk(node: tuple[ImageStore, Path]) -> None:
     store, roots = node
     names = [f"e{os.getpid()}x{i}" for i in range(5)]
-    for i, n in enumerate(names):
-        rootfs.prepare_root(store, roots, n, "bb", BASE_A + i * 65536, disk_max_kib=1024,
+    for n in names:
+        rootfs.prepare_root(store, roots, n, "bb", unique_uid_base(), disk_max_kib=1024,
                             store_size_kib=STORE_KIB)
     image_kib = store.get("bb").size_kib
     for n in names:

@@ -25,10 +25,11 @@ from kernel.images import (
     UnsafeArchive,
 )
 from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree
+from tests.kernel.test_context_support import unique_uid_base
 
 pytestmark = pytest.mark.kernel
 
-BASE = 3_000_000_000 + (os.getpid() % 1000) * 65536
+BASE = unique_uid_base()
 
 
 @pytest.fixture

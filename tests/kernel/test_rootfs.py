@@ -16,12 +16,16 @@ import pytest
 from kernel import disk, rootfs
 from kernel.images import ImageStore, UnknownImage
 from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree, run_in_userns
+from tests.kernel.test_context_support import unique_uid_base
 
 pytestmark = pytest.mark.kernel
 
 STORE_KIB = 512 * 1024
-BASE_A = 1_000_000 + (os.getpid() % 1000) * 131072
-BASE_B = BASE_A + 65536
+# Disjoint from every other test process (the contexts tests' allocator); A and B
+# are two slots, and further slivers of a test take unique_uid_base() within the
+# 16 slots this process owns.
+BASE_A = unique_uid_base()
+BASE_B = unique_uid_base()
 
 
 @pytest.fixture
@@ -185,8 +189,8 @@ def test_release_finds_roots_after_a_restart(node: tuple[ImageStore, Path]) -> N
     """A fresh process, knowing only the roots dir, finds and releases everything."""
     store, roots = node
     names = [f"r{os.getpid()}x{i}" for i in range(3)]
-    for i, n in enumerate(names):
-        rootfs.prepare_root(store, roots, n, "bb", BASE_A + i * 65536, store_size_kib=STORE_KIB)
+    for n in names:
+        rootfs.prepare_root(store, roots, n, "bb", unique_uid_base(), store_size_kib=STORE_KIB)
     code = ("import sys; from pathlib import Path; from kernel import rootfs\n"
             "r = Path(sys.argv[1])\n"
             "for n in rootfs.list_roots(r): rootfs.release_root(r, n)\n"
