@@ -55,7 +55,7 @@ from agent.ports import (
 )
 from kernel import seccomp
 from kernel.packet import bind_bytes
-from kernel.pidfd import pidfd_getfd, pidfd_open, read_memory
+from kernel.pidfd import RemoteReader, pidfd_getfd, pidfd_open
 
 log = logging.getLogger("agent.guard")
 
@@ -64,6 +64,8 @@ SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage); the kernel refuses more w
 BINDAS = Path(__file__).resolve().parent.parent / "kernel" / "bin" / "guard-bindas"
 BINDAS_TIMEOUT = 5.0
 JOURNAL = struct.Struct("<QIi6Q")  # id, pid, nr, args
+BATCH = 64  # notifications handled per scheduler turn of one listener
+PIDFD_CACHE = 256  # cached caller pidfds per slice
 
 IPPROTO_MPTCP = 262
 IPPROTO_UDPLITE = 136
@@ -225,6 +227,10 @@ class Guard:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.stats = GuardStats()
         self.listening: dict[str, int] = {}
+        self._reader = RemoteReader(SOCKADDR_MAX)
+        # pidfds of callers' threads, per slice (a pidfd names one task for its whole
+        # life: a cached one is either that task or dead, never a reused tid).
+        self._pidfds: dict[str, dict[int, int]] = {}
 
     # The journal: one slot per listener, since a listener's task handles one request
     # at a time. Written with pwrite (no fsync: it must survive the agent, not the node).
@@ -257,16 +263,9 @@ class Guard:
             raise Denied(errno.EBADF, "negative fd")
         if addrlen > SOCKADDR_MAX:  # also catches a negative int
             raise Denied(errno.EINVAL, f"addrlen {addrlen}")
+        fd = self._getfd(slice_name, n.pid, fdnum)
         try:
-            pidfd = pidfd_open(n.pid, PIDFD_THREAD)
-        except OSError as exc:
-            raise Denied(errno.ESRCH, f"caller {n.pid} gone") from exc
-        try:
-            fd = pidfd_getfd(pidfd, fdnum)
-        finally:
-            os.close(pidfd)
-        try:
-            raw = read_memory(n.pid, n.args[1], addrlen) if addrlen else b""
+            raw = self._reader.read(n.pid, n.args[1], addrlen) if addrlen else b""
             # The pid could have been reused between RECV and now: only trust what was
             # read if the caller is still the one waiting.
             if not seccomp.notif_id_valid(listener, n.id):
@@ -281,6 +280,36 @@ class Guard:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _getfd(self, slice_name: str, tid: int, fdnum: int) -> int:
+        """A copy of fd `fdnum` of thread `tid`, through a cached pidfd when possible."""
+        cache = self._pidfds.setdefault(slice_name, {})
+        pidfd = cache.pop(tid, -1)
+        for fresh in (False, True):
+            if pidfd < 0:
+                try:
+                    pidfd = pidfd_open(tid, PIDFD_THREAD)
+                except OSError as exc:
+                    raise Denied(errno.ESRCH, f"caller {tid} gone") from exc
+                fresh = True
+            try:
+                fd = pidfd_getfd(pidfd, fdnum)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH and not fresh:  # that task died: reopen
+                    os.close(pidfd)
+                    pidfd = -1
+                    continue
+                os.close(pidfd)
+                raise
+            if len(cache) >= PIDFD_CACHE:
+                os.close(cache.pop(next(iter(cache))))
+            cache[tid] = pidfd  # most recent last
+            return fd
+        raise Denied(errno.ESRCH, f"caller {tid} gone")
+
+    def _forget_pidfds(self, slice_name: str) -> None:
+        for pidfd in self._pidfds.pop(slice_name, {}).values():
+            os.close(pidfd)
 
     async def _bind_socket(self, slice_name: str, n: seccomp.Notification, sock: socket.socket,
                      raw: bytes, redo: bool) -> Outcome:
@@ -392,10 +421,22 @@ class Guard:
                 log.warning("guard: %s: SYNC_WAKE_UP unavailable: %s", slice_name, exc)
             await self._recover(slice_name, listener, journal)
             task_status.started()
+            clear = bytes(JOURNAL.size)
             while True:
                 await trio.lowlevel.wait_readable(listener)
-                events = dict(poller.poll(0)).get(listener, 0)
-                if events & select.POLLIN:
+                # Drain what is pending without a trip through the scheduler (with
+                # SYNC_WAKE_UP the caller often has its next request in by the time
+                # the reply returns), but yield after a bounded batch.
+                for _ in range(BATCH):
+                    events = poller.poll(0)
+                    if not events:
+                        break
+                    flags = events[0][1]
+                    if not flags & select.POLLIN:
+                        if flags & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                            log.info("guard: %s: no process left under the filter", slice_name)
+                            return
+                        break
                     try:
                         n = seccomp.notif_recv(listener)
                     except OSError as exc:
@@ -404,14 +445,12 @@ class Guard:
                         raise
                     os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
                     self._reply(slice_name, listener, n, await self.handle(slice_name, listener, n))
-                    os.pwrite(journal, bytes(JOURNAL.size), 0)
-                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    log.info("guard: %s: no process left under the filter", slice_name)
-                    return
-                await trio.lowlevel.checkpoint_if_cancelled()
+                    os.pwrite(journal, clear, 0)
+                await trio.lowlevel.checkpoint()
         finally:
             if self.listening.get(slice_name) == listener:
                 del self.listening[slice_name]
+                self._forget_pidfds(slice_name)
             trio.lowlevel.notify_closing(listener)
             os.close(listener)
             os.close(journal)

@@ -24,6 +24,7 @@ every node address.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class BindDecision:
         return self.errno == 0
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_address(text: str) -> str:
     """Canonical text of an address: loopback folded, IPv4-mapped IPv6 unwrapped."""
     try:
@@ -145,6 +147,7 @@ class PortTable:
                 raise PortError(f"node address {a} is a wildcard, not an address")
         self.addresses: tuple[str, ...] = tuple(sorted(addrs))
         self._owner: dict[Key, tuple[str, str]] = {}  # key -> (slice, source)
+        self._covered: dict[str, tuple[str, ...]] = {}  # memo of covered(), bounded
 
     # -- queries -------------------------------------------------------------------
 
@@ -157,6 +160,14 @@ class PortTable:
 
     def covered(self, address: str) -> tuple[str, ...]:
         """The node addresses a bind to `address` takes (several for a wildcard)."""
+        got = self._covered.get(address)
+        if got is None:
+            got = self._compute_covered(address)
+            if len(self._covered) < 4096:
+                self._covered[address] = got
+        return got
+
+    def _compute_covered(self, address: str) -> tuple[str, ...]:
         addr = ipaddress.ip_address(address.strip("[]"))
         if addr.is_unspecified:
             if addr.version == 4:

@@ -23,6 +23,12 @@ NR_PIDFD_GETFD = 438
 PIDFD_NONBLOCK = os.O_NONBLOCK
 
 
+# A fixed-arity prototype of syscall(2): converting plain ints is much cheaper than
+# wrapping each argument in c_long (this is on the guard's per-notification path).
+_syscall3 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                             ctypes.c_long, use_errno=True)(("syscall", _libc))
+
+
 class _IOVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
@@ -36,8 +42,7 @@ def _check(ret: int, what: str, subject: object) -> int:
 
 def pidfd_open(pid: int, flags: int = 0) -> int:
     """A pidfd for `pid` (close-on-exec). The pid must be a thread-group leader."""
-    return _check(_libc.syscall(ctypes.c_long(NR_PIDFD_OPEN), ctypes.c_long(pid),
-                                ctypes.c_long(flags)), "pidfd_open", pid)
+    return _check(_syscall3(NR_PIDFD_OPEN, pid, flags, 0), "pidfd_open", pid)
 
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
@@ -47,9 +52,7 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """
     if not 0 <= targetfd < 2**31:
         raise OSError(9, f"pidfd_getfd: bad fd number {targetfd}", targetfd)
-    return _check(_libc.syscall(ctypes.c_long(NR_PIDFD_GETFD), ctypes.c_long(pidfd),
-                                ctypes.c_long(targetfd), ctypes.c_long(0)),
-                  "pidfd_getfd", targetfd)
+    return _check(_syscall3(NR_PIDFD_GETFD, pidfd, targetfd, 0), "pidfd_getfd", targetfd)
 
 
 def pidfd_send_signal(pidfd: int, sig: int = signal.SIGKILL) -> None:
@@ -75,3 +78,32 @@ def read_memory(pid: int, address: int, length: int) -> bytes:
     if got != length:
         raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
     return buf.raw
+
+
+class RemoteReader:
+    """process_vm_readv into one preallocated buffer: the guard's fast path.
+
+    Not for concurrent use (one per trio loop is right: calls never overlap).
+    """
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self._buf = ctypes.create_string_buffer(size)
+        self._local = _IOVec(ctypes.addressof(self._buf), 0)
+        self._remote = _IOVec(0, 0)
+        self._lp, self._rp = ctypes.byref(self._local), ctypes.byref(self._remote)
+
+    def read(self, pid: int, address: int, length: int) -> bytes:
+        """`length` (<= size) bytes at `address` of `pid`; OSError(EFAULT) if short."""
+        if not 0 <= length <= self.size or not 0 <= address < 2**64:
+            raise OSError(22, f"process_vm_readv: bad range {address:#x}+{length}", pid)
+        self._local.iov_len = length
+        self._remote.iov_base = address
+        self._remote.iov_len = length
+        got = _libc.process_vm_readv(pid, self._lp, 1, self._rp, 1, 0)
+        if got != length:
+            if got < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"process_vm_readv: {os.strerror(err)}", pid)
+            raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
+        return self._buf.raw[:length]

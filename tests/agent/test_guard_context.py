@@ -42,7 +42,7 @@ def guarded(sl: Slivers, tag: str) -> tuple[Context, int]:
     finally:
         agent_end.close()
         sink.close()
-    root = sl.tmp / "roots" / name
+    root = ctx.root
     shutil.copy(PROBE, root / "bin" / "guard-probe")
     os.chmod(root / "bin" / "guard-probe", 0o755)
     return ctx, listener
@@ -89,7 +89,7 @@ async def test_binds_in_real_slivers(sl: Slivers, tmp_path: Path) -> None:
         assert (await probe(b, "bind", "0.0.0.0", "0", "udp"))[:2] == ["bind", "0"]
         # a Unix socket path inside the sliver, as the sliver's unprivileged user
         assert await probe(a, "unix", "/tmp/guard.sock", user="user") == ["unix", "0"]
-        st = (sl.tmp / "roots" / a.name / "tmp" / "guard.sock").lstat()
+        st = (a.root / "tmp" / "guard.sock").lstat()
         assert st.st_uid != 0  # created as the caller (mapped), not as the agent
         # and not where the caller may not write
         assert await probe(a, "unix", "/etc/guard.sock", user="user") == \

@@ -1,0 +1,165 @@
+"""Benchmark of the syscall guard (issue 5). Run as root: `.venv/bin/python bench/guard.py`.
+
+Figures, all from one run on this machine:
+- a guarded bind (socket + bind + close in a loop, kernel/bin/guard-bench) with no
+  filter, under the agent's guard (agent.guard.Guard in a trio loop), and under the
+  minimal C supervisor kernel/bin/guard-supervisor doing the same work (pidfd_open,
+  pidfd_getfd, process_vm_readv, ID_VALID, bind, reply), both with
+  SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
+- unguarded syscalls (getpid, read of /dev/zero) under the guard filter against
+  outside it.
+Targets: agent/C per guarded bind <= 1.5; inside/outside for unguarded syscalls <= 1.02.
+The last line of output is one JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.guard import Guard, PortService  # noqa: E402
+from agent.ports import PortTable, read_ephemeral_range  # noqa: E402
+
+BIN = ROOT / "kernel" / "bin"
+BINDS = int(os.environ.get("GUARD_BENCH_BINDS", "20000"))
+SYSCALLS = int(os.environ.get("GUARD_BENCH_SYSCALLS", "2000000"))
+ROUNDS = int(os.environ.get("GUARD_BENCH_ROUNDS", "5"))
+
+# Installs the guard filter, sends the listener on fd argv[1], then execs the client.
+UNDER_FILTER = r"""
+import os, socket, sys
+sys.path.insert(0, sys.argv[2])
+from kernel import seccomp
+lis = seccomp.install(seccomp.guard_filter())
+sink = socket.socket(fileno=int(sys.argv[1]))
+socket.send_fds(sink, [b"L"], [lis])
+sink.close()
+os.close(lis)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def build() -> None:
+    for name in ("guard-bench", "guard-supervisor"):
+        src, out = ROOT / "kernel" / "native" / f"{name}.c", BIN / name
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            BIN.mkdir(exist_ok=True)
+            subprocess.run(["gcc", "-O2", "-Wall", "-static", "-o", str(out), str(src)], check=True)
+
+
+def free_port() -> int:
+    lo = read_ephemeral_range()[0]
+    for port in range(20000 + os.getpid() % 5000, lo):
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def parse(out: str) -> float:
+    return float(out.split()[-1])
+
+
+def run_plain(argv: list[str]) -> float:
+    return parse(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+
+
+def spawn_guarded(argv: list[str]) -> tuple[subprocess.Popen[str], int]:
+    """The client under the guard filter, and the listener it sent."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-c", UNDER_FILTER, str(theirs.fileno()), str(ROOT),
+                             *argv], pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    mine.settimeout(30)
+    _, fds, _, _ = socket.recv_fds(mine, 4, 1)
+    mine.close()
+    return proc, fds[0]
+
+
+def finish(proc: subprocess.Popen[str]) -> float:
+    out, err = proc.communicate(timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{proc.args}: exit {proc.returncode}: {err.strip()}")
+    return parse(out)
+
+
+def run_c_supervised(argv: list[str], port: int) -> float:
+    proc, lis = spawn_guarded(argv)
+    sup = subprocess.Popen([str(BIN / "guard-supervisor"), str(lis), str(port), "sync"],
+                           pass_fds=(lis,))
+    os.close(lis)
+    try:
+        return finish(proc)
+    finally:
+        sup.wait(timeout=30)
+
+
+def run_agent_supervised(argv: list[str], port: int, run_dir: Path) -> float:
+    guard = Guard(PortService(PortTable([], read_ephemeral_range())), run_dir)
+    guard.ports.reserve("bench", f"tcp:{port}@127.0.0.1")
+    proc, lis = spawn_guarded(argv)
+
+    async def main() -> None:
+        await guard.supervise("bench", lis)  # returns when the client is gone
+
+    trio.run(main)
+    return finish(proc)
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench/guard.py needs root (seccomp listeners, pidfd_getfd)")
+    build()
+    port = free_port()
+    bind = [str(BIN / "guard-bench"), "bind", str(BINDS), "127.0.0.1", str(port)]
+    figures: dict[str, list[float]] = {k: [] for k in (
+        "bind_unguarded_us", "bind_agent_us", "bind_c_us",
+        "getpid_outside_ns", "getpid_inside_ns", "read_outside_ns", "read_inside_ns")}
+    with tempfile.TemporaryDirectory(prefix=f"guardbench{os.getpid()}") as tmp:
+        for _ in range(ROUNDS):
+            figures["bind_unguarded_us"].append(run_plain(bind) / 1000)
+            figures["bind_c_us"].append(run_c_supervised(bind, port) / 1000)
+            figures["bind_agent_us"].append(run_agent_supervised(bind, port, Path(tmp)) / 1000)
+            for call in ("getpid", "read"):
+                argv = [str(BIN / "guard-bench"), call, str(SYSCALLS)]
+                figures[f"{call}_outside_ns"].append(run_plain(argv))
+                proc, lis = spawn_guarded(argv)
+                os.close(lis)
+                figures[f"{call}_inside_ns"].append(finish(proc))
+    med = {k: round(statistics.median(v), 3) for k, v in figures.items()}
+    un = med["bind_unguarded_us"]
+    result = {
+        **med,
+        "rounds": ROUNDS, "binds_per_round": BINDS, "syscalls_per_round": SYSCALLS,
+        "agent_over_c": round(med["bind_agent_us"] / med["bind_c_us"], 3),
+        "agent_over_c_guard_cost": round((med["bind_agent_us"] - un) / (med["bind_c_us"] - un), 3),
+        "getpid_inside_over_outside": round(med["getpid_inside_ns"] / med["getpid_outside_ns"], 4),
+        "read_inside_over_outside": round(med["read_inside_ns"] / med["read_outside_ns"], 4),
+        "target_agent_over_c": 1.5, "target_inside_over_outside": 1.02,
+    }
+    print(f"guarded bind (socket+bind+close): unguarded {un:.2f} us, C supervisor "
+          f"{med['bind_c_us']:.2f} us, agent {med['bind_agent_us']:.2f} us "
+          f"(agent/C {result['agent_over_c']}, target <= 1.5)")
+    print(f"unguarded syscalls inside/outside the filter: getpid "
+          f"{result['getpid_inside_over_outside']}, read {result['read_inside_over_outside']} "
+          "(target <= 1.02)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+/* guard-bench: the client side of bench/guard.py. Prints "NAME NS_PER_OP".
+ *
+ *   guard-bench bind N HOST PORT   N times: socket, bind HOST:PORT (TCP), close
+ *   guard-bench getpid N           N getpid(2) (unguarded: allowed by the filter)
+ *   guard-bench read N             N read(2) of one byte from /dev/zero
+ *
+ * A bind that fails stops the run (exit 1) so that a figure is never that of
+ * refused binds.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 3)
+		return 2;
+	long n = atol(argv[2]);
+	if (n <= 0)
+		return 2;
+	double t0, t1;
+	if (strcmp(argv[1], "bind") == 0 && argc == 5) {
+		struct sockaddr_in sa;
+		memset(&sa, 0, sizeof sa);
+		sa.sin_family = AF_INET;
+		sa.sin_port = htons((unsigned short)atoi(argv[4]));
+		if (inet_pton(AF_INET, argv[3], &sa.sin_addr) != 1)
+			return 2;
+		t0 = now_ns();
+		for (long i = 0; i < n; i++) {
+			int fd = socket(AF_INET, SOCK_STREAM, 0);
+			int one = 1;
+			setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+			if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+				fprintf(stderr, "guard-bench: bind %ld: %s\n", i, strerror(errno));
+				return 1;
+			}
+			close(fd);
+		}
+		t1 = now_ns();
+	} else if (strcmp(argv[1], "getpid") == 0) {
+		t0 = now_ns();
+		for (long i = 0; i < n; i++)
+			syscall(SYS_getpid);
+		t1 = now_ns();
+	} else if (strcmp(argv[1], "read") == 0) {
+		int fd = open("/dev/zero", O_RDONLY);
+		char c;
+		if (fd < 0)
+			return 1;
+		t0 = now_ns();
+		for (long i = 0; i < n; i++)
+			if (read(fd, &c, 1) != 1)
+				return 1;
+		t1 = now_ns();
+	} else {
+		return 2;
+	}
+	printf("%s %.1f\n", argv[1], (t1 - t0) / (double)n);
+	return 0;
+}
