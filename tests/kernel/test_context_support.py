@@ -19,9 +19,6 @@ from pathlib import Path
 from kernel.context import UID_COUNT, Context, Limits, become_subreaper
 from tests.kernel.busybox_image import make_busybox_tree
 
-# Destroyed inits are reaped by this process at once (not by the host's PID 1 later).
-become_subreaper()
-
 # Disjoint uid ranges per test process: 16 ranges of 65536 per pid slot.
 _BASE = 1_000_000_000
 _slot = 0
@@ -51,21 +48,46 @@ def private_root(where: Path, base: int) -> Path:
     return root
 
 
-class Slivers:
-    """Makes contexts under one temp run dir and destroys them all at close()."""
+IMAGE = "bb"
+STORE_KIB = 256 * 1024
 
-    def __init__(self) -> None:
+
+class Slivers:
+    """Makes contexts under one temp run dir and destroys them all at close().
+
+    With images=True the roots come from kernel/rootfs.prepare_root over one shared
+    busybox image (as on a node); else each sliver gets a private busybox tree.
+    """
+
+    def __init__(self, images: bool = False) -> None:
+        # Destroyed inits are then reaped by this process at once (not by the
+        # host's PID 1 seconds later).
+        become_subreaper()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ctxtest{os.getpid()}-", dir="/tmp"))
+        os.chmod(self.tmp, 0o755)
         self.run_dir = self.tmp / "run"
         self.contexts: list[Context] = []
         self.n = 0
+        self.images = images
+        self.roots_dir = self.tmp / "roots"
+        self.store = None
+        if images:
+            from kernel.images import ImageStore
+
+            self.store = ImageStore(self.tmp / "images")
+            self.store.import_dir(IMAGE, make_busybox_tree(self.tmp / "src"))
 
     def name(self, tag: str = "s") -> str:
         self.n += 1
         return f"t{os.getpid()}{tag}{self.n}"
 
-    def root(self, name: str, base: int) -> Path:
-        return private_root(self.tmp / "roots" / name, base)
+    def root(self, name: str, base: int, disk_max_kib: int | None = None) -> Path:
+        if self.store is not None:
+            from kernel.rootfs import prepare_root
+
+            return prepare_root(self.store, self.roots_dir, name, IMAGE, base,
+                                disk_max_kib=disk_max_kib, store_size_kib=STORE_KIB)
+        return private_root(self.tmp / "private" / name, base)
 
     def create(self, name: str | None = None, limits: Limits | None = None,
                uid_base: int | None = None, **kw: object) -> Context:
@@ -84,14 +106,21 @@ class Slivers:
                 ctx.destroy()
             except Exception as exc:  # noqa: BLE001 - report all, clean the rest
                 errors.append(exc)
+        if self.images:
+            from tests.kernel.busybox_image import cleanup_roots
+
+            try:
+                cleanup_roots(self.roots_dir)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if errors:
             raise errors[0]
 
 
 @contextlib.contextmanager
-def slivers() -> Iterator[Slivers]:
-    s = Slivers()
+def slivers(images: bool = False) -> Iterator[Slivers]:
+    s = Slivers(images)
     try:
         yield s
     finally:
