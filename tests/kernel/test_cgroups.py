@@ -1,0 +1,133 @@
+"""kernel/cgroups.py: layout detection (pure) and sliver groups on the real kernel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel.cgroups import Layout, SliverCgroup, detect_layout, ensure_net_cls
+from kernel.context import Limits
+
+HYBRID = """\
+sysfs /sys sysfs rw 0 0
+tmpfs /sys/fs/cgroup tmpfs rw,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+cgroup /sys/fs/cgroup/freezer cgroup rw,relatime,freezer 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+"""
+
+COMOUNTED = """\
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0
+"""
+
+
+def test_detect_hybrid_layout_from_text() -> None:
+    lay = detect_layout(HYBRID)
+    assert lay.mode == "v1"
+    assert lay.v1["cpu"] == Path("/sys/fs/cgroup/cpu")
+    assert lay.v1["memory"] == Path("/sys/fs/cgroup/memory")
+    assert "systemd" not in lay.v1 and lay.v2 == Path("/sys/fs/cgroup/unified")
+    assert "cgroup v1" in lay.describe()
+
+
+def test_detect_comounted_and_v2_only(tmp_path: Path) -> None:
+    lay = detect_layout(COMOUNTED)
+    assert lay.v1["cpu"] == lay.v1["cpuacct"] == Path("/sys/fs/cgroup/cpu,cpuacct")
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    v2 = detect_layout(f"cgroup2 {tmp_path} cgroup2 rw 0 0\n")
+    assert v2.mode == "v2" and v2.v2 == tmp_path and v2.v1 == {}
+    (tmp_path / "cgroup.controllers").write_text("io\n")
+    with pytest.raises(OSError, match="lacks controllers"):
+        detect_layout(f"cgroup2 {tmp_path} cgroup2 rw 0 0\n")
+    with pytest.raises(OSError, match="no usable cgroup"):
+        detect_layout("proc /proc proc rw 0 0\n")
+
+
+def test_v2_group_paths_are_one_directory(tmp_path: Path) -> None:
+    cg = SliverCgroup(Layout("v2", {}, tmp_path), "s1")
+    assert cg.dirs() == [tmp_path / "planetlab" / "s1"]
+    assert cg.v2_path == "/planetlab/s1"
+    with pytest.raises(ValueError, match="bad cgroup name"):
+        SliverCgroup(Layout("v2", {}, tmp_path), "../x")
+
+
+@pytest.fixture
+def group() -> Iterator[SliverCgroup]:
+    cg = SliverCgroup(ensure_net_cls(detect_layout()), f"cgtest{os.getpid()}")
+    try:
+        yield cg
+    finally:
+        cg.destroy()
+
+
+@pytest.mark.kernel
+def test_limits_written_and_updated_in_place(group: SliverCgroup) -> None:
+    group.create(Limits(cpu_share=3, cpu_pct=50, mem_max=64 << 20, pids_max=20,
+                        net_cls_classid=0x10005))
+    lay = group.layout
+    if lay.mode == "v1":
+        assert (group.path("cpu") / "cpu.shares").read_text().strip() == "3072"
+        assert (group.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert (group.path("memory") / "memory.limit_in_bytes").read_text().strip() \
+            == str(64 << 20)
+        assert (group.path("pids") / "pids.max").read_text().strip() == "20"
+        assert (group.path("net_cls") / "net_cls.classid").read_text().strip() \
+            == str(0x10005)
+        assert all(d.is_dir() for d in group.dirs())
+        assert group.path("unified").is_dir()
+    else:
+        d = group.path("cpu")
+        assert (d / "cpu.weight").read_text().strip() == "300"
+        assert (d / "cpu.max").read_text().split() == ["50000", "100000"]
+    group.apply(Limits(cpu_share=1, cpu_pct=None, mem_max=None, pids_max=None))
+    if lay.mode == "v1":
+        assert (group.path("cpu") / "cpu.shares").read_text().strip() == "1024"
+        assert (group.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "-1"
+        assert (group.path("pids") / "pids.max").read_text().strip() == "max"
+    with pytest.raises(FileExistsError):
+        SliverCgroup(group.layout, group.name).create(Limits())
+    assert group.exists()      # the failed second create removed nothing of ours
+
+
+@pytest.mark.kernel
+def test_attach_freeze_thaw_usage_destroy(group: SliverCgroup) -> None:
+    group.create(Limits(pids_max=10))
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        group.attach(proc.pid)
+        assert proc.pid in group.pids()
+        assert group.usage()["pids"] == 1
+        group.freeze()
+        assert group.frozen()
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state in ("D", "S")     # frozen tasks sleep in the freezer
+        group.thaw()
+        assert not group.frozen()
+        use = group.usage()
+        assert use["mem_bytes"] >= 0 and use["cpu_usec"] >= 0
+        group.freeze()
+        group.destroy()                # kills (a frozen task too) and removes
+        assert proc.wait(10) == -signal.SIGKILL
+        assert not group.exists()
+        group.destroy()                # idempotent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.kernel
+def test_bad_limits_rejected(group: SliverCgroup) -> None:
+    with pytest.raises(ValueError, match="cpu_pct"):
+        group.create(Limits(cpu_pct=100000))
+    assert not group.exists()
