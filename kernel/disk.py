@@ -352,10 +352,14 @@ def reap_qgroups(roots_dir: Path) -> None:
     if not pending.exists() or not store_mounted(roots_dir):
         return
     mnt = layers_dir(roots_dir)
+    words = pending.read_text().split()
+    if not words:
+        return
+    qdir = qgroup_sysfs(mnt, 0).parent
     left = []
-    for word in pending.read_text().split():
+    for word in words:
         sid = int(word)
-        if not qgroup_sysfs(mnt, sid).exists():
+        if not (qdir / f"0_{sid}").exists():
             continue
         try:
             qgroup_destroy(mnt, sid)

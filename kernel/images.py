@@ -212,20 +212,22 @@ class ImageStore:
 
     # -- query and removal ---------------------------------------------------
 
-    def _load(self, d: Path) -> Image:
+    def _load(self, d: Path, with_users: bool = True) -> Image:
         try:
             meta = json.loads((d / "image.json").read_text())
         except (OSError, ValueError) as exc:
             raise ImageError(f"image {d.name!r} is damaged ({exc}): remove it") from None
         return Image(d.name, d, meta.get("created", ""), int(meta.get("size_kib", 0)),
-                     meta.get("source", ""), tuple(self.users(d.name)))
+                     meta.get("source", ""), tuple(self.users(d.name)) if with_users else ())
 
-    def get(self, name: str) -> Image:
+    def get(self, name: str, *, with_users: bool = True) -> Image:
+        """The image; `with_users=False` skips reading the user markers (one file per
+        sliver), for callers that only need its tree."""
         d = self._dir(name)
         if not (d / "image.json").is_file():
             raise UnknownImage(f"no image {name!r} in {self.root} "
                                "(see `planetlab-agent image list`)")
-        return self._load(d)
+        return self._load(d, with_users)
 
     def list(self) -> list[Image]:
         out = []
@@ -251,7 +253,7 @@ class ImageStore:
         so that a concurrent remove either sees the marker or has already removed
         the image (then this raises UnknownImage)."""
         with self.locked():
-            d = self.get(name).path
+            d = self.get(name, with_users=False).path
             marker = d / "users" / _marker_key(roots_dir, sliver)
             tmp = marker.with_name(marker.name + ".tmp")
             tmp.write_text(json.dumps({"roots_dir": str(Path(roots_dir).resolve()),

@@ -208,6 +208,8 @@ class MountInfo:
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
     out, i = [], 0
     while i < len(field):
         octal = field[i + 1:i + 4]
@@ -240,7 +242,36 @@ def mounts_under(path: Path) -> list[MountInfo]:
     return sorted(found, key=lambda m: (m.mount_point.count("/"), m.mount_id), reverse=True)
 
 
-def is_mountpoint(path: Path) -> bool:
+SYS_statx = 332
+AT_FDCWD = -100
+STATX_ATTR_MOUNT_ROOT = 0x00002000
+
+
+class _Statx(ctypes.Structure):
+    """The head of struct statx (the rest of its 256 bytes is padding here)."""
+
+    _fields_ = [("stx_mask", ctypes.c_uint32), ("stx_blksize", ctypes.c_uint32),
+                ("stx_attributes", ctypes.c_uint64), ("rest1", ctypes.c_uint8 * 40),
+                ("stx_attributes_mask", ctypes.c_uint64), ("rest2", ctypes.c_uint8 * 192)]
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """True if `path` (not followed if a symlink) is the root of a mount.
+
+    statx's STATX_ATTR_MOUNT_ROOT (kernel 5.8+) answers for bind mounts of the same
+    filesystem too, which comparing st_dev with the parent cannot; mountinfo is the
+    fallback where the attribute is not reported.
+    """
+    buf = _Statx()
+    ret = _syscall(SYS_statx, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(_b(path)),
+                   ctypes.c_int(AT_SYMLINK_NOFOLLOW), ctypes.c_uint(0), ctypes.byref(buf))
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise OSError(err, f"statx: {os.strerror(err)}", str(path))
+    if buf.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT:
+        return bool(buf.stx_attributes & STATX_ATTR_MOUNT_ROOT)
     base = os.path.realpath(path)
     return any(m.mount_point == base for m in mountinfo())
 

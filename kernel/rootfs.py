@@ -108,7 +108,7 @@ def prepare_root(store: ImageStore, roots_dir: Path, name: str, image: str,
     _check_range(name, uid_base, uid_count)
     disk._check_kib(disk_max_kib, name)
     roots_dir = Path(roots_dir)
-    img = store.get(image)
+    img = store.get(image, with_users=False)
     merged = roots_dir / name
     with _roots_lock(roots_dir):
         os.chmod(roots_dir, 0o711)
