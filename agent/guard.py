@@ -54,7 +54,7 @@ from agent.ports import (
     parse_ports_tag,
 )
 from kernel import seccomp
-from kernel.packet import bind_bytes
+from kernel.packet import bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_getfd, pidfd_open
 
 log = logging.getLogger("agent.guard")
@@ -67,6 +67,8 @@ JOURNAL = struct.Struct("<QIi6Q")  # id, pid, nr, args
 BATCH = 64  # notifications handled per scheduler turn of one listener
 PIDFD_CACHE = 256  # cached caller pidfds per slice
 
+AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+SOCK_STREAM, SOCK_DGRAM = int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM)
 IPPROTO_MPTCP = 262
 IPPROTO_UDPLITE = 136
 IPPROTO_ICMPV6 = 58
@@ -155,13 +157,13 @@ class Denied(Exception):
         self.errno = err
 
 
-def _ip_proto(sock: socket.socket) -> str | None:
-    stype, proto = sock.type, sock.proto
-    if stype == socket.SOCK_STREAM and proto in (0, socket.IPPROTO_TCP, IPPROTO_MPTCP):
+def _ip_proto(stype: int, proto: int) -> str | None:
+    """The port table's protocol for an IP socket of this type and protocol."""
+    if stype == SOCK_STREAM and proto in (0, socket.IPPROTO_TCP, IPPROTO_MPTCP):
         return "tcp"
-    if stype == socket.SOCK_DGRAM and proto in (0, socket.IPPROTO_UDP, IPPROTO_UDPLITE):
+    if stype == SOCK_DGRAM and proto in (0, socket.IPPROTO_UDP, IPPROTO_UDPLITE):
         return "udp"
-    if stype == socket.SOCK_DGRAM and proto in (socket.IPPROTO_ICMP, IPPROTO_ICMPV6):
+    if stype == SOCK_DGRAM and proto in (socket.IPPROTO_ICMP, IPPROTO_ICMPV6):
         return "icmp"
     return None
 
@@ -185,19 +187,17 @@ def parse_ip_sockaddr(family: int, raw: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
-def _bind_raw(fd: int, raw: bytes) -> int:
-    """bind(2) with exactly these bytes; returns 0 or the errno."""
-    return bind_bytes(fd, raw)
-
-
-def _already_bound(sock: socket.socket, address: str, port: int) -> bool:
-    try:
-        got = sock.getsockname()
-    except OSError:
-        return False
+def _already_bound(fd: int, info: tuple[int, int, int], address: str, port: int) -> bool:
+    """Is socket `fd` bound to `address`:`port` (any port if 0) already?"""
+    family = info[0]
+    with socket.socket(family, info[1], info[2], fileno=os.dup(fd)) as sock:
+        try:
+            got = sock.getsockname()
+        except OSError:
+            return False
     bound_port = got[1]
     return bound_port != 0 and (port == 0 or bound_port == port) and \
-        socket.inet_pton(sock.family, got[0]) == socket.inet_pton(sock.family, address)
+        socket.inet_pton(family, got[0]) == socket.inet_pton(family, address)
 
 
 @dataclass
@@ -271,15 +271,12 @@ class Guard:
             if not seccomp.notif_id_valid(listener, n.id):
                 raise Denied(errno.ESRCH, "caller no longer waiting")
             try:
-                sock = socket.socket(fileno=fd)
+                domain, stype, proto = sock_info(fd)
             except OSError as exc:
                 raise Denied(exc.errno or errno.ENOTSOCK, "not a socket") from exc
-            fd = -1  # the socket object owns it now
-            with sock:
-                return await self._bind_socket(slice_name, n, sock, raw, redo)
+            return await self._bind_socket(slice_name, n, fd, (domain, stype, proto), raw, redo)
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
 
     def _getfd(self, slice_name: str, tid: int, fdnum: int) -> int:
         """A copy of fd `fdnum` of thread `tid`, through a cached pidfd when possible."""
@@ -311,36 +308,35 @@ class Guard:
         for pidfd in self._pidfds.pop(slice_name, {}).values():
             os.close(pidfd)
 
-    async def _bind_socket(self, slice_name: str, n: seccomp.Notification, sock: socket.socket,
-                     raw: bytes, redo: bool) -> Outcome:
-        family = sock.family
-        if family in (socket.AF_INET, socket.AF_INET6):
-            proto = _ip_proto(sock)
+    async def _bind_socket(self, slice_name: str, n: seccomp.Notification, fd: int,
+                           info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome:
+        family, stype, sproto = info
+        if family == AF_INET or family == AF_INET6:
+            proto = _ip_proto(stype, sproto)
             address, port = parse_ip_sockaddr(family, raw)
             if proto is None:
-                raise Denied(errno.EACCES, f"bind of socket type {sock.type} proto {sock.proto}")
+                raise Denied(errno.EACCES, f"bind of socket type {stype} proto {sproto}")
             decision = self.ports.check_bind(slice_name, proto, address, port)
-            what = f"{proto} {address} port {port}"
             if not decision.allowed:
-                log.warning("guard: slice %s pid %d bind %s refused (%s): %s", slice_name,
-                            n.pid, what, errno.errorcode.get(decision.errno, decision.errno),
-                            decision.reason)
+                log.warning("guard: slice %s pid %d bind %s %s port %d refused (%s): %s",
+                            slice_name, n.pid, proto, address, port,
+                            errno.errorcode.get(decision.errno, decision.errno), decision.reason)
                 raise Denied(decision.errno, decision.reason)
-            err = _bind_raw(sock.fileno(), raw)
-            if err == errno.EINVAL and redo and _already_bound(sock, address, port):
+            err = bind_bytes(fd, raw)
+            if err == errno.EINVAL and redo and _already_bound(fd, info, address, port):
                 err = 0  # the previous supervisor did it before it died
-            return Outcome(err, what)
+            return Outcome(err, proto)
         if family == socket.AF_UNIX:
             path = raw[2:]
             if len(raw) <= 2 or path[:1] == b"\0":  # autobind or abstract: no privilege
-                return Outcome(_bind_raw(sock.fileno(), raw), f"unix abstract {path[1:]!r}")
+                return Outcome(bind_bytes(fd, raw), f"unix abstract {path[1:]!r}")
         if family == socket.AF_NETLINK and len(raw) >= 12:
             nl_pid, groups = struct.unpack_from("<II", raw, 4)
             if groups == 0:
-                return Outcome(self._bind_netlink(n.pid, sock, raw, nl_pid), "netlink")
-        return Outcome(await self._bind_as_caller(n.pid, sock, raw), f"family {family} as caller")
+                return Outcome(self._bind_netlink(n.pid, fd, raw, nl_pid), "netlink")
+        return Outcome(await self._bind_as_caller(n.pid, fd, raw), f"family {family} as caller")
 
-    def _bind_netlink(self, pid: int, sock: socket.socket, raw: bytes, nl_pid: int) -> int:
+    def _bind_netlink(self, pid: int, fd: int, raw: bytes, nl_pid: int) -> int:
         """A netlink bind without groups, as the kernel would do it for the caller.
 
         The kernel's autobind (nl_pid 0) takes the caller's tgid as the port id
@@ -350,18 +346,17 @@ class Guard:
         if nl_pid == 0:
             tgid = _ns_tgid(pid)
             if tgid:
-                err = _bind_raw(sock.fileno(), raw[:4] + struct.pack("<I", tgid) + raw[8:])
+                err = bind_bytes(fd, raw[:4] + struct.pack("<I", tgid) + raw[8:])
                 if err != errno.EADDRINUSE:
                     return err
-        return _bind_raw(sock.fileno(), raw)
+        return bind_bytes(fd, raw)
 
-    async def _bind_as_caller(self, pid: int, sock: socket.socket, raw: bytes) -> int:
+    async def _bind_as_caller(self, pid: int, fd: int, raw: bytes) -> int:
         """Run guard-bindas: bind with the caller's namespaces, root, cwd and credentials."""
         try:
             with trio.fail_after(BINDAS_TIMEOUT):
                 done = await trio.run_process(
-                    [str(BINDAS), str(pid), str(sock.fileno())], stdin=raw,
-                    pass_fds=(sock.fileno(),), check=False)
+                    [str(BINDAS), str(pid), str(fd)], stdin=raw, pass_fds=(fd,), check=False)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("guard: guard-bindas for pid %d failed: %s", pid, exc)
             return errno.EPERM
@@ -421,7 +416,6 @@ class Guard:
                 log.warning("guard: %s: SYNC_WAKE_UP unavailable: %s", slice_name, exc)
             await self._recover(slice_name, listener, journal)
             task_status.started()
-            clear = bytes(JOURNAL.size)
             while True:
                 await trio.lowlevel.wait_readable(listener)
                 # Drain what is pending without a trip through the scheduler (with
@@ -444,8 +438,9 @@ class Guard:
                             continue
                         raise
                     os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
+                    # No need to clear the slot afterwards: an answered id is not
+                    # valid any more, and ids are never reused.
                     self._reply(slice_name, listener, n, await self.handle(slice_name, listener, n))
-                    os.pwrite(journal, clear, 0)
                 await trio.lowlevel.checkpoint()
         finally:
             if self.listening.get(slice_name) == listener:

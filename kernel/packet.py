@@ -14,6 +14,7 @@ computed, and an out-of-range jump is an error, not a wrong program).
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -40,6 +41,27 @@ JA, JEQ_K, JGT_K, JGE_K, JSET_K = 0x05, 0x15, 0x25, 0x35, 0x45
 RET_K, TAX, TXA = 0x06, 0x07, 0x87
 SOCK_FILTER = struct.Struct("<HBBI")
 BPF_MAXINSNS = 4096
+
+
+_getsockopt = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_void_p, ctypes.c_void_p,
+                               use_errno=True)(("getsockopt", _libc))
+SO_TYPE, SO_PROTOCOL, SO_DOMAIN = 3, 38, 39
+
+
+def sock_info(fd: int) -> tuple[int, int, int]:
+    """(domain, type, protocol) of socket `fd` from the kernel (SO_DOMAIN, SO_TYPE,
+    SO_PROTOCOL); OSError(ENOTSOCK) if it is not a socket."""
+    val = ctypes.c_int()
+    size = ctypes.c_uint32(4)
+    out = []
+    for opt in (SO_DOMAIN, SO_TYPE, SO_PROTOCOL):
+        size.value = 4
+        if _getsockopt(fd, socket.SOL_SOCKET, opt, ctypes.byref(val), ctypes.byref(size)) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"getsockopt: {os.strerror(err)}", fd)
+        out.append(val.value)
+    return out[0], out[1], out[2]
 
 
 def bind_bytes(fd: int, raw: bytes) -> int:

@@ -22,6 +22,7 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -220,9 +221,9 @@ def install(filter_bytes: bytes, flags: int = SECCOMP_FILTER_FLAG_NEW_LISTENER) 
     return _check(ret, "seccomp(SECCOMP_SET_MODE_FILTER)")
 
 
-@dataclass(frozen=True)
-class Notification:
-    """One `struct seccomp_notif` as received from the listener."""
+class Notification(NamedTuple):
+    """One `struct seccomp_notif` as received from the listener (a tuple: cheap to
+    build on the guard's per-notification path)."""
 
     id: int
     pid: int
@@ -234,8 +235,8 @@ class Notification:
 
     @classmethod
     def unpack(cls, raw: bytes) -> Notification:
-        nid, pid, flags, nr, arch, ip, *args = NOTIF.unpack(raw)
-        return cls(nid, pid, flags, nr, arch, ip, tuple(args))
+        v = NOTIF.unpack(raw)
+        return cls(v[0], v[1], v[2], v[3], v[4], v[5], v[6:])
 
 
 def notif_recv(listener: int) -> Notification:
