@@ -1,0 +1,84 @@
+"""The guard's slice API calls (GuardAPI) with callers as the slice API makes them."""
+
+from __future__ import annotations
+
+import socket
+import xmlrpc.client
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from agent.guard import Guard, GuardAPI, PortService
+from agent.ports import PortTable
+from agent.rawsock import FdReply, RawSockets
+from agent.sliceapi import APIFault
+
+
+class Caller(NamedTuple):
+    kind: str
+    name: str
+    pid: int = 1
+    uid: int = 1
+
+
+A, B = Caller("sliver", "a"), Caller("sliver", "b")
+ADMIN, HOST = Caller("admin", "root"), Caller("host", "uid:1000")
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[GuardAPI]:
+    guard = Guard(PortService(PortTable(["192.0.2.1"], (32768, 60999))), tmp_path)
+    raw = RawSockets(lambda: guard.ports.table)
+    try:
+        yield GuardAPI(guard, raw)
+    finally:
+        raw.close()
+
+
+def fault(fn, *args) -> APIFault:  # type: ignore[no-untyped-def]
+    with pytest.raises(APIFault) as exc:
+        fn(*args)
+    return exc.value
+
+
+def test_reserve_release_get(api: GuardAPI) -> None:
+    assert api.ReservePort(A, "tcp:8080,udp:5000-5001@127.0.0.1") == 1
+    assert "tcp:8080@192.0.2.1" in api.GetPorts(A).split(",")
+    f = fault(api.ReservePort, B, "tcp:8080@127.0.0.1")
+    assert f.code == 102 and "owned by slice 'a'" in f.message
+    assert fault(api.ReservePort, A, "tcp:40000").code == 102     # ephemeral
+    assert fault(api.ReservePort, A, "bogus").code == 102
+    assert api.ReleasePort(A, "tcp:8080") == 1
+    assert api.GetPorts(A) == "udp:5000-5001@127.0.0.1"
+    # the admin names the slice; a host user may not call at all
+    assert api.ReservePort(ADMIN, "b", "tcp:9000@::1") == 1
+    assert api.GetPorts(ADMIN, "b") == "tcp:9000@::1"
+    assert fault(api.ReservePort, HOST, "x", "tcp:1").code == 108
+    assert fault(api.GetPorts, A, "extra").code == 101
+
+
+def test_reservation_cap(api: GuardAPI) -> None:
+    api.ReservePort(A, "udp:1000-1199@127.0.0.1")
+    assert "at most" in fault(api.ReservePort, A, "udp:2000-2099@127.0.0.1").message
+
+
+@pytest.mark.kernel
+def test_sniffer_and_raw_send_calls(api: GuardAPI) -> None:
+    assert fault(api.OpenSniffer, A).code == 102   # owns nothing yet
+    api.ReservePort(A, "udp:5555@127.0.0.1")
+    reply = api.OpenSniffer(A)
+    assert isinstance(reply, FdReply) and reply.value == 1
+    for s in reply.socks:
+        assert s.family == socket.AF_PACKET
+        s.close()
+    reply = api.OpenErrorSocket(A)
+    for s in reply.socks:
+        s.close()
+    packet = bytes.fromhex("45000000000000004011000000000000") + socket.inet_aton("127.0.0.1")
+    packet = packet[:12] + socket.inet_aton("127.0.0.1") + socket.inet_aton("127.0.0.1")
+    packet += bytes.fromhex("15b315b3000a0000") + b"hi"
+    assert api.RawSend(A, xmlrpc.client.Binary(packet)) == len(packet)
+    assert "owned by 'a'" in fault(api.RawSend, B, xmlrpc.client.Binary(packet)).message
+    assert fault(api.RawSend, A, "not base64").code == 102
