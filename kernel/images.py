@@ -360,6 +360,12 @@ def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
             if os.path.realpath(link_target.parent) != str(link_target.parent):
                 raise UnsafeArchive(f"tarball hard link {member.name!r} points under a "
                                     "symlink")
+            # Whether link(2)/linkat(2) follows a symlink source differs by call and
+            # flags; were it followed, the image would hold a hard link to a host
+            # file. No image needs a hard link to a symlink: refuse it.
+            if link_target.is_symlink():
+                raise UnsafeArchive(f"tarball hard link {member.name!r} points to a "
+                                    "symlink")
         if rel == Path("."):
             # The archive's root entry: take its mode and owner for the image root.
             os.chown(dest, member.uid, member.gid)

@@ -125,6 +125,8 @@ def test_import_tarball_keeps_owners_and_modes(base: Path) -> None:
       _info("dir/l/evil", data=b"x")], "under a symlink"),
     ([_info("h", tarfile.LNKTYPE, linkname="../../etc/passwd")], "'..'"),
     ([_info("h", tarfile.LNKTYPE, linkname="/etc/passwd")], "absolute path"),
+    ([_info("s", tarfile.SYMTYPE, linkname="/etc/shadow"),
+      _info("h", tarfile.LNKTYPE, linkname="s")], "points to a symlink"),
 ])
 def test_hostile_tarballs_are_refused_and_leave_nothing(
         base: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], why: str) -> None:
