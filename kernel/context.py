@@ -251,7 +251,7 @@ class Context:
             raise FileExistsError(errno.EEXIST, f"create {name}: the name is taken",
                                   str(run_dir / name))
         for other in cls.list(run_dir):
-            st = cls._read_state(run_dir, other)
+            st = cls.read_state(run_dir, other)
             if st is None:
                 continue
             lo, hi = st["uid_base"], st["uid_base"] + st["uid_count"]
@@ -337,7 +337,7 @@ class Context:
         return cls(run_dir, name, state, layout)
 
     @staticmethod
-    def _read_state(run_dir: Path, name: str) -> dict[str, Any] | None:
+    def read_state(run_dir: Path, name: str) -> dict[str, Any] | None:
         try:
             return json.loads((Path(run_dir) / name / "state.json").read_text())
         except FileNotFoundError:
@@ -349,7 +349,7 @@ class Context:
 
         ProcessLookupError if its init is gone (clean up with `destroy_stale`)."""
         _check_name(name)
-        state = cls._read_state(run_dir, name)
+        state = cls.read_state(run_dir, name)
         if state is None:
             raise FileNotFoundError(errno.ENOENT, f"no context {name}", str(Path(run_dir) / name))
         ctx = cls(run_dir, name, state)
@@ -370,7 +370,7 @@ class Context:
     def destroy_stale(cls, run_dir: Path, name: str) -> None:
         """Remove what a context whose init is gone left: cgroups, its directory."""
         _check_name(name)
-        state = cls._read_state(run_dir, name)
+        state = cls.read_state(run_dir, name)
         if state is not None:
             ctx = cls(run_dir, name, state)
             ctx.destroy()

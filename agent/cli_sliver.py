@@ -1,0 +1,432 @@
+"""`planetlab-agent sliver create|start|stop|destroy|list` and `planetlab-agent enter`.
+
+Debugging commands for operators and tests: they drive kernel/ contexts and roots
+directly, with the same layout as the agent (images in <state_dir>/images, roots in
+<state_dir>/roots, contexts in <run_dir>/contexts), and keep what they created in
+<state_dir>/cli-slivers.json (name, image, uid range, limits), so that `start` can
+bring a sliver back after a reboot and `destroy` knows what to release.
+
+run_dir is the config's when --config is given; with only --state-dir it is
+<state_dir>/run, so a test's state dir holds everything of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RECORDS = "cli-slivers.json"
+UID_COUNT = 65536
+DEFAULT_UID_POOL = 1_000_000
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path
+    run_dir: Path
+    uid_pool_start: int
+
+    @property
+    def images(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def roots(self) -> Path:
+        return self.state_dir / "roots"
+
+    @property
+    def contexts(self) -> Path:
+        return self.run_dir / "contexts"
+
+    @property
+    def records(self) -> Path:
+        return self.state_dir / RECORDS
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("sliver", help="debugging: create, start, stop, destroy, list slivers")
+    ssub = p.add_subparsers(dest="sliver_command", metavar="ACTION", required=True)
+
+    q = ssub.add_parser("create", help="create and start a sliver from an image")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--image", metavar="IMG", required=True)
+    q.add_argument("--uid-base", metavar="N", type=_nonneg_int,
+                   help="first host uid of its 65536 (default: the first free range)")
+    q.add_argument("--cpu-share", metavar="N", type=_pos_int, default=1)
+    q.add_argument("--cpu-pct", metavar="P", type=_pos_int)
+    q.add_argument("--mem-max", metavar="BYTES", type=_pos_int)
+    q.add_argument("--pids-max", metavar="N", type=_pos_int)
+    q.add_argument("--disk-max", metavar="KIB", type=_pos_int)
+    q.set_defaults(func=cmd_create)
+
+    for action, text, func in (("start", "start (thaw, or bring back after a reboot)", cmd_start),
+                               ("stop", "stop (freeze every process)", cmd_stop),
+                               ("destroy", "destroy: processes, root, cgroups, record", cmd_destroy)):
+        q = ssub.add_parser(action, help=text)
+        q.add_argument("name", metavar="NAME")
+        q.set_defaults(func=func)
+
+    q = ssub.add_parser("list", help="slivers: state, image, uids, init pid, usage")
+    q.add_argument("--json", action="store_true", help="one JSON array")
+    q.set_defaults(func=cmd_list)
+
+    q = sub.add_parser("enter", help="run a command (default: a shell) inside a sliver")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--user", "-u", default="root", help="a user of the sliver's /etc/passwd")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("-t", "--tty", dest="tty", action="store_true", default=None,
+                   help="allocate a terminal (default when stdin and stdout are terminals)")
+    g.add_argument("-T", "--no-tty", dest="tty", action="store_false")
+    q.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                   help="the command and its arguments, after -- (options of enter "
+                   "may come between NAME and --)")
+    q.set_defaults(func=cmd_enter)
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return v
+
+
+def _paths(args: argparse.Namespace) -> Paths:
+    from agent import config as config_mod
+
+    state_dir = getattr(args, "state_dir", None)
+    try:
+        cfg = config_mod.load(args.config) if getattr(args, "config", None) \
+            else config_mod.defaults()
+    except config_mod.ConfigError as exc:
+        print(f"planetlab-agent: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if state_dir:
+        sd = Path(state_dir).resolve()
+        rd = Path(cfg.run_dir) if getattr(args, "config", None) else sd / "run"
+    else:
+        sd, rd = Path(cfg.state_dir), Path(cfg.run_dir)
+    return Paths(sd, rd, int(getattr(cfg, "uid_pool_start", DEFAULT_UID_POOL)))
+
+
+def _fail(what: str, msg: object) -> int:
+    print(f"planetlab-agent {what}: {msg}", file=sys.stderr)
+    return 1
+
+
+# -- the record file --------------------------------------------------------------
+
+@contextlib.contextmanager
+def _records(p: Paths) -> Iterator[dict[str, dict[str, Any]]]:
+    """The CLI's records, locked for the duration; written back on success."""
+    p.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(p.state_dir / (RECORDS + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(p.records.read_text()) if p.records.exists() else {}
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"planetlab-agent: {p.records} is corrupt ({exc}); "
+                             "fix or remove it") from None
+        before = json.dumps(data, sort_keys=True)
+        yield data
+        if json.dumps(data, sort_keys=True) != before:
+            tmp = p.records.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, p.records)
+
+
+def _used_ranges(p: Paths, records: dict[str, dict[str, Any]]) -> list[tuple[int, int, str]]:
+    from kernel.context import Context
+
+    used = [(r["uid_base"], r["uid_base"] + r["uid_count"], n) for n, r in records.items()]
+    for name in Context.list(p.contexts):
+        st = Context.read_state(p.contexts, name)
+        if st is not None and name not in records:
+            used.append((st["uid_base"], st["uid_base"] + st["uid_count"], name))
+    return used
+
+
+def _choose_uid_base(p: Paths, used: list[tuple[int, int, str]]) -> int:
+    base = p.uid_pool_start
+    for lo, hi, _ in sorted(used):
+        if base + UID_COUNT <= lo:
+            break
+        base = max(base, hi)
+    if base + UID_COUNT > 2**32 - 1:
+        raise ValueError("no free uid range left")
+    return base
+
+
+# -- commands ---------------------------------------------------------------------
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from kernel.context import Context, ContextError, Limits
+    from kernel.images import ImageError, ImageStore
+    from kernel.rootfs import RootError, prepare_root, release_root
+
+    p = _paths(args)
+    limits = Limits(cpu_share=args.cpu_share, cpu_pct=args.cpu_pct, mem_max=args.mem_max,
+                    pids_max=args.pids_max)
+    try:
+        limits.validate()
+        with _records(p) as records:
+            if args.name in records or (p.contexts / args.name).exists():
+                return _fail("sliver create", f"sliver {args.name!r} exists already")
+            used = _used_ranges(p, records)
+            if args.uid_base is None:
+                base = _choose_uid_base(p, used)
+            else:
+                base = args.uid_base
+                for lo, hi, other in used:
+                    if base < hi and lo < base + UID_COUNT:
+                        return _fail("sliver create",
+                                     f"uid range {base}..{base + UID_COUNT - 1} overlaps "
+                                     f"sliver {other}'s {lo}..{hi - 1}")
+            store = ImageStore(p.images)
+            store.get(args.image)
+            root = prepare_root(store, p.roots, args.name, args.image, base, UID_COUNT,
+                                args.disk_max)
+            try:
+                ctx = Context.create(p.contexts, args.name, root, base, UID_COUNT, limits)
+            except BaseException:
+                release_root(p.roots, args.name)
+                raise
+            records[args.name] = {"image": args.image, "uid_base": base,
+                                  "uid_count": UID_COUNT, "limits": limits.to_json(),
+                                  "disk_max_kib": args.disk_max}
+    except (ValueError, OSError, ContextError, ImageError, RootError) as exc:
+        return _fail("sliver create", exc)
+    print(f"created {args.name}: uids {base}..{base + UID_COUNT - 1}, init pid {ctx.init_pid}")
+    return 0
+
+
+def _adopt(p: Paths, name: str) -> Any:
+    from kernel.context import Context
+
+    return Context.adopt(p.contexts, name)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from kernel.context import Context, ContextError, Limits
+    from kernel.images import ImageError, ImageStore
+    from kernel.rootfs import RootError, prepare_root
+
+    p = _paths(args)
+    try:
+        try:
+            ctx = _adopt(p, args.name)
+            ctx.start()
+            print(f"started {args.name}")
+            return 0
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        with _records(p) as records:
+            rec = records.get(args.name)
+            if rec is None:
+                return _fail("sliver start", f"no sliver {args.name!r}")
+            # Not running (reboot, crash): clear what is left, bring it back.
+            if (p.contexts / args.name).exists():
+                Context.destroy_stale(p.contexts, args.name)
+            root = prepare_root(ImageStore(p.images), p.roots, args.name, rec["image"],
+                                rec["uid_base"], rec["uid_count"], rec.get("disk_max_kib"))
+            ctx = Context.create(p.contexts, args.name, root, rec["uid_base"],
+                                 rec["uid_count"], Limits.from_json(rec["limits"]))
+    except (ValueError, OSError, ContextError, ImageError, RootError) as exc:
+        return _fail("sliver start", exc)
+    print(f"started {args.name} again: init pid {ctx.init_pid}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from kernel.context import ContextError
+
+    p = _paths(args)
+    try:
+        _adopt(p, args.name).stop()
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        return _fail("sliver stop", f"{args.name} is not running ({exc})")
+    except (OSError, ContextError, TimeoutError) as exc:
+        return _fail("sliver stop", exc)
+    print(f"stopped {args.name}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from kernel.context import Context, ContextError, _check_name
+    from kernel.rootfs import RootError, release_root
+
+    p = _paths(args)
+    try:
+        _check_name(args.name)
+        with _records(p) as records:
+            known = args.name in records or (p.contexts / args.name).exists()
+            if not known:
+                return _fail("sliver destroy", f"no sliver {args.name!r}")
+            if (p.contexts / args.name).exists():
+                Context.destroy_stale(p.contexts, args.name)   # running or not
+            release_root(p.roots, args.name)
+            records.pop(args.name, None)
+    except (ValueError, OSError, ContextError, RootError) as exc:
+        return _fail("sliver destroy", exc)
+    print(f"destroyed {args.name}")
+    return 0
+
+
+def _describe(p: Paths, name: str, rec: dict[str, Any] | None) -> dict[str, Any]:
+    from kernel.context import Context
+
+    st = Context.read_state(p.contexts, name)
+    row: dict[str, Any] = {"name": name, "image": rec.get("image") if rec else None,
+                           "uid_base": (rec or st or {}).get("uid_base"),
+                           "state": "down", "init_pid": None}
+    if st is not None:
+        try:
+            ctx = Context(p.contexts, name, st)
+            if ctx.alive():
+                row["state"] = "stopped" if ctx.frozen() else "running"
+                row["init_pid"] = ctx.init_pid
+                row.update(ctx.usage())
+            else:
+                row["state"] = "dead"
+        except OSError:
+            row["state"] = "dead"
+    return row
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from kernel.context import Context
+
+    p = _paths(args)
+    with _records(p) as records:
+        names = sorted(set(records) | set(Context.list(p.contexts)))
+        rows = [_describe(p, n, records.get(n)) for n in names]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'NAME':24} {'STATE':8} {'IMAGE':12} {'UID_BASE':>11} {'INIT':>7} "
+          f"{'PIDS':>5} {'MEM_KIB':>9}")
+    for r in rows:
+        mem = r.get("mem_bytes")
+        print(f"{r['name']:24} {r['state']:8} {r['image'] or '-':12} "
+              f"{r['uid_base'] if r['uid_base'] is not None else '-':>11} "
+              f"{r['init_pid'] or '-':>7} {r.get('pids', '-'):>5} "
+              f"{mem // 1024 if mem is not None else '-':>9}")
+    return 0
+
+
+# -- enter ------------------------------------------------------------------------
+
+def cmd_enter(args: argparse.Namespace) -> int:
+    from kernel.context import ContextError
+
+    p = _paths(args)
+    try:
+        argv = _split_enter_args(args)
+    except ValueError as exc:
+        return _fail("enter", exc)
+    use_tty = args.tty if args.tty is not None else (os.isatty(0) and os.isatty(1))
+    try:
+        ctx = _adopt(p, args.name)
+        if not use_tty:
+            return _exit_code(ctx.run(argv, user=args.user))
+        size = os.get_terminal_size(1) if os.isatty(1) else os.terminal_size((80, 24))
+        proc = ctx.spawn(argv, user=args.user, tty=True, winsize=(size.lines, size.columns))
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        return _fail("enter", f"{args.name} is not running ({exc})")
+    except (OSError, ContextError, ValueError) as exc:
+        return _fail("enter", exc)
+    try:
+        _relay(proc.master)
+        return _exit_code(proc.wait())
+    finally:
+        proc.close()
+
+
+def _split_enter_args(args: argparse.Namespace) -> list[str]:
+    """argparse stops at NAME; take enter's own options up to `--`, the rest is
+    the command (`enter s1 --user bob -- id`, `enter s1 id`)."""
+    rest = list(args.command)
+    while rest and rest[0] != "--":
+        opt = rest[0]
+        if opt in ("--user", "-u"):
+            if len(rest) < 2:
+                raise ValueError(f"{opt} needs a user name")
+            args.user = rest[1]
+            rest = rest[2:]
+        elif opt.startswith("--user="):
+            args.user = opt.split("=", 1)[1]
+            rest = rest[1:]
+        elif opt in ("-t", "--tty", "-T", "--no-tty"):
+            args.tty = opt in ("-t", "--tty")
+            rest = rest[1:]
+        else:
+            return rest            # no `--`: the command starts here
+    return rest[1:]
+
+
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+def _relay(master: int) -> None:
+    """Copy our terminal to the pty master and back until the session ends."""
+    old = termios.tcgetattr(0) if os.isatty(0) else None
+
+    def winch(_sig: int, _frm: Any) -> None:
+        if os.isatty(1):
+            s = os.get_terminal_size(1)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", s.lines, s.columns, 0, 0))
+
+    prev = signal.signal(signal.SIGWINCH, winch)
+    try:
+        if old is not None:
+            tty.setraw(0)
+        fds = [0, master]
+        while True:
+            try:
+                r, _, _ = select.select(fds, [], [])
+            except InterruptedError:
+                continue
+            if master in r:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:       # EIO: the session's last process closed the tty
+                    data = b""
+                if not data:
+                    return
+                os.write(1, data)
+            if 0 in r:
+                data = os.read(0, 65536)
+                if not data:
+                    fds.remove(0)     # our stdin ended; keep showing output
+                else:
+                    os.write(master, data)
+    finally:
+        if old is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, old)
+        signal.signal(signal.SIGWINCH, prev)

@@ -1,0 +1,135 @@
+"""`planetlab-agent sliver ...` and `planetlab-agent enter` end to end, as a user
+runs them (a subprocess each), over a temp state dir with the busybox image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel.cgroups import SliverCgroup, detect_layout
+from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree
+from tests.kernel.test_context_support import processes_with
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Cli:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def __call__(self, *args: str, check: bool = True, input: str | None = None
+                 ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--state-dir", str(self.state_dir), *args],
+            cwd=REPO, capture_output=True, text=True, timeout=60, input=input,
+            stdin=None if input is not None else subprocess.DEVNULL)
+        if check:
+            assert res.returncode == 0, (args, res.stdout, res.stderr)
+        return res
+
+    def names(self) -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(self("sliver", "list", "--json").stdout)}
+
+
+@pytest.fixture(scope="module")
+def cli() -> Iterator[Cli]:
+    sd = Path(tempfile.mkdtemp(prefix=f"clitest{os.getpid()}-", dir="/tmp"))
+    os.chmod(sd, 0o755)
+    c = Cli(sd)
+    try:
+        c("image", "import", "bb", str(make_busybox_tree(sd / "src")))
+        yield c
+    finally:
+        try:
+            for name in c.names():
+                c("sliver", "destroy", name, check=False)
+        finally:
+            cleanup_roots(sd / "roots")
+            shutil.rmtree(sd, ignore_errors=True)
+
+
+def _nothing_left(cli: Cli, name: str) -> None:
+    assert name not in cli.names()
+    assert not (cli.state_dir / "run/contexts" / name).exists()
+    assert not (cli.state_dir / "roots" / name).exists()
+    assert not SliverCgroup(detect_layout(), name).exists()
+    assert processes_with(f"--hostname={name}") == []
+    assert f"/roots/{name} " not in Path("/proc/mounts").read_text()
+
+
+def test_create_enter_stop_start_destroy(cli: Cli) -> None:
+    a, b = f"c{os.getpid()}a", f"c{os.getpid()}b"
+    out = cli("sliver", "create", a, "--image", "bb", "--pids-max", "50",
+              "--cpu-share", "2", "--mem-max", str(64 << 20)).stdout
+    assert out.startswith(f"created {a}: uids ")
+    cli("sliver", "create", b, "--image", "bb")
+    rows = cli.names()
+    assert rows[a]["state"] == rows[b]["state"] == "running"
+    ra, rb = rows[a]["uid_base"], rows[b]["uid_base"]
+    assert abs(ra - rb) >= 65536                           # chosen disjoint
+    assert cli("enter", a, "--", "hostname").stdout.strip() == a
+    assert cli("enter", a, "--user", "user", "--", "id", "-u").stdout.strip() == "1000"
+    assert cli("enter", a, "--", "sh", "-c", "exit 5", check=False).returncode == 5
+    assert cli("enter", a, "--", "cat", input="piped").stdout == "piped"
+    assert cli("enter", a, "--", "cat", "/sys/fs/cgroup/pids.max", check=False) \
+        .returncode != 0                                  # no cgroupfs view inside
+    cli("sliver", "stop", a)
+    assert cli.names()[a]["state"] == "stopped"
+    res = cli("enter", a, "--", "true", check=False)
+    assert res.returncode == 1 and "stopped" in res.stderr
+    cli("sliver", "start", a)
+    assert cli.names()[a]["state"] == "running"
+    # After a crash of the init, `start` brings the sliver back from its record.
+    pid = cli.names()[b]["init_pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cli.names()[b]["state"] != "dead" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cli.names()[b]["state"] == "dead"
+    assert "again" in cli("sliver", "start", b).stdout
+    assert cli.names()[b]["uid_base"] == rb
+    assert cli("enter", b, "--", "true").returncode == 0
+    for n in (a, b):
+        assert cli("sliver", "destroy", n).stdout.strip() == f"destroyed {n}"
+        _nothing_left(cli, n)
+
+
+def test_refusals_leave_nothing(cli: Cli) -> None:
+    a = f"c{os.getpid()}r"
+    cli("sliver", "create", a, "--image", "bb", "--uid-base", "3000000000")
+    try:
+        res = cli("sliver", "create", a, "--image", "bb", check=False)
+        assert res.returncode == 1 and "exists already" in res.stderr
+        other = f"c{os.getpid()}o"
+        res = cli("sliver", "create", other, "--image", "bb", "--uid-base", "3000000001",
+                  check=False)
+        assert res.returncode == 1 and "overlaps" in res.stderr and a in res.stderr
+        _nothing_left(cli, other)
+        res = cli("sliver", "create", other, "--image", "nosuch", check=False)
+        assert res.returncode == 1 and "nosuch" in res.stderr
+        _nothing_left(cli, other)
+        res = cli("sliver", "create", other, "--image", "bb", "--cpu-pct", "0", check=False)
+        assert res.returncode == 2 and "--cpu-pct" in res.stderr
+        res = cli("sliver", "create", "Bad/Name", "--image", "bb", check=False)
+        assert res.returncode == 1 and "Bad/Name" in res.stderr
+        res = cli("sliver", "stop", other, check=False)
+        assert res.returncode == 1 and "not running" in res.stderr
+        res = cli("sliver", "destroy", other, check=False)
+        assert res.returncode == 1 and "no sliver" in res.stderr
+        res = cli("enter", other, "--", "true", check=False)
+        assert res.returncode == 1 and "not running" in res.stderr
+    finally:
+        cli("sliver", "destroy", a)
+    _nothing_left(cli, a)
