@@ -47,6 +47,9 @@ def sockaddr(host, port):
     return struct.pack("<H", socket.AF_INET) + struct.pack("!H", port) + \
         socket.inet_aton(host) + bytes(8)
 
+exec(sys.argv[3])  # HOSTILE: defines hostile_binds()
+
+
 def do(req):
     op = req["op"]
     if op == "bind":
@@ -98,6 +101,8 @@ def do(req):
             stop = True
             t.join()
         return counts
+    if op == "hostile":
+        return {"errnos": hostile_binds()}
     if op == "raw":
         out = {}
         for name, args in [("packet", (socket.AF_PACKET, socket.SOCK_RAW, 0)),
@@ -127,6 +132,44 @@ while True:
 """
 
 
+HOSTILE = r'''
+def hostile_binds():
+    # bind(2) with bad arguments; the errno of each (0 = bound)
+    import ctypes, errno, os, socket, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.bind.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    sin = struct.pack("<H", 2) + bytes(14)
+    sin6 = struct.pack("<H", 10) + bytes(26)
+    sun = struct.pack("<H", 1) + b"\0hostile" + bytes(4)
+    unspec = struct.pack("<H", 0) + bytes(14)
+    r, w = os.pipe()
+    cases = []
+    def new(fam=socket.AF_INET):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        cases.append(s)
+        return s.fileno()
+    keep = []
+    def buf(b):
+        cb = ctypes.create_string_buffer(b, len(b))
+        keep.append(cb)
+        return ctypes.addressof(cb)
+    calls = [
+        (-1, buf(sin), 16), (9999, buf(sin), 16), (r, buf(sin), 16),
+        (new(), None, 16), (new(), 0xDEAD0000, 16), (new(), buf(sin), -1),
+        (new(), buf(sin), 200), (new(), buf(sin), 0), (new(), buf(sin6), 28),
+        (new(socket.AF_INET6), buf(sin), 16), (new(), buf(unspec), 16),
+        (new(), buf(sun), len(sun)), (new(), buf(sin), 8),
+    ]
+    out = []
+    for fd, addr, length in calls:
+        out.append(0 if libc.bind(fd, addr, length) == 0 else ctypes.get_errno())
+    for s in cases:
+        s.close()
+    os.close(r); os.close(w)
+    return out
+'''
+
+
 class Sliver:
     """A harness process under the guard filter (see the module docstring)."""
 
@@ -135,7 +178,7 @@ class Sliver:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.ctl = mine
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(ROOT)],
+            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(ROOT), HOSTILE],
             pass_fds=(theirs.fileno(),))
         theirs.close()
         try:
@@ -310,6 +353,25 @@ async def test_supervisor_ends_when_sliver_goes(tmp_path: Path, slivers: Any) ->
             os.close(a.listener)
             a.kill()
     assert a.name not in guard.listening  # the task saw POLLHUP and returned
+
+
+async def test_hostile_binds_answered_as_the_kernel_would(tmp_path: Path, slivers: Any) -> None:
+    """Bad fds, pointers, lengths and families: the guard gives the kernel's own errno
+    (compared with the same calls made without the filter) and keeps running."""
+    guard = make_guard(tmp_path)
+    a = slivers("a")
+    namespace: dict[str, Any] = {}
+    exec(HOSTILE, namespace)
+    unguarded = namespace["hostile_binds"]()
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a)
+        guarded = (await a.acall(op="hostile"))["errnos"]
+        assert (await a.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0  # still up
+        nursery.cancel_scope.cancel()
+    print("hostile", guarded)
+    assert guarded == unguarded
+    assert errno.EBADF in guarded and errno.EFAULT in guarded and errno.ENOTSOCK in guarded
+    assert guard.stats.errors == 0
 
 
 SLOW_SUPERVISOR = r"""
