@@ -87,6 +87,7 @@ def _ioc(direction: int, nr: int, size: int) -> int:
 
 
 _W, _R, _RW = 1, 2, 3
+BTRFS_IOC_RESIZE = _ioc(_W, 3, ctypes.sizeof(VolArgs))
 BTRFS_IOC_SUBVOL_CREATE = _ioc(_W, 14, ctypes.sizeof(VolArgs))
 BTRFS_IOC_SNAP_DESTROY = _ioc(_W, 15, ctypes.sizeof(VolArgs))
 BTRFS_IOC_INO_LOOKUP = _ioc(_RW, 18, ctypes.sizeof(InoLookupArgs))
@@ -126,6 +127,27 @@ def subvol_delete(parent: Path, name: str) -> None:
     """
     args = VolArgs(0, _name(name))
     _ioctl(parent, BTRFS_IOC_SNAP_DESTROY, args, "delete btrfs subvolume")
+
+
+def resize_max(fs_path: Path) -> None:
+    """Grow the filesystem to the whole size of its (single) device."""
+    args = VolArgs(0, b"max")
+    _ioctl(fs_path, BTRFS_IOC_RESIZE, args, "resize btrfs filesystem")
+
+
+LOOP_SET_CAPACITY = 0x4C07
+
+
+def loop_set_capacity(device: str) -> None:
+    """Make a loop device re-read the size of its backing file."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+    except OSError as exc:
+        raise OSError(exc.errno, f"loop set capacity: {os.strerror(exc.errno or 0)}",
+                      device) from None
+    finally:
+        os.close(fd)
 
 
 def is_subvolume(path: Path) -> bool:
@@ -279,6 +301,8 @@ def ensure_store(roots_dir: Path, size_kib: int | None = None) -> Path:
 
     base, img, mnt = _store_dirs(roots_dir)
     if store_mounted(roots_dir):
+        if size_kib is not None and size_kib * KIB > os.stat(img).st_size:
+            grow_store(roots_dir, size_kib)
         return mnt
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o700)
@@ -313,6 +337,34 @@ def ensure_store(roots_dir: Path, size_kib: int | None = None) -> Path:
         umount(mnt)
         raise
     return mnt
+
+
+def store_size_kib(roots_dir: Path) -> int:
+    """The layer store's size (its backing file's apparent size)."""
+    return os.stat(_store_dirs(roots_dir)[1]).st_size // KIB
+
+
+def grow_store(roots_dir: Path, size_kib: int) -> None:
+    """Grow the mounted layer store in place to `size_kib`: extend the sparse file,
+    have the loop device re-read its size, and resize btrfs to fill it. Slivers keep
+    running. Shrinking is refused (btrfs could, but it moves data: do it offline)."""
+    from kernel.mount import mountinfo
+
+    _, img, mnt = _store_dirs(roots_dir)
+    current = os.stat(img).st_size
+    if size_kib * KIB < current:
+        raise DiskError(f"layer store {img} is {current // KIB} KiB; shrinking it to "
+                        f"{size_kib} KiB in place is not supported")
+    if size_kib * KIB == current:
+        return
+    real = os.path.realpath(mnt)
+    devices = [mi.source for mi in mountinfo() if mi.mount_point == real]
+    if not devices or not devices[-1].startswith("/dev/loop"):
+        raise DiskError(f"layer store {mnt} is not mounted from a loop device")
+    with open(img, "r+b") as f:
+        f.truncate(size_kib * KIB)
+    loop_set_capacity(devices[-1])
+    resize_max(mnt)
 
 
 def unmount_store(roots_dir: Path, *, remove: bool = False) -> None:

@@ -131,6 +131,14 @@ def test_store_errors_and_teardown_leave_nothing(node: tuple[ImageStore, Path]) 
     img = roots / ".disk/layers.btrfs"
     assert os.stat(img).st_blocks * 512 < STORE_KIB * 1024 // 4  # sparse
     rootfs.prepare_root(store, roots, f"t{os.getpid()}", "bb", BASE_A)
+    # Grown in place from config while a sliver uses it; shrinking is refused.
+    before = os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize
+    disk.ensure_store(roots, size_kib=STORE_KIB * 2)
+    assert disk.store_size_kib(roots) == STORE_KIB * 2
+    after = os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize
+    assert after >= before + STORE_KIB * 1024 * 9 // 10
+    with pytest.raises(disk.DiskError, match="shrinking"):
+        disk.grow_store(roots, STORE_KIB)
     with pytest.raises(disk.DiskError, match="still holds layers"):
         disk.unmount_store(roots)
     cleanup_roots(roots)

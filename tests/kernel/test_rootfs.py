@@ -171,10 +171,14 @@ def test_prepare_is_idempotent_and_release_leaves_nothing(
     with pytest.raises(rootfs.RootError, match="already has a root"):
         rootfs.prepare_root(store, roots, name, "bb", BASE_B)
 
-    # After a reboot-like loss of the mount, prepare mounts the same layer again.
+    # After a reboot (the root and the layer store unmounted, the loop device gone),
+    # prepare mounts the store and the same layer again, limit included.
     subprocess.run(["umount", str(a)], check=True)
-    rootfs.prepare_root(store, roots, name, "bb", BASE_A)
+    subprocess.run(["umount", str(disk.layers_dir(roots))], check=True)
+    assert not disk.store_mounted(roots)
+    rootfs.prepare_root(store, roots, name, "bb", BASE_A, disk_max_kib=8192)
     assert (a / "keep").read_text() == "x"
+    assert disk.layer_limit_kib(roots, name) == 8192
 
     rootfs.release_root(roots, name)
     rootfs.release_root(roots, name)
