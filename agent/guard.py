@@ -40,7 +40,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -200,11 +200,19 @@ def _already_bound(fd: int, info: tuple[int, int, int], address: str, port: int)
         socket.inet_pton(family, got[0]) == socket.inet_pton(family, address)
 
 
-@dataclass
-class Outcome:
+class Outcome(NamedTuple):
     """The reply for one notification and what happened (for the log and tests)."""
 
     error: int
+    what: str
+
+
+class _AsCaller(NamedTuple):
+    """A bind to run in guard-bindas (awaited outside the synchronous fast path)."""
+
+    pid: int
+    fd: int  # a duplicate owned by this object
+    raw: bytes
     what: str
 
 
@@ -240,12 +248,18 @@ class Guard:
         return self.run_dir / f"{slice_name}.inflight"
 
     async def handle(self, slice_name: str, listener: int, n: seccomp.Notification,
-               redo: bool = False) -> Outcome:
+                     redo: bool = False) -> Outcome:
         """Decide and perform one notified syscall; never raises for bad input."""
+        out = self.handle_now(slice_name, listener, n, redo)
+        return out if isinstance(out, Outcome) else await self._finish(out)
+
+    def handle_now(self, slice_name: str, listener: int, n: seccomp.Notification,
+                   redo: bool = False) -> Outcome | _AsCaller:
+        """The synchronous part of `handle`: the answer, or the bind left to the helper."""
         try:
             if n.nr != seccomp.NR_BIND:
                 raise Denied(errno.ENOSYS, f"syscall {n.nr} is not guarded by this agent")
-            return await self._bind(slice_name, listener, n, redo)
+            return self._bind(slice_name, listener, n, redo)
         except Denied as d:
             return Outcome(d.errno, str(d))
         except OSError as exc:  # the caller's fd or memory: its errno is the answer
@@ -255,28 +269,35 @@ class Guard:
             self.stats.errors += 1
             return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
 
-    async def _bind(self, slice_name: str, listener: int, n: seccomp.Notification,
-              redo: bool) -> Outcome:
-        fdnum = n.args[0] & 0xFFFFFFFF
-        addrlen = n.args[2] & 0xFFFFFFFF
+    def _bind(self, slice_name: str, listener: int, n: seccomp.Notification,
+              redo: bool) -> Outcome | _AsCaller:
+        args = n.args
+        fdnum = args[0] & 0xFFFFFFFF
+        addrlen = args[2] & 0xFFFFFFFF
         if fdnum >= 2**31:
             raise Denied(errno.EBADF, "negative fd")
         if addrlen > SOCKADDR_MAX:  # also catches a negative int
             raise Denied(errno.EINVAL, f"addrlen {addrlen}")
         fd = self._getfd(slice_name, n.pid, fdnum)
         try:
-            raw = self._reader.read(n.pid, n.args[1], addrlen) if addrlen else b""
+            raw = self._reader.read(n.pid, args[1], addrlen) if addrlen else b""
             # The pid could have been reused between RECV and now: only trust what was
             # read if the caller is still the one waiting.
             if not seccomp.notif_id_valid(listener, n.id):
                 raise Denied(errno.ESRCH, "caller no longer waiting")
             try:
-                domain, stype, proto = sock_info(fd)
+                info = sock_info(fd)
             except OSError as exc:
                 raise Denied(exc.errno or errno.ENOTSOCK, "not a socket") from exc
-            return await self._bind_socket(slice_name, n, fd, (domain, stype, proto), raw, redo)
+            return self._bind_socket(slice_name, n, fd, info, raw, redo)
         finally:
             os.close(fd)
+
+    async def _finish(self, job: _AsCaller) -> Outcome:
+        try:
+            return Outcome(await self._bind_as_caller(job.pid, job.fd, job.raw), job.what)
+        finally:
+            os.close(job.fd)
 
     def _getfd(self, slice_name: str, tid: int, fdnum: int) -> int:
         """A copy of fd `fdnum` of thread `tid`, through a cached pidfd when possible."""
@@ -308,8 +329,8 @@ class Guard:
         for pidfd in self._pidfds.pop(slice_name, {}).values():
             os.close(pidfd)
 
-    async def _bind_socket(self, slice_name: str, n: seccomp.Notification, fd: int,
-                           info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome:
+    def _bind_socket(self, slice_name: str, n: seccomp.Notification, fd: int,
+                     info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome | _AsCaller:
         family, stype, sproto = info
         if family == AF_INET or family == AF_INET6:
             proto = _ip_proto(stype, sproto)
@@ -334,7 +355,7 @@ class Guard:
             nl_pid, groups = struct.unpack_from("<II", raw, 4)
             if groups == 0:
                 return Outcome(self._bind_netlink(n.pid, fd, raw, nl_pid), "netlink")
-        return Outcome(await self._bind_as_caller(n.pid, fd, raw), f"family {family} as caller")
+        return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller")
 
     def _bind_netlink(self, pid: int, fd: int, raw: bytes, nl_pid: int) -> int:
         """A netlink bind without groups, as the kernel would do it for the caller.
@@ -440,7 +461,10 @@ class Guard:
                     os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
                     # No need to clear the slot afterwards: an answered id is not
                     # valid any more, and ids are never reused.
-                    self._reply(slice_name, listener, n, await self.handle(slice_name, listener, n))
+                    out = self.handle_now(slice_name, listener, n)
+                    if not isinstance(out, Outcome):
+                        out = await self._finish(out)
+                    self._reply(slice_name, listener, n, out)
                 await trio.lowlevel.checkpoint()
         finally:
             if self.listening.get(slice_name) == listener:

@@ -28,6 +28,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 MAX_PORTS_PER_RANGE = 4096  # bounds the table: a tag cannot claim 64k ports at once
@@ -74,8 +75,7 @@ class PortRange:
         return f"{self.proto}:{ports}" + (f"@{self.address}" if self.address else "")
 
 
-@dataclass(frozen=True)
-class BindDecision:
+class BindDecision(NamedTuple):
     """The verdict for one bind: errno 0 means allowed; `reason` goes to the log."""
 
     errno: int

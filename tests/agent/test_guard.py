@@ -375,17 +375,23 @@ async def test_hostile_binds_answered_as_the_kernel_would(tmp_path: Path, sliver
 
 
 SLOW_SUPERVISOR = r"""
-import os, sys, trio
+import os, sys, time, trio
 sys.path.insert(0, sys.argv[1])
 from agent.guard import Guard, PortService, PortStore
 from agent.ports import PortTable, read_ephemeral_range
 mode, name, fd, port = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 
 class Stuck(Guard):
-    async def handle(self, slice_name, listener, n, redo=False):
-        out = await super().handle(slice_name, listener, n, redo) if mode == "after" else None
+    # "before": stuck before doing anything; "after": the bind is done, the reply not.
+    def handle_now(self, slice_name, listener, n, redo=False):
+        if mode == "before":
+            print("stuck", flush=True)
+            time.sleep(3600)
+        return super().handle_now(slice_name, listener, n, redo)
+
+    def _reply(self, slice_name, listener, n, out):
         print("stuck", flush=True)
-        await trio.sleep_forever()
+        time.sleep(3600)
 
 guard = Stuck(PortService(PortTable([], read_ephemeral_range())), sys.argv[6])
 guard.ports.reserve(name, f"tcp:{port}")
