@@ -109,6 +109,9 @@ def prepare_root(store: ImageStore, roots_dir: Path, name: str, image: str,
     disk._check_kib(disk_max_kib, name)
     roots_dir = Path(roots_dir)
     img = store.get(image, with_users=False)
+    if not img.rootfs.is_dir() or img.rootfs.is_symlink():
+        raise RootError(f"image {image!r} is damaged ({img.rootfs} is missing): remove it "
+                        "and import it again")
     merged = roots_dir / name
     with _roots_lock(roots_dir):
         os.chmod(roots_dir, 0o711)

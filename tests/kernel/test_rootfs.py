@@ -240,6 +240,15 @@ def test_failed_prepare_leaves_nothing(node: tuple[ImageStore, Path]) -> None:
     (roots / name).unlink()
     _assert_nothing_left(store, roots, name)
 
+    # A damaged image (its tree is missing) is refused, naming it.
+    broken = store.root / "broken"
+    shutil.copytree(store.get("bb").path, broken, symlinks=True)
+    shutil.rmtree(broken / "rootfs")
+    with pytest.raises(rootfs.RootError, match="image 'broken' is damaged"):
+        rootfs.prepare_root(store, roots, name, "broken", BASE_A)
+    assert store.get("broken").users == ()
+    _assert_nothing_left(store, roots, name)
+
     # Failure in the mount itself: the layer's work dir is taken away just before.
     real = disk.create_layer
 
