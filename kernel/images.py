@@ -416,6 +416,7 @@ class DebootstrapProtocol:
         self._pending: tuple[int, int, str] | None = None
         self._args: list[str] = []
         self.last_info = ""
+        self.errors: list[str] = []
 
     def feed(self, line: str) -> None:
         tag, _, rest = line.partition(": ")
@@ -427,8 +428,15 @@ class DebootstrapProtocol:
                 return
             self._pending = (now, end, bits[2] if len(bits) > 2 else "")
             self._args = []
-        elif tag in ("PA", "IA"):
+        elif tag in ("PA", "IA", "EA", "WA"):
             self._args.append(rest)
+        elif tag == "EF":
+            self.errors.append(_format(rest, self._args))
+            self._args = []
+        elif tag in ("E", "W"):
+            self._args = []
+        elif tag == "WF":
+            self._args = []
         elif tag == "PF" and self._pending is not None:
             now, end, what = self._pending
             self.progress(now, end, _format(rest, self._args) or what)
@@ -496,5 +504,6 @@ def run_debootstrap(argv: list[str], progress: Progress) -> DebootstrapLog:
         proc.stdout.close()
     if proto.last_info:
         lines.append(proto.last_info)
+    lines.extend(f"E: {e}" for e in proto.errors)
     return DebootstrapLog(rc, lines)
 

@@ -222,12 +222,14 @@ def test_debootstrap_protocol_drives_progress() -> None:
     for line in ["P: 0 100 DOWNREL", "PA: bookworm", "PF: Retrieving Release for %s",
                  "I: VALIDATING", "IF: Valid Release signature", "P: 50 100 EXTRACTPKGS",
                  "PF: Extracting packages", "P: bad line", "PF: ignored",
-                 "P: 100 100 BASESUCCESS", "PF: Base system installed successfully"]:
+                 "P: 100 100 BASESUCCESS", "PF: Base system installed successfully",
+                 "E: COULDNT_DL", "EA: gpgv", "EF: Couldn't download %s"]:
         proto.feed(line)
     assert seen == [(0, 100, "Retrieving Release for bookworm"),
                     (50, 100, "Extracting packages"),
                     (100, 100, "Base system installed successfully")]
     assert proto.last_info == "Valid Release signature"
+    assert proto.errors == ["Couldn't download gpgv"]
 
 
 FAKE_DEBOOTSTRAP = """#!/bin/sh
