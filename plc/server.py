@@ -75,6 +75,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: PLCServer
     server_version = "PLCAPI"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK stall
     timeout = IDLE_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
