@@ -224,7 +224,7 @@ def test_invalid_utf8_inside_valid_xml(live: LiveServer, client: Client, text: s
                                            "UpdateNode", "GetSlivers", "AddSliceTag",
                                            "DeletePerson", "NoSuchMethod", "system.multicall",
                                            "system.methodHelp", "getnodes", ""]),
-       args=st.lists(bad_value, max_size=4))
+       args=st.lists(bad_value, min_size=1, max_size=4))
 def test_wrong_types_unknown_methods_and_auth(live: LiveServer, client: Client, auth: Any,
                                               method: str, args: list[Any]) -> None:
     body = xmlrpc.client.dumps((auth, *args), method, allow_none=True).encode()
