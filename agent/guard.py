@@ -645,7 +645,57 @@ async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[s
             nursery.start_soon(guard.supervise, slice_name, fd, name=f"guard:{slice_name}")
 
 
+class GuardService:
+    """Everything the agent needs from the guard, in one object (docs/guard.md).
+
+    `serve` is the service task; the other methods are called by the reconciler and
+    the slice API, from the trio thread.
+    """
+
+    def __init__(self, state: Any, addresses: list[str], run_dir: Path,
+                 ephemeral: tuple[int, int] | None = None) -> None:
+        from agent.ports import read_ephemeral_range
+        from agent.rawsock import RawSockets
+        table = PortTable(addresses, ephemeral or read_ephemeral_range())
+        self.ports = PortService(table, StatePortStore(state) if state is not None else None)
+        self.guard = Guard(self.ports, Path(run_dir) / "guard")
+        self.raw = RawSockets(lambda: self.ports.table)
+        self.api = GuardAPI(self.guard, self.raw)
+        self._send, self._recv = trio.open_memory_channel[tuple[str, int]](1024)
+
+    @staticmethod
+    def filter() -> bytes:
+        """The filter bytes for `kernel.context.GuardSpec.filter`."""
+        return seccomp.guard_filter()
+
+    def sliver_created(self, name: str, agent_end: socket.socket) -> None:
+        """After Context.create(..., guard=GuardSpec(filter(), sink)): take the listener
+        from the other end of the sink and start supervising it."""
+        self._send.send_nowait((name, recv_listener(agent_end)))
+
+    def sliver_adopted(self, name: str, init_pid: int) -> None:
+        """After an agent restart: supervise the listener the sliver's init kept."""
+        self._send.send_nowait((name, listener_of(init_pid)))
+
+    def set_tag_ports(self, name: str, tag_value: str) -> None:
+        """The slice's `ports` tag (raises PortError/PortConflict, changing nothing)."""
+        self.ports.set_tag_ports(name, tag_value)
+
+    def sliver_destroyed(self, name: str) -> None:
+        self.guard.release_sliver(name)
+
+    def methods(self) -> dict[str, Callable[..., Any]]:
+        return self.api.methods()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        try:
+            await serve_guard(self.guard, self._recv, task_status=task_status)
+        finally:
+            self.raw.close()
+
+
 __all__ = [
-    "Guard", "GuardAPI", "GuardStats", "recv_listener", "PortService", "PortStore", "StatePortStore", "serve_guard",
+    "Guard", "GuardAPI", "GuardService", "GuardStats", "recv_listener", "PortService", "PortStore", "StatePortStore", "serve_guard",
     "listener_of", "PortConflict", "PortError",
 ]

@@ -473,3 +473,35 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
         assert again.table.entries() == svc.table.entries()
         assert again.table.owner("tcp", "127.0.0.1", 443) == "s2"
         assert PortRange("udp", 53, 53, "192.0.2.1") in again.table.holdings("s1")
+
+
+async def test_guard_service_end_to_end(tmp_path: Path, slivers: Any) -> None:
+    """The agent's view: state-backed ports, listener in, API reserve, bind, destroy."""
+    from agent.guard import GuardService
+    from agent.state import State
+
+    class Caller:
+        kind, pid, uid = "sliver", 1, 1
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    a = slivers("a")
+    port = free_ports(1)[0]
+    with State.open(tmp_path / "state") as state:
+        svc = GuardService(state, [], tmp_path / "run")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.serve)
+            agent_end, init_end = socket.socketpair()
+            with agent_end, init_end:  # as the sliver init sends it
+                socket.send_fds(init_end, [b"L"], [a.listener])
+                svc.sliver_created(a.name, agent_end)
+            assert svc.methods()["ReservePort"](Caller(a.name), f"tcp:{port}") == 1
+            assert (await a.acall(op="bind", host="127.0.0.1", port=port))["errno"] == 0
+            svc.sliver_destroyed(a.name)
+            assert (await a.acall(op="bind", host="127.0.0.1", port=port))["errno"] \
+                == errno.EACCES
+            nursery.cancel_scope.cancel()
+        with state.transaction() as db:
+            assert db.execute("SELECT COUNT(*) FROM ports WHERE name=?", (a.name,)).fetchone() \
+                == (0,)
