@@ -114,7 +114,9 @@ def prepare_root(store: ImageStore, roots_dir: Path, name: str, image: str,
                         "and import it again")
     merged = roots_dir / name
     with _roots_lock(roots_dir):
-        os.chmod(roots_dir, 0o711)
+        # Root only: a merged root holds files the sliver made setuid (its own root,
+        # uid_base on the host); no host user may reach them by path.
+        os.chmod(roots_dir, 0o700)
         old = read_state(roots_dir, name)
         if old is not None and (old.get("image") != image or old.get("uid_base") != uid_base
                                 or old.get("uid_count") != uid_count):
