@@ -98,6 +98,17 @@ class ImageStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        self._reap_staging()
+
+    def _reap_staging(self) -> None:
+        """Delete staging trees (.tmp-*-<pid>-<ns>) whose process is gone: what an
+        import or removal killed half-way left behind."""
+        for p in self.root.iterdir():
+            if not p.name.startswith(".tmp-"):
+                continue
+            parts = p.name.rsplit("-", 2)
+            if len(parts) == 3 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- locking and paths -------------------------------------------------
 

@@ -80,6 +80,15 @@ def test_import_dir_keeps_what_an_os_needs_and_drops_devices(base: Path) -> None
     with pytest.raises(UnknownImage, match="'nothere'"):
         store.get("nothere")
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
+    # What a killed import left behind goes when the store is next opened; a live
+    # process's staging tree stays.
+    dead = store.root / ".tmp-x-999999999-1"
+    live = store.root / f".tmp-y-{os.getpid()}-1"
+    (dead / "rootfs").mkdir(parents=True)
+    live.mkdir()
+    ImageStore(base / "images")
+    assert not dead.exists() and live.exists()
+    live.rmdir()
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
