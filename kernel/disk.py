@@ -282,6 +282,11 @@ def store_mounted(roots_dir: Path) -> bool:
     return mnt.is_dir() and is_mountpoint(mnt) and _is_btrfs(mnt)
 
 
+def store_exists(roots_dir: Path) -> bool:
+    """True once the store's backing file has been made (mounted or not)."""
+    return _store_dirs(roots_dir)[1].is_file()
+
+
 def default_store_kib(roots_dir: Path) -> int:
     """32 GiB, or half the free space of the host filesystem when that is less."""
     st = os.statvfs(Path(roots_dir))

@@ -124,7 +124,14 @@ def prepare_root(store: ImageStore, roots_dir: Path, name: str, image: str,
                             f"{old.get('image')!r} with uids {old.get('uid_base')}+"
                             f"{old.get('uid_count')}: release it first")
         with contextlib.ExitStack() as undo:
-            disk.ensure_store(roots_dir, store_size_kib)
+            if not disk.store_mounted(roots_dir):
+                # Made (or mounted) by this call: a failure takes it down again, unless
+                # it holds other slivers' layers (after a reboot).
+                fresh = not disk.store_exists(roots_dir)
+                disk.ensure_store(roots_dir, store_size_kib)
+                undo.callback(_undo_store, roots_dir, fresh)
+            else:
+                disk.ensure_store(roots_dir, store_size_kib)
             disk.reap_qgroups(roots_dir)
             state = {"name": name, "image": image, "image_dir": str(img.path),
                      "uid_base": uid_base, "uid_count": uid_count,
@@ -179,6 +186,12 @@ def _mount_overlay(lower: Path, layer: Path, target: Path, uid_base: int,
     finally:
         for fd in (mnt, fs, work, upper, ltree, tree):
             m.close_quietly(fd)
+
+
+def _undo_store(roots_dir: Path, remove: bool) -> None:
+    if any(disk.layers_dir(roots_dir).iterdir()):
+        return  # other slivers' layers: the store stays
+    disk.unmount_store(roots_dir, remove=remove)
 
 
 def _rmdir_quiet(path: Path) -> None:

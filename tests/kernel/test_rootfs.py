@@ -231,10 +231,20 @@ def test_failed_prepare_leaves_nothing(node: tuple[ImageStore, Path]) -> None:
         rootfs.prepare_root(store, roots, "../etc", "bb", BASE_A)
     _assert_nothing_left(store, roots, name)
 
-    # Half-way failure: the layer and limit are made, then the mount point cannot be
-    # created (a file is in the way); everything made so far is undone.
-    rootfs.prepare_root(store, roots, f"ok{os.getpid()}", "bb", BASE_B, store_size_kib=STORE_KIB)
+    # Half-way failure of the node's first root: the store, layer and limit are made,
+    # then the mount point cannot be (a file is in the way). All of it goes, the
+    # store's loop device and file included.
+    roots.mkdir()
     (roots / name).write_text("in the way")
+    with pytest.raises(FileExistsError):
+        rootfs.prepare_root(store, roots, name, "bb", BASE_A, disk_max_kib=1024,
+                            store_size_kib=STORE_KIB)
+    assert not disk.store_mounted(roots) and not disk.store_exists(roots)
+    assert our_loops(roots) == ""
+    assert our_mounts(roots) == []
+
+    # The same with a store that other slivers use: only this sliver's part goes.
+    rootfs.prepare_root(store, roots, f"ok{os.getpid()}", "bb", BASE_B, store_size_kib=STORE_KIB)
     with pytest.raises(FileExistsError):
         rootfs.prepare_root(store, roots, name, "bb", BASE_A, disk_max_kib=1024)
     (roots / name).unlink()
