@@ -209,3 +209,33 @@ def test_config_gives_url_and_maintenance_account(tmp_path: Path) -> None:
         shell.load_config(conf)
     with pytest.raises(shell.ShellError, match="no such file"):
         shell.load_config(tmp_path / "missing.toml")
+
+
+def test_plc_shell_console_script_against_real_server(tmp_path: Path) -> None:
+    """`plc shell` (the console script) against `plc serve`: a read, and a batch."""
+    try:
+        from plc_live import remove_workdir, start_server
+    except ImportError:  # tests/plc imported as a package
+        from .plc_live import remove_workdir, start_server  # type: ignore[no-redef]
+
+    srv = start_server(tmp_path / f"shell-{os.getpid()}")
+    try:
+        plc = str(Path(sys.executable).with_name("plc"))
+        base = [plc, "shell", "--url", srv.url.replace("/PLCAPI/", "//PLCAPI//"),
+                "-u", srv.admin_email, "-p", srv.admin_password]
+        out = subprocess.run(base + ["-c", f"GetSites(['{srv.prefix}'], ['login_base'])"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"[{{'login_base': '{srv.prefix}'}}]"
+        batch = ("begin(); AddSite({'name': 'S', 'abbreviated_name': 'S', "
+                 "'login_base': 'shellsite'}); GetSites(['shellsite'], ['name']); "
+                 "r = commit(); print(r[0] > 0, r[1])")
+        out = subprocess.run(base + ["-c", batch], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "True [{'name': 'S'}]"
+        out = subprocess.run(base + ["-c", "DeleteSite('no-such-site')"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "Fault 102" in out.stderr
+    finally:
+        srv.stop()
+        remove_workdir(tmp_path / f"shell-{os.getpid()}")
