@@ -275,3 +275,33 @@ def test_failed_prepare_leaves_nothing(node: tuple[ImageStore, Path]) -> None:
         disk.create_layer = real  # type: ignore[assignment]
     _assert_nothing_left(store, roots, name)
     assert our_loops(roots / ".disk")  # the store itself stays for the other sliver
+
+
+def test_concurrent_first_prepares_share_one_store(node: tuple[ImageStore, Path]) -> None:
+    """Several slivers prepared at once on a fresh node: one store, one loop device,
+    every root mounted (the roots lock serialises store creation)."""
+    import threading
+
+    store, roots = node
+    names = [f"cc{os.getpid()}x{i}" for i in range(4)]
+    bases = [unique_uid_base() for _ in names]
+    errors: list[BaseException] = []
+
+    def one(n: str, b: int) -> None:
+        try:
+            rootfs.prepare_root(store, roots, n, "bb", b, disk_max_kib=2048,
+                                store_size_kib=STORE_KIB)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n, b)) for n, b in zip(names, bases, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert rootfs.list_roots(roots) == sorted(names)
+    assert len(our_loops(roots).splitlines()) == 1
+    assert len([m for m in our_mounts(roots) if " overlay " in m]) == 4
+    for n, b in zip(names, bases, strict=True):
+        assert (roots / n).stat().st_uid == b
