@@ -467,6 +467,10 @@ def test_legacy_scenario(live: LiveServer) -> None:
         for p in (pi, user, tech):
             assert p.password not in ev["call"]
     assert live.admin_password not in " ".join(e["call"] for e in api.GetEvents(admin))
+    # ... nor in the server's log.
+    log = live.log.read_text(errors="replace")
+    for secret in (live.admin_password, pi.password, user.password, tech.password):
+        assert secret not in log
 
     # -- deletes -----------------------------------------------------------------------
     assert api.DeleteSliceTag(user.auth, v1) == 1
