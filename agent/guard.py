@@ -689,10 +689,10 @@ class GuardService:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        try:
-            await serve_guard(self.guard, self._recv, task_status=task_status)
-        finally:
-            self.raw.close()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.raw.run)
+            await nursery.start(serve_guard, self.guard, self._recv)
+            task_status.started()
 
 
 __all__ = [

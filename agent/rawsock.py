@@ -1,13 +1,14 @@
 """Safe raw sockets: what a slice may see and send below the socket layer.
 
 A slice never opens a raw or packet socket itself (the guard filter refuses it).
-Through the slice API it gets instead, by SCM_RIGHTS:
+Through the slice API it gets instead, by SCM_RIGHTS, the receive-only end of a
+relay fed by an agent-held packet socket (cooked, every interface) with a locked
+BPF filter:
 
-- a sniffer: a packet socket (cooked, every interface) whose locked BPF filter
-  accepts only IPv4/IPv6 packets from or to an (address, port) the slice owns, or
-  ICMP echo with an ICMP id it owns (`sniffer_filter`);
-- an error socket: the same kind of socket, accepting only ICMP errors whose quoted
-  packet was sent from an (address, port) or ICMP id the slice owns (`error_filter`).
+- a sniffer: only IPv4/IPv6 packets from or to an (address, port) the slice owns,
+  or ICMP echo with an ICMP id it owns (`sniffer_filter`);
+- an error socket: only ICMP errors whose quoted packet was sent from an (address,
+  port) or ICMP id the slice owns (`error_filter`).
 
 And the agent sends a raw IP packet for it (`raw_send`) only after checking the
 source address is the node's and the source port (or ICMP echo id) is the slice's.
@@ -16,17 +17,22 @@ The filters are compiled from what the slice owns when the socket is opened; ope
 new one after reserving more ports. IPv6 extension headers are not followed (such
 packets are not shown), and IPv4 fragments after the first are not shown.
 
-Known limit: a packet socket can also send frames; handing one out lets the slice
-inject frames on the node's interfaces. See docs/guard.md.
+Why a relay: a packet socket can also send frames whatever its filter (and
+PACKET_QDISC_BYPASS skips every egress hook), so handing one out would let the slice
+inject frames. The relay costs the agent a copy per packet; it is bounded per
+sniffer (RELAY_PPS, and the slice's receive queue: what does not fit is dropped).
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
+
+import trio
 
 from agent.ports import LOOPBACK4, PortRange, PortTable, normalize_address
 from kernel import packet as pk
@@ -258,28 +264,126 @@ class FdReply:
     socks: list[socket.socket] = field(default_factory=list)
 
 
+RELAY_PPS = 20000    # packets a second forwarded to one sniffer, at most
+RELAY_BURST = 2000
+RELAY_BATCH = 64     # packets moved per scheduler turn
+RELAY_CHECK = 5.0    # seconds between checks that the slice still holds its end
+
+
+@dataclass
+class RelayStats:
+    forwarded: int = 0
+    dropped: int = 0
+
+
+async def relay(source: socket.socket, sink: socket.socket, stats: RelayStats,
+                pps: float = RELAY_PPS, burst: int = RELAY_BURST) -> None:
+    """Forward each packet read from `source` (the agent's filtered packet socket) as
+    one message on `sink` (the agent's end of the slice's socket pair) until the
+    slice closes its end. Packets beyond `pps` or that the slice has no room for are
+    dropped and counted. Closes both sockets on return or cancellation.
+    """
+    from agent.tokenbucket import TokenBuckets
+    bucket = TokenBuckets(pps, burst, trio.current_time)
+    hup = select.poll()
+    hup.register(sink, select.POLLHUP)
+    try:
+        while True:
+            with trio.move_on_after(RELAY_CHECK):
+                await trio.lowlevel.wait_readable(source)
+            if hup.poll(0):
+                return  # the slice closed its end
+            for _ in range(RELAY_BATCH):
+                try:
+                    pkt = source.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if not bucket.take("relay"):
+                    stats.dropped += 1
+                    continue
+                try:
+                    sink.send(pkt, socket.MSG_DONTWAIT)
+                    stats.forwarded += 1
+                except BlockingIOError:
+                    stats.dropped += 1
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+            await trio.lowlevel.checkpoint()
+    finally:
+        trio.lowlevel.notify_closing(source)
+        source.close()
+        sink.close()
+
+
 class RawSockets:
-    """The agent side: opens filtered sockets and sends checked raw packets."""
+    """The agent side: filtered packet sockets, their relays to slices, checked raw sends.
+
+    A slice does not get the packet socket itself: a packet socket can also send
+    frames, whatever its filter. It gets the receive-only end of a SOCK_SEQPACKET
+    pair (shut down for writing) on which `relay` delivers each packet the locked
+    filter accepted, as one message starting at the network header. `run` is the
+    service task that owns the relays.
+    """
 
     def __init__(self, table_of: object) -> None:
         # `table_of()` gives the current PortTable (PortService swaps tables on commit).
         self._table_of = table_of
         self._senders: dict[int, socket.socket] = {}
+        self._nursery: trio.Nursery | None = None
+        self.relays: dict[str, list[RelayStats]] = {}
 
     def _table(self) -> PortTable:
         return self._table_of()  # type: ignore[operator, no-any-return]
 
-    def open_sniffer(self, slice_name: str) -> socket.socket:
-        holdings = self._table().holdings(slice_name)
-        if not holdings:
-            raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port to sniff")
-        return pk.open_sniffer(sniffer_filter(holdings))
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Own the relays until cancelled (they close with it)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.close()
 
-    def open_error_socket(self, slice_name: str) -> socket.socket:
+    def packet_socket(self, slice_name: str, kind: str) -> socket.socket:
+        """The agent's packet socket for `kind` "sniffer" or "errors", filter locked."""
         holdings = self._table().holdings(slice_name)
         if not holdings:
             raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
-        return pk.open_sniffer(error_filter(holdings))
+        if kind not in ("sniffer", "errors"):
+            raise ValueError(f"unknown packet socket kind {kind!r}")
+        program = sniffer_filter(holdings) if kind == "sniffer" else error_filter(holdings)
+        return pk.open_sniffer(program)
+
+    def _open_relayed(self, slice_name: str, kind: str) -> socket.socket:
+        if not self._table().holdings(slice_name):
+            raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
+        if self._nursery is None:
+            raise RuntimeError("the raw socket service (RawSockets.run) is not running")
+        source = self.packet_socket(slice_name, kind)
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX,
+                                             socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except BaseException:
+            source.close()
+            raise
+        theirs.shutdown(socket.SHUT_WR)  # the slice can only receive on it
+        mine.setblocking(False)
+        source.setblocking(False)
+        stats = RelayStats()
+        self.relays.setdefault(slice_name, []).append(stats)
+        self._nursery.start_soon(relay, source, mine, stats, name=f"relay:{slice_name}:{kind}")
+        return theirs
+
+    def open_sniffer(self, slice_name: str) -> socket.socket:
+        """The slice's end of a relay showing only its own traffic."""
+        return self._open_relayed(slice_name, "sniffer")
+
+    def open_error_socket(self, slice_name: str) -> socket.socket:
+        """The slice's end of a relay showing ICMP errors about its own traffic."""
+        return self._open_relayed(slice_name, "errors")
 
     def raw_send(self, slice_name: str, data: bytes) -> int:
         family, _, dst = check_raw_packet(self._table(), slice_name, data)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import trio
 
 from agent.guard import Guard, GuardAPI, PortService
 from agent.ports import PortTable
@@ -65,17 +66,17 @@ def test_reservation_cap(api: GuardAPI) -> None:
 
 
 @pytest.mark.kernel
-def test_sniffer_and_raw_send_calls(api: GuardAPI) -> None:
+async def test_sniffer_and_raw_send_calls(api: GuardAPI) -> None:
     assert fault(api.OpenSniffer, A).code == 102   # owns nothing yet
     api.ReservePort(A, "udp:5555@127.0.0.1")
-    reply = api.OpenSniffer(A)
-    assert isinstance(reply, FdReply) and reply.value == 1
-    for s in reply.socks:
-        assert s.family == socket.AF_PACKET
-        s.close()
-    reply = api.OpenErrorSocket(A)
-    for s in reply.socks:
-        s.close()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.raw.run)
+        for call in (api.OpenSniffer, api.OpenErrorSocket):
+            reply = call(A)
+            assert isinstance(reply, FdReply) and reply.value == 1 and len(reply.socks) == 1
+            assert reply.socks[0].family == socket.AF_UNIX
+            reply.socks[0].close()
+        nursery.cancel_scope.cancel()
     packet = bytes.fromhex("45000000000000004011000000000000") + socket.inet_aton("127.0.0.1")
     packet = packet[:12] + socket.inet_aton("127.0.0.1") + socket.inet_aton("127.0.0.1")
     packet += bytes.fromhex("15b315b3000a0000") + b"hi"

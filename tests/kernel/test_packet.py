@@ -1,6 +1,7 @@
 """Safe raw sockets on the real kernel (loopback): a slice's sniffer sees its traffic
 and none of another slice's, its filter cannot be replaced, the error socket gets
-ICMP errors about its own traffic only, and raw sends are checked."""
+ICMP errors about its own traffic only, what the slice holds cannot send, and raw
+sends are checked."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from agent.ports import PortRange, PortTable, read_ephemeral_range
 from agent.rawsock import RawSendRefused, RawSockets, error_filter, sniffer_filter
@@ -63,7 +65,7 @@ def collect(sock: socket.socket, settle: float = 0.2) -> list[bytes]:
 def test_sniffer_sees_own_traffic_only(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
     raw, _, (pa, pb, closed, recv) = setup
     tag = str(os.getpid()).encode()
-    with raw.open_sniffer("a") as sniff:
+    with raw.packet_socket("a", "sniffer") as sniff:
         for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             udp_send(fam, host, pa, recv, b"A-out-" + tag)   # from a's port
             udp_send(fam, host, recv, pa, b"A-in-" + tag)    # to a's port
@@ -83,7 +85,7 @@ def test_sniffer_sees_own_traffic_only(setup: tuple[RawSockets, PortTable, list[
 
 def test_sniffer_filter_cannot_be_replaced(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
     raw, _, _ = setup
-    with raw.open_sniffer("a") as sniff:
+    with raw.packet_socket("a", "sniffer") as sniff:
         prog, buf = pk._fprog(pk.accept_all())
         with pytest.raises(PermissionError):
             sniff.setsockopt(socket.SOL_SOCKET, pk.SO_ATTACH_FILTER, prog)
@@ -100,7 +102,7 @@ def test_sniffer_filter_cannot_be_replaced(setup: tuple[RawSockets, PortTable, l
 
 def test_error_socket_gets_own_icmp_errors(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
     raw, _, (pa, pb, closed, _) = setup
-    with raw.open_error_socket("a") as errs:
+    with raw.packet_socket("a", "errors") as errs:
         for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             udp_send(fam, host, pa, closed, b"to-closed")  # port unreachable, about a
             udp_send(fam, host, pb, closed, b"to-closed")  # about b
@@ -152,7 +154,9 @@ def test_raw_send_checked(setup: tuple[RawSockets, PortTable, list[int]]) -> Non
 def test_filters_bounded_and_empty_holdings(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
     raw, table, _ = setup
     with pytest.raises(RawSendRefused):
-        raw.open_sniffer("nobody")
+        raw.packet_socket("nobody", "sniffer")
+    with pytest.raises(RuntimeError, match="not running"):
+        raw.open_sniffer("a")
     many = [PortRange("udp", p, p, "127.0.0.1") for p in range(1000, 1600, 2)]
     with pytest.raises(ValueError, match="instructions"):
         sniffer_filter(many)
@@ -165,3 +169,33 @@ def test_filters_bounded_and_empty_holdings(setup: tuple[RawSockets, PortTable, 
     asm.op(pk.RET_K, 0)
     with pytest.raises(ValueError, match="jump"):
         asm.assemble()
+
+
+async def test_relay_delivers_own_traffic_and_cannot_send(
+        setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, _, (pa, pb, _, recv) = setup
+    tag = f"relay-{os.getpid()}".encode()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(raw.run)
+        held = raw.open_sniffer("a")             # what the slice gets
+        assert held.type == socket.SOCK_SEQPACKET
+        with pytest.raises(BrokenPipeError):
+            held.send(b"\x45" + bytes(40))      # it cannot send anything
+        udp_send(socket.AF_INET, "127.0.0.1", pa, recv, b"A" + tag)
+        udp_send(socket.AF_INET, "127.0.0.1", pb, recv, b"B" + tag)
+        got: list[bytes] = []
+        with trio.fail_after(5):
+            while not any(b"A" + tag in p for p in got):
+                await trio.lowlevel.wait_readable(held)
+                got += pk.drain(held)
+        assert not any(b"B" + tag in p for p in got)
+        assert all(p[0] >> 4 in (4, 6) for p in got)   # from the network header on
+        stats = raw.relays["a"][0]
+        assert stats.forwarded >= 1
+        held.close()                                  # the slice lets go ...
+        with trio.fail_after(5):
+            while raw._nursery is not None and raw._nursery.child_tasks and \
+                    any(t.name.startswith("relay:") for t in raw._nursery.child_tasks):
+                udp_send(socket.AF_INET, "127.0.0.1", pa, recv, b"wake")
+                await trio.sleep(0.05)                # ... and the relay ends
+        nursery.cancel_scope.cancel()
