@@ -188,6 +188,13 @@ def _mount_overlay(lower: Path, layer: Path, target: Path, uid_base: int,
             m.close_quietly(fd)
 
 
+def _mount_existing_store(roots_dir: Path) -> None:
+    """After a reboot the store file exists but is not mounted: mount it, so that
+    layers can be found, changed and deleted."""
+    if disk.store_exists(roots_dir) and not disk.store_mounted(roots_dir):
+        disk.ensure_store(roots_dir)
+
+
 def _undo_store(roots_dir: Path, remove: bool) -> None:
     if any(disk.layers_dir(roots_dir).iterdir()):
         return  # other slivers' layers: the store stays
@@ -212,6 +219,7 @@ def release_root(roots_dir: Path, name: str) -> None:
     merged = roots_dir / name
     with _roots_lock(roots_dir):
         state = read_state(roots_dir, name)
+        _mount_existing_store(roots_dir)
         for info in m.mounts_under(merged):
             m.umount(info.mount_point, detach=True)
         if merged.is_dir() and not merged.is_symlink():
@@ -230,6 +238,9 @@ def list_roots(roots_dir: Path) -> list[str]:
     if sdir.is_dir():
         names.update(p.name[:-5] for p in sdir.iterdir() if p.name.endswith(".json"))
     ldir = disk.layers_dir(roots_dir)
+    if disk.store_exists(roots_dir) and not disk.store_mounted(roots_dir):
+        with _roots_lock(roots_dir):
+            _mount_existing_store(roots_dir)
     if disk.store_mounted(roots_dir):
         names.update(p.name for p in ldir.iterdir())
     if roots_dir.is_dir():
@@ -242,6 +253,7 @@ def set_disk_limit(roots_dir: Path, name: str, disk_max_kib: int | None) -> None
     """Change the sliver's disk_max in place (None removes the limit)."""
     _check_name(name)
     with _roots_lock(Path(roots_dir)):
+        _mount_existing_store(Path(roots_dir))
         disk.set_layer_limit(Path(roots_dir), name, disk_max_kib)
         state = read_state(Path(roots_dir), name)
         if state is not None:
@@ -252,4 +264,7 @@ def set_disk_limit(roots_dir: Path, name: str, disk_max_kib: int | None) -> None
 def disk_usage_kib(roots_dir: Path, name: str, *, sync: bool = False) -> int:
     """KiB the sliver has written (its own layer only; the shared image is free)."""
     _check_name(name)
+    if not disk.store_mounted(Path(roots_dir)):
+        with _roots_lock(Path(roots_dir)):
+            _mount_existing_store(Path(roots_dir))
     return disk.layer_usage_kib(Path(roots_dir), name, sync=sync)

@@ -195,6 +195,10 @@ def test_release_finds_roots_after_a_restart(node: tuple[ImageStore, Path]) -> N
     names = [f"r{os.getpid()}x{i}" for i in range(3)]
     for n in names:
         rootfs.prepare_root(store, roots, n, "bb", unique_uid_base(), store_size_kib=STORE_KIB)
+    # As after a reboot: nothing is mounted any more, only the files remain.
+    for n in names:
+        subprocess.run(["umount", str(roots / n)], check=True)
+    subprocess.run(["umount", str(disk.layers_dir(roots))], check=True)
     code = ("import sys; from pathlib import Path; from kernel import rootfs\n"
             "r = Path(sys.argv[1])\n"
             "for n in rootfs.list_roots(r): rootfs.release_root(r, n)\n"
@@ -204,6 +208,7 @@ def test_release_finds_roots_after_a_restart(node: tuple[ImageStore, Path]) -> N
     assert out.strip() == "[]"
     assert [m for m in our_mounts(roots) if " overlay " in m] == []
     assert store.get("bb").users == ()
+    assert disk.store_mounted(roots) and list(disk.layers_dir(roots).iterdir()) == []
 
 
 def _assert_nothing_left(store: ImageStore, roots: Path, name: str) -> None:
