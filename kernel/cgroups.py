@@ -21,6 +21,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -69,14 +70,23 @@ def _parse_mounts(text: str) -> tuple[dict[str, Path], Path | None]:
     return v1, v2
 
 
+_detected: list[Layout] = []   # this process's cached answer (see detect_layout)
+
+
 def detect_layout(mounts: str | None = None) -> Layout:
     """Read the layout from /proc/mounts (or the given text, for tests).
 
     "v1" when the memory controller lives in a v1 hierarchy, "v2" when a cgroup2
     mount has the controllers; anything else is an error naming what was found.
+    The answer from /proc/mounts is kept for the life of the process (hierarchies
+    are mounted at boot; ensure_net_cls refreshes it when it mounts one).
     """
     if mounts is None:
-        mounts = Path("/proc/mounts").read_text()
+        if _detected:
+            return _detected[0]
+        layout = detect_layout(Path("/proc/mounts").read_text())
+        _detected[:] = [layout]
+        return layout
     v1, v2 = _parse_mounts(mounts)
     if "memory" in v1:
         return Layout("v1", v1, v2)
@@ -115,6 +125,7 @@ def ensure_net_cls(layout: Layout) -> Layout:
     except OSError as exc:
         if exc.errno != errno.EBUSY:
             raise
+    _detected.clear()
     return detect_layout()
 
 
@@ -131,7 +142,10 @@ def _read(path: Path) -> str:
     return path.read_text().strip()
 
 
-def _rmdir_when_empty(path: Path, deadline: float) -> None:
+def _rmdir_when_empty(path: Path, deadline: float,
+                      thaw: Callable[[], None] | None = None) -> None:
+    """rmdir a group; while it is busy, SIGKILL its tasks (and thaw them, since a
+    frozen task dies only once thawed) until `deadline`."""
     while True:
         try:
             os.rmdir(path)
@@ -146,6 +160,8 @@ def _rmdir_when_empty(path: Path, deadline: float) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if thaw is not None:
+            thaw()
         time.sleep(0.005)
 
 
@@ -216,12 +232,13 @@ class SliverCgroup:
             return
         for c, mnt in self.layout.v1.items():
             par = mnt / self.parent
-            if not par.is_dir():
-                par.mkdir(exist_ok=True)
-            if c == "cpuset":
+            try:
+                par.mkdir()
+            except FileExistsError:
+                continue
+            if c == "cpuset":      # a new v1 cpuset group starts with no cpus or mems
                 for f in ("cpuset.cpus", "cpuset.mems"):
-                    if not _read(par / f):
-                        _write(par / f, _read(mnt / f))
+                    _write(par / f, _read(mnt / f))
         if self.layout.v2 is not None:
             (self.layout.v2 / self.parent).mkdir(exist_ok=True)
 
@@ -235,50 +252,56 @@ class SliverCgroup:
                 made.append(d)
             if self.layout.mode == "v1" and "cpuset" in self.layout.v1:
                 par = self.path("cpuset").parent
-                for f in ("cpuset.cpus", "cpuset.mems"):
-                    _write(self.path("cpuset") / f, _read(par / f))
-            self.apply(limits)
+                cpus = getattr(limits, "cpus", None) or _read(par / "cpuset.cpus")
+                _write(self.path("cpuset") / "cpuset.cpus", cpus)
+                _write(self.path("cpuset") / "cpuset.mems", _read(par / "cpuset.mems"))
+            self.apply(limits, fresh=True)
         except BaseException:
             for d in reversed(made):
                 _rmdir_when_empty(d, time.monotonic() + 2)
             raise
 
-    def apply(self, limits: LimitsLike) -> None:
-        """Write the limits into the groups (also used to update them in place)."""
+    def apply(self, limits: LimitsLike, fresh: bool = False) -> None:
+        """Write the limits into the groups (also used to update them in place).
+
+        `fresh`: the groups were just made, so values equal to the kernel's
+        defaults (no cap, no limit, weight 1) need not be written."""
         share = max(1, int(limits.cpu_share))
         pct = limits.cpu_pct
         if pct is not None and not 1 <= pct <= 100 * os.cpu_count():  # type: ignore[operator]
             raise ValueError(f"cpu_pct {pct} out of range 1..{100 * (os.cpu_count() or 1)}")
+        def put(path: Path, value: str, default: str) -> None:
+            if not (fresh and value == default):
+                _write(path, value)
+
+        cpus = getattr(limits, "cpus", None)
         if self.layout.mode == "v1":
             cpu = self.path("cpu")
-            _write(cpu / "cpu.shares", str(min(262144, share * V1_SHARES_PER_UNIT)))
-            _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-            _write(cpu / "cpu.cfs_quota_us",
-                   "-1" if pct is None else str(pct * CFS_PERIOD_US // 100))
-            mem = self.path("memory")
-            _write(mem / "memory.limit_in_bytes",
-                   "-1" if limits.mem_max is None else str(int(limits.mem_max)))
-            _write(self.path("pids") / "pids.max",
-                   "max" if limits.pids_max is None else str(int(limits.pids_max)))
+            put(cpu / "cpu.shares", str(min(262144, share * V1_SHARES_PER_UNIT)), "1024")
+            put(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US), str(CFS_PERIOD_US))
+            put(cpu / "cpu.cfs_quota_us",
+                "-1" if pct is None else str(pct * CFS_PERIOD_US // 100), "-1")
+            put(self.path("memory") / "memory.limit_in_bytes",
+                "-1" if limits.mem_max is None else str(int(limits.mem_max)), "-1")
+            put(self.path("pids") / "pids.max",
+                "max" if limits.pids_max is None else str(int(limits.pids_max)), "max")
             if "net_cls" in self.layout.v1:
-                _write(self.path("net_cls") / "net_cls.classid",
-                       str(int(limits.net_cls_classid or 0)))
-            cpus = getattr(limits, "cpus", None)
-            if "cpuset" in self.layout.v1:
+                put(self.path("net_cls") / "net_cls.classid",
+                    str(int(limits.net_cls_classid or 0)), "0")
+            if "cpuset" in self.layout.v1 and not fresh:
                 cs = self.path("cpuset")
                 _write(cs / "cpuset.cpus", cpus if cpus else _read(cs.parent / "cpuset.cpus"))
         else:
             g = self.path("cpu")
-            _write(g / "cpu.weight", str(min(10000, share * V2_WEIGHT_PER_UNIT)))
-            _write(g / "cpu.max", f"{'max' if pct is None else pct * CFS_PERIOD_US // 100}"
-                   f" {CFS_PERIOD_US}")
-            _write(g / "memory.max",
-                   "max" if limits.mem_max is None else str(int(limits.mem_max)))
-            _write(g / "pids.max",
-                   "max" if limits.pids_max is None else str(int(limits.pids_max)))
-            cpus = getattr(limits, "cpus", None)
+            put(g / "cpu.weight", str(min(10000, share * V2_WEIGHT_PER_UNIT)), "100")
+            put(g / "cpu.max", f"{'max' if pct is None else pct * CFS_PERIOD_US // 100}"
+                f" {CFS_PERIOD_US}", f"max {CFS_PERIOD_US}")
+            put(g / "memory.max",
+                "max" if limits.mem_max is None else str(int(limits.mem_max)), "max")
+            put(g / "pids.max",
+                "max" if limits.pids_max is None else str(int(limits.pids_max)), "max")
             if (g / "cpuset.cpus").exists():
-                _write(g / "cpuset.cpus", cpus or "")
+                put(g / "cpuset.cpus", cpus or "", "")
 
     def attach(self, pid: int) -> None:
         """Move process `pid` into every group of the sliver."""
@@ -336,23 +359,16 @@ class SliverCgroup:
         return {"cpu_usec": cpu_usec, "mem_bytes": mem, "pids": pids}
 
     def destroy(self, timeout: float = 10.0) -> None:
-        """Kill what is left, thaw, and remove every group. Idempotent."""
-        if not self.exists():
-            return
-        try:
-            if self.frozen():
-                # Killed tasks must run to die.
-                for p in self.pids():
-                    try:
-                        os.kill(p, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.thaw()
-        except FileNotFoundError:
-            pass
+        """Remove every group; kill (and thaw) what is still in them. Idempotent."""
         deadline = time.monotonic() + timeout
         for d in self.dirs():
-            _rmdir_when_empty(d, deadline)
+            _rmdir_when_empty(d, deadline, self._thaw_quietly)
+
+    def _thaw_quietly(self) -> None:
+        try:
+            self.thaw()
+        except FileNotFoundError:
+            pass
 
 
 class LimitsLike(Protocol):

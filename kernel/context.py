@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
@@ -250,18 +251,11 @@ class Context:
         if (run_dir / name).exists():
             raise FileExistsError(errno.EEXIST, f"create {name}: the name is taken",
                                   str(run_dir / name))
-        for other in cls.list(run_dir):
-            st = cls.read_state(run_dir, other)
-            if st is None:
-                continue
-            lo, hi = st["uid_base"], st["uid_base"] + st["uid_count"]
-            if uid_base < hi and lo < uid_base + uid_count:
-                raise ValueError(f"create {name}: uid range {uid_base}..{uid_base + uid_count - 1}"
-                                 f" overlaps sliver {other}'s {lo}..{hi - 1}")
         layout = ensure_net_cls(detect_layout()) if limits.net_cls_classid else detect_layout()
         cg = SliverCgroup(layout, name)
-
         with contextlib.ExitStack() as undo, contextlib.ExitStack() as fds:
+            _claim_uids(run_dir, name, uid_base, uid_count)
+            undo.callback(_release_uids, run_dir, name)
             d = run_dir / name
             d.mkdir(mode=0o700)   # FileExistsError if a racing create took the name
             undo.callback(shutil.rmtree, d, True)
@@ -318,6 +312,7 @@ class Context:
                 host_end.sendall(b"m")
                 init_pid = int(sync.expect("pid", deadline))
                 undo.callback(_kill_and_reap, init_pid)
+                launcher.wait()       # it exits right after reporting the init's pid
                 sync.expect("ready", deadline)
             except OSError as exc:
                 if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
@@ -377,6 +372,7 @@ class Context:
             return
         SliverCgroup(detect_layout(), name).destroy()
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+        _release_uids(run_dir, name)
 
     # -- state --
     def alive(self) -> bool:
@@ -519,6 +515,7 @@ class Context:
             _reap_init(self.init_pid, self.state["init_start"], timeout)
         self.cgroup.destroy(timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
+        _release_uids(self.run_dir, self.name)
 
 
 class SliverProcess:
@@ -761,5 +758,40 @@ def _kill_and_reap(pid: int) -> None:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(data, sort_keys=True))
     os.replace(tmp, path)
+
+
+# The uid ranges of the contexts under a run dir, one empty marker file each
+# (<run_dir>/.uids/<base>-<count>-<name>), checked and claimed under a lock: a
+# create costs one directory listing, not a read of every context's state.
+def _uids_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / ".uids"
+
+
+def _claim_uids(run_dir: Path, name: str, base: int, count: int) -> None:
+    d = _uids_dir(run_dir)
+    d.mkdir(mode=0o700, exist_ok=True)
+    with open(d / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for entry in os.listdir(d):
+            if entry.startswith("."):
+                continue
+            lo_s, n_s, other = entry.split("-", 2)
+            lo, hi = int(lo_s), int(lo_s) + int(n_s)
+            if other == name:
+                raise FileExistsError(errno.EEXIST, f"create {name}: the name is taken",
+                                      str(Path(run_dir) / name))
+            if base < hi and lo < base + count:
+                raise ValueError(f"create {name}: uid range {base}..{base + count - 1}"
+                                 f" overlaps sliver {other}'s {lo}..{hi - 1}")
+        (d / f"{base}-{count}-{name}").touch(exist_ok=False)
+
+
+def _release_uids(run_dir: Path, name: str) -> None:
+    d = _uids_dir(run_dir)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(d):
+            if not entry.startswith(".") and entry.split("-", 2)[2] == name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d / entry)
