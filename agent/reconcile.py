@@ -253,12 +253,8 @@ class Reconciler:
             # Recorded before granted: the uid range and the "creating" state first.
             idx = self.state.allocate_uid_range(name, self.uid_pool_ranges)
             self.state.set_sliver_state(name, CREATING, "")
-            sliver = self._plan_for(rec, idx)
-            if name in await self.live():
-                await trio.to_thread.run_sync(self.backend.adopt, name)
-                await trio.to_thread.run_sync(self.backend.update, sliver)
-            else:
-                await trio.to_thread.run_sync(self.backend.create, sliver)
+            # The plan saw no live context of this name (a stale one is cleared by create).
+            await trio.to_thread.run_sync(self.backend.create, self._plan_for(rec, idx))
             self.adopted.add(name)
             if not rec.want_running:
                 await trio.to_thread.run_sync(self.backend.stop, name)

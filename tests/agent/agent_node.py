@@ -1,0 +1,142 @@
+"""A node for agent end-to-end tests: state and run dirs, a busybox image, a config,
+and a cleanup that removes every context, mount, cgroup and layer the agent made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "plc"))
+
+from plc_live import LiveServer, remove_workdir, start_server  # noqa: E402
+
+from agent import config  # noqa: E402
+from tests.kernel.busybox_image import make_busybox_tree  # noqa: E402
+
+__all__ = ["LiveServer", "Node", "make_node", "plc_server", "remove_workdir", "start_server"]
+
+
+@dataclass
+class Node:
+    base: Path
+    cfg_path: Path
+    cfg: config.AgentConfig
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.cfg.state_dir)
+
+    @property
+    def contexts_dir(self) -> Path:
+        return Path(self.cfg.run_dir) / "contexts"
+
+    @property
+    def roots_dir(self) -> Path:
+        return self.state_dir / "roots"
+
+    def agent_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", "import sys; from agent.cli import main; "
+                "sys.exit(main())", "--config", str(self.cfg_path), *args]
+
+    def start_agent(self) -> subprocess.Popen[bytes]:
+        log = open(self.base / "agent.log", "ab")
+        try:
+            return subprocess.Popen(self.agent_argv("run"), stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=REPO, start_new_session=True)
+        finally:
+            log.close()
+
+    def run_once(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.agent_argv("run", "--once"), capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    def log_text(self) -> str:
+        try:
+            return (self.base / "agent.log").read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+def make_node(plc: LiveServer | None, hostname: str, **extra: Any) -> Node:
+    base = Path(tempfile.mkdtemp(prefix=f"agent-node-{os.getpid()}-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    key_file = base / "node.key"
+    if plc is not None:
+        key_file.write_text(plc.node_key(hostname) + "\n")
+    else:
+        key_file.write_text("no-plc-key\n")
+    values: dict[str, Any] = {
+        "plc_url": plc.url if plc else "http://127.0.0.1:9/PLCAPI/", "hostname": hostname,
+        "key_file": str(key_file), "state_dir": str(base / "state"),
+        "run_dir": str(base / "run"), "socket_path": str(base / "agent.sock"),
+        "default_image": "bb", "poll_interval": 2, "poll_jitter": 1, "backoff_max": 2,
+        "node_accounts": "", "plc_timeout": 10,
+    }
+    values.update(extra)
+    cfg_path = config.write_default(base / "agent.toml", values)
+    cfg = config.load(cfg_path)
+    from kernel.images import ImageStore
+
+    ImageStore(base / "state" / "images").import_dir("bb", make_busybox_tree(base / "src"))
+    return Node(base, cfg_path, cfg)
+
+
+def cleanup_node(node: Node, agents: list[subprocess.Popen[bytes]] = ()) -> None:  # type: ignore[assignment]
+    """Stop agents, destroy contexts, unmount, release roots and the layer store."""
+    from kernel import disk
+    from kernel import mount as m
+    from kernel.context import Context
+    from kernel.rootfs import list_roots, release_root
+
+    for proc in agents:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for name in Context.list(node.contexts_dir):
+        try:
+            Context.adopt(node.contexts_dir, name).destroy()
+        except (ProcessLookupError, FileNotFoundError):
+            Context.destroy_stale(node.contexts_dir, name)
+    if node.roots_dir.exists():
+        for info in sorted(m.mounts_under(node.roots_dir), key=lambda i: len(str(i.mount_point)),
+                           reverse=True):
+            if str(info.mount_point).startswith(str(node.roots_dir) + "/") and \
+                    "/run/planetlab" in str(info.mount_point):
+                m.umount(info.mount_point, detach=True)
+        for name in list_roots(node.roots_dir):
+            release_root(node.roots_dir, name)
+        disk.unmount_store(node.roots_dir, remove=True)
+    shutil.rmtree(node.base, ignore_errors=True)
+
+
+@contextmanager
+def plc_server(tmp: Path) -> Iterator[LiveServer]:
+    srv = start_server(tmp)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        remove_workdir(tmp)
+
+
+def wait_for(pred: Any, timeout: float, what: str, log: Any = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{log()}")
+        time.sleep(0.2)

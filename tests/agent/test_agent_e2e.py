@@ -1,0 +1,330 @@
+"""The agent against a real `plc serve` and the real kernel.
+
+One PLC for the module; each test has its own node (state dir, image, contexts) and
+its own slices, and removes everything it made even when it fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import xmlrpc.client
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_node import (
+    LiveServer,
+    Node,
+    cleanup_node,
+    make_node,
+    plc_server,
+    start_server,
+    wait_for,
+)
+
+from agent.sliceapi import client
+
+pytestmark = pytest.mark.kernel
+
+PID = os.getpid()
+_counter = iter(range(1, 10**6))
+
+
+@pytest.fixture(scope="module")
+def plc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with plc_server(tmp_path_factory.mktemp(f"agent-plc-{PID}")) as srv:
+        # Tag types for the limits this agent adds to the original set (rspec.py).
+        api = srv.proxy()
+        for tag in ("pids_max", "mem_max", "cpu_cap"):
+            if not api.GetTagTypes(srv.admin_auth, {"tagname": tag}):
+                api.AddTagType(srv.admin_auth, {"tagname": tag, "category": "slice/rspec",
+                                                "description": f"agent limit {tag}"})
+        yield srv
+
+
+class Site:
+    """A site with a PI, a node, and helpers to make slices bound to that node."""
+
+    def __init__(self, plc: LiveServer) -> None:
+        self.api = plc.proxy()
+        self.admin = plc.admin_auth
+        n = next(_counter)
+        self.login_base = f"ag{PID % 100000}x{n}"
+        self.site_id = self.api.AddSite(self.admin, {
+            "name": f"Agent test site {n}", "abbreviated_name": f"ats{n}",
+            "login_base": self.login_base, "max_slices": 100, "max_slivers": 1000,
+            "enabled": True, "is_public": False})
+        self.hostname = f"node{n}-{PID}.agent.test"
+        self.node_id = self.api.AddNode(self.admin, self.site_id, {"hostname": self.hostname})
+        self.person_id = self.api.AddPerson(self.admin, {
+            "first_name": "A", "last_name": "User", "email": f"u{n}.{PID}@agent.test",
+            "password": "pw-agent-test"})
+        self.api.UpdatePerson(self.admin, self.person_id, {"enabled": True})
+        self.api.AddPersonToSite(self.admin, self.person_id, self.site_id)
+        self.api.AddRoleToPerson(self.admin, "user", self.person_id)
+        self.key = ("ssh-rsa " + base64.b64encode(random.Random(PID * 1000 + n).randbytes(300))
+                    .decode() + f" u{n}@agent")
+        self.api.AddPersonKey(self.admin, self.person_id, {"key_type": "ssh", "key": self.key})
+
+    def add_slice(self, suffix: str, **tags: str) -> str:
+        name = f"{self.login_base}_{suffix}"
+        self.api.AddSlice(self.admin, {"name": name, "url": "http://agent.test/",
+                                       "description": "agent test", "instantiation":
+                                       "plc-instantiated"})
+        self.api.AddPersonToSlice(self.admin, self.person_id, name)
+        for tag, value in tags.items():
+            self.api.AddSliceTag(self.admin, name, tag, value)
+        self.api.AddSliceToNodes(self.admin, name, [self.node_id])
+        return name
+
+    def set_tag(self, name: str, tag: str, value: str) -> None:
+        tags = self.api.GetSliceTags(self.admin, {"name": name, "tagname": tag})
+        if tags:
+            self.api.UpdateSliceTag(self.admin, tags[0]["slice_tag_id"], value)
+        else:
+            self.api.AddSliceTag(self.admin, name, tag, value)
+
+
+@pytest.fixture
+def site(plc: LiveServer) -> Site:
+    return Site(plc)
+
+
+@pytest.fixture
+def node(plc: LiveServer, site: Site) -> Iterator[Node]:
+    n = make_node(plc, site.hostname)
+    agents: list[subprocess.Popen[bytes]] = []
+    n.agents = agents  # type: ignore[attr-defined]
+    try:
+        yield n
+    finally:
+        cleanup_node(n, agents)
+
+
+def status(node: Node) -> dict[str, Any]:
+    out = subprocess.run(node.agent_argv("status", "--json"), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def sliver(node: Node, name: str) -> dict[str, Any] | None:
+    for s in status(node)["slivers"]:
+        if s["name"] == name:
+            return s
+    return None
+
+
+def context_state(node: Node, name: str) -> dict[str, Any]:
+    return json.loads((node.contexts_dir / name / "state.json").read_text())
+
+
+def nothing_left(node: Node, name: str) -> None:
+    """No context, process, mount, layer or cgroup of sliver `name` remains."""
+    from kernel.cgroups import SliverCgroup, detect_layout
+
+    assert not (node.contexts_dir / name).exists()
+    assert not (node.roots_dir / name).exists()
+    with open("/proc/self/mountinfo") as f:
+        assert str(node.roots_dir / name) not in f.read()
+    for d in SliverCgroup(detect_layout(), name).dirs():
+        assert not Path(d).exists(), d
+
+
+def run_once(node: Node) -> subprocess.CompletedProcess[str]:
+    out = node.run_once()
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_slice_lifecycle(site: Site, node: Node) -> None:
+    """Added -> running sliver after one reconcile; tag change in place; removal."""
+    name = site.add_slice("life", cpu_share="3")
+    run_once(node)
+    s = sliver(node, name)
+    assert s is not None and s["state"] == "running" and s["live"], s
+    assert s["rspec"]["cpu_share"] == 3
+    init_pid = context_state(node, name)["init_pid"]
+    assert context_state(node, name)["limits"]["cpu_share"] == 3
+    # Keys of the slice's members are installed for root inside the sliver.
+    root = Path(context_state(node, name)["root"])
+    assert site.key in (root / "root/.ssh/authorized_keys").read_text()
+
+    site.set_tag(name, "cpu_share", "7")
+    site.set_tag(name, "pids_max", "321")
+    run_once(node)
+    st = context_state(node, name)
+    assert st["init_pid"] == init_pid, "limits must change without a restart"
+    assert st["limits"]["cpu_share"] == 7 and st["limits"]["pids_max"] == 321
+    from kernel.cgroups import SliverCgroup, detect_layout
+
+    cg = SliverCgroup(detect_layout(), name)
+    pids_dir = next(Path(d) for d in cg.dirs() if "pids" in str(d) or
+                    (Path(d) / "pids.max").exists())
+    assert (pids_dir / "pids.max").read_text().strip() == "321"
+
+    site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
+    run_once(node)
+    assert sliver(node, name) is None
+    nothing_left(node, name)
+
+
+def test_kill_and_restart_adopts(site: Site, node: Node) -> None:
+    names = [site.add_slice(f"k{i}") for i in range(2)]
+    agent = node.start_agent()
+    node.agents.append(agent)  # type: ignore[attr-defined]
+    wait_for(lambda: all((node.contexts_dir / n / "state.json").exists() for n in names), 60,
+             "slivers to be created", node.log_text)
+    pids = {n: context_state(node, n)["init_pid"] for n in names}
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait(10)
+    for n in names:   # the slivers outlive the agent
+        os.kill(pids[n], 0)
+    again = node.start_agent()
+    node.agents.append(again)  # type: ignore[attr-defined]
+    sock = str(node.cfg.socket_path)
+    wait_for(lambda: Path(sock).exists(), 30, "the restarted agent's socket", node.log_text)
+    time.sleep(3)  # at least one poll (poll_interval 2 s)
+    assert {n: context_state(node, n)["init_pid"] for n in names} == pids
+    st = status(node)
+    assert sorted(s["name"] for s in st["slivers"]) == sorted(names)
+    assert all(s["state"] == "running" for s in st["slivers"])
+    log = node.log_text()
+    assert log.count(f"{names[0]}: create done") == 1, log
+
+
+def test_plc_down_keeps_and_restores_slivers(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "plc")
+    n = None
+    try:
+        s = Site(srv)
+        name = s.add_slice("down")
+        n = make_node(srv, s.hostname)
+        run_once(n)
+        pid = context_state(n, name)["init_pid"]
+        srv.stop()
+        out = n.run_once()
+        assert out.returncode == 1   # the poll failed...
+        assert context_state(n, name)["init_pid"] == pid  # ...and nothing changed
+        os.kill(pid, 0)
+        # A lost context (say, a reboot) is brought back from state while PLC is down.
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the init to die")
+        out = n.run_once()
+        assert out.returncode == 1
+        new_pid = context_state(n, name)["init_pid"]
+        assert new_pid != pid and Path(f"/proc/{new_pid}").exists()
+        assert sliver(n, name)["state"] == "running"
+    finally:
+        srv.stop()
+        if n is not None:
+            cleanup_node(n)
+
+
+def test_sliver_sees_its_own_rspec_over_the_socket(site: Site, node: Node) -> None:
+    a = site.add_slice("sa", cpu_share="4")
+    b = site.add_slice("sb", cpu_share="9")
+    agent = node.start_agent()
+    node.agents.append(agent)  # type: ignore[attr-defined]
+    wait_for(lambda: all((node.contexts_dir / n / "state.json").exists() for n in (a, b)) and
+             Path(node.cfg.socket_path).exists(), 60, "slivers and socket", node.log_text)
+    time.sleep(0.5)
+    from kernel.context import Context
+
+    # From inside sliver a, through the socket at its fixed path, with a forged name in
+    # the arguments: a sees its own rspec. The client is a tiny static C program built
+    # here and dropped into the sliver (the busybox image has no unix-socket client).
+    ctx = Context.adopt(node.contexts_dir, a)
+    tool = node.base / "uclient"
+    src = node.base / "uclient.c"
+    src.write_text(UCLIENT_C)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(tool), str(src)], check=True,
+                   timeout=120)
+    dest = Path(context_state(node, a)["root"]) / "tmp" / "uclient"
+    dest.write_bytes(tool.read_bytes())
+    dest.chmod(0o755)
+    req = xmlrpc.client.dumps((b,), "GetRSpec")
+    http = (f"POST / HTTP/1.0\r\nContent-Type: text/xml\r\nContent-Length: {len(req)}\r\n"
+            f"\r\n{req}")
+    code, out, err = ctx.output(["/tmp/uclient", "/run/planetlab/agent.sock"],
+                                input=http.encode(), timeout=30)
+    assert code == 0, (out, err)
+    body = out.split(b"\r\n\r\n", 1)[-1]
+    (rspec,), _ = xmlrpc.client.loads(body)
+    assert rspec["cpu_share"] == 4
+    # The host's admin may name any sliver.
+    assert client(str(node.cfg.socket_path)).GetRSpec(b)["cpu_share"] == 9
+
+
+UCLIENT_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    char buf[65536];
+    ssize_t n;
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (argc != 2 || s < 0) return 2;
+    strncpy(sa.sun_path, argv[1], sizeof sa.sun_path - 1);
+    if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("connect"); return 1; }
+    while ((n = read(0, buf, sizeof buf)) > 0) write(s, buf, n);
+    shutdown(s, SHUT_WR);
+    while ((n = read(s, buf, sizeof buf)) > 0) write(1, buf, n);
+    return 0;
+}
+"""
+
+
+MALFORMED: list[Any] = [
+    "not a struct",
+    {"timestamp": 1},                                         # keys missing
+    {"timestamp": "x", "node_id": 1, "hostname": "h", "initscripts": [], "accounts": [],
+     "slivers": []},                                          # wrong type
+    {"timestamp": 2**31 - 1, "node_id": 1, "hostname": "h", "initscripts": [],
+     "accounts": [], "slivers": [{"name": "BAD NAME"}]},      # bad sliver
+    {"timestamp": 2**31 - 1, "node_id": 1, "hostname": "h", "initscripts": [],
+     "accounts": [], "slivers": {}},                          # slivers not a list
+]
+
+
+def test_malformed_replies_change_nothing(site: Site, node: Node) -> None:
+    """A PLC that answers GetSlivers with malformed replies: every poll is rejected
+    whole, the sliver keeps running unchanged, its record stays."""
+    import threading
+    from xmlrpc.server import SimpleXMLRPCServer
+
+    name = site.add_slice("mal", cpu_share="5")
+    run_once(node)
+    before = context_state(node, name)
+    replies = iter(MALFORMED)
+    server = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
+    server.register_function(lambda auth, *a: "session-x", "GetSession")
+    server.register_function(lambda auth, *a: next(replies), "GetSlivers")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg_text = node.cfg_path.read_text().replace(
+            node.cfg.plc_url, f"http://127.0.0.1:{server.server_address[1]}/RPC2")
+        node.cfg_path.write_text(cfg_text)
+        for _ in MALFORMED:
+            out = node.run_once()
+            assert out.returncode == 1, out.stderr
+            assert "GetSlivers reply" in out.stderr
+        after = context_state(node, name)
+        assert after["init_pid"] == before["init_pid"] and after["limits"] == before["limits"]
+        s = sliver(node, name)
+        assert s is not None and s["state"] == "running" and s["rspec"]["cpu_share"] == 5
+        assert "GetSlivers reply" in status(node)["node"]["last_poll_error"]
+    finally:
+        server.shutdown()
+        server.server_close()
