@@ -400,7 +400,7 @@ class Guard:
             seccomp.notif_send(listener, n.id, 0, out.error)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the caller was interrupted or died
-                raise
+                log.error("guard: %s: reply to request %d failed: %s", slice_name, n.id, exc)
 
     async def _recover(self, slice_name: str, listener: int, journal: int) -> None:
         """Redo a request the previous supervisor received but did not answer."""
@@ -420,10 +420,11 @@ class Guard:
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Answer `listener` until no process uses the filter any more (or cancelled).
 
-        Takes ownership of `listener` (closed on return). Cancellation between two
-        requests loses nothing: a request is journaled before it is handled, and a
-        cancelled supervisor never leaves a received request unanswered, since
-        handling is synchronous.
+        Takes ownership of `listener` (closed on return). One supervisor per slice at
+        a time (they share the journal). Cancellation loses nothing: a request is
+        journaled before it is handled; the only await inside a request (the
+        guard-bindas helper) leaves it journaled and unanswered, and the next
+        supervisor redoes it.
         """
         journal = os.open(self._journal_path(slice_name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                           0o600)
@@ -455,10 +456,15 @@ class Guard:
                     try:
                         n = seccomp.notif_recv(listener)
                     except OSError as exc:
-                        if exc.errno == errno.ENOENT:  # caller interrupted: normal
+                        if exc.errno in (errno.ENOENT, errno.EINTR):  # caller interrupted
                             continue
-                        raise
-                    os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
+                        log.error("guard: %s: listener broken (%s); no longer supervised",
+                                  slice_name, exc)
+                        return
+                    try:
+                        os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
+                    except OSError as exc:  # the request is still answered; only a
+                        log.warning("guard: %s: journal: %s", slice_name, exc)  # restart loses it
                     # No need to clear the slot afterwards: an answered id is not
                     # valid any more, and ids are never reused.
                     out = self.handle_now(slice_name, listener, n)
@@ -642,7 +648,16 @@ async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[s
     async with trio.open_nursery() as nursery:
         task_status.started()
         async for slice_name, fd in listeners:
-            nursery.start_soon(guard.supervise, slice_name, fd, name=f"guard:{slice_name}")
+            nursery.start_soon(_supervise_logged, guard, slice_name, fd, name=f"guard:{slice_name}")
+
+
+async def _supervise_logged(guard: Guard, slice_name: str, fd: int) -> None:
+    """One listener's task: a failure ends that supervision only, never the service."""
+    try:
+        await guard.supervise(slice_name, fd)
+    except Exception:
+        log.exception("guard: %s: supervisor failed; the sliver's guarded calls now wait "
+                      "until it is adopted again", slice_name)
 
 
 class GuardService:
