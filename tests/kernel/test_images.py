@@ -221,6 +221,21 @@ def test_cli_import_list_remove(base: Path, capsys: pytest.CaptureFixture[str]) 
     assert agent_main([*sd, "image", "remove", "bb"]) == 0
     assert agent_main([*sd, "image", "remove", "bb"]) == 1
     assert "no image 'bb'" in capsys.readouterr().err
+    # A sliver the agent has recorded on an image (even with no root yet) holds it too.
+    from agent.state import SliverRecord, State
+
+    with State.open(state) as st:
+        st.put_sliver(SliverRecord(name=f"rec{os.getpid()}", slice_id=1, instantiation="",
+                                   expires=0, image="bbt", spec={}, rspec={}, problems=[],
+                                   state="new", message="", want_running=True, applied="",
+                                   created_at=0.0, updated_at=0.0))
+    assert agent_main([*sd, "image", "remove", "bbt"]) == 1
+    assert "in use" in capsys.readouterr().err
+    with State.open(state) as st:
+        st.delete_sliver(f"rec{os.getpid()}")
+    assert agent_main([*sd, "image", "remove", "bbt"]) == 0
+    assert agent_main([*sd, "image", "remove", "bb"]) == 1
+    assert "no image 'bb'" in capsys.readouterr().err
     assert agent_main([*sd, "image", "import", "x", str(base / "nothing")]) == 1
     assert "neither a directory nor a tarball" in capsys.readouterr().err
 
