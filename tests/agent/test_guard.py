@@ -325,6 +325,8 @@ async def test_direct_raw_and_packet_sockets_fail(slivers: Any) -> None:
 
 
 async def test_unix_binds_are_performed_for_the_caller(tmp_path: Path, slivers: Any) -> None:
+    from agent.guard import BINDAS
+    assert BINDAS.exists(), f"{BINDAS} missing: run `make native`"
     guard = make_guard(tmp_path)
     a = slivers("a")
     path = tmp_path / "sock"
