@@ -13,8 +13,8 @@ computed, and an out-of-range jump is an error, not a wrong program).
 
 from __future__ import annotations
 
+import _socket
 import ctypes
-import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -43,25 +43,15 @@ SOCK_FILTER = struct.Struct("<HBBI")
 BPF_MAXINSNS = 4096
 
 
-_getsockopt = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p,
-                               use_errno=True)(("getsockopt", _libc))
-SO_TYPE, SO_PROTOCOL, SO_DOMAIN = 3, 38, 39
-
-
 def sock_info(fd: int) -> tuple[int, int, int]:
     """(domain, type, protocol) of socket `fd` from the kernel (SO_DOMAIN, SO_TYPE,
-    SO_PROTOCOL); OSError(ENOTSOCK) if it is not a socket."""
-    val = ctypes.c_int()
-    size = ctypes.c_uint32(4)
-    out = []
-    for opt in (SO_DOMAIN, SO_TYPE, SO_PROTOCOL):
-        size.value = 4
-        if _getsockopt(fd, socket.SOL_SOCKET, opt, ctypes.byref(val), ctypes.byref(size)) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"getsockopt: {os.strerror(err)}", fd)
-        out.append(val.value)
-    return out[0], out[1], out[2]
+    SO_PROTOCOL, read by the C socket object); OSError(ENOTSOCK) if it is not a
+    socket. `fd` stays open and owned by the caller."""
+    sock = _socket.socket(fileno=fd)
+    try:
+        return sock.family, sock.type, sock.proto
+    finally:
+        sock.detach()
 
 
 def bind_bytes(fd: int, raw: bytes) -> int:

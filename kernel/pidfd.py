@@ -106,4 +106,4 @@ class RemoteReader:
                 err = ctypes.get_errno()
                 raise OSError(err, f"process_vm_readv: {os.strerror(err)}", pid)
             raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
-        return self._buf.raw[:length]
+        return ctypes.string_at(self._buf, length)
