@@ -289,25 +289,21 @@ class IdmapUserns:
     """A user namespace whose uid and gid maps are `0 -> base` for `count` ids, held
     open as an fd for MOUNT_ATTR_IDMAP.
 
-    A throwaway process (`unshare --user`, busybox's when present) creates the namespace; we write its maps
-    from outside (as root in the parent namespace, so setgroups need not be denied),
-    open /proc/<pid>/ns/user, then kill and reap the process. The fd keeps the
-    namespace alive for as long as it is open; an idmapped mount keeps its own
-    reference, so closing the fd after mount_setattr is safe.
+    A throwaway process (`unshare -U`) creates the namespace; we write its maps from
+    outside (as root in the parent namespace, so setgroups need not be denied), open
+    /proc/<pid>/ns/user, then kill and reap the process. The fd keeps the namespace
+    alive for as long as it is open; an idmapped mount keeps its own reference, so
+    closing the fd after mount_setattr is safe.
 
     Use as a context manager: `with IdmapUserns(base) as fd: ...`.
     """
 
     # A static busybox starts in about half the time of util-linux's dynamic unshare
-    # followed by sleep (0.7 ms against 1.4 ms here); either works.
-    BUSYBOX = "/bin/busybox"
-    UNSHARE = "/usr/bin/unshare"
-    SLEEP = "/bin/sleep"
-
-    def _argv(self) -> list[str]:
-        if os.access(self.BUSYBOX, os.X_OK):
-            return [self.BUSYBOX, "unshare", "-U", "--", self.BUSYBOX, "sleep", "60"]
-        return [self.UNSHARE, "--user", "--", self.SLEEP, "60"]
+    # followed by sleep (0.7 ms against 1.4 ms here); util-linux is the fallback.
+    HELPERS = (
+        ("/bin/busybox", "unshare", "-U", "--", "/bin/busybox", "sleep", "60"),
+        ("/usr/bin/unshare", "--user", "--", "/bin/sleep", "60"),
+    )
 
     def __init__(self, base: int, count: int = 65536) -> None:
         if base < 1 or count < 1 or base + count > 2**32 - 1:
@@ -317,11 +313,24 @@ class IdmapUserns:
         self.fd = -1
 
     def __enter__(self) -> int:
+        errors = []
+        for argv in self.HELPERS:
+            if not os.access(argv[0], os.X_OK):
+                continue
+            try:
+                self.fd = self._make(list(argv))
+                return self.fd
+            except OSError as exc:
+                errors.append(f"{argv[0]}: {exc.strerror}")
+        raise OSError(errno.EPERM, "cannot create a user namespace for an idmapped mount ("
+                      + ("; ".join(errors) or "no unshare helper installed") + ")",
+                      "unshare")
+
+    def _make(self, argv: list[str]) -> int:
         import subprocess
         import time
 
         own = os.readlink("/proc/self/ns/user")
-        argv = self._argv()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
@@ -333,21 +342,22 @@ class IdmapUserns:
                 except FileNotFoundError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    raise OSError(errno.EPERM, f"cannot create a user namespace: {err.strip()}",
-                                  argv[0])
+                    err = b""
+                    if proc.poll() is not None and proc.stderr:
+                        err = proc.stderr.read()
+                    raise OSError(errno.EPERM, err.decode(errors="replace").strip()
+                                  or "no new user namespace", argv[0])
                 time.sleep(0.0002)
             line = f"0 {self.base} {self.count}\n"
             for kind in ("uid_map", "gid_map"):
                 with open(f"/proc/{proc.pid}/{kind}", "w") as f:
                     f.write(line)
-            self.fd = os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         finally:
             proc.kill()
             proc.wait()
             if proc.stderr:
                 proc.stderr.close()
-        return self.fd
 
     def __exit__(self, *exc: object) -> None:
         close_quietly(self.fd)
