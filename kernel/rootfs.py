@@ -220,8 +220,16 @@ def release_root(roots_dir: Path, name: str) -> None:
     with _roots_lock(roots_dir):
         state = read_state(roots_dir, name)
         _mount_existing_store(roots_dir)
-        for info in m.mounts_under(merged):
-            m.umount(info.mount_point, detach=True)
+        # A lazy unmount of the root takes every mount under it along (the agent's
+        # binds); mountinfo is scanned only when the root itself is not mounted.
+        if m.is_mountpoint(merged):
+            for _ in range(16):  # a few stacked mounts at most
+                m.umount(merged, detach=True)
+                if not m.is_mountpoint(merged):
+                    break
+        elif merged.is_dir():
+            for info in m.mounts_under(merged):
+                m.umount(info.mount_point, detach=True)
         if merged.is_dir() and not merged.is_symlink():
             _rmdir_quiet(merged)
         disk.delete_layer(roots_dir, name)

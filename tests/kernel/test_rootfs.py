@@ -180,8 +180,14 @@ def test_prepare_is_idempotent_and_release_leaves_nothing(
     assert (a / "keep").read_text() == "x"
     assert disk.layer_limit_kib(roots, name) == 8192
 
+    # Something mounted inside the root (as the agent binds host dirs in) goes with it.
+    (a / "mnt").mkdir()
+    subprocess.run(["mount", "--bind", str(store.get("bb").rootfs / "etc"), str(a / "mnt")],
+                   check=True)
+    assert len(our_mounts(a)) == 2
     rootfs.release_root(roots, name)
     rootfs.release_root(roots, name)
+    assert our_mounts(a) == []
     assert not a.exists()
     assert not (disk.layers_dir(roots) / name).exists()
     assert [m for m in our_mounts(roots) if " overlay " in m] == []
