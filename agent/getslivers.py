@@ -9,7 +9,9 @@ with whatever was there.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import xmlrpc.client
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,32 @@ INSTANTIATIONS = ("plc-instantiated", "nm-controller", "delegated", "not-instant
 MAX_SLIVERS = 100_000
 MAX_ITEMS = 10_000
 MAX_STRING = 1 << 20
+
+
+_TIMESTAMP = re.compile(
+    rb"<member>\s*<name>timestamp</name>\s*<value>\s*<(int|i4|i8)>\s*(-?\d{1,19})\s*</\1>"
+    rb"\s*</value>\s*</member>")
+
+
+def raw_digest(raw: bytes) -> tuple[int, str] | None:
+    """(timestamp, digest of everything else) of a raw GetSlivers methodResponse, or None
+    if the timestamp member is not found exactly once. Two replies with the same digest
+    describe the same desired state, so the second needs no decoding (the reply of an
+    unchanged node differs only in its timestamp)."""
+    found = _TIMESTAMP.findall(raw)
+    if len(found) != 1:
+        return None
+    rest = _TIMESTAMP.sub(b"", raw, count=1)
+    return int(found[0][1]), hashlib.sha256(rest).hexdigest()
+
+
+def decode(raw: bytes) -> Any:
+    """The value of a raw methodResponse; InvalidReply if it is not well-formed XML-RPC."""
+    try:
+        (value,), _ = xmlrpc.client.loads(raw, use_builtin_types=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure rejects the reply
+        raise InvalidReply(f"GetSlivers reply: not a valid XML-RPC response ({exc})") from None
+    return value
 
 
 class InvalidReply(ValueError):

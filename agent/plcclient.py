@@ -18,6 +18,7 @@ import http.client
 import logging
 import os
 import ssl
+import urllib.parse
 import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ import trio
 log = logging.getLogger("agent.plc")
 
 FAULT_AUTH = 103
+MAX_REPLY = 256 << 20   # a GetSlivers reply for thousands of slivers is a few MB
 
 
 class PLCError(Exception):
@@ -146,6 +148,59 @@ class PLCClient:
         except xmlrpc.client.ResponseError as exc:
             raise PLCError("protocol", f"PLC {method}: malformed response: {exc}") from None
 
+    def _post_blocking(self, method: str, auth: dict[str, Any], args: tuple[Any, ...]) -> bytes:
+        """One call, returning the raw methodResponse body (a fault is raised decoded)."""
+        parts = urllib.parse.urlsplit(self.url)
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
+                                               timeout=self._timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                              timeout=self._timeout)
+        body = xmlrpc.client.dumps((auth, *args), method, allow_none=True).encode()
+        try:
+            conn.request("POST", parts.path or "/", body, {"Content-Type": "text/xml"})
+            resp = conn.getresponse()
+            data = resp.read(MAX_REPLY + 1)
+            if resp.status != 200:
+                raise PLCError("protocol", f"PLC {method}: HTTP {resp.status} {resp.reason}")
+        except ssl.SSLError as exc:
+            raise PLCError("unreachable", f"PLC {method}: TLS failed: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise PLCError("unreachable", f"PLC {method} at {self.url}: {exc}") from None
+        finally:
+            conn.close()
+        if len(data) > MAX_REPLY:
+            raise PLCError("protocol", f"PLC {method}: reply larger than {MAX_REPLY} bytes")
+        if b"<fault>" in data[:512]:
+            try:
+                xmlrpc.client.loads(data)
+            except xmlrpc.client.Fault as exc:
+                raise PLCError("fault", f"PLC {method}: fault {exc.faultCode}: "
+                               f"{exc.faultString}", exc.faultCode) from None
+            except Exception:  # noqa: BLE001 - a broken fault is a protocol error
+                pass
+            raise PLCError("protocol", f"PLC {method}: malformed fault response")
+        return data
+
+    async def call_raw(self, method: str, *args: Any) -> bytes:
+        """Like `call`, but the successful reply is returned undecoded."""
+        session = self.load_session()
+        if session is None:
+            session = await self.new_session()
+        for attempt in (0, 1):
+            auth = {"AuthMethod": "session", "session": session}
+            try:
+                return await trio.to_thread.run_sync(self._post_blocking, method, auth, args,
+                                                     abandon_on_cancel=True)
+            except PLCError as exc:
+                if attempt or exc.kind != "fault" or exc.fault_code != FAULT_AUTH:
+                    raise
+                log.warning("PLC refused the session (%s); renewing it by HMAC", exc)
+            session = await self.new_session()
+        raise AssertionError("unreachable")
+
     async def _call(self, method: str, auth: dict[str, Any], args: tuple[Any, ...]) -> Any:
         return await trio.to_thread.run_sync(self._call_blocking, method, auth, args,
                                              abandon_on_cancel=True)
@@ -193,3 +248,6 @@ class PLCClient:
 
     async def get_slivers(self) -> Any:
         return await self.call("GetSlivers")
+
+    async def get_slivers_raw(self) -> bytes:
+        return await self.call_raw("GetSlivers")

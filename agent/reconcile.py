@@ -28,7 +28,7 @@ import trio
 from agent import rspec as rspec_mod
 from agent.backend import Backend, MissingImage, SliverPlan
 from agent.getslivers import Desired, SliverSpec
-from agent.state import SliverRecord, State
+from agent.state import SliverRecord, State, Summary
 
 log = logging.getLogger("agent.reconcile")
 
@@ -53,8 +53,12 @@ class Outcome:
 
 def applied_key(rec: SliverRecord) -> str:
     """What must match between the kernel and the record for no update to be needed."""
-    return json.dumps({"limits": rspec_mod.limits_kwargs(rec.rspec),
-                       "disk_max": rspec_mod.disk_max_kib(rec.rspec)}, sort_keys=True)
+    return target_of(rec.rspec)
+
+
+def target_of(rspec: Mapping[str, Any]) -> str:
+    return json.dumps({"limits": rspec_mod.limits_kwargs(rspec),
+                       "disk_max": rspec_mod.disk_max_kib(rspec)}, sort_keys=True)
 
 
 def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str,
@@ -83,7 +87,10 @@ def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str
                                     existing, now)
             if existing is None or _differs(existing, rec):
                 state.put_sliver(rec)
-    return sorted(set(records) - wanted)
+    removed = sorted(set(records) - wanted)
+    if removed:
+        state.mark_removed(removed, "no longer listed by PLC")
+    return removed
 
 
 def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
@@ -103,6 +110,7 @@ def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
         want_running=bool(resolved.rspec["enabled"]),
         applied=existing.applied if existing else "",
         created_at=existing.created_at if existing else now, updated_at=now,
+        target=target_of(resolved.rspec),
     )
 
 
@@ -110,15 +118,17 @@ def _differs(a: SliverRecord, b: SliverRecord) -> bool:
     return (a.spec != b.spec or a.rspec != b.rspec or a.expires != b.expires
             or a.image != b.image or a.want_running != b.want_running
             or a.problems != b.problems or a.slice_id != b.slice_id
-            or a.instantiation != b.instantiation)
+            or a.instantiation != b.instantiation or a.target != b.target)
 
 
-def plan(records: Mapping[str, SliverRecord], live: set[str], adopted: set[str],
+def plan(records: Mapping[str, Summary], live: set[str], adopted: set[str],
          removed: list[str], now: float, have_reply: bool) -> list[Action]:
     """Pure: the actions that bring the node to the records.
 
     `live` are the running contexts found on the node, `adopted` those this agent holds.
-    `removed` are records PLC no longer lists (only given for a good full reply).
+    `removed` are records PLC no longer lists (only given for a good full reply); records
+    already marked "destroying" (a decision taken from an earlier good reply) are
+    destroyed too, even while PLC is unreachable.
     """
     actions: list[Action] = []
     for name in removed:
@@ -126,6 +136,9 @@ def plan(records: Mapping[str, SliverRecord], live: set[str], adopted: set[str],
     gone = set(removed)
     for name, rec in records.items():
         if name in gone:
+            continue
+        if rec.state == "destroying":
+            actions.append(Action("destroy", name, "removal pending"))
             continue
         if have_reply and rec.expires < now:
             actions.append(Action("destroy", name, "expired"))
@@ -136,7 +149,7 @@ def plan(records: Mapping[str, SliverRecord], live: set[str], adopted: set[str],
             continue
         if name not in adopted:
             actions.append(Action("adopt", name, "running context found"))
-        if rec.applied != applied_key(rec):
+        if rec.applied != rec.target:
             actions.append(Action("update", name, "resource spec changed"))
         if rec.want_running and rec.state == STOPPED:
             actions.append(Action("start", name, "enabled"))
@@ -190,7 +203,7 @@ class Reconciler:
         # Contexts this agent has not adopted yet (after a restart) are adopted first,
         # so nothing is created twice.
         self.adopted &= live
-        actions = plan(self.state.slivers(), live, self.adopted, removed,
+        actions = plan(self.state.summaries(), live, self.adopted, removed,
                        time.time() if now is None else now, have_reply)
         return await self.execute(actions)
 
@@ -217,6 +230,8 @@ class Reconciler:
                     outcome.failed.append((action, message))
                     if self.state.get_sliver(name) is not None:
                         state = PENDING if isinstance(exc, MissingImage) else FAILED
+                        if action.kind == "destroy":
+                            state = "destroying"   # retried by the next reconcile
                         self.state.set_sliver_state(name, state, message)
                     return
                 outcome.done.append(action)
@@ -259,9 +274,9 @@ class Reconciler:
             if not rec.want_running:
                 await trio.to_thread.run_sync(self.backend.stop, name)
                 self.state.set_sliver_state(name, STOPPED, "disabled (enabled=0)",
-                                            applied=applied_key(rec))
+                                            applied=rec.target)
                 return
-            self.state.set_sliver_state(name, RUNNING, "", applied=applied_key(rec))
+            self.state.set_sliver_state(name, RUNNING, "", applied=rec.target)
             if self._after_start is not None:
                 await self._after_start(name)
             return
@@ -272,7 +287,7 @@ class Reconciler:
             await trio.to_thread.run_sync(self.backend.update, self._plan_for(rec, idx_or_none))
             state = rec.state if rec.state in (RUNNING, STOPPED) else (
                 RUNNING if rec.want_running else STOPPED)
-            self.state.set_sliver_state(name, state, "", applied=applied_key(rec))
+            self.state.set_sliver_state(name, state, "", applied=rec.target)
         elif action.kind == "start":
             await trio.to_thread.run_sync(self.backend.start, name)
             self.state.set_sliver_state(name, RUNNING, "")

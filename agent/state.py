@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS slivers (
     message TEXT NOT NULL DEFAULT '',
     want_running INTEGER NOT NULL DEFAULT 1,
     applied TEXT NOT NULL DEFAULT '',  -- JSON of what was last applied to the kernel
+    target TEXT NOT NULL DEFAULT '',   -- JSON of what should be applied (same form)
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -98,10 +99,23 @@ class SliverRecord:
     applied: str
     created_at: float
     updated_at: float
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The few fields planning needs, read without decoding any JSON."""
+
+    name: str
+    state: str
+    expires: int
+    want_running: bool
+    applied: str
+    target: str
 
 
 _COLUMNS = ("name, slice_id, instantiation, expires, image, spec, rspec, problems, state, "
-            "message, want_running, applied, created_at, updated_at")
+            "message, want_running, applied, created_at, updated_at, target")
 
 
 def _row_to_record(row: tuple[Any, ...]) -> SliverRecord:
@@ -109,7 +123,7 @@ def _row_to_record(row: tuple[Any, ...]) -> SliverRecord:
         name=row[0], slice_id=row[1], instantiation=row[2], expires=row[3], image=row[4],
         spec=json.loads(row[5]), rspec=json.loads(row[6]), problems=json.loads(row[7]),
         state=row[8], message=row[9], want_running=bool(row[10]), applied=row[11],
-        created_at=row[12], updated_at=row[13],
+        created_at=row[12], updated_at=row[13], target=row[14],
     )
 
 
@@ -174,7 +188,7 @@ class State:
     def save_reply(self, reply: dict[str, Any]) -> None:
         """The last good (validated) GetSlivers reply, as JSON."""
         with self.transaction():
-            self.set_meta("last_reply", json.dumps(reply, sort_keys=True))
+            self.set_meta("last_reply", json.dumps(reply, sort_keys=True, default=str))
             self.set_meta("last_reply_at", repr(time.time()))
 
     def last_reply(self) -> dict[str, Any] | None:
@@ -216,17 +230,17 @@ class State:
     def put_sliver(self, rec: SliverRecord) -> None:
         rec.updated_at = time.time()
         self._db.execute(
-            f"INSERT INTO slivers ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO slivers ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT(name) DO UPDATE SET slice_id=excluded.slice_id, "
             "instantiation=excluded.instantiation, expires=excluded.expires, "
             "image=excluded.image, spec=excluded.spec, rspec=excluded.rspec, "
             "problems=excluded.problems, state=excluded.state, message=excluded.message, "
             "want_running=excluded.want_running, applied=excluded.applied, "
-            "updated_at=excluded.updated_at",
+            "updated_at=excluded.updated_at, target=excluded.target",
             (rec.name, rec.slice_id, rec.instantiation, rec.expires, rec.image,
              json.dumps(rec.spec, sort_keys=True), json.dumps(rec.rspec, sort_keys=True),
              json.dumps(rec.problems), rec.state, rec.message, int(rec.want_running),
-             rec.applied, rec.created_at, rec.updated_at),
+             rec.applied, rec.created_at, rec.updated_at, rec.target),
         )
 
     def set_sliver_state(self, name: str, state: str, message: str = "",
@@ -245,6 +259,17 @@ class State:
     def slivers(self) -> dict[str, SliverRecord]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM slivers ORDER BY name")
         return {row[0]: _row_to_record(row) for row in rows}
+
+    def summaries(self) -> dict[str, Summary]:
+        rows = self._db.execute("SELECT name, state, expires, want_running, applied, target "
+                                "FROM slivers")
+        return {r[0]: Summary(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows}
+
+    def mark_removed(self, names: list[str], reason: str) -> None:
+        """Record the decision to destroy (taken from a good reply) before acting on it."""
+        with self.transaction() as db:
+            db.executemany("UPDATE slivers SET state='destroying', message=? WHERE name=?",
+                           [(reason, n) for n in names])
 
     def delete_sliver(self, name: str) -> None:
         """Forget a destroyed sliver and everything it held (its counters stay)."""

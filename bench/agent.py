@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trio  # noqa: E402
 
-from agent import config, getslivers  # noqa: E402
+from agent import config  # noqa: E402
 from agent.backend import KernelBackend, _mounts_under  # noqa: E402
 from agent.main import Agent  # noqa: E402
-from agent.reconcile import ingest  # noqa: E402
 
 
 def make_reply(count: int, timestamp: int) -> dict[str, Any]:
@@ -93,48 +92,52 @@ async def bench(count: int, base: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {"count": count}
     try:
         rss0 = rss_mb()
-        wire = xmlrpc.client.dumps((make_reply(count, 1000),), methodresponse=True)
+        wire = xmlrpc.client.dumps((make_reply(count, 1000),), methodresponse=True).encode()
         t0 = time.monotonic()
-        (reply,), _ = xmlrpc.client.loads(wire)
-        desired = getslivers.parse(reply)
-        removed = ingest(agent.state, desired, cfg.default_image, cfg.slice_prefix, time.time())
-        outcome = await agent.reconciler.reconcile(removed, have_reply=True)
+        result = await agent.apply_raw(wire, 1)
+        assert result.outcome is not None, result.message
         figures["create_s"] = round(time.monotonic() - t0, 2)
-        figures["created"] = len([a for a in outcome.done if a.kind == "create"])
-        figures["failed"] = len(outcome.failed)
-        if outcome.failed:
-            figures["first_failure"] = outcome.failed[0][1]
+        figures["created"] = len([a for a in result.outcome.done if a.kind == "create"])
+        figures["failed"] = len(result.outcome.failed)
+        if result.outcome.failed:
+            figures["first_failure"] = result.outcome.failed[0][1]
         figures["live"] = len(await trio.to_thread.run_sync(backend.live))
 
         # Settle: a retry poll for any creation that failed (reported above).
-        wire = xmlrpc.client.dumps((make_reply(count, 1500),), methodresponse=True)
-        (reply,), _ = xmlrpc.client.loads(wire)
-        removed = ingest(agent.state, getslivers.parse(reply), cfg.default_image,
-                         cfg.slice_prefix, time.time())
-        retry = await agent.reconciler.reconcile(removed, have_reply=True)
-        figures["retried"] = len(retry.done)
-        figures["failed_after_retry"] = len(retry.failed)
+        wire = xmlrpc.client.dumps((make_reply(count, 1500),), methodresponse=True).encode()
+        retry = await agent.apply_raw(wire, 1)
+        assert retry.outcome is not None
+        figures["retried"] = len(retry.outcome.done)
+        figures["failed_after_retry"] = len(retry.outcome.failed)
         cpu = []
         for i in range(5):
-            wire = xmlrpc.client.dumps((make_reply(count, 2000 + i),), methodresponse=True)
+            wire = xmlrpc.client.dumps((make_reply(count, 2000 + i),),
+                                       methodresponse=True).encode()
             c0 = time.process_time()
-            (reply,), _ = xmlrpc.client.loads(wire)
-            desired = getslivers.parse(reply)
-            removed = ingest(agent.state, desired, cfg.default_image, cfg.slice_prefix,
-                             time.time())
-            out = await agent.reconciler.reconcile(removed, have_reply=True)
+            out = await agent.apply_raw(wire, 1)
             cpu.append(time.process_time() - c0)
-            if out.done or out.failed:
-                figures["unchanged_poll_acted"] = [a.kind + " " + a.name for a in out.done[:5]]
+            assert out.outcome is not None
+            if out.outcome.done or out.outcome.failed:
+                figures["unchanged_poll_acted"] = [a.kind + " " + a.name
+                                                   for a in out.outcome.done[:5]]
         figures["unchanged_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
+        # The same poll when the reply must be decoded (one tag changed each time).
+        cpu = []
+        for i in range(3):
+            reply = make_reply(count, 3000 + i)
+            reply["slivers"][0]["attributes"][0]["value"] = str(10 + i)
+            wire = xmlrpc.client.dumps((reply,), methodresponse=True).encode()
+            c0 = time.process_time()
+            await agent.apply_raw(wire, 1)
+            cpu.append(time.process_time() - c0)
+        figures["one_change_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
         figures["agent_rss_mb"] = round(rss_mb(), 1)
         figures["agent_rss_growth_mb"] = round(rss_mb() - rss0, 1)
         figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
         t0 = time.monotonic()
-        removed = ingest(agent.state, getslivers.parse(make_reply(0, 9000)), cfg.default_image,
-                         cfg.slice_prefix, time.time())
-        out = await agent.reconciler.reconcile(removed, have_reply=True)
+        await agent.apply_raw(xmlrpc.client.dumps((make_reply(0, 9000),),
+                                                  methodresponse=True).encode(), 1)
         figures["destroy_s"] = round(time.monotonic() - t0, 2)
         figures["left_live"] = len(await trio.to_thread.run_sync(backend.live))
     finally:

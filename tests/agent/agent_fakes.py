@@ -15,6 +15,7 @@ class FakeBackend:
     def __init__(self, images: tuple[str, ...] = ("base",), fail: set[str] | None = None) -> None:
         self.images = set(images)
         self.fail = fail or set()
+        self.fail_destroy: set[str] = set()
         self.contexts: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
 
@@ -51,6 +52,8 @@ class FakeBackend:
 
     def destroy(self, name: str) -> None:
         self.calls.append(("destroy", name))
+        if name in self.fail_destroy:
+            raise OSError(16, "simulated busy", name)
         self.contexts.pop(name, None)
 
     def usage(self, name: str) -> dict[str, Any]:
