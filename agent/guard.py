@@ -37,6 +37,7 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ BINDAS_TIMEOUT = 5.0
 JOURNAL = struct.Struct("<QIi6Q")  # id, pid, nr, args
 BATCH = 64  # notifications handled per scheduler turn of one listener
 PIDFD_CACHE = 256  # cached caller pidfds per slice
+REFUSAL_LOG_RATE, REFUSAL_LOG_BURST = 5.0, 20  # refusal log lines per slice
 
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 SOCK_STREAM, SOCK_DGRAM = int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM)
@@ -221,6 +223,7 @@ class GuardStats:
     handled: int = 0
     denied: int = 0
     errors: int = 0
+    logs_suppressed: int = 0
     by_errno: dict[int, int] = field(default_factory=dict)
 
 
@@ -236,6 +239,8 @@ class Guard:
         self.stats = GuardStats()
         self.listening: dict[str, int] = {}
         self._reader = RemoteReader(SOCKADDR_MAX)
+        from agent.tokenbucket import TokenBuckets
+        self._log_budget = TokenBuckets(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, time.monotonic)
         # pidfds of callers' threads, per slice (a pidfd names one task for its whole
         # life: a cached one is either that task or dead, never a reused tid).
         self._pidfds: dict[str, dict[int, int]] = {}
@@ -339,9 +344,10 @@ class Guard:
                 raise Denied(errno.EACCES, f"bind of socket type {stype} proto {sproto}")
             decision = self.ports.check_bind(slice_name, proto, address, port)
             if not decision.allowed:
-                log.warning("guard: slice %s pid %d bind %s %s port %d refused (%s): %s",
-                            slice_name, n.pid, proto, address, port,
-                            errno.errorcode.get(decision.errno, decision.errno), decision.reason)
+                self._refusal(slice_name, "guard: slice %s pid %d bind %s %s port %d refused "
+                              "(%s): %s", slice_name, n.pid, proto, address, port,
+                              errno.errorcode.get(decision.errno, decision.errno),
+                              decision.reason)
                 raise Denied(decision.errno, decision.reason)
             err = bind_bytes(fd, raw)
             if err == errno.EINVAL and redo and _already_bound(fd, info, address, port):
@@ -388,14 +394,22 @@ class Guard:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _refusal(self, slice_name: str, msg: str, *args: object) -> None:
+        """Log a policy refusal, at most REFUSAL_LOG_RATE a second per slice (a
+        sliver looping on refused binds must not flood the agent's log)."""
+        if self._log_budget.take(slice_name):
+            log.warning(msg, *args)
+        else:
+            self.stats.logs_suppressed += 1
+
     def _reply(self, slice_name: str, listener: int, n: seccomp.Notification,
                out: Outcome) -> None:
         self.stats.handled += 1
         if out.error:
             self.stats.denied += 1
             self.stats.by_errno[out.error] = self.stats.by_errno.get(out.error, 0) + 1
-            log.info("guard: %s pid %d %s -> %s", slice_name, n.pid, out.what,
-                     errno.errorcode.get(out.error, out.error))
+            log.debug("guard: %s pid %d %s -> %s", slice_name, n.pid, out.what,
+                      errno.errorcode.get(out.error, out.error))
         try:
             seccomp.notif_send(listener, n.id, 0, out.error)
         except OSError as exc:

@@ -248,7 +248,9 @@ async def start(nursery: trio.Nursery, guard: Guard, *slivers: Sliver) -> None:
         await nursery.start(guard.supervise, s.name, os.dup(s.listener))
 
 
-async def test_owner_binds_other_gets_eacces(tmp_path: Path, slivers: Any) -> None:
+async def test_owner_binds_other_gets_eacces(tmp_path: Path, slivers: Any,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="agent.guard")
     guard = make_guard(tmp_path)
     a, b = slivers("a"), slivers("b")
     port, low = free_ports(1)[0], 0
@@ -277,6 +279,9 @@ async def test_owner_binds_other_gets_eacces(tmp_path: Path, slivers: Any) -> No
         assert eph[0] > 1024
         nursery.cancel_scope.cancel()
     assert guard.stats.denied == 2
+    # the reasons are in the agent's log
+    assert f"is owned by slice '{a.name}'" in caplog.text
+    assert f"slice '{b.name}' does not own tcp port {port + 1}" in caplog.text
 
 
 async def test_same_port_on_different_addresses(tmp_path: Path, slivers: Any) -> None:
