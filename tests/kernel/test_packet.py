@@ -199,3 +199,34 @@ async def test_relay_delivers_own_traffic_and_cannot_send(
                 udp_send(socket.AF_INET, "127.0.0.1", pa, recv, b"wake")
                 await trio.sleep(0.05)                # ... and the relay ends
         nursery.cancel_scope.cancel()
+
+
+def icmp_echo(src: str, dst: str, ident: int, payload: bytes) -> bytes:
+    def csum(data: bytes) -> int:
+        data += b"\0" * (len(data) % 2)
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + payload
+    body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, 1, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + body
+
+
+def test_icmp_ids_in_sniffer_and_raw_send(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
+    raw, table, _ = setup
+    ida, idb = 40000 + os.getpid() % 10000, 50001 + os.getpid() % 10000
+    table.grant("a", [PortRange("icmp", ida, ida, "127.0.0.1")])
+    table.grant("b", [PortRange("icmp", idb, idb, "127.0.0.1")])
+    tag = f"ping-{os.getpid()}".encode()
+    with raw.packet_socket("a", "sniffer") as sniff:
+        assert raw.raw_send("a", icmp_echo("127.0.0.1", "127.0.0.1", ida, b"A" + tag)) > 0
+        assert raw.raw_send("b", icmp_echo("127.0.0.1", "127.0.0.1", idb, b"B" + tag)) > 0
+        with pytest.raises(RawSendRefused):
+            raw.raw_send("a", icmp_echo("127.0.0.1", "127.0.0.1", idb, b"x"))
+        got = [p for p in collect(sniff) if tag in p]
+    types = sorted(p[20] for p in got if b"A" + tag in p)
+    assert types == [0, 8] or types == [0, 0, 8, 8]   # request and the kernel's reply
+    assert not [p for p in got if b"B" + tag in p]
