@@ -16,6 +16,8 @@ SYSTEM_PACKAGES := gcc libc6-dev libcap-dev python3-dev python3-venv \
 # C helpers: kernel/native/NAME.c becomes kernel/bin/NAME (static, tiny).
 NATIVE_SRC := $(wildcard kernel/native/*.c)
 NATIVE_BIN := $(patsubst kernel/native/%.c,kernel/bin/%,$(NATIVE_SRC))
+# The agent's slice login shell: agent/native/NAME.c becomes agent/bin/NAME.
+NATIVE_BIN += $(patsubst agent/native/%.c,agent/bin/%,$(wildcard agent/native/*.c))
 
 .PHONY: run test setup system venv native bench lint clean
 
@@ -48,6 +50,9 @@ native: $(NATIVE_BIN)
 kernel/bin/%: kernel/native/%.c .stamp-system
 	@mkdir -p kernel/bin
 	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
+agent/bin/%: agent/native/%.c .stamp-system
+	@mkdir -p agent/bin
+	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
@@ -57,4 +62,4 @@ lint: setup
 	$(VENV)/bin/mypy plc agent kernel sensors
 
 clean:
-	rm -rf $(VENV) kernel/bin .stamp-system build *.egg-info
+	rm -rf $(VENV) kernel/bin agent/bin .stamp-system build *.egg-info

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,76 @@ def managed_block(existing: str, keys: tuple[str, ...] | list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+class HostAccountError(RuntimeError):
+    """A slice's host account cannot be made; the message says why."""
+
+
+def ensure_host_account(name: str, keys: list[str], shell: str, home_base: Path,
+                        socket_path: str) -> bool:
+    """The host account `name` whose login shell enters the sliver: made if missing,
+    its authorized_keys and agent socket link kept current. Returns False (and leaves
+    it alone) when a user of that name exists that this agent did not make."""
+    home = home_base / name
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        pw = None
+    if pw is not None and pw.pw_shell != shell:
+        log.warning("host account %s: a local user of that name with shell %s exists; "
+                    "not a slice account, left alone", name, pw.pw_shell)
+        return False
+    if pw is None:
+        home_base.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["useradd", "-M", "-d", str(home), "-s", shell, "-p", "*",
+                              "-c", f"PlanetLab slice {name}", "-U", name],
+                             capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise HostAccountError(f"useradd {name} failed: {res.stderr.strip()}")
+        pw = pwd.getpwnam(name)
+        log.info("host account %s made (uid %d), shell %s", name, pw.pw_uid, shell)
+    home.mkdir(mode=0o755, exist_ok=True)
+    os.chown(home, pw.pw_uid, pw.pw_gid)
+    ssh = home / ".ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    os.chown(ssh, pw.pw_uid, pw.pw_gid)
+    text = "".join(k + "\n" for k in keys)
+    auth = ssh / "authorized_keys"
+    try:
+        current = auth.read_text()
+    except FileNotFoundError:
+        current = None
+    if current != text:
+        tmp = ssh / ".authorized_keys.agent-tmp"
+        tmp.write_text(text)
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+        tmp.chmod(0o600)
+        tmp.replace(auth)
+    link = home / ".agent.sock"
+    if not link.is_symlink() or os.readlink(link) != socket_path:
+        tmp_link = home / ".agent.sock.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(socket_path)
+        tmp_link.replace(link)
+    return True
+
+
+def remove_host_account(name: str, shell: str, home_base: Path) -> None:
+    """Remove the slice's host account (only one this agent made) and its home."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return
+    if pw.pw_shell != shell:
+        return
+    res = subprocess.run(["userdel", name], capture_output=True, text=True, timeout=60)
+    if res.returncode not in (0, 6):   # 6: no such user (raced)
+        raise HostAccountError(f"userdel {name} failed: {res.stderr.strip()}")
+    home = home_base / name
+    if home.parent == home_base:
+        shutil.rmtree(home, ignore_errors=True)
+    log.info("host account %s removed", name)
+
+
 class Accounts:
     def __init__(self, cfg: AgentConfig, state: State, backend: Backend) -> None:
         self.cfg = cfg
@@ -135,6 +207,17 @@ class Accounts:
                 tmp.replace(path)
                 log.info("node account %s: %d keys installed", name, len(keys))
 
+    def _host_account(self, name: str, keys: list[str]) -> None:
+        if self.cfg.host_accounts:
+            ensure_host_account(name, keys, self.cfg.shell_path,
+                                Path(self.cfg.account_home_base), self.cfg.socket_path)
+
+    async def before_destroy(self, name: str) -> None:
+        self._installed.pop(name, None)
+        if self.cfg.host_accounts:
+            await trio.to_thread.run_sync(remove_host_account, name, self.cfg.shell_path,
+                                          Path(self.cfg.account_home_base))
+
     async def sync(self, desired: Desired | None) -> None:
         """Keys of every running sliver (rewritten only when they change)."""
         for name, rec in self.state.slivers().items():
@@ -145,9 +228,10 @@ class Accounts:
             if self._installed.get(name) == digest:
                 continue
             try:
+                await trio.to_thread.run_sync(self._host_account, name, keys)
                 if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
                     self._installed[name] = digest
-            except OSError as exc:
+            except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
                 log.error("sliver %s: installing ssh keys failed: %s", name, exc)
         if desired is not None:
             try:
@@ -160,11 +244,12 @@ class Accounts:
         rec = self.state.get_sliver(name)
         if rec is None:
             return
+        keys = list(rec.spec.get("keys", []))
         try:
-            if await trio.to_thread.run_sync(self.install_sliver_keys, name,
-                                             list(rec.spec.get("keys", []))):
-                self._installed[name] = "\n".join(rec.spec.get("keys", []))
-        except OSError as exc:
+            await trio.to_thread.run_sync(self._host_account, name, keys)
+            if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
+                self._installed[name] = "\n".join(keys)
+        except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
             log.error("sliver %s: installing ssh keys failed: %s", name, exc)
         script = rec.spec.get("initscript") or ""
         if not script:

@@ -48,6 +48,8 @@ class Backend(Protocol):
     def run(self, name: str, argv: list[str], user: str = "root",
             timeout: float = 60.0) -> tuple[int, str]: ...
     def root_of(self, name: str) -> Path | None: ...
+    def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
+              env: dict[str, str], fds: tuple[int, int, int] | None) -> Any: ...
 
 
 def _kernel_limits(limits: dict[str, Any]) -> Any:
@@ -200,6 +202,18 @@ class KernelBackend:
             timeout: float = 60.0) -> tuple[int, str]:
         code, out, err = self._context(name).output(argv, user=user, timeout=timeout)
         return int(code), (out + err).decode("utf-8", "replace")
+
+    def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
+              env: dict[str, str], fds: tuple[int, int, int] | None) -> Any:
+        """Start a session process in the sliver (as its root): on the caller's fds, or
+        on a new pty inside whose master is `proc.master`. Returns the SliverProcess."""
+        ctx = self._context(name)
+        if tty:
+            return ctx.spawn(argv, user="root", env=env, tty=True,
+                             winsize=winsize if all(winsize) else None)
+        assert fds is not None
+        return ctx.spawn(argv, user="root", env=env, stdin=fds[0], stdout=fds[1],
+                         stderr=fds[2])
 
     def root_of(self, name: str) -> Path | None:
         ctx = self._contexts.get(name)

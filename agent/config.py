@@ -81,7 +81,10 @@ FIELDS: tuple[Field, ...] = (
           "local users whose authorized_keys follow GetSlivers `accounts` (comma list; "
           "empty: none)"),
     Field("ssh_shell", str, "", "login shell of slice host accounts (empty: the agent's "
-          "own `planetlab-agent-shell` next to its Python)"),
+          "own agent/bin/vsh, built by `make native`)"),
+    Field("host_accounts", int, 1, "1: every slice gets a host account whose login shell "
+          "enters its sliver (`ssh SLICE@node`); 0: none", minimum=0, maximum=1),
+    Field("account_home_base", str, "/home", "where slice host accounts' homes are made"),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -114,6 +117,8 @@ class AgentConfig:
     sliver_socket_dir: str
     node_accounts: str
     ssh_shell: str
+    host_accounts: int
+    account_home_base: str
     source: str = "<defaults>"
 
     @property
@@ -123,6 +128,11 @@ class AgentConfig:
     @property
     def effective_hostname(self) -> str:
         return self.hostname or socket.getfqdn()
+
+    @property
+    def shell_path(self) -> str:
+        """The login shell of slice host accounts."""
+        return self.ssh_shell or str(Path(__file__).resolve().parent / "bin" / "vsh")
 
     def replace(self, **changes: Any) -> AgentConfig:
         return dataclasses.replace(self, **changes)
@@ -149,7 +159,8 @@ def _check(source: str, name: str, value: Any) -> Any:
         raise ConfigError(f"{source}: key {name!r} = {value!r} is above the maximum {field.maximum}")
     if name == "plc_url" and not value.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: key 'plc_url' = {value!r} must start with http:// or https://")
-    if name in ("state_dir", "run_dir", "socket_path", "sliver_socket_dir") and not value.startswith("/"):
+    if name in ("state_dir", "run_dir", "socket_path", "sliver_socket_dir",
+                "account_home_base") and not value.startswith("/"):
         raise ConfigError(f"{source}: key {name!r} = {value!r} must be an absolute path")
     if name == "slice_prefix" and (not value or not value.replace("_", "").isalnum()):
         raise ConfigError(f"{source}: key 'slice_prefix' = {value!r} must be letters, digits or _")

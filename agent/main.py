@@ -65,7 +65,7 @@ class Agent:
             self.state, backend, concurrency=cfg.concurrency,
             uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
             uid_pool_ranges=cfg.uid_pool_ranges, binds=self._binds,
-            after_start=self.accounts.after_start)
+            after_start=self.accounts.after_start, before_destroy=self.accounts.before_destroy)
         self._reconcile_lock = trio.Lock()
         self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
         self.failures = 0

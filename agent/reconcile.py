@@ -176,7 +176,8 @@ class Reconciler:
     def __init__(self, state: State, backend: Backend, *, concurrency: int,
                  uid_pool_start: int, uid_range_size: int, uid_pool_ranges: int,
                  binds: Callable[[str], tuple[tuple[str, str], ...]] = lambda name: (),
-                 after_start: Callable[[str], Any] | None = None) -> None:
+                 after_start: Callable[[str], Any] | None = None,
+                 before_destroy: Callable[[str], Any] | None = None) -> None:
         self.state = state
         self.backend = backend
         self.limiter = trio.CapacityLimiter(concurrency)
@@ -187,6 +188,7 @@ class Reconciler:
         self._locks: dict[str, trio.Lock] = {}
         self._binds = binds
         self._after_start = after_start
+        self._before_destroy = before_destroy
 
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)
@@ -252,6 +254,8 @@ class Reconciler:
         if action.kind == "destroy":
             if rec is not None:
                 self.state.set_sliver_state(name, "destroying", action.reason)
+            if self._before_destroy is not None:
+                await self._before_destroy(name)
             await trio.to_thread.run_sync(self.backend.destroy, name)
             self.adopted.discard(name)
             self.state.delete_sliver(name)

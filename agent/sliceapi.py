@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
+import signal
 import socket
 import struct
 import time
@@ -73,8 +75,10 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def identify(pid: int, uid: int, ranges: dict[str, int], pool_start: int,
-             range_size: int) -> Caller:
-    """A caller from its credentials: a sliver by uid range, else root or a host user."""
+             range_size: int, account_shell: str | None = None) -> Caller:
+    """A caller from its credentials: a sliver by uid range; a slice's host account
+    (a local user named after a sliver whose login shell is the agent's); root; or
+    any other host user."""
     if uid >= pool_start:
         idx = (uid - pool_start) // range_size
         for name, i in ranges.items():
@@ -82,6 +86,13 @@ def identify(pid: int, uid: int, ranges: dict[str, int], pool_start: int,
                 return Caller("sliver", name, pid, uid)
     if uid == 0:
         return Caller("admin", "root", pid, uid)
+    if account_shell:
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            pw = None
+        if pw is not None and pw.pw_shell == account_shell and pw.pw_name in ranges:
+            return Caller("account", pw.pw_name, pid, uid)
     return Caller("host", f"uid:{uid}", pid, uid)
 
 
@@ -109,11 +120,11 @@ class SliceAPI:
     def caller_of(self, pid: int, uid: int) -> Caller:
         cfg = self.agent.cfg
         return identify(pid, uid, self.agent.state.uid_ranges(), cfg.uid_pool_start,
-                        cfg.uid_range_size)
+                        cfg.uid_range_size, cfg.shell_path if cfg.host_accounts else None)
 
     def _target(self, caller: Caller, args: tuple[Any, ...]) -> str:
         """The slice a call is about. A sliver always means itself, whatever it passes."""
-        if caller.kind == "sliver":
+        if caller.kind in ("sliver", "account"):
             return caller.name
         if caller.kind != "admin":
             raise APIFault(FAULT_PERMISSION, "only slivers and the node admin may call this")
@@ -170,7 +181,7 @@ class SliceAPI:
 
     def GetRecord(self, caller: Caller, *args: Any) -> dict[str, Any]:
         """GetRecord(): the caller's own sliver record."""
-        if caller.kind != "sliver":
+        if caller.kind not in ("sliver", "account"):
             raise APIFault(FAULT_BAD_TARGET, "GetRecord is for slivers only")
         rec = self.agent.state.get_sliver(caller.name)
         assert rec is not None
@@ -251,13 +262,25 @@ class SliceAPI:
     # -- transport ----------------------------------------------------------------------
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        """One connection: read one HTTP POST, answer it, close. Bounded in size and time."""
+        """One connection: one HTTP POST answered, or one ENTER session. Bounded in size
+        and time (a session's setup is; the session itself lasts as long as it runs)."""
         async with self._connections:
+            fds: list[int] = []
             try:
+                pid, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
+                caller = self.caller_of(pid, uid)
+                first = b""
                 with trio.move_on_after(CONNECTION_DEADLINE):
-                    pid, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
-                    caller = self.caller_of(pid, uid)
-                    body = await _read_request(stream, self.max_request)
+                    first, fds = await _receive_first(stream)
+                if not first:
+                    return
+                if first.startswith(b"ENTER1 "):
+                    await self.enter_session(stream, caller, first, fds)
+                    return
+                _close_fds(fds)
+                fds = []
+                with trio.move_on_after(CONNECTION_DEADLINE):
+                    body = await _read_request(stream, self.max_request, first)
                     if body is None:
                         await _send(stream, 400, b"bad request\n", "text/plain")
                         return
@@ -269,9 +292,72 @@ class SliceAPI:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
+                _close_fds(fds)
                 with trio.move_on_after(1):
                     await stream.aclose()
 
+    async def enter_session(self, stream: trio.SocketStream, caller: Caller, first: bytes,
+                            fds: list[int]) -> None:
+        """`ssh SLICE@node`: the slice's host account's login shell (agent/native/vsh.c)
+        asks for a session inside its sliver. Only that account may; the slice is the
+        account's, never a name sent here."""
+        async def refuse(message: str) -> None:
+            await stream.send_all(f"{message}\n".encode())
+
+        if caller.kind != "account":
+            await refuse("ENTER: only a slice's host account may open a session")
+            return
+        if not self.buckets.take(caller.name):
+            await refuse(f"ENTER: rate limit for {caller.name}; retry later")
+            return
+        with trio.move_on_after(CONNECTION_DEADLINE) as scope:
+            request = await _read_enter(stream, first)
+        if scope.cancelled_caught or request is None:
+            await refuse("ENTER: malformed request")
+            return
+        tty, rows, cols, strings = request
+        if not tty and len(fds) != 3:
+            await refuse("ENTER: a session without a terminal must pass fds 0, 1 and 2")
+            return
+        rec = self.agent.state.get_sliver(caller.name)
+        if rec is None or rec.state != "running":
+            await refuse(f"ENTER: the sliver {caller.name} is not running"
+                         + (f" ({rec.state}: {rec.message})" if rec else ""))
+            return
+        term = strings[0] if strings else ""
+        argv = ["/bin/sh", "-c", strings[1]] if len(strings) > 1 else []
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/sh"}
+        if term and term.isprintable() and len(term) < 64:
+            env["TERM"] = term
+        try:
+            proc = await trio.to_thread.run_sync(
+                self.agent.backend.enter, caller.name, argv, bool(tty), (rows, cols), env,
+                (fds[0], fds[1], fds[2]) if not tty else None)
+        except Exception as exc:  # noqa: BLE001 - boundary: tell the client, log
+            log.warning("ENTER %s failed: %s", caller.name, exc)
+            await refuse(f"ENTER: cannot start a session in {caller.name}")
+            return
+        finally:
+            _close_fds(fds)
+            fds.clear()
+        log.info("session for %s started (pid %d inside, tty=%d)", caller.name, proc.pid, tty)
+        try:
+            if tty:
+                master = proc.master
+                try:
+                    await stream.socket.sendmsg(  # type: ignore[attr-defined]
+                        [b"PTY\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      struct.pack("i", master))])
+                finally:
+                    os.close(master)
+                    proc.master = None
+            code = await _wait_session(proc, stream)
+            await stream.send_all(f"EXIT {code & 0xff if code >= 0 else 128 - code}\n".encode())
+        finally:
+            if proc.returncode is None:
+                with _suppress():
+                    proc.kill()
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         paths = [Path(self.agent.cfg.socket_path), self.agent.api_dir / "agent.sock"]
         self.agent.api_dir.mkdir(parents=True, exist_ok=True)
@@ -286,6 +372,82 @@ class SliceAPI:
             for p in dict.fromkeys(paths):
                 with _suppress():
                     p.unlink()
+
+
+async def _wait_session(proc: Any, stream: trio.SocketStream) -> int:
+    """The session's exit code. If the client goes away first, the session is hung up
+    (SIGHUP), then killed if it does not end within a few seconds."""
+    async with trio.open_nursery() as nursery:
+        async def client_gone() -> None:
+            while True:
+                data = await stream.receive_some(1024)
+                if not data:
+                    break
+            with _suppress():
+                proc.send_signal(signal.SIGHUP)
+            await trio.sleep(5)
+            with _suppress():
+                proc.kill()
+
+        nursery.start_soon(client_gone)
+        while True:
+            await trio.lowlevel.wait_readable(proc.fileno())
+            code = proc.poll()
+            if code is not None:
+                nursery.cancel_scope.cancel()
+                return int(code)
+
+
+async def _receive_first(stream: trio.SocketStream) -> tuple[bytes, list[int]]:
+    """The first bytes of a connection and any fds sent with them (SCM_RIGHTS)."""
+    data, anc, _, _ = await stream.socket.recvmsg(  # type: ignore[attr-defined]
+        65536, socket.CMSG_SPACE(3 * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) // 4
+            fds += list(struct.unpack(f"{n}i", payload[:4 * n]))
+    return data, fds
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with _suppress():
+            os.close(fd)
+
+
+async def _read_enter(stream: trio.SocketStream,
+                      first: bytes) -> tuple[int, int, int, list[str]] | None:
+    """Parse "ENTER1 <tty> <rows> <cols> <n>\\n" + n NUL-terminated strings."""
+    buf = bytearray(first)
+    while b"\n" not in buf:
+        if len(buf) > 256:
+            return None
+        more = await stream.receive_some(4096)
+        if not more:
+            return None
+        buf += more
+    head, _, rest = bytes(buf).partition(b"\n")
+    try:
+        _, tty, rows, cols, count = head.split(b" ")
+        t, r, c, n = int(tty), int(rows), int(cols), int(count)
+    except ValueError:
+        return None
+    if t not in (0, 1) or not 0 <= r < 10000 or not 0 <= c < 10000 or not 0 <= n <= 2:
+        return None
+    body = bytearray(rest)
+    while body.count(b"\0") < n:
+        if len(body) > 256 * 1024:
+            return None
+        more = await stream.receive_some(65536)
+        if not more:
+            return None
+        body += more
+    parts = bytes(body).split(b"\0")[:n]
+    try:
+        return t, r, c, [p.decode("utf-8") for p in parts]
+    except UnicodeDecodeError:
+        return None
 
 
 class _suppress:
@@ -313,9 +475,10 @@ async def _unix_listener(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _read_request(stream: trio.SocketStream, limit: int) -> bytes | int | None:
+async def _read_request(stream: trio.SocketStream, limit: int,
+                        first: bytes = b"") -> bytes | int | None:
     """The body of one HTTP POST; None if malformed, 413 if too large."""
-    buf = bytearray()
+    buf = bytearray(first)
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HEADER_BYTES:
             return None

@@ -84,7 +84,7 @@ async def bench(count: int, base: Path) -> dict[str, Any]:
 
     cfg = config.from_mapping({
         "state_dir": str(base / "state"), "run_dir": str(base / "run"),
-        "socket_path": str(base / "agent.sock"), "concurrency": 8, "node_accounts": "",
+        "socket_path": str(base / "agent.sock"), "concurrency": 8, "node_accounts": "", "host_accounts": 0,
         "node_id": 1, "node_key": "unused", "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "bench")
     backend = KernelBackend(base / "state", base / "run")
     backend.store.import_dir("bb", make_busybox_tree(base / "src"))

@@ -4,7 +4,9 @@ and a cleanup that removes every context, mount, cgroup and layer the agent made
 
 from __future__ import annotations
 
+import base64
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -25,7 +27,11 @@ from plc_live import LiveServer, remove_workdir, start_server  # noqa: E402
 from agent import config  # noqa: E402
 from tests.kernel.busybox_image import make_busybox_tree  # noqa: E402
 
-__all__ = ["LiveServer", "Node", "make_node", "plc_server", "remove_workdir", "start_server"]
+__all__ = ["LiveServer", "Node", "Site", "make_node", "plc_server", "remove_workdir",
+           "start_server"]
+
+PID = os.getpid()
+_counter = iter(range(1, 10**6))
 
 
 @dataclass
@@ -82,7 +88,7 @@ def make_node(plc: LiveServer | None, hostname: str, **extra: Any) -> Node:
         "key_file": str(key_file), "state_dir": str(base / "state"),
         "run_dir": str(base / "run"), "socket_path": str(base / "agent.sock"),
         "default_image": "bb", "poll_interval": 2, "poll_jitter": 1, "backoff_max": 2,
-        "node_accounts": "", "plc_timeout": 10,
+        "node_accounts": "", "plc_timeout": 10, "host_accounts": 0,
     }
     values.update(extra)
     cfg_path = config.write_default(base / "agent.toml", values)
@@ -140,3 +146,46 @@ def wait_for(pred: Any, timeout: float, what: str, log: Any = lambda: "") -> Any
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}\n{log()}")
         time.sleep(0.2)
+
+
+class Site:
+    """A site with a PI, a node, and helpers to make slices bound to that node."""
+
+    def __init__(self, plc: LiveServer) -> None:
+        self.api = plc.proxy()
+        self.admin = plc.admin_auth
+        n = next(_counter)
+        self.login_base = f"ag{PID % 100000}x{n}"
+        self.site_id = self.api.AddSite(self.admin, {
+            "name": f"Agent test site {n}", "abbreviated_name": f"ats{n}",
+            "login_base": self.login_base, "max_slices": 100, "max_slivers": 1000,
+            "enabled": True, "is_public": False})
+        self.hostname = f"node{n}-{PID}.agent.test"
+        self.node_id = self.api.AddNode(self.admin, self.site_id, {"hostname": self.hostname})
+        self.person_id = self.api.AddPerson(self.admin, {
+            "first_name": "A", "last_name": "User", "email": f"u{n}.{PID}@agent.test",
+            "password": "pw-agent-test"})
+        self.api.UpdatePerson(self.admin, self.person_id, {"enabled": True})
+        self.api.AddPersonToSite(self.admin, self.person_id, self.site_id)
+        self.api.AddRoleToPerson(self.admin, "user", self.person_id)
+        self.key = ("ssh-rsa " + base64.b64encode(random.Random(PID * 1000 + n).randbytes(300))
+                    .decode() + f" u{n}@agent")
+        self.api.AddPersonKey(self.admin, self.person_id, {"key_type": "ssh", "key": self.key})
+
+    def add_slice(self, suffix: str, **tags: str) -> str:
+        name = f"{self.login_base}_{suffix}"
+        self.api.AddSlice(self.admin, {"name": name, "url": "http://agent.test/",
+                                       "description": "agent test", "instantiation":
+                                       "plc-instantiated"})
+        self.api.AddPersonToSlice(self.admin, self.person_id, name)
+        for tag, value in tags.items():
+            self.api.AddSliceTag(self.admin, name, tag, value)
+        self.api.AddSliceToNodes(self.admin, name, [self.node_id])
+        return name
+
+    def set_tag(self, name: str, tag: str, value: str) -> None:
+        tags = self.api.GetSliceTags(self.admin, {"name": name, "tagname": tag})
+        if tags:
+            self.api.UpdateSliceTag(self.admin, tags[0]["slice_tag_id"], value)
+        else:
+            self.api.AddSliceTag(self.admin, name, tag, value)

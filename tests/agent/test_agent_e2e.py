@@ -6,10 +6,8 @@ its own slices, and removes everything it made even when it fails.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import random
 import signal
 import subprocess
 import time
@@ -22,6 +20,7 @@ import pytest
 from agent_node import (
     LiveServer,
     Node,
+    Site,
     cleanup_node,
     make_node,
     plc_server,
@@ -34,7 +33,6 @@ from agent.sliceapi import client
 pytestmark = pytest.mark.kernel
 
 PID = os.getpid()
-_counter = iter(range(1, 10**6))
 
 
 @pytest.fixture(scope="module")
@@ -47,49 +45,6 @@ def plc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
                 api.AddTagType(srv.admin_auth, {"tagname": tag, "category": "slice/rspec",
                                                 "description": f"agent limit {tag}"})
         yield srv
-
-
-class Site:
-    """A site with a PI, a node, and helpers to make slices bound to that node."""
-
-    def __init__(self, plc: LiveServer) -> None:
-        self.api = plc.proxy()
-        self.admin = plc.admin_auth
-        n = next(_counter)
-        self.login_base = f"ag{PID % 100000}x{n}"
-        self.site_id = self.api.AddSite(self.admin, {
-            "name": f"Agent test site {n}", "abbreviated_name": f"ats{n}",
-            "login_base": self.login_base, "max_slices": 100, "max_slivers": 1000,
-            "enabled": True, "is_public": False})
-        self.hostname = f"node{n}-{PID}.agent.test"
-        self.node_id = self.api.AddNode(self.admin, self.site_id, {"hostname": self.hostname})
-        self.person_id = self.api.AddPerson(self.admin, {
-            "first_name": "A", "last_name": "User", "email": f"u{n}.{PID}@agent.test",
-            "password": "pw-agent-test"})
-        self.api.UpdatePerson(self.admin, self.person_id, {"enabled": True})
-        self.api.AddPersonToSite(self.admin, self.person_id, self.site_id)
-        self.api.AddRoleToPerson(self.admin, "user", self.person_id)
-        self.key = ("ssh-rsa " + base64.b64encode(random.Random(PID * 1000 + n).randbytes(300))
-                    .decode() + f" u{n}@agent")
-        self.api.AddPersonKey(self.admin, self.person_id, {"key_type": "ssh", "key": self.key})
-
-    def add_slice(self, suffix: str, **tags: str) -> str:
-        name = f"{self.login_base}_{suffix}"
-        self.api.AddSlice(self.admin, {"name": name, "url": "http://agent.test/",
-                                       "description": "agent test", "instantiation":
-                                       "plc-instantiated"})
-        self.api.AddPersonToSlice(self.admin, self.person_id, name)
-        for tag, value in tags.items():
-            self.api.AddSliceTag(self.admin, name, tag, value)
-        self.api.AddSliceToNodes(self.admin, name, [self.node_id])
-        return name
-
-    def set_tag(self, name: str, tag: str, value: str) -> None:
-        tags = self.api.GetSliceTags(self.admin, {"name": name, "tagname": tag})
-        if tags:
-            self.api.UpdateSliceTag(self.admin, tags[0]["slice_tag_id"], value)
-        else:
-            self.api.AddSliceTag(self.admin, name, tag, value)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     cfg = config.from_mapping({
         "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
         "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
-        "node_accounts": "", "default_image": "base",
+        "node_accounts": "", "default_image": "base", "host_accounts": 0,
         "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
     a = Agent(cfg, backend=FakeBackend())
     try:

@@ -32,7 +32,7 @@ def api_env():
     cfg = config.from_mapping({
         "state_dir": str(d / "state"), "run_dir": str(d / "run"),
         "socket_path": str(d / "agent.sock"), "uid_pool_start": POOL, "uid_range_size": SIZE,
-        "api_rate": 5.0, "api_burst": 10, "node_id": 1, "node_key": "k",
+        "api_rate": 5.0, "api_burst": 10, "node_id": 1, "node_key": "k", "host_accounts": 0,
         "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
     agent = Agent(cfg, backend=FakeBackend())
     try:

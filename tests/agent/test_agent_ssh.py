@@ -1,0 +1,151 @@
+"""`ssh SLICE@node` lands inside the slice's sliver: a real sshd on 127.0.0.1 (own host
+key and config), a real PLC, a real agent and real contexts. The slice's host account
+has the agent's vsh as login shell; no setuid anywhere."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_node import (
+    REPO,
+    LiveServer,
+    Node,
+    Site,
+    cleanup_node,
+    make_node,
+    plc_server,
+    wait_for,
+)
+from plc_live import free_port
+
+from agent.accounts import remove_host_account
+
+pytestmark = pytest.mark.kernel
+
+SSHD = "/usr/sbin/sshd"
+
+
+@pytest.fixture(scope="module")
+def plc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with plc_server(tmp_path_factory.mktemp(f"agent-ssh-plc-{os.getpid()}")) as srv:
+        yield srv
+
+
+def keygen(path: Path, comment: str, kind: str = "rsa") -> str:
+    # rsa for users: PLC's key check follows the legacy one (ssh-rsa, ssh-dss).
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f",
+                    str(path)], check=True, timeout=30)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture
+def ssh_node(plc: LiveServer) -> Iterator[tuple[Site, Node, str, Path, int]]:
+    site = Site(plc)
+    n = make_node(plc, site.hostname)
+    base = n.base
+    agents: list[subprocess.Popen[bytes]] = []
+    sshd: subprocess.Popen[bytes] | None = None
+    name = ""
+    shell = base / "vsh"
+    try:
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(shell),
+                        str(REPO / "agent" / "native" / "vsh.c")], check=True, timeout=120)
+        home = base / "home"
+        home.mkdir(mode=0o755)
+        text = n.cfg_path.read_text().replace("host_accounts = 0", "host_accounts = 1")
+        text = text.replace('ssh_shell = ""', f'ssh_shell = "{shell}"')
+        text = text.replace('account_home_base = "/home"', f'account_home_base = "{home}"')
+        n.cfg_path.write_text(text)
+        userkey = base / "userkey"
+        pub = keygen(userkey, f"user@{os.getpid()}")
+        site.api.AddPersonKey(site.admin, site.person_id, {"key_type": "ssh", "key": pub})
+        name = site.add_slice("ssh")
+        agents.append(n.start_agent())
+        wait_for(lambda: _account_ready(name, str(shell)), 60, "the slice's host account",
+                 n.log_text)
+        hostkey = base / "hostkey"
+        keygen(hostkey, "host", "ed25519")
+        port = free_port()
+        cfg = base / "sshd_config"
+        cfg.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {base}/sshd.pid\n"
+            "AuthorizedKeysFile .ssh/authorized_keys\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin no\n"
+            f"AllowUsers {name}\nLogLevel VERBOSE\n")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep directory
+        sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=open(base / "sshd.log", "wb"))
+        wait_for(lambda: _port_open(port), 30, "sshd to listen",
+                 lambda: (base / "sshd.log").read_text(errors="replace"))
+        yield site, n, name, userkey, port
+    finally:
+        if sshd is not None:
+            sshd.terminate()
+            sshd.wait(10)
+        try:
+            cleanup_node(n, agents)
+        finally:
+            if name:
+                remove_host_account(name, str(shell), base / "home")
+
+
+def _account_ready(name: str, shell: str) -> bool:
+    try:
+        return pwd.getpwnam(name).pw_shell == shell
+    except KeyError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ssh(userkey: Path, port: int, name: str, *args: str,
+        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["ssh", "-i", str(userkey), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+         f"{name}@127.0.0.1", *args], capture_output=True, timeout=60, input=input)
+
+
+def test_ssh_lands_inside_the_sliver(ssh_node: tuple[Site, Node, str, Path, int]) -> None:
+    site, node, name, userkey, port = ssh_node
+    import json
+
+    state = json.loads((node.contexts_dir / name / "state.json").read_text())
+    out = ssh(userkey, port, name, "hostname; cat /proc/self/uid_map; id -u; echo $((6*7))")
+    assert out.returncode == 0, out.stderr.decode()
+    lines = out.stdout.decode().split("\n")
+    assert lines[0] == name                      # the sliver's UTS namespace
+    assert lines[1].split() == ["0", str(state["uid_base"]), str(state["uid_count"])]
+    assert lines[2] == "0" and lines[3] == "42"  # root inside, not on the host
+    # stdin reaches the session; the exit code comes back.
+    out = ssh(userkey, port, name, "read x; echo got-$x; exit 7", input=b"hello\n")
+    assert out.returncode == 7 and out.stdout == b"got-hello\n"
+    # With a terminal: a pty made inside the sliver.
+    out = ssh(userkey, port, name, "-tt", "tty; exit 3")
+    assert out.returncode == 3, out
+    assert b"/dev/pts/" in out.stdout
+    # Someone else's key is refused by sshd (keys come from PLC).
+    other = node.base / "otherkey"
+    keygen(other, "other")
+    out = ssh(other, port, name, "true")
+    assert out.returncode == 255
+
+
+def test_removed_slice_loses_its_account(ssh_node: tuple[Site, Node, str, Path, int]) -> None:
+    site, node, name, userkey, port = ssh_node
+    site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
+    wait_for(lambda: not _account_ready(name, str(node.base / "vsh")), 60,
+             "the host account to go", node.log_text)
+    assert not (node.base / "home" / name).exists()
+    out = ssh(userkey, port, name, "true")
+    assert out.returncode == 255
