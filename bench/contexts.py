@@ -71,6 +71,20 @@ def mem_available_kib() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+KERNEL_AND_ANON = ("AnonPages", "PageTables", "KernelStack", "SUnreclaim", "Percpu", "Shmem")
+
+
+def unreclaimable_kib() -> int:
+    """Memory that idle slivers can pin and reclaim cannot take back: anonymous
+    pages, page tables, kernel stacks, unreclaimable slab, percpu, shmem/tmpfs.
+    Less disturbed than MemAvailable by page-cache churn of other processes."""
+    vals = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, rest = line.split(":", 1)
+        vals[key] = int(rest.split()[0])
+    return sum(vals.get(k, 0) for k in KERNEL_AND_ANON)
+
+
 def fs_used_kib(path: Path) -> int:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
@@ -205,6 +219,7 @@ def main() -> int:
         m = args.idle
         time.sleep(1.0)
         mem0, disk0 = mem_available_kib(), fs_used_kib(disk.layers_dir(roots))
+        pinned0 = unreclaimable_kib()
         t = time.perf_counter()
         for i in range(m):
             name = f"idle{i}"
@@ -215,9 +230,11 @@ def main() -> int:
         time.sleep(2.0)
         disk.sync_fs(disk.layers_dir(roots))
         mem1, disk1 = mem_available_kib(), fs_used_kib(disk.layers_dir(roots))
+        pinned1 = unreclaimable_kib()
         charged = [c.usage()["mem_bytes"] for c in contexts]
-        rss = [int(next(x for x in Path(f"/proc/{c.init_pid}/status").read_text().splitlines()
-                        if x.startswith("VmRSS:")).split()[1]) for c in contexts[:20]]
+        pss = [int(next(x for x in Path(f"/proc/{c.init_pid}/smaps_rollup").read_text()
+                        .splitlines() if x.startswith("Pss:")).split()[1])
+               for c in contexts[:20]]
         t = time.perf_counter()
         while contexts:
             c = contexts.pop()
@@ -231,7 +248,8 @@ def main() -> int:
             "idle_destroy_total_s": round(destroy_s, 2),
             "idle_mem_per_sliver_kib": round((mem0 - mem1) / m, 1),
             "idle_cgroup_charged_per_sliver_kib": round(statistics.mean(charged) / 1024, 1),
-            "idle_init_rss_kib": statistics.median(rss),
+            "idle_unreclaimable_per_sliver_kib": round((pinned1 - pinned0) / m, 1),
+            "idle_init_pss_kib": statistics.median(pss),
             "idle_disk_per_sliver_kib": round((disk1 - disk0) / m, 1),
         })
     finally:
@@ -265,9 +283,12 @@ def main() -> int:
           f" ({figures['idle_create_each_ms']} ms each), destroyed in "
           f"{figures['idle_destroy_total_s']} s")
     print(f"  memory per sliver: {figures['idle_mem_per_sliver_kib']} KiB by MemAvailable, "
+          f"{figures['idle_unreclaimable_per_sliver_kib']} KiB of anon+kernel memory, "
           f"{figures['idle_cgroup_charged_per_sliver_kib']} KiB charged to its cgroup, "
-          f"init RSS {figures['idle_init_rss_kib']} KiB (target < 400 KiB; references: "
+          f"init PSS {figures['idle_init_pss_kib']} KiB (target < 400 KiB; references: "
           f"namespaces {REFERENCE['idle_namespaces_kib']}, crun {REFERENCE['idle_crun_kib']})")
+    print("  (MemAvailable moves with every other process on the machine: on a busy "
+          "machine trust the anon+kernel figure)")
     print(f"  disk per empty sliver: {figures['idle_disk_per_sliver_kib']} KiB "
           "(target < 100 KiB)")
     print(json.dumps(figures, sort_keys=True))

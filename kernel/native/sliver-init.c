@@ -21,7 +21,7 @@
  *
  * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
  *   host -> launcher: 'c' (placed in cgroups), then 'm' (maps written)
- *   launcher -> host: "userns\n", then "pid N\n"; init -> host: "ready\n"
+ *   launcher -> host: "userns\n"; init -> host: "pid N\n" (its host pid), "ready\n"
  *   any failure: "error STEP: strerror\n" and exit 1.
  *
  * Control protocol (root-only AF_UNIX stream socket, listening fd given by --ctl and
@@ -770,11 +770,17 @@ int main(int argc, char **argv)
 	pid_t pid = fork();
 	if (pid < 0)
 		die("fork init", errno);
-	if (pid > 0) {
-		say("pid %d\n", (int)pid);
+	if (pid > 0)
 		_exit(0);
-	}
-	/* The init (PID 1 of the new PID namespace). */
+	/* The init (PID 1 of the new PID namespace). It reports its host pid itself,
+	 * so that "pid" always comes before "ready" on the sync socket: /proc is still
+	 * the host's here, and /proc/self names us in the host's PID namespace. */
+	char self[32];
+	ssize_t sl = readlink("/proc/self", self, sizeof self - 1);
+	if (sl <= 0)
+		die("read host pid (/proc/self)", sl < 0 ? errno : EINVAL);
+	self[sl] = 0;
+	say("pid %s\n", self);
 	if (setsid() < 0)
 		die("setsid", errno);
 	setup_root(&o);
