@@ -103,6 +103,32 @@ def do(req):
         return counts
     if op == "hostile":
         return {"errnos": hostile_binds()}
+    if op == "fdrace":
+        # Another thread keeps swapping fd N between a Unix socket and an IP socket
+        # while this one binds N to an unowned IP port.
+        addr = sockaddr(req["host"], req["other"])
+        buf = ctypes.create_string_buffer(addr, 16)
+        ip_bound = swaps = 0
+        for _ in range(req["tries"]):
+            ip, ux = socket.socket(), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target = os.dup(ux.fileno())
+            stop = False
+            def swap():
+                nonlocal swaps
+                while not stop:
+                    os.dup2(ip.fileno(), target); os.dup2(ux.fileno(), target); swaps += 1
+            t = threading.Thread(target=swap)
+            t.start()
+            try:
+                for _ in range(20):
+                    libc.bind(target, buf, 16)
+            finally:
+                stop = True
+                t.join()
+            if ip.getsockname()[1] != 0:
+                ip_bound += 1
+            os.close(target); ip.close(); ux.close()
+        return {"ip_bound": ip_bound, "swaps": swaps}
     if op == "raw":
         out = {}
         for name, args in [("packet", (socket.AF_PACKET, socket.SOCK_RAW, 0)),
@@ -318,6 +344,18 @@ async def test_racing_thread_never_binds_unowned_port(tmp_path: Path, slivers: A
     # the race really ran: the guard read both values
     assert counts["ok_owned"] > 0 and counts["denied"] > 0, counts
     assert elapsed < 30
+
+
+async def test_racing_fd_swap_never_binds_unowned_port(tmp_path: Path, slivers: Any) -> None:
+    guard = make_guard(tmp_path)
+    a = slivers("a")
+    other = free_ports(1)[0]
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a)
+        got = await a.acall(op="fdrace", host="127.0.0.1", other=other, tries=50)
+        nursery.cancel_scope.cancel()
+    assert got["swaps"] > 0
+    assert got["ip_bound"] == 0, got
 
 
 async def test_direct_raw_and_packet_sockets_fail(slivers: Any) -> None:
