@@ -283,3 +283,13 @@ def test_malformed_replies_change_nothing(site: Site, node: Node) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_initscript_runs_inside_at_start(site: Site, node: Node) -> None:
+    script = "#!/bin/sh\necho \"$1 $2 $(hostname)\" > /tmp/initscript.out\necho initscript-said-hi\n"
+    name = site.add_slice("init", initscript_code=script)
+    out = run_once(node)
+    root = Path(context_state(node, name)["root"])
+    assert (root / "tmp/initscript.out").read_text() == f"start {name} {name}\n"
+    assert f"sliver {name} initscript: initscript-said-hi" in out.stderr
+    assert f"sliver {name}: initscript exited with 0" in out.stderr

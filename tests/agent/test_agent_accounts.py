@@ -1,0 +1,68 @@
+"""Node accounts from GetSlivers `accounts`, and safe writes into sliver roots."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.accounts import Accounts, managed_block, write_in_root
+
+
+def test_managed_block_keeps_other_keys() -> None:
+    text = managed_block("ssh-rsa AAA mine\n", ["k1", "k2"])
+    assert text.startswith("ssh-rsa AAA mine\n") and "k1\nk2\n" in text
+    again = managed_block(text, ["k3"])
+    assert "k1" not in again and "k3" in again and again.count("ssh-rsa AAA mine") == 1
+
+
+def test_write_in_root_refuses_symlink_escape(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "home").symlink_to(outside)   # planted by the sliver
+    with pytest.raises(OSError):
+        write_in_root(root, "home/x/.ssh/authorized_keys", b"k\n", 0o600, os.getuid(),
+                      os.getgid())
+    assert list(outside.iterdir()) == []
+    write_in_root(root, "etc/planetlab/key", b"s\n", 0o400, os.getuid(), os.getgid())
+    assert (root / "etc/planetlab/key").read_bytes() == b"s\n"
+    assert (root / "etc/planetlab/key").stat().st_mode & 0o777 == 0o400
+
+
+@pytest.fixture
+def local_user(tmp_path: Path) -> Iterator[str]:
+    name = f"agtst{os.getpid() % 100000}"
+    home = tmp_path / "home"
+    subprocess.run(["useradd", "-M", "-d", str(home), "-s", "/bin/false", name], check=True)
+    try:
+        home.mkdir()
+        os.chown(home, pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid)
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+@pytest.mark.kernel
+def test_node_accounts_honoured(tmp_path: Path, local_user: str) -> None:
+    cfg = config.from_mapping({"node_accounts": f"{local_user},site_admin",
+                               "state_dir": str(tmp_path / "s")}, "t")
+    acc = Accounts(cfg, None, None)  # type: ignore[arg-type]
+    auth = Path(pwd.getpwnam(local_user).pw_dir) / ".ssh" / "authorized_keys"
+    auth.parent.mkdir(mode=0o700)
+    auth.write_text("ssh-rsa KEPT admin-own\n")
+    acc.install_node_accounts({local_user: ("ssh-rsa K1 a", "ssh-rsa K2 b"),
+                               "root": ("ssh-rsa NOT-FOR-ROOT x",)})
+    text = auth.read_text()
+    assert "KEPT" in text and "K1" in text and "K2" in text
+    assert auth.stat().st_uid == pwd.getpwnam(local_user).pw_uid
+    assert auth.stat().st_mode & 0o777 == 0o600
+    acc.install_node_accounts({local_user: ("ssh-rsa K3 c",)})
+    text = auth.read_text()
+    assert "K1" not in text and "K3" in text and "KEPT" in text
