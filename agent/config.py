@@ -42,9 +42,9 @@ FIELDS: tuple[Field, ...] = (
           "PLC's XML-RPC endpoint (http:// or https://)"),
     Field("hostname", str, "", "this node's hostname as PLC knows it (empty: the machine's FQDN)"),
     Field("key_file", str, "",
-          "file with NODE_ID and NODE_KEY (`plc node-key` output, plnode.txt format); "
-          "empty to use node_id and node_key below"),
-    Field("node_id", int, 0, "node id at PLC (used when key_file is empty)", minimum=0),
+          "file with the node key: the bare key `plc node-key` prints, or NODE_ID= and "
+          "NODE_KEY= lines (plnode.txt); empty to use node_id and node_key below"),
+    Field("node_id", int, 0, "node id at PLC (0: looked up by hostname)", minimum=0),
     Field("node_key", str, "", "node key (used when key_file is empty)"),
     Field("ca_file", str, "", "CA bundle that PLC's TLS certificate must verify against "
           "(empty: the system's CAs)"),
@@ -203,8 +203,10 @@ def render(overrides: dict[str, Any] | None = None) -> str:
     for field in FIELDS:
         value = overrides.get(field.name, field.default)
         bounds = ""
-        if field.minimum is not None or field.maximum is not None:
+        if field.minimum is not None and field.maximum is not None:
             bounds = f" [{field.minimum} .. {field.maximum}]"
+        elif field.minimum is not None:
+            bounds = f" [at least {field.minimum}]"
         lines.append(f"# {field.help}{bounds}")
         lines.append(tomli_w.dumps({field.name: value}).rstrip("\n"))
         lines.append("")
