@@ -166,7 +166,11 @@ class Agent:
     async def poller(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            result = await self.poll_once()
+            try:
+                result = await self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - boundary: the poller must go on
+                log.exception("poll cycle failed")
+                result = PollResult(False, f"internal error: {type(exc).__name__}: {exc}")
             if result.ok:
                 self.failures = 0
             else:
