@@ -460,6 +460,52 @@ def test_legacy_scenario(live: LiveServer) -> None:
     # last_contact was set by GetSlivers.
     assert api.GetNodes(admin, [node1], ["last_contact"])[0]["last_contact"] >= now - 5
 
+    # -- filters (spec 4) --------------------------------------------------------------
+    anon = {"AuthMethod": "anonymous"}
+    both = sorted([host1.lower(), host2])
+    got = api.GetNodes(anon, {"hostname": f"*-{PID}.EXAMPLE.org", "-SORT": "-hostname"},
+                       ["hostname"])
+    assert [n["hostname"] for n in got] == both[::-1]  # pattern: case-insensitive
+    assert api.GetNodes(anon, {"hostname": f"node1-{PID}.Example.org"}) == []  # exact: not
+    got = api.GetNodes(anon, {"site_id": site_id, "-SORT": "hostname", "-LIMIT": 1,
+                              "-OFFSET": 1}, ["hostname"])
+    assert [n["hostname"] for n in got] == both[1:]
+    assert api.GetNodes(anon, []) == []
+    got = api.GetPersons(admin, {"|role_ids": [20, 40], "email": f"*.{PID}.*"},
+                         ["person_id"])
+    assert sorted(p["person_id"] for p in got) == sorted([pi.person_id, tech.person_id])
+    got = api.GetPersons(admin, {"&roles": "user", "email": f"*.{PID}.*"}, ["person_id"])
+    assert [p["person_id"] for p in got] == [user.person_id]
+    got = api.GetNodes(admin, {"]node_id": node2, "[node_id": node2}, ["node_id"])
+    assert got == [{"node_id": node2}]  # "]" is >=, "[" is <=
+    got = api.GetNodes(admin, {"-OR": True, "node_id": node1, "hostname": host2},
+                       ["node_id"])
+    assert sorted(n["node_id"] for n in got) == sorted([node1, node2])
+    assert fault_code(api.GetNodes, admin, {"no_such_field": 1}) == 102
+    assert fault_code(api.GetNodes, admin, {"-BOGUS": 1}) == 102
+    assert fault_code(api.GetNodes, admin, None, ["hostname", "no_such_column"]) == 102
+    assert fault_code(api.GetNodes, admin, {"node_id": "*"}) == 102  # pattern on an int
+
+    # -- accessors and exposed tags (spec 9.2, 9.3) ------------------------------------
+    assert api.SetNodeArch(admin, node1, "aarch64") == "aarch64"
+    assert api.GetNodeArch(admin, host1.lower()) == "aarch64"
+    assert api.GetNodes(admin, [node1], ["arch"]) == [{"arch": "aarch64"}]
+    assert api.GetNodeArch(admin, 99999999) is None
+    assert api.SetSliceVref(user.auth, slice_id, "bookworm") == "bookworm"
+    assert api.GetSlices(admin, {"vref": "bookworm"}, ["slice_id", "vref"]) == \
+        [{"slice_id": slice_id, "vref": "bookworm"}]
+    assert fault_code(api.SetNodeArch, admin, 99999999, "x") == 102
+
+    # -- slices that go to every node (spec 7 (a) and (b)) ------------------------------
+    sys_name = f"{login_base}_sys{rng.randrange(10**6)}"
+    sys_id = api.AddSlice(admin, {"name": sys_name})
+    api.AddSliceTag(admin, sys_id, "system", "1")
+    ctl_name = f"{login_base}_ctl{rng.randrange(10**6)}"
+    api.AddSlice(admin, {"name": ctl_name, "instantiation": "nm-controller"})
+    names = {s["name"] for s in api.GetSlivers(admin, node2)["slivers"]}
+    assert {sys_name, ctl_name} <= names and slice_name not in names
+    assert api.DeleteSlice(admin, sys_name) == 1 and api.DeleteSlice(admin, ctl_name) == 1
+
     # -- events: writes recorded, passwords never ---------------------------------------
     events = api.GetEvents(admin, {"call_name": "AddPerson"})
     assert events, "AddPerson was not recorded"
