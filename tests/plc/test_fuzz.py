@@ -244,6 +244,36 @@ def test_wrong_types_as_admin(live: LiveServer, client: Client, method: str,
     assert_rejected(*client.post(body))
 
 
+unknown_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).map(
+    lambda t: f"zz_{t}")
+plain_values = st.one_of(st.integers(-5, 5), st.text(max_size=10), st.booleans(), st.none())
+
+
+@FUZZ
+@given(method=st.sampled_from(["GetNodes", "GetSites", "GetPersons", "GetSlices",
+                               "GetSliceTags", "GetLeases", "GetPCUs", "GetConfFiles"]),
+       field=unknown_names, value=plain_values, where=st.sampled_from(["filter", "fields"]))
+def test_unknown_fields(live: LiveServer, client: Client, method: str, field: str,
+                        value: Any, where: str) -> None:
+    """An unknown filter field or return field is a fault, never a silent success."""
+    args: tuple[Any, ...] = (({field: value},) if where == "filter" else (None, [field]))
+    body = xmlrpc.client.dumps((live.admin_auth, *args), method, allow_none=True).encode()
+    assert_rejected(*client.post(body))
+
+
+@FUZZ
+@given(method=st.sampled_from(["AddPerson", "AddNode", "AddSlice", "UpdateNode",
+                               "UpdatePerson", "UpdateSlice"]),
+       extra=st.dictionaries(unknown_names, plain_values, min_size=1, max_size=3))
+def test_unknown_fields_in_add_and_update(live: LiveServer, client: Client, method: str,
+                                          extra: dict[str, Any]) -> None:
+    """Add/Update methods that refuse unknown keys (spec 11.17) refuse them before writing."""
+    target = {"AddPerson": (), "AddNode": (1,), "AddSlice": ()}.get(method, (1,))
+    body = xmlrpc.client.dumps((live.admin_auth, *target, extra), method,
+                               allow_none=True).encode()
+    assert_rejected(*client.post(body))
+
+
 @pytest.mark.parametrize("depth", [200, 5000, 100000])
 def test_deep_nesting(live: LiveServer, client: Client, depth: int) -> None:
     open_, close = b"<value><array><data>" * depth, b"</data></array></value>" * depth
