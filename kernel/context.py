@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -255,7 +256,7 @@ class Context:
         cg = SliverCgroup(layout, name)
         with contextlib.ExitStack() as undo, contextlib.ExitStack() as fds:
             _claim_uids(run_dir, name, uid_base, uid_count)
-            undo.callback(_release_uids, run_dir, name)
+            undo.callback(_release_uids, run_dir, name, uid_base, uid_count)
             d = run_dir / name
             d.mkdir(mode=0o700)   # FileExistsError if a racing create took the name
             undo.callback(shutil.rmtree, d, True)
@@ -515,7 +516,7 @@ class Context:
             _reap_init(self.init_pid, self.state["init_start"], timeout)
         self.cgroup.destroy(timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
-        _release_uids(self.run_dir, self.name)
+        _release_uids(self.run_dir, self.name, self.uid_base, self.uid_count)
 
 
 class SliverProcess:
@@ -735,13 +736,10 @@ def _kill_init(pid: int, timeout: float = 10.0, then: Any = None) -> None:
             return
         if then is not None:
             then()
-        sel = selectors.DefaultSelector()
-        sel.register(pfd, selectors.EVENT_READ)
-        try:
-            if not sel.select(timeout):
-                raise ContextError(f"init {pid} did not die within {timeout}s of SIGKILL")
-        finally:
-            sel.close()
+        poller = select.poll()
+        poller.register(pfd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            raise ContextError(f"init {pid} did not die within {timeout}s of SIGKILL")
     finally:
         os.close(pfd)
 
@@ -788,8 +786,13 @@ def _claim_uids(run_dir: Path, name: str, base: int, count: int) -> None:
         (d / f"{base}-{count}-{name}").touch(exist_ok=False)
 
 
-def _release_uids(run_dir: Path, name: str) -> None:
+def _release_uids(run_dir: Path, name: str, base: int | None = None,
+                  count: int | None = None) -> None:
     d = _uids_dir(run_dir)
+    if base is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(d / f"{base}-{count}-{name}")
+            return
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(d):
             if not entry.startswith(".") and entry.split("-", 2)[2] == name:
