@@ -346,3 +346,23 @@ def test_guard_bad_filter_refused(sl: Slivers) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_init_reaps_orphans_and_entered_processes_descend_from_it(ctx: Context) -> None:
+    # The background sleep is orphaned when its shell exits: the init must reap it.
+    assert ctx.run(["sh", "-c", "sleep 0.2 & exit 0"]) == 0
+    time.sleep(0.6)
+    states = out(ctx, "cat /proc/[0-9]*/stat | cut -d')' -f2 | cut -d' ' -f2")
+    assert "Z" not in states.split()
+    # An entered process is a child of the init on the host, in all its namespaces
+    # and cgroups.
+    p = ctx.spawn(["sleep", "30"], stdout=subprocess.DEVNULL)
+    try:
+        kids = Path(f"/proc/{ctx.init_pid}/task/{ctx.init_pid}/children").read_text().split()
+        assert len(kids) == 1
+        host_pid = int(kids[0])
+        assert ns_ids(host_pid) == ns_ids(ctx.init_pid)
+        assert host_pid in ctx.cgroup.pids()
+    finally:
+        p.kill()
+        p.wait(10)
