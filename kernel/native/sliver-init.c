@@ -49,6 +49,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #ifndef OPEN_TREE_CLONE
 #define OPEN_TREE_CLONE 1
@@ -294,10 +295,15 @@ static void drop_bounding_set(uint64_t keep)
  * keep our own copy at GUARD_FD. Returns nothing: dies on any failure. */
 static void install_guard(int filter_fd, int sink)
 {
-	static struct sock_filter insns[BPF_MAXINSNS];
+	/* mmap'd and unmapped after use, so no init keeps 32 KiB for it. */
+	struct sock_filter *insns = mmap(NULL, BPF_MAXINSNS * sizeof *insns,
+					 PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	const size_t cap = BPF_MAXINSNS * sizeof *insns;
 	size_t got = 0;
+	if (insns == MAP_FAILED)
+		die("map guard filter buffer", errno);
 	for (;;) {
-		ssize_t n = read(filter_fd, (char *)insns + got, sizeof insns - got);
+		ssize_t n = read(filter_fd, (char *)insns + got, cap - got);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
@@ -305,7 +311,7 @@ static void install_guard(int filter_fd, int sink)
 		if (n == 0)
 			break;
 		got += (size_t)n;
-		if (got == sizeof insns)
+		if (got == cap)
 			die("read guard filter (more than BPF_MAXINSNS)", E2BIG);
 	}
 	close(filter_fd);
@@ -316,6 +322,7 @@ static void install_guard(int filter_fd, int sink)
 			       SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
 	if (lis < 0)
 		die("install seccomp filter", errno);
+	munmap(insns, cap);
 	char byte = 'L';
 	struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
 	union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } cm;
@@ -516,7 +523,9 @@ static void handle_request(int conn)
 {
 	struct req_hdr h;
 	int fds[3] = {-1, -1, -1}, nfds = 0, master = -1;
-	char *buf = NULL, *argv[MAX_ARGS + 1], *envp[MAX_ARGS + 8];
+	/* argv/envp live on the heap, sized to the request: a 64 KiB array on the
+	 * stack would stay resident in every init after its first request. */
+	char *buf = NULL, **argv = NULL, **envp = NULL;
 	int argc = 0, envc = 0;
 	const char *user = "root", *cwd = NULL;
 	const char *emsg = "read request";
@@ -553,6 +562,15 @@ static void handle_request(int conn)
 	if (read_full(conn, buf, h.len) != (ssize_t)h.len)
 		goto bad;
 	buf[h.len] = 0;
+	size_t nstr = 0;
+	for (char *p = buf; p < buf + h.len; p += strlen(p) + 1)
+		nstr++;
+	argv = calloc(nstr + 2, sizeof *argv);
+	envp = calloc(nstr + 8, sizeof *envp);
+	if (!argv || !envp) {
+		err = ENOMEM;
+		goto bad;
+	}
 	for (char *p = buf; p < buf + h.len; p += strlen(p) + 1) {
 		switch (*p) {
 		case 'u': user = p + 1; break;
@@ -645,6 +663,8 @@ static void handle_request(int conn)
 	if (master >= 0)
 		close(master);
 	free(buf);
+	free(argv);
+	free(envp);
 	return;
 bad:
 	send_reply(conn, R_ERROR, err, emsg, -1);
@@ -654,6 +674,8 @@ out:
 	if (master >= 0)
 		close(master);
 	free(buf);
+	free(argv);
+	free(envp);
 	close(conn);
 }
 
