@@ -51,7 +51,8 @@ def plc_store(tmp_path: Path) -> SQLiteStore:
 def start_server(store: SQLiteStore, **overrides: Any) -> tuple[PLCServer, threading.Thread]:
     cfg = Config().replace(api_listen="127.0.0.1:0", db_path=store.path, **overrides)
     server = make_server(API(store, cfg), cfg)
-    thread = threading.Thread(target=server.serve_forever, name="plc-test-server", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              name="plc-test-server", daemon=True)
     thread.start()
     return server, thread
 
@@ -64,6 +65,51 @@ def plc(plc_store: SQLiteStore) -> Iterator[PLC]:
         yield PLC(f"http://{host}:{port}/PLCAPI/", plc_store, server.api, server,
                   {"AuthMethod": "password", "Username": ADMIN_EMAIL,
                    "AuthString": ADMIN_PASSWORD})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def world_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A database holding tests/plc/world.py's world, built once per session."""
+    from tests.plc.world import build
+
+    path = tmp_path_factory.mktemp(f"plc-world-{os.getpid()}") / "world.db"
+    store = SQLiteStore(path)
+    initialise(store, ADMIN_EMAIL, ADMIN_PASSWORD, PREFIX)
+    server, thread = start_server(store)
+    try:
+        host, port = server.server_address[:2]
+        api = xmlrpc.client.ServerProxy(f"http://{host}:{port}/PLCAPI/", allow_none=True)
+        world = build(api, {"AuthMethod": "password", "Username": ADMIN_EMAIL,
+                            "AuthString": ADMIN_PASSWORD})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    conn = store.connect()
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return path, world
+
+
+@pytest.fixture
+def world(world_template: tuple[Path, Any], tmp_path: Path) -> Iterator[tuple[PLC, Any]]:
+    """A running server on a private copy of the world database."""
+    import shutil
+
+    src, w = world_template
+    dst = tmp_path / f"world-{os.getpid()}.db"
+    shutil.copyfile(src, dst)
+    store = SQLiteStore(dst)
+    server, thread = start_server(store, api_maintenance_password="maint-pw")
+    host, port = server.server_address[:2]
+    try:
+        yield PLC(f"http://{host}:{port}/PLCAPI/", store, server.api, server, w.auth["admin"]), w
     finally:
         server.shutdown()
         server.server_close()
