@@ -459,10 +459,12 @@ static void child_exec(int errpipe, const struct user *u, const char *cwd, char 
 	int err;
 	const char *step;
 	sigset_t none;
+	/* The init only blocks SIGCHLD (for its signalfd) and installs no handler,
+	 * so the default dispositions are already in place: unblock, nothing else. */
 	sigemptyset(&none);
-	sigprocmask(SIG_SETMASK, &none, NULL);
-	for (int s = 1; s < NSIG; s++)
-		signal(s, SIG_DFL);
+	step = "unblock signals";
+	if (sigprocmask(SIG_SETMASK, &none, NULL) < 0)
+		goto fail;
 	step = "setsid";
 	if (setsid() < 0)
 		goto fail;
@@ -531,8 +533,12 @@ static void handle_request(int conn)
 	const char *emsg = "read request";
 	int err = EPROTO;
 	char pts[64];
-	struct timeval tv = { .tv_sec = 5 };
-	setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	struct timeval tv = { .tv_sec = 5 };   /* a stuck client must not stall the init */
+	if (setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) {
+		send_reply(conn, R_ERROR, errno, "set request timeout", -1);
+		close(conn);
+		return;
+	}
 
 	struct iovec iov = { .iov_base = &h, .iov_len = sizeof h };
 	union { struct cmsghdr c; char b[CMSG_SPACE(3 * sizeof(int))]; } cm;
