@@ -773,6 +773,15 @@ int main(int argc, char **argv)
 {
 	struct opts o;
 	parse_opts(argc, argv, &o);
+	/* Ignored signals and the signal mask survive exec: start the sliver from the
+	 * defaults, whatever the caller had (its children inherit them from us). */
+	sigset_t all;
+	sigemptyset(&all);
+	if (sigprocmask(SIG_SETMASK, &all, NULL) < 0)
+		die("reset signal mask", errno);
+	for (int s = 1; s < NSIG; s++)
+		if (s != SIGKILL && s != SIGSTOP && signal(s, SIG_DFL) == SIG_ERR && errno != EINVAL)
+			die("reset signal dispositions", errno);
 	wait_byte('c', "wait for cgroups");
 	/* Enter the root while still host root: the sliver's uids may not be allowed to
 	 * traverse the directories above it. unshare(CLONE_NEWNS) below moves our cwd to
