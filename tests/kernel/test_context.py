@@ -366,3 +366,18 @@ def test_init_reaps_orphans_and_entered_processes_descend_from_it(ctx: Context) 
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_caller_signal_state_does_not_leak_into_the_sliver(sl: Slivers) -> None:
+    import signal as sig
+
+    old = sig.signal(sig.SIGUSR1, sig.SIG_IGN)
+    blocked = sig.pthread_sigmask(sig.SIG_BLOCK, {sig.SIGUSR2})
+    try:
+        ctx = sl.create()
+    finally:
+        sig.pthread_sigmask(sig.SIG_SETMASK, blocked)
+        sig.signal(sig.SIGUSR1, old)
+    rc, o, _ = ctx.output(["cat", "/proc/self/status"])
+    fields = dict(line.split(":\t", 1) for line in o.decode().splitlines() if ":\t" in line)
+    assert int(fields["SigIgn"], 16) == 0 and int(fields["SigBlk"], 16) == 0
