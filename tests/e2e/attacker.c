@@ -1,0 +1,389 @@
+/* attacker: what a hostile process inside a sliver tries, one subcommand per attack.
+ * Built static by tests/e2e/test_attacks.py and copied into the sliver's root.
+ * Each prints one line "NAME VALUE..." (errno 0 = the call succeeded) and exits 0
+ * unless its arguments are bad (2).
+ *
+ *   read PATH                 open+read PATH                -> "read ERRNO"
+ *   handle PATH               name_to_handle_at + open_by_handle_at on "/"
+ *                                                           -> "handle E_NAME E_OPEN"
+ *   chroot MARKER             chroot("/tmp/jail"), chdir("..") x64, chroot("."), open
+ *                             MARKER; also whether "/" is still the sliver's root
+ *                                                           -> "chroot E_CHROOT E_MARKER SAMEROOT"
+ *   abstract NAME             connect to abstract Unix NAME -> "abstract ERRNO"
+ *   alisten NAME SECS         listen on abstract Unix NAME for SECS -> "alisten ERRNO"
+ *   socket FAM TYPE PROTO     socket(...) numbers           -> "socket ERRNO"
+ *   uring                     io_uring_setup                -> "uring ERRNO"
+ *   x32                       getpid with the x32 bit; i386 getpid by int $0x80
+ *                                                           -> "x32 RET i386 RET"
+ *   mknod PATH                mknod a block device          -> "mknod ERRNO"
+ *   ptrace PID                PTRACE_ATTACH                 -> "ptrace ERRNO"
+ *   shm KEY                   shmget(KEY, 0, 0)             -> "shm ERRNO"
+ *   killall                   kill(-1, SIGKILL)             -> "killall ERRNO"
+ *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
+ *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
+ *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
+ *   hold PATH N SECS          N connections to Unix PATH, held SECS -> "hold CONNECTED"
+ *   junkfds PATH N            N times: connect, send 200 fds + junk bytes, close
+ *                                                           -> "junkfds SENT"
+ *   slow PATH SECS            send a request one byte a second -> "slow CLOSED_AFTER_S"
+ *   call PATH                 stdin -> PATH -> stdout (one HTTP request)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ipc.h>
+#include <sys/ptrace.h>
+#include <sys/shm.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+static int err(long r) { return r < 0 ? errno : 0; }
+
+static int unix_connect(const char *path, int abstract)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	socklen_t len;
+	int s = socket(AF_UNIX, SOCK_STREAM, 0);
+	if (s < 0)
+		return -1;
+	if (abstract) {
+		strncpy(sa.sun_path + 1, path, sizeof sa.sun_path - 2);
+		len = offsetof(struct sockaddr_un, sun_path) + 1 + strlen(path);
+	} else {
+		strncpy(sa.sun_path, path, sizeof sa.sun_path - 1);
+		len = sizeof sa;
+	}
+	if (connect(s, (struct sockaddr *)&sa, len) < 0) {
+		int e = errno;
+		close(s);
+		errno = e;
+		return -1;
+	}
+	return s;
+}
+
+static int do_read(const char *path)
+{
+	char buf[64];
+	int fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return errno;
+	int e = read(fd, buf, sizeof buf) < 0 ? errno : 0;
+	close(fd);
+	return e;
+}
+
+static void do_handle(const char *path)
+{
+	struct {
+		struct file_handle fh;
+		unsigned char buf[128];
+	} h;
+	int mnt = -1, e_name, e_open;
+	h.fh.handle_bytes = 128;
+	e_name = err(name_to_handle_at(AT_FDCWD, path, &h.fh, &mnt, 0));
+	int root = open("/", O_RDONLY | O_DIRECTORY);
+	if (e_name) {   /* forge a handle: ext4-style inode 2 (the fs root) */
+		h.fh.handle_bytes = 8;
+		h.fh.handle_type = 1;
+		memset(h.buf, 0, 8);
+		h.buf[0] = 2;
+	}
+	int fd = open_by_handle_at(root, &h.fh, O_RDONLY);
+	e_open = fd < 0 ? errno : 0;
+	printf("handle %d %d\n", e_name, e_open);
+}
+
+static void do_chroot(const char *marker)
+{
+	struct stat before, after;
+	stat("/", &before);
+	mkdir("/tmp/jail", 0755);
+	int e1 = err(chroot("/tmp/jail"));
+	for (int i = 0; i < 64; i++)
+		if (chdir("..") < 0)
+			break;
+	if (!e1)
+		e1 = err(chroot("."));
+	int e2 = do_read(marker);
+	stat("/", &after);
+	printf("chroot %d %d %d\n", e1, e2,
+	       before.st_ino == after.st_ino && before.st_dev == after.st_dev);
+}
+
+static long x32_getpid(void)
+{
+	long ret;
+	__asm__ volatile("syscall" : "=a"(ret) : "a"(0x40000000L | 39) : "rcx", "r11", "memory");
+	return ret;
+}
+
+static long i386_getpid(void)
+{
+	long ret;
+	__asm__ volatile("int $0x80" : "=a"(ret) : "a"(20L) : "memory");
+	return ret;
+}
+
+/* -- the sockaddr race ------------------------------------------------------------- */
+static struct sockaddr_in race_sa;
+static atomic_int race_stop;
+static unsigned short race_ok, race_bad;
+
+static void *flipper(void *arg)
+{
+	(void)arg;
+	volatile unsigned short *p = &race_sa.sin_port;
+	while (!atomic_load_explicit(&race_stop, memory_order_relaxed)) {
+		*p = htons(race_bad);
+		*p = htons(race_ok);
+	}
+	return NULL;
+}
+
+static void do_race(const char *addr, int ok, int bad, int n)
+{
+	pthread_t t;
+	int bound_ok = 0, bound_other = 0, failed = 0;
+	race_ok = (unsigned short)ok;
+	race_bad = (unsigned short)bad;
+	race_sa.sin_family = AF_INET;
+	race_sa.sin_port = htons(race_ok);
+	inet_pton(AF_INET, addr, &race_sa.sin_addr);
+	pthread_create(&t, NULL, flipper, NULL);
+	for (int i = 0; i < n; i++) {
+		int s = socket(AF_INET, SOCK_STREAM, 0);
+		int one = 1;
+		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (bind(s, (struct sockaddr *)&race_sa, sizeof race_sa) == 0) {
+			struct sockaddr_in got;
+			socklen_t len = sizeof got;
+			getsockname(s, (struct sockaddr *)&got, &len);
+			if (ntohs(got.sin_port) == ok)
+				bound_ok++;
+			else
+				bound_other++;
+		} else {
+			failed++;
+		}
+		close(s);
+	}
+	atomic_store(&race_stop, 1);
+	pthread_join(t, NULL);
+	printf("race %d %d %d %d\n", n, bound_ok, bound_other, failed);
+}
+
+static void do_bind(const char *addr, int port, int v6only0)
+{
+	struct sockaddr_storage ss = {0};
+	socklen_t len;
+	int fam;
+	struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+	struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+	if (inet_pton(AF_INET, addr, &s4->sin_addr) == 1) {
+		fam = s4->sin_family = AF_INET;
+		s4->sin_port = htons((unsigned short)port);
+		len = sizeof *s4;
+	} else if (inet_pton(AF_INET6, addr, &s6->sin6_addr) == 1) {
+		fam = s6->sin6_family = AF_INET6;
+		s6->sin6_port = htons((unsigned short)port);
+		len = sizeof *s6;
+	} else {
+		fprintf(stderr, "attacker: bad address %s\n", addr);
+		exit(2);
+	}
+	int s = socket(fam, SOCK_STREAM, 0);
+	if (v6only0) {
+		int zero = 0;
+		setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+	}
+	int e = err(bind(s, (struct sockaddr *)&ss, len));
+	int got = 0;
+	if (!e) {
+		struct sockaddr_storage g;
+		socklen_t gl = sizeof g;
+		getsockname(s, (struct sockaddr *)&g, &gl);
+		got = ntohs(g.ss_family == AF_INET ? ((struct sockaddr_in *)&g)->sin_port
+						   : ((struct sockaddr_in6 *)&g)->sin6_port);
+	}
+	printf("bind %d %d\n", e, got);
+}
+
+/* -- the agent socket ---------------------------------------------------------------- */
+static void do_hold(const char *path, int n, int secs)
+{
+	int connected = 0;
+	for (int i = 0; i < n; i++)
+		if (unix_connect(path, 0) >= 0)
+			connected++;
+	printf("hold %d\n", connected);
+	fflush(stdout);
+	sleep((unsigned)secs);
+}
+
+static void do_junkfds(const char *path, int n)
+{
+	int sent = 0, fds[200];
+	int nul = open("/dev/null", O_RDONLY);
+	int p[2];
+	if (pipe(p) < 0)
+		exit(2);
+	for (int i = 0; i < 200; i++)
+		fds[i] = i % 3 == 0 ? nul : (i % 3 == 1 ? p[0] : p[1]);
+	for (int i = 0; i < n; i++) {
+		int s = unix_connect(path, 0);
+		if (s < 0)
+			continue;
+		char junk[512];
+		for (size_t j = 0; j < sizeof junk; j++)
+			junk[j] = (char)(j * 7 + i);
+		char cbuf[CMSG_SPACE(sizeof fds)];
+		struct iovec iov = {junk, sizeof junk};
+		struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+				   .msg_controllen = sizeof cbuf};
+		struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof fds);
+		memcpy(CMSG_DATA(c), fds, sizeof fds);
+		if (sendmsg(s, &m, MSG_NOSIGNAL) > 0)
+			sent++;
+		/* a second message with fds after the first: the agent must not keep them */
+		sendmsg(s, &m, MSG_NOSIGNAL);
+		close(s);
+	}
+	printf("junkfds %d\n", sent);
+}
+
+static void do_slow(const char *path, int secs)
+{
+	const char *req = "POST / HTTP/1.0\r\nContent-Length: 100000\r\n\r\n";
+	int s = unix_connect(path, 0);
+	if (s < 0) {
+		printf("slow -1\n");
+		return;
+	}
+	time_t start = time(NULL);
+	size_t i = 0;
+	for (int t = 0; t < secs * 4; t++) {
+		char c = i < strlen(req) ? req[i] : 'x';
+		i++;
+		if (send(s, &c, 1, MSG_NOSIGNAL) < 0)
+			break;
+		char buf[256];
+		ssize_t r = recv(s, buf, sizeof buf, MSG_DONTWAIT);
+		if (r == 0 || (r < 0 && errno != EAGAIN))
+			break;
+		usleep(250000);
+	}
+	printf("slow %ld\n", (long)(time(NULL) - start));
+}
+
+static void do_call(const char *path)
+{
+	char buf[65536];
+	ssize_t n;
+	int s = unix_connect(path, 0);
+	if (s < 0) {
+		perror("connect");
+		exit(1);
+	}
+	while ((n = read(0, buf, sizeof buf)) > 0)
+		if (write(s, buf, (size_t)n) != n)
+			break;
+	shutdown(s, SHUT_WR);
+	while ((n = read(s, buf, sizeof buf)) > 0)
+		if (write(1, buf, (size_t)n) != n)
+			break;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc < 2)
+		return 2;
+	const char *cmd = argv[1];
+#define NEED(k) do { if (argc < (k) + 2) { fprintf(stderr, "%s: arguments\n", cmd); return 2; } } while (0)
+	if (!strcmp(cmd, "read")) {
+		NEED(1);
+		printf("read %d\n", do_read(argv[2]));
+	} else if (!strcmp(cmd, "handle")) {
+		NEED(1);
+		do_handle(argv[2]);
+	} else if (!strcmp(cmd, "chroot")) {
+		NEED(1);
+		do_chroot(argv[2]);
+	} else if (!strcmp(cmd, "abstract")) {
+		NEED(1);
+		int s = unix_connect(argv[2], 1);
+		printf("abstract %d\n", s < 0 ? errno : 0);
+	} else if (!strcmp(cmd, "alisten")) {
+		NEED(2);
+		struct sockaddr_un sa = {.sun_family = AF_UNIX};
+		int s = socket(AF_UNIX, SOCK_STREAM, 0);
+		strncpy(sa.sun_path + 1, argv[2], sizeof sa.sun_path - 2);
+		socklen_t len = offsetof(struct sockaddr_un, sun_path) + 1 + strlen(argv[2]);
+		int e = err(bind(s, (struct sockaddr *)&sa, len));
+		if (!e)
+			e = err(listen(s, 8));
+		printf("alisten %d\n", e);
+		fflush(stdout);
+		if (!e)
+			sleep((unsigned)atoi(argv[3]));
+	} else if (!strcmp(cmd, "socket")) {
+		NEED(3);
+		printf("socket %d\n", err(socket(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]))));
+	} else if (!strcmp(cmd, "uring")) {
+		unsigned char params[120] = {0};
+		printf("uring %d\n", err(syscall(425, 8, params)));
+	} else if (!strcmp(cmd, "x32")) {
+		printf("x32 %ld i386 %ld\n", x32_getpid(), i386_getpid());
+	} else if (!strcmp(cmd, "mknod")) {
+		NEED(1);
+		printf("mknod %d\n", err(mknod(argv[2], S_IFBLK | 0600, makedev(8, 0))));
+	} else if (!strcmp(cmd, "ptrace")) {
+		NEED(1);
+		printf("ptrace %d\n", err(ptrace(PTRACE_ATTACH, atoi(argv[2]), 0, 0)));
+	} else if (!strcmp(cmd, "shm")) {
+		NEED(1);
+		printf("shm %d\n", err(shmget((key_t)strtol(argv[2], NULL, 0), 0, 0)));
+	} else if (!strcmp(cmd, "killall")) {
+		printf("killall %d\n", err(kill(-1, SIGKILL)));
+	} else if (!strcmp(cmd, "race")) {
+		NEED(4);
+		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
+	} else if (!strcmp(cmd, "bind")) {
+		NEED(2);
+		do_bind(argv[2], atoi(argv[3]), argc > 4 && !strcmp(argv[4], "v6only0"));
+	} else if (!strcmp(cmd, "hold")) {
+		NEED(3);
+		do_hold(argv[2], atoi(argv[3]), atoi(argv[4]));
+	} else if (!strcmp(cmd, "junkfds")) {
+		NEED(2);
+		do_junkfds(argv[2], atoi(argv[3]));
+	} else if (!strcmp(cmd, "slow")) {
+		NEED(2);
+		do_slow(argv[2], atoi(argv[3]));
+	} else if (!strcmp(cmd, "call")) {
+		NEED(1);
+		do_call(argv[2]);
+	} else {
+		fprintf(stderr, "attacker: unknown command %s\n", cmd);
+		return 2;
+	}
+	return 0;
+}
