@@ -362,3 +362,149 @@ def test_fork_bomb_and_disk_fill_stay_inside(attacker: Path) -> None:
         rc, out = sh(ctx, "dd if=/dev/zero bs=256M count=1 of=/dev/null 2>&1; echo rc=$?")
         assert "rc=0" not in out, out
         assert ctx.alive()
+
+
+# -- the agent socket, from slivers the agent made ------------------------------------
+
+SOCK_IN_SLIVER = "/run/planetlab/agent.sock"
+
+
+@dataclass
+class AgentSide:
+    node: Any
+    agent: subprocess.Popen[bytes]
+    a: Context
+    b: Context
+    share_a: int
+    share_b: int
+
+    def admin(self, timeout: float = 10.0) -> Any:
+        import xmlrpc.client
+
+        from agent.sliceapi import UnixTransport
+        return xmlrpc.client.ServerProxy("http://agent/", allow_none=True,
+                                         transport=UnixTransport(str(self.node.cfg.socket_path),
+                                                                 timeout))
+
+    def agent_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.agent.pid}/fd"))
+
+
+def http(body: bytes) -> bytes:
+    return (f"POST / HTTP/1.0\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body)
+
+
+def call_from(ctx: Context, request: bytes, timeout: float = 30) -> bytes:
+    rc, out, err = ctx.output(["/bin/attacker", "call", SOCK_IN_SLIVER], input=request,
+                              timeout=timeout)
+    assert rc == 0, (rc, out, err)
+    return out
+
+
+@pytest.fixture(scope="module")
+def agent_side(attacker: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentSide]:
+    import json
+
+    from tests.agent.agent_node import cleanup_node, make_node, plc_server, wait_for
+
+    with plc_server(tmp_path_factory.mktemp(f"e2e-att-plc{PID}")) as plc:
+        api, admin = plc.proxy(), plc.admin_auth
+        login = f"att{PID % 100000}"
+        site = api.AddSite(admin, {"name": f"Attack site {PID}", "abbreviated_name": "att",
+                                   "login_base": login, "max_slices": 10,
+                                   "max_slivers": 10, "enabled": True, "is_public": False})
+        hostname = f"att{PID}.e2e.test"
+        node_id = api.AddNode(admin, site, {"hostname": hostname})
+        names = []
+        for suffix, share in (("a", "3"), ("b", "5")):
+            name = f"{login}_{suffix}"
+            api.AddSlice(admin, {"name": name, "url": "http://e2e.test/",
+                                 "description": "attack", "instantiation": "plc-instantiated"})
+            api.AddSliceTag(admin, name, "cpu_share", share)
+            api.AddSliceToNodes(admin, name, [node_id])
+            names.append(name)
+        node = make_node(plc, hostname, api_rate=5.0, api_burst=10)
+        agents: list[subprocess.Popen[bytes]] = []
+        try:
+            agents.append(node.start_agent())
+            wait_for(lambda: all((node.contexts_dir / n / "state.json").exists() for n in names)
+                     and Path(node.cfg.socket_path).exists(), 60, "slivers and socket",
+                     node.log_text)
+            ctxs = []
+            for n in names:
+                wait_for(lambda n=n: Context.read_state(node.contexts_dir, n), 30, n)
+                ctx = Context.adopt(node.contexts_dir, n)
+                root = Path(json.loads((node.contexts_dir / n / "state.json").read_text())
+                            ["root"])
+                install(root, attacker)
+                ctxs.append(ctx)
+            yield AgentSide(node, agents[0], ctxs[0], ctxs[1], 3, 5)
+        finally:
+            cleanup_node(node, agents)
+
+
+def test_forged_slice_name_gets_own_rspec(agent_side: AgentSide) -> None:
+    import xmlrpc.client
+
+    s = agent_side
+    for forged in (s.b.name, "root", "", "../" + s.b.name):
+        out = call_from(s.a, http(xmlrpc.client.dumps((forged,), "GetRSpec").encode()))
+        (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
+        assert rspec["cpu_share"] == s.share_a, (forged, rspec)
+
+
+def test_junk_bytes_and_fds_leave_agent_serving_and_leak_nothing(agent_side: AgentSide) -> None:
+    s = agent_side
+    before = s.agent_fds()
+    out = s.a.output(["/bin/attacker", "junkfds", SOCK_IN_SLIVER, "60"], timeout=60)
+    assert out[0] == 0 and out[1].split()[0] == b"junkfds", out
+    time.sleep(0.5)
+    assert s.admin().GetRSpec(s.b.name)["cpu_share"] == s.share_b
+    assert s.agent_fds() <= before + 8, (before, s.agent_fds())
+    assert s.agent.poll() is None
+
+
+def test_huge_and_malformed_requests_refused_quickly(agent_side: AgentSide) -> None:
+    s = agent_side
+    t0 = time.monotonic()
+    out = call_from(s.a, b"POST / HTTP/1.0\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 4096)
+    assert out.startswith(b"HTTP/1.0 413"), out[:100]
+    out = call_from(s.a, b"POST / HTTP/1.0\r\nX-Junk: " + b"a" * 40000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.0 400"), out[:100]
+    out = call_from(s.a, b"GET / HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.0 400"), out[:100]
+    out = call_from(s.a, http(b"<?xml version='1.0'?><methodCall><methodName>GetRSpec"))
+    assert b"<fault>" in out and b"Traceback" not in out, out[:300]
+    # entity expansion ("billion laughs"): refused by the parser, no blow-up
+    lol = (b"<?xml version='1.0'?><!DOCTYPE m [<!ENTITY a 'aaaaaaaaaa'>"
+           + b"".join(b"<!ENTITY %c '%s'>" % (98 + i, (b"&%c;" % (97 + i)) * 10)
+                      for i in range(8))
+           + b"]><methodCall><methodName>GetRSpec</methodName><params><param><value>"
+             b"<string>&i;</string></value></param></params></methodCall>")
+    out = call_from(s.a, http(lol))
+    assert b"HTTP/1.0 200" in out[:20], out[:200]
+    assert time.monotonic() - t0 < 20
+    assert s.admin().GetRSpec(s.a.name)["cpu_share"] == s.share_a
+
+
+def test_rate_limit_is_per_slice(agent_side: AgentSide) -> None:
+    import xmlrpc.client
+
+    s = agent_side
+    req = http(xmlrpc.client.dumps((), "GetRSpec").encode())
+    _put(s.a, "/tmp/req", req)
+    rc, out, err = s.a.output(["sh", "-c", "for i in $(seq 40); do /bin/attacker call "
+                               f"{SOCK_IN_SLIVER} < /tmp/req; done"], timeout=60)
+    assert rc == 0, err
+    assert out.count(b"<fault>") >= 20, out.count(b"<fault>")   # burst 10, 5/s
+    # B is not limited by A's spending.
+    out = call_from(s.b, req)
+    (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
+    assert rspec["cpu_share"] == s.share_b
+
+
+def _put(ctx: Context, path: str, data: bytes) -> None:
+    rc, _, err = ctx.output(["sh", "-c", f"cat > {path}"], input=data, timeout=30)
+    assert rc == 0, err
+
