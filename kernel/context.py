@@ -280,6 +280,7 @@ class Context:
             fds.enter_context(init_end)
             argv = [str(INIT_BIN), f"--sync={init_end.fileno()}", f"--ctl={ctl.fileno()}",
                     f"--root={root}", f"--hostname={hostname}", f"--capbset={capmask:x}"]
+            argv += [f"--cgroup={d}" for d in cg.dirs()]
             for rname, (soft, hard) in sorted(limits.rlimits.items()):
                 argv.append(f"--rlimit={rname}:{_rlim(soft)}:{_rlim(hard)}")
             pass_fds = [init_end.fileno(), ctl.fileno()]
@@ -304,8 +305,6 @@ class Context:
             sync = _SyncReader(host_end, name)
             init_pid: int | None = None
             try:
-                cg.attach(launcher.pid)
-                host_end.sendall(b"c")
                 sync.expect("userns", deadline)
                 for which in ("uid_map", "gid_map"):
                     with open(f"/proc/{launcher.pid}/{which}", "w") as f:

@@ -8,7 +8,7 @@
  * before its first child.
  *
  * Setup, in order (each step reports "error STEP: reason" on the sync socket):
- *   launcher: chdir into the root (as host root, which may reach it); rlimits;
+ *   launcher: join the cgroups given; chdir into the root (as host root, which may reach it); rlimits;
  *             unshare(USER);
  *             parent writes uid_map/gid_map; become root inside;
  *             unshare(NS, UTS, IPC, PID, CGROUP); fork the init; report its host pid; exit.
@@ -20,7 +20,7 @@
  *             fd GUARD_FD); then "ready" and the service loop.
  *
  * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
- *   host -> launcher: 'c' (placed in cgroups), then 'm' (maps written)
+ *   host -> launcher: 'm' (maps written)
  *   launcher -> host: "userns\n"; init -> host: "pid N\n" (its host pid), "ready\n"
  *   any failure: "error STEP: strerror\n" and exit 1.
  *
@@ -147,6 +147,8 @@ struct opts {
 	uint64_t capbset;
 	int nrl;
 	struct { int res; struct rlimit rl; char name[100]; } rl[RLIM_NLIMITS];
+	int ncg;
+	const char *cgroups[16];
 };
 
 static int rlimit_res(const char *name)
@@ -170,7 +172,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 	static const struct option lo[] = {
 		{"sync", 1, 0, 's'}, {"ctl", 1, 0, 'c'}, {"root", 1, 0, 'r'},
 		{"hostname", 1, 0, 'h'}, {"capbset", 1, 0, 'b'}, {"rlimit", 1, 0, 'l'},
-		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {0, 0, 0, 0},
+		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {"cgroup", 1, 0, 'g'},
+		{0, 0, 0, 0},
 	};
 	int c;
 	memset(o, 0, sizeof *o);
@@ -187,6 +190,11 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		case 'b': o->capbset = strtoull(optarg, NULL, 16); break;
 		case 'f': o->guard_filter = atoi(optarg); break;
 		case 'k': o->guard_sink = atoi(optarg); break;
+		case 'g':
+			if (o->ncg >= 16 || strlen(optarg) > 4000)
+				die("parse --cgroup (at most 16 paths of 4000 bytes)", EINVAL);
+			o->cgroups[o->ncg++] = optarg;
+			break;
 		case 'l':
 			if (o->nrl >= RLIM_NLIMITS ||
 			    sscanf(optarg, "%31[a-z]:%llu:%llu", name, &soft, &hard) != 3 ||
@@ -782,7 +790,18 @@ int main(int argc, char **argv)
 	for (int s = 1; s < NSIG; s++)
 		if (s != SIGKILL && s != SIGSTOP && signal(s, SIG_DFL) == SIG_ERR && errno != EINVAL)
 			die("reset signal dispositions", errno);
-	wait_byte('c', "wait for cgroups");
+	/* Join the sliver's cgroups first (host root may), so that everything after,
+	 * the namespaces included, is charged to them and the cgroup namespace is
+	 * rooted there. */
+	for (int i = 0; i < o.ncg; i++) {
+		char path[4100], step[4200];
+		snprintf(path, sizeof path, "%s/cgroup.procs", o.cgroups[i]);
+		snprintf(step, sizeof step, "join cgroup %s", o.cgroups[i]);
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, "0", 1) != 1)
+			die(step, errno);
+		close(fd);
+	}
 	/* Enter the root while still host root: the sliver's uids may not be allowed to
 	 * traverse the directories above it. unshare(CLONE_NEWNS) below moves our cwd to
 	 * the copy of this mount in the sliver's mount namespace. */
