@@ -208,10 +208,10 @@ class API:
             conn.rollback()
             ref = uuid.uuid4()
             log.error("database error in %s (reference %s): %s", m.name, ref, e)
-            fault = PLCDBError(f"Please contact {self.config.plc_name} Support "
-                               f"<{self.config.mail_support_address}> and reference {ref}")
-            fault.faultString = self._prefix(call) + fault.faultString
-            raise fault from None
+            db_fault = PLCDBError(f"Please contact {self.config.plc_name} Support "
+                                  f"<{self.config.mail_support_address}> and reference {ref}")
+            db_fault.faultString = self._prefix(call) + db_fault.faultString
+            raise db_fault from None
         except Exception as e:
             conn.rollback()
             log.exception("internal error in %s", m.name)

@@ -50,7 +50,8 @@ def validate_interface(call: Any, row: dict[str, Any], interface_id: int | None)
         raise PLCInvalidArgument("Invalid hostname", "hostname")
     method, v6 = row["method"], bool(row.get("ip")) and ":" in row["ip"]
     if method == "static":
-        required = ("ip", "gateway") if v6 else ("ip", "network", "broadcast", "netmask")
+        required: tuple[str, ...] = ("ip", "gateway") if v6 else \
+            ("ip", "network", "broadcast", "netmask")
         if row.get("is_primary") and not v6:
             required += ("gateway", "dns1")
         for k in required:

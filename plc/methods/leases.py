@@ -111,7 +111,8 @@ def GetLeases(call: Any, auth: dict, lease_filter: Any = None,
     """Returns an array of structs containing details about leases. The struct filter
     also takes alive (a time or interval the lease is active in), clip (leases ending
     after a time, or overlapping an interval) and day (0: from today, N: N days)."""
-    where, params = "", []
+    where: str = ""
+    params: list[Any] = []
     if isinstance(lease_filter, dict):
         lease_filter, where, params = lease_extras(lease_filter, call.now)
     return call.get(Lease, lease_filter, return_fields, where=where, params=params)

@@ -58,7 +58,7 @@ def slivers_of(call: Any, node_id: int) -> list[dict[str, Any]]:
     for s in slices:
         stags = tags.get(s["slice_id"], [])
         attributes = merge_attributes(stags, node_id, groups)
-        wide = {}
+        wide: dict[str, str] = {}
         for t in stags:
             if t["node_id"] is None and t["nodegroup_id"] is None:
                 wide.setdefault(t["tagname"], t["value"])
