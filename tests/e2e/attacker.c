@@ -19,9 +19,13 @@
  *   ptrace PID                PTRACE_ATTACH                 -> "ptrace ERRNO"
  *   shm KEY                   shmget(KEY, 0, 0)             -> "shm ERRNO"
  *   killall                   kill(-1, SIGKILL)             -> "killall ERRNO"
+ *   bpf                       bpf(BPF_MAP_CREATE) of an array -> "bpf ERRNO"
+ *   perf                      perf_event_open, all processes on cpu 0 -> "perf ERRNO"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
+ *   bindp TYPE PROTO ADDR PORT [freebind]
+ *                             bind a socket of that type and protocol -> "bind ERRNO PORT"
  *   hold PATH N SECS          N connections to Unix PATH, held SECS -> "hold CONNECTED"
  *   junkfds PATH N            N times: connect, send 200 fds + junk bytes, close
  *                                                           -> "junkfds SENT"
@@ -187,7 +191,8 @@ static void do_race(const char *addr, int ok, int bad, int n)
 	printf("race %d %d %d %d\n", n, bound_ok, bound_other, failed);
 }
 
-static void do_bind(const char *addr, int port, int v6only0)
+static void do_bind(const char *addr, int port, int v6only0, int type, int proto,
+		    int freebind)
 {
 	struct sockaddr_storage ss = {0};
 	socklen_t len;
@@ -206,7 +211,16 @@ static void do_bind(const char *addr, int port, int v6only0)
 		fprintf(stderr, "attacker: bad address %s\n", addr);
 		exit(2);
 	}
-	int s = socket(fam, SOCK_STREAM, 0);
+	int s = socket(fam, type, proto);
+	if (s < 0) {
+		printf("socket %d 0\n", errno);
+		return;
+	}
+	if (freebind) {
+		int one = 1;
+		setsockopt(s, fam == AF_INET ? IPPROTO_IP : IPPROTO_IPV6,
+			   fam == AF_INET ? IP_FREEBIND : IPV6_FREEBIND, &one, sizeof one);
+	}
 	if (v6only0) {
 		int zero = 0;
 		setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
@@ -363,12 +377,25 @@ int main(int argc, char **argv)
 		printf("shm %d\n", err(shmget((key_t)strtol(argv[2], NULL, 0), 0, 0)));
 	} else if (!strcmp(cmd, "killall")) {
 		printf("killall %d\n", err(kill(-1, SIGKILL)));
+	} else if (!strcmp(cmd, "bpf")) {
+		unsigned int attr[32] = {2 /* ARRAY */, 4, 8, 1};
+		printf("bpf %d\n", err(syscall(SYS_bpf, 0 /* MAP_CREATE */, attr, sizeof attr)));
+	} else if (!strcmp(cmd, "perf")) {
+		unsigned char attr[128] = {0};
+		attr[0] = 1;                 /* type PERF_TYPE_SOFTWARE */
+		attr[4] = sizeof attr;       /* size */
+		printf("perf %d\n", err(syscall(SYS_perf_event_open, attr, -1, 0, -1, 0)));
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
 	} else if (!strcmp(cmd, "bind")) {
 		NEED(2);
-		do_bind(argv[2], atoi(argv[3]), argc > 4 && !strcmp(argv[4], "v6only0"));
+		do_bind(argv[2], atoi(argv[3]), argc > 4 && !strcmp(argv[4], "v6only0"),
+			SOCK_STREAM, 0, 0);
+	} else if (!strcmp(cmd, "bindp")) {
+		NEED(4);
+		do_bind(argv[4], atoi(argv[5]), 0, atoi(argv[2]), atoi(argv[3]),
+			argc > 6 && !strcmp(argv[6], "freebind"));
 	} else if (!strcmp(cmd, "hold")) {
 		NEED(3);
 		do_hold(argv[2], atoi(argv[3]), atoi(argv[4]));

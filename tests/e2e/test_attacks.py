@@ -508,3 +508,32 @@ def _put(ctx: Context, path: str, data: bytes) -> None:
     rc, _, err = ctx.output(["sh", "-c", f"cat > {path}"], input=data, timeout=30)
     assert rc == 0, err
 
+
+
+def test_other_protocols_and_freebind_do_not_bypass_ports(fence: Fence) -> None:
+    """MPTCP, UDP-Lite and IP_FREEBIND sockets bind through the same guarded bind."""
+    a, b, p, free = fence.a, fence.b, str(fence.port_a), str(fence.port_free)
+    mptcp, udplite = "262", "136"
+    out = run(b, "bindp", str(SOCK_STREAM), mptcp, "127.0.0.1", p)
+    assert out == ["bind", str(errno.EADDRINUSE), "0"], out
+    out = run(b, "bindp", str(SOCK_STREAM), mptcp, "127.0.0.1", free)
+    assert out == ["bind", str(errno.EACCES), "0"], out
+    assert run(a, "bindp", str(SOCK_STREAM), mptcp, "127.0.0.1", p) == ["bind", "0", p]
+    out = run(b, "bindp", str(SOCK_DGRAM), udplite, "::1", free)
+    assert out[0] == "socket" or out == ["bind", str(errno.EACCES), "0"], out
+    out = run(b, "bindp", str(SOCK_STREAM), "0", "10.213.254.254", free, "freebind")
+    assert out[1] in (str(errno.EADDRNOTAVAIL), str(errno.EACCES)), out
+
+
+def test_kernel_interfaces_closed_to_sliver_root(fence: Fence) -> None:
+    """bpf, system-wide perf, sysrq, kcore, the kernel log, kernel addresses."""
+    a = fence.a
+    assert run(a, "bpf")[1] != "0"
+    assert run(a, "perf")[1] != "0"
+    for cmd in ("echo h > /proc/sysrq-trigger", "head -c 16 /proc/kcore > /dev/null",
+                "dmesg > /dev/null", "echo 1 > /proc/sys/vm/drop_caches",
+                "echo x > /sys/kernel/mm/transparent_hugepage/enabled"):
+        rc, out = sh(a, cmd)
+        assert rc != 0, (cmd, out)
+    rc, out = sh(a, "head -n 50 /proc/kallsyms | cut -d' ' -f1 | sort -u")
+    assert rc == 0 and set(out.split()) <= {"0000000000000000"}, out
