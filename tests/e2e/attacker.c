@@ -21,6 +21,7 @@
  *   killall                   kill(-1, SIGKILL)             -> "killall ERRNO"
  *   bpf                       bpf(BPF_MAP_CREATE) of an array -> "bpf ERRNO"
  *   perf                      perf_event_open, all processes on cpu 0 -> "perf ERRNO"
+ *   sockfill N SECS           fill N Unix socketpairs' buffers, hold SECS -> "sockfill BYTES"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -385,6 +386,21 @@ int main(int argc, char **argv)
 		attr[0] = 1;                 /* type PERF_TYPE_SOFTWARE */
 		attr[4] = sizeof attr;       /* size */
 		printf("perf %d\n", err(syscall(SYS_perf_event_open, attr, -1, 0, -1, 0)));
+	} else if (!strcmp(cmd, "sockfill")) {
+		NEED(2);
+		static char chunk[65536];
+		long long total = 0;
+		for (int i = 0; i < atoi(argv[2]); i++) {
+			int sv[2];
+			if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) < 0)
+				break;
+			ssize_t w;
+			while ((w = send(sv[0], chunk, sizeof chunk, MSG_NOSIGNAL)) > 0)
+				total += w;
+		}
+		printf("sockfill %lld\n", total);
+		fflush(stdout);
+		sleep((unsigned)atoi(argv[3]));
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));

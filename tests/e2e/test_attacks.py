@@ -358,9 +358,22 @@ def test_fork_bomb_and_disk_fill_stay_inside(attacker: Path) -> None:
 
         assert disk_usage_kib(sl.roots_dir, name) <= 8192 + 1024
         assert before - shutil.disk_usage("/").free < 32 << 20
+        # Many small files: metadata counts against the same limit.
+        rc, out = sh(ctx, "rm -f /tmp/fill; mkdir /tmp/many && cd /tmp/many && "
+                          "seq 1 60000 | sed s/^/f/ | xargs touch 2>/dev/null; "
+                          "ls | wc -l")
+        assert disk_usage_kib(sl.roots_dir, name) <= 8192 + 1024, out
+        assert int(out.split()[-1]) < 60000, out   # the limit stopped it
+        sh(ctx, "rm -rf /tmp/many")
         # Memory: a hog inside dies of the cgroup limit, not the host's OOM of others.
         rc, out = sh(ctx, "dd if=/dev/zero bs=256M count=1 of=/dev/null 2>&1; echo rc=$?")
         assert "rc=0" not in out, out
+        # Kernel memory pinned in Unix socket buffers is charged to the sliver too.
+        install(root, attacker)
+        rc, out = sh(ctx, "ulimit -n 8192; /bin/attacker sockfill 2000 1; echo rc=$?")
+        filled = int(out.split()[1]) if out.startswith("sockfill") else 0
+        assert filled < 64 << 20, out
+        assert ctx.usage()["mem_bytes"] <= 64 << 20
         assert ctx.alive()
 
 
