@@ -20,11 +20,12 @@
  *             fd GUARD_FD); then "ready" and the service loop.
  *
  * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
- *   host -> launcher: 'm' (maps written)
+ *   host -> launcher: 'm' (maps written) with the control socket's listening fd
+ *                     (SCM_RIGHTS; the host binds it while the launcher starts)
  *   launcher -> host: "userns\n"; init -> host: "pid N\n" (its host pid), "ready\n"
  *   any failure: "error STEP: strerror\n" and exit 1.
  *
- * Control protocol (root-only AF_UNIX stream socket, listening fd given by --ctl and
+ * Control protocol (root-only AF_UNIX stream socket, listening fd sent with 'm' and
  * kept at CTL_FD): the client sends struct req_hdr with 0 or 3 fds (stdin, stdout,
  * stderr) by SCM_RIGHTS, then hdr.len bytes of NUL-terminated tagged strings:
  * "u<user>", "c<cwd>", "a<argv item>"..., "e<env item>"... The init answers with
@@ -118,12 +119,23 @@ static void say(const char *fmt, ...)
 		die("sync write", errno ? errno : EPIPE);
 }
 
-static void wait_byte(char want, const char *step)
+/* Wait for 'm' (our uid/gid maps are written) and the control socket with it. */
+static int recv_ctl(void)
 {
 	char c;
-	ssize_t n = read(sync_fd, &c, 1);
-	if (n != 1 || c != want)
-		die(step, n < 0 ? errno : EPROTO);
+	int fd = -1;
+	struct iovec iov = { .iov_base = &c, .iov_len = 1 };
+	union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } cm;
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+			     .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
+	ssize_t n = recvmsg(sync_fd, &mh, MSG_CMSG_CLOEXEC);
+	struct cmsghdr *h = CMSG_FIRSTHDR(&mh);
+	if (h && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
+	    h->cmsg_len == CMSG_LEN(sizeof(int)))
+		memcpy(&fd, CMSG_DATA(h), sizeof fd);
+	if (n != 1 || c != 'm' || fd < 0 || (mh.msg_flags & MSG_CTRUNC))
+		die("wait for uid/gid maps and the control socket", n < 0 ? errno : EPROTO);
+	return fd;
 }
 
 /* Move fd to number `to` (close-on-exec) or die. */
@@ -170,7 +182,7 @@ static int rlimit_res(const char *name)
 static void parse_opts(int argc, char **argv, struct opts *o)
 {
 	static const struct option lo[] = {
-		{"sync", 1, 0, 's'}, {"ctl", 1, 0, 'c'}, {"root", 1, 0, 'r'},
+		{"sync", 1, 0, 's'}, {"root", 1, 0, 'r'},
 		{"hostname", 1, 0, 'h'}, {"capbset", 1, 0, 'b'}, {"rlimit", 1, 0, 'l'},
 		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {"cgroup", 1, 0, 'g'},
 		{0, 0, 0, 0},
@@ -184,7 +196,6 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		unsigned long long soft, hard;
 		switch (c) {
 		case 's': sync_fd = atoi(optarg); break;
-		case 'c': o->ctl = atoi(optarg); break;
 		case 'r': o->root = optarg; break;
 		case 'h': o->hostname = optarg; break;
 		case 'b': o->capbset = strtoull(optarg, NULL, 16); break;
@@ -209,8 +220,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		default: die("parse arguments", EINVAL);
 		}
 	}
-	if (sync_fd < 0 || o->ctl < 0 || !o->root || !o->hostname)
-		die("parse arguments (need --sync --ctl --root --hostname)", EINVAL);
+	if (sync_fd < 0 || !o->root || !o->hostname)
+		die("parse arguments (need --sync --root --hostname)", EINVAL);
 	if ((o->guard_filter < 0) != (o->guard_sink < 0))
 		die("parse arguments (--guard-filter and --guard-sink go together)", EINVAL);
 }
@@ -814,7 +825,7 @@ int main(int argc, char **argv)
 	if (unshare(CLONE_NEWUSER) < 0)
 		die("unshare user namespace", errno);
 	say("userns\n");
-	wait_byte('m', "wait for uid/gid maps");
+	o.ctl = recv_ctl();
 	if (setgroups(0, NULL) < 0)
 		die("setgroups", errno);
 	if (setresgid(0, 0, 0) < 0)
