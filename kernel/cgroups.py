@@ -172,6 +172,9 @@ def _pids_in(path: Path) -> list[int]:
         return []
 
 
+_parents_ready: set[tuple[str, ...]] = set()
+
+
 class SliverCgroup:
     """The groups of one sliver, one per hierarchy, under the node-wide parent."""
 
@@ -181,6 +184,7 @@ class SliverCgroup:
         self.layout = layout
         self.name = name
         self.parent = parent
+        self._dirs: list[Path] | None = None
 
     # -- where things are --
     def path(self, controller: str) -> Path:
@@ -200,6 +204,11 @@ class SliverCgroup:
 
     def dirs(self) -> list[Path]:
         """Every group directory of this sliver (distinct, parents' order irrelevant)."""
+        if self._dirs is None:
+            self._dirs = self._compute_dirs()
+        return list(self._dirs)
+
+    def _compute_dirs(self) -> list[Path]:
         out: list[Path] = []
         if self.layout.mode == "v2":
             out.append(self.path("cpu"))
@@ -218,6 +227,13 @@ class SliverCgroup:
 
     # -- lifecycle --
     def _ensure_parent(self) -> None:
+        key = tuple(str(d.parent) for d in self.dirs())
+        if key in _parents_ready:      # made (or checked) once by this process
+            return
+        self._make_parent()
+        _parents_ready.add(key)
+
+    def _make_parent(self) -> None:
         if self.layout.mode == "v2":
             assert self.layout.v2 is not None
             top = self.layout.v2
@@ -248,7 +264,13 @@ class SliverCgroup:
         made: list[Path] = []
         try:
             for d in self.dirs():
-                d.mkdir()        # FileExistsError: the name is taken
+                try:
+                    d.mkdir()    # FileExistsError: the name is taken
+                except FileNotFoundError:
+                    # The parent went away since this process made it: again.
+                    _parents_ready.clear()
+                    self._ensure_parent()
+                    d.mkdir()
                 made.append(d)
             if self.layout.mode == "v1" and "cpuset" in self.layout.v1:
                 par = self.path("cpuset").parent
