@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -381,3 +382,35 @@ def test_caller_signal_state_does_not_leak_into_the_sliver(sl: Slivers) -> None:
     rc, o, _ = ctx.output(["cat", "/proc/self/status"])
     fields = dict(line.split(":\t", 1) for line in o.decode().splitlines() if ":\t" in line)
     assert int(fields["SigIgn"], 16) == 0 and int(fields["SigBlk"], 16) == 0
+
+
+def test_update_limits_in_place_and_refusals(ctx: Context) -> None:
+    ctx.update_limits(Limits(cpu_share=2, cpu_pct=40, mem_max=128 << 20, pids_max=64))
+    if ctx.cgroup.layout.mode == "v1":
+        assert (ctx.cgroup.path("cpu") / "cpu.cfs_quota_us").read_text().strip() == "40000"
+        assert (ctx.cgroup.path("cpu") / "cpu.shares").read_text().strip() == "2048"
+        assert (ctx.cgroup.path("memory") / "memory.limit_in_bytes").read_text().strip() \
+            == str(128 << 20)
+    assert ctx.alive() and ctx.run(["true"]) == 0          # no restart
+    with pytest.raises(ValueError, match="rlimits and capabilities"):
+        ctx.update_limits(Limits(rlimits={"nofile": (10, 10)}))
+    with pytest.raises(ValueError, match="pids_max"):
+        ctx.update_limits(Limits(pids_max=0))
+
+
+def test_crashed_init_is_cleaned_by_destroy_stale(sl: Slivers) -> None:
+    ctx = sl.create()
+    inodes = set(ns_ids(ctx.init_pid)[k] for k in SLIVER_NAMESPACES)
+    dirs = ctx.cgroup.dirs()
+    os.kill(ctx.init_pid, signal.SIGKILL)
+    os.waitpid(ctx.init_pid, 0)               # we are its reaper (subreaper)
+    with pytest.raises(ProcessLookupError, match="is gone"):
+        Context.adopt(sl.run_dir, ctx.name)
+    assert ctx.name in Context.list(sl.run_dir)
+    Context.destroy_stale(sl.run_dir, ctx.name)
+    assert leftovers(ctx.name, ctx.init_pid, inodes, sl.run_dir, dirs) == []
+    assert Context.list(sl.run_dir) == []
+    # The name and the uid range are free again.
+    again = Context.create(sl.run_dir, ctx.name, ctx.root, ctx.uid_base)
+    sl.contexts.append(again)
+    assert again.run(["true"]) == 0
