@@ -54,13 +54,14 @@ def redact(value: Any) -> Any:
 
 def sanitize(value: Any) -> Any:
     """Make a result marshallable: strings without XML-illegal characters (-> '?')."""
-    if isinstance(value, str):
-        return _ILLEGAL_XML.sub("?", value)
-    if isinstance(value, dict):
+    t = type(value)
+    if t is str or isinstance(value, str):
+        return _ILLEGAL_XML.sub("?", value) if _ILLEGAL_XML.search(value) else str(value)
+    if t is dict or isinstance(value, dict):
         return {sanitize(k): sanitize(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if t is list or t is tuple or isinstance(value, list | tuple):
         return [sanitize(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value <= MAX_INT:
+    if t is int and not -2**31 <= value <= MAX_INT:
         raise InternalError(f"integer {value} out of XML-RPC range")
     return value
 
@@ -191,7 +192,12 @@ class API:
             return self._execute(call)
         started = time.monotonic()
         call = Call(self, conn, m, params, source)
-        conn.begin(write=m.writes or self.config.api_debug)
+        # A read-only call runs its statements in autocommit mode (there is nothing to
+        # roll back, and BEGIN/COMMIT would double its round trips to SQLite); every
+        # call that may write runs in one transaction.
+        transactional = m.writes or self.config.api_debug
+        if transactional:
+            conn.begin(write=True)
         try:
             result = sanitize(self._execute(call))
             if call.message is not None or (self.config.api_debug and m.name != "ReportRunlevel"):

@@ -158,30 +158,32 @@ def _session(call: Call, auth: dict[str, Any]) -> None:
 
 
 def _session_check(call: Call, sid: str) -> None:
-    rows = call.conn.query("SELECT expires FROM sessions WHERE session_id = ?", [sid])
+    # one statement: a session, its node or person, and the person's roles
+    rows = call.conn.query(
+        "SELECT s.expires, n.node_id, n.deleted AS node_deleted, n.peer_id AS node_peer, "
+        "p.person_id, p.enabled, p.deleted, p.peer_id, (SELECT group_concat(r.name, ',') "
+        "FROM (SELECT r.name FROM person_role pr JOIN roles r ON r.role_id = pr.role_id "
+        "WHERE pr.person_id = p.person_id ORDER BY r.role_id) r) AS roles "
+        "FROM sessions s LEFT JOIN node_session ns ON ns.session_id = s.session_id "
+        "LEFT JOIN nodes n ON n.node_id = ns.node_id "
+        "LEFT JOIN person_session ps ON ps.session_id = s.session_id "
+        "LEFT JOIN persons p ON p.person_id = ps.person_id WHERE s.session_id = ?", [sid])
     if not rows:
         raise PLCAuthenticationFailure("SessionAuth: No such session")
-    node = call.conn.query(
-        "SELECT n.node_id FROM node_session x JOIN nodes n ON n.node_id = x.node_id "
-        "WHERE x.session_id = ? AND n.deleted = 0 AND n.peer_id IS NULL", [sid])
-    if node:
+    r = rows[0]
+    if r["node_id"] is not None and not r["node_deleted"] and r["node_peer"] is None:
         if "node" not in call.method.roles:
             raise PLCPermissionDenied("SessionAuth: Not allowed to call method, "
                                       "missing 'node' role")
-        call.set_caller("node", node[0]["node_id"], ["node"])
+        call.set_caller("node", r["node_id"], ["node"])
         return
-    person = call.conn.query(
-        "SELECT p.person_id, p.enabled, p.deleted, p.peer_id FROM person_session x "
-        "JOIN persons p ON p.person_id = x.person_id WHERE x.session_id = ?", [sid])
-    expires = rows[0]["expires"]
-    if person and expires is not None and expires > call.now:
-        p = person[0]
-        if not p["enabled"] or p["deleted"] or p["peer_id"] is not None:
+    if r["person_id"] is not None and r["expires"] is not None and r["expires"] > call.now:
+        if not r["enabled"] or r["deleted"] or r["peer_id"] is not None:
             raise PLCAuthenticationFailure("SessionAuth: Account not enabled or deleted")
-        roles = _person_roles(call, p["person_id"])
+        roles = r["roles"].split(",") if r["roles"] else []
         if not set(roles) & set(call.method.roles):
             raise PLCPermissionDenied(_role_mismatch(call, "SessionAuth", roles))
-        call.set_caller("person", p["person_id"], roles)
+        call.set_caller("person", r["person_id"], roles)
         return
     raise PLCAuthenticationFailure("SessionAuth: Invalid session")
 

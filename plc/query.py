@@ -25,15 +25,28 @@ def columns(cls: ObjClass, return_fields: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _converters(cls: ObjClass) -> tuple[frozenset[str], frozenset[str]]:
+    """(array fields, bool fields) of a class, computed once."""
+    conv = _CONVERTERS.get(cls.name)
+    if conv is None or conv[2] is not cls:
+        arrays = frozenset(n for n, f in cls.fields.items() if f.is_array)
+        bools = frozenset(n for n, f in cls.fields.items() if f.kind == BOOL)
+        conv = _CONVERTERS[cls.name] = (arrays, bools, cls)
+    return conv[0], conv[1]
+
+
+_CONVERTERS: dict[str, tuple[frozenset[str], frozenset[str], ObjClass]] = {}
+_loads = json.loads
+
+
 def decode(cls: ObjClass, row: dict[str, Any]) -> dict[str, Any]:
-    for name, value in row.items():
-        f = cls.column(name)
-        if f is None:
-            continue
-        if f.is_array:
-            row[name] = json.loads(value) if value else []
-        elif f.kind == BOOL and value is not None:
-            row[name] = bool(value)
+    arrays, bools = _converters(cls)
+    for name in arrays.intersection(row):
+        value = row[name]
+        row[name] = _loads(value) if value else []
+    for name in bools.intersection(row):
+        if row[name] is not None:
+            row[name] = bool(row[name])
     return row
 
 

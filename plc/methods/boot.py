@@ -173,8 +173,8 @@ def _virt(call: Any, fcdistro: str) -> str:
 
 
 @api_method(roles=["admin", "user", "node"], accepts=[Auth(), id_or_name(Node)],
-            returns=Parameter(dict, "arch, fcdistro, pldistro, virt, nodefamily, extensions, "
-                                    "plain"))
+            writes=True, returns=Parameter(dict, "arch, fcdistro, pldistro, virt, nodefamily, "
+                                                 "extensions, plain"))
 def GetNodeFlavour(call: Any, auth: dict, node_id_or_name: int | str) -> dict:
     """Returns detailed information on a given node's flavour: what the node runs, from
     its tags or the configured defaults (written back as tags)."""

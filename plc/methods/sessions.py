@@ -54,7 +54,7 @@ def create_node_session(call: Any, node_id: int) -> str:
 
 @api_method(roles=ALL_ROLES, accepts=[Auth(), Parameter(int, "Requested session lifetime in "
                                                         "seconds", nullok=True)],
-            returns=Parameter(str, "Session key"))
+            writes=True, returns=Parameter(str, "Session key"))
 def GetSession(call: Any, auth: dict, expires: int | None = None) -> str:
     """Returns a new session key if a user or node authenticated successfully."""
     if "session" in auth and auth.get("AuthMethod") == "session":
