@@ -1,23 +1,23 @@
 /*
  * sliver-init: the PID 1 of a PlanetLab sliver.
  *
- * Started by kernel/context.py as root on the host, already placed in the sliver's
- * cgroups. It builds the sliver's namespaces and root, then stays as PID 1: it reaps
- * orphans and runs commands for the host on request, so every process of the sliver
- * (entered ones too) descends from it and is covered by the guard filter it installs
- * before its first child.
+ * Started by kernel/context.py as root on the host. It builds the sliver's namespaces
+ * and root, then stays as PID 1: it reaps orphans and runs commands for the host on
+ * request, so every process of the sliver (entered ones too) descends from it and is
+ * covered by the guard filter it installs before its first child.
  *
  * Setup, in order (each step reports "error STEP: reason" on the sync socket):
- *   launcher: join the cgroups given; chdir into the root (as host root, which may reach it); rlimits;
- *             unshare(USER);
- *             parent writes uid_map/gid_map; become root inside;
- *             unshare(NS, UTS, IPC, PID, CGROUP); fork the init; report its host pid; exit.
- *   init:     private mounts; clone the root as a mount of our own; mount proc (before the old
- *             root goes: the kernel wants a full proc visible, KERNEL-FACTS); tmpfs /dev
- *             with host device nodes bound in, devpts newinstance, /dev/shm; pivot_root;
- *             detach the old root; hostname; capability bounding set;
- *             no_new_privs; seccomp guard with a listener (sent to the agent and kept at
- *             fd GUARD_FD); then "ready" and the service loop.
+ *   launcher: reset signal mask and dispositions; join the cgroups given; chdir into
+ *             the root (as host root, which may reach it); rlimits (raising a hard
+ *             limit needs the host's CAP_SYS_RESOURCE); unshare(USER); the host writes
+ *             uid_map/gid_map; become root inside; unshare(NS, UTS, IPC, PID, CGROUP);
+ *             fork the init; exit.
+ *   init:     report its host pid; private mounts; clone the root as a mount of our
+ *             own; mount proc (before the old root goes: the kernel wants a full proc
+ *             visible, KERNEL-FACTS); tmpfs /dev with host device nodes bound in,
+ *             devpts newinstance, /dev/shm; pivot_root; detach the old root; hostname;
+ *             capability bounding set; no_new_privs; seccomp guard with a listener
+ *             (sent to the agent and kept at fd GUARD_FD); then "ready" and serve.
  *
  * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
  *   host -> launcher: 'm' (maps written) with the control socket's listening fd
@@ -101,8 +101,12 @@ static int sync_fd = -1;
 /* Report a failed setup step to the host and exit. */
 static void die(const char *step, int err)
 {
-	char buf[256];
+	char buf[512];
 	int n = snprintf(buf, sizeof buf, "error %s: %s\n", step, strerror(err));
+	if (n >= (int)sizeof buf) {      /* truncated: keep the line a line */
+		n = (int)sizeof buf - 1;
+		buf[n - 1] = '\n';
+	}
 	if (sync_fd >= 0 && n > 0)
 		(void)!write(sync_fd, buf, (size_t)n);
 	_exit(1);
@@ -115,7 +119,9 @@ static void say(const char *fmt, ...)
 	va_start(ap, fmt);
 	int n = vsnprintf(buf, sizeof buf, fmt, ap);
 	va_end(ap);
-	if (n <= 0 || write(sync_fd, buf, (size_t)n) != n)
+	if (n <= 0 || n >= (int)sizeof buf)
+		die("sync message", EOVERFLOW);
+	if (write(sync_fd, buf, (size_t)n) != n)
 		die("sync write", errno ? errno : EPIPE);
 }
 
