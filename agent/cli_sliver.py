@@ -405,7 +405,7 @@ def _relay(master: int) -> None:
     prev = signal.signal(signal.SIGWINCH, winch)
     try:
         if old is not None:
-            tty.setraw(0)
+            tty.setraw(0, termios.TCSANOW)   # keep what was typed ahead
         fds = [0, master]
         while True:
             try:

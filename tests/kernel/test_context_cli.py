@@ -133,3 +133,22 @@ def test_refusals_leave_nothing(cli: Cli) -> None:
     finally:
         cli("sliver", "destroy", a)
     _nothing_left(cli, a)
+
+
+def test_enter_with_a_terminal(cli: Cli) -> None:
+    """`enter` from a terminal gets a pty inside (util-linux `script` plays the
+    terminal), with the caller's window size, and returns the shell's exit code."""
+    name = f"c{os.getpid()}t"
+    cli("sliver", "create", name, "--image", "bb")
+    try:
+        cmd = (f"stty cols 100 rows 30; {sys.executable} -m agent.cli "
+               f"--state-dir {cli.state_dir} enter {name}")
+        res = subprocess.run(["script", "-qec", cmd, "/dev/null"], cwd=REPO,
+                             input="echo hi-$((6*7)); tty; stty size\nexit 3\n",
+                             capture_output=True, text=True, timeout=60)
+        out = res.stdout.replace("\r", "")
+        assert "hi-42" in out and "/dev/pts/0" in out and "30 100" in out, out
+        assert res.returncode == 3
+    finally:
+        cli("sliver", "destroy", name)
+    _nothing_left(cli, name)
