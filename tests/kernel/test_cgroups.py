@@ -131,3 +131,35 @@ def test_bad_limits_rejected(group: SliverCgroup) -> None:
     with pytest.raises(ValueError, match="cpu_pct"):
         group.create(Limits(cpu_pct=100000))
     assert not group.exists()
+
+
+def test_v2_only_layout_writes_the_v2_files(tmp_path: Path) -> None:
+    """The v2 branch, on a plain directory standing in for cgroupfs (no v2-only
+    machine here): which files get which values, and where usage comes from."""
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    (tmp_path / "planetlab").mkdir()
+    (tmp_path / "planetlab" / "cgroup.controllers").write_text("cpuset cpu memory pids\n")
+    (tmp_path / "planetlab" / "cgroup.subtree_control").write_text("")
+    cg = SliverCgroup(Layout("v2", {}, tmp_path), f"v2t{os.getpid()}", parent="planetlab")
+    cg.create(Limits(cpu_share=3, cpu_pct=50, mem_max=1 << 30, pids_max=99))
+    g = tmp_path / "planetlab" / cg.name
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory +pids"
+    assert (tmp_path / "planetlab" / "cgroup.subtree_control").read_text() \
+        == "+cpu +cpuset +memory +pids"
+    assert (g / "cpu.weight").read_text() == "300"
+    assert (g / "cpu.max").read_text() == "50000 100000"
+    assert (g / "memory.max").read_text() == str(1 << 30)
+    assert (g / "pids.max").read_text() == "99"
+    cg.apply(Limits())
+    assert (g / "cpu.max").read_text() == "max 100000"
+    assert (g / "memory.max").read_text() == "max"
+    (g / "cpu.stat").write_text("usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n")
+    (g / "memory.current").write_text("4096\n")
+    (g / "pids.current").write_text("3\n")
+    assert cg.usage() == {"cpu_usec": 1234, "mem_bytes": 4096, "pids": 3}
+    (g / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    cg.freeze(timeout=1)
+    assert (g / "cgroup.freeze").read_text() == "1" and cg.frozen()
+    cg.thaw()
+    assert (g / "cgroup.freeze").read_text() == "0"
