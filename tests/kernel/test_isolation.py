@@ -270,3 +270,16 @@ def test_cpu_pct_caps_a_hog(node: Slivers) -> None:
         p.wait(10)
     finally:
         x.destroy()
+
+
+def test_sliver_cannot_reach_its_init(ab: tuple[Context, Context]) -> None:
+    """The init holds the control socket and the guard's listener: a sliver's root
+    must not get at its fds (it could answer its own guarded syscalls), memory or
+    environment, nor signal it."""
+    a, _ = ab
+    for cmd in ("ls /proc/1/fd/", "ls /proc/1/root/", "cat /proc/1/environ",
+                "head -c 1 /proc/1/mem", "ls -l /proc/1/cwd", "ls /proc/1/map_files/"):
+        rc, _, err = sh(a, cmd)
+        assert "denied" in err.lower(), (cmd, rc, err)
+    ok(a, "kill -9 1; kill -15 1; true")
+    assert a.alive() and a.run(["true"]) == 0
