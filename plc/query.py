@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from plc.faults import PLCInvalidArgument
@@ -50,13 +51,28 @@ def decode(cls: ObjClass, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+@lru_cache(maxsize=1024)
+def _select_cached(cls_name: str, cls_id: int, cols: tuple[str, ...]) -> str:
+    cls = _BY_ID[cls_id]
+    return ", ".join(f'{cls.column(n).sql} AS "{n}"' for n in cols)  # type: ignore[union-attr]
+
+
+_BY_ID: dict[int, ObjClass] = {}
+
+
+def _select(cls: ObjClass, cols: tuple[str, ...]) -> str:
+    """The select list of ``cols`` (built once per class and column list)."""
+    _BY_ID.setdefault(id(cls), cls)
+    return _select_cached(cls.name, id(cls), cols)
+
+
 def get(conn: Connection, cls: ObjClass, flt: Any = None,
         return_fields: Sequence[str] | None = None, where: str = "",
         params: Sequence[Any] = (), live: bool = True) -> list[dict[str, Any]]:
     """Objects of ``cls`` matching ``flt`` (spec 4), with extra SQL ``where``/``params``."""
     cols = columns(cls, return_fields)
     c = compile_filter(cls, flt)
-    select = ", ".join(f'{cls.column(n).sql} AS "{n}"' for n in cols)  # type: ignore[union-attr]
+    select = _select(cls, tuple(cols))
     conds = [c.where]
     if live:
         conds.insert(0, cls.live)

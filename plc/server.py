@@ -13,7 +13,6 @@ import logging
 import re
 import socket
 import ssl
-import sys
 import threading
 import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -175,10 +174,6 @@ def make_server(api: API, config: Config) -> PLCServer:
 
 
 def serve(store: Store, config: Config, ready: threading.Event | None = None) -> None:
-    # Request threads hand the GIL over around every SQLite call; with the default 5 ms
-    # switch interval a thread coming back from SQLite can wait behind a busy one for
-    # the whole interval (the "convoy effect"), which halves throughput under load.
-    sys.setswitchinterval(0.0005)
     api = API(store, config)
     server = make_server(api, config)
     scheme = "https" if config.api_cert else "http"
