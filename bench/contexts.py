@@ -186,6 +186,7 @@ def main() -> int:
             def cycle(i: int) -> None:
                 ctx = Context.create(rd, f"bc{i}", root, base, UID_COUNT, Limits())
                 try:
+                    ctx.start()
                     if ctx.run(["/bin/true"]) != 0:
                         raise RuntimeError("/bin/true failed in a sliver")
                 finally:
@@ -213,6 +214,7 @@ def main() -> int:
             try:
                 ctx = Context.create(run_dir, name, r, base, UID_COUNT, Limits())
                 try:
+                    ctx.start()
                     if ctx.run(["/bin/true"]) != 0:
                         raise RuntimeError("/bin/true failed in a sliver")
                 finally:
