@@ -550,3 +550,16 @@ def test_kernel_interfaces_closed_to_sliver_root(fence: Fence) -> None:
         assert rc != 0, (cmd, out)
     rc, out = sh(a, "head -n 50 /proc/kallsyms | cut -d' ' -f1 | sort -u")
     assert rc == 0 and set(out.split()) <= {"0000000000000000"}, out
+
+
+def test_sliver_cannot_open_enter_sessions(agent_side: AgentSide) -> None:
+    """The ENTER protocol (vsh's) is only for a slice's host account; a sliver asking
+    for a session, for itself or naming another, is refused and gets nothing run."""
+    s = agent_side
+    for req in (b"ENTER1 0 0 0 2\nxterm\0touch /tmp/pwned\0",
+                b"ENTER1 1 24 80 1\n" + s.b.name.encode() + b"\0"):
+        out = call_from(s.a, req)
+        assert out.startswith(b"ENTER: only a slice's host account"), out[:200]
+    for ctx in (s.a, s.b):
+        rc, _ = sh(ctx, "test -e /tmp/pwned")
+        assert rc != 0
