@@ -390,6 +390,10 @@ class AgentSide:
     b: Context
     share_a: int
     share_b: int
+    api: Any
+    auth: dict[str, Any]
+    person_id: int
+    key: str
 
     def admin(self, timeout: float = 10.0) -> Any:
         import xmlrpc.client
@@ -437,6 +441,17 @@ def agent_side(attacker: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             api.AddSliceTag(admin, name, "cpu_share", share)
             api.AddSliceToNodes(admin, name, [node_id])
             names.append(name)
+        import base64
+        import random
+
+        person_id = api.AddPerson(admin, {"first_name": "A", "last_name": "Ttacker",
+                                          "email": f"att{PID}@e2e.test", "password": "pw-e2e"})
+        api.UpdatePerson(admin, person_id, {"enabled": True})
+        api.AddPersonToSite(admin, person_id, site)
+        api.AddRoleToPerson(admin, "user", person_id)
+        key = ("ssh-rsa " + base64.b64encode(random.Random(PID).randbytes(300)).decode()
+               + f" att{PID}@e2e")
+        api.AddPersonKey(admin, person_id, {"key_type": "ssh", "key": key})
         node = make_node(plc, hostname, api_rate=5.0, api_burst=10)
         agents: list[subprocess.Popen[bytes]] = []
         try:
@@ -452,7 +467,8 @@ def agent_side(attacker: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                             ["root"])
                 install(root, attacker)
                 ctxs.append(ctx)
-            yield AgentSide(node, agents[0], ctxs[0], ctxs[1], 3, 5)
+            yield AgentSide(node, agents[0], ctxs[0], ctxs[1], 3, 5, api, admin, person_id,
+                            key)
         finally:
             cleanup_node(node, agents)
 
@@ -563,3 +579,47 @@ def test_sliver_cannot_open_enter_sessions(agent_side: AgentSide) -> None:
     for ctx in (s.a, s.b):
         rc, _ = sh(ctx, "test -e /tmp/pwned")
         assert rc != 0
+
+
+def test_key_install_follows_no_symlink_and_one_trap_stops_nothing(
+        agent_side: AgentSide) -> None:
+    """A plants symlinks to a host directory where the agent writes authorized_keys; B
+    plants a directory where the file goes. The agent writes nothing on the host, keeps
+    serving, and installs A's keys once A's path is sane again."""
+    s = agent_side
+    trap = Path(f"/tmp/e2e-trap-{PID}")
+    trap.mkdir(mode=0o777, exist_ok=True)
+    try:
+        rc, out = sh(s.a, f"rm -rf /root/.ssh /home/{s.a.name}/.ssh; mkdir -p /home/{s.a.name}"
+                          f" && ln -s {trap} /root/.ssh && ln -s {trap} /home/{s.a.name}/.ssh")
+        assert rc == 0, out
+        rc, out = sh(s.b, "rm -rf /root/.ssh; mkdir -p /root/.ssh/authorized_keys/x")
+        assert rc == 0, out
+        for ctx in (s.a, s.b):
+            s.api.AddPersonToSlice(s.auth, s.person_id, ctx.name)
+        time.sleep(5)   # two polls at least (poll_interval 2 s)
+        assert list(trap.iterdir()) == [], list(trap.iterdir())
+        assert s.agent.poll() is None
+        assert s.admin().GetRSpec(s.b.name)["cpu_share"] == s.share_b
+        # A clears its trap; with the next change at PLC (a second key: the agent skips
+        # unchanged replies) its keys are installed in the sliver.
+        rc, out = sh(s.a, "rm /root/.ssh && echo ok")
+        assert rc == 0, out
+        import base64
+        import random
+
+        key2 = ("ssh-rsa " + base64.b64encode(random.Random(PID + 1).randbytes(300)).decode()
+                + f" att2-{PID}@e2e")
+        s.api.AddPersonKey(s.auth, s.person_id, {"key_type": "ssh", "key": key2})
+
+        def installed() -> bool:
+            rc, out = sh(s.a, "cat /root/.ssh/authorized_keys")
+            return rc == 0 and s.key in out and key2 in out
+
+        deadline = time.monotonic() + 15
+        while not installed():
+            assert time.monotonic() < deadline, s.node.log_text()
+            time.sleep(0.5)
+        assert list(trap.iterdir()) == []
+    finally:
+        shutil.rmtree(trap, ignore_errors=True)
