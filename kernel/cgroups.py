@@ -179,8 +179,9 @@ class SliverCgroup:
     """The groups of one sliver, one per hierarchy, under the node-wide parent."""
 
     def __init__(self, layout: Layout, name: str, parent: str = PARENT) -> None:
-        if not name or "/" in name or name in (".", ".."):
-            raise ValueError(f"bad cgroup name {name!r}")
+        for what, value in (("name", name), ("parent", parent)):
+            if not value or "/" in value or value in (".", "..") or "\0" in value:
+                raise ValueError(f"bad cgroup {what} {value!r}")
         self.layout = layout
         self.name = name
         self.parent = parent

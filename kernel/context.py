@@ -45,7 +45,7 @@ from typing import IO, Any, TypeAlias
 import prctl
 
 from kernel import caps as _caps
-from kernel.cgroups import Layout, SliverCgroup, detect_layout, ensure_net_cls
+from kernel.cgroups import PARENT, Layout, SliverCgroup, detect_layout, ensure_net_cls
 
 INIT_BIN = Path(__file__).resolve().parent / "bin" / "sliver-init"
 
@@ -209,7 +209,8 @@ class Context:
         self.uid_count: int = state["uid_count"]
         self.root = Path(state["root"])
         self.limits = Limits.from_json(state["limits"])
-        self.cgroup = SliverCgroup(layout or detect_layout(), name)
+        self.cgroup = SliverCgroup(layout or detect_layout(), name,
+                                   state.get("cgroup_parent", PARENT))
 
     # -- paths --
     @property
@@ -224,9 +225,13 @@ class Context:
     @classmethod
     def create(cls, run_dir: Path, name: str, root: Path, uid_base: int,
                uid_count: int = UID_COUNT, limits: Limits | None = None,
-               hostname: str | None = None, guard: GuardSpec | None = None) -> Context:
+               hostname: str | None = None, guard: GuardSpec | None = None,
+               cgroup_parent: str = PARENT) -> Context:
         """Start a new context. On any failure nothing is left behind (no process,
-        cgroup, or directory) and ContextError/ValueError/OSError names the step."""
+        cgroup, or directory) and ContextError/ValueError/OSError names the step.
+
+        `cgroup_parent`: the node-wide group the sliver's groups go under (one per
+        agent when several share a kernel, e.g. in tests)."""
         limits = limits or Limits()
         run_dir = Path(run_dir)
         _check_name(name)
@@ -253,7 +258,7 @@ class Context:
             raise FileExistsError(errno.EEXIST, f"create {name}: the name is taken",
                                   str(run_dir / name))
         layout = ensure_net_cls(detect_layout()) if limits.net_cls_classid else detect_layout()
-        cg = SliverCgroup(layout, name)
+        cg = SliverCgroup(layout, name, cgroup_parent)
         # Creating a file is slow on some filesystems (about 0.7 ms on this VM's ext4
         # /run): the run dir, the control socket and state.json are made while the
         # launcher and the init do their part.
@@ -331,6 +336,7 @@ class Context:
                     "uid_base": uid_base, "uid_count": uid_count, "root": str(root),
                     "hostname": hostname, "limits": limits.to_json(),
                     "guard": guard is not None, "created": time.time(),
+                    "cgroup_parent": cgroup_parent,
                 }
                 os.write(state_fd, json.dumps(state, sort_keys=True).encode())
                 launcher.wait()       # it exited after forking the init
@@ -373,15 +379,17 @@ class Context:
                       if NAME_RE.match(p.name) and (p / "state.json").exists())
 
     @classmethod
-    def destroy_stale(cls, run_dir: Path, name: str) -> None:
-        """Remove what a context whose init is gone left: cgroups, its directory."""
+    def destroy_stale(cls, run_dir: Path, name: str, cgroup_parent: str = PARENT) -> None:
+        """Remove what a context whose init is gone left: cgroups, its directory.
+        (A running one is destroyed too.) `cgroup_parent` is used only when its
+        state file is gone too."""
         _check_name(name)
         state = cls.read_state(run_dir, name)
         if state is not None:
             ctx = cls(run_dir, name, state)
             ctx.destroy()
             return
-        SliverCgroup(detect_layout(), name).destroy()
+        SliverCgroup(detect_layout(), name, cgroup_parent).destroy()
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
         _release_uids(run_dir, name)
 
@@ -602,8 +610,12 @@ class SliverProcess:
         return rc
 
     def send_signal(self, sig: int) -> None:
+        """Deliver `sig` to the command; nothing if it has exited (as Popen does)."""
         if self.returncode is None and self._sock is not None:
-            self._sock.sendall(struct.pack("<i", int(sig)))
+            try:
+                self._sock.sendall(struct.pack("<i", int(sig)))
+            except (BrokenPipeError, ConnectionResetError):
+                self.poll()          # it ended and the init closed the stream
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

@@ -16,7 +16,8 @@
  *             own; mount proc (before the old root goes: the kernel wants a full proc
  *             visible, KERNEL-FACTS); tmpfs /dev with host device nodes bound in,
  *             devpts newinstance, /dev/shm; pivot_root; detach the old root; hostname;
- *             capability bounding set; no_new_privs; seccomp guard with a listener
+ *             capability bounding set; no_new_privs; Landlock scoping (abstract Unix
+ *             sockets, signals; TCP bind too with a guard); seccomp guard with a listener
  *             (sent to the agent and kept at fd GUARD_FD); then "ready" and serve.
  *
  * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
@@ -314,6 +315,26 @@ static void drop_bounding_set(uint64_t keep)
 	for (int cap = 0; cap <= last && cap < 64; cap++)
 		if (!(keep & (1ULL << cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
 			die("drop capability from bounding set", errno);
+}
+
+/* Put the sliver in a Landlock domain of its own (docs/guard.md): its processes
+ * cannot reach abstract Unix sockets made outside it (the host's, other slivers')
+ * nor signal processes outside it (ABI 6 scopes). With a guard, TCP binds are also
+ * handled with no rule: only the agent, outside the domain, binds for the sliver
+ * (defence in depth; without a guard the sliver must keep binding itself). */
+static void landlock_scope(int with_guard)
+{
+	struct { uint64_t handled_access_fs, handled_access_net, scoped; } attr = {
+		0,
+		with_guard ? 1 /* LANDLOCK_ACCESS_NET_BIND_TCP */ : 0,
+		3 /* LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL */,
+	};
+	int rs = (int)syscall(444 /* landlock_create_ruleset */, &attr, sizeof attr, 0);
+	if (rs < 0)
+		die("landlock_create_ruleset (scopes need Landlock ABI 6, kernel 6.12+)", errno);
+	if (syscall(446 /* landlock_restrict_self */, rs, 0) < 0)
+		die("landlock_restrict_self", errno);
+	close(rs);
 }
 
 /* Read the filter, install it with a listener, send the listener to the agent and
@@ -862,6 +883,7 @@ int main(int argc, char **argv)
 	drop_bounding_set(o.capbset);
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 		die("set no_new_privs", errno);
+	landlock_scope(o.guard_filter >= 0);
 	/* Fix the fds: ctl at CTL_FD, guard at GUARD_FD, sync above them, nothing else. */
 	int ctl = fcntl(o.ctl, F_DUPFD_CLOEXEC, 10);
 	int sfd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 10);

@@ -414,3 +414,49 @@ def test_crashed_init_is_cleaned_by_destroy_stale(sl: Slivers) -> None:
     again = Context.create(sl.run_dir, ctx.name, ctx.root, ctx.uid_base)
     sl.contexts.append(again)
     assert again.run(["true"]) == 0
+
+
+def test_with_a_guard_only_the_agent_binds_tcp(sl: Slivers) -> None:
+    """With a guard, Landlock handles TCP bind with no rule (the guard binds for the
+    sliver from outside its domain); without one the sliver binds itself."""
+    port = 40000 + os.getpid() % 10000
+    cmd = f"timeout 1 nc -l -p {port} 2>&1; true"
+    plain = sl.create()
+    assert "denied" not in out(plain, cmd).lower()
+    agent_end, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        guarded = sl.create(guard=GuardSpec(filter=_sethostname_filter(),
+                                            listener_sink=sink.fileno()))
+        os.close(_recv_fd(agent_end))
+        assert "permission denied" in out(guarded, cmd).lower()
+    finally:
+        agent_end.close()
+        sink.close()
+
+
+def test_kill_after_exit_is_harmless(ctx: Context) -> None:
+    p = ctx.spawn(["true"], stdout=subprocess.PIPE)
+    time.sleep(0.5)
+    p.kill()                         # exited, not yet polled: no error (like Popen)
+    assert p.wait(10) == 0
+    p.kill()
+    p.close()
+
+
+def test_cgroup_parent_is_chosen_by_the_caller(sl: Slivers) -> None:
+    parent = f"pltest{os.getpid()}"
+    ctx = sl.create(cgroup_parent=parent)
+    try:
+        assert all(d.parent.name == parent for d in ctx.cgroup.dirs())
+        assert ctx.init_pid in ctx.cgroup.pids()
+        again = Context.adopt(sl.run_dir, ctx.name)
+        assert again.cgroup.dirs() == ctx.cgroup.dirs()
+        ctx.destroy()
+        assert not any(d.exists() for d in ctx.cgroup.dirs())
+    finally:
+        ctx.destroy()
+        for d in ctx.cgroup.dirs():       # the test's own parent goes too
+            if d.parent.exists():
+                d.parent.rmdir()
+    with pytest.raises(ValueError, match="bad cgroup parent"):
+        sl.create(cgroup_parent="../escape")

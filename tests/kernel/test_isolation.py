@@ -8,6 +8,7 @@ to the images tests.)
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import subprocess
 import time
@@ -283,3 +284,71 @@ def test_sliver_cannot_reach_its_init(ab: tuple[Context, Context]) -> None:
         assert "denied" in err.lower(), (cmd, rc, err)
     ok(a, "kill -9 1; kill -15 1; true")
     assert a.alive() and a.run(["true"]) == 0
+
+
+ABSTRACT_HELPER = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+/* abstract NAME: connect, print "connect ERRNO"; abstract listen NAME SECS */
+int main(int argc, char **argv) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = { .sun_family = AF_UNIX };
+    const char *name = argc > 2 ? argv[2] : argv[1];
+    strncpy(a.sun_path + 1, name, sizeof a.sun_path - 2);
+    socklen_t len = sizeof(sa_family_t) + 1 + strlen(name);
+    if (argc > 3 && strcmp(argv[1], "listen") == 0) {
+        if (bind(s, (struct sockaddr *)&a, len) < 0 || listen(s, 4) < 0) {
+            printf("listen %d\n", errno);
+            return 1;
+        }
+        printf("listening\n");
+        fflush(stdout);
+        sleep(atoi(argv[3]));
+        return 0;
+    }
+    printf("connect %d\n", connect(s, (struct sockaddr *)&a, len) < 0 ? errno : 0);
+    return 0;
+}
+"""
+
+
+def test_abstract_unix_sockets_scoped_to_the_sliver(node: Slivers,
+                                                     ab: tuple[Context, Context]) -> None:
+    """Slivers share the node's network namespace, where abstract Unix names live:
+    Landlock scoping keeps A away from the host's and B's, not from its own."""
+    import socket as so
+
+    a, b = ab
+    src = node.tmp / "abstract.c"
+    src.write_text(ABSTRACT_HELPER)
+    binary = node.tmp / "abstract"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(binary), str(src)], check=True)
+    for ctx in (a, b):
+        dest = ctx.root / "bin" / "abstract"
+        dest.write_bytes(binary.read_bytes())
+        os.chmod(dest, 0o755)
+    host_name, b_name = f"plx-host-{os.getpid()}", f"plx-b-{os.getpid()}"
+    host = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    host.bind("\0" + host_name)
+    host.listen(4)
+    listener = b.spawn(["abstract", "listen", b_name, "30"], stdout=subprocess.PIPE)
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline() == b"listening\n"
+        eperm = f"connect {errno.EPERM}"
+        assert ok(a, f"abstract {host_name}").strip() == eperm
+        assert ok(a, f"abstract {b_name}").strip() == eperm
+        assert ok(b, f"abstract {b_name}").strip() == "connect 0"     # its own: fine
+        c = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+        c.connect("\0" + b_name)                                      # host -> sliver
+        c.close()
+    finally:
+        host.close()
+        listener.kill()
+        listener.wait(10)
+        listener.close()
