@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""`make run`: a demo PLC on this machine.
+"""`make run`: a demo PLC and a node agent for this machine.
 
 Creates a state directory (default /var/lib/planetlab-demo, or $PLANETLAB_DEMO_DIR),
 initialises a PLC database there if needed, starts `plc serve` on 127.0.0.1:8000, adds
-(once) a demo site, a PI, this machine as a node and a slice on it, prints how to reach
-it, and serves until Ctrl-C, which stops the server cleanly.
+(once) a demo site, a PI, this machine as a node and a slice on it; builds a small
+busybox image for the node, writes an agent.toml and starts `planetlab-agent run`,
+waits until the slice's sliver runs and prints how to enter it. Ctrl-C stops the agent
+and PLC, then destroys the demo's slivers and unmounts what they used, so no sliver,
+mount, cgroup or process is left behind (the databases and the image stay for the
+next run).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from pathlib import Path
 STATE = Path(os.environ.get("PLANETLAB_DEMO_DIR", "/var/lib/planetlab-demo"))
 LISTEN = os.environ.get("PLANETLAB_DEMO_LISTEN", "127.0.0.1:8000")
 PLC = [sys.executable, "-m", "plc.cli"]
+AGENT = [sys.executable, "-m", "agent.cli"]
+RUN_DIR = Path(os.environ.get("PLANETLAB_DEMO_RUN", "/run/planetlab-demo"))
+IMAGE = "demo-busybox"
+REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin@planetlab.test"
 PI = "pi@planetlab.test"
 SITE = "demo"
@@ -95,6 +103,111 @@ def populate(api: xmlrpc.client.ServerProxy, admin: dict, pi_password: str,
         api.AddSliceToNodes(admin, SLICE, [hostname])
 
 
+def agent_config(url: str, hostname: str) -> Path:
+    """agent.toml for this machine's agent (written once; kept between runs)."""
+    cfg = STATE / "agent.toml"
+    if not cfg.exists():
+        out = subprocess.run(
+            [*AGENT, "init-config", str(cfg), "--plc-url", url, "--hostname", hostname,
+             "--key-file", str(STATE / "node.key"), "--state-dir", str(STATE / "agent")],
+            capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            sys.exit(f"planetlab-agent init-config failed: {out.stderr.strip()}")
+        text = cfg.read_text()
+        for key, value in (("run_dir", str(RUN_DIR)),
+                           ("socket_path", str(RUN_DIR / "agent.sock")),
+                           ("default_image", IMAGE), ("poll_interval", 30),
+                           ("poll_jitter", 5), ("host_accounts", 0), ("node_accounts", "")):
+            literal = f'"{value}"' if isinstance(value, str) else str(value)
+            text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {literal}", text, count=1)
+        cfg.write_text(text)
+    return cfg
+
+
+def ensure_image() -> None:
+    """The demo image: a busybox root (about 2 MB), imported once."""
+    sys.path.insert(0, str(REPO))
+    from kernel.images import ImageStore
+    from tests.kernel.busybox_image import make_busybox_tree
+
+    store = ImageStore(STATE / "agent" / "images")
+    try:
+        store.get(IMAGE)
+        return
+    except LookupError:
+        pass
+    src = STATE / "image-src"
+    if src.exists():
+        import shutil
+
+        shutil.rmtree(src)
+    store.import_dir(IMAGE, make_busybox_tree(src))
+    import shutil
+
+    shutil.rmtree(src, ignore_errors=True)
+    print(f"built the image {IMAGE!r} (busybox)", flush=True)
+
+
+def wait_sliver(cfg: Path, agent: subprocess.Popen[bytes]) -> dict:
+    import json
+
+    for _ in range(600):
+        if agent.poll() is not None:
+            sys.exit(f"planetlab-agent exited with status {agent.returncode} "
+                     f"(see {STATE / 'agent.log'})")
+        out = subprocess.run([*AGENT, "--config", str(cfg), "status", "--json"],
+                             capture_output=True, text=True, cwd=REPO)
+        if out.returncode == 0:
+            for s in json.loads(out.stdout)["slivers"]:
+                if s["name"] == SLICE and s["state"] == "running" and s["live"]:
+                    return s
+                if s["name"] == SLICE and s["state"] in ("failed", "pending") and s["message"]:
+                    print(f"sliver {SLICE}: {s['state']}: {s['message']}", flush=True)
+        time.sleep(0.5)
+    sys.exit(f"the sliver {SLICE} did not come up within 5 minutes (see {STATE / 'agent.log'})")
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def teardown() -> None:
+    """Destroy the demo's slivers and release their roots and the layer store."""
+    sys.path.insert(0, str(REPO))
+    from agent.backend import KernelBackend
+    from kernel import disk
+    from kernel.context import Context
+    from kernel.rootfs import list_roots, release_root
+
+    state_dir = STATE / "agent"
+    if not state_dir.exists():
+        return
+    backend = KernelBackend(state_dir, RUN_DIR)
+    for name in Context.list(backend.run_dir):
+        try:
+            if name in backend.live():
+                backend.destroy(name)
+            else:
+                Context.destroy_stale(backend.run_dir, name)
+                backend.destroy(name)
+            print(f"destroyed sliver {name}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - go on with the others, say what failed
+            print(f"destroying sliver {name} failed: {exc}", file=sys.stderr, flush=True)
+    for name in list_roots(backend.roots_dir):
+        release_root(backend.roots_dir, name)
+    disk.unmount_store(backend.roots_dir)
+    import shutil
+
+    shutil.rmtree(RUN_DIR, ignore_errors=True)   # runtime state only (the socket's dir)
+
+
 def main() -> int:
     STATE.mkdir(parents=True, exist_ok=True)
     cfg = STATE / "plc.toml"
@@ -114,6 +227,8 @@ def main() -> int:
     log = open(STATE / "plc-serve.log", "ab")
     proc = subprocess.Popen([*PLC, "serve", "--config", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT)
+    agent: subprocess.Popen[bytes] | None = None
+    agent_log = None
     try:
         url = f"http://{LISTEN}/PLCAPI/"
         api = xmlrpc.client.ServerProxy(url, allow_none=True)
@@ -125,6 +240,12 @@ def main() -> int:
         (STATE / "node.key").write_text(node_key + "\n")
         (STATE / "node.key").chmod(0o600)
         node_id = api.GetNodes(admin, [hostname], ["node_id"])[0]["node_id"]
+        ensure_image()
+        agent_cfg = agent_config(url, hostname)
+        agent_log = open(STATE / "agent.log", "ab")
+        agent = subprocess.Popen([*AGENT, "--config", str(agent_cfg), "run"], stdout=agent_log,
+                                 stderr=subprocess.STDOUT, cwd=REPO)
+        sliver = wait_sliver(agent_cfg, agent)
         print(f"""
 PLC is running: {url}
   state directory  {STATE} (config {cfg}, log {STATE / 'plc-serve.log'})
@@ -132,19 +253,27 @@ PLC is running: {url}
   PI               {PI} / {pi_password}
   site {SITE}, slice {SLICE} on node {hostname} (node_id {node_id}, key in {STATE / 'node.key'})
 
-Try:
+The node agent is running: config {agent_cfg}, log {STATE / 'agent.log'}
+  sliver {SLICE}: {sliver['state']}, image {sliver['image']}, uids from {sliver['uid_base']}
+
+Enter the sliver:
+  .venv/bin/planetlab-agent --config {agent_cfg} enter {SLICE}
+Status of every sliver:
+  .venv/bin/planetlab-agent --config {agent_cfg} status
+Ask PLC:
   .venv/bin/plc shell --url {url} --user {ADMIN} --password {admin_password} \\
       -c 'GetSlices({{}}, ["name", "node_ids"])'
-  python3 -c "import xmlrpc.client as x; print(x.ServerProxy('{url}', allow_none=True)\\
-.GetNodes({{'AuthMethod': 'anonymous'}}, None, ['hostname']))"
 
-Ctrl-C stops it.""", flush=True)
+Ctrl-C stops everything.""", flush=True)
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-        proc.wait()
-        return proc.returncode or 0
+        while proc.poll() is None and agent.poll() is None:
+            time.sleep(0.5)
+        return proc.returncode or agent.returncode or 0
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # let the cleanup finish
+        stop(agent)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -153,6 +282,10 @@ Ctrl-C stops it.""", flush=True)
                 proc.kill()
                 proc.wait()
         log.close()
+        if agent_log is not None:
+            agent_log.close()
+        teardown()
+        print("stopped: PLC, the agent and every demo sliver", flush=True)
 
 
 if __name__ == "__main__":
