@@ -30,20 +30,29 @@ GET_PAGE = (b"<html><head><title>PLCAPI</title></head><body>"
             b"</body></html>\n")
 _API_PATH = re.compile(r"^/PLCAPI/?$")
 IDLE_TIMEOUT = 120.0
+MAX_CONNECTIONS = 512
+POOL_IDLE = 32
 
 
 class PLCServer(ThreadingHTTPServer):
+    """One thread per client connection (at most ``max_connections`` at once; more are
+    answered 503). Store connections are pooled: a thread takes one for its client's
+    lifetime and gives it back, so connections are neither leaked nor reopened."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, api: API, address: tuple[str, int], max_body: int,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.api = api
         self.max_body = max_body
         self.local = threading.local()
-        self._conns: list[Connection] = []
-        self._conns_lock = threading.Lock()
+        self._idle: list[Connection] = []
+        self._all: set[Connection] = set()
+        self._pool_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -52,23 +61,62 @@ class PLCServer(ThreadingHTTPServer):
                                                   do_handshake_on_connect=False)
 
     def connection(self) -> Connection:
+        """The store connection of the calling thread (taken from the pool)."""
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            conn = self.api.store.connect()
+            with self._pool_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self.api.store.connect()
+                with self._pool_lock:
+                    self._all.add(conn)
             self.local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
         return conn
+
+    def _release(self) -> None:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            return
+        self.local.conn = None
+        conn.rollback()
+        with self._pool_lock:
+            if len(self._idle) < POOL_IDLE:
+                self._idle.append(conn)
+                return
+            self._all.discard(conn)
+        conn.close()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+            self._slots.release()
 
     def server_close(self) -> None:
         super().server_close()
-        with self._conns_lock:
-            for conn in self._conns:
-                try:
-                    conn.close()
-                except Exception:  # closing at shutdown: nothing left to do
-                    pass
-            self._conns.clear()
+        with self._pool_lock:
+            conns, self._all, self._idle = list(self._all), set(), []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # closing at shutdown: nothing left to do
+                pass
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -170,7 +218,8 @@ def make_server(api: API, config: Config) -> PLCServer:
     if config.api_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(config.api_cert, config.api_key)
-    return PLCServer(api, (host, port), config.api_max_body, context)
+    return PLCServer(api, (host, port), config.api_max_body, context,
+                     config.api_max_connections)
 
 
 def serve(store: Store, config: Config, ready: threading.Event | None = None) -> None:

@@ -260,3 +260,34 @@ def test_https(plc_store: Any, tmp_path: Path) -> None:
 
 
 PID = os.getpid()
+
+
+def test_store_connections_are_pooled(plc: Any) -> None:
+    for _ in range(30):  # one TCP connection each, one after the other
+        assert post(plc.url, call_body("GetLeaseGranularity", {"AuthMethod": "anonymous"}))[0] \
+            == 200
+    assert len(plc.server._all) <= 3
+
+
+def test_clients_are_bounded(plc_store: Any) -> None:
+    server, thread = start_server(plc_store, api_max_connections=2)
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}/PLCAPI/"
+    held: list[http.client.HTTPConnection] = []
+    try:
+        for _ in range(2):  # two clients keep their connections open...
+            c = http.client.HTTPConnection(host, port, timeout=10)
+            c.request("POST", "/PLCAPI/", call_body("system.listMethods"))
+            assert c.getresponse().read()
+            held.append(c)
+        try:  # ...a third is refused: 503, or the connection closed under its request
+            status = post(url, call_body("system.listMethods"))[0]
+        except (ConnectionError, http.client.HTTPException):
+            status = 503
+        assert status == 503
+    finally:
+        for c in held:
+            c.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
