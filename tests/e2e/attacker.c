@@ -22,6 +22,8 @@
  *   bpf                       bpf(BPF_MAP_CREATE) of an array -> "bpf ERRNO"
  *   perf                      perf_event_open, all processes on cpu 0 -> "perf ERRNO"
  *   sockfill N SECS           fill N Unix socketpairs' buffers, hold SECS -> "sockfill BYTES"
+ *   stealfd PID FD            pidfd_getfd of another process's fd, then TIOCSTI and read
+ *                                                           -> "stealfd E_GETFD E_TIOCSTI DATA"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -45,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/ipc.h>
 #include <sys/ptrace.h>
 #include <sys/shm.h>
@@ -401,6 +404,22 @@ int main(int argc, char **argv)
 		printf("sockfill %lld\n", total);
 		fflush(stdout);
 		sleep((unsigned)atoi(argv[3]));
+	} else if (!strcmp(cmd, "stealfd")) {
+		NEED(2);
+		int pfd = (int)syscall(SYS_pidfd_open, atoi(argv[2]), 0);
+		int fd = pfd < 0 ? -1 : (int)syscall(SYS_pidfd_getfd, pfd, atoi(argv[3]), 0);
+		if (fd < 0) {
+			printf("stealfd %d -1 -\n", errno);
+			return 0;
+		}
+		char c = '#';
+		int e_sti = err(ioctl(fd, TIOCSTI, &c));
+		char buf[64] = {0};
+		ssize_t n = read(fd, buf, sizeof buf - 1);
+		for (ssize_t i = 0; i < n; i++)
+			if (buf[i] == '\n' || buf[i] == ' ')
+				buf[i] = '_';
+		printf("stealfd 0 %d %s\n", e_sti, n > 0 ? buf : "-");
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
