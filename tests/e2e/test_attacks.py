@@ -623,3 +623,14 @@ def test_key_install_follows_no_symlink_and_one_trap_stops_nothing(
         assert list(trap.iterdir()) == []
     finally:
         shutil.rmtree(trap, ignore_errors=True)
+
+
+def test_guard_listener_and_init_fds_cannot_be_stolen(fence: Fence) -> None:
+    """With the seccomp listener a sliver could answer its own binds CONTINUE: its
+    init's copy (fd 4) and control socket (fd 3) stay out of reach, and no process the
+    sliver starts inherits either."""
+    for fd in ("4", "3"):
+        out = run(fence.a, "stealfd", "1", fd)
+        assert out[1] == str(errno.EPERM), (fd, out)
+    rc, out = sh(fence.a, "ls -l /proc/self/fd/; sleep 0.1 & ls -l /proc/$!/fd/")
+    assert rc == 0 and "seccomp" not in out and "socket:" not in out, out
