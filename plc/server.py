@@ -121,6 +121,9 @@ class PLCServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # buffered: status line, headers and body leave in one send (http.server flushes
+    # wfile after each request)
+    wbufsize = 64 * 1024
     server: PLCServer
     server_version = "PLCAPI"
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK stall
