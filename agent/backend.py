@@ -79,7 +79,12 @@ class KernelBackend:
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
     def __init__(self, state_dir: Path, run_dir: Path) -> None:
+        from kernel.context import become_subreaper
         from kernel.images import ImageStore
+
+        # Inits we create are reparented to us, so destroy() reaps them at once instead
+        # of waiting for the host's PID 1 (docs/interfaces.md).
+        become_subreaper()
 
         self.images_dir = state_dir / "images"
         self.roots_dir = state_dir / "roots"
