@@ -65,6 +65,7 @@ SETUP_TIMEOUT = 10.0
 # Control protocol (see sliver-init.c): request header and reply.
 REQ_MAGIC = 0x534C5652
 REQ_TTY = 1
+REQ_MAX = 262144          # sliver-init.c REQ_MAX
 REQ_HDR = struct.Struct("<IIIHH")
 REPLY = struct.Struct("<ii120s")
 R_STARTED, R_EXITED, R_ERROR = 1, 2, 3
@@ -461,6 +462,9 @@ class Context:
                 if b"\0" in b:
                     raise ValueError(f"enter {self.name}: NUL byte in {item!r}")
                 payload += tag.encode() + b + b"\0"
+        if len(payload) > REQ_MAX:
+            raise ValueError(f"enter {self.name}: command, environment and user take "
+                             f"{len(payload)} bytes, more than the init takes ({REQ_MAX})")
         rows, cols = winsize or (0, 0)
         hdr = REQ_HDR.pack(REQ_MAGIC, REQ_TTY if tty else 0, len(payload), rows, cols)
 
