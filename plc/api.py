@@ -52,17 +52,43 @@ def redact(value: Any) -> Any:
     return value
 
 
-def sanitize(value: Any) -> Any:
-    """Make a result marshallable: strings without XML-illegal characters (-> '?')."""
+def _clean(text: str) -> str:
+    # isprintable() is a fast C check that rules out every character the regex looks for
+    if text.isprintable() or not _ILLEGAL_XML.search(text):
+        return text
+    return _ILLEGAL_XML.sub("?", text)
+
+
+def _scalar(value: Any) -> bool:
+    """True for values that marshal as they are (checking the int range)."""
     t = type(value)
-    if t is str or isinstance(value, str):
-        return _ILLEGAL_XML.sub("?", value) if _ILLEGAL_XML.search(value) else str(value)
-    if t is dict or isinstance(value, dict):
-        return {sanitize(k): sanitize(v) for k, v in value.items()}
-    if t is list or t is tuple or isinstance(value, list | tuple):
+    if t is int:
+        if not -2**31 <= value <= MAX_INT:
+            raise InternalError(f"integer {value} out of XML-RPC range")
+        return True
+    return value is None or t is bool or t is float
+
+
+def sanitize(value: Any) -> Any:
+    """Make a result marshallable: strings without XML-illegal characters (-> '?'),
+    ints within 32 bits (else InternalError), subclasses of dict/list made plain."""
+    if isinstance(value, str):
+        return _clean(str(value))
+    if _scalar(value):
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            key = _clean(k) if type(k) is str else sanitize(k)
+            if type(v) is str:
+                out[key] = _clean(v)
+            elif _scalar(v):
+                out[key] = v
+            else:
+                out[key] = sanitize(v)
+        return out
+    if isinstance(value, list | tuple):
         return [sanitize(v) for v in value]
-    if t is int and not -2**31 <= value <= MAX_INT:
-        raise InternalError(f"integer {value} out of XML-RPC range")
     return value
 
 
