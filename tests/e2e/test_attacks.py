@@ -564,6 +564,9 @@ def test_kernel_interfaces_closed_to_sliver_root(fence: Fence) -> None:
                 "echo x > /sys/kernel/mm/transparent_hugepage/enabled"):
         rc, out = sh(a, cmd)
         assert rc != 0, (cmd, out)
+    rc, out = sh(a, "date -s 2001-01-01")
+    assert rc != 0 or "not permitted" in out, out   # no CAP_SYS_TIME over the host clock
+    assert time.time() > 1.6e9
     rc, out = sh(a, "head -n 50 /proc/kallsyms | cut -d' ' -f1 | sort -u")
     assert rc == 0 and set(out.split()) <= {"0000000000000000"}, out
 
@@ -634,3 +637,24 @@ def test_guard_listener_and_init_fds_cannot_be_stolen(fence: Fence) -> None:
         assert out[1] == str(errno.EPERM), (fd, out)
     rc, out = sh(fence.a, "ls -l /proc/self/fd/; sleep 0.1 & ls -l /proc/$!/fd/")
     assert rc == 0 and "seccomp" not in out and "socket:" not in out, out
+
+
+def test_shared_socket_directory_cannot_be_changed_from_a_sliver(agent_side: AgentSide) -> None:
+    """/run/planetlab is the same directory in every sliver: one sliver must not remove,
+    replace or add to it (its own mount namespace may hide it, for itself only)."""
+    s = agent_side
+    for cmd in ("rm -f /run/planetlab/agent.sock", "mv /run/planetlab/agent.sock /tmp/x",
+                "touch /run/planetlab/evil", "ln -s /tmp /run/planetlab/evil",
+                "chmod 000 /run/planetlab/agent.sock"):
+        sh(s.a, cmd)
+    api_dir = Path(s.node.cfg.run_dir) / "api"
+    assert sorted(p.name for p in api_dir.iterdir()) == ["agent.sock"]
+    assert (api_dir / "agent.sock").stat().st_mode & 0o777 == 0o666
+    # A hides it from itself: B still reaches the agent.
+    sh(s.a, "mount -t tmpfs none /run/planetlab")
+    import xmlrpc.client
+
+    out = call_from(s.b, http(xmlrpc.client.dumps((), "GetRSpec").encode()))
+    (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
+    assert rspec["cpu_share"] == s.share_b
+    sh(s.a, "umount /run/planetlab")
