@@ -24,6 +24,8 @@
  *   sockfill N SECS           fill N Unix socketpairs' buffers, hold SECS -> "sockfill BYTES"
  *   stealfd PID FD            pidfd_getfd of another process's fd, then TIOCSTI and read
  *                                                           -> "stealfd E_GETFD E_TIOCSTI DATA"
+ *   seccomp                   install an own filter answering bind by user notification,
+ *                             with a listener of its own -> "seccomp ERRNO"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -47,6 +49,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <sys/ioctl.h>
 #include <sys/ipc.h>
 #include <sys/ptrace.h>
@@ -420,6 +424,17 @@ int main(int argc, char **argv)
 			if (buf[i] == '\n' || buf[i] == ' ')
 				buf[i] = '_';
 		printf("stealfd 0 %d %s\n", e_sti, n > 0 ? buf : "-");
+	} else if (!strcmp(cmd, "seccomp")) {
+		struct sock_filter code[] = {
+			BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+			BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_bind, 0, 1),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = {sizeof code / sizeof code[0], code};
+		long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+				 SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+		printf("seccomp %d\n", r < 0 ? errno : 0);
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));

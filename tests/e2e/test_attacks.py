@@ -635,6 +635,8 @@ def test_guard_listener_and_init_fds_cannot_be_stolen(fence: Fence) -> None:
     for fd in ("4", "3"):
         out = run(fence.a, "stealfd", "1", fd)
         assert out[1] == str(errno.EPERM), (fd, out)
+    # Nor can it make a listener of its own: one per filter chain (the guard's).
+    assert run(fence.a, "seccomp", user="user") == ["seccomp", str(errno.EBUSY)]
     rc, out = sh(fence.a, "ls -l /proc/self/fd/; sleep 0.1 & ls -l /proc/$!/fd/")
     assert rc == 0 and "seccomp" not in out and "socket:" not in out, out
 
