@@ -26,6 +26,9 @@
  *                                                           -> "stealfd E_GETFD E_TIOCSTI DATA"
  *   seccomp                   install an own filter answering bind by user notification,
  *                             with a listener of its own -> "seccomp ERRNO"
+ *   badbinds PORT             hostile bind arguments (bad fd, not a socket, NULL, unmapped
+ *                             or huge sockaddr, family mismatch, short length)
+ *                                                           -> "badbinds E1 E2 ... E8"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -53,6 +56,7 @@
 #include <linux/seccomp.h>
 #include <sys/ioctl.h>
 #include <sys/ipc.h>
+#include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
@@ -435,6 +439,22 @@ int main(int argc, char **argv)
 		long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
 				 SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
 		printf("seccomp %d\n", r < 0 ? errno : 0);
+	} else if (!strcmp(cmd, "badbinds")) {
+		NEED(1);
+		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[2]))};
+		sa.sin_addr.s_addr = htonl(0x7f000001);
+		struct sockaddr_in6 s6 = {.sin6_family = AF_INET6, .sin6_port = sa.sin_port};
+		int s4 = socket(AF_INET, SOCK_STREAM, 0), nul = open("/dev/null", O_RDONLY);
+		char *page = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		printf("badbinds %d %d %d %d %d %d %d %d\n",
+		       err(bind(-1, (struct sockaddr *)&sa, sizeof sa)),
+		       err(bind(nul, (struct sockaddr *)&sa, sizeof sa)),
+		       err(bind(s4, NULL, sizeof sa)),
+		       err(bind(s4, (struct sockaddr *)page, sizeof sa)),
+		       err(bind(s4, (struct sockaddr *)&sa, 0x7fffffff)),
+		       err(bind(s4, (struct sockaddr *)&sa, 1)),
+		       err(bind(s4, (struct sockaddr *)&s6, sizeof s6)),
+		       err(bind(12345, (struct sockaddr *)&sa, sizeof sa)));
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));

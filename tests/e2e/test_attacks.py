@@ -301,6 +301,17 @@ def test_binding_others_ports_by_any_address_form(fence: Fence) -> None:
     assert out[1] == "0" and lo <= int(out[2]) <= hi, out
 
 
+def test_hostile_bind_arguments_get_errors_and_the_guard_keeps_serving(fence: Fence) -> None:
+    out = run(fence.a, "badbinds", str(fence.port_a))
+    assert out[0] == "badbinds" and "0" not in out[1:], out
+    assert out[1] == str(errno.EBADF) and out[2] == str(errno.ENOTSOCK), out
+    assert out[3] == out[4] == str(errno.EFAULT) and out[6] == str(errno.EINVAL), out
+    assert run(fence.a, "bind", "127.0.0.1", str(fence.port_a)) == \
+        ["bind", "0", str(fence.port_a)]
+    assert run(fence.b, "bind", "127.0.0.1", str(fence.port_a)) == \
+        ["bind", str(errno.EADDRINUSE), "0"]
+
+
 def test_racing_thread_never_binds_unowned_port(fence: Fence) -> None:
     """A thread flips the sockaddr's port between A's and a free one while the main
     thread binds: every successful bind is on A's port, thousands of tries."""
@@ -660,3 +671,27 @@ def test_shared_socket_directory_cannot_be_changed_from_a_sliver(agent_side: Age
     (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
     assert rspec["cpu_share"] == s.share_b
     sh(s.a, "umount /run/planetlab")
+
+
+def test_slow_request_is_cut_and_others_are_served_meanwhile(agent_side: AgentSide) -> None:
+    """A request trickled one byte every 250 ms is dropped at the agent's deadline
+    (10 s a phase), and the slice's other calls are answered while it trickles."""
+    import xmlrpc.client
+
+    from kernel.context import PIPE
+
+    s = agent_side
+    slow = s.a.spawn(["/bin/attacker", "slow", SOCK_IN_SLIVER, "40"], stdout=PIPE, stderr=PIPE)
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        out = call_from(s.b, http(xmlrpc.client.dumps((), "GetRSpec").encode()))
+        assert time.monotonic() - t0 < 2 and b"<fault>" not in out
+        assert slow.wait(30) == 0
+        assert slow.stdout is not None
+        line = slow.stdout.read().split()
+        assert line[0] == b"slow" and 5 <= int(line[1]) <= 22, line
+    finally:
+        if slow.returncode is None:
+            slow.kill()
+            slow.wait(10)
