@@ -331,7 +331,7 @@ class AgentNode:
 
 def remove_cgroup_tree(top: Path) -> list[str]:
     """rmdir a cgroup subtree bottom-up (processes must be gone); what failed."""
-    failed = []
+    failed: list[str] = []
     if not top.exists():
         return failed
     dirs = [Path(d) for d, _, _ in os.walk(top)]

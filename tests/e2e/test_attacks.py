@@ -423,6 +423,15 @@ def http(body: bytes) -> bytes:
             .encode() + body)
 
 
+def rspec_of(response: bytes) -> dict[str, Any]:
+    """The struct an XML-RPC HTTP response carries."""
+    import xmlrpc.client
+
+    (value,), _ = xmlrpc.client.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert isinstance(value, dict), value
+    return value
+
+
 def call_from(ctx: Context, request: bytes, timeout: float = 30) -> bytes:
     rc, out, err = ctx.output(["/bin/attacker", "call", SOCK_IN_SLIVER], input=request,
                               timeout=timeout)
@@ -490,7 +499,7 @@ def test_forged_slice_name_gets_own_rspec(agent_side: AgentSide) -> None:
     s = agent_side
     for forged in (s.b.name, "root", "", "../" + s.b.name):
         out = call_from(s.a, http(xmlrpc.client.dumps((forged,), "GetRSpec").encode()))
-        (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
+        rspec = rspec_of(out)
         assert rspec["cpu_share"] == s.share_a, (forged, rspec)
 
 
@@ -540,7 +549,7 @@ def test_rate_limit_is_per_slice(agent_side: AgentSide) -> None:
     assert out.count(b"<fault>") >= 20, out.count(b"<fault>")   # burst 10, 5/s
     # B is not limited by A's spending.
     out = call_from(s.b, req)
-    (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
+    rspec = rspec_of(out)
     assert rspec["cpu_share"] == s.share_b
 
 
@@ -648,8 +657,8 @@ def test_guard_listener_and_init_fds_cannot_be_stolen(fence: Fence) -> None:
         assert out[1] == str(errno.EPERM), (fd, out)
     # Nor can it make a listener of its own: one per filter chain (the guard's).
     assert run(fence.a, "seccomp", user="user") == ["seccomp", str(errno.EBUSY)]
-    rc, out = sh(fence.a, "ls -l /proc/self/fd/; sleep 0.1 & ls -l /proc/$!/fd/")
-    assert rc == 0 and "seccomp" not in out and "socket:" not in out, out
+    rc, fds = sh(fence.a, "ls -l /proc/self/fd/; sleep 0.1 & ls -l /proc/$!/fd/")
+    assert rc == 0 and "seccomp" not in fds and "socket:" not in fds, fds
 
 
 def test_shared_socket_directory_cannot_be_changed_from_a_sliver(agent_side: AgentSide) -> None:
@@ -668,7 +677,7 @@ def test_shared_socket_directory_cannot_be_changed_from_a_sliver(agent_side: Age
     import xmlrpc.client
 
     out = call_from(s.b, http(xmlrpc.client.dumps((), "GetRSpec").encode()))
-    (rspec,), _ = xmlrpc.client.loads(out.split(b"\r\n\r\n", 1)[1])
+    rspec = rspec_of(out)
     assert rspec["cpu_share"] == s.share_b
     sh(s.a, "umount /run/planetlab")
 
