@@ -55,6 +55,8 @@ FIELDS: tuple[Field, ...] = (
           maximum=86400),
     Field("poll_jitter", int, 300, "random extra seconds [0, poll_jitter) added to each wait",
           minimum=0, maximum=86400),
+    Field("reconcile_interval", int, 60, "seconds between two local reconciles (a sliver "
+          "that died is brought back without waiting for PLC)", minimum=1, maximum=86400),
     Field("plc_timeout", int, 60, "seconds before a call to PLC is given up", minimum=1,
           maximum=3600),
     Field("backoff_max", int, 600, "longest wait between retries while PLC is failing",
@@ -103,6 +105,7 @@ class AgentConfig:
     socket_path: str
     poll_interval: int
     poll_jitter: int
+    reconcile_interval: int
     plc_timeout: int
     backoff_max: int
     default_image: str

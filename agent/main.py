@@ -145,8 +145,23 @@ class Agent:
                 self.state.set_meta("last_digest", digest)
 
     async def reconcile_now(self) -> Outcome:
+        """A local reconcile from the state alone: brings back slivers that died, finishes
+        pending removals; expiry applies only once PLC has answered."""
+        have_reply = bool(self.state.get_meta("last_poll_ok"))
         async with self._reconcile_lock:
-            return await self.reconciler.reconcile(removed=[], have_reply=True)
+            return await self.reconciler.reconcile(removed=[], have_reply=have_reply)
+
+    async def reconciler_service(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.cfg.reconcile_interval)
+            try:
+                outcome = await self.reconcile_now()
+                if outcome.done or outcome.failed:
+                    log.info("local reconcile: %d done, %d failed", len(outcome.done),
+                             len(outcome.failed))
+            except Exception:  # noqa: BLE001 - boundary: the reconciler must go on
+                log.exception("local reconcile failed")
 
     def poke(self) -> None:
         """Ask the poller for an early poll (used by the slice API); never blocks."""
@@ -192,6 +207,7 @@ class Agent:
         async with trio.open_nursery() as nursery:
             await nursery.start(api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
+            await nursery.start(self.reconciler_service, name="reconciler")
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
             if ready is not None:
                 await ready()

@@ -293,3 +293,28 @@ def test_initscript_runs_inside_at_start(site: Site, node: Node) -> None:
     assert (root / "tmp/initscript.out").read_text() == f"start {name} {name}\n"
     assert f"sliver {name} initscript: initscript-said-hi" in out.stderr
     assert f"sliver {name}: initscript exited with 0" in out.stderr
+
+
+def test_dead_sliver_comes_back_between_polls(site: Site, node: Node) -> None:
+    """The local reconciler brings back a sliver whose init died, without a poll."""
+    name = site.add_slice("back")
+    text = node.cfg_path.read_text()
+    text = text.replace("poll_interval = 2", "poll_interval = 3600")
+    text = text.replace("reconcile_interval = 60", "reconcile_interval = 1")
+    node.cfg_path.write_text(text)
+    agent = node.start_agent()
+    node.agents.append(agent)  # type: ignore[attr-defined]
+    wait_for(lambda: (node.contexts_dir / name / "state.json").exists(), 60, "the sliver",
+             node.log_text)
+    pid = context_state(node, name)["init_pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    def replaced() -> bool:
+        try:
+            new = context_state(node, name)["init_pid"]
+        except (FileNotFoundError, ValueError):
+            return False
+        return new != pid and Path(f"/proc/{new}").exists()
+
+    wait_for(replaced, 30, "the sliver to come back", node.log_text)
+    assert "local reconcile: 1 done" in node.log_text()
