@@ -282,9 +282,13 @@ def test_binding_others_ports_by_any_address_form(fence: Fence) -> None:
     a, b, p = fence.a, fence.b, fence.port_a
     # B, on A's port, whatever the address spelling: taken (by A) or not a node address.
     for addr, extra in (("127.0.0.1", ()), ("0.0.0.0", ()), ("::", ()), ("::", ("v6only0",)),
-                        ("::1", ()), ("::ffff:127.0.0.1", ()), ("127.0.0.2", ())):
+                        ("::1", ()), ("::ffff:127.0.0.1", ()), ("127.0.0.2", ()),
+                        ("::ffff:7f00:2", ()), ("0:0:0:0:0:ffff:7f00:1", ())):
         out = run(b, "bind", addr, str(p), *extra, user="user")
         assert out == ["bind", str(errno.EADDRINUSE), "0"], (addr, extra, out)
+    # the IPv4-mapped wildcard is refused outright
+    out = run(b, "bind", "::ffff:0.0.0.0", str(p), user="user")
+    assert out[1] != "0", out
     # Nobody's port: refused to both; a foreign address is not the node's.
     for who in (a, b):
         assert run(who, "bind", "127.0.0.1", str(fence.port_free)) == \
