@@ -25,6 +25,8 @@ def _load_config(args: argparse.Namespace) -> configmod.Config:
         overrides["db_path"] = args.db
     if getattr(args, "listen", None):
         overrides["api_listen"] = args.listen
+    if getattr(args, "workers", None) is not None:
+        overrides["api_workers"] = args.workers
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="plc.toml")
     s.add_argument("--db", help="database file (overrides [db] path)")
     s.add_argument("--listen", help="HOST:PORT (overrides [api] listen)")
+    s.add_argument("--workers", type=int, help="server processes (overrides [api] workers; "
+                                               "0 = one per CPU)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("node-key", help="print a node's key, creating one if needed")

@@ -41,6 +41,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("api", "key", str, "", "PEM private key of cert"),
     Key("api", "max_body", int, 16 * 1024 * 1024, "largest request body in bytes (413 above)",
         minimum=1024),
+    Key("api", "workers", int, 0,
+        "server processes sharing the port (0 = one per CPU)", minimum=0),
     Key("api", "max_connections", int, 512,
         "most client connections served at once (more are answered 503)", minimum=1),
     Key("api", "debug", bool, False, "PLC_API_DEBUG: record every call, faults too, as an event"),

@@ -9,8 +9,11 @@ code are logged, never arguments (passwords).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -225,15 +228,54 @@ def make_server(api: API, config: Config) -> PLCServer:
                      config.api_max_connections)
 
 
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG (prctl(2)): a worker gets SIGTERM if the parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(store: Store, config: Config, ready: threading.Event | None = None) -> None:
+    """Serve until interrupted (KeyboardInterrupt). With more than one worker, the
+    listening socket is shared by forked worker processes (each threaded, each with its
+    own store connections), so requests use every core instead of one GIL; the parent
+    serves too, and on its way out terminates and reaps every worker."""
     api = API(store, config)
     server = make_server(api, config)
     scheme = "https" if config.api_cert else "http"
     host, port = server.server_address[:2]
-    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/", scheme, host, port)
+    workers = config.api_workers or os.cpu_count() or 1
+    children: list[int] = []
+    for _ in range(workers - 1):
+        pid = os.fork()  # before any thread or store connection exists
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _die_with_parent()
+                server.serve_forever()
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes)", scheme, host, port, workers)
     if ready is not None:
         ready.set()
     try:
         server.serve_forever()
     finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
         server.server_close()

@@ -11,6 +11,7 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
+import psutil
 import pytest
 
 from plc import config
@@ -77,8 +78,10 @@ def test_cli_init_node_key_serve(tmp_path: Path) -> None:
     out = run("serve", "--config", str(bad_cfg))
     assert out.returncode == 2 and str(bad_cfg) in out.stderr and "listen" in out.stderr
     port = free_port()
-    proc = subprocess.Popen([*PLC, "serve", "--db", str(db), "--listen", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([*PLC, "serve", "--db", str(db), "--listen", f"127.0.0.1:{port}",
+                             "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    workers: list[psutil.Process] = []
     try:
         api = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}//PLCAPI//", allow_none=True)
         admin = {"AuthMethod": "password", "Username": "root@example.org", "AuthString": "pw-1"}
@@ -89,6 +92,8 @@ def test_cli_init_node_key_serve(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.1)
         assert api.GetSites(admin, "demo", ["login_base"]) == [{"login_base": "demo"}]
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 1  # a second process serves the same port
         tags = {t["tagname"] for t in api.GetTagTypes(admin, None, ["tagname"])}
         assert {"vref", "hrn", "system", "vsys", "cpu_share", "nofile_soft",
                 "ifname"} <= tags
@@ -111,4 +116,9 @@ def test_cli_init_node_key_serve(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            # the parent reaps its workers before it exits
+            _, survivors = psutil.wait_procs(workers, timeout=5)
+            for w in survivors:  # never leave a worker behind, even on failure
+                w.kill()
     assert proc.returncode == 0
+    assert workers and not survivors
