@@ -67,6 +67,10 @@ class FakeBackend:
     def root_of(self, name: str) -> Path | None:
         return None
 
+    def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
+              env: dict[str, str], fds: tuple[int, int, int] | None) -> Any:
+        raise OSError(95, "no sessions without a kernel", name)
+
 
 def sliver(name: str, **attrs: str) -> dict[str, Any]:
     return {"name": name, "slice_id": abs(hash(name)) % 100000, "instantiation":

@@ -176,7 +176,8 @@ def test_plc_down_keeps_and_restores_slivers(tmp_path: Path) -> None:
         assert out.returncode == 1
         new_pid = context_state(n, name)["init_pid"]
         assert new_pid != pid and Path(f"/proc/{new_pid}").exists()
-        assert sliver(n, name)["state"] == "running"
+        s_after = sliver(n, name)
+        assert s_after is not None and s_after["state"] == "running"
     finally:
         srv.stop()
         if n is not None:
@@ -213,9 +214,10 @@ def test_sliver_sees_its_own_rspec_over_the_socket(site: Site, node: Node) -> No
     assert code == 0, (out, err)
     body = out.split(b"\r\n\r\n", 1)[-1]
     (rspec,), _ = xmlrpc.client.loads(body)
-    assert rspec["cpu_share"] == 4
+    assert isinstance(rspec, dict) and rspec["cpu_share"] == 4
     # The host's admin may name any sliver.
-    assert client(str(node.cfg.socket_path)).GetRSpec(b)["cpu_share"] == 9
+    theirs: Any = client(str(node.cfg.socket_path)).GetRSpec(b)
+    assert theirs["cpu_share"] == 9
 
 
 UCLIENT_C = r"""

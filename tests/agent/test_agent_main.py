@@ -6,6 +6,7 @@ from __future__ import annotations
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_fakes import FakeBackend, reply, sliver
@@ -28,7 +29,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         a.close()
 
 
-def wire(r: object) -> bytes:
+def wire(r: Any) -> bytes:
     return xmlrpc.client.dumps((r,), methodresponse=True, allow_none=True).encode()
 
 

@@ -36,14 +36,15 @@ def tls_plc(tmp_path: Path) -> Iterator[tuple[str, Path, list[Any]]]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    sessions = {"valid": None}
+    sessions: dict[str, str | None] = {"valid": None}
 
     def get_session(auth: dict[str, Any], *args: Any) -> str:
         calls.append(("GetSession", auth))
         if auth != hmac_auth(7, KEY, args):
             raise Exception("bad hmac")  # noqa: TRY002 - becomes a fault
-        sessions["valid"] = f"s-{len(calls)}"
-        return sessions["valid"]
+        session = f"s-{len(calls)}"
+        sessions["valid"] = session
+        return session
 
     def get_slivers(auth: dict[str, Any]) -> Any:
         calls.append(("GetSlivers", auth))
@@ -52,8 +53,8 @@ def tls_plc(tmp_path: Path) -> Iterator[tuple[str, Path, list[Any]]]:
             raise Fault(103, "SessionAuth: No such session")
         return {"ok": True}
 
-    server.register_function(get_session, "GetSession")
-    server.register_function(get_slivers, "GetSlivers")
+    server.register_function(get_session, "GetSession")  # type: ignore[arg-type]
+    server.register_function(get_slivers, "GetSlivers")  # type: ignore[arg-type]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -10,7 +10,7 @@ from agent_fakes import FakeBackend, reply, sliver
 
 from agent import getslivers
 from agent.reconcile import Reconciler, ingest, plan
-from agent.state import State
+from agent.state import SliverRecord, State, Summary
 
 
 @pytest.fixture
@@ -20,6 +20,12 @@ def state(tmp_path: Path):
         yield st
     finally:
         st.close()
+
+
+def get(state: State, name: str) -> SliverRecord:
+    rec = state.get_sliver(name)
+    assert rec is not None, name
+    return rec
 
 
 def make(state: State, backend: FakeBackend) -> Reconciler:
@@ -40,7 +46,7 @@ async def test_create_then_idempotent(state: State) -> None:
     assert sorted(a.name for a in out.done) == ["pl_a", "pl_b"] and not out.failed
     assert set(be.contexts) == {"pl_a", "pl_b"}
     assert be.contexts["pl_b"]["plan"].limits["cpu_share"] == 5
-    assert state.get_sliver("pl_a").state == "running"
+    assert get(state, "pl_a").state == "running"
     bases = {be.contexts[n]["plan"].uid_base for n in be.contexts}
     assert len(bases) == 2 and min(bases) == 1_000_000
     be.calls.clear()
@@ -86,18 +92,18 @@ async def test_one_failure_does_not_stop_others(state: State) -> None:
     out = await apply(state, rec, reply([sliver("pl_a"), sliver("pl_bad"), sliver("pl_c")]))
     assert set(be.contexts) == {"pl_a", "pl_c"}
     assert [a.name for a, _ in out.failed] == ["pl_bad"]
-    bad = state.get_sliver("pl_bad")
+    bad = get(state, "pl_bad")
     assert bad.state == "failed" and "simulated failure" in bad.message
     be.fail.clear()
     await apply(state, rec, reply([sliver("pl_a"), sliver("pl_bad"), sliver("pl_c")]))
-    assert "pl_bad" in be.contexts and state.get_sliver("pl_bad").state == "running"
+    assert "pl_bad" in be.contexts and get(state, "pl_bad").state == "running"
 
 
 async def test_missing_image_stays_pending(state: State) -> None:
     be = FakeBackend()
     rec = make(state, be)
     await apply(state, rec, reply([sliver("pl_a", vref="nosuch"), sliver("pl_b")]))
-    a = state.get_sliver("pl_a")
+    a = get(state, "pl_a")
     assert a.state == "pending" and "nosuch" in a.message and "image import" in a.message
     assert set(be.contexts) == {"pl_b"}
     be.images.add("nosuch")
@@ -110,9 +116,9 @@ async def test_disabled_is_stopped_and_restarted(state: State) -> None:
     rec = make(state, be)
     await apply(state, rec, reply([sliver("pl_a")]))
     await apply(state, rec, reply([sliver("pl_a", enabled="0")]))
-    assert be.contexts["pl_a"]["frozen"] and state.get_sliver("pl_a").state == "stopped"
+    assert be.contexts["pl_a"]["frozen"] and get(state, "pl_a").state == "stopped"
     await apply(state, rec, reply([sliver("pl_a")]))
-    assert not be.contexts["pl_a"]["frozen"] and state.get_sliver("pl_a").state == "running"
+    assert not be.contexts["pl_a"]["frozen"] and get(state, "pl_a").state == "running"
 
 
 async def test_restart_adopts_without_double_creation(state: State) -> None:
@@ -132,7 +138,7 @@ async def test_restart_adopts_without_double_creation(state: State) -> None:
 def test_plan_without_reply_never_destroys(state: State) -> None:
     from agent_fakes import FakeBackend  # noqa: F401 - symmetry with the async tests
 
-    recs = {}
+    recs: dict[str, Summary] = {}
     assert plan(recs, live=set(), adopted=set(), removed=[], now=0, have_reply=False) == []
 
 

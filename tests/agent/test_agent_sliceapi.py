@@ -12,6 +12,7 @@ import tempfile
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -174,7 +175,7 @@ async def test_rate_limit_and_hostile_clients(api_env) -> None:
         bad_xml.sendall(b"POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\n<a><b")
         bad_answer = bad_xml.recv(4096)
         c = client(sock)
-        results = []
+        results: list[Any] = []
         for _ in range(15):
             try:
                 c.GetXIDs()
