@@ -209,20 +209,24 @@ def test_sliver_reaches_sliver_on_other_node(cluster: Cluster, both: str) -> Non
         server.communicate(timeout=25)
 
 
-def test_removing_from_node2_destroys_only_that_sliver(cluster: Cluster, both: str) -> None:
+def test_removing_from_node2_destroys_only_that_sliver(cluster: Cluster) -> None:
     n1, n2 = cluster.nodes
-    keep = init_pid(n1, both)
-    gone = init_pid(n2, both)
-    assert keep and gone
-    cluster.api.DeleteSliceFromNodes(cluster.admin, both, [cluster.node_ids[1]])
+    name = cluster.add_slice("gone", cluster.node_ids)
+    keep = wait_running(n1, name)
+    gone = wait_running(n2, name)
+    cluster.api.DeleteSliceFromNodes(cluster.admin, name, [cluster.node_ids[1]])
     wait_for(lambda: not Path(f"/proc/{gone}").exists() and
-             not (n2.contexts_dir / both).exists(), 40, "node 2's sliver to go", n2.log_text)
-    assert sliver_status(n2, both) is None
+             not (n2.contexts_dir / name).exists(), 40, "node 2's sliver to go", n2.log_text)
+    assert sliver_status(n2, name) is None
     mounts = subprocess.run(n2.ns_argv("cat", "/proc/self/mountinfo"), capture_output=True,
                             text=True, timeout=30).stdout
-    assert f"/roots/{both}" not in mounts
+    assert f"/roots/{name}" not in mounts
+    assert not any(name in p.name for p in (n2.base / "state" / "roots").iterdir())
+    for sub in n2.cg_made:   # node 2's cgroups of the sliver, as the host sees them
+        assert not (sub / "planetlab" / name).exists(), sub
+    assert any((sub / "planetlab" / name).exists() for sub in n1.cg_made)
     # Node 1's sliver is untouched: same init, still running.
     time.sleep(2)   # a couple of node 1's polls
-    assert init_pid(n1, both) == keep
-    s = sliver_status(n1, both)
+    assert init_pid(n1, name) == keep
+    s = sliver_status(n1, name)
     assert s is not None and s["state"] == "running"
