@@ -29,6 +29,8 @@
  *   badbinds PORT             hostile bind arguments (bad fd, not a socket, NULL, unmapped
  *                             or huge sockaddr, family mismatch, short length)
  *                                                           -> "badbinds E1 E2 ... E8"
+ *   subvol DIR NAME           BTRFS_IOC_SUBVOL_CREATE in DIR (a subvolume has its own
+ *                             quota group: it would escape the disk limit) -> "subvol ERRNO"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -455,6 +457,15 @@ int main(int argc, char **argv)
 		       err(bind(s4, (struct sockaddr *)&sa, 1)),
 		       err(bind(s4, (struct sockaddr *)&s6, sizeof s6)),
 		       err(bind(12345, (struct sockaddr *)&sa, sizeof sa)));
+	} else if (!strcmp(cmd, "subvol")) {
+		NEED(2);
+		static struct {
+			long long fd;
+			char name[4088];
+		} args;
+		strncpy(args.name, argv[3], sizeof args.name - 1);
+		int dfd = open(argv[2], O_RDONLY | O_DIRECTORY);
+		printf("subvol %d\n", dfd < 0 ? errno : err(ioctl(dfd, 0x5000940EUL, &args)));
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
