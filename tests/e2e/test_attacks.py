@@ -180,6 +180,7 @@ def test_host_files_unreachable_by_paths_symlinks_and_proc(fence: Fence) -> None
     rc, out = sh(a, "ln -s / /tmp/up && ln -s /proc/1/root /tmp/initroot && "
                  "ln -s ../../../../../.. /tmp/dots && echo ok")
     assert rc == 0, out
+    assert run(a, "read", "/tmp/up/etc/passwd") == ["read", "0"]   # the probe reads
     for path in (m, f"/proc/1/root{m}", f"/proc/self/root/../../..{m}", f"/tmp/up{m}",
                  f"/tmp/initroot{m}", f"/tmp/dots{m}", f"/proc/1/cwd/../..{m}"):
         # ENOENT (not in the sliver's tree) or EACCES (the init's /proc links)
