@@ -36,7 +36,6 @@ log = logging.getLogger("plc.api")
 REDACTED = "Removed by API"
 SECRET_KEYS = ("AuthString", "session", "password")
 _ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-MAX_INT = 2**31 - 1
 
 
 class InternalError(Exception):
@@ -52,44 +51,12 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
+    """``text`` with the characters XML cannot carry replaced by '?' (spec 1.1)."""
     # isprintable() is a fast C check that rules out every character the regex looks for
     if text.isprintable() or not _ILLEGAL_XML.search(text):
         return text
     return _ILLEGAL_XML.sub("?", text)
-
-
-def _scalar(value: Any) -> bool:
-    """True for values that marshal as they are (checking the int range)."""
-    t = type(value)
-    if t is int:
-        if not -2**31 <= value <= MAX_INT:
-            raise InternalError(f"integer {value} out of XML-RPC range")
-        return True
-    return value is None or t is bool or t is float
-
-
-def sanitize(value: Any) -> Any:
-    """Make a result marshallable: strings without XML-illegal characters (-> '?'),
-    ints within 32 bits (else InternalError), subclasses of dict/list made plain."""
-    if isinstance(value, str):
-        return _clean(str(value))
-    if _scalar(value):
-        return value
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            key = _clean(k) if type(k) is str else sanitize(k)
-            if type(v) is str:
-                out[key] = _clean(v)
-            elif _scalar(v):
-                out[key] = v
-            else:
-                out[key] = sanitize(v)
-        return out
-    if isinstance(value, list | tuple):
-        return [sanitize(v) for v in value]
-    return value
 
 
 class Call:
@@ -225,7 +192,7 @@ class API:
         if transactional:
             conn.begin(write=True)
         try:
-            result = sanitize(self._execute(call))
+            result = self._execute(call)
             if call.message is not None or (self.config.api_debug and m.name != "ReportRunlevel"):
                 self._record(call, 0, call.message, time.monotonic() - started)
             conn.commit()
