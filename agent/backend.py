@@ -9,6 +9,7 @@ a backend to act. `KernelBackend` does it with real contexts, images and COW roo
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,9 @@ class SliverPlan:
 class Backend(Protocol):
     def image_exists(self, image: str) -> bool: ...
     def live(self) -> set[str]: ...
-    def create(self, plan: SliverPlan) -> None: ...
+    def create(self, plan: SliverPlan) -> Any: ...
     def adopt(self, name: str) -> bool: ...
+    def guarded_init(self, name: str) -> int | None: ...
     def update(self, plan: SliverPlan) -> None: ...
     def start(self, name: str) -> None: ...
     def stop(self, name: str) -> None: ...
@@ -94,6 +96,7 @@ class KernelBackend:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store = ImageStore(self.images_dir)
         self._contexts: dict[str, Any] = {}
+        self.guard_filter: bytes | None = None   # set by the agent when the guard is on
 
     def image_exists(self, image: str) -> bool:
         try:
@@ -133,8 +136,10 @@ class KernelBackend:
             self._contexts[name] = ctx
         return ctx
 
-    def create(self, plan: SliverPlan) -> None:
-        from kernel.context import Context
+    def create(self, plan: SliverPlan) -> socket.socket | None:
+        """Make the sliver. With the guard on, returns the agent's end of the socket the
+        init sends its seccomp listener over (hand it to GuardService.sliver_created)."""
+        from kernel.context import Context, GuardSpec
         from kernel.rootfs import prepare_root, release_root
 
         if not self.image_exists(plan.image):
@@ -144,15 +149,27 @@ class KernelBackend:
             Context.destroy_stale(self.run_dir, plan.name)
         root = prepare_root(self.store, self.roots_dir, plan.name, plan.image, plan.uid_base,
                             plan.uid_count, plan.disk_max_kib)
+        agent_end = sink = None
         try:
             for host, inside in plan.binds:
                 _bind_into(root, Path(host), inside)
+            guard = None
+            if self.guard_filter is not None:
+                agent_end, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                guard = GuardSpec(self.guard_filter, sink.fileno())
             ctx = Context.create(self.run_dir, plan.name, root, plan.uid_base, plan.uid_count,
-                                 _kernel_limits(plan.limits), hostname=plan.hostname)
+                                 _kernel_limits(plan.limits), hostname=plan.hostname,
+                                 guard=guard)
         except BaseException:
+            if agent_end is not None:
+                agent_end.close()
             release_root(self.roots_dir, plan.name)
             raise
+        finally:
+            if sink is not None:
+                sink.close()
         self._contexts[plan.name] = ctx
+        return agent_end
 
     def adopt(self, name: str) -> bool:
         try:
@@ -162,6 +179,12 @@ class KernelBackend:
             self._contexts.pop(name, None)
             return False
         return True
+
+    def guarded_init(self, name: str) -> int | None:
+        """The init pid of a sliver created with the guard (its listener can be taken
+        back from it), else None."""
+        ctx = self._context(name)
+        return int(ctx.init_pid) if ctx.state.get("guard") else None
 
     def update(self, plan: SliverPlan) -> None:
         from kernel.rootfs import set_disk_limit

@@ -84,6 +84,10 @@ FIELDS: tuple[Field, ...] = (
           "empty: none)"),
     Field("ssh_shell", str, "", "login shell of slice host accounts (empty: the agent's "
           "own agent/bin/vsh, built by `make native`)"),
+    Field("guard", int, 1, "1: every sliver runs under the seccomp guard, and the agent "
+          "decides its binds from the port table; 0: no guard", minimum=0, maximum=1),
+    Field("addresses", str, "", "the node's addresses for the port table, comma separated "
+          "(loopback is always there)"),
     Field("host_accounts", int, 1, "1: every slice gets a host account whose login shell "
           "enters its sliver (`ssh SLICE@node`); 0: none", minimum=0, maximum=1),
     Field("account_home_base", str, "/home", "where slice host accounts' homes are made"),
@@ -120,6 +124,8 @@ class AgentConfig:
     sliver_socket_dir: str
     node_accounts: str
     ssh_shell: str
+    guard: int
+    addresses: str
     host_accounts: int
     account_home_base: str
     source: str = "<defaults>"

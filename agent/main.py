@@ -61,15 +61,43 @@ class Agent:
         self.api_dir.mkdir(parents=True, exist_ok=True)
         self.api_dir.chmod(0o755)
         self.accounts = Accounts(cfg, self.state, backend)
+        self.guard = self._make_guard() if cfg.guard else None
         self.reconciler = Reconciler(
             self.state, backend, concurrency=cfg.concurrency,
             uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
             uid_pool_ranges=cfg.uid_pool_ranges, binds=self._binds,
-            after_start=self.accounts.after_start, before_destroy=self.accounts.before_destroy)
+            after_start=self.accounts.after_start, before_destroy=self.accounts.before_destroy,
+            guard=self.guard)
         self._reconcile_lock = trio.Lock()
         self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
         self.failures = 0
         self.last_poll_ok: float | None = None
+
+    def _make_guard(self) -> Any:
+        """The seccomp guard and port table (agent/guard.py), when the backend can run
+        guarded contexts."""
+        from agent.guard import GuardService
+
+        addresses = [a.strip() for a in self.cfg.addresses.split(",") if a.strip()]
+        guard = GuardService(self.state, addresses, Path(self.cfg.run_dir))
+        if hasattr(self.backend, "guard_filter"):
+            self.backend.guard_filter = guard.filter()
+        return guard
+
+    def apply_port_tags(self) -> None:
+        """Every sliver's `ports` tag into the port table (recorded before it binds)."""
+        if self.guard is None:
+            return
+        from agent.ports import PortError
+
+        for name, rec in self.state.slivers().items():
+            if rec.state == "destroying":
+                continue
+            value = rec.spec.get("attributes", {}).get("ports", "")
+            try:
+                self.guard.set_tag_ports(name, value)
+            except PortError as exc:   # PortConflict is a PortError
+                log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
 
     def _binds(self, name: str) -> tuple[tuple[str, str], ...]:
         return ((str(self.api_dir), self.cfg.sliver_socket_dir),)
@@ -83,6 +111,7 @@ class Agent:
         """Adopt running contexts and bring up what the state says should run; removes
         nothing (PLC has not been asked yet)."""
         async with self._reconcile_lock:
+            self.apply_port_tags()
             outcome = await self.reconciler.reconcile(removed=[], have_reply=False)
             await self.accounts.sync(None)
             return outcome
@@ -125,6 +154,7 @@ class Agent:
             self._mark_good(desired.timestamp, digest[1] if digest else "")
             removed = ingest(self.state, desired, self.cfg.default_image,
                              self.cfg.slice_prefix, time.time())
+            self.apply_port_tags()
             outcome = await self.reconciler.reconcile(removed=removed, have_reply=True)
             await self.accounts.sync(desired)
         self.last_poll_ok = time.time()
@@ -205,6 +235,10 @@ class Agent:
             return 0 if result.ok else 1
         api = SliceAPI(self)
         async with trio.open_nursery() as nursery:
+            if self.guard is not None:
+                # Supervises the listeners handed over by bring_up_from_state (adopted
+                # slivers) and by every later creation.
+                await nursery.start(self.guard.serve, name="guard")
             await nursery.start(api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")

@@ -177,7 +177,8 @@ class Reconciler:
                  uid_pool_start: int, uid_range_size: int, uid_pool_ranges: int,
                  binds: Callable[[str], tuple[tuple[str, str], ...]] = lambda name: (),
                  after_start: Callable[[str], Any] | None = None,
-                 before_destroy: Callable[[str], Any] | None = None) -> None:
+                 before_destroy: Callable[[str], Any] | None = None,
+                 guard: Any = None) -> None:
         self.state = state
         self.backend = backend
         self.limiter = trio.CapacityLimiter(concurrency)
@@ -189,6 +190,7 @@ class Reconciler:
         self._binds = binds
         self._after_start = after_start
         self._before_destroy = before_destroy
+        self.guard = guard   # agent.guard.GuardService, or None
 
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)
@@ -257,6 +259,8 @@ class Reconciler:
             if self._before_destroy is not None:
                 await self._before_destroy(name)
             await trio.to_thread.run_sync(self.backend.destroy, name)
+            if self.guard is not None:
+                self.guard.sliver_destroyed(name)
             self.adopted.discard(name)
             self.state.delete_sliver(name)
             return
@@ -265,6 +269,14 @@ class Reconciler:
         if action.kind == "adopt":
             if await trio.to_thread.run_sync(self.backend.adopt, name):
                 self.adopted.add(name)
+                if self.guard is not None:
+                    pid = await trio.to_thread.run_sync(self.backend.guarded_init, name)
+                    if pid is not None:
+                        # Its syscalls waited for us; the init kept the listener.
+                        self.guard.sliver_adopted(name, pid)
+                    else:
+                        log.warning("sliver %s: runs without the guard (made so); its "
+                                    "binds are not checked until it is re-created", name)
             return
         if action.kind == "create":
             if not await trio.to_thread.run_sync(self.backend.image_exists, rec.image):
@@ -273,7 +285,10 @@ class Reconciler:
             idx = self.state.allocate_uid_range(name, self.uid_pool_ranges)
             self.state.set_sliver_state(name, CREATING, "")
             # The plan saw no live context of this name (a stale one is cleared by create).
-            await trio.to_thread.run_sync(self.backend.create, self._plan_for(rec, idx))
+            agent_end = await trio.to_thread.run_sync(self.backend.create,
+                                                      self._plan_for(rec, idx))
+            if agent_end is not None and self.guard is not None:
+                self.guard.sliver_created(name, agent_end)
             self.adopted.add(name)
             if not rec.want_running:
                 await trio.to_thread.run_sync(self.backend.stop, name)

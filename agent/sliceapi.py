@@ -114,6 +114,11 @@ class SliceAPI:
             "Create": self.Create, "Destroy": self.Destroy, "Start": self.Start,
             "Stop": self.Stop,
         }
+        self.guard_methods: dict[str, Callable[..., Any]] = {}
+        if agent.guard is not None:
+            # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
+            self.guard_methods = dict(agent.guard.methods())
+            self.methods.update(self.guard_methods)
 
     # -- identity and targets -----------------------------------------------------------
 
@@ -229,6 +234,14 @@ class SliceAPI:
 
     async def dispatch(self, caller: Caller, body: bytes) -> bytes:
         """One XML-RPC request body -> one response body. Never raises."""
+        response, socks = await self.dispatch_full(caller, body)
+        for s in socks:
+            s.close()
+        return response
+
+    async def dispatch_full(self, caller: Caller, body: bytes) -> tuple[bytes, list[Any]]:
+        """One request body -> (response body, sockets to send with it). Never raises."""
+        socks: list[Any] = []
         try:
             try:
                 args, method = xmlrpc.client.loads(body, use_builtin_types=False)
@@ -245,19 +258,28 @@ class SliceAPI:
                 raise APIFault(FAULT_PERMISSION, f"{method}: not allowed for {caller.name}")
             if len(args) > 4:
                 raise APIFault(FAULT_ARG_COUNT, f"{method}: too many arguments ({len(args)})")
+            if method in self.guard_methods and caller.kind == "account":
+                # The guard's calls know slivers and the admin; an account is its sliver.
+                caller = Caller("sliver", caller.name, caller.pid, caller.uid)
             result = fn(caller, *args)
             if hasattr(result, "__await__"):
                 result = await result
+            if hasattr(result, "socks") and hasattr(result, "value"):   # rawsock.FdReply
+                socks = list(result.socks)
+                result = result.value
             if result is None:
                 result = 1
-            return xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True).encode()
+            return xmlrpc.client.dumps((result,), methodresponse=True,
+                                       allow_none=True).encode(), socks
         except APIFault as fault:
             return xmlrpc.client.dumps(xmlrpc.client.Fault(fault.code, fault.message),
-                                       methodresponse=True).encode()
+                                       methodresponse=True).encode(), socks
+        except xmlrpc.client.Fault as fault:   # the guard's calls raise faults themselves
+            return xmlrpc.client.dumps(fault, methodresponse=True).encode(), socks
         except Exception:  # noqa: BLE001 - boundary: log, answer without details
             log.exception("slice API: %s failed for %s", body[:64], caller.name)
             return xmlrpc.client.dumps(xmlrpc.client.Fault(FAULT_ERROR, "Error in call"),
-                                       methodresponse=True).encode()
+                                       methodresponse=True).encode(), socks
 
     # -- transport ----------------------------------------------------------------------
 
@@ -287,8 +309,13 @@ class SliceAPI:
                     if isinstance(body, int):
                         await _send(stream, body, b"request too large\n", "text/plain")
                         return
-                    response = await self.dispatch(caller, body)
-                    await _send(stream, 200, response, "text/xml")
+                    response, socks = await self.dispatch_full(caller, body)
+                    try:
+                        await _send(stream, 200, response, "text/xml",
+                                    [s.fileno() for s in socks])
+                    finally:
+                        for s in socks:
+                            s.close()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
@@ -511,11 +538,19 @@ async def _read_request(stream: trio.SocketStream, limit: int,
     return bytes(body[:length])
 
 
-async def _send(stream: trio.SocketStream, status: int, body: bytes, ctype: str) -> None:
+async def _send(stream: trio.SocketStream, status: int, body: bytes, ctype: str,
+                fds: list[int] | None = None) -> None:
+    """The HTTP response; fds (SCM_RIGHTS) travel with its first chunk (docs/guard.md)."""
     reason = {200: "OK", 400: "Bad Request", 413: "Payload Too Large"}.get(status, "Error")
     head = (f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    await stream.send_all(head + body)
+    data = head + body
+    if fds:
+        sent = await stream.socket.sendmsg(  # type: ignore[attr-defined]
+            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        data = data[sent:]
+    if data:
+        await stream.send_all(data)
 
 
 def _wire(value: Any) -> Any:

@@ -34,6 +34,9 @@ class FakeBackend:
         assert plan.name not in self.contexts, "double creation"
         self.contexts[plan.name] = {"plan": plan, "frozen": False}
 
+    def guarded_init(self, name: str) -> int | None:
+        return None
+
     def adopt(self, name: str) -> bool:
         self.calls.append(("adopt", name))
         return name in self.contexts
