@@ -112,12 +112,15 @@ def ensure_host_account(name: str, keys: list[str], shell: str, home_base: Path,
             raise HostAccountError(f"useradd {name} failed: {res.stderr.strip()}")
         pw = pwd.getpwnam(name)
         log.info("host account %s made (uid %d), shell %s", name, pw.pw_uid, shell)
-    home.mkdir(mode=0o755, exist_ok=True)
-    os.chown(home, pw.pw_uid, pw.pw_gid)
+    # Home and .ssh stay root's: the account never needs to write there (vsh runs every
+    # session inside the sliver), and root never writes into a slice-owned directory
+    # where a planted symlink could redirect it [F11]. sshd accepts root-owned keys.
+    _root_dir(home)
     ssh = home / ".ssh"
-    ssh.mkdir(mode=0o700, exist_ok=True)
-    os.chown(ssh, pw.pw_uid, pw.pw_gid)
-    text = "".join(k + "\n" for k in keys)
+    _root_dir(ssh)
+    # `restrict,pty`: no port, agent, X11 or Unix-socket forwarding, no ~/.ssh/rc; only a
+    # session, which vsh takes into the sliver [F6].
+    text = "".join(f"restrict,pty {k}\n" for k in keys)
     auth = ssh / "authorized_keys"
     try:
         current = auth.read_text()
@@ -125,9 +128,9 @@ def ensure_host_account(name: str, keys: list[str], shell: str, home_base: Path,
         current = None
     if current != text:
         tmp = ssh / ".authorized_keys.agent-tmp"
-        tmp.write_text(text)
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        tmp.chmod(0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         tmp.replace(auth)
     link = home / ".agent.sock"
     if not link.is_symlink() or os.readlink(link) != socket_path:
@@ -136,6 +139,22 @@ def ensure_host_account(name: str, keys: list[str], shell: str, home_base: Path,
         tmp_link.symlink_to(socket_path)
         tmp_link.replace(link)
     return True
+
+
+def _root_dir(path: Path) -> None:
+    """A root-owned 0755 directory at `path` (not a symlink)."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise HostAccountError(f"{path} is not a directory")
+    if st.st_uid != 0 or st.st_gid != 0 or stat.S_IMODE(st.st_mode) != 0o755:
+        os.chown(path, 0, 0, follow_symlinks=False)
+        os.chmod(path, 0o755)
 
 
 def remove_host_account(name: str, shell: str, home_base: Path) -> None:

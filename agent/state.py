@@ -13,6 +13,7 @@ the trio thread; nothing here waits on the network or the kernel.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -139,8 +140,19 @@ class State:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = state_dir / "agent.db"
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Only root reads the state (slice tags, keys, the last reply) [F15]; the state
+        # dir itself stays traversable, since sliver roots live below it.
+        old_umask = os.umask(0o077)
         try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old_umask)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.chmod(f"{path}{suffix}", 0o600)
+                except FileNotFoundError:
+                    pass
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")

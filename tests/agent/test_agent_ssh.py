@@ -113,6 +113,7 @@ def ssh(userkey: Path, port: int, name: str, *args: str,
     return subprocess.run(
         ["ssh", "-i", str(userkey), "-p", str(port), "-o", "StrictHostKeyChecking=no",
          "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+         "-o", "ConnectTimeout=20",
          f"{name}@127.0.0.1", *args], capture_output=True, timeout=60, input=input)
 
 
@@ -134,6 +135,12 @@ def test_ssh_lands_inside_the_sliver(ssh_node: tuple[Site, Node, str, Path, int]
     out = ssh(userkey, port, name, "-tt", "tty; exit 3")
     assert out.returncode == 3, out
     assert b"/dev/pts/" in out.stdout
+    # Keys are `restrict,pty`: no forwarding on the host, outside the sliver [F6].
+    out = ssh(userkey, port, name, "-o", "ExitOnForwardFailure=yes", "-W", f"127.0.0.1:{port}")
+    assert out.returncode == 255 and b"SSH-" not in out.stdout
+    out = ssh(userkey, port, name, "-o", "ExitOnForwardFailure=yes", "-N", "-R",
+              f"127.0.0.1:{port + 1}:127.0.0.1:{port}")
+    assert out.returncode == 255 and b"forwarding failed" in out.stderr.lower(), out
     # Someone else's key is refused by sshd (keys come from PLC).
     other = node.base / "otherkey"
     keygen(other, "other")

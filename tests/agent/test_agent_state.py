@@ -21,6 +21,7 @@ def test_slivers_persist(tmp_path: Path) -> None:
     with State.open(tmp_path) as st:
         st.put_sliver(record("a"))
         st.set_sliver_state("a", "running", "ok", applied="x")
+    assert (tmp_path / "agent.db").stat().st_mode & 0o777 == 0o600
     with State.open(tmp_path) as st:
         rec = st.get_sliver("a")
         assert rec is not None and rec.state == "running" and rec.applied == "x"
