@@ -233,6 +233,7 @@ class AgentNode:
                 "socket_path": str(node.socket_path), "default_image": "bb",
                 "poll_interval": 1, "poll_jitter": 0, "backoff_max": 2, "plc_timeout": 10,
                 "node_accounts": "", "host_accounts": 0, "slice_prefix": plc.prefix,
+                "addresses": link.node_addr,   # the guard's port table
                 # disjoint uid pools: 4 ranges per node, per test process
                 "uid_pool_start": 1_600_000_000 + ((pid % 1000) * 2 + index) * 4 * 65536,
                 "uid_pool_ranges": 4,

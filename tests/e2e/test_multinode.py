@@ -8,6 +8,7 @@ also when a test fails.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -184,6 +185,29 @@ def test_slice_on_both_nodes_runs_on_each(cluster: Cluster, both: str) -> None:
         st = json.loads((n.contexts_dir / both / "state.json").read_text())
         bases.append(int(st["uid_base"]))
     assert abs(bases[0] - bases[1]) >= 65536, bases
+
+
+def test_port_owner_binds_and_other_slice_cannot(cluster: Cluster, both: str) -> None:
+    n1 = cluster.nodes[0]
+    other = cluster.add_slice("other", [cluster.node_ids[0]])
+    wait_running(n1, other)
+    put_probe(n1, other)
+    rc, out, err = in_sliver(n1, both, ["/bin/guard-probe", "bind", "0.0.0.0", str(PORT)])
+    assert rc == 0 and out.split() == ["bind", "0", str(PORT)], (out, err, n1.log_text())
+    # The port is free again at the kernel level: only ownership can refuse it.
+    for addr in ("0.0.0.0", n1.link.node_addr, "127.0.0.1"):
+        rc, out, err = in_sliver(n1, other, ["/bin/guard-probe", "bind", addr, str(PORT)])
+        assert out.split() == ["bind", str(errno.EADDRINUSE), "0"], (addr, out, err)
+    # A port nobody owns: refused to both (below the ephemeral range).
+    for name in (both, other):
+        rc, out, err = in_sliver(n1, name, ["/bin/guard-probe", "bind", "0.0.0.0",
+                                            str(PORT + 1)])
+        assert out.split() == ["bind", str(errno.EACCES), "0"], (name, out, err)
+    # Node 2 enforces the same tag on its own.
+    rc, out, err = in_sliver(cluster.nodes[1], both, ["/bin/guard-probe", "bind",
+                                                      cluster.nodes[1].link.node_addr,
+                                                      str(PORT)])
+    assert out.split() == ["bind", "0", str(PORT)], (out, err)
 
 
 def test_sliver_reaches_sliver_on_other_node(cluster: Cluster, both: str) -> None:
