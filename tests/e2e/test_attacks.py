@@ -258,6 +258,31 @@ def test_host_sysv_ipc_invisible(fence: Fence) -> None:
         libc.shmctl(shmid, 0, None)   # IPC_RMID
 
 
+def test_abstract_unix_sockets_of_host_and_other_sliver_unreachable(fence: Fence) -> None:
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.bind(f"\0e2e-host-{PID}")
+    host.listen(4)
+    from kernel.context import PIPE
+
+    listener = fence.b.spawn(["/bin/attacker", "alisten", f"e2e-b-{PID}", "30"], stdout=PIPE,
+                             stderr=PIPE)
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().split() == [b"alisten", b"0"]
+        out = run(fence.a, "abstract", f"e2e-host-{PID}")
+        assert out[1] != "0", "A connected to the host's abstract socket"
+        out = run(fence.a, "abstract", f"e2e-b-{PID}")
+        assert out[1] != "0", "A connected to B's abstract socket"
+        # B's listener is there: B itself and the host reach it.
+        assert run(fence.b, "abstract", f"e2e-b-{PID}") == ["abstract", "0"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(f"\0e2e-b-{PID}")
+    finally:
+        host.close()
+        listener.kill()
+        listener.wait(10)
+
+
 # -- the guard --------------------------------------------------------------------------
 
 AF_INET, AF_INET6, AF_PACKET = 2, 10, 17
