@@ -342,6 +342,7 @@ static void do_call(const char *path)
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	signal(SIGPIPE, SIG_IGN);   /* a peer that answers early and closes: keep reading */
 	if (argc < 2)
 		return 2;
 	const char *cmd = argv[1];

@@ -739,3 +739,18 @@ def test_slow_request_is_cut_and_others_are_served_meanwhile(agent_side: AgentSi
         if slow.returncode is None:
             slow.kill()
             slow.wait(10)
+
+
+def test_sliver_requests_are_capped_and_state_is_private(agent_side: AgentSide) -> None:
+    """A sliver's request body is capped far below the admin's (F7), and the agent's
+    database is not readable by other local users (F15)."""
+    import stat
+    import xmlrpc.client
+
+    s = agent_side
+    big = http(xmlrpc.client.dumps((["x" * 64] * 2000,), "GetRSpec").encode())  # ~150 KB
+    assert len(big) > 128 * 1024
+    out = call_from(s.a, big)
+    assert out.startswith(b"HTTP/1.0 413"), out[:200]
+    db = Path(s.node.cfg.state_dir) / "agent.db"
+    assert stat.S_IMODE(db.stat().st_mode) & 0o077 == 0, oct(db.stat().st_mode)
