@@ -180,6 +180,7 @@ class Accounts:
         self.state = state
         self.backend = backend
         self._installed: dict[str, str] = {}
+        self._pending: set[str] = set()   # key installs that failed, retried each poll
 
     def _uid_base(self, name: str) -> int | None:
         idx = self.state.uid_range_of(name)
@@ -233,6 +234,7 @@ class Accounts:
 
     async def before_destroy(self, name: str) -> None:
         self._installed.pop(name, None)
+        self._pending.discard(name)
         if self.cfg.host_accounts:
             await trio.to_thread.run_sync(remove_host_account, name, self.cfg.shell_path,
                                           Path(self.cfg.account_home_base))
@@ -246,30 +248,39 @@ class Accounts:
             digest = "\n".join(keys)
             if self._installed.get(name) == digest:
                 continue
-            try:
-                await trio.to_thread.run_sync(self._host_account, name, keys)
-                if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
-                    self._installed[name] = digest
-            except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
-                log.error("sliver %s: installing ssh keys failed: %s", name, exc)
+            await self._install(name, keys)
         if desired is not None:
             try:
                 await trio.to_thread.run_sync(self.install_node_accounts, desired.accounts)
             except OSError as exc:
                 log.error("node accounts: %s", exc)
 
+    async def _install(self, name: str, keys: list[str]) -> None:
+        try:
+            await trio.to_thread.run_sync(self._host_account, name, keys)
+            if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
+                self._installed[name] = "\n".join(keys)
+                self._pending.discard(name)
+                return
+        except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
+            log.error("sliver %s: installing ssh keys failed: %s", name, exc)
+        self._pending.add(name)
+
+    async def sync_pending(self) -> None:
+        """Retry the key installs that failed (cheap: only those) [F9]."""
+        for name in sorted(self._pending):
+            rec = self.state.get_sliver(name)
+            if rec is None or rec.state not in ("running", "stopped"):
+                self._pending.discard(name)
+                continue
+            await self._install(name, list(rec.spec.get("keys", [])))
+
     async def after_start(self, name: str) -> Any:
         """Keys, then the slice's initscript (`start NAME`), its output logged."""
         rec = self.state.get_sliver(name)
         if rec is None:
             return
-        keys = list(rec.spec.get("keys", []))
-        try:
-            await trio.to_thread.run_sync(self._host_account, name, keys)
-            if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
-                self._installed[name] = "\n".join(keys)
-        except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
-            log.error("sliver %s: installing ssh keys failed: %s", name, exc)
+        await self._install(name, list(rec.spec.get("keys", [])))
         script = rec.spec.get("initscript") or ""
         if not script:
             return

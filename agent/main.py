@@ -138,6 +138,7 @@ class Agent:
             async with self._reconcile_lock:
                 self._mark_good(digest[0], None)
                 outcome = await self.reconciler.reconcile(removed=[], have_reply=True)
+                await self.accounts.sync_pending()
             self.last_poll_ok = time.time()
             return PollResult(True, "ok (unchanged)", outcome)
         try:
@@ -187,6 +188,7 @@ class Agent:
             await trio.sleep(self.cfg.reconcile_interval)
             try:
                 outcome = await self.reconcile_now()
+                await self.accounts.sync_pending()
                 if outcome.done or outcome.failed:
                     log.info("local reconcile: %d done, %d failed", len(outcome.done),
                              len(outcome.failed))
@@ -257,7 +259,18 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             return
 
 
+def raise_nofile() -> None:
+    """The agent holds fds for every sliver (listeners, pidfds, sockets): take the hard
+    limit of open files as the soft one [F4]."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_agent(cfg: AgentConfig, once: bool = False) -> int:
+    raise_nofile()
     agent = Agent(cfg)
     try:
         return trio.run(lambda: agent.run(once=once))

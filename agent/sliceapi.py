@@ -48,6 +48,9 @@ FAULT_UNSUPPORTED = 106
 FAULT_PERMISSION = 108
 
 CONNECTION_DEADLINE = 10.0
+FIRST_BYTE_DEADLINE = 2.0
+PER_CALLER_CONNECTIONS = 8
+ADMIN_CONNECTIONS = 32
 SLIVER_MAX_REQUEST = 64 * 1024   # every call of the local API fits in far less
 PARSE_IN_THREAD = 16 * 1024      # larger bodies are parsed off the trio thread
 MAX_CONNECTIONS = 256
@@ -110,6 +113,8 @@ class SliceAPI:
         self.max_request = cfg.api_max_request
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._parse_limiter = trio.CapacityLimiter(2)
+        self._admin_connections = trio.CapacityLimiter(ADMIN_CONNECTIONS)
+        self._open: dict[str, int] = {}
         self.methods: dict[str, Callable[..., Any]] = {
             "Help": self.Help, "GetXIDs": self.GetXIDs, "GetSSHKeys": self.GetSSHKeys,
             "GetRSpec": self.GetRSpec, "GetEffectiveRSpec": self.GetEffectiveRSpec,
@@ -292,46 +297,66 @@ class SliceAPI:
     # -- transport ----------------------------------------------------------------------
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        """One connection: one HTTP POST answered, or one ENTER session. Bounded in size
-        and time (a session's setup is; the session itself lasts as long as it runs)."""
-        async with self._connections:
-            fds: list[int] = []
-            try:
-                pid, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
-                caller = self.caller_of(pid, uid)
-                first = b""
-                with trio.move_on_after(CONNECTION_DEADLINE):
-                    first, fds = await _receive_first(stream)
-                if not first:
+        """One connection: one HTTP POST answered, or one ENTER session. The caller is
+        known before anything shared is taken [F4]: at most PER_CALLER_CONNECTIONS open
+        connections per caller (more are closed at once), the node admin has its own
+        reserve, and a request has one deadline (a short one for its first byte)."""
+        try:
+            pid, uid, _ = peer_credentials(stream.socket)  # type: ignore[arg-type]
+            caller = self.caller_of(pid, uid)
+        except OSError:
+            await stream.aclose()
+            return
+        if self._open.get(caller.name, 0) >= PER_CALLER_CONNECTIONS:
+            await stream.aclose()
+            return
+        self._open[caller.name] = self._open.get(caller.name, 0) + 1
+        limiter = self._admin_connections if caller.kind == "admin" else self._connections
+        try:
+            async with limiter:
+                await self._serve_connection(stream, caller)
+        finally:
+            self._open[caller.name] -= 1
+            if not self._open[caller.name]:
+                del self._open[caller.name]
+            with trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _serve_connection(self, stream: trio.SocketStream, caller: Caller) -> None:
+        fds: list[int] = []
+        try:
+            deadline = trio.current_time() + CONNECTION_DEADLINE
+            first = b""
+            with trio.move_on_after(FIRST_BYTE_DEADLINE):
+                first, fds = await _receive_first(stream)
+            if not first:
+                return
+            if first.startswith(b"ENTER1 "):
+                await self.enter_session(stream, caller, first, fds)
+                return
+            _close_fds(fds)
+            fds = []
+            with trio.move_on_at(deadline):
+                limit = (self.max_request if caller.kind == "admin"
+                         else min(self.max_request, SLIVER_MAX_REQUEST))
+                body = await _read_request(stream, limit, first)
+                if body is None:
+                    await _send(stream, 400, b"bad request\n", "text/plain")
                     return
-                if first.startswith(b"ENTER1 "):
-                    await self.enter_session(stream, caller, first, fds)
+                if isinstance(body, int):
+                    await _send(stream, body, b"request too large\n", "text/plain")
                     return
-                _close_fds(fds)
-                fds = []
-                with trio.move_on_after(CONNECTION_DEADLINE):
-                    limit = (self.max_request if caller.kind in ("admin",)
-                             else min(self.max_request, SLIVER_MAX_REQUEST))
-                    body = await _read_request(stream, limit, first)
-                    if body is None:
-                        await _send(stream, 400, b"bad request\n", "text/plain")
-                        return
-                    if isinstance(body, int):
-                        await _send(stream, body, b"request too large\n", "text/plain")
-                        return
-                    response, socks = await self.dispatch_full(caller, body)
-                    try:
-                        await _send(stream, 200, response, "text/xml",
-                                    [s.fileno() for s in socks])
-                    finally:
-                        for s in socks:
-                            s.close()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                _close_fds(fds)
-                with trio.move_on_after(1):
-                    await stream.aclose()
+                response, socks = await self.dispatch_full(caller, body)
+                try:
+                    await _send(stream, 200, response, "text/xml",
+                                [s.fileno() for s in socks])
+                finally:
+                    for s in socks:
+                        s.close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            _close_fds(fds)
 
     async def enter_session(self, stream: trio.SocketStream, caller: Caller, first: bytes,
                             fds: list[int]) -> None:

@@ -191,3 +191,51 @@ async def test_rate_limit_and_hostile_clients(api_env) -> None:
     assert b"faultCode" in bad_answer and b"malformed" in bad_answer
     # burst 10, of which the malformed request used one
     assert results.count("ok") in (9, 10) and 105 in results
+
+
+async def test_one_slice_cannot_hold_every_connection(api_env) -> None:
+    """A sliver opening many idle connections gets at most a few; the others are closed
+    at once, and another sliver is served meanwhile [F4]."""
+    agent, d = api_env
+    await _setup(agent)
+    inner = str(agent.api_dir / "agent.sock")
+    uid_a = POOL + agent.state.uid_range_of("pl_a") * SIZE  # type: ignore[operator]
+    uid_b = POOL + agent.state.uid_range_of("pl_b") * SIZE  # type: ignore[operator]
+
+    def hog_and_call() -> tuple[bytes, dict, float]:
+        import socket
+
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setgid(uid_a)
+                os.setuid(uid_a)
+                socks = []
+                for _ in range(30):
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(inner)
+                    socks.append(s)
+                last = socks[-1]
+                last.settimeout(1.5)
+                try:
+                    verdict = b"closed" if last.recv(1) == b"" else b"open"
+                except TimeoutError:
+                    verdict = b"open"
+                os.write(wfd, verdict)
+                time.sleep(4)
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        verdict = os.read(rfd, 16)
+        os.close(rfd)
+        t0 = time.monotonic()
+        res = _call_as(uid_b, inner, "GetRSpec")
+        took = time.monotonic() - t0
+        os.waitpid(pid, 0)
+        return verdict, res, took
+
+    verdict, res, took = await _serving(agent, hog_and_call)
+    assert verdict == b"closed"
+    assert res["ok"]["cpu_share"] == 22 and took < 1.5
