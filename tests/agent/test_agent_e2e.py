@@ -40,7 +40,7 @@ def plc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with plc_server(tmp_path_factory.mktemp(f"agent-plc-{PID}")) as srv:
         # Tag types for the limits this agent adds to the original set (rspec.py).
         api = srv.proxy()
-        for tag in ("pids_max", "mem_max", "cpu_cap"):
+        for tag in ("pids_max", "mem_max", "cpu_cap", "ports"):
             if not api.GetTagTypes(srv.admin_auth, {"tagname": tag}):
                 api.AddTagType(srv.admin_auth, {"tagname": tag, "category": "slice/rspec",
                                                 "description": f"agent limit {tag}"})
@@ -320,3 +320,51 @@ def test_dead_sliver_comes_back_between_polls(site: Site, node: Node) -> None:
 
     wait_for(replaced, 30, "the sliver to come back", node.log_text)
     assert "local reconcile: 1 done" in node.log_text()
+
+
+BINDTEST_C = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+int main(int argc, char **argv) {
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (argc != 2 || s < 0) return 2;
+    sa.sin_port = htons(atoi(argv[1]));
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    printf("bind %d\n", bind(s, (struct sockaddr *)&sa, sizeof sa) < 0 ? errno : 0);
+    return 0;
+}
+"""
+
+
+def test_guard_enforces_port_tags(site: Site, node: Node) -> None:
+    """Slivers run under the guard: a port in slice A's `ports` tag binds in A and is
+    refused in B [F1]."""
+    from kernel.context import Context
+
+    port = 20000 + PID % 10000
+    a = site.add_slice("pa", ports=f"tcp:{port}")
+    b = site.add_slice("pb")
+    agent = node.start_agent()   # the guard's supervisor runs in the long-lived agent
+    node.agents.append(agent)  # type: ignore[attr-defined]
+    wait_for(lambda: all((node.contexts_dir / n / "state.json").exists() for n in (a, b)),
+             60, "the slivers", node.log_text)
+    tool = node.base / "bindtest"
+    src = node.base / "bindtest.c"
+    src.write_text(BINDTEST_C)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(tool), str(src)], check=True,
+                   timeout=120)
+    results = {}
+    for name in (a, b):
+        assert context_state(node, name)["guard"] is True
+        dest = Path(context_state(node, name)["root"]) / "tmp" / "bindtest"
+        dest.write_bytes(tool.read_bytes())
+        dest.chmod(0o755)
+        code, out, err = Context.adopt(node.contexts_dir, name).output(
+            ["/tmp/bindtest", str(port)], timeout=30)
+        results[name] = out.decode().strip()
+    assert results[a] == "bind 0", results
+    assert results[b] != "bind 0" and results[b].startswith("bind "), results
