@@ -381,6 +381,11 @@ class SliceAPI:
         if not tty and len(fds) != 3:
             await refuse("ENTER: a session without a terminal must pass fds 0, 1 and 2")
             return
+        if any(os.isatty(fd) for fd in fds):
+            # A host terminal handed into a sliver can be read by any of its processes
+            # (pidfd_getfd) after the session ends [F10]: terminals get a pty inside.
+            await refuse("ENTER: a terminal is never passed into a sliver; ask for a pty")
+            return
         rec = self.agent.state.get_sliver(caller.name)
         if rec is None or rec.state != "running":
             await refuse(f"ENTER: the sliver {caller.name} is not running"
