@@ -119,7 +119,8 @@ class MailConfig:
             enabled=bool(cfg.get("mail", "enabled")),
             smtp_host=host,
             smtp_port=port,
-            spool_dir=Path(cfg.get("mail", "spool_dir")),
+            spool_dir=Path(cfg.get("mail", "spool_dir")
+                           or Path(cfg.get("db", "path")).parent / "mail"),
             sender=support,
             support_address=support,
             boot_address=cfg.get("mail", "boot_address"),

@@ -222,3 +222,14 @@ def test_config_from_plc_config() -> None:
     with pytest.raises(ValueError, match=r"plc.toml: \[mail\] smtp_host = 'mx:0'"):
         mail.MailConfig.from_plc_config(_FakeCfg(smtp_host="mx:0"))
     assert not mail.MailConfig.from_plc_config(_FakeCfg(enabled=False)).enabled
+
+
+def test_default_plc_config_spools_beside_the_database() -> None:
+    """By default mail is on and goes to a spool directory next to the database."""
+    from plc.config import Config
+
+    cfg = mail.MailConfig.from_plc_config(Config().replace(db_path="/srv/plc/plc.db"))
+    assert cfg.enabled and cfg.smtp_host is None
+    assert cfg.spool_dir == Path("/srv/plc/mail")
+    explicit = Config().replace(db_path="/srv/plc/plc.db", mail_spool_dir="/var/spool/x")
+    assert mail.MailConfig.from_plc_config(explicit).spool_dir == Path("/var/spool/x")
