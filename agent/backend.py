@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -280,8 +279,10 @@ def _bind_into(root: Path, host: Path, inside: str) -> None:
             nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        # mount(8) in a child resolves /proc/self/fd/N to the directory we opened safely.
-        subprocess.run(["mount", "--bind", str(host), f"/proc/self/fd/{fd}"], check=True,
-                       capture_output=True, pass_fds=(fd,))
+        # mount(2) on /proc/self/fd/N: the directory we opened safely, not a path the
+        # sliver could change under us.
+        from kernel import mount as m
+
+        m.mount(str(host), f"/proc/self/fd/{fd}", None, m.MS_BIND)
     finally:
         os.close(fd)
