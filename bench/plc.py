@@ -194,12 +194,28 @@ class _ThreadedXMLRPCServer(ThreadingMixIn, SimpleXMLRPCServer):
     daemon_threads = True
 
 
-def _ceiling_server(reply: Any, ready: Any) -> None:
+def _ceiling_server(reply: Any, ready: Any, processes: int) -> None:
+    """The stdlib server, pre-forked into as many processes as `plc serve` uses, all
+    accepting on one listening socket: the same use of the machine's cores as PLC."""
     server = _ThreadedXMLRPCServer(("127.0.0.1", 0), _KeepAliveHandler, allow_none=True,
                                    logRequests=False)
     server.register_function(lambda *args: reply, "GetNodes")
+    children = []
+    for _ in range(processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                server.serve_forever()
+            finally:
+                os._exit(0)
+        children.append(pid)
     ready.put(server.server_address[1])
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small, fast smoke run")
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="per server, split over the interleaved rounds")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes of `plc serve` and of the ceiling server alike")
     args = parser.parse_args(argv)
     if args.quick:
         shape = dict(sites=10, nodes_per_site=10, slices=120, nodes_per_slice=10, hot_slivers=50)
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling_proc = None
     srv = None
     try:
-        srv = start_server(workdir, prefix="pl")
+        srv = start_server(workdir, prefix="pl", extra_args=("--workers", str(args.workers)))
         api = srv.proxy()
         session = api.GetSession(srv.admin_auth)
         auth = {"AuthMethod": "session", "session": session}
@@ -242,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                              allow_none=True).encode())
         ctx = mp.get_context("fork")
         ready = ctx.Queue()
-        ceiling_proc = ctx.Process(target=_ceiling_server, args=(reply, ready), daemon=True)
+        ceiling_proc = ctx.Process(target=_ceiling_server, args=(reply, ready, args.workers),
+                                   daemon=True)
         ceiling_proc.start()
         port = ready.get(timeout=30)
         ceiling_url = f"http://127.0.0.1:{port}/PLCAPI/"
@@ -258,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GetNodes (one node by hostname, all fields, {reply_size} byte reply), "
               f"{CLIENTS} clients: {plc_rate:.0f} calls/s "
               f"(rounds: {', '.join(f'{r:.0f}' for r in plc_rates)})")
-        print(f"ceiling: stdlib XML-RPC server (threaded, HTTP/1.1 keep-alive), canned "
+        print(f"ceiling: stdlib XML-RPC server ({args.workers} processes like plc serve, "
+              f"threaded, HTTP/1.1 keep-alive), canned "
               f"{reply_size} byte reply, {CLIENTS} clients: {ceiling_rate:.0f} calls/s "
               f"(rounds: {', '.join(f'{r:.0f}' for r in ceiling_rates)})")
         print(f"GetNodes / ceiling = {ratio:.0%} (target >= 70%)")
@@ -269,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "getnodes_calls_per_s": round(plc_rate, 1),
             "ceiling_calls_per_s": round(ceiling_rate, 1), "reply_bytes": reply_size,
             "getnodes_vs_ceiling": round(ratio, 3), "getnodes_vs_ceiling_target": 0.7,
-            "clients": CLIENTS, "rounds": ROUNDS,
+            "clients": CLIENTS, "rounds": ROUNDS, "server_processes": args.workers,
             "loadavg_1m_start": round(load_start, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),
         }
         print(json.dumps(result, sort_keys=True))
