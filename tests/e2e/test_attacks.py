@@ -778,3 +778,24 @@ def test_many_idle_connections_from_one_slice(agent_side: AgentSide) -> None:
         for hog in hogs:
             hog.kill()
             hog.wait(30)
+
+
+def test_agent_made_slivers_are_guarded(agent_side: AgentSide) -> None:
+    """The same fence on slivers the agent made: other architectures, io_uring, raw
+    sockets refused; a port reserved over the socket binds, and the sockaddr race
+    never binds the port next to it."""
+    import xmlrpc.client
+
+    s = agent_side
+    assert run(s.a, "x32") == ["x32", str(-errno.EPERM), "i386", str(-errno.ENOSYS)]
+    assert run(s.a, "uring") == ["uring", str(errno.EPERM)]
+    assert run(s.a, "socket", str(AF_PACKET), str(SOCK_RAW), "768")[1] != "0"
+    port = free_port(26000 + PID % 3000)
+    nxt = free_port(port + 1)
+    out = call_from(s.a, http(xmlrpc.client.dumps((f"tcp:{port}@127.0.0.1",),
+                                                  "ReservePort").encode()))
+    assert b"<fault>" not in out, out
+    assert run(s.b, "bind", "127.0.0.1", str(port)) == ["bind", str(errno.EADDRINUSE), "0"]
+    out = run(s.a, "race", "127.0.0.1", str(port), str(nxt), "1000", timeout=90)
+    n, ok, other, failed = (int(x) for x in out[1:])
+    assert other == 0 and ok > 0 and ok + failed == n, out
