@@ -99,7 +99,7 @@ class KernelBackend:
 
     def image_exists(self, image: str) -> bool:
         try:
-            self.store.get(image)
+            self.store.get(image, with_users=False)   # not the per-sliver user markers
         except (KeyError, LookupError, FileNotFoundError):
             return False
         return True
