@@ -106,6 +106,7 @@ def test_slice_lifecycle(site: Site, node: Node) -> None:
     s = sliver(node, name)
     assert s is not None and s["state"] == "running" and s["live"], s
     assert s["rspec"]["cpu_share"] == 3
+    assert s["usage"]["pids"] >= 1 and "cpu_usec" in s["usage"] and "mem_bytes" in s["usage"]
     init_pid = context_state(node, name)["init_pid"]
     assert context_state(node, name)["limits"]["cpu_share"] == 3
     # Keys of the slice's members are installed for root inside the sliver.
@@ -368,3 +369,16 @@ def test_guard_enforces_port_tags(site: Site, node: Node) -> None:
         results[name] = out.decode().strip()
     assert results[a] == "bind 0", results
     assert results[b] != "bind 0" and results[b].startswith("bind "), results
+
+
+def test_missing_image_keeps_the_sliver_pending(site: Site, node: Node) -> None:
+    bad = site.add_slice("noimg", vref=f"nosuch{PID}")
+    good = site.add_slice("okimg")
+    run_once(node)
+    s_bad, s_good = sliver(node, bad), sliver(node, good)
+    assert s_bad is not None and s_bad["state"] == "pending" and not s_bad["live"]
+    assert f"nosuch{PID}" in s_bad["message"] and "image import" in s_bad["message"]
+    assert s_good is not None and s_good["state"] == "running" and s_good["live"]
+    text = subprocess.run(node.agent_argv("status"), capture_output=True, text=True,
+                          timeout=60).stdout
+    assert f"image import nosuch{PID}" in text
