@@ -79,17 +79,17 @@ def cleanup(base: Path) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
-async def bench(count: int, base: Path) -> dict[str, Any]:
+async def bench(count: int, base: Path, concurrency: int = 8) -> dict[str, Any]:
     from tests.kernel.busybox_image import make_busybox_tree
 
     cfg = config.from_mapping({
         "state_dir": str(base / "state"), "run_dir": str(base / "run"),
-        "socket_path": str(base / "agent.sock"), "concurrency": 8, "node_accounts": "", "host_accounts": 0,
+        "socket_path": str(base / "agent.sock"), "concurrency": concurrency, "node_accounts": "", "host_accounts": 0,
         "node_id": 1, "node_key": "unused", "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "bench")
     backend = KernelBackend(base / "state", base / "run")
     backend.store.import_dir("bb", make_busybox_tree(base / "src"))
     agent = Agent(cfg, backend=backend)
-    figures: dict[str, Any] = {"count": count}
+    figures: dict[str, Any] = {"count": count, "concurrency": concurrency}
     try:
         rss0 = rss_mb()
         wire = xmlrpc.client.dumps((make_reply(count, 1000),), methodresponse=True).encode()
@@ -154,6 +154,7 @@ async def bench(count: int, base: Path) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print(json.dumps({"error": "bench/agent.py needs root (real contexts)"}))
@@ -161,7 +162,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix=f"agent-bench-{os.getpid()}-", dir="/tmp"))
     os.chmod(base, 0o755)
     try:
-        figures = trio.run(bench, args.count, base)
+        figures = trio.run(bench, args.count, base, args.concurrency)
     finally:
         cleanup(base)
     print(f"created {figures.get('created')} slivers in {figures.get('create_s')} s; unchanged "
