@@ -228,9 +228,10 @@ class Agent:
 
     async def run(self, *, once: bool = False,
                   ready: Callable[[], Awaitable[None]] | None = None) -> int:
-        """The program. With `once`: bring up from state, poll once, exit (1 if it failed)."""
-        await self.bring_up_from_state()
+        """The program. With `once`: bring up from state, poll once, exit (1 if it failed).
+        Guarded syscalls of the slivers wait while no agent supervises them."""
         if once:
+            await self.bring_up_from_state()
             result = await self.poll_once()
             if not result.ok:
                 log.error("poll failed: %s", result.message)
@@ -238,9 +239,11 @@ class Agent:
         api = SliceAPI(self)
         async with trio.open_nursery() as nursery:
             if self.guard is not None:
-                # Supervises the listeners handed over by bring_up_from_state (adopted
-                # slivers) and by every later creation.
+                # Takes the listeners of adopted slivers (bring_up_from_state) and of
+                # every later creation.
                 await nursery.start(self.guard.serve, name="guard")
+                self.reconciler.supervising = True
+            await self.bring_up_from_state()
             await nursery.start(api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")

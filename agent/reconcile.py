@@ -191,6 +191,9 @@ class Reconciler:
         self._after_start = after_start
         self._before_destroy = before_destroy
         self.guard = guard   # agent.guard.GuardService, or None
+        # True while the guard's service runs and takes listeners (not in `run --once`:
+        # then the inits keep theirs for the next long-running agent).
+        self.supervising = False
 
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)
@@ -269,7 +272,7 @@ class Reconciler:
         if action.kind == "adopt":
             if await trio.to_thread.run_sync(self.backend.adopt, name):
                 self.adopted.add(name)
-                if self.guard is not None:
+                if self.guard is not None and self.supervising:
                     pid = await trio.to_thread.run_sync(self.backend.guarded_init, name)
                     if pid is not None:
                         # Its syscalls waited for us; the init kept the listener.
@@ -287,8 +290,11 @@ class Reconciler:
             # The plan saw no live context of this name (a stale one is cleared by create).
             agent_end = await trio.to_thread.run_sync(self.backend.create,
                                                       self._plan_for(rec, idx))
-            if agent_end is not None and self.guard is not None:
-                self.guard.sliver_created(name, agent_end)
+            if agent_end is not None:
+                if self.guard is not None and self.supervising:
+                    self.guard.sliver_created(name, agent_end)
+                else:
+                    agent_end.close()
             self.adopted.add(name)
             if not rec.want_running:
                 await trio.to_thread.run_sync(self.backend.stop, name)

@@ -91,55 +91,12 @@ async def bench(count: int, base: Path, concurrency: int = 8) -> dict[str, Any]:
     agent = Agent(cfg, backend=backend)
     figures: dict[str, Any] = {"count": count, "concurrency": concurrency}
     try:
-        rss0 = rss_mb()
-        wire = xmlrpc.client.dumps((make_reply(count, 1000),), methodresponse=True).encode()
-        t0 = time.monotonic()
-        result = await agent.apply_raw(wire, 1)
-        assert result.outcome is not None, result.message
-        figures["create_s"] = round(time.monotonic() - t0, 2)
-        figures["created"] = len([a for a in result.outcome.done if a.kind == "create"])
-        figures["failed"] = len(result.outcome.failed)
-        if result.outcome.failed:
-            figures["first_failure"] = result.outcome.failed[0][1]
-        figures["live"] = len(await trio.to_thread.run_sync(backend.live))
-
-        # Settle: a retry poll for any creation that failed (reported above).
-        wire = xmlrpc.client.dumps((make_reply(count, 1500),), methodresponse=True).encode()
-        retry = await agent.apply_raw(wire, 1)
-        assert retry.outcome is not None
-        figures["retried"] = len(retry.outcome.done)
-        figures["failed_after_retry"] = len(retry.outcome.failed)
-        cpu = []
-        for i in range(5):
-            wire = xmlrpc.client.dumps((make_reply(count, 2000 + i),),
-                                       methodresponse=True).encode()
-            c0 = time.process_time()
-            out = await agent.apply_raw(wire, 1)
-            cpu.append(time.process_time() - c0)
-            assert out.outcome is not None
-            if out.outcome.done or out.outcome.failed:
-                figures["unchanged_poll_acted"] = [a.kind + " " + a.name
-                                                   for a in out.outcome.done[:5]]
-        figures["unchanged_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
-        # The same poll when the reply must be decoded (one tag changed each time).
-        cpu = []
-        for i in range(3):
-            reply = make_reply(count, 3000 + i)
-            reply["slivers"][0]["attributes"][0]["value"] = str(10 + i)
-            wire = xmlrpc.client.dumps((reply,), methodresponse=True).encode()
-            c0 = time.process_time()
-            await agent.apply_raw(wire, 1)
-            cpu.append(time.process_time() - c0)
-        figures["one_change_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
-        figures["agent_rss_mb"] = round(rss_mb(), 1)
-        figures["agent_rss_growth_mb"] = round(rss_mb() - rss0, 1)
-        figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-        t0 = time.monotonic()
-        await agent.apply_raw(xmlrpc.client.dumps((make_reply(0, 9000),),
-                                                  methodresponse=True).encode(), 1)
-        figures["destroy_s"] = round(time.monotonic() - t0, 2)
-        figures["left_live"] = len(await trio.to_thread.run_sync(backend.live))
+        async with trio.open_nursery() as nursery:
+            if agent.guard is not None:   # as in `planetlab-agent run`
+                await nursery.start(agent.guard.serve)
+                agent.reconciler.supervising = True
+            await _measure(agent, backend, cfg, count, figures)
+            nursery.cancel_scope.cancel()
     finally:
         agent.close()
     figures["targets"] = {"create_s": 30 * count / 1000, "unchanged_poll_cpu_ms": 100,
@@ -149,6 +106,59 @@ async def bench(count: int, base: Path, concurrency: int = 8) -> dict[str, Any]:
                      and figures.get("agent_rss_mb", 1e9) < 100
                      and figures.get("failed_after_retry") == 0)
     return figures
+
+
+async def _measure(agent: Agent, backend: KernelBackend, cfg: config.AgentConfig, count: int,
+                   figures: dict[str, Any]) -> None:
+    rss0 = rss_mb()
+    wire = xmlrpc.client.dumps((make_reply(count, 1000),), methodresponse=True).encode()
+    t0 = time.monotonic()
+    result = await agent.apply_raw(wire, 1)
+    assert result.outcome is not None, result.message
+    figures["create_s"] = round(time.monotonic() - t0, 2)
+    figures["created"] = len([a for a in result.outcome.done if a.kind == "create"])
+    figures["failed"] = len(result.outcome.failed)
+    if result.outcome.failed:
+        figures["first_failure"] = result.outcome.failed[0][1]
+    figures["live"] = len(await trio.to_thread.run_sync(backend.live))
+
+    # Settle: a retry poll for any creation that failed (reported above).
+    wire = xmlrpc.client.dumps((make_reply(count, 1500),), methodresponse=True).encode()
+    retry = await agent.apply_raw(wire, 1)
+    assert retry.outcome is not None
+    figures["retried"] = len(retry.outcome.done)
+    figures["failed_after_retry"] = len(retry.outcome.failed)
+    cpu = []
+    for i in range(5):
+        wire = xmlrpc.client.dumps((make_reply(count, 2000 + i),),
+                                   methodresponse=True).encode()
+        c0 = time.process_time()
+        out = await agent.apply_raw(wire, 1)
+        cpu.append(time.process_time() - c0)
+        assert out.outcome is not None
+        if out.outcome.done or out.outcome.failed:
+            figures["unchanged_poll_acted"] = [a.kind + " " + a.name
+                                               for a in out.outcome.done[:5]]
+    figures["unchanged_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
+    # The same poll when the reply must be decoded (one tag changed each time).
+    cpu = []
+    for i in range(3):
+        reply = make_reply(count, 3000 + i)
+        reply["slivers"][0]["attributes"][0]["value"] = str(10 + i)
+        wire = xmlrpc.client.dumps((reply,), methodresponse=True).encode()
+        c0 = time.process_time()
+        await agent.apply_raw(wire, 1)
+        cpu.append(time.process_time() - c0)
+    figures["one_change_poll_cpu_ms"] = round(statistics.median(cpu) * 1000, 1)
+    figures["agent_rss_mb"] = round(rss_mb(), 1)
+    figures["agent_rss_growth_mb"] = round(rss_mb() - rss0, 1)
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    t0 = time.monotonic()
+    await agent.apply_raw(xmlrpc.client.dumps((make_reply(0, 9000),),
+                                              methodresponse=True).encode(), 1)
+    figures["destroy_s"] = round(time.monotonic() - t0, 2)
+    figures["left_live"] = len(await trio.to_thread.run_sync(backend.live))
 
 
 def main() -> int:
