@@ -62,6 +62,7 @@ class Agent:
         self.api_dir.chmod(0o755)
         self.accounts = Accounts(cfg, self.state, backend)
         self.guard = self._make_guard() if cfg.guard else None
+        self._ports_applied: dict[str, str] = {}
         self.reconciler = Reconciler(
             self.state, backend, concurrency=cfg.concurrency,
             uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
@@ -90,12 +91,18 @@ class Agent:
             return
         from agent.ports import PortError
 
-        for name, rec in self.state.slivers().items():
+        records = self.state.slivers()
+        for name in set(self._ports_applied) - set(records):
+            del self._ports_applied[name]
+        for name, rec in records.items():
             if rec.state == "destroying":
                 continue
             value = rec.spec.get("attributes", {}).get("ports", "")
+            if self._ports_applied.get(name) == value:
+                continue   # each change saves the whole table: only what changed
             try:
                 self.guard.set_tag_ports(name, value)
+                self._ports_applied[name] = value
             except PortError as exc:   # PortConflict is a PortError
                 log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
 
