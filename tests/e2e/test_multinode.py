@@ -212,7 +212,7 @@ def test_port_owner_binds_and_other_slice_cannot(cluster: Cluster, both: str) ->
 
 def test_sliver_reaches_sliver_on_other_node(cluster: Cluster, both: str) -> None:
     n1, n2 = cluster.nodes
-    server = subprocess.Popen(n2.agent_argv("enter", both, "-T", "--", "timeout", "20", "nc",
+    server = subprocess.Popen(n2.agent_argv("enter", both, "-T", "--", "timeout", "45", "nc",
                                             "-l", "-p", str(PORT)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO)
     try:
@@ -223,14 +223,14 @@ def test_sliver_reaches_sliver_on_other_node(cluster: Cluster, both: str) -> Non
                                             f"{n2.link.node_addr} {PORT}"])
             return rc == 0
 
-        wait_for(send, 15, "a connection from node 1's sliver to node 2's")
+        wait_for(send, 35, "a connection from node 1's sliver to node 2's")
         assert server.stdout is not None
         got = server.stdout.read().decode()
         assert msg in got, got
     finally:
         if server.poll() is None:
             server.kill()
-        server.communicate(timeout=25)
+        server.communicate(timeout=50)
 
 
 def test_removing_from_node2_destroys_only_that_sliver(cluster: Cluster) -> None:
