@@ -31,6 +31,9 @@
  *                                                           -> "badbinds E1 E2 ... E8"
  *   subvol DIR NAME           BTRFS_IOC_SUBVOL_CREATE in DIR (a subvolume has its own
  *                             quota group: it would escape the disk limit) -> "subvol ERRNO"
+ *   sniffers PATH N SECS      N x OpenSniffer on the agent socket, keeping every socket it
+ *                             sends, held SECS          -> "sniffers GOT"
+ *   udpflood PORT SECS        UDP datagrams to 127.0.0.1:PORT as fast as it can -> "udpflood SENT"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -467,6 +470,54 @@ int main(int argc, char **argv)
 		strncpy(args.name, argv[3], sizeof args.name - 1);
 		int dfd = open(argv[2], O_RDONLY | O_DIRECTORY);
 		printf("subvol %d\n", dfd < 0 ? errno : err(ioctl(dfd, 0x5000940EUL, &args)));
+	} else if (!strcmp(cmd, "sniffers")) {
+		NEED(3);
+		const char *body = "<?xml version='1.0'?><methodCall><methodName>OpenSniffer"
+				   "</methodName><params></params></methodCall>";
+		char req[512];
+		snprintf(req, sizeof req, "POST / HTTP/1.0\r\nContent-Length: %zu\r\n\r\n%s",
+			 strlen(body), body);
+		int got = 0;
+		for (int i = 0; i < atoi(argv[3]); i++) {
+			int s = unix_connect(argv[2], 0);
+			if (s < 0)
+				continue;
+			if (write(s, req, strlen(req)) < 0) {
+				close(s);
+				continue;
+			}
+			char buf[4096], cbuf[CMSG_SPACE(4 * sizeof(int))];
+			for (;;) {
+				struct iovec iov = {buf, sizeof buf};
+				struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+						   .msg_controllen = sizeof cbuf};
+				ssize_t n = recvmsg(s, &m, 0);
+				if (n <= 0)
+					break;
+				for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+					if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+						got++;   /* kept open */
+			}
+			close(s);
+			if (i % 10 == 9)
+				usleep(200000);
+		}
+		printf("sniffers %d\n", got);
+		fflush(stdout);
+		sleep((unsigned)atoi(argv[4]));
+	} else if (!strcmp(cmd, "udpflood")) {
+		NEED(2);
+		struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[2]))};
+		to.sin_addr.s_addr = htonl(0x7f000001);
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		long sent = 0;
+		time_t end = time(NULL) + atoi(argv[3]);
+		char payload[64] = "flood";
+		while (time(NULL) < end)
+			for (int k = 0; k < 1000; k++)
+				if (sendto(s, payload, sizeof payload, 0, (struct sockaddr *)&to, sizeof to) > 0)
+					sent++;
+		printf("udpflood %ld\n", sent);
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
