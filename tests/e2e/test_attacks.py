@@ -713,7 +713,7 @@ def test_shared_socket_directory_cannot_be_changed_from_a_sliver(agent_side: Age
 
 def test_slow_request_is_cut_and_others_are_served_meanwhile(agent_side: AgentSide) -> None:
     """A request trickled one byte every 250 ms is dropped at the agent's deadline
-    (10 s a phase), and the slice's other calls are answered while it trickles."""
+    (10 s a request), and the slice's other calls are answered while it trickles."""
     import xmlrpc.client
 
     from kernel.context import PIPE
