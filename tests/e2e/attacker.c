@@ -33,6 +33,8 @@
  *                             quota group: it would escape the disk limit) -> "subvol ERRNO"
  *   sniffers PATH N SECS      N x OpenSniffer on the agent socket, keeping every socket it
  *                             sends, held SECS          -> "sniffers GOT"
+ *   sniff1 PATH SECS M1 M2    one OpenSniffer; prints "sniff1 ready" once it has the socket,
+ *                             then reads it for SECS    -> "sniff1 WITH_M1 WITH_M2 TOTAL"
  *   udpflood PORT SECS        UDP datagrams to 127.0.0.1:PORT as fast as it can -> "udpflood SENT"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
@@ -505,6 +507,51 @@ int main(int argc, char **argv)
 		printf("sniffers %d\n", got);
 		fflush(stdout);
 		sleep((unsigned)atoi(argv[4]));
+	} else if (!strcmp(cmd, "sniff1")) {
+		NEED(4);
+		const char *body = "<?xml version='1.0'?><methodCall><methodName>OpenSniffer"
+				   "</methodName><params></params></methodCall>";
+		char req[512], buf[65536], cbuf[CMSG_SPACE(4 * sizeof(int))];
+		snprintf(req, sizeof req, "POST / HTTP/1.0\r\nContent-Length: %zu\r\n\r\n%s",
+			 strlen(body), body);
+		int s = unix_connect(argv[2], 0), sn = -1;
+		if (s < 0 || write(s, req, strlen(req)) < 0) {
+			printf("sniff1 connect %d\n", errno);
+			return 0;
+		}
+		for (;;) {
+			struct iovec iov = {buf, sizeof buf};
+			struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+					   .msg_controllen = sizeof cbuf};
+			ssize_t n = recvmsg(s, &m, 0);
+			if (n <= 0)
+				break;
+			for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+				if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+					memcpy(&sn, CMSG_DATA(c), sizeof sn);
+		}
+		close(s);
+		if (sn < 0) {
+			printf("sniff1 nosocket\n");
+			return 0;
+		}
+		printf("sniff1 ready\n");
+		fflush(stdout);
+		struct timeval tv = {0, 200000};
+		setsockopt(sn, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+		int with1 = 0, with2 = 0, total = 0;
+		time_t end = time(NULL) + atoi(argv[3]);
+		while (time(NULL) < end) {
+			ssize_t n = recv(sn, buf, sizeof buf, 0);
+			if (n <= 0)
+				continue;
+			total++;
+			if (memmem(buf, (size_t)n, argv[4], strlen(argv[4])))
+				with1++;
+			if (memmem(buf, (size_t)n, argv[5], strlen(argv[5])))
+				with2++;
+		}
+		printf("sniff1 %d %d %d\n", with1, with2, total);
 	} else if (!strcmp(cmd, "udpflood")) {
 		NEED(2);
 		struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[2]))};
