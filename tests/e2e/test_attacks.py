@@ -792,9 +792,9 @@ def test_agent_made_slivers_are_guarded(agent_side: AgentSide) -> None:
     assert run(s.a, "socket", str(AF_PACKET), str(SOCK_RAW), "768")[1] != "0"
     port = free_port(26000 + PID % 3000)
     nxt = free_port(port + 1)
-    out = call_from(s.a, http(xmlrpc.client.dumps((f"tcp:{port}@127.0.0.1",),
-                                                  "ReservePort").encode()))
-    assert b"<fault>" not in out, out
+    reply = call_from(s.a, http(xmlrpc.client.dumps((f"tcp:{port}@127.0.0.1",),
+                                                    "ReservePort").encode()))
+    assert b"<fault>" not in reply, reply
     assert run(s.b, "bind", "127.0.0.1", str(port)) == ["bind", str(errno.EADDRINUSE), "0"]
     out = run(s.a, "race", "127.0.0.1", str(port), str(nxt), "1000", timeout=90)
     n, ok, other, failed = (int(x) for x in out[1:])
