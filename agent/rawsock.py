@@ -218,6 +218,8 @@ def check_raw_packet(table: PortTable, slice_name: str, data: bytes) -> tuple[in
         ihl = (data[0] & 0x0F) * 4
         if ihl < 20 or len(data) < ihl + 8:
             raise RawSendRefused(errno.EINVAL, "truncated IPv4 packet")
+        if ihl != 20:  # options: source routing, record route, router alert...
+            raise RawSendRefused(errno.EPERM, "IPv4 options are not sent (IHL must be 5)")
         if struct.unpack_from("!H", data, 6)[0] & 0x3FFF:
             raise RawSendRefused(errno.EPERM, "IPv4 fragments are not sent")
         proto, src, dst = data[9], data[12:16], data[16:20]

@@ -102,12 +102,13 @@ class Insn:
     """One classic BPF instruction; jumps are relative (`jt`/`jf` skip counts)."""
 
     code: int
-    jt: int = 0
-    jf: int = 0
+    jt: int | str = 0   # a str: a label, resolved by `_link`
+    jf: int | str = 0
     k: int = 0
 
     def pack(self) -> bytes:
-        if not (0 <= self.jt <= 255 and 0 <= self.jf <= 255):
+        if not (isinstance(self.jt, int) and isinstance(self.jf, int)
+                and 0 <= self.jt <= 255 and 0 <= self.jf <= 255):
             raise ValueError(f"BPF jump out of range in {self}")
         return SOCK_FILTER.pack(self.code, self.jt, self.jf, self.k & 0xFFFFFFFF)
 
@@ -125,6 +126,69 @@ def _ld(offset: int) -> Insn:
 
 def _ret(value: int) -> Insn:
     return Insn(BPF_RET_K, k=value)
+
+
+# Socket families a sliver may create (docs/guard.md). Everything else fails with
+# EAFNOSUPPORT: AF_VSOCK is not network-namespaced (it reaches the hypervisor), and
+# other families would sit outside the port table.
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 1, 2, 10, 16, 17
+NETLINK_ROUTE = 0
+ALLOWED_SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+NR_SOCKETPAIR = 53
+
+
+def _link(program: Sequence[Insn | str]) -> list[Insn]:
+    """Resolve labels: a `str` item marks a label; a jump's `jt`/`jf` given as a
+    label name (in `Insn`, as a str) becomes the forward skip count to it."""
+    where: dict[str, int] = {}
+    out: list[Insn] = []
+    for item in program:
+        if isinstance(item, str):
+            where[item] = len(out)
+        else:
+            out.append(item)
+
+    def skip(target: object, at: int) -> int:
+        if isinstance(target, str):
+            if where.get(target, -1) <= at:
+                raise ValueError(f"BPF label {target!r} missing or not forward")
+            return where[target] - at - 1
+        assert isinstance(target, int)
+        return target
+
+    return [Insn(i.code, skip(i.jt, n), skip(i.jf, n), i.k) for n, i in enumerate(out)]
+
+
+def _socket_block(eperm: int) -> list[Insn | str]:
+    """socket(domain, type, protocol), A holding nr == socket: an allowlist of
+    families (F12). AF_PACKET, raw/packet-type and SCTP IP sockets: EPERM; netlink
+    other than NETLINK_ROUTE: EPROTONOSUPPORT (what the kernel says for a netlink
+    protocol it lacks); any other family: EAFNOSUPPORT."""
+    allow, inet, netlink, refuse = "s_allow", "s_inet", "s_netlink", "s_eperm"
+    return [
+        _ld(data_arg_lo(0)),                              # domain
+        Insn(BPF_JEQ_K, allow, 0, AF_UNIX),
+        Insn(BPF_JEQ_K, inet, 0, AF_INET),
+        Insn(BPF_JEQ_K, inet, 0, AF_INET6),
+        Insn(BPF_JEQ_K, netlink, 0, AF_NETLINK),
+        Insn(BPF_JEQ_K, refuse, 0, AF_PACKET),
+        _ret(errno_ret(_errno.EAFNOSUPPORT)),
+        netlink,
+        _ld(data_arg_lo(2)),                              # protocol
+        Insn(BPF_JEQ_K, allow, 0, NETLINK_ROUTE),
+        _ret(errno_ret(_errno.EPROTONOSUPPORT)),
+        inet,
+        _ld(data_arg_lo(2)),                              # protocol
+        Insn(BPF_JEQ_K, refuse, 0, 132),                  # IPPROTO_SCTP
+        _ld(data_arg_lo(1)),                 # type (with SOCK_NONBLOCK|SOCK_CLOEXEC)
+        Insn(BPF_ALU_AND_K, k=0xF),                       # SOCK_TYPE_MASK
+        Insn(BPF_JEQ_K, refuse, 0, 3),                    # SOCK_RAW
+        Insn(BPF_JEQ_K, refuse, allow, 10),               # SOCK_PACKET
+        refuse,
+        _ret(eperm),
+        allow,
+        _ret(SECCOMP_RET_ALLOW),
+    ]
 
 
 def guard_filter(
@@ -145,16 +209,19 @@ def guard_filter(
     3. syscalls in `notify` go to the supervisor (user notification);
     4. syscalls in `refuse` fail with the given errno (io_uring by default: its
        SOCKET and BIND operations would bypass this filter);
-    5. socket(AF_PACKET, ...), and socket(AF_INET/AF_INET6, SOCK_RAW or SOCK_PACKET,
-       ...) fail with EPERM, decided from registers alone; SCTP sockets too (they
-       bind through setsockopt, which this filter does not inspect);
+    5. socket(): only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (NETLINK_ROUTE
+       only); AF_PACKET, and AF_INET/AF_INET6 with SOCK_RAW or SOCK_PACKET or
+       IPPROTO_SCTP (it binds through setsockopt, which this filter does not
+       inspect) fail with EPERM, decided from registers alone; other netlink
+       protocols EPROTONOSUPPORT; other families EAFNOSUPPORT (`_socket_block`);
+       socketpair() only for AF_UNIX;
     6. everything else is allowed.
     """
     notify = sorted(set(notify))
     refuse = sorted(set(refuse))
     enosys = errno_ret(_errno.ENOSYS)
     eperm = errno_ret(_errno.EPERM)
-    prog: list[Insn] = [
+    prog: list[Insn | str] = [
         _ld(DATA_ARCH),
         Insn(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
         _ret(enosys),
@@ -167,28 +234,18 @@ def guard_filter(
     for nr, err in refuse:
         prog += [Insn(BPF_JEQ_K, 0, 1, nr), _ret(errno_ret(err))]
     if guard_sockets:
-        # A holds nr. Not socket -> allow (skip the socket block of 15 insns).
-        block = [
-            _ld(data_arg_lo(0)),                 # domain
-            Insn(BPF_JEQ_K, 0, 1, 17),           # AF_PACKET
-            _ret(eperm),
-            Insn(BPF_JEQ_K, 2, 0, 2),            # AF_INET
-            Insn(BPF_JEQ_K, 1, 0, 10),           # AF_INET6
-            _ret(SECCOMP_RET_ALLOW),
-            _ld(data_arg_lo(2)),                 # protocol
-            Insn(BPF_JEQ_K, 0, 1, 132),          # IPPROTO_SCTP
-            _ret(eperm),
-            _ld(data_arg_lo(1)),                 # type (with SOCK_NONBLOCK|SOCK_CLOEXEC)
-            Insn(BPF_ALU_AND_K, k=0xF),          # SOCK_TYPE_MASK
-            Insn(BPF_JEQ_K, 1, 0, 3),            # SOCK_RAW
-            Insn(BPF_JEQ_K, 0, 1, 10),           # SOCK_PACKET
-            _ret(eperm),
-            _ret(SECCOMP_RET_ALLOW),
+        # A holds nr.
+        head: list[Insn | str] = [
+            Insn(BPF_JEQ_K, "socket", 0, NR_SOCKET),
+            Insn(BPF_JEQ_K, 0, "other", NR_SOCKETPAIR),
+            _ld(data_arg_lo(0)),
+            Insn(BPF_JEQ_K, "other", 0, AF_UNIX),
+            _ret(errno_ret(_errno.EAFNOSUPPORT)),
+            "socket",
         ]
-        # The jump after SOCK_RAW lands on the EPERM return two instructions on.
-        prog += [Insn(BPF_JEQ_K, 0, len(block), NR_SOCKET)] + block
+        prog += head + _socket_block(eperm) + ["other"]
     prog.append(_ret(SECCOMP_RET_ALLOW))
-    return assemble(prog)
+    return assemble(_link(prog))
 
 
 def _check(ret: int, what: str, subject: object = None) -> int:

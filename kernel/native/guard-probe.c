@@ -11,6 +11,8 @@
  *   guard-probe raw        "packet ERRNO" and "raw ERRNO" for socket(AF_PACKET) and
  *                          socket(AF_INET, SOCK_RAW)
  *   guard-probe unix PATH  "unix ERRNO": bind a Unix socket ('@' first: abstract)
+ *   guard-probe socket FAMILY TYPE PROTO
+ *                          "socket ERRNO": socket(FAMILY, TYPE, PROTO), numbers
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -96,6 +98,11 @@ int main(int argc, char **argv)
 		return probe_bind(argv[2], atoi(argv[3]), argc > 4 && strcmp(argv[4], "udp") == 0);
 	if (argc == 3 && strcmp(argv[1], "unix") == 0)
 		return probe_unix(argv[2]);
+	if (argc == 5 && strcmp(argv[1], "socket") == 0) {
+		int fd = socket(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
+		printf("socket %d\n", fd < 0 ? errno : 0);
+		return 0;
+	}
 	if (argc == 2 && strcmp(argv[1], "raw") == 0) {
 		int fd = socket(AF_PACKET, SOCK_RAW, 0);
 		printf("packet %d\n", fd < 0 ? errno : 0);

@@ -95,6 +95,13 @@ async def test_binds_in_real_slivers(sl: Slivers, tmp_path: Path) -> None:
         assert await probe(a, "unix", "/etc/guard.sock", user="user") == \
             ["unix", str(errno.EACCES)]
         assert await probe(a, "raw") == ["packet", str(errno.EPERM), "raw", str(errno.EPERM)]
+        # F12: only AF_UNIX, AF_INET, AF_INET6, AF_NETLINK (NETLINK_ROUTE) sockets
+        vsock = str(int(socket.AF_VSOCK))
+        assert await probe(a, "socket", vsock, "1", "0") == ["socket", str(errno.EAFNOSUPPORT)]
+        assert await probe(a, "socket", vsock, "5", "0") == ["socket", str(errno.EAFNOSUPPORT)]
+        assert await probe(a, "socket", "16", "3", "4") == ["socket", str(errno.EPROTONOSUPPORT)]
+        assert await probe(a, "socket", "16", "3", "0") == ["socket", "0"]
+        assert await probe(a, "socket", "1", "2", "0") == ["socket", "0"]
         out = await probe(a)
         assert out[out.index("i386_getpid") + 1] == str(-errno.ENOSYS)
         assert out[out.index("x32_getpid") + 1] == str(-errno.EPERM)

@@ -127,6 +127,14 @@ def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> byte
     return ip + udp
 
 
+def with_options(packet: bytes, options: bytes) -> bytes:
+    """`packet` (IHL 5) with IPv4 `options` (padded to 4 bytes) after its header."""
+    options += b"\x00" * (-len(options) % 4)
+    ihl = 5 + len(options) // 4
+    head = bytes([0x40 | ihl, packet[1]]) + struct.pack("!H", len(packet) + len(options))
+    return head + packet[4:20] + options + packet[20:]
+
+
 def test_raw_send_checked(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
     raw, _, (pa, pb, _, recv) = setup
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
@@ -144,6 +152,10 @@ def test_raw_send_checked(setup: tuple[RawSockets, PortTable, list[int]]) -> Non
         ("a", ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"x")[:9] + b"\x2f"
          + ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"x")[10:], errno.EPERM),   # GRE
         ("a", b"\x10" * 40, errno.EINVAL),
+        # F14: IPv4 options (here a loose source route via 127.0.0.2) are refused
+        ("a", with_options(ipv4_udp("127.0.0.1", "127.0.0.1", pa, recv, b"x"),
+                           bytes([131, 7, 4]) + socket.inet_aton("127.0.0.2") + b"\x00"),
+         errno.EPERM),
         ("a", b"\x45", errno.EMSGSIZE),
     ]:
         with pytest.raises(RawSendRefused) as exc:

@@ -75,7 +75,13 @@ def test_raw_and_packet_sockets_refused_others_allowed() -> None:
 for name, args in [("packet", (17, 3, 0)), ("packet_dgram", (17, 2, 768)),
                    ("raw4", (2, 3 | 0o4000, 1)), ("raw6", (10, 3, 58)), ("sockpacket", (2, 10, 0)),
                    ("sctp", (2, 1, 132)), ("tcp", (2, 1, 0)), ("udp6", (10, 2, 0)),
-                   ("netlink_raw", (16, 3, 0)), ("unix", (1, 1, 0))]:
+                   ("netlink_raw", (16, 3, 0)), ("unix", (1, 1, 0)),
+                   ("vsock", (40, 1, 0)), ("vsock_seq", (40, 5, 0)), ("ax25", (3, 2, 0)),
+                   ("appletalk", (5, 2, 0)), ("can", (29, 3, 1)), ("bluetooth", (31, 1, 3)),
+                   ("alg", (38, 5, 0)), ("xdp", (44, 3, 0)), ("tipc", (30, 5, 0)),
+                   ("high_bits_vsock", (40 | (1 << 32), 1, 0)),
+                   ("netlink_uevent", (16, 2, 15)), ("netlink_diag", (16, 3, 4)),
+                   ("netlink_audit", (16, 3, 9)), ("netlink_netfilter", (16, 3, 12))]:
     fd = libc.socket(*args)
     out[name] = 0 if fd >= 0 else ctypes.get_errno()
     if fd >= 0: os.close(fd)
@@ -85,8 +91,27 @@ for name, args in [("packet", (17, 3, 0)), ("packet_dgram", (17, 2, 768)),
         assert got[name] == errno.EPERM, (name, got)
     for name in ("tcp", "udp6", "netlink_raw", "unix"):
         assert got[name] == 0, (name, got)
+    # F12: an allowlist of families; AF_VSOCK is not network-namespaced.
+    for name in ("vsock", "vsock_seq", "ax25", "appletalk", "can", "bluetooth", "alg",
+                 "xdp", "tipc", "high_bits_vsock"):
+        assert got[name] == errno.EAFNOSUPPORT, (name, got)
+    for name in ("netlink_uevent", "netlink_diag", "netlink_audit", "netlink_netfilter"):
+        assert got[name] == errno.EPROTONOSUPPORT, (name, got)
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP):
         pass  # the same call outside the filter
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4):  # NETLINK_SOCK_DIAG
+        pass
+
+
+def test_socketpair_only_for_unix() -> None:
+    got = under_filter(r"""
+pair = (ctypes.c_int * 2)()
+for name, dom in [("unix", 1), ("inet", 2), ("vsock", 40)]:
+    r = libc.socketpair(dom, 1, 0, pair)
+    out[name] = 0 if r == 0 else ctypes.get_errno()
+    if r == 0: os.close(pair[0]); os.close(pair[1])
+""")
+    assert got == {"unix": 0, "inet": errno.EAFNOSUPPORT, "vsock": errno.EAFNOSUPPORT}
 
 
 def test_io_uring_refused_and_ordinary_syscalls_run() -> None:
