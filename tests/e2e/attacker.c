@@ -22,7 +22,8 @@
  *   bpf                       bpf(BPF_MAP_CREATE) of an array -> "bpf ERRNO"
  *   perf                      perf_event_open, all processes on cpu 0 -> "perf ERRNO"
  *   sockfill N SECS           fill N Unix socketpairs' buffers, hold SECS -> "sockfill BYTES"
- *   stealfd PID FD            pidfd_getfd of another process's fd, then TIOCSTI and read
+ *   stealfd PID FD [DELAY]    pidfd_getfd of another process's fd, then TIOCSTI and (after
+ *                             DELAY seconds, waiting at most 2 s for data) read
  *                                                           -> "stealfd E_GETFD E_TIOCSTI DATA"
  *   seccomp                   install an own filter answering bind by user notification,
  *                             with a listener of its own -> "seccomp ERRNO"
@@ -61,6 +62,7 @@
 #include <string.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/ipc.h>
 #include <sys/mman.h>
@@ -431,7 +433,10 @@ int main(int argc, char **argv)
 		char c = '#';
 		int e_sti = err(ioctl(fd, TIOCSTI, &c));
 		char buf[64] = {0};
-		ssize_t n = read(fd, buf, sizeof buf - 1);
+		if (argc > 4)
+			sleep((unsigned)atoi(argv[4]));
+		struct pollfd pl = {.fd = fd, .events = POLLIN};
+		ssize_t n = poll(&pl, 1, 2000) == 1 ? read(fd, buf, sizeof buf - 1) : -1;
 		for (ssize_t i = 0; i < n; i++)
 			if (buf[i] == '\n' || buf[i] == ' ')
 				buf[i] = '_';
