@@ -799,3 +799,16 @@ def test_agent_made_slivers_are_guarded(agent_side: AgentSide) -> None:
     out = run(s.a, "race", "127.0.0.1", str(port), str(nxt), "1000", timeout=90)
     n, ok, other, failed = (int(x) for x in out[1:])
     assert other == 0 and ok > 0 and ok + failed == n, out
+
+
+def test_only_ip_unix_and_route_netlink_sockets(fence: Fence) -> None:
+    """F12: vsock (not network-namespaced), AF_ALG and netlink families other than
+    NETLINK_ROUTE are refused; the families a sliver needs still work."""
+    for fam, typ, proto in ((40, SOCK_STREAM, 0), (40, 5, 0), (38, 5, 0), (16, SOCK_RAW, 15),
+                            (16, SOCK_RAW, 4), (16, SOCK_DGRAM, 9)):
+        out = run(fence.a, "socket", str(fam), str(typ), str(proto))
+        assert out[1] != "0", (fam, typ, proto, out)
+    for fam, typ, proto in ((1, SOCK_STREAM, 0), (1, SOCK_DGRAM, 0), (2, SOCK_STREAM, 0),
+                            (10, SOCK_DGRAM, 0), (16, SOCK_RAW, 0)):
+        assert run(fence.a, "socket", str(fam), str(typ), str(proto)) == ["socket", "0"], \
+            (fam, typ, proto)
