@@ -812,3 +812,39 @@ def test_only_ip_unix_and_route_netlink_sockets(fence: Fence) -> None:
                             (10, SOCK_DGRAM, 0), (16, SOCK_RAW, 0)):
         assert run(fence.a, "socket", str(fam), str(typ), str(proto)) == ["socket", "0"], \
             (fam, typ, proto)
+
+
+def test_raw_send_checks_source_and_refuses_ip_options(agent_side: AgentSide) -> None:
+    """RawSend from a sliver: a UDP packet from its own port goes out; with IPv4 options
+    (F14), from a port it does not own, or from a foreign address it is refused."""
+    import struct
+    import xmlrpc.client
+
+    s = agent_side
+    port = free_port(29000 + PID % 2000)
+    dest = free_port(port + 1)
+    reply = call_from(s.a, http(xmlrpc.client.dumps((f"udp:{port}@127.0.0.1",),
+                                                    "ReservePort").encode()))
+    assert b"<fault>" not in reply, reply
+
+    def packet(src: str, sport: int, options: bytes = b"") -> bytes:
+        udp = struct.pack("!HHHH", sport, dest, 8 + 4, 0) + b"e2e!"
+        ihl = 5 + len(options) // 4
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(udp), 0, 0, 64, 17, 0,
+                          socket.inet_aton(src), socket.inet_aton("127.0.0.1"))
+        return hdr + options + udp
+
+    def raw_send(pkt: bytes) -> bytes:
+        return call_from(s.a, http(xmlrpc.client.dumps((xmlrpc.client.Binary(pkt),),
+                                                       "RawSend").encode()))
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", dest))
+        rx.settimeout(5)
+        assert b"<fault>" not in raw_send(packet("127.0.0.1", port))
+        assert rx.recv(100) == b"e2e!"
+    for bad in (packet("127.0.0.1", port, b"\x01\x01\x01\x00"),        # NOP options
+                packet("127.0.0.1", port, b"\x83\x07\x04" + b"\x00" * 5),  # loose source route
+                packet("127.0.0.1", port + 7),                          # not its port
+                packet("10.213.254.254", port)):                        # not the node's
+        assert b"<fault>" in raw_send(bad), bad.hex()
