@@ -6,6 +6,13 @@ directly, with the same layout as the agent (images in <state_dir>/images, roots
 <state_dir>/cli-slivers.json (name, image, uid range, limits), so that `start` can
 bring a sliver back after a reboot and `destroy` knows what to release.
 
+uid ranges: the CLI reserves its ranges in the uid index of the contexts dir
+(kernel.context.reserve_uid_range), the one every Context.create there checks, and
+picks them above the agent's pool (uid_pool_start + uid_pool_ranges * uid_range_size
+of the config), which the agent allocates from without asking anyone: so neither
+ever takes a range the other holds. An explicit --uid-base inside the agent's pool
+is refused.
+
 run_dir is the config's when --config is given; with only --state-dir it is
 <state_dir>/run, so a test's state dir holds everything of its own.
 """
@@ -31,13 +38,15 @@ from typing import Any
 RECORDS = "cli-slivers.json"
 UID_COUNT = 65536
 DEFAULT_UID_POOL = 1_000_000
+DEFAULT_UID_POOL_RANGES = 30000
 
 
 @dataclass(frozen=True)
 class Paths:
     state_dir: Path
     run_dir: Path
-    uid_pool_start: int
+    uid_pool_start: int      # the agent's pool: uid_pool_start..uid_pool_end - 1
+    uid_pool_end: int
 
     @property
     def images(self) -> Path:
@@ -131,7 +140,10 @@ def _paths(args: argparse.Namespace) -> Paths:
         rd = Path(cfg.run_dir) if getattr(args, "config", None) else sd / "run"
     else:
         sd, rd = Path(cfg.state_dir), Path(cfg.run_dir)
-    return Paths(sd, rd, int(getattr(cfg, "uid_pool_start", DEFAULT_UID_POOL)))
+    start = int(getattr(cfg, "uid_pool_start", DEFAULT_UID_POOL))
+    end = start + int(getattr(cfg, "uid_pool_ranges", DEFAULT_UID_POOL_RANGES)) * \
+        int(getattr(cfg, "uid_range_size", UID_COUNT))
+    return Paths(sd, rd, start, end)
 
 
 def _fail(what: str, msg: object) -> int:
@@ -160,32 +172,28 @@ def _records(p: Paths) -> Iterator[dict[str, dict[str, Any]]]:
             os.replace(tmp, p.records)
 
 
-def _used_ranges(p: Paths, records: dict[str, dict[str, Any]]) -> list[tuple[int, int, str]]:
-    from kernel.context import Context
+def _reserve_uids(p: Paths, name: str, records: dict[str, dict[str, Any]],
+                  base: int | None) -> int:
+    """Reserve `name`'s uid range in the contexts dir's uid index (see the module
+    doc): `base` if given (refused inside the agent's pool or over a taken range),
+    else the first free range above the agent's pool. The CLI's recorded slivers
+    that are not running now keep their ranges too."""
+    from kernel.context import reserve_uid_range
 
-    used = [(r["uid_base"], r["uid_base"] + r["uid_count"], n) for n, r in records.items()]
-    for name in Context.list(p.contexts):
-        st = Context.read_state(p.contexts, name)
-        if st is not None and name not in records:
-            used.append((st["uid_base"], st["uid_base"] + st["uid_count"], name))
-    return used
-
-
-def _choose_uid_base(p: Paths, used: list[tuple[int, int, str]]) -> int:
-    base = p.uid_pool_start
-    for lo, hi, _ in sorted(used):
-        if base + UID_COUNT <= lo:
-            break
-        base = max(base, hi)
-    if base + UID_COUNT > 2**32 - 1:
-        raise ValueError("no free uid range left")
-    return base
+    if base is not None and base < p.uid_pool_end and p.uid_pool_start < base + UID_COUNT:
+        raise ValueError(f"uid range {base}..{base + UID_COUNT - 1} is in the agent's pool "
+                         f"{p.uid_pool_start}..{p.uid_pool_end - 1}; choose a base outside "
+                         "it or leave --uid-base out")
+    avoid = [(int(r["uid_base"]), int(r["uid_count"])) for n, r in records.items()
+             if n != name]
+    return reserve_uid_range(p.contexts, name, UID_COUNT, base=base,
+                             lowest=max(p.uid_pool_end, 1), avoid=avoid)
 
 
 # -- commands ---------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from kernel.context import Context, ContextError, Limits
+    from kernel.context import Context, ContextError, Limits, _check_name, release_uid_range
     from kernel.images import ImageError, ImageStore
     from kernel.rootfs import RootError, prepare_root, release_root
 
@@ -197,24 +205,21 @@ def cmd_create(args: argparse.Namespace) -> int:
         with _records(p) as records:
             if args.name in records or (p.contexts / args.name).exists():
                 return _fail("sliver create", f"sliver {args.name!r} exists already")
-            used = _used_ranges(p, records)
-            if args.uid_base is None:
-                base = _choose_uid_base(p, used)
-            else:
-                base = args.uid_base
-                for lo, hi, other in used:
-                    if base < hi and lo < base + UID_COUNT:
-                        return _fail("sliver create",
-                                     f"uid range {base}..{base + UID_COUNT - 1} overlaps "
-                                     f"sliver {other}'s {lo}..{hi - 1}")
-            store = ImageStore(p.images)
-            store.get(args.image)
-            root = prepare_root(store, p.roots, args.name, args.image, base, UID_COUNT,
-                                args.disk_max)
+            _check_name(args.name)
+            base = _reserve_uids(p, args.name, records, args.uid_base)
             try:
-                ctx = Context.create(p.contexts, args.name, root, base, UID_COUNT, limits)
+                store = ImageStore(p.images)
+                store.get(args.image)
+                root = prepare_root(store, p.roots, args.name, args.image, base,
+                                    UID_COUNT, args.disk_max)
+                try:
+                    ctx = Context.create(p.contexts, args.name, root, base, UID_COUNT,
+                                         limits)
+                except BaseException:
+                    release_root(p.roots, args.name)
+                    raise
             except BaseException:
-                release_root(p.roots, args.name)
+                release_uid_range(p.contexts, args.name)
                 raise
             records[args.name] = {"image": args.image, "uid_base": base,
                                   "uid_count": UID_COUNT, "limits": limits.to_json(),
@@ -353,7 +358,18 @@ def cmd_enter(args: argparse.Namespace) -> int:
     try:
         ctx = _adopt(p, args.name)
         if not use_tty:
-            return _exit_code(ctx.run(argv, user=args.user))
+            if not any(_isatty(i) for i in range(3)):
+                return _exit_code(ctx.run(argv, user=args.user))
+            # A terminal among our stdio is never handed into the sliver (a process
+            # there could keep it and read what is typed later, F10): pipes, relayed.
+            from kernel.context import PIPE
+
+            piped = ctx.spawn(argv, user=args.user, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+            try:
+                _relay_pipes(piped)
+                return _exit_code(piped.wait())
+            finally:
+                piped.close()
         size = os.get_terminal_size(1) if os.isatty(1) else os.terminal_size((80, 24))
         proc = ctx.spawn(argv, user=args.user, tty=True, winsize=(size.lines, size.columns))
     except (FileNotFoundError, ProcessLookupError) as exc:
@@ -387,6 +403,60 @@ def _split_enter_args(args: argparse.Namespace) -> list[str]:
         else:
             return rest            # no `--`: the command starts here
     return rest[1:]
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _relay_pipes(proc: Any) -> None:
+    """Copy our stdin to the command's stdin pipe and its stdout/stderr pipes to ours
+    until both outputs end. Our stdin ending closes the command's. Ctrl-C here is
+    passed on to the command as SIGINT."""
+    out = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
+    src = [0] if proc.stdin is not None else []
+    try:
+        os.fstat(0)
+    except OSError:          # no stdin at all: the command gets EOF
+        src = []
+    if not src and proc.stdin is not None:
+        proc.stdin.close()
+        proc.stdin = None
+    while out:
+        try:
+            r, _, _ = select.select(src + list(out), [], [])
+        except InterruptedError:
+            continue
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            continue
+        for fd in r:
+            if fd in out:
+                data = os.read(fd, 65536)
+                if not data:
+                    del out[fd]
+                    continue
+                _write_all(out[fd], data)
+            elif fd == 0:
+                data = os.read(0, 65536)
+                try:
+                    if data:
+                        _write_all(proc.stdin.fileno(), data)
+                except BrokenPipeError:
+                    data = b""            # the command closed its stdin
+                if not data:
+                    src = []
+                    proc.stdin.close()
+                    proc.stdin = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _exit_code(rc: int) -> int:

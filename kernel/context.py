@@ -447,7 +447,8 @@ class Context:
         """Start `argv` inside the context as `user` (a name from its /etc/passwd).
 
         stdin/stdout/stderr: None inherits the caller's, DEVNULL, PIPE, an fd or a
-        file object. With tty=True a pty is made inside (its devpts) and the master
+        file object; none of them may be a terminal (ContextError: the host's
+        terminal is never handed into a sliver; relay it through pipes or use tty). With tty=True a pty is made inside (its devpts) and the master
         is `proc.master` on the host side; std* are then ignored. An empty argv runs
         the user's shell. Raises ContextError naming the step if it cannot start.
         """
@@ -485,6 +486,14 @@ class Context:
                     passfds.append(fd)
                     if ours:
                         close_after.append(fd)
+                    if os.isatty(fd):
+                        # A host terminal inside the sliver stays there: any of its
+                        # processes can take it (pidfd_getfd) and read what is typed
+                        # in it later (docs/findings-security.md F10).
+                        raise ContextError(
+                            f"enter {self.name}: {('stdin', 'stdout', 'stderr')[i]} "
+                            f"(fd {fd}) is a terminal; a host terminal is never passed "
+                            "into a sliver: use tty=True (a pty inside) or pipes")
                     if keep is not None:
                         setattr(proc, ("stdin", "stdout", "stderr")[i], keep)
             sock.sendmsg([hdr], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -730,22 +739,39 @@ def become_subreaper() -> None:
 
 
 def _reap_init(pid: int, start: int, timeout: float) -> None:
-    """Wait until the dead init `pid` is reaped: by us if we are its reaper, else
-    by whoever is (bounded by `timeout`; a zombie holds no namespace or mount)."""
+    """Wait until the SIGKILLed init `pid` is dead: reap it if we are its parent, else
+    wait only until it is a zombie (its pidfd is readable), not until its reaper
+    collects it. The host's PID 1, which adopts the inits after an agent restart, may
+    reap seconds late (this VM's polls about every 2 s); a zombie holds no process of
+    the sliver (the kernel reaps the rest of its PID namespace before the init exits),
+    no namespace, no mount and no cgroup membership, so the rest of destroy proceeds."""
     try:
         os.waitpid(pid, 0)
         return
     except ChildProcessError:
         pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        if int(stat.rsplit(")", 1)[1].split()[19]) != start:
+    try:
+        pfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if _proc_starttime_any(pid) != start:
             return      # the pid was reused: ours is gone
-        time.sleep(0.01)
+        poller = select.poll()
+        poller.register(pfd, select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
+            raise ContextError(f"init {pid} did not exit within {timeout}s")
+    finally:
+        os.close(pfd)
+
+
+def _proc_starttime_any(pid: int) -> int | None:
+    """Start time of `pid` whether it runs or is a zombie; None if there is none."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(data.rsplit(")", 1)[1].split()[19])
 
 
 def _kill_init(pid: int, timeout: float = 10.0, then: Any = None) -> None:
@@ -819,12 +845,70 @@ def _claim_uids(run_dir: Path, name: str, base: int, count: int) -> None:
     with _uid_ranges(run_dir) as ranges:
         for lo, n, other in ranges:
             if other == name:
+                if (lo, n) == (base, count):
+                    return      # reserved for this create by reserve_uid_range
                 raise FileExistsError(errno.EEXIST, f"create {name}: the name is taken",
                                       str(Path(run_dir) / name))
             if base < lo + n and lo < base + count:
                 raise ValueError(f"create {name}: uid range {base}..{base + count - 1}"
                                  f" overlaps sliver {other}'s {lo}..{lo + n - 1}")
         ranges.append((base, count, name))
+
+
+def reserve_uid_range(run_dir: Path, name: str, count: int = UID_COUNT, *,
+                      base: int | None = None, lowest: int = 1,
+                      highest: int = 2**32 - 1,
+                      avoid: Sequence[tuple[int, int]] = ()) -> int:
+    """Record a uid range for `name` in the run dir's index, the one every
+    Context.create under that run dir checks, and return its base.
+
+    With `base` that range is checked, else the lowest free one in lowest..highest
+    is chosen; `avoid` are more (base, count) ranges to keep clear of (e.g. ranges of
+    slivers that are not running now). Checking and recording happen under the
+    index's lock, so two callers never get the same range. Context.create(run_dir,
+    name, root, base, count) then takes the reservation; release_uid_range drops it
+    if the create never happens. ValueError names the overlap or the exhausted span;
+    FileExistsError if `name` holds a different range."""
+    _check_name(name)
+    if count < 1 or lowest < 1 or highest > 2**32 - 1 or lowest + count - 1 > highest:
+        raise ValueError(f"bad uid span {lowest}..{highest} for {count} uids")
+    if base is not None and (base < 1 or base + count > 2**32 - 1):
+        raise ValueError(f"bad uid range base {base!r} count {count!r}")
+    Path(run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _uid_ranges(run_dir) as ranges:
+        taken = [(lo, n, other) for lo, n, other in ranges if other != name]
+        if any(other == name for _, _, other in ranges):
+            mine = next((lo, n) for lo, n, other in ranges if other == name)
+            if base is None or mine != (base, count):
+                raise FileExistsError(errno.EEXIST, f"reserve {name}: the name holds uids "
+                                      f"{mine[0]}..{mine[0] + mine[1] - 1} already",
+                                      str(Path(run_dir) / name))
+            return base
+        taken += [(lo, n, "(not running)") for lo, n in avoid]
+        if base is not None:
+            for lo, n, other in taken:
+                if base < lo + n and lo < base + count:
+                    raise ValueError(f"uid range {base}..{base + count - 1} overlaps "
+                                     f"sliver {other}'s {lo}..{lo + n - 1}")
+        else:
+            cand = lowest
+            for lo, n, _ in sorted(taken):
+                if cand + count <= lo:
+                    break
+                cand = max(cand, lo + n)
+            if cand + count - 1 > highest:
+                raise ValueError(f"no free range of {count} uids left in "
+                                 f"{lowest}..{highest}")
+            base = cand
+        ranges.append((base, count, name))
+        return base
+
+
+def release_uid_range(run_dir: Path, name: str) -> None:
+    """Drop `name`'s entry from the run dir's uid index (a reservation never used,
+    or the record of a context whose directory is gone)."""
+    _check_name(name)
+    _release_uids(Path(run_dir), name)
 
 
 def _release_uids(run_dir: Path, name: str) -> None:
