@@ -701,7 +701,8 @@ def test_shared_socket_directory_cannot_be_changed_from_a_sliver(agent_side: Age
     api_dir = Path(s.node.cfg.run_dir) / "api"
     assert sorted(p.name for p in api_dir.iterdir()) == ["agent.sock"]
     assert (api_dir / "agent.sock").stat().st_mode & 0o777 == 0o666
-    # A hides it from itself: B still reaches the agent.
+    # Whatever A does to it in its own namespace (mount over it: refused), B still
+    # reaches the agent.
     sh(s.a, "mount -t tmpfs none /run/planetlab")
     import xmlrpc.client
 
@@ -848,3 +849,15 @@ def test_raw_send_checks_source_and_refuses_ip_options(agent_side: AgentSide) ->
                 packet("127.0.0.1", port + 7),                          # not its port
                 packet("10.213.254.254", port)):                        # not the node's
         assert b"<fault>" in raw_send(bad), bad.hex()
+
+
+def test_mounts_made_inside_do_not_reach_the_host(fence: Fence) -> None:
+    """Sliver root has no CAP_SYS_ADMIN (default bounding set): mount is refused; and
+    were it allowed, the mount would stay in the sliver's namespace."""
+    tag = f"e2emnt{PID}"
+    rc, out = sh(fence.a, f"mkdir -p /tmp/{tag} && mount -t tmpfs {tag} /tmp/{tag} && "
+                          f"grep -c {tag} /proc/self/mountinfo")
+    assert rc != 0 or out.strip() == "1", out
+    assert tag not in Path("/proc/self/mountinfo").read_text()   # not on the host
+    assert tag not in Path(f"/proc/{fence.b.init_pid}/mountinfo").read_text()   # nor in B
+    sh(fence.a, f"umount /tmp/{tag}")
