@@ -742,9 +742,10 @@ def _reap_init(pid: int, start: int, timeout: float) -> None:
     """Wait until the SIGKILLed init `pid` is dead: reap it if we are its parent, else
     wait only until it is a zombie (its pidfd is readable), not until its reaper
     collects it. The host's PID 1, which adopts the inits after an agent restart, may
-    reap seconds late (this VM's polls about every 2 s); a zombie holds no process of
-    the sliver (the kernel reaps the rest of its PID namespace before the init exits),
-    no namespace, no mount and no cgroup membership, so the rest of destroy proceeds."""
+    reap seconds late (this VM's polls about every 2 s). Once the init is a zombie no
+    process of the sliver is left (the kernel reaps the rest of its PID namespace
+    before the init exits), nor a mount, a cgroup membership or a namespace but the
+    user namespace its credentials hold until it is reaped; so destroy goes on."""
     try:
         os.waitpid(pid, 0)
         return
