@@ -88,6 +88,11 @@ FIELDS: tuple[Field, ...] = (
           "decides its binds from the port table; 0: no guard", minimum=0, maximum=1),
     Field("addresses", str, "", "the node's addresses for the port table, comma separated "
           "(loopback is always there)"),
+    Field("reserved_ports", str,
+          "tcp:22,tcp:25,tcp:53,udp:53,udp:67-68,tcp:111,udp:111,udp:123,udp:161-162,"
+          "tcp:179,udp:323,udp:514",
+          "host ports no slice may own, neither by PLC `ports` tag nor by ReservePort "
+          "(the ports tag syntax PROTO:PORT[-PORT][@ADDRESS], comma separated)"),
     Field("host_accounts", int, 1, "1: every slice gets a host account whose login shell "
           "enters its sliver (`ssh SLICE@node`); 0: none", minimum=0, maximum=1),
     Field("account_home_base", str, "/home", "where slice host accounts' homes are made"),
@@ -126,6 +131,7 @@ class AgentConfig:
     ssh_shell: str
     guard: int
     addresses: str
+    reserved_ports: str
     host_accounts: int
     account_home_base: str
     source: str = "<defaults>"
@@ -171,6 +177,12 @@ def _check(source: str, name: str, value: Any) -> Any:
     if name in ("state_dir", "run_dir", "socket_path", "sliver_socket_dir",
                 "account_home_base") and not value.startswith("/"):
         raise ConfigError(f"{source}: key {name!r} = {value!r} must be an absolute path")
+    if name == "reserved_ports":
+        from agent.ports import PortError, parse_ports_tag
+        try:
+            parse_ports_tag(value)
+        except PortError as exc:
+            raise ConfigError(f"{source}: key 'reserved_ports' = {value!r}: {exc}") from None
     if name == "slice_prefix" and (not value or not value.replace("_", "").isalnum()):
         raise ConfigError(f"{source}: key 'slice_prefix' = {value!r} must be letters, digits or _")
     return value

@@ -113,19 +113,34 @@ class StatePortStore(PortStore):
 
 
 class PortService:
-    """The port table with persistence: every change is saved before it takes effect."""
+    """The port table with persistence: every change is saved before it takes effect.
+
+    `on_lost` callbacks get the set of slices that lost any (protocol, address,
+    port) in a change (release, tag change, a tag overriding a reservation, the
+    sliver destroyed): the raw socket service closes their sniffers (F13).
+    """
 
     def __init__(self, table: PortTable, store: PortStore | None = None) -> None:
         self.table = table
         self.store = store or PortStore()
-        self.table.load(self.store.load())
+        self.on_lost: list[Callable[[set[str]], None]] = []
+        dropped = self.table.load(self.store.load())
+        if dropped:
+            log.warning("ports: recorded ownership no longer allowed, dropped: %s",
+                        format_ports_tag(dropped))
 
     def _commit(self, change: Callable[[PortTable], object]) -> None:
-        trial = PortTable(self.table.addresses, self.table.ephemeral)
-        trial.load(self.table.entries())
+        trial = self.table.copy()
         change(trial)                    # raises before anything is recorded or granted
         self.store.save(trial.entries())  # recorded ...
+        before, after = self.table.ownership(), trial.ownership()
         self.table = trial               # ... then granted
+        lost = {s for k, s in before.items() if after.get(k) != s}
+        for callback in self.on_lost if lost else ():
+            try:
+                callback(lost)
+            except Exception:  # boundary: the table change itself has happened
+                log.exception("ports: on_lost callback failed for %s", sorted(lost))
 
     def reserve(self, slice_name: str, spec: str) -> None:
         ranges = parse_ports_tag(spec)
@@ -682,13 +697,21 @@ class GuardService:
     """
 
     def __init__(self, state: Any, addresses: list[str], run_dir: Path,
-                 ephemeral: tuple[int, int] | None = None) -> None:
+                 ephemeral: tuple[int, int] | None = None,
+                 reserved_ports: str | None = None) -> None:
+        """`reserved_ports`: host ports no slice may own, in the ports tag syntax
+        (agent config key `reserved_ports`; None: that key's default)."""
         from agent.ports import read_ephemeral_range
         from agent.rawsock import RawSockets
-        table = PortTable(addresses, ephemeral or read_ephemeral_range())
+        if reserved_ports is None:
+            from agent.config import defaults
+            reserved_ports = defaults().reserved_ports
+        table = PortTable(addresses, ephemeral or read_ephemeral_range(),
+                          parse_ports_tag(reserved_ports))
         self.ports = PortService(table, StatePortStore(state) if state is not None else None)
         self.guard = Guard(self.ports, Path(run_dir) / "guard")
         self.raw = RawSockets(lambda: self.ports.table)
+        self.ports.on_lost.append(self.raw.ports_lost)
         self.api = GuardAPI(self.guard, self.raw)
         self._send, self._recv = trio.open_memory_channel[tuple[str, int]](1024)
 

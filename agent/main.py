@@ -80,7 +80,8 @@ class Agent:
         from agent.guard import GuardService
 
         addresses = [a.strip() for a in self.cfg.addresses.split(",") if a.strip()]
-        guard = GuardService(self.state, addresses, Path(self.cfg.run_dir))
+        guard = GuardService(self.state, addresses, Path(self.cfg.run_dir),
+                             reserved_ports=self.cfg.reserved_ports)
         if hasattr(self.backend, "guard_filter"):
             self.backend.guard_filter = guard.filter()
         return guard

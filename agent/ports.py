@@ -11,8 +11,15 @@ Rules (docs/guard.md, ARCHITECTURE.md decision 5):
   entry, 127.0.0.1, and ::1 another); IPv4-mapped IPv6 addresses are the IPv4 one;
 - binding a wildcard address (0.0.0.0, or :: which also covers IPv4) needs the port
   on every node address it covers;
-- port 0 and, for TCP/UDP, ports in the kernel's ephemeral range are free for
-  everyone and can never be owned;
+- port 0 is free for everyone (the kernel picks from its ephemeral range); an
+  explicit TCP/UDP port inside the ephemeral range can never be owned and binding
+  one is refused (EACCES): explicitly bound ports leave the kernel's pool for
+  outgoing connections node-wide, so one slice could empty it (F18);
+- reserved host ports (node config `reserved_ports`: sshd, DNS, NTP...) can never be
+  owned, neither by tag nor by ReservePort (F16);
+- ReservePort (source "reserve") only grants TCP/UDP ports >= 1024; lower ones come
+  from PLC tags only; a PLC tag takes a port away from another slice's runtime
+  reservation (tags take precedence), never from another slice's tag;
 - a bind to a port not owned fails with EACCES, to one owned by another slice with
   EADDRINUSE, to an address that is not the node's with EADDRNOTAVAIL.
 
@@ -36,6 +43,7 @@ MAX_TAG_LENGTH = 4096
 LOOPBACK4 = "127.0.0.1"
 LOOPBACK6 = "::1"
 SOURCES = ("tag", "reserve")
+FIRST_UNPRIVILEGED = 1024  # ReservePort grants TCP/UDP ports from here on
 
 
 class PortError(ValueError):
@@ -136,11 +144,14 @@ Key = tuple[str, str, int]  # (proto, address, port)
 class PortTable:
     """Ownership of (protocol, address, port); see the module docstring."""
 
-    def __init__(self, addresses: Iterable[str], ephemeral: tuple[int, int]) -> None:
+    def __init__(self, addresses: Iterable[str], ephemeral: tuple[int, int],
+                 reserved: Iterable[PortRange] = ()) -> None:
         lo, hi = ephemeral
         if not 1 <= lo <= hi <= 65535:
             raise PortError(f"bad ephemeral port range {lo}-{hi}")
         self.ephemeral = (lo, hi)
+        # Host ports nobody may be granted (None address: on every address).
+        self.reserved: tuple[PortRange, ...] = tuple(sorted(set(reserved)))
         addrs = {normalize_address(a) for a in addresses} | {LOOPBACK4, LOOPBACK6}
         for a in addrs:
             if ipaddress.ip_address(a).is_unspecified:
@@ -157,6 +168,23 @@ class PortTable:
 
     def is_ephemeral(self, proto: str, port: int) -> bool:
         return proto != "icmp" and self.ephemeral[0] <= port <= self.ephemeral[1]
+
+    def reserved_for_host(self, proto: str, address: str, port: int) -> PortRange | None:
+        """The `reserved` range that keeps (proto, address, port) from every slice."""
+        for r in self.reserved:
+            if r.proto == proto and r.lo <= port <= r.hi and r.address in (None, address):
+                return r
+        return None
+
+    def copy(self) -> PortTable:
+        """An independent table with the same addresses, ranges and owners."""
+        new = PortTable(self.addresses, self.ephemeral, self.reserved)
+        new._owner = dict(self._owner)
+        return new
+
+    def ownership(self) -> dict[Key, str]:
+        """Every owned key and its slice (a snapshot)."""
+        return {k: s for k, (s, _) in self._owner.items()}
 
     def covered(self, address: str) -> tuple[str, ...]:
         """The node addresses a bind to `address` takes (several for a wildcard)."""
@@ -183,7 +211,11 @@ class PortTable:
         if port == 0:
             return BindDecision(0, "port 0: the kernel picks an ephemeral port")
         if self.is_ephemeral(proto, port):
-            return BindDecision(0, f"{proto} port {port} is in the ephemeral range")
+            # Explicit binds here would take ports out of the kernel's pool for
+            # outgoing connections, node-wide (F18): bind port 0 instead.
+            return BindDecision(errno.EACCES, f"{proto} port {port} is in the ephemeral range "
+                                f"{self.ephemeral[0]}-{self.ephemeral[1]}: only port 0 may "
+                                "be bound there")
         try:
             targets = self.covered(address)
         except ValueError:
@@ -236,7 +268,13 @@ class PortTable:
         else:
             raise PortError(f"{rng}: {rng.address} is not an address of this node "
                             f"({', '.join(self.addresses)})")
-        return [(rng.proto, a, n) for a in addrs for n in range(rng.lo, rng.hi + 1)]
+        keys = [(rng.proto, a, n) for a in addrs for n in range(rng.lo, rng.hi + 1)]
+        for r in self.reserved:
+            if r.proto == rng.proto and not (r.hi < rng.lo or r.lo > rng.hi) \
+                    and (r.address is None or r.address in addrs):
+                raise PortError(f"{rng} overlaps {r}, reserved for the host "
+                                "(node config reserved_ports)")
+        return keys
 
     def _claim(self, slice_name: str, source: str, ranges: Iterable[PortRange],
                replace_source: bool) -> list[Key]:
@@ -244,10 +282,18 @@ class PortTable:
             raise PortError("empty slice name")
         if source not in SOURCES:
             raise PortError(f"unknown ownership source {source!r}")
+        ranges = list(ranges)
+        if source == "reserve":
+            for r in ranges:
+                if r.proto != "icmp" and r.lo < FIRST_UNPRIVILEGED:
+                    raise PortError(f"{r}: ports below {FIRST_UNPRIVILEGED} are granted by "
+                                    "PLC tag only, not by ReservePort")
         keys = [k for r in ranges for k in self._keys(r)]
         for k in keys:  # all-or-nothing: check everything before changing anything
             got = self._owner.get(k)
-            if got is not None and got[0] != slice_name:
+            # A PLC tag takes precedence over another slice's runtime reservation.
+            if got is not None and got[0] != slice_name \
+                    and not (source == "tag" and got[1] == "reserve"):
                 raise PortConflict(k[0], k[1], k[2], got[0])
         return keys
 
@@ -285,15 +331,30 @@ class PortTable:
             del self._owner[k]
         return len(keys)
 
-    def load(self, entries: Iterable[tuple[str, str, PortRange]]) -> None:
-        """Replace the table's contents with persisted `entries()` output."""
+    def load(self, entries: Iterable[tuple[str, str, PortRange]]) -> list[PortRange]:
+        """Replace the table's contents with persisted `entries()` output.
+
+        Entries that the current rules forbid (a port reserved for the host since,
+        a reservation below 1024, a port now in the ephemeral range, an address the
+        node no longer has) are left out and returned, not an error: the node's
+        configuration may have changed since they were recorded.
+        """
         new: dict[Key, tuple[str, str]] = {}
+        dropped: list[PortRange] = []
         for slice_name, source, rng in entries:
-            for k in self._keys(rng):
+            try:
+                if source == "reserve" and rng.proto != "icmp" and rng.lo < FIRST_UNPRIVILEGED:
+                    raise PortError(f"{rng} below {FIRST_UNPRIVILEGED}")
+                keys = self._keys(rng)
+            except PortError:
+                dropped.append(rng)
+                continue
+            for k in keys:
                 if k in new and new[k][0] != slice_name:
                     raise PortConflict(k[0], k[1], k[2], new[k][0])
                 new[k] = (slice_name, source)
         self._owner = new
+        return dropped
 
 
 def read_ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import select
 import socket
 import struct
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import trio
 
 from agent.ports import LOOPBACK4, PortRange, PortTable, normalize_address
+from agent.tokenbucket import TokenBuckets
 from kernel import packet as pk
 from kernel.packet import Asm
 
@@ -44,6 +46,8 @@ ICMP_ERRORS_V6 = (1, 2, 3, 4)
 ICMP_ECHO_V4 = (0, 8)
 ICMP_ECHO_V6 = (128, 129)
 IPPROTO = {"tcp": (6, 6), "udp": (17, 17), "icmp": (1, 58)}  # (IPv4, IPv6) protocol numbers
+
+log = logging.getLogger("agent.rawsock")
 
 # Scratch memory slots of the filter.
 M_PROTO, M_SRC, M_DST, M_SPORT, M_DPORT, M_ID = range(6)
@@ -266,27 +270,40 @@ class FdReply:
     socks: list[socket.socket] = field(default_factory=list)
 
 
-RELAY_PPS = 20000    # packets a second forwarded to one sniffer, at most
+RELAY_PPS = 20000    # packets a second forwarded for one slice, all its relays together
 RELAY_BURST = 2000
 RELAY_BATCH = 64     # packets moved per scheduler turn
 RELAY_CHECK = 5.0    # seconds between checks that the slice still holds its end
+RELAYS_PER_SLICE = 4  # open sniffers and error sockets of one slice, together
+RELAY_RCVBUF = 1 << 18  # the agent's packet socket queue per relay (kernel memory)
+
+Key = tuple[str, str, int]  # (proto, address, port), as in agent.ports
 
 
 @dataclass
 class RelayStats:
     forwarded: int = 0
-    dropped: int = 0
+    dropped: int = 0     # the slice's end was full
+    throttled: int = 0   # times the slice's budget ran out (packets left to the kernel)
 
 
 async def relay(source: socket.socket, sink: socket.socket, stats: RelayStats,
-                pps: float = RELAY_PPS, burst: int = RELAY_BURST) -> None:
+                pps: float = RELAY_PPS, burst: int = RELAY_BURST,
+                budget: TokenBuckets | None = None, key: str = "relay") -> None:
     """Forward each packet read from `source` (the agent's filtered packet socket) as
     one message on `sink` (the agent's end of the slice's socket pair) until the
-    slice closes its end. Packets beyond `pps` or that the slice has no room for are
-    dropped and counted. Closes both sockets on return or cancellation.
+    slice closes its end.
+
+    Each packet costs a token of `budget[key]` (a bucket shared by all relays of one
+    slice; without `budget`, a bucket of `pps`/`burst` of its own). Out of tokens,
+    the relay stops reading until the bucket refills: the packets wait in the
+    packet socket's small queue and the kernel drops what does not fit, so a slice
+    flooding its own port costs the agent at most its budget of copies (F17).
+    Packets the slice has no room for are dropped and counted. Closes both sockets
+    on return or cancellation.
     """
-    from agent.tokenbucket import TokenBuckets
-    bucket = TokenBuckets(pps, burst, trio.current_time)
+    bucket = budget if budget is not None else TokenBuckets(pps, burst, trio.current_time)
+    pause = min(1.0, RELAY_BATCH / bucket.rate)
     hup = select.poll()
     hup.register(sink, select.POLLHUP)
     try:
@@ -296,13 +313,15 @@ async def relay(source: socket.socket, sink: socket.socket, stats: RelayStats,
             if hup.poll(0):
                 return  # the slice closed its end
             for _ in range(RELAY_BATCH):
+                if not bucket.take(key):
+                    stats.throttled += 1
+                    await trio.sleep(pause)
+                    break
                 try:
                     pkt = source.recv(65536, socket.MSG_DONTWAIT)
                 except BlockingIOError:
+                    bucket.take(key, -1.0)  # nothing read: the token goes back
                     break
-                if not bucket.take("relay"):
-                    stats.dropped += 1
-                    continue
                 try:
                     sink.send(pkt, socket.MSG_DONTWAIT)
                     stats.forwarded += 1
@@ -317,6 +336,17 @@ async def relay(source: socket.socket, sink: socket.socket, stats: RelayStats,
         sink.close()
 
 
+@dataclass
+class Relay:
+    """One open sniffer or error socket of a slice, as the agent tracks it."""
+
+    slice_name: str
+    kind: str
+    keys: frozenset[Key]    # what its locked filter passes
+    stats: RelayStats = field(default_factory=RelayStats)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
 class RawSockets:
     """The agent side: filtered packet sockets, their relays to slices, checked raw sends.
 
@@ -325,6 +355,11 @@ class RawSockets:
     pair (shut down for writing) on which `relay` delivers each packet the locked
     filter accepted, as one message starting at the network header. `run` is the
     service task that owns the relays.
+
+    Limits per slice: RELAYS_PER_SLICE open relays, RELAY_PPS packets a second over
+    all of them. A relay whose filter passes a port the slice no longer holds is
+    closed (`ports_lost`, called by the port service on every change): its filter
+    cannot be replaced (SO_LOCK_FILTER), so the slice opens a new one.
     """
 
     def __init__(self, table_of: object) -> None:
@@ -332,7 +367,13 @@ class RawSockets:
         self._table_of = table_of
         self._senders: dict[int, socket.socket] = {}
         self._nursery: trio.Nursery | None = None
-        self.relays: dict[str, list[RelayStats]] = {}
+        self._relays: dict[str, list[Relay]] = {}
+        self._budget = TokenBuckets(RELAY_PPS, RELAY_BURST, trio.current_time)
+
+    @property
+    def relays(self) -> dict[str, list[RelayStats]]:
+        """The open relays' counters, per slice."""
+        return {s: [r.stats for r in rs] for s, rs in self._relays.items()}
 
     def _table(self) -> PortTable:
         return self._table_of()  # type: ignore[operator, no-any-return]
@@ -351,7 +392,10 @@ class RawSockets:
 
     def packet_socket(self, slice_name: str, kind: str) -> socket.socket:
         """The agent's packet socket for `kind` "sniffer" or "errors", filter locked."""
-        holdings = self._table().holdings(slice_name)
+        return self._packet_socket(kind, self._table().holdings(slice_name), slice_name)
+
+    def _packet_socket(self, kind: str, holdings: list[PortRange],
+                       slice_name: str) -> socket.socket:
         if not holdings:
             raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
         if kind not in ("sniffer", "errors"):
@@ -360,12 +404,20 @@ class RawSockets:
         return pk.open_sniffer(program)
 
     def _open_relayed(self, slice_name: str, kind: str) -> socket.socket:
-        if not self._table().holdings(slice_name):
+        holdings = self._table().holdings(slice_name)
+        if not holdings:
             raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
         if self._nursery is None:
             raise RuntimeError("the raw socket service (RawSockets.run) is not running")
-        source = self.packet_socket(slice_name, kind)
+        if len(self._relays.get(slice_name, ())) >= RELAYS_PER_SLICE:
+            raise RawSendRefused(errno.EMFILE, f"slice {slice_name!r} has "
+                                 f"{RELAYS_PER_SLICE} sniffers/error sockets open "
+                                 "(the most per slice): close one first")
+        keys = frozenset((r.proto, r.address or "", n)
+                         for r in holdings for n in range(r.lo, r.hi + 1))
+        source = self._packet_socket(kind, holdings, slice_name)
         try:
+            source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RELAY_RCVBUF)
             mine, theirs = socket.socketpair(socket.AF_UNIX,
                                              socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         except BaseException:
@@ -374,10 +426,41 @@ class RawSockets:
         theirs.shutdown(socket.SHUT_WR)  # the slice can only receive on it
         mine.setblocking(False)
         source.setblocking(False)
-        stats = RelayStats()
-        self.relays.setdefault(slice_name, []).append(stats)
-        self._nursery.start_soon(relay, source, mine, stats, name=f"relay:{slice_name}:{kind}")
+        entry = Relay(slice_name, kind, keys)
+        self._relays.setdefault(slice_name, []).append(entry)
+        self._nursery.start_soon(self._run_relay, entry, source, mine,
+                                 name=f"relay:{slice_name}:{kind}")
         return theirs
+
+    async def _run_relay(self, entry: Relay, source: socket.socket,
+                         mine: socket.socket) -> None:
+        try:
+            with entry.scope:
+                await relay(source, mine, entry.stats, budget=self._budget,
+                            key=entry.slice_name)
+        finally:
+            mine.close()
+            source.close()
+            left = [r for r in self._relays.get(entry.slice_name, []) if r is not entry]
+            if left:
+                self._relays[entry.slice_name] = left
+            else:
+                self._relays.pop(entry.slice_name, None)
+
+    def ports_lost(self, slices: set[str]) -> None:
+        """Close the relays of `slices` whose filter passes a port the slice no longer
+        holds (released, taken by a PLC tag, sliver destroyed): F13."""
+        if not any(s in self._relays for s in slices):
+            return
+        held: dict[str, set[Key]] = {}
+        for k, s in self._table().ownership().items():
+            if s in slices:
+                held.setdefault(s, set()).add(k)
+        for s in slices:
+            for r in self._relays.get(s, []):
+                if not r.keys <= held.get(s, set()):
+                    log.info("rawsock: slice %s lost a port its %s covers: closed", s, r.kind)
+                    r.scope.cancel()
 
     def open_sniffer(self, slice_name: str) -> socket.socket:
         """The slice's end of a relay showing only its own traffic."""

@@ -287,10 +287,14 @@ async def test_owner_binds_other_gets_eacces(tmp_path: Path, slivers: Any,
         assert got["errno"] == 0 and got["name"] == ["127.0.0.1", port]
         assert (await b.acall(op="bind", host="::1", port=port))["errno"] == errno.EADDRINUSE
         assert (await b.acall(op="bind", host="127.0.0.1", port=port + 1))["errno"] == errno.EACCES
-        # unowned, ephemeral and port 0 binds
+        # port 0 binds; an explicit port of the ephemeral range is refused (F18)
         assert (await a.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0
         eph = read_ephemeral_range()
         assert (await b.acall(op="bind", host="0.0.0.0", port=0, type="SOCK_DGRAM"))["errno"] == 0
+        explicit = eph[0] + os.getpid() % (eph[1] - eph[0])
+        for host, kind in (("127.0.0.1", "SOCK_STREAM"), ("::", "SOCK_DGRAM")):
+            got = await b.acall(op="bind", host=host, port=explicit, type=kind)
+            assert got["errno"] == errno.EACCES, (host, kind, got)
         # a port below 1024, owned by b: b binds it though it could not by itself
         for candidate in range(900, 1000):
             try:
@@ -300,11 +304,11 @@ async def test_owner_binds_other_gets_eacces(tmp_path: Path, slivers: Any,
                 break
             except OSError:
                 continue
-        guard.ports.reserve(b.name, f"tcp:{low}@127.0.0.1")
+        guard.ports.set_tag_ports(b.name, f"tcp:{low}@127.0.0.1")  # below 1024: by tag only
         assert (await b.acall(op="bind", host="127.0.0.1", port=low))["errno"] == 0
         assert eph[0] > 1024
         nursery.cancel_scope.cancel()
-    assert guard.stats.denied == 2
+    assert guard.stats.denied == 4
     # the reasons are in the agent's log
     assert f"is owned by slice '{a.name}'" in caplog.text
     assert f"slice '{b.name}' does not own tcp port {port + 1}" in caplog.text
@@ -511,13 +515,13 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
     from agent.state import State
     with State.open(tmp_path) as state:
         svc = PortService(PortTable(["192.0.2.1"], (32768, 60999)), StatePortStore(state))
-        svc.reserve("s1", "tcp:80,udp:53@192.0.2.1")
+        svc.reserve("s1", "tcp:8080,udp:5353@192.0.2.1")
         svc.set_tag_ports("s2", "tcp:443")
     with State.open(tmp_path) as state:
         again = PortService(PortTable(["192.0.2.1"], (32768, 60999)), StatePortStore(state))
         assert again.table.entries() == svc.table.entries()
         assert again.table.owner("tcp", "127.0.0.1", 443) == "s2"
-        assert PortRange("udp", 53, 53, "192.0.2.1") in again.table.holdings("s1")
+        assert PortRange("udp", 5353, 5353, "192.0.2.1") in again.table.holdings("s1")
 
 
 async def test_guard_service_end_to_end(tmp_path: Path, slivers: Any) -> None:

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from agent.guard import Guard, GuardAPI, PortService
-from agent.ports import PortTable
+from agent.ports import PortError, PortTable
 from agent.rawsock import FdReply, RawSockets
 from agent.sliceapi import APIFault
 
@@ -61,8 +61,28 @@ def test_reserve_release_get(api: GuardAPI) -> None:
 
 
 def test_reservation_cap(api: GuardAPI) -> None:
-    api.ReservePort(A, "udp:1000-1199@127.0.0.1")
-    assert "at most" in fault(api.ReservePort, A, "udp:2000-2099@127.0.0.1").message
+    api.ReservePort(A, "udp:3000-3199@127.0.0.1")
+    assert "at most" in fault(api.ReservePort, A, "udp:4000-4099@127.0.0.1").message
+
+
+def test_privileged_and_host_ports_not_reservable(tmp_path: Path) -> None:
+    """F16, as the agent builds the guard (the config's default reserved_ports)."""
+    from agent.config import defaults
+    from agent.guard import GuardService
+    svc = GuardService(None, ["192.0.2.1"], tmp_path, ephemeral=(32768, 60999))
+    assert "tcp:22" in defaults().reserved_ports.split(",")
+    for spec in ("tcp:22@127.0.0.1", "udp:53", "tcp:999", "udp:123@192.0.2.1", "tcp:1-2000"):
+        assert fault(svc.api.ReservePort, A, spec).code == 102, spec
+        assert fault(svc.api.ReservePort, ADMIN, "a", spec).code == 102, spec
+    assert svc.api.GetPorts(A) == ""
+    with pytest.raises(PortError, match="reserved for the host"):
+        svc.set_tag_ports("b", "tcp:22")
+    svc.set_tag_ports("b", "tcp:80@127.0.0.1")         # privileged: by PLC tag only
+    # a squatter's reservation gives way to PLC's tag
+    assert svc.api.ReservePort(A, "tcp:2222,udp:2222") == 1
+    svc.set_tag_ports("b", "tcp:80@127.0.0.1,tcp:2222")
+    assert svc.api.GetPorts(A) == "udp:2222@127.0.0.1,udp:2222@192.0.2.1,udp:2222@::1"
+    assert "owned by slice 'b'" in fault(svc.api.ReservePort, A, "tcp:2222@::1").message
 
 
 @pytest.mark.kernel

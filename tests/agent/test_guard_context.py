@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from agent.guard import Guard, PortService, listener_of, recv_listener
-from agent.ports import PortTable, read_ephemeral_range
+from agent.ports import PortError, PortTable, read_ephemeral_range
 from kernel.context import Context, GuardSpec
 from kernel.seccomp import guard_filter
 from tests.kernel.test_context_support import Slivers, slivers
@@ -74,7 +74,8 @@ async def test_binds_in_real_slivers(sl: Slivers, tmp_path: Path) -> None:
     b, lb = guarded(sl, "b")
     guard = Guard(PortService(PortTable([], read_ephemeral_range())), tmp_path / "guard")
     port, low = free_port(False), free_port(True)
-    guard.ports.reserve(a.name, f"tcp:{port},tcp:{low}@127.0.0.1")
+    guard.ports.reserve(a.name, f"tcp:{port}")
+    guard.ports.set_tag_ports(a.name, f"tcp:{low}@127.0.0.1")  # below 1024: by PLC tag only
     async with trio.open_nursery() as nursery:
         await nursery.start(guard.supervise, a.name, la)
         await nursery.start(guard.supervise, b.name, lb)
@@ -87,6 +88,14 @@ async def test_binds_in_real_slivers(sl: Slivers, tmp_path: Path) -> None:
         # sliver root is not node root, yet an owned port below 1024 binds
         assert await probe(a, "bind", "127.0.0.1", str(low)) == ["bind", "0", str(low)]
         assert (await probe(b, "bind", "0.0.0.0", "0", "udp"))[:2] == ["bind", "0"]
+        # F18: explicit ports of the ephemeral range are refused (port 0 is the way)
+        lo, hi = read_ephemeral_range()
+        eph = str(lo + os.getpid() % (hi - lo))
+        assert await probe(b, "bind", "127.0.0.1", eph) == ["bind", str(errno.EACCES), "0"]
+        assert await probe(a, "bind", "0.0.0.0", eph, "udp") == ["bind", str(errno.EACCES), "0"]
+        # F16: ReservePort cannot give a sliver a port below 1024
+        with pytest.raises(PortError, match="below 1024"):
+            guard.ports.reserve(b.name, f"tcp:{low + 1}")
         # a Unix socket path inside the sliver, as the sliver's unprivileged user
         assert await probe(a, "unix", "/tmp/guard.sock", user="user") == ["unix", "0"]
         st = (a.root / "tmp" / "guard.sock").lstat()
