@@ -861,3 +861,32 @@ def test_mounts_made_inside_do_not_reach_the_host(fence: Fence) -> None:
     assert tag not in Path("/proc/self/mountinfo").read_text()   # not on the host
     assert tag not in Path(f"/proc/{fence.b.init_pid}/mountinfo").read_text()   # nor in B
     sh(fence.a, f"umount /tmp/{tag}")
+
+
+def test_cli_enter_without_pty_hands_no_terminal_to_the_sliver(agent_side: AgentSide) -> None:
+    """F10: `planetlab-agent enter NAME -T -- CMD` from a terminal: a process of the
+    sliver that takes CMD's stdin must not read what is typed in that terminal later."""
+    import pty
+
+    from kernel.context import PIPE
+
+    s = agent_side
+    master, slave = pty.openpty()
+    try:
+        enter = subprocess.Popen(s.node.agent_argv("enter", s.a.name, "-T", "--", "sleep",
+                                                   "2.7"), stdin=slave,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        thief = s.a.spawn(["sh", "-c", "for i in $(seq 50); do p=$(grep -l 'sleep.2[.]7' "
+                           "/proc/[0-9]*/cmdline 2>/dev/null | head -n 1 | cut -d/ -f3); "
+                           "[ -n \"$p\" ] && break; sleep 0.1; done; "
+                           "/bin/attacker stealfd $p 0 4"], stdout=PIPE, stderr=PIPE)
+        enter.communicate(timeout=60)
+        time.sleep(0.5)
+        os.write(master, b"typed-after-exit\n")
+        out, err = thief.communicate(timeout=30)
+        # it did take the fd (now a relay pipe, not the terminal)...
+        assert out.split()[:2] == [b"stealfd", b"0"], (out, err)
+        assert b"typed-after-exit" not in out, out   # ...and reads nothing typed later
+    finally:
+        os.close(master)
+        os.close(slave)
