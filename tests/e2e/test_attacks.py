@@ -890,3 +890,87 @@ def test_cli_enter_without_pty_hands_no_terminal_to_the_sliver(agent_side: Agent
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_reserveport_refuses_privileged_ports(agent_side: AgentSide) -> None:
+    """F16: a slice cannot reserve a port below 1024 at run time."""
+    import xmlrpc.client
+
+    s = agent_side
+    for spec in ("tcp:22@127.0.0.1", "udp:53", "tcp:999"):
+        out = call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReservePort").encode()))
+        assert b"<fault>" in out, (spec, out[:300])
+
+
+def test_explicit_ephemeral_binds_refused(fence: Fence) -> None:
+    """F18: a specific port of the ephemeral range is nobody's to bind (port 0 is)."""
+    from agent.ports import read_ephemeral_range
+
+    lo, hi = read_ephemeral_range()
+    p = free_port(lo + 5000 + PID % 5000)
+    assert lo <= p <= hi
+    assert run(fence.b, "bind", "127.0.0.1", str(p))[1] != "0"
+    assert run(fence.b, "bind", "127.0.0.1", "0")[1] == "0"
+
+
+def test_sniffer_stops_seeing_a_port_its_slice_gave_up(agent_side: AgentSide) -> None:
+    """A reserves a port, opens a sniffer and releases the port; B is given it: A's
+    sniffer must not show B's traffic (F13). Its own traffic before is seen."""
+    import xmlrpc.client
+
+    from kernel.context import PIPE
+
+    s = agent_side
+    port = free_port(28000 + PID % 2000)
+    spec = f"udp:{port}@127.0.0.1"
+
+    def api(ctx: Context, method: str, *args: str) -> bytes:
+        return call_from(ctx, http(xmlrpc.client.dumps(args, method).encode()))
+
+    assert b"<fault>" not in api(s.a, "ReservePort", spec)
+    sniffer = s.a.spawn(["/bin/attacker", "sniff1", SOCK_IN_SLIVER, "4", f"Aown{PID}",
+                         f"Bpriv{PID}"],
+                        stdout=PIPE, stderr=PIPE)
+    try:
+        assert sniffer.stdout is not None
+        assert sniffer.stdout.readline().split() == [b"sniff1", b"ready"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(f"Aown{PID}".encode(), ("127.0.0.1", port))   # A's: seen
+            time.sleep(0.3)
+            assert b"<fault>" not in api(s.a, "ReleasePort", spec)
+            assert b"<fault>" not in api(s.b, "ReservePort", spec)
+            time.sleep(0.3)
+            for _ in range(5):
+                tx.sendto(f"Bpriv{PID}".encode(), ("127.0.0.1", port))
+        assert sniffer.wait(30) == 0
+        out = sniffer.stdout.read().split()
+        assert out[0] == b"sniff1" and int(out[1]) >= 1, out   # A's own packet...
+        assert int(out[2]) == 0, out                           # ...none of B's
+    finally:
+        if sniffer.returncode is None:
+            sniffer.kill()
+            sniffer.wait(10)
+        api(s.b, "ReleasePort", spec)
+
+
+def test_sniffers_are_capped_per_slice(agent_side: AgentSide) -> None:
+    """F17: a slice holds only a few sniffers at once, however many it asks for."""
+    import xmlrpc.client
+
+    from kernel.context import PIPE
+
+    s = agent_side
+    port = free_port(30000 + PID % 1500)
+    spec = f"udp:{port}@127.0.0.1"
+    reply = call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReservePort").encode()))
+    assert b"<fault>" not in reply, reply
+    hog = s.a.spawn(["/bin/attacker", "sniffers", SOCK_IN_SLIVER, "12", "3"], stdout=PIPE,
+                    stderr=PIPE)
+    try:
+        assert hog.stdout is not None
+        line = hog.stdout.readline().split()
+        assert line[:1] == [b"sniffers"] and 1 <= int(line[1]) <= 4, line
+    finally:
+        hog.kill()
+        hog.wait(10)
+        call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReleasePort").encode()))
