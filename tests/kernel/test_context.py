@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pty
 import select
 import signal
 import socket
@@ -460,3 +461,26 @@ def test_cgroup_parent_is_chosen_by_the_caller(sl: Slivers) -> None:
                 d.parent.rmdir()
     with pytest.raises(ValueError, match="bad cgroup parent"):
         sl.create(cgroup_parent="../escape")
+
+
+def test_spawn_refuses_host_terminals(ctx: Context) -> None:
+    """F10: a terminal of the host is never handed into the sliver (a process there
+    could keep it with pidfd_getfd and read what is typed later). With tty=True the
+    pty is made inside, so that stays allowed."""
+    master, slave = pty.openpty()
+    try:
+        with open(os.ttyname(slave), "wb", buffering=0) as as_file:
+            for kw in ({"stdin": slave}, {"stdout": slave}, {"stderr": as_file},
+                       {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
+                        "stderr": slave}):
+                with pytest.raises(ContextError, match="is a terminal"):
+                    ctx.spawn(["sleep", "30"], **kw)  # type: ignore[arg-type]
+        assert ctx.usage()["pids"] == 1                 # nothing was started
+        proc = ctx.spawn(["tty"], tty=True, stdin=slave)   # std* ignored with a pty
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            proc.close()
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -152,3 +152,81 @@ def test_enter_with_a_terminal(cli: Cli) -> None:
     finally:
         cli("sliver", "destroy", name)
     _nothing_left(cli, name)
+
+
+# The command inside says which of its std fds are terminals, what fd 0 is, reads a
+# line, writes to stderr, and exits 4.
+_PROBE = ("for i in 0 1 2; do if [ -t $i ]; then echo tty$i; fi; done; "
+          "readlink /proc/self/fd/0; read x; echo got-$x; echo to-stderr >&2; exit 4")
+
+
+def _under_terminal(cmd: str, input: str) -> subprocess.CompletedProcess[str]:
+    """Run shell `cmd` with a terminal as its stdin/stdout/stderr (util-linux
+    `script` plays the terminal)."""
+    return subprocess.run(["script", "-qec", cmd, "/dev/null"], cwd=REPO, input=input,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_enter_without_pty_never_passes_the_terminal(cli: Cli) -> None:
+    """F10: `enter -T`, or `enter` with stdout redirected, from a terminal: the
+    command gets pipes relayed by the CLI, never the host terminal itself."""
+    name = f"c{os.getpid()}n"
+    cli("sliver", "create", name, "--image", "bb")
+    try:
+        enter = f"{sys.executable} -m agent.cli --state-dir {cli.state_dir} enter {name}"
+        res = _under_terminal(f"{enter} -T -- sh -c '{_PROBE}'", "hello\n")
+        out = res.stdout.replace("\r", "")
+        assert "tty0" not in out and "tty1" not in out and "tty2" not in out, out
+        assert "pipe:[" in out and "got-hello" in out and "to-stderr" in out, out
+        assert res.returncode == 4, out
+        # stdout redirected (so no pty by default) while stdin is the terminal.
+        dest = cli.state_dir / "enter-out.txt"
+        res = _under_terminal(f"{enter} -- sh -c '{_PROBE}' > {dest}", "again\n")
+        text = dest.read_text()
+        assert "tty" not in text and "pipe:[" in text and "got-again" in text, text
+        assert res.returncode == 4
+        assert "to-stderr" in res.stdout          # stderr still reaches the terminal
+    finally:
+        cli("sliver", "destroy", name)
+    _nothing_left(cli, name)
+
+
+def _agent_pool_end() -> int:
+    from agent import config
+
+    cfg = config.defaults()
+    return int(cfg.uid_pool_start + cfg.uid_pool_ranges * cfg.uid_range_size)
+
+
+def test_cli_uid_ranges_stay_out_of_the_agents_pool(cli: Cli) -> None:
+    """The CLI reserves ranges in the contexts dir's uid index, above the agent's
+    pool (which the agent fills from uid_pool_start without asking): neither takes
+    a range the other holds. Ranges held in the index by others are skipped."""
+    from kernel.context import release_uid_range, reserve_uid_range
+
+    contexts = cli.state_dir / "run/contexts"
+    a, b, other = f"c{os.getpid()}u", f"c{os.getpid()}v", f"x{os.getpid()}w"
+    pool_end = _agent_pool_end()
+    res = cli("sliver", "create", a, "--image", "bb", "--uid-base", "1000000", check=False)
+    assert res.returncode == 1 and "agent's pool" in res.stderr
+    _nothing_left(cli, a)
+    try:
+        cli("sliver", "create", a, "--image", "bb")
+        ra = cli.names()[a]["uid_base"]
+        assert ra >= pool_end
+        # Someone else (another tool, a sliver being created) holds the next range.
+        taken = reserve_uid_range(contexts, other, 65536, lowest=pool_end)
+        cli("sliver", "create", b, "--image", "bb")
+        rb = cli.names()[b]["uid_base"]
+        assert rb >= pool_end and len({ra, rb, taken}) == 3
+        for x, y in ((ra, rb), (ra, taken), (rb, taken)):
+            assert abs(x - y) >= 65536
+        ranges = (contexts / ".uid-ranges").read_text().split("\n")
+        assert f"{ra} 65536 {a}" in ranges and f"{rb} 65536 {b}" in ranges
+    finally:
+        release_uid_range(contexts, other)
+        for n in (a, b):
+            cli("sliver", "destroy", n, check=False)
+    for n in (a, b):
+        _nothing_left(cli, n)
+    assert a not in (contexts / ".uid-ranges").read_text()
