@@ -231,6 +231,7 @@ class _AsCaller(NamedTuple):
     fd: int  # a duplicate owned by this object
     raw: bytes
     what: str
+    pidfd: int  # the caller's (thread) pidfd, owned by this object (F8)
 
 
 @dataclass
@@ -309,15 +310,17 @@ class Guard:
                 info = sock_info(fd)
             except OSError as exc:
                 raise Denied(exc.errno or errno.ENOTSOCK, "not a socket") from exc
-            return self._bind_socket(slice_name, n, fd, info, raw, redo)
+            return self._bind_socket(slice_name, listener, n, fd, info, raw, redo)
         finally:
             os.close(fd)
 
     async def _finish(self, job: _AsCaller) -> Outcome:
         try:
-            return Outcome(await self._bind_as_caller(job.pid, job.fd, job.raw), job.what)
+            return Outcome(await self._bind_as_caller(job.pid, job.fd, job.raw, job.pidfd),
+                           job.what)
         finally:
             os.close(job.fd)
+            os.close(job.pidfd)
 
     def _getfd(self, slice_name: str, tid: int, fdnum: int) -> int:
         """A copy of fd `fdnum` of thread `tid`, through a cached pidfd when possible."""
@@ -349,7 +352,7 @@ class Guard:
         for pidfd in self._pidfds.pop(slice_name, {}).values():
             os.close(pidfd)
 
-    def _bind_socket(self, slice_name: str, n: seccomp.Notification, fd: int,
+    def _bind_socket(self, slice_name: str, listener: int, n: seccomp.Notification, fd: int,
                      info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome | _AsCaller:
         family, stype, sproto = info
         if family == AF_INET or family == AF_INET6:
@@ -376,7 +379,16 @@ class Guard:
             nl_pid, groups = struct.unpack_from("<II", raw, 4)
             if groups == 0:
                 return Outcome(self._bind_netlink(n.pid, fd, raw, nl_pid), "netlink")
-        return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller")
+        # The helper reads the caller through /proc/PID; this pidfd, taken while the
+        # caller is still the one waiting, lets it check that PID was not reused (F8).
+        try:
+            pidfd = pidfd_open(n.pid, PIDFD_THREAD)
+        except OSError as exc:
+            raise Denied(errno.ESRCH, f"caller {n.pid} gone") from exc
+        if not seccomp.notif_id_valid(listener, n.id):
+            os.close(pidfd)
+            raise Denied(errno.ESRCH, "caller no longer waiting")
+        return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller", pidfd)
 
     def _bind_netlink(self, pid: int, fd: int, raw: bytes, nl_pid: int) -> int:
         """A netlink bind without groups, as the kernel would do it for the caller.
@@ -393,12 +405,14 @@ class Guard:
                     return err
         return bind_bytes(fd, raw)
 
-    async def _bind_as_caller(self, pid: int, fd: int, raw: bytes) -> int:
-        """Run guard-bindas: bind with the caller's namespaces, root, cwd and credentials."""
+    async def _bind_as_caller(self, pid: int, fd: int, raw: bytes, pidfd: int) -> int:
+        """Run guard-bindas: bind with the caller's namespaces, root, cwd and credentials
+        (read through /proc/`pid`; `pidfd`, the caller's, proves `pid` still is it)."""
         try:
             with trio.fail_after(BINDAS_TIMEOUT):
                 done = await trio.run_process(
-                    [str(BINDAS), str(pid), str(fd)], stdin=raw, pass_fds=(fd,), check=False)
+                    [str(BINDAS), str(pid), str(fd), str(pidfd)], stdin=raw,
+                    pass_fds=(fd, pidfd), check=False)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("guard: guard-bindas for pid %d failed: %s", pid, exc)
             return errno.EPERM

@@ -6,9 +6,17 @@
  * (a Unix socket path, netlink groups, ...) the caller's own view and
  * privileges must apply, so this helper takes them on first:
  *
- *   guard-bindas PID FD < sockaddr-bytes     (FD: the socket, inherited)
+ *   guard-bindas PID FD PIDFD < sockaddr-bytes
  *
- * Steps, in order: open the caller's namespaces, root and cwd; join its user
+ * FD: the socket, inherited. PIDFD: a pidfd of the caller (thread), inherited,
+ * opened by the agent while the seccomp notification was still valid, so it is
+ * the caller for sure. The caller is read through /proc/PID by number; if it
+ * died and PID was reused meanwhile, that would be another process. So once
+ * everything is read and opened, and before anything is taken on, the helper
+ * checks that the pidfd's task is still alive (pidfd_send_signal with signal 0):
+ * then PID cannot have changed hands in between, and /proc/PID was the caller.
+ *
+ * Steps, in order: open the caller's namespaces, root and cwd; check the pidfd; join its user
  * namespace (if different), then its mount namespace; chroot to its root and
  * chdir to its cwd; take its groups, gid and uid as seen inside its user
  * namespace, its capabilities and its umask; bind. Exit status: 0 on success, else the errno of
@@ -31,6 +39,9 @@
 
 #define FAIL 125
 #define MAX_GROUPS 64
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
 
 static int open_proc(int pid, const char *what, int flags)
 {
@@ -73,10 +84,10 @@ static int same_ns(int pid, const char *ns)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3)
+	if (argc != 4)
 		return FAIL;
-	int pid = atoi(argv[1]), sock = atoi(argv[2]);
-	if (pid <= 0 || sock < 0)
+	int pid = atoi(argv[1]), sock = atoi(argv[2]), pidfd = atoi(argv[3]);
+	if (pid <= 0 || sock < 0 || pidfd < 0)
 		return FAIL;
 	unsigned char addr[128];
 	ssize_t len = read(0, addr, sizeof addr);
@@ -140,12 +151,20 @@ int main(int argc, char **argv)
 	if (in_uid < 0 || in_gid < 0)
 		return FAIL;
 
-	/* User namespace first (it grants the rights to join its mount namespace). */
-	int s = same_ns(pid, "user");
-	if (s < 0 || (!s && setns(userns, CLONE_NEWUSER)))
+	int same_user = same_ns(pid, "user"), same_mnt = same_ns(pid, "mnt");
+	if (same_user < 0 || same_mnt < 0)
 		return FAIL;
-	s = same_ns(pid, "mnt");
-	if (s < 0 || (!s && setns(mntns, CLONE_NEWNS)))
+	/* Everything about the caller was read by PID above. Its pidfd still alive
+	 * now means PID was the caller all along (a PID is not reused before its
+	 * task is gone). */
+	if (syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) != 0)
+		return FAIL;
+	close(pidfd);
+
+	/* User namespace first (it grants the rights to join its mount namespace). */
+	if (!same_user && setns(userns, CLONE_NEWUSER))
+		return FAIL;
+	if (!same_mnt && setns(mntns, CLONE_NEWNS))
 		return FAIL;
 	if (fchdir(root) || chroot(".") || fchdir(cwd))
 		return FAIL;
