@@ -19,8 +19,10 @@ packets are not shown), and IPv4 fragments after the first are not shown.
 
 Why a relay: a packet socket can also send frames whatever its filter (and
 PACKET_QDISC_BYPASS skips every egress hook), so handing one out would let the slice
-inject frames. The relay costs the agent a copy per packet; it is bounded per
-sniffer (RELAY_PPS, and the slice's receive queue: what does not fit is dropped).
+inject frames. The relay costs the agent a copy per packet; it is bounded per slice:
+RELAYS_PER_SLICE open relays and one RELAY_PPS budget shared by them (beyond it the
+packets stay in the kernel's small per-relay queue and are dropped there). A relay
+whose filter passes a port its slice no longer holds is closed (`ports_lost`).
 """
 
 from __future__ import annotations
