@@ -974,3 +974,37 @@ def test_sniffers_are_capped_per_slice(agent_side: AgentSide) -> None:
         hog.kill()
         hog.wait(10)
         call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReleasePort").encode()))
+
+
+def test_slice_chosen_image_names_cannot_leave_the_image_store(agent_side: AgentSide) -> None:
+    """`vref` is a tag a slice's own users set: a path in it must not make a sliver of
+    some other host directory; the sliver stays pending with a message."""
+    import json
+
+    s = agent_side
+    node_id = s.api.GetNodes(s.auth, {}, ["node_id"])[0]["node_id"]
+    base = s.a.name.rsplit("_", 1)[0]
+    names = []
+    for i, vref in enumerate(("../../../..", "bb/../../..", "/etc", ".")):
+        name = f"{base}_v{i}"
+        s.api.AddSlice(s.auth, {"name": name, "url": "http://e2e.test/", "description": "v",
+                                "instantiation": "plc-instantiated"})
+        s.api.AddSliceTag(s.auth, name, "vref", vref)
+        names.append(name)
+    s.api.AddSliceToNodes(s.auth, names[0], [node_id])
+    for name in names[1:]:
+        s.api.AddSliceToNodes(s.auth, name, [node_id])
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run(s.node.agent_argv("status", "--json"), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        got = {x["name"]: x for x in json.loads(out.stdout)["slivers"]}
+        if all(n in got and got[n]["message"] for n in names):
+            break
+        assert time.monotonic() < deadline, (got, s.node.log_text())
+        time.sleep(0.5)
+    for name in names:
+        assert got[name]["state"] != "running" and not got[name]["live"], got[name]
+        assert not (s.node.contexts_dir / name).exists()
+    assert s.admin().GetRSpec(s.b.name)["cpu_share"] == s.share_b   # others unaffected
