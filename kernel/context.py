@@ -62,6 +62,10 @@ RLIM_INFINITY = 2**64 - 1
 
 SETUP_TIMEOUT = 10.0
 
+#: Tests only: the launcher lingers this many ms after forking the init, to show that
+#: the launch handshake does not depend on when the launcher runs (sliver-init.c).
+_LAUNCHER_DELAY_MS = 0
+
 # Control protocol (see sliver-init.c): request header and reply.
 REQ_MAGIC = 0x534C5652
 REQ_TTY = 1
@@ -281,6 +285,8 @@ class Context:
             argv = [str(INIT_BIN), f"--sync={init_end.fileno()}",
                     f"--root={root}", f"--hostname={hostname}", f"--capbset={capmask:x}"]
             argv += [f"--cgroup={g}" for g in cg.dirs()]
+            if _LAUNCHER_DELAY_MS:
+                argv.append(f"--launcher-delay-ms={int(_LAUNCHER_DELAY_MS)}")
             for rname, (soft, hard) in sorted(limits.rlimits.items()):
                 argv.append(f"--rlimit={rname}:{_rlim(soft)}:{_rlim(hard)}")
             pass_fds = [init_end.fileno()]

@@ -72,6 +72,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <termios.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CTL_FD 3            /* the control socket, in the init */
@@ -168,6 +169,7 @@ struct opts {
 	struct { int res; struct rlimit rl; char name[100]; } rl[RLIM_NLIMITS];
 	int ncg;
 	const char *cgroups[16];
+	long launcher_delay_ms;   /* tests: the launcher lingers this long after the fork */
 };
 
 static int rlimit_res(const char *name)
@@ -192,6 +194,7 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		{"sync", 1, 0, 's'}, {"root", 1, 0, 'r'},
 		{"hostname", 1, 0, 'h'}, {"capbset", 1, 0, 'b'}, {"rlimit", 1, 0, 'l'},
 		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {"cgroup", 1, 0, 'g'},
+		{"launcher-delay-ms", 1, 0, 'd'},
 		{0, 0, 0, 0},
 	};
 	int c;
@@ -208,6 +211,11 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		case 'b': o->capbset = strtoull(optarg, NULL, 16); break;
 		case 'f': o->guard_filter = atoi(optarg); break;
 		case 'k': o->guard_sink = atoi(optarg); break;
+		case 'd':
+			o->launcher_delay_ms = strtol(optarg, NULL, 10);
+			if (o->launcher_delay_ms < 0 || o->launcher_delay_ms > 10000)
+				die("parse --launcher-delay-ms (0..10000)", EINVAL);
+			break;
 		case 'g':
 			if (o->ncg >= 16 || strlen(optarg) > 4000)
 				die("parse --cgroup (at most 16 paths of 4000 bytes)", EINVAL);
@@ -864,8 +872,19 @@ int main(int argc, char **argv)
 	pid_t pid = fork();
 	if (pid < 0)
 		die("fork init", errno);
-	if (pid > 0)
+	if (pid > 0) {
+		/* The launcher says nothing after the fork: the init alone reports "pid"
+		 * then "ready", so their order cannot depend on when the launcher runs
+		 * (it once reported "pid" itself, and a preempted launcher let "ready"
+		 * arrive first). --launcher-delay-ms lets tests check exactly that. */
+		if (o.launcher_delay_ms > 0) {
+			struct timespec ts = { o.launcher_delay_ms / 1000,
+					       (o.launcher_delay_ms % 1000) * 1000000L };
+			while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+				;
+		}
 		_exit(0);
+	}
 	/* The init (PID 1 of the new PID namespace). It reports its host pid itself,
 	 * so that "pid" always comes before "ready" on the sync socket: /proc is still
 	 * the host's here, and /proc/self names us in the host's PID namespace. */
