@@ -21,8 +21,9 @@ import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from plc.api import API, InternalError, clean_text
+from plc.api import API, InternalError
 from plc.config import Config, parse_listen
+from plc.marshal import marshal_response
 from plc.store import Store
 from plc.store.base import Connection
 
@@ -211,35 +212,6 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("unexpected error serving %s", method)
             self._error(500, "Internal Server Error")
             return None
-
-
-class CleanMarshaller(xmlrpc.client.Marshaller):
-    """The stdlib marshaller, replacing characters XML cannot carry by '?' as it
-    writes strings (one pass over the result instead of a copy before marshalling)."""
-
-    dispatch: dict[Any, Any] = dict(xmlrpc.client.Marshaller.dispatch)
-
-    def dump_unicode(self, value: str, write: Any, escape: Any = xmlrpc.client.escape) -> None:
-        write("<value><string>")
-        write(escape(clean_text(value)))
-        write("</string></value>\n")
-
-    dispatch[str] = dump_unicode
-
-    def dump_struct(self, value: Any, write: Any, escape: Any = xmlrpc.client.escape) -> None:
-        if not all(isinstance(k, str) and k.isprintable() for k in value):
-            value = {clean_text(k) if isinstance(k, str) else k: v for k, v in value.items()}
-        super().dump_struct(value, write, escape)
-
-    dispatch[dict] = dump_struct
-
-
-def marshal_response(result: Any) -> bytes:
-    """A methodResponse carrying ``result`` (nil allowed); OverflowError for ints
-    beyond 32 bits, as the stdlib marshaller does."""
-    body = CleanMarshaller("utf-8", allow_none=True).dumps((result,))
-    return ("<?xml version='1.0' encoding='utf-8'?>\n<methodResponse>\n" + body +
-            "</methodResponse>\n").encode("utf-8", "replace")
 
 
 def _clean(text: str) -> str:
