@@ -415,7 +415,7 @@ def _isatty(fd: int) -> bool:
 def _relay_pipes(proc: Any) -> None:
     """Copy our stdin to the command's stdin pipe and its stdout/stderr pipes to ours
     until both outputs end. Our stdin ending closes the command's. Ctrl-C here is
-    passed on to the command as SIGINT."""
+    passed on to the command as SIGINT (it is not in our process group)."""
     out = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
     src = [0] if proc.stdin is not None else []
     try:
@@ -425,14 +425,16 @@ def _relay_pipes(proc: Any) -> None:
     if not src and proc.stdin is not None:
         proc.stdin.close()
         proc.stdin = None
+    prev = signal.signal(signal.SIGINT, lambda _s, _f: proc.send_signal(signal.SIGINT))
+    try:
+        _relay_loop(proc, src, out)
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+def _relay_loop(proc: Any, src: list[int], out: dict[int, int]) -> None:
     while out:
-        try:
-            r, _, _ = select.select(src + list(out), [], [])
-        except InterruptedError:
-            continue
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            continue
+        r, _, _ = select.select(src + list(out), [], [])
         for fd in r:
             if fd in out:
                 data = os.read(fd, 65536)

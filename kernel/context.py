@@ -337,6 +337,9 @@ class Context:
                 undo.callback(_kill_and_reap, init_pid)
                 start = _proc_starttime(init_pid)
                 if start is None:
+                    # It failed a step right after reporting its pid: its "error STEP"
+                    # line follows on the sync socket (line() raises with it).
+                    sync.line(deadline)
                     raise ContextError(f"create {name}: init {init_pid} died during setup")
                 state = {
                     "name": name, "init_pid": init_pid, "init_start": start,
@@ -551,6 +554,10 @@ class Context:
             # A frozen task dies of SIGKILL only once thawed: thaw after signalling.
             _kill_init(self.init_pid, timeout, then=self._thaw_quietly)
             _reap_init(self.init_pid, self.state["init_start"], timeout)
+        elif _proc_starttime_any(self.init_pid) == self.state["init_start"]:
+            # It died on its own (crash, OOM) and is a zombie: reap it if it is ours.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init_pid, os.WNOHANG)
         self.cgroup.destroy(timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
         _release_uids(self.run_dir, self.name)

@@ -26,7 +26,7 @@ from tests.kernel.test_context_support import (
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(90)]
 
 THREADS = 8
-SECONDS = 12.0
+SECONDS = 10.0
 
 
 @pytest.fixture
