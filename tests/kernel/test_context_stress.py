@@ -6,6 +6,8 @@ failing about 2 creations in 1000; a flaky creation is a failed CI."""
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.context import DEVNULL, Context
+from kernel.context import DEVNULL, Context, ContextError, GuardSpec
 from tests.kernel.test_context_support import (
     Slivers,
     private_root,
@@ -123,3 +125,33 @@ def test_handshake_does_not_depend_on_the_launcher(sl: Slivers,
         assert time.monotonic() - t0 >= 0.3          # the launcher did linger
         assert ctx.alive()
         assert ctx.output(["hostname"])[1].decode().strip() == ctx.name
+
+
+def test_setup_error_after_pid_is_reported(sl: Slivers,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other order under load: the init reports its pid and fails a later step
+    (here the guard filter) before the host looks at it. The host must report that
+    step, not a bare "died during setup", and leave nothing behind."""
+    import kernel.context as kc
+
+    real = kc._proc_starttime
+
+    def late(pid: int) -> int | None:   # the host preempted after reading "pid"
+        time.sleep(0.3)
+        return real(pid)
+
+    monkeypatch.setattr(kc, "_proc_starttime", late)
+    a, b = socket.socketpair()
+    name = sl.name("e")
+    try:
+        with pytest.raises(ContextError, match="install seccomp filter"):
+            Context.create(sl.run_dir, name, sl.root(name, unique_uid_base()),
+                           unique_uid_base(),
+                           guard=GuardSpec(filter=struct.pack("<HBBI", 0xFFFF, 0, 0, 0),
+                                           listener_sink=b.fileno()))
+    finally:
+        a.close()
+        b.close()
+    assert not (sl.run_dir / name).exists()
+    assert processes_with(f"--hostname={name}") == []
+    assert name not in (sl.run_dir / ".uid-ranges").read_text()
