@@ -26,44 +26,64 @@ def columns(cls: ObjClass, return_fields: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _converters(cls: ObjClass) -> tuple[frozenset[str], frozenset[str]]:
-    """(array fields, bool fields) of a class, computed once."""
-    conv = _CONVERTERS.get(cls.name)
-    if conv is None or conv[2] is not cls:
-        arrays = frozenset(n for n, f in cls.fields.items() if f.is_array)
-        bools = frozenset(n for n, f in cls.fields.items() if f.kind == BOOL)
-        conv = _CONVERTERS[cls.name] = (arrays, bools, cls)
-    return conv[0], conv[1]
-
-
-_CONVERTERS: dict[str, tuple[frozenset[str], frozenset[str], ObjClass]] = {}
 _loads = json.loads
+_scan = json.JSONDecoder().scan_once
 
 
-def decode(cls: ObjClass, row: dict[str, Any]) -> dict[str, Any]:
-    arrays, bools = _converters(cls)
-    for name in arrays.intersection(row):
-        value = row[name]
-        row[name] = _loads(value) if value else []
-    for name in bools.intersection(row):
-        if row[name] is not None:
-            row[name] = bool(row[name])
-    return row
+def _array(value: Any) -> Any:
+    """A JSON array column (json_group_array) as a list; [] for NULL or ''."""
+    if not value:
+        return []
+    try:
+        obj, end = _scan(value, 0)
+    except StopIteration:
+        obj, end = None, -1
+    # what json.loads gives (and its errors for anything that is not one JSON value)
+    return obj if end == len(value) else _loads(value)
+
+
+class _Plan:
+    """How to read ``cols`` of a class: the select list, and which positions of a row
+    are JSON arrays or booleans (built once per class and column list)."""
+
+    __slots__ = ("names", "select", "arrays", "bools")
+
+    def __init__(self, cls: ObjClass, cols: tuple[str, ...]) -> None:
+        fields = [cls.column(n) for n in cols]
+        self.names = cols
+        self.select = ", ".join(f'{f.sql} AS "{n}"'  # type: ignore[union-attr]
+                                for n, f in zip(cols, fields, strict=True))
+        self.arrays = tuple(i for i, f in enumerate(fields) if f.is_array)  # type: ignore[union-attr]
+        self.bools = tuple(i for i, f in enumerate(fields) if f.kind == BOOL)  # type: ignore[union-attr]
+
+    def decode(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        names, arrays, bools = self.names, self.arrays, self.bools
+        if not arrays and not bools:
+            return [dict(zip(names, r, strict=True)) for r in rows]
+        out = []
+        for r in rows:
+            values = list(r)
+            for i in arrays:
+                values[i] = _array(values[i])
+            for i in bools:
+                v = values[i]
+                if v is not None:
+                    values[i] = bool(v)
+            out.append(dict(zip(names, values, strict=True)))
+        return out
 
 
 @lru_cache(maxsize=1024)
-def _select_cached(cls_name: str, cls_id: int, cols: tuple[str, ...]) -> str:
-    cls = _BY_ID[cls_id]
-    return ", ".join(f'{cls.column(n).sql} AS "{n}"' for n in cols)  # type: ignore[union-attr]
+def _plan_cached(cls_name: str, cls_id: int, cols: tuple[str, ...]) -> _Plan:
+    return _Plan(_BY_ID[cls_id], cols)
 
 
 _BY_ID: dict[int, ObjClass] = {}
 
 
-def _select(cls: ObjClass, cols: tuple[str, ...]) -> str:
-    """The select list of ``cols`` (built once per class and column list)."""
+def _plan(cls: ObjClass, cols: tuple[str, ...]) -> _Plan:
     _BY_ID.setdefault(id(cls), cls)
-    return _select_cached(cls.name, id(cls), cols)
+    return _plan_cached(cls.name, id(cls), cols)
 
 
 def get(conn: Connection, cls: ObjClass, flt: Any = None,
@@ -72,20 +92,20 @@ def get(conn: Connection, cls: ObjClass, flt: Any = None,
     """Objects of ``cls`` matching ``flt`` (spec 4), with extra SQL ``where``/``params``."""
     cols = columns(cls, return_fields)
     c = compile_filter(cls, flt)
-    select = _select(cls, tuple(cols))
+    plan = _plan(cls, tuple(cols))
     conds = [c.where]
     if live:
         conds.insert(0, cls.live)
     if where:
         conds.append(f"({where})")
-    sql = f"SELECT {select} FROM {cls.table} o {cls.extra_from} WHERE {' AND '.join(conds)}"
+    sql = f"SELECT {plan.select} FROM {cls.table} o {cls.extra_from} WHERE {' AND '.join(conds)}"
     order = c.order + [f"{cls.fields[cls.pk].sql} ASC"]
     sql += " ORDER BY " + ", ".join(order)
     all_params = [*c.params, *params]
     if c.limit is not None or c.offset is not None:
         sql += " LIMIT ? OFFSET ?"
         all_params += [c.limit if c.limit is not None else -1, c.offset or 0]
-    return [decode(cls, r) for r in conn.query(sql, all_params)]
+    return plan.decode(conn.rows(sql, all_params))
 
 
 def get_one(conn: Connection, cls: ObjClass, id_or_name: Any,

@@ -47,6 +47,11 @@ class Connection(ABC):
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows as dicts keyed by column name."""
 
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows as tuples in the order of the select list (no per-row dict of names:
+        for readers that know their columns, such as plc.query)."""
+        return [tuple(r.values()) for r in self.query(sql, params)]
+
     @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run a statement; the number of rows changed."""

@@ -81,6 +81,16 @@ class SQLiteConnection(Connection):
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in self._run(sql, params).fetchall()]
 
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self._db.cursor()
+        cur.row_factory = None  # plain tuples
+        try:
+            return cur.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise DBError(str(e)) from None
+        except OverflowError:
+            raise DBError("integer out of range") from None
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._run(sql, params).rowcount
 
