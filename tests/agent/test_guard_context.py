@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import prctl
 import pytest
 import trio
 
@@ -29,8 +30,14 @@ PROBE = Path(__file__).resolve().parents[2] / "kernel" / "bin" / "guard-probe"
 def sl() -> Iterator[Slivers]:
     if not PROBE.exists():
         pytest.fail(f"{PROBE} missing: run `make native`")
-    with slivers() as s:
-        yield s
+    # slivers() makes this process a subreaper; put that back afterwards, or orphans
+    # of later tests in the same run (e.g. an agent's killed init) stay our zombies.
+    was = prctl.get_child_subreaper()
+    try:
+        with slivers() as s:
+            yield s
+    finally:
+        prctl.set_child_subreaper(was)
 
 
 def guarded(sl: Slivers, tag: str) -> tuple[Context, int]:
