@@ -212,25 +212,27 @@ def test_port_owner_binds_and_other_slice_cannot(cluster: Cluster, both: str) ->
 
 def test_sliver_reaches_sliver_on_other_node(cluster: Cluster, both: str) -> None:
     n1, n2 = cluster.nodes
-    server = subprocess.Popen(n2.agent_argv("enter", both, "-T", "--", "timeout", "45", "nc",
+    server = subprocess.Popen(n2.agent_argv("enter", both, "-T", "--", "timeout", "60", "nc",
                                             "-l", "-p", str(PORT)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO)
     try:
+        def listening() -> bool:
+            out = subprocess.run(["nsenter", f"--net=/run/netns/{n2.link.netns}", "ss", "-Hltn",
+                                  f"sport = :{PORT}"], capture_output=True, text=True,
+                                 timeout=30)
+            return f":{PORT}" in out.stdout
+
+        wait_for(listening, 40, "node 2's sliver to listen", n2.log_text)
         msg = f"hello from node1 {PID}"
-
-        def send() -> bool:
-            rc, _, _ = in_sliver(n1, both, ["sh", "-c", f"echo '{msg}' | timeout 5 nc "
-                                            f"{n2.link.node_addr} {PORT}"])
-            return rc == 0
-
-        wait_for(send, 35, "a connection from node 1's sliver to node 2's")
-        assert server.stdout is not None
-        got = server.stdout.read().decode()
-        assert msg in got, got
+        rc, out, err = in_sliver(n1, both, ["sh", "-c", f"echo '{msg}' | timeout 30 nc "
+                                            f"{n2.link.node_addr} {PORT}"], timeout=60)
+        assert rc == 0, (rc, out, err)
+        got, server_err = server.communicate(timeout=60)
+        assert msg in got.decode(), (got, server_err)
     finally:
         if server.poll() is None:
             server.kill()
-        server.communicate(timeout=50)
+            server.communicate(timeout=60)
 
 
 def test_removing_from_node2_destroys_only_that_sliver(cluster: Cluster) -> None:
