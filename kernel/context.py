@@ -309,14 +309,14 @@ class Context:
             init_end.close()
             # While the launcher starts: the run dir and the control socket (root
             # only: mode 0600 in a 0700 directory), sent to the launcher with 'm'.
+            # No umask games: the umask is the whole process's, and concurrent
+            # creates (threads) once left it at 0177 for everyone (files of other
+            # threads made 0600). The 0700 directory keeps everyone out meanwhile.
             d.mkdir(mode=0o700)   # FileExistsError if a racing create took the name
             undo.callback(shutil.rmtree, d, True)
             ctl = fds.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            old = os.umask(0o177)
-            try:
-                ctl.bind(str(d / "ctl"))
-            finally:
-                os.umask(old)
+            ctl.bind(str(d / "ctl"))
+            os.chmod(d / "ctl", 0o600)
             ctl.listen(128)
             deadline = time.monotonic() + SETUP_TIMEOUT
             sync = _SyncReader(host_end, name)

@@ -80,6 +80,9 @@ def test_concurrent_creations_under_load(sl: Slivers, cpu_load: None) -> None:
                     rc = ctx.run(["true"], stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
                     if rc != 0:
                         errors.append(f"{name}: /bin/true exited {rc}")
+                if os.stat(ctx.ctl_path).st_mode & 0o777 != 0o600:
+                    errors.append(f"{name}: control socket mode "
+                                  f"{os.stat(ctx.ctl_path).st_mode:o}")
                 cmd = Path(f"/proc/{ctx.init_pid}/cmdline").read_bytes()
                 if b"sliver-init" not in cmd or not ctx.alive():
                     errors.append(f"{name}: pid {ctx.init_pid} is not its init")
@@ -92,6 +95,8 @@ def test_concurrent_creations_under_load(sl: Slivers, cpu_load: None) -> None:
                 except Exception as exc:  # noqa: BLE001
                     errors.append(f"destroy {name}: {exc!r}")
 
+    umask = os.umask(0o022)
+    os.umask(umask)
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
     for th in threads:
         th.start()
@@ -99,6 +104,10 @@ def test_concurrent_creations_under_load(sl: Slivers, cpu_load: None) -> None:
         th.join(60)
     assert not any(th.is_alive() for th in threads)
     assert errors == [], errors[:5]
+    # create() changes nothing process-wide: the umask is shared by all threads
+    # (it was once set and restored around the control socket's bind, and racing
+    # creates left it at 0177, so other code's files came out 0600).
+    assert os.umask(umask) == umask
     total = sum(made)
     print(f"{total} contexts created and destroyed by {THREADS} threads in {SECONDS}s "
           "with every CPU busy")
@@ -143,10 +152,10 @@ def test_setup_error_after_pid_is_reported(sl: Slivers,
     monkeypatch.setattr(kc, "_proc_starttime", late)
     a, b = socket.socketpair()
     name = sl.name("e")
+    base = unique_uid_base()
     try:
         with pytest.raises(ContextError, match="install seccomp filter"):
-            Context.create(sl.run_dir, name, sl.root(name, unique_uid_base()),
-                           unique_uid_base(),
+            Context.create(sl.run_dir, name, sl.root(name, base), base,
                            guard=GuardSpec(filter=struct.pack("<HBBI", 0xFFFF, 0, 0, 0),
                                            listener_sink=b.fileno()))
     finally:
