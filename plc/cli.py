@@ -56,13 +56,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from plc.server import serve
-    from plc.store import open_store
+    from plc.store import DBError, open_store
 
     cfg = _load_config(args)
     store = open_store(cfg.db_path)
     if not store.exists():
         raise ConfigError(f"{cfg.db_path}: no PLC database (run `plc init --db "
                           f"{cfg.db_path} ...` first)")
+    try:
+        store.ensure_indexes()
+    except DBError as e:  # e.g. a read-only copy: serve it without the newer indexes
+        logging.getLogger("plc").warning("%s: cannot add indexes: %s", cfg.db_path, e)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -27,7 +27,7 @@ def columns(cls: ObjClass, return_fields: Sequence[str] | None) -> list[str]:
 
 
 _loads = json.loads
-_scan = json.JSONDecoder().scan_once
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # the C scanner
 
 
 def _array(value: Any) -> Any:

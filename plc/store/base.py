@@ -119,3 +119,7 @@ class Store(ABC):
     @abstractmethod
     def exists(self) -> bool:
         """Whether the database has been initialised."""
+
+    @abstractmethod
+    def ensure_indexes(self) -> None:
+        """Create the indexes a database made by an older version lacks (idempotent)."""

@@ -101,7 +101,7 @@ CREATE INDEX slices_site ON slices (site_id);
 CREATE TABLE slice_node (
     slice_id INTEGER NOT NULL REFERENCES slices, node_id INTEGER NOT NULL REFERENCES nodes,
     PRIMARY KEY (slice_id, node_id));
-CREATE INDEX slice_node_node ON slice_node (node_id);
+-- slice_node by node: slice_node_node_slice in indexes.sql
 CREATE TABLE slice_person (
     slice_id INTEGER NOT NULL REFERENCES slices, person_id INTEGER NOT NULL REFERENCES persons,
     PRIMARY KEY (slice_id, person_id));

@@ -127,9 +127,20 @@ class SQLiteStore(Store):
 
     def create_schema(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        script = resources.files("plc.store").joinpath("schema.sql").read_text()
+        script = _script("schema.sql") + "\n" + _script("indexes.sql")
         conn = self.connect()
         try:
             conn.executescript("BEGIN;\n" + script + "\nCOMMIT;")
         finally:
             conn.close()
+
+    def ensure_indexes(self) -> None:
+        conn = self.connect()
+        try:
+            conn.executescript("BEGIN IMMEDIATE;\n" + _script("indexes.sql") + "\nCOMMIT;")
+        finally:
+            conn.close()
+
+
+def _script(name: str) -> str:
+    return resources.files("plc.store").joinpath(name).read_text()

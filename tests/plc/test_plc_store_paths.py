@@ -1,0 +1,53 @@
+"""Store read paths: the indexes of indexes.sql (new and older databases), and
+Connection.rows()."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from plc.store import DBError, SQLiteStore
+
+INDEXES = {"slice_node_node_slice", "conf_file_node_node", "pcu_node_node", "nodegroups_tag",
+           "slices_instantiation"}
+
+
+def indexes(store: SQLiteStore) -> set[str]:
+    db = sqlite3.connect(store.path)
+    try:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        db.close()
+
+
+def test_new_database_has_the_indexes(plc_store: SQLiteStore) -> None:
+    assert INDEXES <= indexes(plc_store)
+
+
+def test_older_database_gets_them_and_again_is_harmless(plc_store: SQLiteStore) -> None:
+    db = sqlite3.connect(plc_store.path)
+    try:
+        for name in INDEXES:
+            db.execute(f"DROP INDEX {name}")
+        db.commit()
+    finally:
+        db.close()
+    assert not INDEXES & indexes(plc_store)
+    plc_store.ensure_indexes()
+    plc_store.ensure_indexes()
+    assert INDEXES <= indexes(plc_store)
+
+
+def test_rows_are_tuples_in_select_order(plc_store: SQLiteStore) -> None:
+    conn = plc_store.connect()
+    try:
+        rows = conn.rows("SELECT name, role_id FROM roles WHERE role_id IN (10, 20) "
+                         "ORDER BY role_id")
+        assert rows == [("admin", 10), ("pi", 20)]
+        assert conn.query("SELECT name, role_id FROM roles WHERE role_id = 10") == [
+            {"name": "admin", "role_id": 10}]
+        with pytest.raises(DBError):
+            conn.rows("SELECT no_such_column FROM roles")
+    finally:
+        conn.close()
