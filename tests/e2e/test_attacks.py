@@ -10,6 +10,7 @@ Every check here is one that holds; the holes found are in docs/findings-securit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -41,6 +42,19 @@ def attacker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(out), str(SRC)],
                    check=True, timeout=120, capture_output=True)
     return out
+
+
+@contextlib.contextmanager
+def subreaper_restored() -> Iterator[None]:
+    """slivers() makes this process a child subreaper; put the flag back afterwards, or
+    orphans of later tests in the same run stay this process's zombies."""
+    import prctl
+
+    was = prctl.get_child_subreaper()
+    try:
+        yield
+    finally:
+        prctl.set_child_subreaper(was)
 
 
 def install(root: Path, binary: Path) -> None:
@@ -141,7 +155,7 @@ def fence(attacker: Path) -> Iterator[Fence]:
     marker.write_text("host secret\n")
     gt: GuardThread | None = None
     try:
-        with slivers(images=True) as sl:
+        with subreaper_restored(), slivers(images=True) as sl:
             guard = Guard(PortService(PortTable([], read_ephemeral_range())),
                           sl.tmp / "guard")
             gt = GuardThread(guard)
@@ -380,7 +394,7 @@ def test_fork_bomb_and_disk_fill_stay_inside(attacker: Path) -> None:
     from kernel.context import UID_COUNT
     from tests.kernel.test_context_support import slivers, unique_uid_base
 
-    with slivers(images=True) as sl:
+    with subreaper_restored(), slivers(images=True) as sl:
         name = sl.name("r")
         base = unique_uid_base()
         root = sl.root(name, base, disk_max_kib=8192)
