@@ -73,7 +73,8 @@ def register(sub: Any) -> None:
     q.add_argument("name", metavar="NAME")
     q.add_argument("--image", metavar="IMG", required=True)
     q.add_argument("--uid-base", metavar="N", type=_nonneg_int,
-                   help="first host uid of its 65536 (default: the first free range)")
+                   help="first host uid of its 65536 (default: the first free range "
+                   "above the agent's uid pool; refused inside that pool)")
     q.add_argument("--cpu-share", metavar="N", type=_pos_int, default=1)
     q.add_argument("--cpu-pct", metavar="P", type=_pos_int)
     q.add_argument("--mem-max", metavar="BYTES", type=_pos_int)
