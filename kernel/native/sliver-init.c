@@ -833,8 +833,13 @@ int main(int argc, char **argv)
 	sigemptyset(&all);
 	if (sigprocmask(SIG_SETMASK, &all, NULL) < 0)
 		die("reset signal mask", errno);
-	for (int s = 1; s < NSIG; s++)
-		if (s != SIGKILL && s != SIGSTOP && signal(s, SIG_DFL) == SIG_ERR && errno != EINVAL)
+	/* glibc's signal() refuses the two signals it reserves for itself (32 and 33),
+	 * yet an ignored one of those survives exec too: reset every signal with the
+	 * raw system call. The kernel's struct sigaction: handler, flags, restorer, mask. */
+	struct { void *handler; unsigned long flags; void *restorer; uint64_t mask; } dfl = {0};
+	for (int s = 1; s <= 64; s++)
+		if (s != SIGKILL && s != SIGSTOP &&
+		    syscall(SYS_rt_sigaction, s, &dfl, NULL, sizeof dfl.mask) < 0)
 			die("reset signal dispositions", errno);
 	/* Join the sliver's cgroups first (host root may), so that everything after,
 	 * the namespaces included, is charged to them and the cgroup namespace is
