@@ -93,7 +93,11 @@ class Config:
     def __getattr__(self, attr: str) -> Any:
         section, _, name = attr.partition("_")
         if (section, name) in _BY_NAME:
-            return self.get(section, name)
+            value = self.get(section, name)
+            # read on every call (api_debug, flavour_*): later reads find it in the
+            # instance dict; a Config is never changed in place (replace() copies)
+            self.__dict__[attr] = value
+            return value
         raise AttributeError(attr)
 
     def replace(self, **overrides: Any) -> Config:

@@ -160,22 +160,24 @@ def _check_bounds(spec: Parameter, value: Any, name: str) -> None:
             raise PLCInvalidArgument(f"{name} must be at most {spec.max}", name)
 
 
+_CONTAINERS = (list, tuple, dict)
+
+
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
     """Nesting depth of arrays/structs, computed without recursion; stops past limit."""
+    if not isinstance(value, _CONTAINERS):
+        return 0
     deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         v, d = stack.pop()
-        if isinstance(v, list | tuple):
-            d += 1
-            stack.extend((x, d) for x in v)
-        elif isinstance(v, dict):
-            d += 1
-            stack.extend((x, d) for x in v.values())
         if d > deepest:
             deepest = d
             if deepest > limit:
                 return deepest
+        for x in (v.values() if isinstance(v, dict) else v):
+            if isinstance(x, _CONTAINERS):  # only containers add depth
+                stack.append((x, d + 1))
     return deepest
 
 
