@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
@@ -64,7 +65,9 @@ PIDFD_THREAD = os.O_EXCL  # pidfd of a thread, not only of a thread-group leader
 SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage); the kernel refuses more with EINVAL
 BINDAS = Path(__file__).resolve().parent.parent / "kernel" / "bin" / "guard-bindas"
 BINDAS_TIMEOUT = 5.0
-JOURNAL = struct.Struct("<QIi6Q")  # id, pid, nr, args
+JOURNAL_V1 = struct.Struct("<QIi6Q")  # id, pid, nr, args (journals of earlier agents)
+JOURNAL_SIZE = seccomp.NOTIF.size  # the journal: the struct seccomp_notif as received
+DECISIONS = 1024  # cached port table decisions per Guard (cleared when full)
 BATCH = 64  # notifications handled per scheduler turn of one listener
 PIDFD_CACHE = 256  # cached caller pidfds per slice
 REFUSAL_LOG_RATE, REFUSAL_LOG_BURST = 5.0, 20  # refusal log lines per slice
@@ -234,6 +237,16 @@ class _AsCaller(NamedTuple):
     pidfd: int  # the caller's (thread) pidfd, owned by this object (F8)
 
 
+class _IPDecision(NamedTuple):
+    """What the port table said about one IP bind request."""
+
+    proto: str
+    address: str
+    port: int
+    decision: BindDecision
+    ok: Outcome  # the reply when the bind then succeeds
+
+
 @dataclass
 class GuardStats:
     handled: int = 0
@@ -260,6 +273,12 @@ class Guard:
         # pidfds of callers' threads, per slice (a pidfd names one task for its whole
         # life: a cached one is either that task or dead, never a reused tid).
         self._pidfds: dict[str, dict[int, int]] = {}
+        # Port table decisions for IP binds, by (slice, socket info, sockaddr bytes);
+        # valid for one table only: PortService replaces its table on every change,
+        # so a decision is never used across a change (see _ip_decision).
+        self._decisions: dict[tuple[str, tuple[int, int, int], bytes], _IPDecision] = {}
+        self._decisions_table: PortTable | None = None
+        self._io: dict[int, seccomp.ListenerIO] = {}
 
     # The journal: one slot per listener, since a listener's task handles one request
     # at a time. Written with pwrite (no fsync: it must survive the agent, not the node).
@@ -354,23 +373,20 @@ class Guard:
 
     def _bind_socket(self, slice_name: str, listener: int, n: seccomp.Notification, fd: int,
                      info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome | _AsCaller:
-        family, stype, sproto = info
+        family = info[0]
         if family == AF_INET or family == AF_INET6:
-            proto = _ip_proto(stype, sproto)
-            address, port = parse_ip_sockaddr(family, raw)
-            if proto is None:
-                raise Denied(errno.EACCES, f"bind of socket type {stype} proto {sproto}")
-            decision = self.ports.check_bind(slice_name, proto, address, port)
+            d = self._ip_decision(slice_name, info, raw)
+            decision = d.decision
             if not decision.allowed:
                 self._refusal(slice_name, "guard: slice %s pid %d bind %s %s port %d refused "
-                              "(%s): %s", slice_name, n.pid, proto, address, port,
+                              "(%s): %s", slice_name, n.pid, d.proto, d.address, d.port,
                               errno.errorcode.get(decision.errno, decision.errno),
                               decision.reason)
                 raise Denied(decision.errno, decision.reason)
             err = bind_bytes(fd, raw)
-            if err == errno.EINVAL and redo and _already_bound(fd, info, address, port):
+            if err == errno.EINVAL and redo and _already_bound(fd, info, d.address, d.port):
                 err = 0  # the previous supervisor did it before it died
-            return Outcome(err, proto)
+            return d.ok if err == 0 else Outcome(err, d.proto)
         if family == socket.AF_UNIX:
             path = raw[2:]
             if len(raw) <= 2 or path[:1] == b"\0":  # autobind or abstract: no privilege
@@ -389,6 +405,34 @@ class Guard:
             os.close(pidfd)
             raise Denied(errno.ESRCH, "caller no longer waiting")
         return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller", pidfd)
+
+    def _ip_decision(self, slice_name: str, info: tuple[int, int, int],
+                     raw: bytes) -> _IPDecision:
+        """The port table's decision on binding `raw` on an IP socket of `info`.
+
+        Cached per (slice, socket family/type/protocol, exact sockaddr bytes), and
+        only for the table object it came from: PortService never changes a table in
+        place but installs a new one, and a new table empties the cache.
+        """
+        table = self.ports.table
+        cache = self._decisions
+        if self._decisions_table is not table:
+            cache.clear()
+            self._decisions_table = table
+        key = (slice_name, info, raw)
+        d = cache.get(key)
+        if d is None:
+            family, stype, sproto = info
+            proto = _ip_proto(stype, sproto)
+            address, port = parse_ip_sockaddr(family, raw)
+            if proto is None:
+                raise Denied(errno.EACCES, f"bind of socket type {stype} proto {sproto}")
+            decision = self.ports.check_bind(slice_name, proto, address, port)
+            d = _IPDecision(proto, address, port, decision, Outcome(0, proto))
+            if len(cache) >= DECISIONS:
+                cache.clear()
+            cache[key] = d
+        return d
 
     def _bind_netlink(self, pid: int, fd: int, raw: bytes, nl_pid: int) -> int:
         """A netlink bind without groups, as the kernel would do it for the caller.
@@ -440,24 +484,45 @@ class Guard:
             log.debug("guard: %s pid %d %s -> %s", slice_name, n.pid, out.what,
                       errno.errorcode.get(out.error, out.error))
         try:
-            seccomp.notif_send(listener, n.id, 0, out.error)
+            io = self._io.get(listener)
+            if io is not None:
+                io.send(n.id, out.error)
+            else:
+                seccomp.notif_send(listener, n.id, 0, out.error)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the caller was interrupted or died
                 log.error("guard: %s: reply to request %d failed: %s", slice_name, n.id, exc)
 
     async def _recover(self, slice_name: str, listener: int, journal: int) -> None:
         """Redo a request the previous supervisor received but did not answer."""
-        raw = os.pread(journal, JOURNAL.size, 0)
-        if len(raw) != JOURNAL.size:
+        raw = os.pread(journal, JOURNAL_SIZE, 0)
+        if len(raw) == JOURNAL_SIZE:
+            n = seccomp.Notification.unpack(raw)
+        elif len(raw) == JOURNAL_V1.size:  # left by an agent of the previous format
+            nid, pid, nr, *args = JOURNAL_V1.unpack(raw)
+            n = seccomp.Notification(nid, pid, 0, nr, seccomp.AUDIT_ARCH_X86_64, 0, tuple(args))
+        else:
             return
-        nid, pid, nr, *args = JOURNAL.unpack(raw)
+        nid, pid = n.id, n.pid
         if nid == 0 or not seccomp.notif_id_valid(listener, nid):
             return
-        n = seccomp.Notification(nid, pid, 0, nr, seccomp.AUDIT_ARCH_X86_64, 0, tuple(args))
         log.warning("guard: %s: redoing request %d of pid %d left by the previous agent",
                     slice_name, nid, pid)
         self._reply(slice_name, listener, n, await self.handle(slice_name, listener, n, redo=True))
-        os.pwrite(journal, bytes(JOURNAL.size), 0)
+        os.pwrite(journal, bytes(len(raw)), 0)
+
+    @staticmethod
+    def _map_journal(slice_name: str, journal: int) -> mmap.mmap | None:
+        """The journal slot as shared memory: written with a memory copy instead of a
+        syscall per request. Stores to a shared file mapping are in the page cache at
+        once, so a supervisor killed right after one leaves it for the next (like
+        pwrite, and like pwrite it need not survive the node). None: use pwrite."""
+        try:
+            os.ftruncate(journal, JOURNAL_SIZE)
+            return mmap.mmap(journal, JOURNAL_SIZE)
+        except (OSError, ValueError) as exc:
+            log.warning("guard: %s: journal not mappable (%s); using pwrite", slice_name, exc)
+            return None
 
     async def supervise(self, slice_name: str, listener: int, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -474,12 +539,15 @@ class Guard:
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         self.listening[slice_name] = listener
+        io = self._io[listener] = seccomp.ListenerIO(listener)
+        slot: mmap.mmap | None = None
         try:
             try:
                 seccomp.set_sync_wake_up(listener)
             except OSError as exc:  # older kernels: slower, still correct
                 log.warning("guard: %s: SYNC_WAKE_UP unavailable: %s", slice_name, exc)
             await self._recover(slice_name, listener, journal)
+            slot = self._map_journal(slice_name, journal)
             task_status.started()
             while True:
                 await trio.lowlevel.wait_readable(listener)
@@ -497,17 +565,20 @@ class Guard:
                             return
                         break
                     try:
-                        n = seccomp.notif_recv(listener)
+                        n = io.recv()
                     except OSError as exc:
                         if exc.errno in (errno.ENOENT, errno.EINTR):  # caller interrupted
                             continue
                         log.error("guard: %s: listener broken (%s); no longer supervised",
                                   slice_name, exc)
                         return
-                    try:
-                        os.pwrite(journal, JOURNAL.pack(n.id, n.pid, n.nr, *n.args), 0)
-                    except OSError as exc:  # the request is still answered; only a
-                        log.warning("guard: %s: journal: %s", slice_name, exc)  # restart loses it
+                    if slot is not None:
+                        slot[:] = io.raw
+                    else:
+                        try:
+                            os.pwrite(journal, io.raw, 0)
+                        except OSError as exc:  # the request is still answered; only
+                            log.warning("guard: %s: journal: %s", slice_name, exc)  # a restart loses it
                     # No need to clear the slot afterwards: an answered id is not
                     # valid any more, and ids are never reused.
                     out = self.handle_now(slice_name, listener, n)
@@ -519,6 +590,10 @@ class Guard:
             if self.listening.get(slice_name) == listener:
                 del self.listening[slice_name]
                 self._forget_pidfds(slice_name)
+            if self._io.get(listener) is io:
+                del self._io[listener]
+            if slot is not None:
+                slot.close()
             trio.lowlevel.notify_closing(listener)
             os.close(listener)
             os.close(journal)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -80,30 +81,43 @@ def read_memory(pid: int, address: int, length: int) -> bytes:
     return buf.raw
 
 
+# process_vm_readv(2) with plain integer arguments (addresses of preallocated iovecs).
+_process_vm_readv = ctypes.CFUNCTYPE(
+    ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+    ctypes.c_ulong, ctypes.c_ulong, use_errno=True)(("process_vm_readv", _libc))
+_IOVECS = struct.Struct("<QQQQ")  # local iovec, remote iovec
+
+
 class RemoteReader:
     """process_vm_readv into one preallocated buffer: the guard's fast path.
 
-    Not for concurrent use (one per trio loop is right: calls never overlap).
+    The two iovecs live in one preallocated buffer too, filled with one pack_into,
+    and the syscall is called through a fixed prototype with plain ints (no ctypes
+    objects built per call). Not for concurrent use (one per trio loop is right:
+    calls never overlap).
     """
 
     def __init__(self, size: int = 128) -> None:
         self.size = size
-        self._buf = ctypes.create_string_buffer(size)
-        self._local = _IOVec(ctypes.addressof(self._buf), 0)
-        self._remote = _IOVec(0, 0)
-        self._lp, self._rp = ctypes.byref(self._local), ctypes.byref(self._remote)
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._iov = bytearray(_IOVECS.size)
+        # The exported ctypes views pin both bytearrays (they cannot be resized or
+        # moved while these exist).
+        self._pins = (ctypes.c_char.from_buffer(self._buf), ctypes.c_char.from_buffer(self._iov))
+        self._buf_addr = ctypes.addressof(self._pins[0])
+        self._iov_addr = ctypes.addressof(self._pins[1])
 
     def read(self, pid: int, address: int, length: int) -> bytes:
         """`length` (<= size) bytes at `address` of `pid`; OSError(EFAULT) if short."""
         if not 0 <= length <= self.size or not 0 <= address < 2**64:
             raise OSError(22, f"process_vm_readv: bad range {address:#x}+{length}", pid)
-        self._local.iov_len = length
-        self._remote.iov_base = address
-        self._remote.iov_len = length
-        got = _libc.process_vm_readv(pid, self._lp, 1, self._rp, 1, 0)
+        iov = self._iov_addr
+        _IOVECS.pack_into(self._iov, 0, self._buf_addr, length, address, length)
+        got = _process_vm_readv(pid, iov, 1, iov + 16, 1, 0)
         if got != length:
             if got < 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"process_vm_readv: {os.strerror(err)}", pid)
             raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
-        return ctypes.string_at(self._buf, length)
+        return bytes(self._view[:length])

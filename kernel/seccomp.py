@@ -291,9 +291,46 @@ class Notification(NamedTuple):
     args: tuple[int, ...]
 
     @classmethod
-    def unpack(cls, raw: bytes) -> Notification:
-        v = NOTIF.unpack(raw)
-        return cls(v[0], v[1], v[2], v[3], v[4], v[5], v[6:])
+    def unpack(cls, raw: bytes | bytearray) -> Notification:
+        v = NOTIF.unpack_from(raw)
+        return _tuple_new(cls, (v[0], v[1], v[2], v[3], v[4], v[5], v[6:]))
+
+
+# tuple.__new__ straight: the NamedTuple's generated __new__ is a Python-level call.
+_tuple_new = tuple.__new__
+_NOTIF_ZERO = bytes(NOTIF.size)
+_U64 = struct.Struct("<Q")
+
+
+class ListenerIO:
+    """RECV and SEND on one listener through preallocated buffers (the guard's
+    per-notification path: no buffer is allocated per call).
+
+    `raw` holds the last `struct seccomp_notif` received, exactly as the kernel wrote
+    it (the guard journals these bytes). Not for concurrent use.
+    """
+
+    __slots__ = ("fd", "raw", "_resp")
+
+    def __init__(self, listener: int) -> None:
+        self.fd = listener
+        self.raw = bytearray(NOTIF.size)
+        self._resp = bytearray(NOTIF_RESP.size)
+
+    def recv(self) -> Notification:
+        """As `notif_recv` (the same blocking caveat)."""
+        raw = self.raw
+        raw[:] = _NOTIF_ZERO  # the kernel refuses a struct that is not zeroed (EINVAL)
+        fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_RECV, raw, True)
+        v = NOTIF.unpack_from(raw)
+        return _tuple_new(Notification, (v[0], v[1], v[2], v[3], v[4], v[5], v[6:]))
+
+    def send(self, nid: int, error: int = 0) -> None:
+        """As `notif_send(listener, nid, 0, error)`."""
+        if error < 0:
+            raise ValueError(f"errno must be positive, not {error}")
+        NOTIF_RESP.pack_into(self._resp, 0, nid, 0, -error, 0)
+        fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, self._resp, False)
 
 
 def notif_recv(listener: int) -> Notification:
@@ -304,7 +341,7 @@ def notif_recv(listener: int) -> Notification:
     """
     buf = bytearray(NOTIF.size)
     fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-    return Notification.unpack(bytes(buf))
+    return Notification.unpack(buf)
 
 
 def notif_send(listener: int, nid: int, val: int = 0, error: int = 0, flags: int = 0) -> None:
@@ -315,8 +352,8 @@ def notif_send(listener: int, nid: int, val: int = 0, error: int = 0, flags: int
     """
     if error < 0:
         raise ValueError(f"errno must be positive, not {error}")
-    buf = bytearray(NOTIF_RESP.pack(nid, val, -error, flags))
-    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, buf, False)
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, NOTIF_RESP.pack(nid, val, -error, flags),
+                False)
 
 
 def notif_continue(listener: int, nid: int) -> None:
@@ -327,7 +364,7 @@ def notif_continue(listener: int, nid: int) -> None:
 def notif_id_valid(listener: int, nid: int) -> bool:
     """SECCOMP_IOCTL_NOTIF_ID_VALID: is the caller still waiting on `nid`?"""
     try:
-        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("<Q", nid))
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, _U64.pack(nid))
     except OSError as exc:
         if exc.errno == _errno.ENOENT:
             return False
