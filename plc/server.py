@@ -23,6 +23,7 @@ from typing import Any
 
 from plc.api import API, InternalError
 from plc.config import Config, parse_listen
+from plc.httphead import buffered_headers, http_date
 from plc.marshal import marshal_response
 from plc.store import Store
 from plc.store.base import Connection
@@ -132,9 +133,41 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "PLCAPI"
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK stall
     timeout = IDLE_TIMEOUT
+    raw_requestline: bytes  # set by BaseHTTPRequestHandler.handle_one_request
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.client_address[0], format % args)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", self.client_address[0], format % args)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return http_date() if timestamp is None else super().date_time_string(timestamp)
+
+    def parse_request(self) -> bool:
+        """BaseHTTPRequestHandler.parse_request, with a fast path for the usual request
+        ("METHOD PATH HTTP/1.x" and a plain head already received, see plc.httphead);
+        every other request goes through the stdlib code unchanged."""
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
+        if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0"):
+            return super().parse_request()
+        headers = buffered_headers(self.rfile, self.MessageClass)
+        if headers is None:
+            return super().parse_request()
+        # what the stdlib sets for such a request line (this server speaks HTTP/1.1)
+        self.requestline = requestline
+        self.command, path, self.request_version = words
+        self.close_connection = words[2] == "HTTP/1.0"
+        self.path = "/" + path.lstrip("/") if path.startswith("//") else path
+        self.headers = headers
+        conntype = headers.get("Connection", "").lower()
+        if conntype == "close":
+            self.close_connection = True
+        elif conntype == "keep-alive":
+            self.close_connection = False
+        if headers.get("Expect", "").lower() == "100-continue" and \
+                self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def _send(self, status: int, body: bytes, ctype: str = "text/html; charset=utf-8",
               close: bool = False) -> None:
@@ -160,7 +193,9 @@ class Handler(BaseHTTPRequestHandler):
     do_DELETE = do_GET
 
     def do_POST(self) -> None:
-        path = re.sub(r"/+", "/", self.path.split("?", 1)[0])
+        path = self.path
+        if path != "/PLCAPI/":
+            path = re.sub(r"/+", "/", path.split("?", 1)[0])
         if not _API_PATH.match(path):
             self._error(404, "Not Found (the API is at /PLCAPI/)")
             return
