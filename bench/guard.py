@@ -6,8 +6,10 @@ Figures, all from one run on this machine:
   minimal C supervisor kernel/bin/guard-supervisor doing the same work (pidfd_open,
   pidfd_getfd, process_vm_readv, ID_VALID, bind, reply), both with
   SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
-- unguarded syscalls (getpid, read of /dev/zero) under the guard filter against
-  outside it, and under a filter that allows everything (seccomp's own cost).
+- unguarded syscalls (getpid; read of 1 byte, 4 KiB and 64 KiB from /dev/zero) under
+  the guard filter against outside it, and under a filter that allows everything
+  (seccomp's own cost). seccomp adds a fixed cost at syscall entry, so the ratio
+  shows where it matters (tiny syscalls) and where it does not (real work per call).
 Targets: agent/C per guarded bind <= 1.5; inside/outside for unguarded syscalls <= 1.02.
 The last line of output is one JSON object of the figures.
 """
@@ -35,6 +37,23 @@ BIN = ROOT / "kernel" / "bin"
 BINDS = int(os.environ.get("GUARD_BENCH_BINDS", "20000"))
 SYSCALLS = int(os.environ.get("GUARD_BENCH_SYSCALLS", "2000000"))
 ROUNDS = int(os.environ.get("GUARD_BENCH_ROUNDS", "5"))
+
+# Unguarded syscalls: figure name -> (guard-bench arguments, share of SYSCALLS run).
+# Fewer iterations for the big reads (each copies 4 KiB / 64 KiB).
+UNGUARDED = {
+    "getpid": (["getpid"], 1.0),
+    "read": (["read"], 1.0),
+    "read4k": (["read", "{n}", "4096"], 0.25),
+    "read64k": (["read", "{n}", "65536"], 0.02),
+}
+
+
+def unguarded_argv(call: str) -> list[str]:
+    args, share = UNGUARDED[call]
+    n = str(max(1000, int(SYSCALLS * share)))
+    if "{n}" in args:
+        return [str(BIN / "guard-bench"), *(a.replace("{n}", n) for a in args)]
+    return [str(BIN / "guard-bench"), *args, n]
 
 # Installs the guard filter, sends the listener on fd argv[1], then execs the client.
 UNDER_FILTER = r"""
@@ -154,7 +173,8 @@ def in_real_sliver(calls: list[str]) -> dict[str, list[float]]:
         shutil.copy(BIN / "guard-bench", ctx.root / "bin" / "guard-bench")
         for _ in range(ROUNDS):
             for call in calls:
-                rc, o, e = ctx.output(["/bin/guard-bench", call, str(SYSCALLS)], timeout=600)
+                argv = ["/bin/guard-bench", *unguarded_argv(call)[1:]]
+                rc, o, e = ctx.output(argv, timeout=600)
                 if rc != 0:
                     raise RuntimeError(f"guard-bench {call} in a sliver: {e.decode().strip()}")
                 out[call].append(parse(o.decode()))
@@ -168,16 +188,17 @@ def main() -> None:
     port = free_port()
     bind = [str(BIN / "guard-bench"), "bind", str(BINDS), "127.0.0.1", str(port)]
     figures: dict[str, list[float]] = {k: [] for k in (
-        "bind_unguarded_us", "bind_agent_us", "bind_c_us",
-        "getpid_outside_ns", "getpid_inside_ns", "getpid_allow_all_ns",
-        "read_outside_ns", "read_inside_ns", "read_allow_all_ns")}
+        "bind_unguarded_us", "bind_agent_us", "bind_c_us")}
+    for call in UNGUARDED:
+        for where in ("outside", "inside", "allow_all"):
+            figures[f"{call}_{where}_ns"] = []
     with tempfile.TemporaryDirectory(prefix=f"guardbench{os.getpid()}") as tmp:
         for _ in range(ROUNDS):
             figures["bind_unguarded_us"].append(run_plain(bind) / 1000)
             figures["bind_c_us"].append(run_c_supervised(bind, port) / 1000)
             figures["bind_agent_us"].append(run_agent_supervised(bind, port, Path(tmp)) / 1000)
-            for call in ("getpid", "read"):
-                argv = [str(BIN / "guard-bench"), call, str(SYSCALLS)]
+            for call in UNGUARDED:
+                argv = unguarded_argv(call)
                 figures[f"{call}_outside_ns"].append(run_plain(argv))
                 proc, lis = spawn_guarded(argv)
                 os.close(lis)
@@ -185,7 +206,7 @@ def main() -> None:
                 figures[f"{call}_allow_all_ns"].append(run_plain(
                     [sys.executable, "-c", UNDER_ALLOW_ALL, str(ROOT), *argv]))
     try:
-        for call, values in in_real_sliver(["getpid", "read"]).items():
+        for call, values in in_real_sliver(list(UNGUARDED)).items():
             figures[f"{call}_real_sliver_ns"] = values
     except Exception as exc:  # noqa: BLE001 - report, keep the other figures
         print(f"real sliver figures unavailable: {exc}")
@@ -196,27 +217,30 @@ def main() -> None:
         "rounds": ROUNDS, "binds_per_round": BINDS, "syscalls_per_round": SYSCALLS,
         "agent_over_c": round(med["bind_agent_us"] / med["bind_c_us"], 3),
         "agent_over_c_guard_cost": round((med["bind_agent_us"] - un) / (med["bind_c_us"] - un), 3),
-        "getpid_inside_over_outside": round(med["getpid_inside_ns"] / med["getpid_outside_ns"], 4),
-        "read_inside_over_outside": round(med["read_inside_ns"] / med["read_outside_ns"], 4),
+        **{f"{c}_inside_over_outside": round(med[f"{c}_inside_ns"] / med[f"{c}_outside_ns"], 4)
+           for c in UNGUARDED},
+        **{f"{c}_inside_minus_outside_ns": round(med[f"{c}_inside_ns"] - med[f"{c}_outside_ns"], 1)
+           for c in UNGUARDED},
         **{f"{c}_real_sliver_over_outside": round(med[f"{c}_real_sliver_ns"]
                                                   / med[f"{c}_outside_ns"], 4)
-           for c in ("getpid", "read") if f"{c}_real_sliver_ns" in med},
-        "getpid_inside_over_allow_all": round(med["getpid_inside_ns"] / med["getpid_allow_all_ns"], 4),
-        "read_inside_over_allow_all": round(med["read_inside_ns"] / med["read_allow_all_ns"], 4),
+           for c in UNGUARDED if f"{c}_real_sliver_ns" in med},
+        **{f"{c}_inside_over_allow_all": round(med[f"{c}_inside_ns"] / med[f"{c}_allow_all_ns"], 4)
+           for c in UNGUARDED},
         "target_agent_over_c": 1.5, "target_inside_over_outside": 1.02,
     }
     print(f"guarded bind (socket+bind+close): unguarded {un:.2f} us, C supervisor "
           f"{med['bind_c_us']:.2f} us, agent {med['bind_agent_us']:.2f} us "
           f"(agent/C {result['agent_over_c']}, target <= 1.5)")
-    print(f"unguarded syscalls inside/outside the filter: getpid "
-          f"{result['getpid_inside_over_outside']}, read {result['read_inside_over_outside']} "
-          "(target <= 1.02)")
-    if "getpid_real_sliver_ns" in med:
-        print(f"  in a real sliver: getpid {result['getpid_real_sliver_over_outside']}, read "
-              f"{result['read_real_sliver_over_outside']} of outside")
-    print(f"  (an allow-everything filter: getpid {med['getpid_allow_all_ns']:.1f} ns, read "
-          f"{med['read_allow_all_ns']:.1f} ns, against {med['getpid_outside_ns']:.1f} and "
-          f"{med['read_outside_ns']:.1f} outside: the cost is seccomp's own entry path)")
+    print("unguarded syscalls, ns per call: outside / inside the guard filter / under an "
+          "allow-everything filter (inside/outside; target <= 1.02)")
+    labels = {"getpid": "getpid", "read": "read 1 B", "read4k": "read 4 KiB",
+              "read64k": "read 64 KiB"}
+    for c in UNGUARDED:
+        sliver = (f", real sliver {result[f'{c}_real_sliver_over_outside']}"
+                  if f"{c}_real_sliver_over_outside" in result else "")
+        print(f"  {labels[c]:11s} {med[f'{c}_outside_ns']:9.1f} / {med[f'{c}_inside_ns']:9.1f} / "
+              f"{med[f'{c}_allow_all_ns']:9.1f}  ({result[f'{c}_inside_over_outside']}, "
+              f"+{result[f'{c}_inside_minus_outside_ns']} ns{sliver})")
     print(json.dumps(result))
 
 

@@ -2,7 +2,8 @@
  *
  *   guard-bench bind N HOST PORT   N times: socket, bind HOST:PORT (TCP), close
  *   guard-bench getpid N           N getpid(2) (unguarded: allowed by the filter)
- *   guard-bench read N             N read(2) of one byte from /dev/zero
+ *   guard-bench read N [SIZE]      N read(2) of SIZE bytes (default 1, at most 1 MiB)
+ *                                  from /dev/zero
  *
  * A bind that fails stops the run (exit 1) so that a figure is never that of
  * refused binds.
@@ -60,15 +61,20 @@ int main(int argc, char **argv)
 			syscall(SYS_getpid);
 		t1 = now_ns();
 	} else if (strcmp(argv[1], "read") == 0) {
+		long size = argc > 3 ? atol(argv[3]) : 1;
+		if (size <= 0 || size > (1L << 20))
+			return 2;
+		char *buf = malloc((size_t)size);
 		int fd = open("/dev/zero", O_RDONLY);
-		char c;
-		if (fd < 0)
+		if (fd < 0 || !buf)
 			return 1;
+		memset(buf, 1, (size_t)size); /* fault the pages in before timing */
 		t0 = now_ns();
 		for (long i = 0; i < n; i++)
-			if (read(fd, &c, 1) != 1)
+			if (read(fd, buf, (size_t)size) != size)
 				return 1;
 		t1 = now_ns();
+		free(buf);
 	} else {
 		return 2;
 	}
