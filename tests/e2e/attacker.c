@@ -37,6 +37,8 @@
  *   sniff1 PATH SECS M1 M2    one OpenSniffer; prints "sniff1 ready" once it has the socket,
  *                             then reads it for SECS    -> "sniff1 WITH_M1 WITH_M2 TOTAL"
  *   udpflood PORT SECS        UDP datagrams to 127.0.0.1:PORT as fast as it can -> "udpflood SENT"
+ *   threadbinds PORT N        N threads, one after another, each binding 127.0.0.1:PORT once
+ *                                                           -> "threadbinds N"
  *   race ADDR OK BAD N        bind N times while a thread flips the sockaddr's port
  *                             between OK and BAD            -> "race N BOUND_OK BOUND_OTHER FAILED"
  *   bind ADDR PORT [v6only0]  bind tcp                       -> "bind ERRNO PORT"
@@ -256,6 +258,16 @@ static void do_bind(const char *addr, int port, int v6only0, int type, int proto
 						   : ((struct sockaddr_in6 *)&g)->sin6_port);
 	}
 	printf("bind %d %d\n", e, got);
+}
+
+static void *one_bind(void *arg)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((unsigned short)(long)arg)};
+	sa.sin_addr.s_addr = htonl(0x7f000001);
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	bind(s, (struct sockaddr *)&sa, sizeof sa);
+	close(s);
+	return NULL;
 }
 
 /* -- the agent socket ---------------------------------------------------------------- */
@@ -570,6 +582,15 @@ int main(int argc, char **argv)
 				if (sendto(s, payload, sizeof payload, 0, (struct sockaddr *)&to, sizeof to) > 0)
 					sent++;
 		printf("udpflood %ld\n", sent);
+	} else if (!strcmp(cmd, "threadbinds")) {
+		NEED(2);
+		int n = atoi(argv[3]);
+		for (int i = 0; i < n; i++) {
+			pthread_t t;
+			if (pthread_create(&t, NULL, one_bind, (void *)(long)atoi(argv[2])) == 0)
+				pthread_join(t, NULL);
+		}
+		printf("threadbinds %d\n", n);
 	} else if (!strcmp(cmd, "race")) {
 		NEED(4);
 		do_race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
