@@ -343,7 +343,9 @@ class Guard:
 
     def _getfd(self, slice_name: str, tid: int, fdnum: int) -> int:
         """A copy of fd `fdnum` of thread `tid`, through a cached pidfd when possible."""
-        cache = self._pidfds.setdefault(slice_name, {})
+        cache = self._pidfds.get(slice_name)
+        if cache is None:
+            cache = self._pidfds[slice_name] = {}
         pidfd = cache.pop(tid, -1)
         for fresh in (False, True):
             if pidfd < 0:

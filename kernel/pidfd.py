@@ -53,7 +53,8 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """
     if not 0 <= targetfd < 2**31:
         raise OSError(9, f"pidfd_getfd: bad fd number {targetfd}", targetfd)
-    return _check(_syscall3(NR_PIDFD_GETFD, pidfd, targetfd, 0), "pidfd_getfd", targetfd)
+    fd: int = _syscall3(NR_PIDFD_GETFD, pidfd, targetfd, 0)
+    return fd if fd >= 0 else _check(fd, "pidfd_getfd", targetfd)
 
 
 def pidfd_send_signal(pidfd: int, sig: int = signal.SIGKILL) -> None:
