@@ -448,15 +448,18 @@ trio.run(guard.supervise, name, fd)
 """
 
 
-@pytest.mark.parametrize("mode", ["before", "after"])
+@pytest.mark.parametrize("mode", ["before", "after", "v1-journal"])
 async def test_kill_supervisor_during_bind(tmp_path: Path, slivers: Any, mode: str) -> None:
     """kill -9 of the supervisor while it holds a bind ("after": it had bound already):
-    a new supervisor takes the listener from the "init" and the bind completes."""
+    a new supervisor takes the listener from the "init" and the bind completes.
+    "v1-journal": as "before", the journal rewritten in the earlier agents' format
+    (id, pid, nr, args; an agent upgrade across a restart) is still redone."""
     a = slivers("a")
     port = free_ports(1)[0]
     run_dir = tmp_path / "guard"
     fd = os.dup(a.listener)
-    old = subprocess.Popen([sys.executable, "-c", SLOW_SUPERVISOR, str(ROOT), mode, a.name,
+    old_mode = "before" if mode == "v1-journal" else mode
+    old = subprocess.Popen([sys.executable, "-c", SLOW_SUPERVISOR, str(ROOT), old_mode, a.name,
                             str(fd), str(port), str(run_dir)],
                            pass_fds=(fd,), stdout=subprocess.PIPE, text=True)
     os.close(fd)
@@ -474,6 +477,13 @@ async def test_kill_supervisor_during_bind(tmp_path: Path, slivers: Any, mode: s
             old.send_signal(signal.SIGKILL)
             old.wait()
             assert not result  # the caller still waits: it is not failed with ENOSYS
+            if mode == "v1-journal":
+                from agent.guard import JOURNAL_V1
+                from kernel.seccomp import Notification
+                journal = run_dir / f"{a.name}.inflight"
+                n = Notification.unpack(journal.read_bytes())
+                assert n.nr == 49 and n.id != 0  # bind, journaled before it was handled
+                journal.write_bytes(JOURNAL_V1.pack(n.id, n.pid, n.nr, *n.args))
             guard = make_guard(tmp_path)
             guard.ports.reserve(a.name, f"tcp:{port}")
             await nursery.start(guard.supervise, a.name, listener_of(a.proc.pid))
