@@ -123,7 +123,7 @@ def spawn_guarded(argv: list[str]) -> tuple[subprocess.Popen[str], int]:
 def finish(proc: subprocess.Popen[str]) -> float:
     out, err = proc.communicate(timeout=600)
     if proc.returncode != 0:
-        raise RuntimeError(f"{proc.args}: exit {proc.returncode}: {err.strip()}")
+        raise RuntimeError(f"{proc.args!r}: exit {proc.returncode}: {err.strip()}")
     return parse(out)
 
 
