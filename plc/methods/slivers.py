@@ -24,7 +24,7 @@ def _in(ids: list[int]) -> tuple[str, str]:
 
 def slivers_of(call: Any, node_id: int) -> list[dict[str, Any]]:
     """The sliver entries of the node, attributes merged by precedence (spec 7)."""
-    slices = call.conn.query(
+    slices = call.conn.rows(
         "SELECT slice_id, name, instantiation, expires FROM slices s WHERE s.deleted = 0 AND "
         "s.expires > ? AND (s.slice_id IN (SELECT slice_id FROM slice_node WHERE node_id = ?) "
         "OR s.instantiation IN ('nm-controller', 'delegated') OR s.slice_id IN ("
@@ -33,43 +33,54 @@ def slivers_of(call: Any, node_id: int) -> list[dict[str, Any]]:
         [call.now, node_id])
     if not slices:
         return []
-    in_sql, ids = _in([s["slice_id"] for s in slices])
+    in_sql, ids = _in([s[0] for s in slices])
     keys: dict[int, list[dict[str, str]]] = {}
-    for r in call.conn.query(
+    for slice_id, key_type, key in call.conn.rows(
             "SELECT sp.slice_id, k.key_type, k.key FROM slice_person sp "
             "JOIN persons p ON p.person_id = sp.person_id "
             "JOIN person_key pk ON pk.person_id = p.person_id "
             "JOIN keys k ON k.key_id = pk.key_id "
             f"WHERE sp.slice_id {in_sql} AND p.enabled = 1 AND p.deleted = 0 "
             "AND k.is_blacklisted = 0 ORDER BY sp.slice_id, p.person_id, k.key_id", [ids]):
-        keys.setdefault(r["slice_id"], []).append({"key_type": r["key_type"], "key": r["key"]})
-    groups = {r["nodegroup_id"] for r in call.conn.query(
+        keys.setdefault(slice_id, []).append({"key_type": key_type, "key": key})
+    groups = {r[0] for r in call.conn.rows(
         "SELECT g.nodegroup_id FROM nodegroups g JOIN node_tag t ON t.tag_type_id = "
         "g.tag_type_id AND t.value = g.value WHERE t.node_id = ?", [node_id])}
-    tags: dict[int, list[dict[str, Any]]] = {}
-    for r in call.conn.query(
+    # (slice_id, tagname, value, node_id, nodegroup_id) per slice, in slice_tag_id order
+    tags: dict[int, list[tuple[Any, ...]]] = {}
+    for r in call.conn.rows(
             "SELECT t.slice_id, tt.tagname, t.value, t.node_id, t.nodegroup_id FROM slice_tag t "
             "JOIN tag_types tt ON tt.tag_type_id = t.tag_type_id "
             f"WHERE t.slice_id {in_sql} AND (t.node_id IS NULL OR t.node_id = ?) "
-            "ORDER BY t.slice_tag_id", [ids, node_id]):
-        tags.setdefault(r["slice_id"], []).append(r)
+            "ORDER BY t.slice_id, t.slice_tag_id", [ids, node_id]):
+        tags.setdefault(r[0], []).append(r)
     cfg = call.config
+    default_family = (cfg.flavour_slice_pldistro, cfg.flavour_slice_fcdistro,
+                      cfg.flavour_slice_arch)
     out = []
-    for s in slices:
-        stags = tags.get(s["slice_id"], [])
-        attributes = merge_attributes(stags, node_id, groups)
+    for slice_id, name, instantiation, expires in slices:
+        stags = tags.get(slice_id, [])
         wide: dict[str, str] = {}
-        for t in stags:
-            if t["node_id"] is None and t["nodegroup_id"] is None:
-                wide.setdefault(t["tagname"], t["value"])
+        if all(t[3] is None and t[4] is None for t in stags):
+            # only slice-wide tags: merge_attributes would keep them all, in order
+            attributes = [{"tagname": t[1], "value": t[2]} for t in stags]
+            for t in stags:
+                wide.setdefault(t[1], t[2])
+        else:
+            rows = [{"tagname": t[1], "value": t[2], "node_id": t[3], "nodegroup_id": t[4]}
+                    for t in stags]
+            attributes = merge_attributes(rows, node_id, groups)
+            for t in stags:
+                if t[3] is None and t[4] is None:
+                    wide.setdefault(t[1], t[2])
         family = "-".join([
-            wide.get("vref") or wide.get("pldistro") or cfg.flavour_slice_pldistro,
-            wide.get("fcdistro") or cfg.flavour_slice_fcdistro,
-            wide.get("arch") or cfg.flavour_slice_arch])
-        out.append({"name": s["name"], "slice_id": s["slice_id"],
-                    "instantiation": s["instantiation"],
-                    "expires": min(s["expires"], MAX_EXPIRES),
-                    "keys": keys.get(s["slice_id"], []),
+            wide.get("vref") or wide.get("pldistro") or default_family[0],
+            wide.get("fcdistro") or default_family[1],
+            wide.get("arch") or default_family[2]])
+        out.append({"name": name, "slice_id": slice_id,
+                    "instantiation": instantiation,
+                    "expires": min(expires, MAX_EXPIRES),
+                    "keys": keys.get(slice_id, []),
                     "attributes": attributes, "GetSliceFamily": family})
     return out
 
