@@ -182,6 +182,24 @@ def throughput(url: str, auth: Any, hostname: str, seconds: float) -> float:
     return total / seconds
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live children (the forked
+    workers of either server), from /proc; 0 for what has gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 class _KeepAliveHandler(SimpleXMLRPCRequestHandler):
     protocol_version = "HTTP/1.1"
     rpc_paths = ("/PLCAPI/",)
@@ -268,9 +286,17 @@ def main(argv: list[str] | None = None) -> int:
         # Interleaved rounds, medians: the machine is shared, and load that comes and goes
         # then hits both sides alike instead of skewing the ratio.
         plc_rates, ceiling_rates = [], []
+        plc_cpu, ceiling_cpu = [], []  # server CPU per call (warm-up calls included)
+        assert srv.proc is not None and ceiling_proc.pid is not None
         for _ in range(ROUNDS):
+            cpu0 = _cpu_seconds(srv.proc.pid)
             plc_rates.append(throughput(srv.url, auth, host, seconds / ROUNDS))
+            plc_cpu.append((_cpu_seconds(srv.proc.pid) - cpu0) /
+                           (plc_rates[-1] * seconds / ROUNDS + CLIENTS))
+            cpu0 = _cpu_seconds(ceiling_proc.pid)
             ceiling_rates.append(throughput(ceiling_url, auth, host, seconds / ROUNDS))
+            ceiling_cpu.append((_cpu_seconds(ceiling_proc.pid) - cpu0) /
+                               (ceiling_rates[-1] * seconds / ROUNDS + CLIENTS))
         plc_rate = statistics.median(plc_rates)
         ceiling_rate = statistics.median(ceiling_rates)
         ratio = plc_rate / ceiling_rate if ceiling_rate else 0.0
@@ -282,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{reply_size} byte reply, {CLIENTS} clients: {ceiling_rate:.0f} calls/s "
               f"(rounds: {', '.join(f'{r:.0f}' for r in ceiling_rates)})")
         print(f"GetNodes / ceiling = {ratio:.0%} (target >= 70%)")
+        print(f"server CPU per call (all processes; steadier than calls/s on a busy "
+              f"machine): GetNodes {statistics.median(plc_cpu) * 1e6:.0f} us, ceiling "
+              f"{statistics.median(ceiling_cpu) * 1e6:.0f} us")
         result = {
             "populate_s": round(pop_s, 2), "shape": shape,
             "getslivers_slivers": gs["slivers"], "getslivers_median_ms": round(gs["median_ms"], 3),
@@ -289,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             "getnodes_calls_per_s": round(plc_rate, 1),
             "ceiling_calls_per_s": round(ceiling_rate, 1), "reply_bytes": reply_size,
             "getnodes_vs_ceiling": round(ratio, 3), "getnodes_vs_ceiling_target": 0.7,
+            "getnodes_server_cpu_us_per_call": round(statistics.median(plc_cpu) * 1e6, 1),
+            "ceiling_server_cpu_us_per_call": round(statistics.median(ceiling_cpu) * 1e6, 1),
             "clients": CLIENTS, "rounds": ROUNDS, "server_processes": args.workers,
             "loadavg_1m_start": round(load_start, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),
         }
