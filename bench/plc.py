@@ -23,6 +23,7 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -34,6 +35,8 @@ from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+
+import prctl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "plc"))
 from plc_live import LiveServer, remove_workdir, start_server  # noqa: E402
@@ -223,6 +226,8 @@ def _ceiling_server(reply: Any, ready: Any, processes: int) -> None:
         pid = os.fork()
         if pid == 0:
             try:
+                # The parent is stopped with SIGKILL: go with it.
+                prctl.set_pdeathsig(signal.SIGKILL)
                 server.serve_forever()
             finally:
                 os._exit(0)
