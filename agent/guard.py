@@ -39,6 +39,7 @@ import select
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ JOURNAL_V1 = struct.Struct("<QIi6Q")  # id, pid, nr, args (journals of earlier a
 JOURNAL_SIZE = seccomp.NOTIF.size  # the journal: the struct seccomp_notif as received
 DECISIONS = 1024  # cached port table decisions per Guard (cleared when full)
 BATCH = 64  # notifications handled per scheduler turn of one listener
-PIDFD_CACHE = 256  # cached caller pidfds per slice
+PIDFD_CACHE = 1024  # cached caller pidfds, all slices together (LRU; F22)
 REFUSAL_LOG_RATE, REFUSAL_LOG_BURST = 5.0, 20  # refusal log lines per slice
 
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
@@ -270,9 +271,14 @@ class Guard:
         self._reader = RemoteReader(SOCKADDR_MAX)
         from agent.tokenbucket import TokenBuckets
         self._log_budget = TokenBuckets(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, time.monotonic)
-        # pidfds of callers' threads, per slice (a pidfd names one task for its whole
-        # life: a cached one is either that task or dead, never a reused tid).
-        self._pidfds: dict[str, dict[int, int]] = {}
+        # pidfds of callers' threads by (slice, tid), least recently used first (a
+        # pidfd names one task for its whole life: a cached one is either that task or
+        # dead, never a reused tid). One cache for the whole guard, capped at
+        # PIDFD_CACHE; each cached pidfd is also in `_exits`, an epoll set in which a
+        # pidfd turns readable when its thread exits, and is then closed (F22).
+        self._pidfds: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._exits = select.epoll()
+        self._exit_keys: dict[int, tuple[str, int]] = {}  # pidfd -> its cache key
         # Port table decisions for IP binds, by (slice, socket info, sockaddr bytes);
         # valid for one table only: PortService replaces its table on every change,
         # so a decision is never used across a change (see _ip_decision).
@@ -343,35 +349,71 @@ class Guard:
 
     def _getfd(self, slice_name: str, tid: int, fdnum: int) -> int:
         """A copy of fd `fdnum` of thread `tid`, through a cached pidfd when possible."""
-        cache = self._pidfds.get(slice_name)
-        if cache is None:
-            cache = self._pidfds[slice_name] = {}
-        pidfd = cache.pop(tid, -1)
-        for fresh in (False, True):
-            if pidfd < 0:
-                try:
-                    pidfd = pidfd_open(tid, PIDFD_THREAD)
-                except OSError as exc:
-                    raise Denied(errno.ESRCH, f"caller {tid} gone") from exc
-                fresh = True
+        key = (slice_name, tid)
+        pidfd = self._pidfds.get(key, -1)
+        if pidfd >= 0:
             try:
                 fd = pidfd_getfd(pidfd, fdnum)
             except OSError as exc:
-                if exc.errno == errno.ESRCH and not fresh:  # that task died: reopen
-                    os.close(pidfd)
-                    pidfd = -1
-                    continue
-                os.close(pidfd)
-                raise
-            if len(cache) >= PIDFD_CACHE:
-                os.close(cache.pop(next(iter(cache))))
-            cache[tid] = pidfd  # most recent last
+                if exc.errno != errno.ESRCH:
+                    raise
+                self._drop_pidfd(key)  # that task died (the tid is someone new's)
+            else:
+                self._pidfds.move_to_end(key)
+                return fd
+        self.reap_pidfds()  # a new thread: close those of threads gone meanwhile
+        try:
+            pidfd = pidfd_open(tid, PIDFD_THREAD)
+        except OSError as exc:
+            raise Denied(errno.ESRCH, f"caller {tid} gone") from exc
+        try:
+            fd = pidfd_getfd(pidfd, fdnum)
+        except OSError:
+            os.close(pidfd)
+            raise
+        while len(self._pidfds) >= PIDFD_CACHE:
+            self._drop_pidfd(next(iter(self._pidfds)))
+        try:
+            self._exits.register(pidfd, select.EPOLLIN)
+        except OSError:  # not watchable: do not keep it
+            os.close(pidfd)
             return fd
-        raise Denied(errno.ESRCH, f"caller {tid} gone")
+        self._pidfds[key] = pidfd
+        self._exit_keys[pidfd] = key
+        return fd
+
+    def _drop_pidfd(self, key: tuple[str, int]) -> None:
+        """Close the cached pidfd of `key` (closing also removes it from `_exits`)."""
+        pidfd = self._pidfds.pop(key, -1)
+        if pidfd >= 0:
+            del self._exit_keys[pidfd]
+            os.close(pidfd)
+
+    def reap_pidfds(self) -> int:
+        """Close the cached pidfds whose threads have exited; how many were closed."""
+        closed = 0
+        while True:
+            ready = self._exits.poll(0, 256)
+            for pidfd, _ in ready:
+                key = self._exit_keys.get(pidfd)
+                if key is not None:
+                    self._drop_pidfd(key)
+                    closed += 1
+            if len(ready) < 256:
+                return closed
+
+    async def watch_exits(self) -> None:
+        """Close cached pidfds as soon as their threads exit (runs until cancelled).
+
+        Without this task they are closed at the next new caller; with it, a guard
+        whose slivers stop binding holds no pidfd of a thread that is gone."""
+        while True:
+            await trio.lowlevel.wait_readable(self._exits.fileno())
+            self.reap_pidfds()
 
     def _forget_pidfds(self, slice_name: str) -> None:
-        for pidfd in self._pidfds.pop(slice_name, {}).values():
-            os.close(pidfd)
+        for key in [k for k in self._pidfds if k[0] == slice_name]:
+            self._drop_pidfd(key)
 
     def _bind_socket(self, slice_name: str, listener: int, n: seccomp.Notification, fd: int,
                      info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome | _AsCaller:
@@ -765,10 +807,14 @@ async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[s
 
     Runs until cancelled (or the channel closes and every listener is done).
     """
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        async for slice_name, fd in listeners:
-            nursery.start_soon(_supervise_logged, guard, slice_name, fd, name=f"guard:{slice_name}")
+    async with trio.open_nursery() as outer:
+        outer.start_soon(guard.watch_exits, name="guard:pidfd-exits")
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for slice_name, fd in listeners:
+                nursery.start_soon(_supervise_logged, guard, slice_name, fd,
+                                   name=f"guard:{slice_name}")
+        outer.cancel_scope.cancel()
 
 
 async def _supervise_logged(guard: Guard, slice_name: str, fd: int) -> None:

@@ -140,6 +140,21 @@ def do(req):
             except OSError as e:
                 out[name] = e.errno
         return out
+    if op == "threadbinds":
+        # req["count"] threads one after another, each making one bind (port 0).
+        errs = []
+        def one():
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", 0))
+                    errs.append(0)
+                except OSError as e:
+                    errs.append(e.errno)
+        for _ in range(req["count"]):
+            t = threading.Thread(target=one)
+            t.start()
+            t.join()
+        return {"errnos": sorted(set(errs)), "count": len(errs)}
     if op == "exec":
         import subprocess
         p = subprocess.run(req["argv"], capture_output=True, text=True)
@@ -564,3 +579,35 @@ async def test_guard_service_end_to_end(tmp_path: Path, slivers: Any) -> None:
         with state.transaction() as db:
             assert db.execute("SELECT COUNT(*) FROM ports WHERE name=?", (a.name,)).fetchone() \
                 == (0,)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """F22: short-lived threads making one bind each leave the guard's fd count bounded,
+    with and without the exit watcher, and the cache never exceeds its global cap."""
+    import agent.guard
+    guard = make_guard(tmp_path)
+    a, b = slivers("a"), slivers("b")
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        before = open_fds()
+        for s in (a, b):  # no watcher: closed when the next new thread calls
+            got = await s.acall(op="threadbinds", count=150)
+            assert got == {"errnos": [0], "count": 150}
+        assert open_fds() - before < 8, (before, open_fds())
+        nursery.start_soon(guard.watch_exits)  # with it: closed once the thread exits
+        await a.acall(op="threadbinds", count=20)
+        with trio.fail_after(10):
+            while open_fds() > before:
+                await trio.sleep(0.02)
+        assert guard._pidfds == {}
+        # the cap is for the whole guard: live callers beyond it are evicted LRU
+        monkeypatch.setattr(agent.guard, "PIDFD_CACHE", 1)
+        for s in (a, b, a):
+            assert (await s.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0
+            assert list(guard._pidfds) == [(s.name, s.proc.pid)]
+        nursery.cancel_scope.cancel()
