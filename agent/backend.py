@@ -79,7 +79,7 @@ def _kernel_limits(limits: dict[str, Any]) -> Any:
 class KernelBackend:
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
-    def __init__(self, state_dir: Path, run_dir: Path) -> None:
+    def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab") -> None:
         from kernel.context import become_subreaper
         from kernel.images import ImageStore
 
@@ -96,6 +96,9 @@ class KernelBackend:
         self.store = ImageStore(self.images_dir)
         self._contexts: dict[str, Any] = {}
         self.guard_filter: bytes | None = None   # set by the agent when the guard is on
+        # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
+        # contexts keep the parent recorded in their state file.
+        self.cgroup_parent = cgroup_parent
 
     def image_exists(self, image: str) -> bool:
         try:
@@ -145,7 +148,7 @@ class KernelBackend:
             raise MissingImage(plan.image)
         if (self.run_dir / plan.name).exists():
             # A context whose init is gone (node reboot, crash): clear what it left.
-            Context.destroy_stale(self.run_dir, plan.name)
+            Context.destroy_stale(self.run_dir, plan.name, cgroup_parent=self.cgroup_parent)
         root = prepare_root(self.store, self.roots_dir, plan.name, plan.image, plan.uid_base,
                             plan.uid_count, plan.disk_max_kib)
         agent_end = sink = None
@@ -158,7 +161,7 @@ class KernelBackend:
                 guard = GuardSpec(self.guard_filter, sink.fileno())
             ctx = Context.create(self.run_dir, plan.name, root, plan.uid_base, plan.uid_count,
                                  _kernel_limits(plan.limits), hostname=plan.hostname,
-                                 guard=guard)
+                                 guard=guard, cgroup_parent=self.cgroup_parent)
         except BaseException:
             if agent_end is not None:
                 agent_end.close()

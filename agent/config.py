@@ -9,6 +9,7 @@ what is allowed, before anything privileged happens.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import tomllib
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import tomli_w
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
 DEFAULT_RUN_DIR = "/run/planetlab"
 DEFAULT_SOCKET = "/run/planetlab/agent.sock"
+# One directory name in every cgroup hierarchy; no dot, so never a cgroupfs control file.
+CGROUP_PARENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 
 
 class ConfigError(ValueError):
@@ -96,6 +99,9 @@ FIELDS: tuple[Field, ...] = (
     Field("host_accounts", int, 1, "1: every slice gets a host account whose login shell "
           "enters its sliver (`ssh SLICE@node`); 0: none", minimum=0, maximum=1),
     Field("account_home_base", str, "/home", "where slice host accounts' homes are made"),
+    Field("cgroup_parent", str, "planetlab",
+          "the node-wide cgroup every sliver's groups go under, in each hierarchy (one "
+          "name: letters, digits, _ or -); two agents on one kernel need different ones"),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -134,6 +140,7 @@ class AgentConfig:
     reserved_ports: str
     host_accounts: int
     account_home_base: str
+    cgroup_parent: str
     source: str = "<defaults>"
 
     @property
@@ -185,6 +192,9 @@ def _check(source: str, name: str, value: Any) -> Any:
             raise ConfigError(f"{source}: key 'reserved_ports' = {value!r}: {exc}") from None
     if name == "slice_prefix" and (not value or not value.replace("_", "").isalnum()):
         raise ConfigError(f"{source}: key 'slice_prefix' = {value!r} must be letters, digits or _")
+    if name == "cgroup_parent" and not CGROUP_PARENT_RE.match(value):
+        raise ConfigError(f"{source}: key 'cgroup_parent' = {value!r} must be one cgroup name: "
+                          "1 to 64 letters, digits, _ or - (not starting with -)")
     return value
 
 

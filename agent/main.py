@@ -52,7 +52,8 @@ class Agent:
         if backend is None:
             from agent.backend import KernelBackend
 
-            backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
+            backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
+                                    cgroup_parent=cfg.cgroup_parent)
         self.backend = backend
         self.plc = plc or PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
                                     ca_file=cfg.ca_file, timeout=cfg.plc_timeout,

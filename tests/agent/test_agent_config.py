@@ -46,6 +46,11 @@ def test_write_refuses_to_overwrite(tmp_path: Path) -> None:
     ("state_dir = 'relative'\n", ["state_dir", "absolute"]),
     ("concurrency = [1]\n", ["concurrency", "must be int"]),
     ("this is not toml", ["not valid TOML"]),
+    ("cgroup_parent = 'a/b'\n", ["cgroup_parent", "one cgroup name"]),
+    ("cgroup_parent = '..'\n", ["cgroup_parent", "one cgroup name"]),
+    ("cgroup_parent = ''\n", ["cgroup_parent", "one cgroup name"]),
+    ("cgroup_parent = 'cpu.max'\n", ["cgroup_parent", "one cgroup name"]),
+    ("cgroup_parent = 7\n", ["cgroup_parent", "must be str"]),
 ])
 def test_bad_values_name_file_key_and_allowed(tmp_path: Path, text: str, words: list[str]) -> None:
     path = tmp_path / "agent.toml"
@@ -83,3 +88,11 @@ def test_node_key_from_key_file(tmp_path: Path) -> None:
     assert config.read_node_key(cfg2) == (3, "k")
     with pytest.raises(config.ConfigError, match="key_file"):
         config.read_node_key(config.defaults())
+
+
+def test_cgroup_parent_default_and_override(tmp_path: Path) -> None:
+    assert config.defaults().cgroup_parent == "planetlab"
+    path = config.write_default(tmp_path / "agent.toml", {"cgroup_parent": "plnode-2"})
+    text = path.read_text()
+    assert "cgroup_parent = \"plnode-2\"" in text and "two agents on one kernel" in text
+    assert config.load(path).cgroup_parent == "plnode-2"

@@ -382,3 +382,44 @@ def test_missing_image_keeps_the_sliver_pending(site: Site, node: Node) -> None:
     text = subprocess.run(node.agent_argv("status"), capture_output=True, text=True,
                           timeout=60).stdout
     assert f"image import nosuch{PID}" in text
+
+
+def _remove_cgroup_parent(parent: str) -> None:
+    """rmdir the node-wide group `parent` in every hierarchy (a test's own parent)."""
+    from kernel.cgroups import SliverCgroup, detect_layout
+
+    for d in {Path(d).parent for d in SliverCgroup(detect_layout(), "x", parent).dirs()}:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+
+
+def test_cgroup_parent_is_the_configured_one(plc: LiveServer, site: Site) -> None:
+    """[F2] An agent with cgroup_parent = P puts its slivers' groups at P/NAME of each
+    hierarchy, none at the default planetlab/NAME; adopting and destroying use P too."""
+    from kernel.cgroups import SliverCgroup, detect_layout
+
+    parent = f"pltest{PID}"
+    n = make_node(plc, site.hostname, cgroup_parent=parent)
+    try:
+        name = site.add_slice("cgp")
+        run_once(n)
+        assert context_state(n, name)["cgroup_parent"] == parent
+        ours = SliverCgroup(detect_layout(), name, parent).dirs()
+        assert ours and all(Path(d).is_dir() for d in ours), ours
+        init_pid = context_state(n, name)["init_pid"]
+        assert all(str(init_pid) in (Path(d) / "cgroup.procs").read_text().split()
+                   for d in ours)
+        for d in SliverCgroup(detect_layout(), name).dirs():
+            assert not Path(d).exists(), d
+        # A second run adopts the running sliver (through its state) and keeps it.
+        run_once(n)
+        assert context_state(n, name)["init_pid"] == init_pid
+        site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
+        run_once(n)
+        assert sliver(n, name) is None
+        assert not any(Path(d).exists() for d in ours)
+    finally:
+        cleanup_node(n)
+        _remove_cgroup_parent(parent)
