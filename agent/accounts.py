@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from agent.backend import Backend
+from agent.backend import Backend, split_dropped
 from agent.config import AgentConfig
 from agent.getslivers import Desired
 from agent.state import State
@@ -27,6 +27,7 @@ log = logging.getLogger("agent.accounts")
 
 MARK_BEGIN = "# --- planetlab-agent managed keys (do not edit below) ---"
 MARK_END = "# --- end of planetlab-agent managed keys ---"
+LOG_LINES = 200   # of an initscript's output tail (agent.backend.OUTPUT_TAIL bytes)
 
 
 def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: int,
@@ -293,7 +294,15 @@ class Accounts:
             0o755)
         code, output = await trio.to_thread.run_sync(
             self.backend.run, name, ["/bin/sh", "/etc/planetlab/initscript", "start", name])
-        for line in output.splitlines()[-200:]:
+        dropped, output = split_dropped(output)
+        lines = output.splitlines()
+        if dropped:
+            log.info("sliver %s: initscript output: %d earlier bytes dropped, its last %d "
+                     "bytes kept", name, dropped, len(output.encode()))
+        if len(lines) > LOG_LINES:
+            log.info("sliver %s: initscript output: its last %d of %d lines follow", name,
+                     LOG_LINES, len(lines))
+        for line in lines[-LOG_LINES:]:
             log.info("sliver %s initscript: %s", name, line)
         log.info("sliver %s: initscript exited with %d", name, code)
         self.state.set_meta(f"initscript_status:{name}", str(code))

@@ -9,12 +9,111 @@ a backend to act. `KernelBackend` does it with real contexts, images and COW roo
 from __future__ import annotations
 
 import logging
+import os
+import re
+import selectors
+import signal
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger("agent.backend")
+
+
+# Bytes of a command's output `KernelBackend.run` keeps (its tail), and most bytes it
+# still reads once the command has exited (what a daemon it left keeps writing is not).
+OUTPUT_TAIL = 64 * 1024
+DRAIN_AFTER_EXIT = 1 << 20
+_DROPPED_RE = re.compile(r"\[(\d+) bytes of earlier output dropped\]\Z")
+
+
+def dropped_line(n: int) -> str:
+    """The first line of `run`'s text when `n` bytes before the tail were dropped."""
+    return f"[{n} bytes of earlier output dropped]"
+
+
+def split_dropped(text: str) -> tuple[int, str]:
+    """(bytes dropped, the rest) of `run`'s text."""
+    first, nl, rest = text.partition("\n")
+    m = _DROPPED_RE.match(first)
+    return (int(m.group(1)), rest) if m and nl else (0, text)
+
+
+class OutputTail:
+    """The last `limit` bytes of a stream, and a count of the bytes before them.
+
+    Memory stays under 2 * limit + one chunk: the buffer is trimmed when it reaches
+    twice the limit, so each byte is moved at most once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._buf = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if len(self._buf) >= 2 * self.limit:
+            self._trim()
+
+    def _trim(self) -> None:
+        cut = len(self._buf) - self.limit
+        if cut > 0:
+            del self._buf[:cut]
+            self.dropped += cut
+
+    def data(self) -> bytes:
+        self._trim()
+        return bytes(self._buf)
+
+
+def _pump(proc: Any, r: int, tail: OutputTail, timeout: float) -> int | None:
+    """Read the pipe `r` into `tail` until `proc` exits (its exit code) or `timeout`
+    passes (None; the command is SIGKILLed and reaped)."""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(r, False)
+    sel = selectors.DefaultSelector()
+    sel.register(r, selectors.EVENT_READ, "out")
+    sel.register(proc.fileno(), selectors.EVENT_READ, "exit")
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                try:
+                    proc.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                return None
+            for key, _ in sel.select(left):
+                if key.data == "out":
+                    if not _read_some(r, tail, OUTPUT_TAIL * 4):
+                        sel.unregister(r)          # EOF: every writer is gone
+                else:
+                    code = proc.poll()
+                    if code is not None:
+                        # What it wrote before exiting is in the pipe: read that much.
+                        _read_some(r, tail, DRAIN_AFTER_EXIT)
+                        return int(code)
+    finally:
+        sel.close()
+
+
+def _read_some(fd: int, tail: OutputTail, most: int) -> bool:
+    """Read what `fd` has now (at most about `most` bytes) into `tail`; False at EOF."""
+    got = 0
+    while got < most:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        tail.add(chunk)
+        got += len(chunk)
+    return True
 
 
 class MissingImage(LookupError):
@@ -230,8 +329,38 @@ class KernelBackend:
 
     def run(self, name: str, argv: list[str], user: str = "root",
             timeout: float = 60.0) -> tuple[int, str]:
-        code, out, err = self._context(name).output(argv, user=user, timeout=timeout)
-        return int(code), (out + err).decode("utf-8", "replace")
+        """Run `argv` in the sliver: (exit code, the tail of its stdout and stderr).
+
+        The output is read as it comes and only its last OUTPUT_TAIL bytes are kept,
+        whatever the command writes (a slice's users choose its initscript, F21); when
+        some was dropped, the text starts with a `dropped_line`. Reading stops when the
+        command exits (a daemon it left holding the pipe does not keep us), or at
+        `timeout`, when the command is killed (code -9)."""
+        from kernel.context import DEVNULL
+
+        ctx = self._context(name)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = ctx.spawn(argv, user=user, stdin=DEVNULL, stdout=w, stderr=w)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        tail = OutputTail(OUTPUT_TAIL)
+        try:
+            code = _pump(proc, r, tail, timeout)
+        finally:
+            os.close(r)
+            proc.close()
+        if code is None:
+            log.warning("sliver %s: %s still running after %.0f s: killed", name, argv[0],
+                        timeout)
+            code = -signal.SIGKILL
+        text = tail.data().decode("utf-8", "replace")
+        if tail.dropped:
+            text = dropped_line(tail.dropped) + "\n" + text
+        return int(code), text
 
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
               env: dict[str, str], fds: tuple[int, int, int] | None) -> Any:

@@ -66,3 +66,21 @@ def test_node_accounts_honoured(tmp_path: Path, local_user: str) -> None:
     acc.install_node_accounts({local_user: ("ssh-rsa K3 c",)})
     text = auth.read_text()
     assert "K1" not in text and "K3" in text and "KEPT" in text
+
+
+def test_output_tail_keeps_the_last_bytes_and_counts_the_rest() -> None:
+    """[F21] The tail never holds more than twice its limit; what it drops is counted."""
+    from agent.backend import OutputTail, dropped_line, split_dropped
+
+    tail = OutputTail(10)
+    data = bytes(range(256)) * 40
+    for i in range(0, len(data), 7):
+        tail.add(data[i:i + 7])
+        assert len(tail._buf) < 2 * 10 + 7
+    assert tail.data() == data[-10:]
+    assert tail.dropped == len(data) - 10
+    assert split_dropped(dropped_line(123) + "\nrest\n") == (123, "rest\n")
+    assert split_dropped("[no] bytes\nx") == (0, "[no] bytes\nx")
+    small = OutputTail(10)
+    small.add(b"abc")
+    assert small.data() == b"abc" and small.dropped == 0

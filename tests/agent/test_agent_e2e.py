@@ -423,3 +423,66 @@ def test_cgroup_parent_is_the_configured_one(plc: LiveServer, site: Site) -> Non
     finally:
         cleanup_node(n)
         _remove_cgroup_parent(parent)
+
+
+# The agent, one cycle, printing its peak RSS (VmHWM, kB) on stderr at the end.
+_HWM_ARGV = ("import sys; from agent.cli import main; rc = main(); "
+             "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]; "
+             "print('AGENT-' + hwm[0].strip(), file=sys.stderr); sys.exit(rc)")
+
+
+def _run_once_hwm(node: Node) -> tuple[str, int]:
+    """`run --once` of `node`'s agent: (its stderr, its peak RSS in kB)."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HWM_ARGV, "--config", str(node.cfg_path),
+                          "run", "--once"], capture_output=True, text=True, timeout=180,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
+    hwm = [ln for ln in out.stderr.splitlines() if ln.startswith("AGENT-VmHWM:")]
+    assert hwm, out.stderr[-4000:]
+    return out.stderr, int(hwm[-1].split()[1])
+
+
+def test_initscript_output_is_not_buffered_whole(site: Site, node: Node) -> None:
+    """[F21] An initscript writing 100 MB: the agent keeps a bounded tail, so its peak
+    RSS stays near an idle cycle's; the tail and the count of dropped bytes are logged,
+    and the sliver runs."""
+    quiet = site.add_slice("initq", initscript_code="#!/bin/sh\necho quiet\n")
+    _, base_kb = _run_once_hwm(node)
+    big = 100_000_000
+    script = (f"#!/bin/sh\nyes 0123456789abcdef0123456789abcdef | head -c {big}\n"
+              "echo; echo last-line-$1\n")
+    name = site.add_slice("initbig", initscript_code=script)
+    err, big_kb = _run_once_hwm(node)
+    # Buffering the output whole took 4x its size (440 MB peak, against 36 MB for the
+    # first cycle); a bounded tail takes nothing visible.
+    assert big_kb - base_kb < 30 * 1024, (base_kb, big_kb)
+    assert f"sliver {name} initscript: last-line-start" in err
+    assert f"sliver {name}: initscript exited with 0" in err
+    dropped = [ln for ln in err.splitlines()
+               if f"sliver {name}: initscript output:" in ln and "bytes dropped" in ln]
+    assert dropped, err[-3000:]
+    n = int(dropped[0].split("output: ")[1].split()[0])
+    assert big - 128 * 1024 <= n <= big, n      # all but the tail (64 KiB) were dropped
+    logged = [ln for ln in err.splitlines() if f"sliver {name} initscript: " in ln]
+    assert 1 < len(logged) <= 200
+    # Buffering the output whole took 4x its size; a bounded tail takes nothing visible.
+    print("HWM", base_kb, big_kb)
+    assert big_kb - base_kb < 30 * 1024, (base_kb, big_kb)
+    s = sliver(node, name)
+    assert s is not None and s["state"] == "running" and s["live"], s
+    assert sliver(node, quiet) is not None
+
+
+def test_initscript_daemon_holding_its_output_does_not_hold_the_agent(
+        site: Site, node: Node) -> None:
+    """[F21] An initscript that leaves a daemon with its stdout open: the agent stops
+    reading when the script exits, not when the daemon closes the pipe."""
+    script = "#!/bin/sh\nsleep 40 &\necho daemon-started\n"
+    name = site.add_slice("initd", initscript_code=script)
+    t0 = time.monotonic()
+    out = run_once(node)
+    assert time.monotonic() - t0 < 25, out.stderr[-3000:]
+    assert f"sliver {name} initscript: daemon-started" in out.stderr
+    assert f"sliver {name}: initscript exited with 0" in out.stderr
