@@ -49,6 +49,7 @@ import trio
 
 from agent.ports import (
     BindDecision,
+    Key,
     PortConflict,
     PortError,
     PortRange,
@@ -56,7 +57,7 @@ from agent.ports import (
     format_ports_tag,
     parse_ports_tag,
 )
-from kernel import seccomp
+from kernel import seccomp, sockdiag
 from kernel.packet import bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_getfd, pidfd_open
 
@@ -128,6 +129,9 @@ class PortService:
         self.table = table
         self.store = store or PortStore()
         self.on_lost: list[Callable[[set[str]], None]] = []
+        # Called with every (proto, address, port) a change took from a slice, and
+        # that slice (F20: the guard then closes the old owner's sockets there).
+        self.on_revoked: list[Callable[[dict[Key, str]], object]] = []
         dropped = self.table.load(self.store.load())
         if dropped:
             log.warning("ports: recorded ownership no longer allowed, dropped: %s",
@@ -139,12 +143,18 @@ class PortService:
         self.store.save(trial.entries())  # recorded ...
         before, after = self.table.ownership(), trial.ownership()
         self.table = trial               # ... then granted
-        lost = {s for k, s in before.items() if after.get(k) != s}
+        revoked = {k: s for k, s in before.items() if after.get(k) != s}
+        lost = set(revoked.values())
         for callback in self.on_lost if lost else ():
             try:
                 callback(lost)
             except Exception:  # boundary: the table change itself has happened
                 log.exception("ports: on_lost callback failed for %s", sorted(lost))
+        for revoke in self.on_revoked if revoked else ():
+            try:
+                revoke(revoked)
+            except Exception:  # boundary, as above
+                log.exception("ports: on_revoked callback failed for %s", sorted(lost))
 
     def reserve(self, slice_name: str, spec: str) -> None:
         ranges = parse_ports_tag(spec)
@@ -262,8 +272,13 @@ class GuardStats:
 class Guard:
     """Handles the notifications of the slivers' listeners (see the module docstring)."""
 
-    def __init__(self, ports: PortService, run_dir: Path) -> None:
+    def __init__(self, ports: PortService, run_dir: Path,
+                 uid_range: Callable[[str], tuple[int, int] | None] | None = None) -> None:
+        """`uid_range(slice)`: the slice's host uids as (first, count), or None if
+        unknown; with it, sockets on ports taken from a slice are closed (F20)."""
         self.ports = ports
+        self.uid_range = uid_range
+        ports.on_revoked.append(self.close_revoked)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.stats = GuardStats()
@@ -410,6 +425,44 @@ class Guard:
         while True:
             await trio.lowlevel.wait_readable(self._exits.fileno())
             self.reap_pidfds()
+
+    def close_revoked(self, revoked: dict[Key, str]) -> int:
+        """Close the old owners' TCP and UDP sockets on ports taken from them (F20).
+
+        For each (slice, proto, port) in `revoked`, the sockets of that local port
+        whose uid is in the slice's uid range and whose local address covers a
+        revoked address (a wildcard covers them all) are destroyed with sock_diag
+        SOCK_DESTROY: TCP ones are reset (a listener's accept fails, the port is free
+        at once); UDP ones get ECONNABORTED. How many were closed.
+        """
+        if self.uid_range is None:
+            return 0
+        wanted: dict[tuple[str, str, int], set[str]] = {}
+        for (proto, address, port), owner in revoked.items():
+            if proto in sockdiag.PROTOCOLS:
+                wanted.setdefault((owner, proto, port), set()).add(address)
+        closed = 0
+        table = self.ports.table
+        for (owner, proto, port), addresses in sorted(wanted.items()):
+            uids = self.uid_range(owner)
+            if uids is None:
+                log.warning("guard: %s lost %s port %d but its uids are unknown: its "
+                            "sockets there stay", owner, proto, port)
+                continue
+            first, count = uids
+            try:
+                for sock in sockdiag.find(proto, port):
+                    if first <= sock.uid < first + count and \
+                            addresses.intersection(table.covered(sock.local)):
+                        closed += sockdiag.destroy(sock)
+            except OSError as exc:
+                log.error("guard: closing %s's %s sockets on port %d failed: %s",
+                          owner, proto, port, exc)
+                continue
+        if closed:
+            log.info("guard: closed %d socket(s) on ports taken from %s", closed,
+                     ", ".join(sorted({o for o, _, _ in wanted})))
+        return closed
 
     def _forget_pidfds(self, slice_name: str) -> None:
         for key in [k for k in self._pidfds if k[0] == slice_name]:
@@ -826,6 +879,20 @@ async def _supervise_logged(guard: Guard, slice_name: str, fd: int) -> None:
                       "until it is adopted again", slice_name)
 
 
+def _state_uid_range(state: Any) -> Callable[[str], tuple[int, int] | None]:
+    """A slice's uids from the agent state's uid range index, with the default
+    uid_pool_start and uid_range_size (as agent.accounts computes them)."""
+    from agent.config import defaults
+    cfg = defaults()
+
+    def uid_range(name: str) -> tuple[int, int] | None:
+        idx = state.uid_range_of(name)
+        if idx is None:
+            return None
+        return cfg.uid_pool_start + idx * cfg.uid_range_size, cfg.uid_range_size
+    return uid_range
+
+
 class GuardService:
     """Everything the agent needs from the guard, in one object (docs/guard.md).
 
@@ -835,9 +902,12 @@ class GuardService:
 
     def __init__(self, state: Any, addresses: list[str], run_dir: Path,
                  ephemeral: tuple[int, int] | None = None,
-                 reserved_ports: str | None = None) -> None:
+                 reserved_ports: str | None = None,
+                 uid_range: Callable[[str], tuple[int, int] | None] | None = None) -> None:
         """`reserved_ports`: host ports no slice may own, in the ports tag syntax
-        (agent config key `reserved_ports`; None: that key's default)."""
+        (agent config key `reserved_ports`; None: that key's default). `uid_range`:
+        a slice's host uids (first, count), see `Guard`; None: from the state's
+        uid_ranges table and the config keys' defaults (`_state_uid_range`)."""
         from agent.ports import read_ephemeral_range
         from agent.rawsock import RawSockets
         if reserved_ports is None:
@@ -846,7 +916,9 @@ class GuardService:
         table = PortTable(addresses, ephemeral or read_ephemeral_range(),
                           parse_ports_tag(reserved_ports))
         self.ports = PortService(table, StatePortStore(state) if state is not None else None)
-        self.guard = Guard(self.ports, Path(run_dir) / "guard")
+        if uid_range is None and state is not None:
+            uid_range = _state_uid_range(state)
+        self.guard = Guard(self.ports, Path(run_dir) / "guard", uid_range)
         self.raw = RawSockets(lambda: self.ports.table)
         self.ports.on_lost.append(self.raw.ports_lost)
         self.api = GuardAPI(self.guard, self.raw)

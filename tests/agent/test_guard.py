@@ -48,6 +48,9 @@ def sockaddr(host, port):
         socket.inet_aton(host) + bytes(8)
 
 exec(sys.argv[3])  # HOSTILE: defines hostile_binds()
+if len(sys.argv) > 4:  # run as this host uid (the guard binds for it all the same)
+    os.setgroups([]); os.setresgid(int(sys.argv[4]), int(sys.argv[4]), int(sys.argv[4]))
+    os.setresuid(int(sys.argv[4]), int(sys.argv[4]), int(sys.argv[4]))
 
 
 def do(req):
@@ -74,6 +77,19 @@ def do(req):
     if op == "close":
         socks.pop(req["fd"]).close()
         return {}
+    if op in ("listen", "accept", "recv"):
+        s = socks[req["fd"]]
+        try:
+            if op == "listen":
+                s.listen()
+            else:
+                s.settimeout(req["timeout"])
+                got = s.accept()[0].close() if op == "accept" else s.recv(16)
+        except socket.timeout:
+            return {"errno": "timeout"}
+        except OSError as e:
+            return {"errno": e.errno}
+        return {"errno": 0}
     if op == "race":
         owned, other, host = req["owned"], req["other"], req["host"]
         buf = ctypes.create_string_buffer(sockaddr(host, owned), 16)
@@ -214,13 +230,13 @@ def hostile_binds():
 class Sliver:
     """A harness process under the guard filter (see the module docstring)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, uid: int | None = None) -> None:
         self.name = name
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.ctl = mine
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(ROOT), HOSTILE],
-            pass_fds=(theirs.fileno(),))
+            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(ROOT), HOSTILE]
+            + ([] if uid is None else [str(uid)]), pass_fds=(theirs.fileno(),))
         theirs.close()
         try:
             mine.settimeout(20)
@@ -249,8 +265,8 @@ class Sliver:
 def slivers() -> Iterator[Any]:
     made: list[Sliver] = []
 
-    def make(name: str) -> Sliver:
-        s = Sliver(f"{name}{os.getpid()}")
+    def make(name: str, uid: int | None = None) -> Sliver:
+        s = Sliver(f"{name}{os.getpid()}", uid)
         made.append(s)
         return s
 
@@ -611,3 +627,43 @@ async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
             assert (await s.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0
             assert list(guard._pidfds) == [(s.name, s.proc.pid)]
         nursery.cancel_scope.cancel()
+
+
+async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, slivers: Any) -> None:
+    """F20: a port taken from a slice (a tag overriding its reservation, ReleasePort)
+    closes its sockets there: its TCP listener's accept fails, its UDP socket is
+    aborted. Sockets of other uids on the port stay."""
+    first = 100_000_000 + os.getpid() * 4  # uids no other test run uses
+    uids = {f"a{os.getpid()}": (first, 2), f"b{os.getpid()}": (first + 2, 2)}
+    table = PortTable([], read_ephemeral_range())
+    guard = Guard(PortService(table, PortStore()), tmp_path / "guard", uids.get)
+    a, b = slivers("a", first + 1), slivers("b", first + 2)
+    tcp, udp = free_ports(2)
+    guard.ports.reserve(a.name, f"tcp:{tcp},udp:{udp}")
+    host = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # uid 0, same UDP port
+    host.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    host.bind(("::1", udp))
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        listener = await a.acall(op="bind", host="127.0.0.1", port=tcp)
+        dgram = await a.acall(op="bind", host="0.0.0.0", port=udp, type="SOCK_DGRAM")
+        assert listener["errno"] == 0 and dgram["errno"] == 0
+        await a.acall(op="listen", fd=listener["fd"])
+        guard.ports.set_tag_ports(b.name, f"tcp:{tcp}")  # PLC's tag takes the port
+        assert guard.ports.table.owner("tcp", "127.0.0.1", tcp) == b.name
+        got = await a.acall(op="accept", fd=listener["fd"], timeout=2)
+        assert got["errno"] == errno.EINVAL, got
+        # An explicitly bound socket keeps its port while an fd refers to it (the
+        # kernel's SOCK_BINDPORT_LOCK), reset or not: free once A closes it.
+        got = await b.acall(op="bind", host="127.0.0.1", port=tcp)
+        assert got["errno"] == errno.EADDRINUSE, got
+        await a.acall(op="close", fd=listener["fd"])
+        assert (await b.acall(op="bind", host="127.0.0.1", port=tcp))["errno"] == 0
+        guard.ports.release(a.name, f"udp:{udp}")
+        got = await a.acall(op="recv", fd=dgram["fd"], timeout=2)
+        assert got["errno"] == errno.ECONNABORTED, got
+        host.settimeout(0.2)  # the host's socket on that port was left alone
+        with pytest.raises(socket.timeout):
+            host.recv(16)
+        nursery.cancel_scope.cancel()
+    host.close()

@@ -1,0 +1,155 @@
+"""The host's TCP and UDP sockets by local port, and closing them: netlink sock_diag.
+
+`find(proto, port)` dumps the sockets (IPv4 and IPv6) whose local port is `port`
+(SOCK_DIAG_BY_FAMILY with an inet_diag bytecode filter, so the kernel does the
+matching); `destroy(sock)` closes one of them by its identity and cookie
+(SOCK_DESTROY: needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY). A destroyed TCP
+socket is reset (a listener's accept() then fails with EINVAL, and the port is free
+at once); a destroyed UDP socket gets ECONNABORTED and is unhashed (its port free).
+
+The layouts are those of <linux/inet_diag.h> and <linux/netlink.h>; names below
+follow the kernel's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import NamedTuple
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_EQ = 11
+ALL_STATES = 0xFFFFFFFF
+
+NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+NLATTR = struct.Struct("=HH")  # nla_len, nla_type
+# struct inet_diag_sockid: idiag_sport, idiag_dport (network order), idiag_src[4],
+# idiag_dst[4] (network order), idiag_if, idiag_cookie[2]
+SOCKID = struct.Struct("=2s2s16s16sI8s")
+# struct inet_diag_req_v2: sdiag_family, sdiag_protocol, idiag_ext, pad, idiag_states, id
+REQ_V2 = struct.Struct("=BBBBI" + SOCKID.format[1:])
+# struct inet_diag_msg: idiag_family, idiag_state, idiag_timer, idiag_retrans, id,
+# idiag_expires, idiag_rqueue, idiag_wqueue, idiag_uid, idiag_inode
+DIAG_MSG = struct.Struct("=BBBB" + SOCKID.format[1:] + "IIIII")
+BC_OP = struct.Struct("=BBH")  # struct inet_diag_bc_op: code, yes, no
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+class DiagSocket(NamedTuple):
+    """One socket as the dump showed it (enough to name it in SOCK_DESTROY)."""
+
+    family: int
+    protocol: int
+    state: int
+    uid: int
+    inode: int
+    local: str
+    port: int
+    sockid: bytes  # the struct inet_diag_sockid as dumped, cookie included
+
+    @property
+    def cookie(self) -> int:
+        return int.from_bytes(self.sockid[-8:], "little")
+
+
+class SockDiagError(OSError):
+    """A sock_diag request the kernel refused."""
+
+
+def _port_filter(port: int) -> bytes:
+    """Bytecode: accept iff the local port is `port` (S_EQ; its second op carries the
+    port in `no`); a failed test jumps past the end, which rejects."""
+    return BC_OP.pack(INET_DIAG_BC_S_EQ, BC_OP.size * 2, BC_OP.size * 2 + 4) + \
+        BC_OP.pack(0, 0, port)
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = NLATTR.size + len(payload)
+    return NLATTR.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def _message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
+
+
+def _open() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                         NETLINK_SOCK_DIAG)
+    sock.settimeout(5.0)
+    return sock
+
+
+def _messages(sock: socket.socket, seq: int) -> list[tuple[int, bytes]]:
+    """The (type, payload) of every reply to request `seq`, up to DONE or an ack."""
+    out: list[tuple[int, bytes]] = []
+    while True:
+        data = sock.recv(1 << 16)
+        off = 0
+        while off + NLMSGHDR.size <= len(data):
+            length, kind, _, rseq, _ = NLMSGHDR.unpack_from(data, off)
+            if length < NLMSGHDR.size:
+                raise SockDiagError(errno.EPROTO, f"netlink message of length {length}")
+            payload = data[off + NLMSGHDR.size:off + length]
+            off += (length + 3) & ~3
+            if rseq != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return out
+            if kind == NLMSG_ERROR:
+                err = -struct.unpack_from("=i", payload)[0]
+                if err:
+                    raise SockDiagError(err, os.strerror(err))
+                out.append((kind, payload))
+                return out  # an ack ends a non-dump request
+            out.append((kind, payload))
+
+
+def find(proto: str, port: int) -> list[DiagSocket]:
+    """Every TCP or UDP socket (IPv4 and IPv6, all states) with local port `port`."""
+    if proto not in PROTOCOLS:
+        raise ValueError(f"sock_diag: protocol {proto!r} is not one of {sorted(PROTOCOLS)}")
+    if not 0 < port < 65536:
+        raise ValueError(f"sock_diag: bad port {port!r}")
+    found: list[DiagSocket] = []
+    with _open() as sock:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            req = REQ_V2.pack(family, PROTOCOLS[proto], 0, 0, ALL_STATES,
+                              b"\0\0", b"\0\0", bytes(16), bytes(16), 0, bytes(8))
+            req += _attr(INET_DIAG_REQ_BYTECODE, _port_filter(port))
+            sock.send(_message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, req))
+            for kind, payload in _messages(sock, seq):
+                if kind != SOCK_DIAG_BY_FAMILY or len(payload) < DIAG_MSG.size:
+                    continue
+                fam, state, _, _, sport, dport, src, dst, ifindex, cookie, \
+                    _, _, _, uid, inode = DIAG_MSG.unpack_from(payload)
+                addr = socket.inet_ntop(fam, src[:4] if fam == socket.AF_INET else src)
+                sockid = SOCKID.pack(sport, dport, src, dst, ifindex, cookie)
+                found.append(DiagSocket(fam, PROTOCOLS[proto], state, uid, inode, addr,
+                                        int.from_bytes(sport, "big"), sockid))
+    return found
+
+
+def destroy(target: DiagSocket) -> bool:
+    """Close `target` (SOCK_DESTROY). False if it is already gone (ENOENT)."""
+    req = REQ_V2.pack(target.family, target.protocol, 0, 0, ALL_STATES,
+                      *SOCKID.unpack(target.sockid))
+    with _open() as sock:
+        sock.send(_message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 1, req))
+        try:
+            _messages(sock, 1)
+        except SockDiagError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+    return True
+
+
+__all__ = ["DiagSocket", "SockDiagError", "destroy", "find"]

@@ -1,0 +1,53 @@
+"""kernel.sockdiag on the real kernel: dump by local port, destroy by cookie."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+
+from kernel import sockdiag
+
+pytestmark = pytest.mark.kernel
+
+
+def test_find_by_port_and_destroy_tcp_and_udp_both_families() -> None:
+    lst = socket.socket()
+    u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    other = socket.socket()
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        port = lst.getsockname()[1]
+        u6.bind(("::1", port))
+        other.bind(("127.0.0.1", 0))
+        tcp, udp = sockdiag.find("tcp", port), sockdiag.find("udp", port)
+        assert [(s.family, s.local, s.port, s.uid) for s in tcp] == \
+            [(socket.AF_INET, "127.0.0.1", port, 0)]
+        assert [(s.family, s.local, s.port) for s in udp] == [(socket.AF_INET6, "::1", port)]
+        assert tcp[0].inode == os.fstat(lst.fileno()).st_ino
+        assert sockdiag.destroy(tcp[0]) and sockdiag.destroy(udp[0])
+        lst.settimeout(2)
+        with pytest.raises(OSError) as got:
+            lst.accept()
+        assert got.value.errno == errno.EINVAL
+        u6.settimeout(2)
+        with pytest.raises(OSError) as got:
+            u6.recv(16)
+        assert got.value.errno == errno.ECONNABORTED
+        assert sockdiag.find("tcp", port) == []
+        assert sockdiag.destroy(tcp[0]) is False  # gone already
+        assert other.getsockname()[1] != 0  # untouched: another port
+    finally:
+        lst.close()
+        u6.close()
+        other.close()
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="sctp"):
+        sockdiag.find("sctp", 80)
+    with pytest.raises(ValueError, match="70000"):
+        sockdiag.find("tcp", 70000)
