@@ -437,31 +437,31 @@ class Guard:
         """
         if self.uid_range is None:
             return 0
-        wanted: dict[tuple[str, str, int], set[str]] = {}
+        wanted: dict[tuple[str, str], dict[int, set[str]]] = {}
         for (proto, address, port), owner in revoked.items():
             if proto in sockdiag.PROTOCOLS:
-                wanted.setdefault((owner, proto, port), set()).add(address)
+                wanted.setdefault((owner, proto), {}).setdefault(port, set()).add(address)
         closed = 0
         table = self.ports.table
-        for (owner, proto, port), addresses in sorted(wanted.items()):
+        for (owner, proto), ports in sorted(wanted.items()):
             uids = self.uid_range(owner)
             if uids is None:
-                log.warning("guard: %s lost %s port %d but its uids are unknown: its "
-                            "sockets there stay", owner, proto, port)
+                log.warning("guard: %s lost %s ports %s but its uids are unknown: its "
+                            "sockets there stay", owner, proto, sorted(ports))
                 continue
             first, count = uids
-            try:
-                for sock in sockdiag.find(proto, port):
-                    if first <= sock.uid < first + count and \
+            try:  # one dump of the span, whatever the number of ports
+                for sock in sockdiag.find(proto, min(ports), max(ports)):
+                    addresses = ports.get(sock.port)
+                    if addresses and first <= sock.uid < first + count and \
                             addresses.intersection(table.covered(sock.local)):
                         closed += sockdiag.destroy(sock)
             except OSError as exc:
-                log.error("guard: closing %s's %s sockets on port %d failed: %s",
-                          owner, proto, port, exc)
-                continue
+                log.error("guard: closing %s's %s sockets on ports %s failed: %s",
+                          owner, proto, sorted(ports), exc)
         if closed:
             log.info("guard: closed %d socket(s) on ports taken from %s", closed,
-                     ", ".join(sorted({o for o, _, _ in wanted})))
+                     ", ".join(sorted({o for o, _ in wanted})))
         return closed
 
     def _forget_pidfds(self, slice_name: str) -> None:

@@ -25,7 +25,7 @@ SOCK_DESTROY = 21
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_REQ_BYTECODE = 1
-INET_DIAG_BC_S_EQ = 11
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE, INET_DIAG_BC_S_EQ = 2, 3, 11
 ALL_STATES = 0xFFFFFFFF
 
 NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
@@ -64,11 +64,14 @@ class SockDiagError(OSError):
     """A sock_diag request the kernel refused."""
 
 
-def _port_filter(port: int) -> bytes:
-    """Bytecode: accept iff the local port is `port` (S_EQ; its second op carries the
-    port in `no`); a failed test jumps past the end, which rejects."""
-    return BC_OP.pack(INET_DIAG_BC_S_EQ, BC_OP.size * 2, BC_OP.size * 2 + 4) + \
-        BC_OP.pack(0, 0, port)
+def _port_filter(first: int, last: int) -> bytes:
+    """Bytecode: accept iff first <= local port <= last. Each comparison is two ops
+    (the second carries the port in `no`); a failed one jumps past the end, which
+    rejects (inet_diag_bc_run accepts only when it lands exactly on the end)."""
+    if first == last:
+        return BC_OP.pack(INET_DIAG_BC_S_EQ, 8, 12) + BC_OP.pack(0, 0, first)
+    return BC_OP.pack(INET_DIAG_BC_S_GE, 8, 20) + BC_OP.pack(0, 0, first) + \
+        BC_OP.pack(INET_DIAG_BC_S_LE, 8, 12) + BC_OP.pack(0, 0, last)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -112,18 +115,20 @@ def _messages(sock: socket.socket, seq: int) -> list[tuple[int, bytes]]:
             out.append((kind, payload))
 
 
-def find(proto: str, port: int) -> list[DiagSocket]:
-    """Every TCP or UDP socket (IPv4 and IPv6, all states) with local port `port`."""
+def find(proto: str, port: int, last: int | None = None) -> list[DiagSocket]:
+    """Every TCP or UDP socket (IPv4 and IPv6, all states) with local port `port`
+    (or in `port`..`last`): one dump per family, whatever the range."""
     if proto not in PROTOCOLS:
         raise ValueError(f"sock_diag: protocol {proto!r} is not one of {sorted(PROTOCOLS)}")
-    if not 0 < port < 65536:
-        raise ValueError(f"sock_diag: bad port {port!r}")
+    last = port if last is None else last
+    if not 0 < port <= last < 65536:
+        raise ValueError(f"sock_diag: bad port range {port!r}-{last!r}")
     found: list[DiagSocket] = []
     with _open() as sock:
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
             req = REQ_V2.pack(family, PROTOCOLS[proto], 0, 0, ALL_STATES,
                               b"\0\0", b"\0\0", bytes(16), bytes(16), 0, bytes(8))
-            req += _attr(INET_DIAG_REQ_BYTECODE, _port_filter(port))
+            req += _attr(INET_DIAG_REQ_BYTECODE, _port_filter(port, last))
             sock.send(_message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, req))
             for kind, payload in _messages(sock, seq):
                 if kind != SOCK_DIAG_BY_FAMILY or len(payload) < DIAG_MSG.size:

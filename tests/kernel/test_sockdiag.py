@@ -51,3 +51,21 @@ def test_bad_arguments_are_named() -> None:
         sockdiag.find("sctp", 80)
     with pytest.raises(ValueError, match="70000"):
         sockdiag.find("tcp", 70000)
+
+
+def test_find_a_port_range_in_one_dump() -> None:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        lo, mid, hi = sorted(s.getsockname()[1] for s in socks)
+        got = {s.port for s in sockdiag.find("udp", lo, hi)}
+        assert {lo, mid, hi} <= got and all(lo <= p <= hi for p in got)
+        assert {s.port for s in sockdiag.find("udp", lo, mid)} >= {lo, mid}
+        assert hi not in {s.port for s in sockdiag.find("udp", lo, mid)}
+        assert lo not in {s.port for s in sockdiag.find("udp", mid, hi)}
+        if mid > lo + 1:
+            assert lo not in {s.port for s in sockdiag.find("udp", lo + 1, hi)}
+    finally:
+        for s in socks:
+            s.close()
