@@ -638,8 +638,8 @@ async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, sliver
     table = PortTable([], read_ephemeral_range())
     guard = Guard(PortService(table, PortStore()), tmp_path / "guard", uids.get)
     a, b = slivers("a", first + 1), slivers("b", first + 2)
-    tcp, udp = free_ports(2)
-    guard.ports.reserve(a.name, f"tcp:{tcp},udp:{udp}")
+    tcp, udp, last = free_ports(3)
+    guard.ports.reserve(a.name, f"tcp:{tcp},udp:{udp},tcp:{last}")
     host = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # uid 0, same UDP port
     host.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     host.bind(("::1", udp))
@@ -665,5 +665,26 @@ async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, sliver
         host.settimeout(0.2)  # the host's socket on that port was left alone
         with pytest.raises(socket.timeout):
             host.recv(16)
+        third = await a.acall(op="bind", host="::", port=last)  # wildcard, both families
+        assert third["errno"] == 0
+        await a.acall(op="listen", fd=third["fd"])
+        guard.release_sliver(a.name)  # the sliver destroyed
+        got = await a.acall(op="accept", fd=third["fd"], timeout=2)
+        assert got["errno"] == errno.EINVAL, got
         nursery.cancel_scope.cancel()
     host.close()
+
+
+def test_guard_service_finds_slice_uids_in_state(tmp_path: Path) -> None:
+    """The default uid_range of GuardService: the state's index, the default pool."""
+    from agent.config import defaults
+    from agent.guard import GuardService
+    from agent.state import State
+    cfg = defaults()
+    with State.open(tmp_path / "state") as state:
+        idx = state.allocate_uid_range("s1", 8)
+        svc = GuardService(state, [], tmp_path / "run", ephemeral=(32768, 60999))
+        assert svc.guard.uid_range is not None
+        assert svc.guard.uid_range("s1") == (
+            cfg.uid_pool_start + idx * cfg.uid_range_size, cfg.uid_range_size)
+        assert svc.guard.uid_range("nobody") is None
