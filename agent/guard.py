@@ -432,8 +432,10 @@ class Guard:
         For each (slice, proto, port) in `revoked`, the sockets of that local port
         whose uid is in the slice's uid range and whose local address covers a
         revoked address (a wildcard covers them all) are destroyed with sock_diag
-        SOCK_DESTROY: TCP ones are reset (a listener's accept fails, the port is free
-        at once); UDP ones get ECONNABORTED. How many were closed.
+        SOCK_DESTROY: TCP ones are reset (a listener's accept fails); UDP ones get
+        ECONNABORTED and then drop all they receive (`_deafen`). Either keeps its
+        port until its holders close it (the kernel's SOCK_BINDPORT_LOCK). How many
+        were closed.
         """
         if self.uid_range is None:
             return 0
@@ -450,19 +452,46 @@ class Guard:
                             "sockets there stay", owner, proto, sorted(ports))
                 continue
             first, count = uids
+            aborted: set[int] = set()
             try:  # one dump of the span, whatever the number of ports
                 for sock in sockdiag.find(proto, min(ports), max(ports)):
                     addresses = ports.get(sock.port)
                     if addresses and first <= sock.uid < first + count and \
-                            addresses.intersection(table.covered(sock.local)):
-                        closed += sockdiag.destroy(sock)
+                            addresses.intersection(table.covered(sock.local)) and \
+                            sockdiag.destroy(sock):
+                        closed += 1
+                        if proto == "udp":
+                            aborted.add(sock.inode)
             except OSError as exc:
                 log.error("guard: closing %s's %s sockets on ports %s failed: %s",
                           owner, proto, sorted(ports), exc)
+            if aborted:
+                self._deafen(owner, aborted, first, count)
         if closed:
             log.info("guard: closed %d socket(s) on ports taken from %s", closed,
                      ", ".join(sorted({o for o, _ in wanted})))
         return closed
+
+    @staticmethod
+    def _deafen(owner: str, inodes: set[int], first: int, count: int) -> None:
+        """A destroyed UDP socket keeps its port and would go on receiving after its
+        one ECONNABORTED: make it drop everything (a locked filter), through a copy
+        of it taken from a process of `owner` that holds it."""
+        for inode, (pid, fdnum) in sockdiag.holders(inodes, first, count).items():
+            try:
+                pidfd = pidfd_open(pid)
+                try:
+                    fd = pidfd_getfd(pidfd, fdnum)
+                finally:
+                    os.close(pidfd)
+                try:
+                    if os.fstat(fd).st_ino == inode:  # not a reused pid or fd number
+                        sockdiag.deafen(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("guard: %s: could not silence UDP socket %d of pid %d: %s",
+                            owner, inode, pid, exc)
 
     def _forget_pidfds(self, slice_name: str) -> None:
         for key in [k for k in self._pidfds if k[0] == slice_name]:

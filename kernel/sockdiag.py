@@ -13,6 +13,7 @@ follow the kernel's.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -157,4 +158,46 @@ def destroy(target: DiagSocket) -> bool:
     return True
 
 
-__all__ = ["DiagSocket", "SockDiagError", "destroy", "find"]
+SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 44
+BPF_RET_K = 0x06  # BPF_RET | BPF_K
+SOCK_FPROG = struct.Struct("=H6xQ")  # struct sock_fprog: len, (pad), filter pointer
+
+
+def deafen(fd: int) -> None:
+    """Make socket `fd` drop every packet it would receive, for good: a classic BPF
+    filter "ret 0" attached and locked (SO_LOCK_FILTER: its holders cannot detach or
+    replace it). Acts on the socket, whichever process's fd this is a copy of."""
+    insn = ctypes.create_string_buffer(struct.pack("=HBBI", BPF_RET_K, 0, 0, 0), 8)
+    prog = SOCK_FPROG.pack(1, ctypes.addressof(insn))
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+
+
+def holders(inodes: set[int], first_uid: int, uid_count: int) -> dict[int, tuple[int, int]]:
+    """For each socket inode in `inodes`, one (pid, fd) holding it, among processes
+    whose effective uid (the owner of /proc/PID) is in first_uid .. +uid_count."""
+    links = {f"socket:[{i}]": i for i in inodes}
+    found: dict[int, tuple[int, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not first_uid <= entry.stat().st_uid < first_uid + uid_count:
+                continue
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:  # gone meanwhile
+            continue
+        for name in fds:
+            try:
+                inode = links.get(os.readlink(f"/proc/{entry.name}/fd/{name}"))
+            except OSError:
+                continue
+            if inode is not None and inode not in found:
+                found[inode] = (int(entry.name), int(name))
+        if len(found) == len(links):
+            break
+    return found
+
+
+__all__ = ["DiagSocket", "SockDiagError", "deafen", "destroy", "find", "holders"]

@@ -662,6 +662,10 @@ async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, sliver
         guard.ports.release(a.name, f"udp:{udp}")
         got = await a.acall(op="recv", fd=dgram["fd"], timeout=2)
         assert got["errno"] == errno.ECONNABORTED, got
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"after", ("127.0.0.1", udp))  # and it hears nothing more
+        got = await a.acall(op="recv", fd=dgram["fd"], timeout=0.5)
+        assert got["errno"] == "timeout", got
         host.settimeout(0.2)  # the host's socket on that port was left alone
         with pytest.raises(socket.timeout):
             host.recv(16)

@@ -69,3 +69,25 @@ def test_find_a_port_range_in_one_dump() -> None:
     finally:
         for s in socks:
             s.close()
+
+
+def test_deafen_is_locked_and_holders_found_by_uid() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        s.bind(("127.0.0.1", 0))
+        inode = os.fstat(s.fileno()).st_ino
+        got = sockdiag.holders({inode}, os.geteuid(), 1)
+        pid, fd = got[inode]
+        assert pid == os.getpid() and os.fstat(fd).st_ino == inode
+        assert sockdiag.holders({inode}, os.geteuid() + 1, 10) == {}
+        sender.sendto(b"before", s.getsockname())
+        s.settimeout(2)
+        assert s.recv(16) == b"before"
+        sockdiag.deafen(s.fileno())
+        sender.sendto(b"after", s.getsockname())
+        s.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            s.recv(16)
+        with pytest.raises(OSError) as err:  # its holder cannot take the filter off
+            s.setsockopt(socket.SOL_SOCKET, 27, 0)  # SO_DETACH_FILTER
+        assert err.value.errno == errno.EPERM
