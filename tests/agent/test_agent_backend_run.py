@@ -21,9 +21,19 @@ PID = os.getpid()
 
 @pytest.fixture
 def sliver() -> Iterator[tuple[KernelBackend, str]]:
+    import prctl
+
+    # KernelBackend makes this process a subreaper; put it back afterwards, or the inits
+    # of agents that later tests run as subprocesses become our zombies when they exit.
+    was_subreaper = prctl.get_child_subreaper()
     node = make_node(None, f"run{PID}.agent.test")
     name = f"brun{PID}"
-    backend = KernelBackend(node.state_dir, Path(node.cfg.run_dir))
+    try:
+        backend = KernelBackend(node.state_dir, Path(node.cfg.run_dir))
+    except BaseException:
+        prctl.set_child_subreaper(was_subreaper)
+        cleanup_node(node)
+        raise
     limits: dict[str, Any] = {"cpu_share": 1, "cpu_pct": None, "mem_max": None,
                               "pids_max": 200, "rlimits": {}, "extra_capabilities": ()}
     try:
@@ -35,6 +45,7 @@ def sliver() -> Iterator[tuple[KernelBackend, str]]:
             backend.destroy(name)
         finally:
             cleanup_node(node)
+            prctl.set_child_subreaper(was_subreaper)
 
 
 def test_run_code_and_both_streams(sliver: tuple[KernelBackend, str]) -> None:
