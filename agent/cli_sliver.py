@@ -47,6 +47,7 @@ class Paths:
     run_dir: Path
     uid_pool_start: int      # the agent's pool: uid_pool_start..uid_pool_end - 1
     uid_pool_end: int
+    cgroup_parent: str       # the agent's `cgroup_parent`, so both keep slivers together
 
     @property
     def images(self) -> Path:
@@ -144,7 +145,7 @@ def _paths(args: argparse.Namespace) -> Paths:
     start = int(getattr(cfg, "uid_pool_start", DEFAULT_UID_POOL))
     end = start + int(getattr(cfg, "uid_pool_ranges", DEFAULT_UID_POOL_RANGES)) * \
         int(getattr(cfg, "uid_range_size", UID_COUNT))
-    return Paths(sd, rd, start, end)
+    return Paths(sd, rd, start, end, str(cfg.cgroup_parent))
 
 
 def _fail(what: str, msg: object) -> int:
@@ -215,7 +216,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                                     UID_COUNT, args.disk_max)
                 try:
                     ctx = Context.create(p.contexts, args.name, root, base, UID_COUNT,
-                                         limits)
+                                         limits, cgroup_parent=p.cgroup_parent)
                 except BaseException:
                     release_root(p.roots, args.name)
                     raise
@@ -257,11 +258,12 @@ def cmd_start(args: argparse.Namespace) -> int:
                 return _fail("sliver start", f"no sliver {args.name!r}")
             # Not running (reboot, crash): clear what is left, bring it back.
             if (p.contexts / args.name).exists():
-                Context.destroy_stale(p.contexts, args.name)
+                Context.destroy_stale(p.contexts, args.name, p.cgroup_parent)
             root = prepare_root(ImageStore(p.images), p.roots, args.name, rec["image"],
                                 rec["uid_base"], rec["uid_count"], rec.get("disk_max_kib"))
             ctx = Context.create(p.contexts, args.name, root, rec["uid_base"],
-                                 rec["uid_count"], Limits.from_json(rec["limits"]))
+                                 rec["uid_count"], Limits.from_json(rec["limits"]),
+                                 cgroup_parent=p.cgroup_parent)
     except (ValueError, OSError, ContextError, ImageError, RootError) as exc:
         return _fail("sliver start", exc)
     print(f"started {args.name} again: init pid {ctx.init_pid}")
@@ -294,7 +296,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
             if not known:
                 return _fail("sliver destroy", f"no sliver {args.name!r}")
             if (p.contexts / args.name).exists():
-                Context.destroy_stale(p.contexts, args.name)   # running or not
+                Context.destroy_stale(p.contexts, args.name, p.cgroup_parent)   # running or not
             release_root(p.roots, args.name)
             records.pop(args.name, None)
     except (ValueError, OSError, ContextError, RootError) as exc:

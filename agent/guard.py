@@ -908,17 +908,23 @@ async def _supervise_logged(guard: Guard, slice_name: str, fd: int) -> None:
                       "until it is adopted again", slice_name)
 
 
-def _state_uid_range(state: Any) -> Callable[[str], tuple[int, int] | None]:
-    """A slice's uids from the agent state's uid range index, with the default
-    uid_pool_start and uid_range_size (as agent.accounts computes them)."""
-    from agent.config import defaults
-    cfg = defaults()
+def state_uid_range(state: Any, pool_start: int | None = None,
+                    range_size: int | None = None) -> Callable[[str], tuple[int, int] | None]:
+    """A slice's uids from the agent state's uid range index and the agent's
+    uid_pool_start and uid_range_size (the config keys' defaults where not given),
+    as agent.accounts computes them."""
+    if pool_start is None or range_size is None:
+        from agent.config import defaults
+        cfg = defaults()
+        pool_start = cfg.uid_pool_start if pool_start is None else pool_start
+        range_size = cfg.uid_range_size if range_size is None else range_size
+    start, size = pool_start, range_size
 
     def uid_range(name: str) -> tuple[int, int] | None:
         idx = state.uid_range_of(name)
         if idx is None:
             return None
-        return cfg.uid_pool_start + idx * cfg.uid_range_size, cfg.uid_range_size
+        return start + idx * size, size
     return uid_range
 
 
@@ -936,7 +942,7 @@ class GuardService:
         """`reserved_ports`: host ports no slice may own, in the ports tag syntax
         (agent config key `reserved_ports`; None: that key's default). `uid_range`:
         a slice's host uids (first, count), see `Guard`; None: from the state's
-        uid_ranges table and the config keys' defaults (`_state_uid_range`)."""
+        uid_ranges table and the config keys' defaults (`state_uid_range`)."""
         from agent.ports import read_ephemeral_range
         from agent.rawsock import RawSockets
         if reserved_ports is None:
@@ -946,7 +952,7 @@ class GuardService:
                           parse_ports_tag(reserved_ports))
         self.ports = PortService(table, StatePortStore(state) if state is not None else None)
         if uid_range is None and state is not None:
-            uid_range = _state_uid_range(state)
+            uid_range = state_uid_range(state)
         self.guard = Guard(self.ports, Path(run_dir) / "guard", uid_range)
         self.raw = RawSockets(lambda: self.ports.table)
         self.ports.on_lost.append(self.raw.ports_lost)

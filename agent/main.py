@@ -78,11 +78,13 @@ class Agent:
     def _make_guard(self) -> Any:
         """The seccomp guard and port table (agent/guard.py), when the backend can run
         guarded contexts."""
-        from agent.guard import GuardService
+        from agent.guard import GuardService, state_uid_range
 
         addresses = [a.strip() for a in self.cfg.addresses.split(",") if a.strip()]
-        guard = GuardService(self.state, addresses, Path(self.cfg.run_dir),
-                             reserved_ports=self.cfg.reserved_ports)
+        cfg = self.cfg
+        guard = GuardService(
+            self.state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
+            uid_range=state_uid_range(self.state, cfg.uid_pool_start, cfg.uid_range_size))
         if hasattr(self.backend, "guard_filter"):
             self.backend.guard_filter = guard.filter()
         return guard

@@ -75,3 +75,22 @@ async def test_failed_destroy_is_retried_even_without_plc(agent: Agent) -> None:
     await agent.bring_up_from_state()   # as at start, before PLC answers
     assert agent.state.get_sliver("pl_b") is None and "pl_b" not in be.contexts
     assert "pl_a" in be.contexts
+
+
+def test_guard_finds_slice_uids_in_the_configured_pool(tmp_path: Path) -> None:
+    """The guard closes a revoked port's sockets by the old owner's uids: those must come
+    from this agent's uid pool, not the config defaults."""
+    cfg = config.from_mapping({
+        "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
+        "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
+        "node_accounts": "", "default_image": "base", "host_accounts": 0,
+        "uid_pool_start": 3_000_000, "uid_range_size": 70000,
+        "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
+    a = Agent(cfg, backend=FakeBackend())
+    try:
+        idx = a.state.allocate_uid_range("pl_x", cfg.uid_pool_ranges)
+        guard = a._make_guard()
+        assert guard.guard.uid_range("pl_x") == (3_000_000 + idx * 70000, 70000)
+        assert guard.guard.uid_range("pl_unknown") is None
+    finally:
+        a.close()

@@ -3,6 +3,7 @@ runs them (a subprocess each), over a temp state dir with the busybox image."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -230,3 +231,25 @@ def test_cli_uid_ranges_stay_out_of_the_agents_pool(cli: Cli) -> None:
     for n in (a, b):
         _nothing_left(cli, n)
     assert a not in (contexts / ".uid-ranges").read_text()
+
+
+def test_cli_puts_slivers_under_the_configured_cgroup_parent(cli: Cli) -> None:
+    """`sliver create` with an agent.toml uses its `cgroup_parent`, like the agent."""
+    parent = f"clitest{os.getpid()}"
+    conf = cli.state_dir / "agent.toml"
+    conf.write_text(f'state_dir = "{cli.state_dir}"\nrun_dir = "{cli.state_dir / "run"}"\n'
+                    f'cgroup_parent = "{parent}"\n')
+    name = f"c{os.getpid()}p"
+    layout = detect_layout()
+    try:
+        cli("--config", str(conf), "sliver", "create", name, "--image", "bb")
+        assert SliverCgroup(layout, name, parent=parent).exists()
+        assert not SliverCgroup(layout, name).exists()
+    finally:
+        cli("--config", str(conf), "sliver", "destroy", name, check=False)
+        conf.unlink()
+    assert not SliverCgroup(layout, name, parent=parent).exists()
+    _nothing_left(cli, name)
+    for mount in {*layout.v1.values(), *([layout.v2] if layout.v2 else [])}:
+        with contextlib.suppress(FileNotFoundError):
+            (mount / parent).rmdir()
