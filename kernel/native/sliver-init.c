@@ -823,6 +823,21 @@ static void serve(void)
 	}
 }
 
+/* Our arguments name host paths (the root, the cgroups): everyone in the sliver can
+ * read them in /proc/1/cmdline. Once setup is done, overwrite the argument area with
+ * "sliver-init --hostname=NAME", which the host's tools still find us by. Every
+ * option pointing into that area must be used up before this. */
+static void hide_host_arguments(int argc, char **argv, const char *hostname)
+{
+	char shown[300];
+	int n = snprintf(shown, sizeof shown, "sliver-init%c--hostname=%s", '\0', hostname);
+	char *start = argv[0], *end = argv[argc - 1] + strlen(argv[argc - 1]);
+	if (n < 0 || (size_t)n >= sizeof shown || end - start < n)
+		return;   /* nothing shorter to show: keep them (never happens in practice) */
+	memset(start, 0, (size_t)(end - start));
+	memcpy(start, shown, (size_t)n);
+}
+
 int main(int argc, char **argv)
 {
 	struct opts o;
@@ -925,6 +940,7 @@ int main(int argc, char **argv)
 	move_fd(ctl, CTL_FD, "place control socket");
 	if (gf >= 0)
 		install_guard(gf, gs);
+	hide_host_arguments(argc, argv, o.hostname);
 	serve();
 	return 0;
 }

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import prctl
+
 from kernel.context import UID_COUNT, Context, Limits, become_subreaper
 from tests.kernel.busybox_image import make_busybox_tree
 
@@ -61,7 +63,9 @@ class Slivers:
 
     def __init__(self, images: bool = False) -> None:
         # Destroyed inits are then reaped by this process at once (not by the
-        # host's PID 1 seconds later).
+        # host's PID 1 seconds later). Restored at close(): a test process left a
+        # subreaper keeps every later test's orphans as its unreaped zombies.
+        self._was_subreaper = bool(prctl.get_child_subreaper())
         become_subreaper()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ctxtest{os.getpid()}-", dir="/tmp"))
         os.chmod(self.tmp, 0o755)
@@ -114,6 +118,8 @@ class Slivers:
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self._was_subreaper:
+            prctl.set_child_subreaper(0)
         if errors:
             raise errors[0]
 
