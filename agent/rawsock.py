@@ -33,6 +33,7 @@ import logging
 import select
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -62,50 +63,54 @@ def _v4_match(addr: str) -> tuple[int, int]:
     return 0xFFFFFFFF, int(ipaddress.IPv4Address(addr))
 
 
-def _rule_v4(asm: Asm, r: PortRange, both_sides: bool) -> None:
+def _rule(asm: Asm, r: PortRange, both_sides: bool,
+          emit_address: Callable[[int, str], None], proto_index: int) -> None:
+    """Accept a packet of `r`'s protocol whose source (or, with `both_sides`, whose
+    destination) is `r`'s address and a port (ICMP id) in `r`'s range.
+    `emit_address(side, fail)` emits the address comparison of side 0 (source) or 1
+    (destination), jumping to `fail` on a mismatch; this is the only part in which
+    IPv4 and IPv6 differ."""
     skip, other, accept = asm.fresh("skip"), asm.fresh("dst"), asm.fresh("acc")
-    assert r.address is not None
-    mask, value = _v4_match(r.address)
-    sport, dport = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
+    ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
     asm.op(pk.LD_MEM, M_PROTO)
-    asm.op(pk.JEQ_K, IPPROTO[r.proto][0], 0, skip)
-    for side, (m_addr, m_port) in enumerate([(M_SRC, sport), (M_DST, dport)][:2 if both_sides else 1]):
+    asm.op(pk.JEQ_K, IPPROTO[r.proto][proto_index], 0, skip)
+    for side in range(2 if both_sides else 1):
         fail = other if (side == 0 and both_sides) else skip
         if side == 1:
             asm.label(other)
-        asm.op(pk.LD_MEM, m_addr)
-        asm.op(pk.ALU_AND_K, mask)
-        asm.op(pk.JEQ_K, value, 0, fail)
-        asm.op(pk.LD_MEM, m_port)
+        emit_address(side, fail)
+        asm.op(pk.LD_MEM, ports[side])
         asm.op(pk.JGE_K, r.lo, 0, fail)
         asm.op(pk.JGT_K, r.hi, fail, accept)
     asm.label(accept)
     asm.op(pk.RET_K, SNAPLEN)
     asm.label(skip)
+
+
+def _rule_v4(asm: Asm, r: PortRange, both_sides: bool) -> None:
+    """`_rule` with the IPv4 addresses the prologue left in scratch memory."""
+    assert r.address is not None
+    mask, value = _v4_match(r.address)
+
+    def address(side: int, fail: str) -> None:
+        asm.op(pk.LD_MEM, (M_SRC, M_DST)[side])
+        asm.op(pk.ALU_AND_K, mask)
+        asm.op(pk.JEQ_K, value, 0, fail)
+    _rule(asm, r, both_sides, address, 0)
 
 
 def _rule_v6(asm: Asm, r: PortRange, base: int, both_sides: bool) -> None:
-    """As `_rule_v4`, with the addresses compared word by word in the packet at
-    `base` (the IPv6 header: source at +8, destination at +24)."""
-    skip, other, accept = asm.fresh("skip"), asm.fresh("dst"), asm.fresh("acc")
+    """`_rule` with the IPv6 addresses compared word by word in the packet at `base`
+    (the IPv6 header: source at +8, destination at +24)."""
     assert r.address is not None
     words = struct.unpack("!4I", ipaddress.IPv6Address(r.address).packed)
-    sport, dport = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
-    asm.op(pk.LD_MEM, M_PROTO)
-    asm.op(pk.JEQ_K, IPPROTO[r.proto][1], 0, skip)
-    for side, (off, m_port) in enumerate([(base + 8, sport), (base + 24, dport)][:2 if both_sides else 1]):
-        fail = other if (side == 0 and both_sides) else skip
-        if side == 1:
-            asm.label(other)
+
+    def address(side: int, fail: str) -> None:
+        off = base + (8, 24)[side]
         for i, w in enumerate(words):
             asm.op(pk.LD_W_ABS, off + 4 * i)
             asm.op(pk.JEQ_K, w, 0, fail)
-        asm.op(pk.LD_MEM, m_port)
-        asm.op(pk.JGE_K, r.lo, 0, fail)
-        asm.op(pk.JGT_K, r.hi, fail, accept)
-    asm.label(accept)
-    asm.op(pk.RET_K, SNAPLEN)
-    asm.label(skip)
+    _rule(asm, r, both_sides, address, 1)
 
 
 def _split(holdings: list[PortRange]) -> tuple[list[PortRange], list[PortRange]]:

@@ -13,10 +13,14 @@ Use it from any test (run from the repository root with `python -m pytest`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -197,3 +201,24 @@ def cleanup_roots(roots_dir: Path) -> None:
         errors.append(f"store: {exc}")
     if errors:
         raise RuntimeError("cleanup of " + str(roots_dir) + " failed: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def image_node(prefix: str) -> Iterator[tuple[Any, Path]]:
+    """An image store with the busybox image 'bb' and an empty roots dir, in a
+    directory every uid may traverse (as a node's state dir is), so that only the
+    code's own permissions are what tests see. Everything goes at the end."""
+    from kernel.images import ImageStore
+
+    base = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    roots = base / "roots"
+    try:
+        store = ImageStore(base / "images")
+        store.import_dir("bb", make_busybox_tree(base / "src"))
+        yield store, roots
+    finally:
+        try:
+            cleanup_roots(roots)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)

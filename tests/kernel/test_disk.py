@@ -4,9 +4,7 @@ limits in one loop-backed filesystem (kernel/disk.py via kernel/rootfs.py)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +12,11 @@ import pytest
 
 from kernel import disk, rootfs
 from kernel.images import ImageStore
-from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree, run_in_userns
+from tests.kernel.busybox_image import (
+    cleanup_roots,
+    image_node,
+    run_in_userns,
+)
 from tests.kernel.test_context_support import unique_uid_base
 
 pytestmark = pytest.mark.kernel
@@ -29,18 +31,8 @@ BASE_B = unique_uid_base()
 
 @pytest.fixture
 def node() -> Iterator[tuple[ImageStore, Path]]:
-    base = Path(tempfile.mkdtemp(prefix=f"pldisk-{os.getpid()}-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    roots = base / "roots"
-    try:
-        store = ImageStore(base / "images")
-        store.import_dir("bb", make_busybox_tree(base / "src"))
-        yield store, roots
-    finally:
-        try:
-            cleanup_roots(roots)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+    with image_node("pldisk") as n:
+        yield n
 
 
 def fill(base: int, root: Path, path: str, mib: int) -> tuple[int, int, str]:

@@ -7,7 +7,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,10 @@ import pytest
 
 from kernel import disk, rootfs
 from kernel.images import ImageStore, UnknownImage
-from tests.kernel.busybox_image import cleanup_roots, make_busybox_tree, run_in_userns
+from tests.kernel.busybox_image import (
+    image_node,
+    run_in_userns,
+)
 from tests.kernel.test_context_support import unique_uid_base
 
 pytestmark = pytest.mark.kernel
@@ -30,21 +32,8 @@ BASE_B = unique_uid_base()
 
 @pytest.fixture
 def node() -> Iterator[tuple[ImageStore, Path]]:
-    """An image store with the busybox image 'bb', and an empty roots dir, in a
-    directory every uid may traverse (as a node's state dir is), so that only our
-    own permissions are what the tests see."""
-    base = Path(tempfile.mkdtemp(prefix=f"plroots-{os.getpid()}-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    roots = base / "roots"
-    try:
-        store = ImageStore(base / "images")
-        store.import_dir("bb", make_busybox_tree(base / "src"))
-        yield store, roots
-    finally:
-        try:
-            cleanup_roots(roots)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+    with image_node("plroots") as n:
+        yield n
 
 
 def tree_digest(root: Path) -> str:
