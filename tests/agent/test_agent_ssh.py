@@ -151,8 +151,10 @@ def test_ssh_lands_inside_the_sliver(ssh_node: tuple[Site, Node, str, Path, int]
 def test_removed_slice_loses_its_account(ssh_node: tuple[Site, Node, str, Path, int]) -> None:
     site, node, name, userkey, port = ssh_node
     site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
-    wait_for(lambda: not _account_ready(name, str(node.base / "vsh")), 60,
-             "the host account to go", node.log_text)
-    assert not (node.base / "home" / name).exists()
+    # The agent removes the account, then its home: wait for both (checking the home
+    # the moment the account is gone raced the agent).
+    wait_for(lambda: not _account_ready(name, str(node.base / "vsh"))
+             and not (node.base / "home" / name).exists(), 60,
+             "the host account and its home to go", node.log_text)
     out = ssh(userkey, port, name, "true")
     assert out.returncode == 255
