@@ -136,7 +136,8 @@ def test_kill_and_restart_adopts(site: Site, node: Node) -> None:
     names = [site.add_slice(f"k{i}") for i in range(2)]
     agent = node.start_agent()
     node.agents.append(agent)  # type: ignore[attr-defined]
-    wait_for(lambda: all((node.contexts_dir / n / "state.json").exists() for n in names), 60,
+    # state.json appears part-way through a creation; "create done" is logged at its end.
+    wait_for(lambda: all(f"{n}: create done" in node.log_text() for n in names), 60,
              "slivers to be created", node.log_text)
     pids = {n: context_state(node, n)["init_pid"] for n in names}
     os.killpg(agent.pid, signal.SIGKILL)
