@@ -18,6 +18,8 @@ NATIVE_SRC := $(wildcard kernel/native/*.c)
 NATIVE_BIN := $(patsubst kernel/native/%.c,kernel/bin/%,$(NATIVE_SRC))
 # The agent's slice login shell: agent/native/NAME.c becomes agent/bin/NAME.
 NATIVE_BIN += $(patsubst agent/native/%.c,agent/bin/%,$(wildcard agent/native/*.c))
+# Shared libraries loaded with ctypes: kernel/native/lib/NAME.c becomes kernel/bin/libNAME.so.
+NATIVE_BIN += $(patsubst kernel/native/lib/%.c,kernel/bin/lib%.so,$(wildcard kernel/native/lib/*.c))
 
 .PHONY: run test setup system venv native bench lint clean
 
@@ -50,6 +52,9 @@ native: $(NATIVE_BIN)
 kernel/bin/%: kernel/native/%.c .stamp-system
 	@mkdir -p kernel/bin
 	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
+kernel/bin/lib%.so: kernel/native/lib/%.c .stamp-system
+	@mkdir -p kernel/bin
+	gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@ $<
 agent/bin/%: agent/native/%.c .stamp-system
 	@mkdir -p agent/bin
 	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<

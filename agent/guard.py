@@ -27,6 +27,13 @@ recognised (the socket is bound to the requested address) and answered 0.
 
 A malformed or hostile request is denied (EPERM if nothing better fits); nothing a
 caller sends can stop the loop.
+
+Fast path: the same sequence of syscalls costs more from Python than the decision
+does, so once the guard has allowed and performed an IP bind, it hands that exact key
+(socket family, type, protocol, sockaddr bytes) to `kernel.guardfast` (a small C
+library called in this loop), which answers later binds of the same key itself, doing
+the same steps 1-4 with its own copy of the bytes. It holds no policy: every other
+request comes back here, and its memo is emptied whenever the port table changes.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from agent.ports import (
     format_ports_tag,
     parse_ports_tag,
 )
-from kernel import seccomp, sockdiag
+from kernel import guardfast, seccomp, sockdiag
 from kernel.packet import bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_getfd, pidfd_open
 
@@ -258,12 +265,17 @@ class _IPDecision(NamedTuple):
     ok: Outcome  # the reply when the bind then succeeds
 
 
+class _ListenerDone(Exception):
+    """_run_fast: the listener is finished (no process left, or broken)."""
+
+
 @dataclass
 class GuardStats:
     handled: int = 0
     denied: int = 0
     errors: int = 0
     logs_suppressed: int = 0
+    fast: int = 0   # answered by the C fast path (also counted in handled)
     by_errno: dict[int, int] = field(default_factory=dict)
 
 
@@ -300,6 +312,13 @@ class Guard:
         self._decisions: dict[tuple[str, tuple[int, int, int], bytes], _IPDecision] = {}
         self._decisions_table: PortTable | None = None
         self._io: dict[int, seccomp.ListenerIO] = {}
+        # The C fast path of each listener, and the table its memos were made under.
+        self._fast: dict[int, guardfast.FastPath] = {}
+        self._fast_table: PortTable | None = None
+        self.use_fast_path = guardfast.load() is not None
+        if not self.use_fast_path:
+            log.warning("guard: no fast path (%s); every bind is handled in Python",
+                        guardfast.load_error())
 
     # The journal: one slot per listener, since a listener's task handles one request
     # at a time. Written with pwrite (no fsync: it must survive the agent, not the node).
@@ -414,6 +433,13 @@ class Guard:
                 if key is not None:
                     self._drop_pidfd(key)
                     closed += 1
+                elif any(fast.drop_pidfd(pidfd) for fast in self._fast.values()):
+                    closed += 1   # the one a fast path kept (closing unregisters it)
+                else:   # nobody's (cannot happen): never leave it readable in the set
+                    try:
+                        self._exits.unregister(pidfd)
+                    except (OSError, ValueError):
+                        pass
             if len(ready) < 256:
                 return closed
 
@@ -512,6 +538,9 @@ class Guard:
             err = bind_bytes(fd, raw)
             if err == errno.EINVAL and redo and _already_bound(fd, info, d.address, d.port):
                 err = 0  # the previous supervisor did it before it died
+            fast = self._fast.get(listener)
+            if err == 0 and fast is not None and self._fast_table is self.ports.table:
+                fast.allow(family, info[1], info[2], raw)   # decided under this table
             return d.ok if err == 0 else Outcome(err, d.proto)
         if family == socket.AF_UNIX:
             path = raw[2:]
@@ -674,6 +703,7 @@ class Guard:
                 log.warning("guard: %s: SYNC_WAKE_UP unavailable: %s", slice_name, exc)
             await self._recover(slice_name, listener, journal)
             slot = self._map_journal(slice_name, journal)
+            fast = self._open_fast(slice_name, listener, io, slot)
             task_status.started()
             while True:
                 await trio.lowlevel.wait_readable(listener)
@@ -681,6 +711,18 @@ class Guard:
                 # SYNC_WAKE_UP the caller often has its next request in by the time
                 # the reply returns), but yield after a bounded batch.
                 for _ in range(BATCH):
+                    if fast is not None:
+                        try:
+                            n = self._run_fast(slice_name, fast, io)
+                        except _ListenerDone:
+                            return
+                        if n is None:
+                            break
+                        out = self.handle_now(slice_name, listener, n)
+                        if not isinstance(out, Outcome):
+                            out = await self._finish(out)
+                        self._reply(slice_name, listener, n, out)
+                        continue
                     events = poller.poll(0)
                     if not events:
                         break
@@ -718,11 +760,55 @@ class Guard:
                 self._forget_pidfds(slice_name)
             if self._io.get(listener) is io:
                 del self._io[listener]
+            fp = self._fast.pop(listener, None)
+            if fp is not None:
+                fp.close()   # unpins the journal slot
             if slot is not None:
                 slot.close()
             trio.lowlevel.notify_closing(listener)
             os.close(listener)
             os.close(journal)
+
+    def _open_fast(self, slice_name: str, listener: int, io: seccomp.ListenerIO,
+                   slot: mmap.mmap | None) -> guardfast.FastPath | None:
+        if not self.use_fast_path or slot is None:   # no slot: journal by pwrite here
+            return None
+        try:
+            fast = self._fast[listener] = guardfast.FastPath(listener, io.raw, slot,
+                                                             self._exits.fileno())
+        except (OSError, MemoryError) as exc:
+            log.warning("guard: %s: no fast path: %s", slice_name, exc)
+            return None
+        return fast
+
+    def _run_fast(self, slice_name: str, fast: guardfast.FastPath,
+                  io: seccomp.ListenerIO) -> seccomp.Notification | None:
+        """Let the C fast path answer what it can. Returns the notification it hands
+        back (journaled already), or None when nothing more is pending for now; raises
+        _ListenerDone when the listener is finished."""
+        table = self.ports.table
+        if self._fast_table is not table:   # decisions of an older table: all void
+            for other in self._fast.values():
+                other.forget()
+            self._fast_table = table
+        while True:
+            status, answered = fast.run(BATCH)
+            self.stats.handled += answered
+            self.stats.fast += answered
+            if status == guardfast.PYTHON:
+                return seccomp.Notification.unpack(io.raw)
+            if status == guardfast.IDLE or status == guardfast.YIELD:
+                return None
+            if status == guardfast.GONE:
+                log.info("guard: %s: no process left under the filter", slice_name)
+                raise _ListenerDone
+            if status == guardfast.SEND_ERR:
+                log.error("guard: %s: reply failed: %s", slice_name,
+                          os.strerror(fast.errno()))
+                continue
+            log.error("guard: %s: listener broken (%s); no longer supervised", slice_name,
+                      os.strerror(fast.errno()))
+            raise _ListenerDone
 
     def release_sliver(self, slice_name: str) -> None:
         """The sliver went: free its ports and forget its journal."""

@@ -373,12 +373,51 @@ async def test_racing_thread_never_binds_unowned_port(tmp_path: Path, slivers: A
         counts = await a.acall(op="race", host="127.0.0.1", owned=owned, other=other, tries=3000)
         elapsed = time.monotonic() - t0
         nursery.cancel_scope.cancel()
-    print("race", counts, elapsed)
+    print("race", counts, elapsed, guard.stats)
     assert counts["ok_other"] == 0, counts
+    # the owned bytes were answered by the C fast path too: it raced as well
+    assert guard.stats.fast > 0, guard.stats
     assert counts["other_errors"] == 0, counts
     # the race really ran: the guard read both values
     assert counts["ok_owned"] > 0 and counts["denied"] > 0, counts
     assert elapsed < 30
+
+
+async def test_fast_path_replays_only_decisions_of_the_current_table(
+        tmp_path: Path, slivers: Any) -> None:
+    """Repeated binds of one allowed key are answered in C; any change of the port
+    table voids what it remembers, so a released port is refused at once."""
+    guard = make_guard(tmp_path)
+    assert guard.use_fast_path, "kernel/bin/libguardfast.so is built by make"
+    a, b = slivers("a"), slivers("b")
+    port = free_ports(1)[0]
+    guard.ports.reserve(a.name, f"tcp:{port}")
+
+    async def bind_close(s: Sliver, kind: str = "SOCK_STREAM") -> int:
+        got = await s.acall(op="bind", host="127.0.0.1", port=port, type=kind)
+        if got["errno"] == 0:
+            await s.acall(op="close", fd=got["fd"])
+        return int(got["errno"])
+
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        for _ in range(20):
+            assert await bind_close(a) == 0
+        assert guard.stats.fast >= 19, guard.stats   # all but the first
+        # another kind of socket is another key: decided in Python (udp not owned)
+        assert await bind_close(a, "SOCK_DGRAM") == errno.EACCES
+        # the other slice never profits from a's memo
+        assert await bind_close(b) == errno.EADDRINUSE
+        fast = guard.stats.fast
+        guard.ports.release(a.name, f"tcp:{port}")
+        assert await bind_close(a) == errno.EACCES
+        guard.ports.reserve(b.name, f"tcp:{port}")
+        assert await bind_close(a) == errno.EADDRINUSE
+        assert await bind_close(b) == 0 and await bind_close(b) == 0
+        assert guard.stats.fast == fast + 1, guard.stats
+        nursery.cancel_scope.cancel()
+    assert guard.stats.handled == 20 + 1 + 1 + 2 + 2
+    assert guard._fast == {}   # closed with their supervisors
 
 
 async def test_racing_fd_swap_never_binds_unowned_port(tmp_path: Path, slivers: Any) -> None:
@@ -446,10 +485,15 @@ async def test_hostile_binds_answered_as_the_kernel_would(tmp_path: Path, sliver
     async with trio.open_nursery() as nursery:
         await start(nursery, guard, a)
         guarded = (await a.acall(op="hostile"))["errnos"]
+        # again, now that the fast path knows the keys of the binds that succeeded
+        fast = guard.stats.fast
+        again = (await a.acall(op="hostile"))["errnos"]
+        assert guard.stats.fast > fast
         assert (await a.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0  # still up
         nursery.cancel_scope.cancel()
     print("hostile", guarded)
     assert guarded == unguarded
+    assert again == unguarded
     assert errno.EBADF in guarded and errno.EFAULT in guarded and errno.ENOTSOCK in guarded
     assert guard.stats.errors == 0
 
@@ -601,12 +645,16 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "python_only"])
+async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any, fast: bool,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """F22: short-lived threads making one bind each leave the guard's fd count bounded,
-    with and without the exit watcher, and the cache never exceeds its global cap."""
+    with and without the exit watcher, and the cache never exceeds its global cap.
+    With the fast path, all binds but the first are answered in C, which keeps the pidfd
+    of its last caller thread only, and closes it once that thread has exited."""
     import agent.guard
     guard = make_guard(tmp_path)
+    guard.use_fast_path = fast
     a, b = slivers("a"), slivers("b")
     async with trio.open_nursery() as nursery:
         await start(nursery, guard, a, b)
@@ -621,6 +669,10 @@ async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
             while open_fds() > before:
                 await trio.sleep(0.02)
         assert guard._pidfds == {}
+        if fast:
+            assert guard.stats.fast >= 2 * 150 + 20 - 2, guard.stats
+            nursery.cancel_scope.cancel()
+            return
         # the cap is for the whole guard: live callers beyond it are evicted LRU
         monkeypatch.setattr(agent.guard, "PIDFD_CACHE", 1)
         for s in (a, b, a):
