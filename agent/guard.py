@@ -710,45 +710,19 @@ class Guard:
                 # Drain what is pending without a trip through the scheduler (with
                 # SYNC_WAKE_UP the caller often has its next request in by the time
                 # the reply returns), but yield after a bounded batch.
-                for _ in range(BATCH):
-                    if fast is not None:
-                        try:
-                            n = self._run_fast(slice_name, fast, io)
-                        except _ListenerDone:
-                            return
-                        if n is None:
-                            break
-                        out = self.handle_now(slice_name, listener, n)
-                        if not isinstance(out, Outcome):
-                            out = await self._finish(out)
-                        self._reply(slice_name, listener, n, out)
-                        continue
-                    events = poller.poll(0)
-                    if not events:
-                        break
-                    flags = events[0][1]
-                    if not flags & select.POLLIN:
-                        if flags & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                            log.info("guard: %s: no process left under the filter", slice_name)
-                            return
-                        break
+                budget = BATCH   # notifications per turn, whoever answers them
+                while budget > 0:
                     try:
-                        n = io.recv()
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOENT, errno.EINTR):  # caller interrupted
-                            continue
-                        log.error("guard: %s: listener broken (%s); no longer supervised",
-                                  slice_name, exc)
+                        if fast is not None:
+                            n, answered = self._run_fast(slice_name, fast, io, budget)
+                            budget -= answered + 1
+                        else:
+                            n = self._recv(slice_name, poller, io, slot, journal)
+                            budget -= 1
+                    except _ListenerDone:
                         return
-                    if slot is not None:
-                        slot[:] = io.raw
-                    else:
-                        try:
-                            os.pwrite(journal, io.raw, 0)
-                        except OSError as exc:  # the request is still answered; only
-                            log.warning("guard: %s: journal: %s", slice_name, exc)  # a restart loses it
-                    # No need to clear the slot afterwards: an answered id is not
-                    # valid any more, and ids are never reused.
+                    if n is None:
+                        break
                     out = self.handle_now(slice_name, listener, n)
                     if not isinstance(out, Outcome):
                         out = await self._finish(out)
@@ -769,6 +743,38 @@ class Guard:
             os.close(listener)
             os.close(journal)
 
+    @staticmethod
+    def _recv(slice_name: str, poller: select.poll, io: seccomp.ListenerIO,
+              slot: mmap.mmap | None, journal: int) -> seccomp.Notification | None:
+        """The next pending notification, journaled; None if there is none now (or
+        its caller went away); raises _ListenerDone when the listener is finished."""
+        events = poller.poll(0)
+        if not events:
+            return None
+        flags = events[0][1]
+        if not flags & select.POLLIN:
+            if flags & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                log.info("guard: %s: no process left under the filter", slice_name)
+                raise _ListenerDone
+            return None
+        try:
+            n = io.recv()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):  # caller interrupted
+                return None
+            log.error("guard: %s: listener broken (%s); no longer supervised", slice_name, exc)
+            raise _ListenerDone from exc
+        if slot is not None:
+            slot[:] = io.raw
+        else:
+            try:
+                os.pwrite(journal, io.raw, 0)
+            except OSError as exc:  # the request is still answered; only a restart loses it
+                log.warning("guard: %s: journal: %s", slice_name, exc)
+        # No need to clear the slot afterwards: an answered id is not valid any more,
+        # and ids are never reused.
+        return n
+
     def _open_fast(self, slice_name: str, listener: int, io: seccomp.ListenerIO,
                    slot: mmap.mmap | None) -> guardfast.FastPath | None:
         if not self.use_fast_path or slot is None:   # no slot: journal by pwrite here
@@ -776,39 +782,38 @@ class Guard:
         try:
             fast = self._fast[listener] = guardfast.FastPath(listener, io.raw, slot,
                                                              self._exits.fileno())
-        except (OSError, MemoryError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the Python path still guards
             log.warning("guard: %s: no fast path: %s", slice_name, exc)
             return None
         return fast
 
-    def _run_fast(self, slice_name: str, fast: guardfast.FastPath,
-                  io: seccomp.ListenerIO) -> seccomp.Notification | None:
-        """Let the C fast path answer what it can. Returns the notification it hands
-        back (journaled already), or None when nothing more is pending for now; raises
-        _ListenerDone when the listener is finished."""
+    def _run_fast(self, slice_name: str, fast: guardfast.FastPath, io: seccomp.ListenerIO,
+                  budget: int) -> tuple[seccomp.Notification | None, int]:
+        """Let the C fast path answer up to `budget` notifications. Returns the one it
+        hands back (journaled already) or None (nothing more pending for now, budget
+        used up, or a failed reply), and how many it answered; raises _ListenerDone
+        when the listener is finished."""
         table = self.ports.table
         if self._fast_table is not table:   # decisions of an older table: all void
             for other in self._fast.values():
                 other.forget()
             self._fast_table = table
-        while True:
-            status, answered = fast.run(BATCH)
-            self.stats.handled += answered
-            self.stats.fast += answered
-            if status == guardfast.PYTHON:
-                return seccomp.Notification.unpack(io.raw)
-            if status == guardfast.IDLE or status == guardfast.YIELD:
-                return None
-            if status == guardfast.GONE:
-                log.info("guard: %s: no process left under the filter", slice_name)
-                raise _ListenerDone
-            if status == guardfast.SEND_ERR:
-                log.error("guard: %s: reply failed: %s", slice_name,
-                          os.strerror(fast.errno()))
-                continue
+        status, answered = fast.run(budget)
+        self.stats.handled += answered
+        self.stats.fast += answered
+        if status == guardfast.PYTHON:
+            return seccomp.Notification.unpack(io.raw), answered
+        if status == guardfast.IDLE or status == guardfast.YIELD:
+            return None, answered
+        if status == guardfast.SEND_ERR:   # logged; the next turn goes on
+            log.error("guard: %s: reply failed: %s", slice_name, os.strerror(fast.errno()))
+            return None, answered
+        if status == guardfast.GONE:
+            log.info("guard: %s: no process left under the filter", slice_name)
+        else:
             log.error("guard: %s: listener broken (%s); no longer supervised", slice_name,
                       os.strerror(fast.errno()))
-            raise _ListenerDone
+        raise _ListenerDone
 
     def release_sliver(self, slice_name: str) -> None:
         """The sliver went: free its ports and forget its journal."""

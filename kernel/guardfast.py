@@ -22,6 +22,7 @@ LIBRARY = Path(__file__).resolve().parent / "bin" / "libguardfast.so"
 
 IDLE, PYTHON, GONE, YIELD, RECV_ERR, SEND_ERR = range(6)
 ADDR_MAX = 128
+PIDFDS_KEPT = 8   # GF_PIDFDS: caller thread pidfds the library keeps per listener
 
 
 class _Lib:

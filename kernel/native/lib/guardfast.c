@@ -17,9 +17,10 @@
  * called with the interpreter lock held (ctypes.PyDLL) from the one thread that
  * changes the table, so no change can land in the middle of a gf_run.
  *
- * gf_run() never blocks: it polls the listener with a zero timeout and returns when
- * nothing is pending, when Python must answer a notification, or after `budget`
- * answers, so the agent's event loop keeps its turn.
+ * gf_run() does not wait for notifications: it polls the listener with a zero timeout
+ * and returns when nothing is pending, when Python must answer a notification, or
+ * after `budget` notifications, so the agent's event loop keeps its turn. (A bind can
+ * still wait briefly on its socket's lock, as it would in Python.)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +40,7 @@
 
 #define GF_ADDR_MAX 128 /* agent.guard.SOCKADDR_MAX */
 #define GF_MEMO 64	/* keys kept per listener, replaced round-robin */
+#define GF_PIDFDS 8	/* caller thread pidfds kept per listener, by tid */
 #ifndef PIDFD_THREAD
 #define PIDFD_THREAD O_EXCL
 #endif
@@ -61,8 +63,10 @@ struct gf_key {
 
 struct gf {
 	int listener;
-	int tid;	 /* the caller thread whose pidfd is kept */
-	int pidfd;	 /* that pidfd, or -1 */
+	struct {
+		int tid;   /* a caller thread */
+		int pidfd; /* its pidfd, or -1 */
+	} pidfds[GF_PIDFDS];
 	int err;	 /* errno of the last GF_*_ERR */
 	int exits;	 /* the caller's epoll set of pidfds, or -1 (see caller_fd) */
 	unsigned char *slot; /* the journal slot (one struct seccomp_notif), or NULL */
@@ -77,20 +81,22 @@ struct gf *gf_new(int listener, void *slot, void *out, int exits)
 	if (!g)
 		return NULL;
 	g->listener = listener;
-	g->pidfd = -1;
+	for (int i = 0; i < GF_PIDFDS; i++)
+		g->pidfds[i].pidfd = -1;
 	g->slot = slot;
 	g->out = out;
 	g->exits = exits;
 	return g;
 }
 
-/* Frees `g` and its cached pidfd; the listener is the caller's. */
+/* Frees `g` and its cached pidfds; the listener is the caller's. */
 void gf_free(struct gf *g)
 {
 	if (!g)
 		return;
-	if (g->pidfd >= 0)
-		close(g->pidfd);
+	for (int i = 0; i < GF_PIDFDS; i++)
+		if (g->pidfds[i].pidfd >= 0)
+			close(g->pidfds[i].pidfd);
 	free(g);
 }
 
@@ -100,14 +106,19 @@ void gf_forget(struct gf *g)
 	g->next = 0;
 }
 
-/* Close the kept pidfd if it is `pidfd` (its thread exited); 1 if it was. */
+/* Close the kept pidfd `pidfd` (its thread exited); 1 if it was one of ours. */
 int gf_drop_pidfd(struct gf *g, int pidfd)
 {
-	if (pidfd < 0 || g->pidfd != pidfd)
+	if (pidfd < 0)
 		return 0;
-	close(g->pidfd);
-	g->pidfd = -1;
-	return 1;
+	for (int i = 0; i < GF_PIDFDS; i++) {
+		if (g->pidfds[i].pidfd == pidfd) {
+			close(pidfd);
+			g->pidfds[i].pidfd = -1;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 int gf_errno(const struct gf *g)
@@ -144,6 +155,15 @@ int gf_allow(struct gf *g, int family, int type, int protocol, const void *addr,
 	return 0;
 }
 
+/* Whether any key has these sockaddr bytes (before the socket is even looked at). */
+static int memo_has_addr(const struct gf *g, const unsigned char *addr, unsigned len)
+{
+	for (unsigned i = 0; i < g->nmemo; i++)
+		if (g->memo[i].len == len && memcmp(g->memo[i].addr, addr, len) == 0)
+			return 1;
+	return 0;
+}
+
 static int memo_has(const struct gf *g, const struct gf_key *key)
 {
 	for (unsigned i = 0; i < g->nmemo; i++) {
@@ -155,31 +175,33 @@ static int memo_has(const struct gf *g, const struct gf_key *key)
 	return 0;
 }
 
-/* A copy of fd `fdnum` of thread `tid`. The pidfd of the last caller thread is kept
- * (a pidfd names one task for its life: a dead one answers ESRCH, never a new task)
- * and put in the caller's epoll set `exits`, where it turns readable when its thread
- * exits, so that the caller can have it closed (gf_drop_pidfd) instead of keeping a
- * dead thread's pidfd until the next caller comes. */
+/* A copy of fd `fdnum` of thread `tid`. The pidfds of up to GF_PIDFDS caller threads
+ * are kept, one slot per tid modulo GF_PIDFDS (a pidfd names one task for its life: a
+ * dead one answers ESRCH, never a new task with the same tid). Each kept pidfd is in
+ * the caller's epoll set `exits`, where it turns readable when its thread exits, so
+ * that the caller has it closed (gf_drop_pidfd) rather than keep a dead thread's
+ * pidfd; one that cannot be watched is not kept. */
 static int caller_fd(struct gf *g, int tid, int fdnum)
 {
-	if (g->pidfd >= 0 && g->tid == tid) {
-		int fd = (int)syscall(SYS_pidfd_getfd, g->pidfd, fdnum, 0);
+	__typeof__(g->pidfds[0]) *c = &g->pidfds[(unsigned)tid % GF_PIDFDS];
+	if (c->pidfd >= 0 && c->tid == tid) {
+		int fd = (int)syscall(SYS_pidfd_getfd, c->pidfd, fdnum, 0);
 		if (fd >= 0 || errno != ESRCH)
 			return fd;
 	}
-	if (g->pidfd >= 0)
-		close(g->pidfd);
-	g->tid = tid;
+	if (c->pidfd >= 0)
+		close(c->pidfd);
+	c->pidfd = -1;
+	c->tid = tid;
 	int pidfd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
-	g->pidfd = -1;
 	if (pidfd < 0)
 		return -1;
 	int fd = (int)syscall(SYS_pidfd_getfd, pidfd, fdnum, 0);
 	struct epoll_event ev = { .events = EPOLLIN, .data.fd = pidfd };
 	if (fd >= 0 && g->exits >= 0 && epoll_ctl(g->exits, EPOLL_CTL_ADD, pidfd, &ev) == 0)
-		g->pidfd = pidfd;
+		c->pidfd = pidfd;
 	else
-		close(pidfd); /* not watched: not kept */
+		close(pidfd);
 	return fd;
 }
 
@@ -192,18 +214,21 @@ static int fast_bind(struct gf *g, const struct seccomp_notif *n)
 	unsigned len = (unsigned)n->data.args[2];
 	if (fdnum >= 1u << 31 || len == 0 || len > GF_ADDR_MAX)
 		return 0;
-	int fd = caller_fd(g, (int)n->pid, (int)fdnum);
-	if (fd < 0)
-		return 0;
 	struct gf_key key;
 	key.len = len;
-	int done = 0;
-	socklen_t sl = sizeof(int);
 	struct iovec local = { key.addr, len };
 	struct iovec remote = { (void *)(uintptr_t)n->data.args[1], len };
 	if (process_vm_readv((pid_t)n->pid, &local, 1, &remote, 1, 0) != (ssize_t)len)
-		goto out;
-	/* What was read is the caller's only if the caller is still the one waiting. */
+		return 0;
+	if (!memo_has_addr(g, key.addr, len)) /* an unknown address: no fd taken at all */
+		return 0;
+	int fd = caller_fd(g, (int)n->pid, (int)fdnum);
+	if (fd < 0)
+		return 0;
+	int done = 0;
+	socklen_t sl = sizeof(int);
+	/* The bytes read and the fd copied are the caller's only if the caller is still
+	 * the one waiting (the pid could have been reused before either). */
 	if (ioctl(g->listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &n->id) < 0)
 		goto out;
 	if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &key.family, &sl) < 0 ||
@@ -223,8 +248,10 @@ long gf_run(struct gf *g, int budget)
 {
 	long answered = 0;
 	struct seccomp_notif n;
-	for (;;) {
-		if (answered >= budget)
+	/* Every round counts against the budget, answered or not (a caller that vanishes
+	 * between poll and RECV, an EINTR), so one call is always bounded. */
+	for (int round = 0;; round++) {
+		if (round >= budget)
 			return answered << 3 | GF_YIELD;
 		struct pollfd p = { g->listener, POLLIN, 0 };
 		int ready = poll(&p, 1, 0);
