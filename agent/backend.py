@@ -140,7 +140,7 @@ class Backend(Protocol):
     def create(self, plan: SliverPlan) -> Any: ...
     def adopt(self, name: str) -> bool: ...
     def guarded_init(self, name: str) -> int | None: ...
-    def update(self, plan: SliverPlan) -> None: ...
+    def update(self, plan: SliverPlan) -> socket.socket | None: ...
     def start(self, name: str) -> None: ...
     def stop(self, name: str) -> None: ...
     def destroy(self, name: str) -> None: ...
@@ -240,7 +240,7 @@ class KernelBackend:
     def create(self, plan: SliverPlan) -> socket.socket | None:
         """Make the sliver. With the guard on, returns the agent's end of the socket the
         init sends its seccomp listener over (hand it to GuardService.sliver_created)."""
-        from kernel.context import Context, GuardSpec
+        from kernel.context import Context
         from kernel.rootfs import prepare_root, release_root
 
         if not self.image_exists(plan.image):
@@ -250,21 +250,30 @@ class KernelBackend:
             Context.destroy_stale(self.run_dir, plan.name, cgroup_parent=self.cgroup_parent)
         root = prepare_root(self.store, self.roots_dir, plan.name, plan.image, plan.uid_base,
                             plan.uid_count, plan.disk_max_kib)
-        agent_end = sink = None
         try:
             for host, inside in plan.binds:
                 _bind_into(root, Path(host), inside)
+            return self._new_context(plan, root, _kernel_limits(plan.limits))
+        except BaseException:
+            release_root(self.roots_dir, plan.name)
+            raise
+
+    def _new_context(self, plan: SliverPlan, root: Path, limits: Any) -> socket.socket | None:
+        """A context for `plan` on the prepared `root`; the guard socket's agent end."""
+        from kernel.context import Context, GuardSpec
+
+        agent_end = sink = None
+        try:
             guard = None
             if self.guard_filter is not None:
                 agent_end, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 guard = GuardSpec(self.guard_filter, sink.fileno())
             ctx = Context.create(self.run_dir, plan.name, root, plan.uid_base, plan.uid_count,
-                                 _kernel_limits(plan.limits), hostname=plan.hostname,
-                                 guard=guard, cgroup_parent=self.cgroup_parent)
+                                 limits, hostname=plan.hostname, guard=guard,
+                                 cgroup_parent=self.cgroup_parent)
         except BaseException:
             if agent_end is not None:
                 agent_end.close()
-            release_root(self.roots_dir, plan.name)
             raise
         finally:
             if sink is not None:
@@ -287,11 +296,32 @@ class KernelBackend:
         ctx = self._context(name)
         return int(ctx.init_pid) if ctx.state.get("guard") else None
 
-    def update(self, plan: SliverPlan) -> None:
+    def update(self, plan: SliverPlan) -> socket.socket | None:
+        """Apply `plan`'s limits to the running sliver. cgroup limits and disk_max
+        change in place (None is returned). rlimits and the capability bounding set are
+        fixed for a process tree's life, so when they change the sliver is restarted:
+        its processes end and a new context starts on the same root (its files, keys and
+        ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
+        new context is returned, as by create."""
         from kernel.rootfs import set_disk_limit
 
-        self._context(plan.name).update_limits(_kernel_limits(plan.limits))
+        ctx = self._context(plan.name)
+        limits = _kernel_limits(plan.limits)
         set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+        if dict(limits.rlimits) == dict(ctx.limits.rlimits) and \
+                limits.capabilities == ctx.limits.capabilities:
+            ctx.update_limits(limits)
+            return None
+        limits.validate()   # refused before anything is stopped
+        log.info("sliver %s: rlimits or capabilities changed; restarting it", plan.name)
+        frozen = ctx.frozen()
+        root = Path(ctx.root)
+        ctx.destroy()
+        self._contexts.pop(plan.name, None)
+        agent_end = self._new_context(plan, root, limits)
+        if frozen:
+            self.stop(plan.name)
+        return agent_end
 
     def start(self, name: str) -> None:
         self._context(name).start()

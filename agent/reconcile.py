@@ -253,6 +253,13 @@ class Reconciler:
             binds=self._binds(rec.name),
         )
 
+    def _guard_new_context(self, name: str, agent_end: Any) -> None:
+        """Hand a new context's seccomp listener to the guard (or drop it: no guard)."""
+        if self.guard is not None and self.supervising:
+            self.guard.sliver_created(name, agent_end)
+        else:
+            agent_end.close()
+
     async def _do(self, action: Action) -> None:
         name = action.name
         rec = self.state.get_sliver(name)
@@ -291,10 +298,7 @@ class Reconciler:
             agent_end = await trio.to_thread.run_sync(self.backend.create,
                                                       self._plan_for(rec, idx))
             if agent_end is not None:
-                if self.guard is not None and self.supervising:
-                    self.guard.sliver_created(name, agent_end)
-                else:
-                    agent_end.close()
+                self._guard_new_context(name, agent_end)
             self.adopted.add(name)
             if not rec.want_running:
                 await trio.to_thread.run_sync(self.backend.stop, name)
@@ -309,10 +313,15 @@ class Reconciler:
         if idx_or_none is None:
             raise RuntimeError("no uid range recorded for a live sliver")
         if action.kind == "update":
-            await trio.to_thread.run_sync(self.backend.update, self._plan_for(rec, idx_or_none))
+            agent_end = await trio.to_thread.run_sync(self.backend.update,
+                                                      self._plan_for(rec, idx_or_none))
             state = rec.state if rec.state in (RUNNING, STOPPED) else (
                 RUNNING if rec.want_running else STOPPED)
             self.state.set_sliver_state(name, state, "", applied=rec.target)
+            if agent_end is not None:   # restarted in a new context (rlimits, caps)
+                self._guard_new_context(name, agent_end)
+                if state == RUNNING and self._after_start is not None:
+                    await self._after_start(name)
         elif action.kind == "start":
             await trio.to_thread.run_sync(self.backend.start, name)
             self.state.set_sliver_state(name, RUNNING, "")

@@ -132,6 +132,38 @@ def test_slice_lifecycle(site: Site, node: Node) -> None:
     nothing_left(node, name)
 
 
+def test_rlimit_change_restarts_the_sliver_keeping_its_files(site: Site, node: Node) -> None:
+    """rlimits and capabilities are fixed for a process tree's life: a change restarts
+    the sliver in a new context on the same root instead of failing it."""
+    name = site.add_slice("rlim")
+    run_once(node)
+    st = context_state(node, name)
+    root, init_pid = Path(st["root"]), st["init_pid"]
+    (root / "root" / "mine").write_text("kept")
+    site.set_tag(name, "nofile_soft", "333")
+    site.set_tag(name, "nofile_hard", "444")
+    site.set_tag(name, "cpu_share", "5")
+    out = run_once(node)
+    s = sliver(node, name)
+    assert s is not None and s["state"] == "running" and s["live"], (s, out.stderr)
+    st = context_state(node, name)
+    assert st["init_pid"] != init_pid, "a new context"
+    assert st["limits"]["rlimits"]["nofile"] == [333, 444] and st["limits"]["cpu_share"] == 5
+    assert (Path(st["root"]) / "root" / "mine").read_text() == "kept"
+    with open(f"/proc/{st['init_pid']}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    assert line.split()[3:5] == ["333", "444"], line
+    assert not Path(f"/proc/{init_pid}").exists() or \
+        Path(f"/proc/{init_pid}/stat").read_text().split()[2] == "Z"
+    # unchanged rlimits afterwards: in place again
+    site.set_tag(name, "cpu_share", "6")
+    run_once(node)
+    assert context_state(node, name)["init_pid"] == st["init_pid"]
+    site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
+    run_once(node)
+    nothing_left(node, name)
+
+
 def test_kill_and_restart_adopts(site: Site, node: Node) -> None:
     names = [site.add_slice(f"k{i}") for i in range(2)]
     agent = node.start_agent()
@@ -370,6 +402,21 @@ def test_guard_enforces_port_tags(site: Site, node: Node) -> None:
         results[name] = out.decode().strip()
     assert results[a] == "bind 0", results
     assert results[b] != "bind 0" and results[b].startswith("bind "), results
+    # A restart in a new context (an rlimit changed) keeps the ports and the guard.
+    old_init = context_state(node, a)["init_pid"]
+    site.set_tag(a, "nproc_hard", "5000")
+
+    def restarted() -> bool:
+        try:   # the state file is away for a moment during the restart
+            new_init = context_state(node, a)["init_pid"]
+        except (OSError, ValueError):
+            return False
+        return new_init != old_init and f"sliver {a}: update done" in node.log_text()
+
+    wait_for(restarted, 60, "the restart", node.log_text)
+    code, out, err = Context.adopt(node.contexts_dir, a).output(["/tmp/bindtest", str(port)],
+                                                                 timeout=30)
+    assert out.decode().strip() == "bind 0", (code, out, err)
 
 
 def test_missing_image_keeps_the_sliver_pending(site: Site, node: Node) -> None:
