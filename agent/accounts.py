@@ -12,6 +12,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,38 @@ def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: i
         finally:
             os.close(ffd)
         os.rename(tmp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def read_in_root(root: Path, rel: str, owners: tuple[int, ...], limit: int = 1 << 20) -> bytes:
+    """The contents of `root/rel`, read without following any symlink below `root`;
+    b"" if it is missing, not a regular file, owned by none of `owners`, or has other
+    hard links (a user's hard link to a file it cannot read must not make the agent
+    copy that file's contents into the user's own file)."""
+    parts = [p for p in rel.strip("/").split("/")]
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad path: {rel!r}")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                return b""
+            os.close(fd)
+            fd = nfd
+        try:
+            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        except OSError:
+            return b""
+        try:
+            st = os.fstat(ffd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_nlink != 1:
+                return b""
+            return os.read(ffd, limit)
+        finally:
+            os.close(ffd)
     finally:
         os.close(fd)
 
@@ -213,20 +246,20 @@ class Accounts:
             except KeyError:
                 log.info("node account %s: no such local user; skipped", name)
                 continue
-            path = Path(pw.pw_dir) / ".ssh" / "authorized_keys"
-            path.parent.mkdir(mode=0o700, exist_ok=True)
+            # The user owns its home and .ssh: nothing there is followed (a planted
+            # symlink must not make root write or chown a file of its choosing).
+            home = Path(pw.pw_dir)
             try:
-                existing = path.read_text()
-            except FileNotFoundError:
-                existing = ""
-            text = managed_block(existing, keys)
-            if text != existing:
-                tmp = path.with_name(".authorized_keys.agent-tmp")
-                tmp.write_text(text)
-                os.chown(tmp, pw.pw_uid, pw.pw_gid)
-                tmp.chmod(0o600)
-                tmp.replace(path)
-                log.info("node account %s: %d keys installed", name, len(keys))
+                existing = read_in_root(home, ".ssh/authorized_keys",
+                                        (pw.pw_uid, 0)).decode(errors="replace")
+                text = managed_block(existing, keys)
+                if text != existing:
+                    write_in_root(home, ".ssh/authorized_keys", text.encode(), 0o600,
+                                  pw.pw_uid, pw.pw_gid)
+                    log.info("node account %s: %d keys installed", name, len(keys))
+            except OSError as exc:
+                log.warning("node account %s: keys not installed in %s/.ssh: %s", name,
+                            home, exc)
 
     def _host_account(self, name: str, keys: list[str]) -> None:
         if self.cfg.host_accounts:

@@ -68,6 +68,44 @@ def test_node_accounts_honoured(tmp_path: Path, local_user: str) -> None:
     assert "K1" not in text and "K3" in text and "KEPT" in text
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("plant", ["tmp_symlink", "keys_symlink", "keys_hardlink", "ssh_symlink"])
+def test_node_accounts_follow_no_link_the_user_planted(tmp_path: Path, local_user: str,
+                                                       plant: str) -> None:
+    """The user owns its home: a symlink or hard link it plants in .ssh never makes
+    root write, chown or read a file of the user's choosing."""
+    cfg = config.from_mapping({"node_accounts": local_user, "state_dir": str(tmp_path / "s")},
+                              "t")
+    acc = Accounts(cfg, None, None)  # type: ignore[arg-type]
+    pw = pwd.getpwnam(local_user)
+    ssh = Path(pw.pw_dir) / ".ssh"
+    victim = tmp_path / "victim"
+    victim.write_text("root:secret-hash\n")
+    victim.chmod(0o600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if plant == "ssh_symlink":
+        ssh.symlink_to(elsewhere)
+    else:
+        ssh.mkdir()
+        os.chown(ssh, pw.pw_uid, pw.pw_gid)
+        if plant == "tmp_symlink":
+            (ssh / ".authorized_keys.agent-tmp").symlink_to(victim)
+        elif plant == "keys_symlink":
+            (ssh / "authorized_keys").symlink_to(victim)
+        else:
+            os.link(victim, ssh / "authorized_keys")
+    acc.install_node_accounts({local_user: ("ssh-ed25519 KEY pi@site",)})
+    st = victim.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600), plant
+    assert victim.read_text() == "root:secret-hash\n"
+    assert list(elsewhere.iterdir()) == []
+    if plant != "ssh_symlink":
+        text = (ssh / "authorized_keys").read_text()
+        assert "KEY" in text and "secret" not in text
+        assert (ssh / "authorized_keys").stat().st_uid == pw.pw_uid
+
+
 def test_output_tail_keeps_the_last_bytes_and_counts_the_rest() -> None:
     """[F21] The tail never holds more than twice its limit; what it drops is counted."""
     from agent.backend import OutputTail, dropped_line, split_dropped
