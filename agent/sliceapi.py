@@ -297,6 +297,16 @@ class SliceAPI:
     # -- transport ----------------------------------------------------------------------
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        """One connection (see _handle). Whatever goes wrong in it (a bug, a locked
+        state database) ends that connection only, never the agent."""
+        try:
+            await self._handle(stream)
+        except Exception:   # noqa: BLE001 - boundary: one connection
+            log.exception("slice API: connection failed")
+            with trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection: one HTTP POST answered, or one ENTER session. The caller is
         known before anything shared is taken [F4]: at most PER_CALLER_CONNECTIONS open
         connections per caller (more are closed at once), the node admin has its own

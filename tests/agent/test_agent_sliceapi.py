@@ -239,3 +239,31 @@ async def test_one_slice_cannot_hold_every_connection(api_env) -> None:
     verdict, res, took = await _serving(agent, hog_and_call)
     assert verdict == b"closed"
     assert res["ok"]["cpu_share"] == 22 and took < 1.5
+
+
+async def test_a_failing_lookup_ends_one_connection_not_the_agent(api_env, monkeypatch) -> None:
+    """An exception where the caller is looked up (here a locked state database) closes
+    that connection; the service goes on answering."""
+    import sqlite3
+
+    agent, d = api_env
+    await _setup(agent)
+    sock = str(d / "agent.sock")
+    real = agent.state.uid_ranges
+    failing = [True]
+
+    def uid_ranges(*a: Any, **k: Any) -> Any:
+        if failing[0]:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*a, **k)
+
+    monkeypatch.setattr(agent.state, "uid_ranges", uid_ranges)
+
+    def calls():
+        with pytest.raises((OSError, xmlrpc.client.ProtocolError, EOFError)):
+            client(sock).GetXIDs()
+        failing[0] = False
+        return client(sock).GetXIDs()
+
+    xids = await _serving(agent, calls)
+    assert set(xids) == {"pl_a", "pl_b"}
