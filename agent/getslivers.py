@@ -1,10 +1,17 @@
 """Strict validation of a GetSlivers reply (plcapi spec §7).
 
-A reply is accepted whole or rejected whole: a missing key, a wrong type, a bad slice
-name or an oversized list raises `InvalidReply` naming the path of the bad value
-(e.g. `slivers[3].attributes[0].value`). The caller then keeps its last known state.
-The original node manager instead looked for keys one module at a time and carried on
-with whatever was there.
+A reply's structure is accepted whole or rejected whole: a missing key, a wrong type or
+an oversized list raises `InvalidReply` naming the path of the bad value (e.g.
+`slivers[3].attributes[0].value`). The caller then keeps its last known state. The
+original node manager instead looked for keys one module at a time and carried on with
+whatever was there.
+
+What is wrong with one sliver's content only, and could be PLC's legitimate data, stays
+with that sliver: a slice name this node cannot use puts the sliver in
+`Desired.skipped` (not created, not destroyed, the reason logged), and a key with a
+line break is dropped with a problem recorded for the sliver. PLC sends some slices
+(nm-controller, delegated) to every node, so one such slice must not stop every
+node's updates.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from typing import Any
 
 from agent.rspec import attributes_to_dict
 
-SLICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# A name this node can host: a context, hostname, cgroup and file name (kernel.context
+# NAME_RE); PLC's own rule is ^[a-z0-9.]+_[a-zA-Z0-9_.]+$ (plcapi §5.6).
+SLICE_NAME = re.compile(r"^[a-z0-9][A-Za-z0-9_.-]{0,62}$")
 INSTANTIATIONS = ("plc-instantiated", "nm-controller", "delegated", "not-instantiated")
 MAX_SLIVERS = 100_000
 MAX_ITEMS = 10_000
@@ -64,6 +73,7 @@ class SliverSpec:
     expires: int
     keys: tuple[str, ...]
     attributes: dict[str, str] = field(hash=False)
+    problems: tuple[str, ...] = ()   # what was dropped from this sliver's data
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -88,6 +98,7 @@ class Desired:
     slivers: dict[str, SliverSpec]
     accounts: dict[str, tuple[str, ...]]
     initscripts: dict[str, str]
+    skipped: dict[str, str] = field(default_factory=dict)   # sliver name -> why
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str) -> Any:
@@ -142,21 +153,26 @@ def parse(reply: Any, expected_node_id: int | None = None) -> Desired:
         keys = _key(item, "keys", list, path)
         accounts[name] = tuple(_expect(k, str, f"{path}.keys[{j}]") for j, k in enumerate(keys))
     slivers: dict[str, SliverSpec] = {}
+    skipped: dict[str, str] = {}
     for i, item in enumerate(_key(reply, "slivers", list, "")):
         spec = _sliver(item, f"slivers[{i}]")
-        if spec.name in slivers:
+        if spec.name in slivers or spec.name in skipped:
             raise InvalidReply(f"GetSlivers reply: slivers[{i}] repeats the slice {spec.name!r}")
+        if not SLICE_NAME.match(spec.name):
+            skipped[spec.name] = (f"slivers[{i}].name {spec.name!r} cannot name a sliver on "
+                                  "this node (1-63 of A-Z a-z 0-9 _ . -, starting with a "
+                                  "lower-case letter or digit)")
+            continue
         slivers[spec.name] = spec
     return Desired(timestamp=timestamp, node_id=node_id, hostname=hostname, slivers=slivers,
-                   accounts=accounts, initscripts=initscripts)
+                   accounts=accounts, initscripts=initscripts, skipped=skipped)
 
 
 def _sliver(item: Any, path: str) -> SliverSpec:
     _expect(item, dict, path)
     name = _key(item, "name", str, path)
-    if not SLICE_NAME.match(name):
-        raise InvalidReply(f"GetSlivers reply: {path}.name {name!r} is not a valid slice name "
-                           "(lower-case letter, then up to 31 of a-z 0-9 _)")
+    if len(name) > 256:
+        raise InvalidReply(f"GetSlivers reply: {path}.name is {len(name)} characters long")
     slice_id = _key(item, "slice_id", int, path)
     instantiation = _key(item, "instantiation", str, path)
     if instantiation not in INSTANTIATIONS:
@@ -164,13 +180,16 @@ def _sliver(item: Any, path: str) -> SliverSpec:
                            f"of {', '.join(INSTANTIATIONS)}")
     expires = _key(item, "expires", int, path)
     keys = []
+    problems = []
     for j, k in enumerate(_key(item, "keys", list, path)):
         kpath = f"{path}.keys[{j}]"
         _expect(k, dict, kpath)
         _key(k, "key_type", str, kpath)
         key = _key(k, "key", str, kpath)
-        if "\n" in key or "\r" in key:
-            raise InvalidReply(f"GetSlivers reply: {kpath}.key contains a line break")
+        if "\n" in key or "\r" in key or "\0" in key:
+            # One line per key in authorized_keys: a break would add lines of its own.
+            problems.append(f"keys[{j}] contains a line break; that key is not installed")
+            continue
         keys.append(key)
     attrs = []
     for j, a in enumerate(_key(item, "attributes", list, path)):
@@ -183,4 +202,5 @@ def _sliver(item: Any, path: str) -> SliverSpec:
     if "GetSliceFamily" in item and item["GetSliceFamily"] is not None:
         _expect(item["GetSliceFamily"], str, f"{path}.GetSliceFamily")
     return SliverSpec(name=name, slice_id=slice_id, instantiation=instantiation, expires=expires,
-                      keys=tuple(keys), attributes=attributes_to_dict(attrs))
+                      keys=tuple(keys), attributes=attributes_to_dict(attrs),
+                      problems=tuple(problems))

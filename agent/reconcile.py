@@ -68,6 +68,8 @@ def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str
     Delegated slivers are only refreshed when they already exist (the API creates
     them); not-instantiated ones are not wanted.
     """
+    for name, why in desired.skipped.items():
+        log.warning("GetSlivers: sliver %r skipped: %s", name, why)
     overrides = {}
     default_slice = desired.slivers.get(f"{slice_prefix}_default")
     if default_slice is not None:
@@ -104,7 +106,7 @@ def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
         name=spec.name, slice_id=spec.slice_id, instantiation=spec.instantiation,
         expires=spec.expires, image=existing.image if existing and existing.state in (
             RUNNING, STOPPED) else image,
-        spec=wire, rspec=resolved.rspec, problems=resolved.problems,
+        spec=wire, rspec=resolved.rspec, problems=[*resolved.problems, *spec.problems],
         state=existing.state if existing else PENDING,
         message=existing.message if existing else "",
         want_running=bool(resolved.rspec["enabled"]),

@@ -55,7 +55,7 @@ INIT_BIN = Path(__file__).resolve().parent / "bin" / "sliver-init"
 GUARD_LISTENER_FD = 4
 
 UID_COUNT = 65536
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")   # also a valid hostname label set
+NAME_RE = re.compile(r"^[a-z0-9][A-Za-z0-9_.-]{0,62}$")   # also fits a hostname (64 bytes)
 RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 RLIM_INFINITY = 2**64 - 1
@@ -162,8 +162,8 @@ def _proc_starttime(pid: int) -> int | None:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(f"bad sliver name {name!r}: use 1-63 of a-z 0-9 _ . - "
-                         "starting with a letter or digit")
+        raise ValueError(f"bad sliver name {name!r}: use 1-63 of A-Z a-z 0-9 _ . - "
+                         "starting with a lower-case letter or digit")
 
 
 class _SyncReader:

@@ -132,6 +132,17 @@ def test_slice_lifecycle(site: Site, node: Node) -> None:
     nothing_left(node, name)
 
 
+def test_names_plc_allows_make_slivers(site: Site, node: Node) -> None:
+    """PLC's slice names may have capitals and dots after the site's prefix."""
+    name = site.add_slice("Mixed.Case")
+    run_once(node)
+    s = sliver(node, name)
+    assert s is not None and s["state"] == "running" and s["live"], s
+    site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
+    run_once(node)
+    nothing_left(node, name)
+
+
 def test_rlimit_change_restarts_the_sliver_keeping_its_files(site: Site, node: Node) -> None:
     """rlimits and capabilities are fixed for a process tree's life: a change restarts
     the sliver in a new context on the same root instead of failing it."""
