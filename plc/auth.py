@@ -107,9 +107,10 @@ def _person_roles(call: Call, person_id: int) -> list[str]:
         "WHERE x.person_id = ? ORDER BY r.role_id", [person_id])]
 
 
-def _role_mismatch(call: Call, who: str, roles: list[str]) -> str:
+def _role_mismatch(call: Call, who: str, email: str, roles: list[str]) -> str:
+    # legacy text: "method X has roles [a,b] -- caller EMAIL has roles [c]"
     return (f"{who}: missing role, method {call.method.name} has roles "
-            f"{call.method.roles} -- caller has roles {roles}")
+            f"[{','.join(call.method.roles)}] -- caller {email} has roles [{','.join(roles)}]")
 
 
 def _password(call: Call, auth: dict[str, Any]) -> None:
@@ -136,7 +137,8 @@ def _password(call: Call, auth: dict[str, Any]) -> None:
         raise PLCAuthenticationFailure("PasswordAuth: Password verification failed")
     roles = _person_roles(call, person["person_id"])
     if not set(roles) & set(call.method.roles):
-        raise PLCAuthenticationFailure(_role_mismatch(call, "PasswordAuth", roles))
+        raise PLCAuthenticationFailure(_role_mismatch(call, "PasswordAuth", person["email"],
+                                                      roles))
     call.set_caller("person", person["person_id"], roles)
 
 
@@ -161,7 +163,7 @@ def _session_check(call: Call, sid: str) -> None:
     # one statement: a session, its node or person, and the person's roles
     rows = call.conn.query(
         "SELECT s.expires, n.node_id, n.deleted AS node_deleted, n.peer_id AS node_peer, "
-        "p.person_id, p.enabled, p.deleted, p.peer_id, (SELECT group_concat(r.name, ',') "
+        "p.person_id, p.email, p.enabled, p.deleted, p.peer_id, (SELECT group_concat(r.name, ',') "
         "FROM (SELECT r.name FROM person_role pr JOIN roles r ON r.role_id = pr.role_id "
         "WHERE pr.person_id = p.person_id ORDER BY r.role_id) r) AS roles "
         "FROM sessions s LEFT JOIN node_session ns ON ns.session_id = s.session_id "
@@ -182,7 +184,7 @@ def _session_check(call: Call, sid: str) -> None:
             raise PLCAuthenticationFailure("SessionAuth: Account not enabled or deleted")
         roles = r["roles"].split(",") if r["roles"] else []
         if not set(roles) & set(call.method.roles):
-            raise PLCPermissionDenied(_role_mismatch(call, "SessionAuth", roles))
+            raise PLCPermissionDenied(_role_mismatch(call, "SessionAuth", r["email"], roles))
         call.set_caller("person", r["person_id"], roles)
         return
     raise PLCAuthenticationFailure("SessionAuth: Invalid session")

@@ -115,7 +115,10 @@ def _order(cls: ObjClass, value: Any) -> list[str]:
         if item[0] in "+-":
             direction = "DESC" if item[0] == "-" else "ASC"
             item = item[1:]
-        order.append(f"{_field(cls, item).sql} {direction}")
+        # PostgreSQL (legacy PLCAPI) sorts NULL as larger than any value: last when
+        # ascending, first when descending; SQLite's default is the opposite
+        nulls = "NULLS FIRST" if direction == "DESC" else "NULLS LAST"
+        order.append(f"{_field(cls, item).sql} {direction} {nulls}")
     return order
 
 

@@ -30,7 +30,10 @@ def may_write_slice_tag(call: Any, s: dict[str, Any], tag_type_id: int,
     if not common:
         raise PLCPermissionDenied(f"Not allowed to write tags of this type (roles {roles})")
     if call.caller_kind == "node":
-        if node_id != call.caller_id or call.caller_id not in s["node_ids"]:
+        # a node must name itself: without a node argument the tag would be slice-wide
+        # (legacy caller_may_write_slice_tag: "wrong node caller")
+        if node_id is None or node_id != call.caller_id or \
+                call.caller_id not in s["node_ids"]:
             raise PLCPermissionDenied("A node may only set sliver tags of slices on itself")
         return
     if nodegroup_id is not None:
@@ -88,8 +91,6 @@ def AddSliceTag(call: Any, auth: dict, slice_id_or_name: int | str,
         key = node_id_or_hostname.lower() if isinstance(node_id_or_hostname, str) else \
             node_id_or_hostname
         node_id = call.one(Node, key, ["node_id"], what="node")["node_id"]
-    elif call.caller_kind == "node":
-        node_id = call.caller_id
     nodegroup_id = None
     if nodegroup_id_or_name is not None:
         nodegroup_id = call.one(NodeGroup, nodegroup_id_or_name, ["nodegroup_id"],

@@ -9,7 +9,7 @@ from plc.auth import Auth
 from plc.faults import PLCInvalidArgument
 from plc.method import api_method
 from plc.methods._util import id_or_name
-from plc.model import ConfFile, Interface, Node
+from plc.model import ConfFile, InitScript, Interface, Node
 from plc.params import Parameter
 
 MAX_EXPIRES = 2**31 - 1
@@ -187,9 +187,8 @@ def GetSlivers(call: Any, auth: dict, node_id_or_hostname: int | str | None = No
         "interfaces": call.get(Interface, {"node_id": nid}),
         "groups": groupnames,
         "conf_files": _conf_files(call, nid, groups),
-        "initscripts": call.conn.query(
-            "SELECT initscript_id, name, enabled, script FROM initscripts WHERE enabled = 1 "
-            "ORDER BY initscript_id"),
+        "initscripts": call.get(InitScript, {"enabled": True},
+                                ["initscript_id", "name", "enabled", "script"]),
         "slivers": slivers_of(call, nid),
         "accounts": _accounts(call, node["site_id"]),
         "xmpp": {"server": cfg.omf_xmpp_server if cfg.omf_enabled else None},

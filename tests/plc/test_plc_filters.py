@@ -100,7 +100,8 @@ def evaluate(rows: list[dict[str, Any]], flt: dict[str, Any]) -> list[int]:
         for item in reversed(sort if isinstance(sort, list) else [sort]):
             desc = item.startswith("-")
             name = item.lstrip("+-")
-            out.sort(key=lambda r: (r[name] is not None, r[name]), reverse=desc)
+            # PostgreSQL order (legacy PLCAPI): NULL after every value when ascending
+            out.sort(key=lambda r: (r[name] is None, r[name]), reverse=desc)
     offset = flt.get("-OFFSET", 0)
     limit = flt.get("-LIMIT")
     out = out[offset:] if limit is None else out[offset:offset + limit]

@@ -1,0 +1,85 @@
+"""Regression tests for differences from ../shared/spec/plcapi.md found by probing a
+running server the way legacy clients call it (plcsh, NodeManager, the web UI)."""
+
+from __future__ import annotations
+
+import xmlrpc.client
+from typing import Any
+
+import pytest
+
+from tests.plc.world import NODE_KEY, hmac_of
+
+
+def fault(call: Any, *args: Any) -> xmlrpc.client.Fault:
+    with pytest.raises(xmlrpc.client.Fault) as exc:
+        call(*args)
+    return exc.value
+
+
+def test_getslivers_initscripts_enabled_is_boolean(world: Any) -> None:
+    # spec 7: initscripts are InitScript structs, whose `enabled` is a boolean (5.15)
+    plc, w = world
+    api = plc.proxy()
+    api.AddInitScript(w.A.admin, {"name": "is1", "enabled": True, "script": "#!/bin/sh"})
+    api.AddInitScript(w.A.admin, {"name": "off", "enabled": False, "script": "#!/bin/sh"})
+    scripts = api.GetSlivers(w.A.node)["initscripts"]
+    assert scripts == [{"initscript_id": scripts[0]["initscript_id"], "name": "is1",
+                        "enabled": True, "script": "#!/bin/sh"}]
+    assert scripts[0]["enabled"] is True
+    assert scripts == api.GetInitScripts(w.A.admin, {"enabled": True})
+
+
+def test_node_caller_must_name_itself_in_addslicetag(world: Any) -> None:
+    # spec 9.1: a node caller must pass a node argument equal to itself, else 108
+    plc, w = world
+    api = plc.proxy()
+    node = {"AuthMethod": "hmac", "node_id": w.node,
+            "value": hmac_of(NODE_KEY, w.slice, "hmac", "secret")}
+    f = fault(api.AddSliceTag, node, w.slice, "hmac", "secret")
+    assert f.faultCode == 108
+    assert api.GetSliceTags(w.A.admin, {"tagname": "hmac"}) == []
+    # with itself as the node it is a sliver tag
+    tag_id = api.AddSliceTag(w.A.node, w.slice, "hmac", "secret", w.node)
+    tag = api.GetSliceTags(w.A.admin, [tag_id], ["node_id", "value"])
+    assert tag == [{"node_id": w.node, "value": "secret"}]
+    # a slice-wide tag of a node-writable type: the node may not touch it
+    wide = api.AddSliceTag(w.A.admin, w.slice, "ssh_key", "k")
+    assert fault(api.UpdateSliceTag, w.A.node, wide, "x").faultCode == 108
+    assert fault(api.DeleteSliceTag, w.A.node, wide).faultCode == 108
+    assert api.UpdateSliceTag(w.A.node, tag_id, "other") == 1
+    assert api.DeleteSliceTag(w.A.node, tag_id) == 1
+
+
+def test_sort_puts_nulls_where_postgresql_does(world: Any) -> None:
+    # legacy PLCAPI runs on PostgreSQL: NULL sorts after every value when ascending,
+    # before every value when descending
+    plc, w = world
+    api = plc.proxy()
+    api.SetNodeArch(w.A.admin, w.other_node, "x86_64")
+    rows = api.GetNodes(w.A.admin, {"-SORT": "arch"}, ["node_id", "arch"])
+    archs = [r["arch"] for r in rows]
+    assert archs[0] == "x86_64" and archs[-1] is None
+    rows = api.GetNodes(w.A.admin, {"-SORT": "-arch"}, ["node_id", "arch"])
+    assert rows[0]["arch"] is None and rows[-1]["arch"] == "x86_64"
+    rows = api.GetNodes(w.A.admin, {"-SORT": ["+last_contact", "hostname"]},
+                        ["hostname", "last_contact"])
+    assert [r["hostname"] for r in rows] == sorted(r["hostname"] for r in rows)
+
+
+def test_missing_role_fault_names_caller_and_roles(world: Any) -> None:
+    # spec 2.2: "PasswordAuth: missing role, method X has roles [...] -- caller Y has
+    # roles [...]"; SessionAuth: the same text under 108
+    plc, w = world
+    api = plc.proxy()
+    f = fault(api.AddSite, w.A.user, {})
+    assert f.faultCode == 103
+    assert f.faultString.endswith(
+        "PasswordAuth: missing role, method AddSite has roles [admin] -- caller "
+        "user@tu.example.org has roles [user]")
+    session = {"AuthMethod": "session", "session": api.GetSession(w.A.user)}
+    f = fault(api.AddSite, session, {})
+    assert f.faultCode == 108
+    assert "SessionAuth: missing role, method AddSite has roles [admin] -- caller " \
+        "user@tu.example.org has roles [user]" in f.faultString
+    assert api.AuthCheck(session) == 1  # session kept
