@@ -11,6 +11,7 @@ the node's, not the agent's), the state database is closed, the socket removed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import signal
@@ -71,6 +72,10 @@ class Agent:
             after_start=self.accounts.after_start, before_destroy=self.accounts.before_destroy,
             guard=self.guard)
         self._reconcile_lock = trio.Lock()
+        # The settings a reply is ingested under: a change of them (agent.toml edited,
+        # agent restarted) makes an unchanged reply be ingested again.
+        self._settings_digest = hashlib.sha256(repr((
+            cfg.default_image, cfg.slice_prefix, cfg.node_accounts)).encode()).hexdigest()[:16]
         self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
         self.failures = 0
         self.last_poll_ok: float | None = None
@@ -143,6 +148,8 @@ class Agent:
         last good one but for its timestamp is not decoded again (see raw_digest)."""
         last_ts = int(self.state.get_meta("last_timestamp", "0") or 0)
         digest = getslivers.raw_digest(raw)
+        if digest is not None:   # the same reply under other settings is another input
+            digest = (digest[0], f"{digest[1]}:{self._settings_digest}")
         if digest is not None and digest[1] == self.state.get_meta("last_digest"):
             if digest[0] < last_ts:
                 return self._stale(digest[0], last_ts)
@@ -163,9 +170,10 @@ class Agent:
             return self._stale(desired.timestamp, last_ts)
         async with self._reconcile_lock:
             self.state.save_reply(reply)
-            self._mark_good(desired.timestamp, digest[1] if digest else "")
             removed = ingest(self.state, desired, self.cfg.default_image,
                              self.cfg.slice_prefix, time.time())
+            # Only now: a reply whose ingest failed must be decoded again next time.
+            self._mark_good(desired.timestamp, digest[1] if digest else "")
             self.apply_port_tags()
             outcome = await self.reconciler.reconcile(removed=removed, have_reply=True)
             await self.accounts.sync(desired)
@@ -188,10 +196,11 @@ class Agent:
 
     async def reconcile_now(self) -> Outcome:
         """A local reconcile from the state alone: brings back slivers that died, finishes
-        pending removals; expiry applies only once PLC has answered."""
-        have_reply = bool(self.state.get_meta("last_poll_ok"))
+        pending removals. It never expires a sliver: expiry is applied by the reconcile
+        of a good poll only, so that a PLC outage freezes the node's state (plcapi §9) and
+        a slice renewed at PLC meanwhile keeps its sliver."""
         async with self._reconcile_lock:
-            return await self.reconciler.reconcile(removed=[], have_reply=have_reply)
+            return await self.reconciler.reconcile(removed=[], have_reply=False)
 
     async def reconciler_service(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -94,3 +94,66 @@ def test_guard_finds_slice_uids_in_the_configured_pool(tmp_path: Path) -> None:
         assert guard.guard.uid_range("pl_unknown") is None
     finally:
         a.close()
+
+
+async def test_no_expiry_while_plc_is_away(agent: Agent) -> None:
+    """Expiry is applied by the reconcile of a good poll only: the local reconciler
+    between polls (PLC unreachable) keeps an expired sliver, the next good reply decides."""
+    import time
+
+    be: FakeBackend = agent.backend  # type: ignore[assignment]
+    s = sliver("pl_a")
+    s["expires"] = int(time.time()) + 1
+    await agent.apply_raw(wire(reply([s], timestamp=1)), 1)
+    time.sleep(1.2)
+    await agent.reconcile_now()          # PLC away: nothing expires
+    assert "pl_a" in be.contexts
+    s["expires"] = int(time.time()) + 3600   # renewed at PLC meanwhile
+    await agent.apply_raw(wire(reply([s], timestamp=2)), 1)
+    assert "pl_a" in be.contexts
+    s["expires"] = int(time.time()) - 1
+    await agent.apply_raw(wire(reply([s], timestamp=3)), 1)
+    assert "pl_a" not in be.contexts
+
+
+async def test_a_reply_whose_ingest_failed_is_ingested_again(agent: Agent,
+                                                             monkeypatch: Any) -> None:
+    import agent.main as main_mod
+
+    be: FakeBackend = agent.backend  # type: ignore[assignment]
+    await agent.apply_raw(wire(reply([sliver("pl_a")], timestamp=1)), 1)
+    real = main_mod.ingest
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(main_mod, "ingest", broken)
+    with pytest.raises(RuntimeError):
+        await agent.apply_raw(wire(reply([sliver("pl_a", cpu_share="7")], timestamp=2)), 1)
+    monkeypatch.setattr(main_mod, "ingest", real)
+    res = await agent.apply_raw(wire(reply([sliver("pl_a", cpu_share="7")], timestamp=3)), 1)
+    assert res.message == "ok"
+    assert be.contexts["pl_a"]["plan"].limits["cpu_share"] == 7
+
+
+async def test_changed_settings_ingest_an_unchanged_reply_again(tmp_path: Path) -> None:
+    def make(image: str) -> Agent:
+        cfg = config.from_mapping({
+            "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
+            "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
+            "node_accounts": "", "default_image": image, "host_accounts": 0,
+            "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
+        return Agent(cfg, backend=FakeBackend())
+
+    a = make("base")
+    try:
+        assert (await a.apply_raw(wire(reply([sliver("pl_a")], timestamp=1)), 1)).message == "ok"
+        assert (await a.apply_raw(wire(reply([sliver("pl_a")], timestamp=2)), 1)).message \
+            == "ok (unchanged)"
+    finally:
+        a.close()
+    b = make("other")   # agent.toml's default_image edited, agent restarted
+    try:
+        assert (await b.apply_raw(wire(reply([sliver("pl_a")], timestamp=3)), 1)).message == "ok"
+    finally:
+        b.close()
