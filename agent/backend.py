@@ -148,6 +148,7 @@ class Backend(Protocol):
     def run(self, name: str, argv: list[str], user: str = "root",
             timeout: float = 60.0) -> tuple[int, str]: ...
     def root_of(self, name: str) -> Path | None: ...
+    def uid_base_of(self, name: str) -> int | None: ...
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
               env: dict[str, str], fds: tuple[int, int, int] | None) -> Any: ...
 
@@ -403,6 +404,13 @@ class KernelBackend:
         assert fds is not None
         return ctx.spawn(argv, user="root", env=env, stdin=fds[0], stdout=fds[1],
                          stderr=fds[2])
+
+    def uid_base_of(self, name: str) -> int | None:
+        """The first host uid of a live context's range (None if it is not live)."""
+        try:
+            return int(self._context(name).uid_base)
+        except (ProcessLookupError, FileNotFoundError, ValueError, KeyError):
+            return None
 
     def root_of(self, name: str) -> Path | None:
         ctx = self._contexts.get(name)

@@ -209,12 +209,35 @@ class Reconciler:
     async def reconcile(self, removed: list[str], have_reply: bool,
                         now: float | None = None) -> Outcome:
         live = await self.live()
+        await self._claim_live_ranges(live)
         # Contexts this agent has not adopted yet (after a restart) are adopted first,
         # so nothing is created twice.
         self.adopted &= live
         actions = plan(self.state.summaries(), live, self.adopted, removed,
                        time.time() if now is None else now, have_reply)
         return await self.execute(actions)
+
+    async def _claim_live_ranges(self, live: set[str]) -> None:
+        """Record the uid range of every running context the state does not know (a
+        state database lost or replaced): its sliver is adopted with its range, and no
+        new sliver is given uids a running one uses."""
+        known = self.state.uid_ranges()
+        for name in sorted(live - set(known)):
+            base = await trio.to_thread.run_sync(self.backend.uid_base_of, name)
+            if base is None:
+                continue
+            idx, rem = divmod(base - self.uid_pool_start, self.uid_range_size)
+            if rem or not 0 <= idx < self.uid_pool_ranges:
+                log.error("sliver %s: runs with uids from %d, outside this agent's pool; "
+                          "its range cannot be reserved", name, base)
+                continue
+            holder = self.state.claim_uid_range(name, idx)
+            if holder is not None:
+                log.error("sliver %s: runs with the uid range of %s (index %d)", name, holder,
+                          idx)
+            else:
+                log.warning("sliver %s: running with uid range %d, which the state did not "
+                            "record; recorded", name, idx)
 
     async def execute(self, actions: list[Action]) -> Outcome:
         outcome = Outcome()

@@ -227,6 +227,17 @@ class State:
             db.execute("INSERT INTO uid_ranges VALUES (?, ?, ?)", (idx, name, time.time()))
             return idx
 
+    def claim_uid_range(self, name: str, idx: int) -> str | None:
+        """Record range `idx` for `name` (a running context found using it); returns
+        the name already holding `idx`, if another one does (then nothing changes)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT name FROM uid_ranges WHERE idx=?", (idx,)).fetchone()
+            if row:
+                return None if row[0] == name else str(row[0])
+            db.execute("DELETE FROM uid_ranges WHERE name=?", (name,))
+            db.execute("INSERT INTO uid_ranges VALUES (?, ?, ?)", (idx, name, time.time()))
+            return None
+
     def uid_range_of(self, name: str) -> int | None:
         row = self._db.execute("SELECT idx FROM uid_ranges WHERE name=?", (name,)).fetchone()
         return int(row[0]) if row else None

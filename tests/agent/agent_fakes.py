@@ -70,6 +70,10 @@ class FakeBackend:
     def root_of(self, name: str) -> Path | None:
         return None
 
+    def uid_base_of(self, name: str) -> int | None:
+        ctx = self.contexts.get(name)
+        return None if ctx is None else int(ctx["plan"].uid_base)
+
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
               env: dict[str, str], fds: tuple[int, int, int] | None) -> Any:
         raise OSError(95, "no sessions without a kernel", name)

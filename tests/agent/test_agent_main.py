@@ -157,3 +157,36 @@ async def test_changed_settings_ingest_an_unchanged_reply_again(tmp_path: Path) 
         assert (await b.apply_raw(wire(reply([sliver("pl_a")], timestamp=3)), 1)).message == "ok"
     finally:
         b.close()
+
+
+async def test_a_lost_state_database_keeps_running_slivers_ranges(tmp_path: Path) -> None:
+    """The state database is gone but slivers run: their uid ranges are taken back from
+    the running contexts, so they are adopted and no new sliver gets their uids."""
+    be = FakeBackend()
+
+    def make() -> Agent:
+        cfg = config.from_mapping({
+            "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
+            "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
+            "node_accounts": "", "default_image": "base", "host_accounts": 0,
+            "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
+        return Agent(cfg, backend=be)
+
+    a = make()
+    await a.apply_raw(wire(reply([sliver("pl_w"), sliver("pl_y")], timestamp=1)), 1)
+    await a.apply_raw(wire(reply([sliver("pl_y")], timestamp=2)), 1)   # frees range 0
+    y_base = be.contexts["pl_y"]["plan"].uid_base
+    a.close()
+    for f in (tmp_path / "state").glob("agent.db*"):
+        f.unlink()
+    b = make()
+    try:
+        await b.bring_up_from_state()
+        await b.apply_raw(wire(reply([sliver("pl_x"), sliver("pl_y"), sliver("pl_z")],
+                                     timestamp=3)), 1)
+        y = b.state.get_sliver("pl_y")
+        assert y is not None and y.state == "running", y
+        bases = {n: be.contexts[n]["plan"].uid_base for n in ("pl_x", "pl_y", "pl_z")}
+        assert bases["pl_y"] == y_base and len(set(bases.values())) == 3, bases
+    finally:
+        b.close()
