@@ -223,7 +223,7 @@ class SliceAPI:
         return await self._start_stop(caller, args, "start")
 
     async def Stop(self, caller: Caller, *args: Any) -> int:
-        """Stop(name): freeze a sliver until the next reconcile (node admin only for now)."""
+        """Stop(name): freeze a sliver until Start (node admin only for now)."""
         return await self._start_stop(caller, args, "stop")
 
     async def _start_stop(self, caller: Caller, args: tuple[Any, ...], kind: str) -> int:
@@ -233,7 +233,11 @@ class SliceAPI:
         name = self._target(caller, args)
         from agent.reconcile import Action
 
-        outcome = await self.agent.reconciler.execute([Action(kind, name, "slice API")])
+        # Held stopped until Start: the reconciles in between must not start it again.
+        self.agent.state.set_held(name, kind == "stop")
+        outcome = await self.agent.reconciler.execute(
+            [Action(kind, name, "stopped by the slice API's Stop until Start"
+                    if kind == "stop" else "slice API")])
         if outcome.failed:
             raise APIFault(FAULT_ERROR, f"{kind} {name}: failed; see the agent's log")
         return 1

@@ -284,9 +284,24 @@ class State:
         return {row[0]: _row_to_record(row) for row in rows}
 
     def summaries(self) -> dict[str, Summary]:
+        """What reconcile plans from; a sliver held stopped (see set_held) is not
+        wanted running whatever PLC says."""
+        held = self.held()
         rows = self._db.execute("SELECT name, state, expires, want_running, applied, target "
                                 "FROM slivers")
-        return {r[0]: Summary(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows}
+        return {r[0]: Summary(r[0], r[1], r[2], bool(r[3]) and r[0] not in held, r[4], r[5])
+                for r in rows}
+
+    def set_held(self, name: str, held: bool) -> None:
+        """Hold a sliver stopped (the local API's Stop) until released (Start)."""
+        if held:
+            self.set_meta(f"held:{name}", "1")
+        else:
+            self._db.execute("DELETE FROM meta WHERE key=?", (f"held:{name}",))
+
+    def held(self) -> set[str]:
+        return {k[len("held:"):] for (k,) in
+                self._db.execute("SELECT key FROM meta WHERE key LIKE 'held:%'")}
 
     def mark_removed(self, names: list[str], reason: str) -> None:
         """Record the decision to destroy (taken from a good reply) before acting on it."""
@@ -298,6 +313,8 @@ class State:
         """Forget a destroyed sliver and everything it held (its counters stay)."""
         with self.transaction() as db:
             db.execute("DELETE FROM slivers WHERE name=?", (name,))
+            db.execute("DELETE FROM meta WHERE key IN (?, ?)",
+                       (f"held:{name}", f"initscript_status:{name}"))
             db.execute("DELETE FROM uid_ranges WHERE name=?", (name,))
             db.execute("DELETE FROM ports WHERE name=?", (name,))
             db.execute("DELETE FROM loans WHERE lender=? OR recipient=?", (name, name))

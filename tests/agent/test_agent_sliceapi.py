@@ -267,3 +267,26 @@ async def test_a_failing_lookup_ends_one_connection_not_the_agent(api_env, monke
 
     xids = await _serving(agent, calls)
     assert set(xids) == {"pl_a", "pl_b"}
+
+
+async def test_stop_holds_until_start(api_env) -> None:
+    """The local API's Stop lasts until Start (nodemanager spec §2.5), not until the
+    next reconcile; the node admin may call both."""
+    agent, d = api_env
+    await _setup(agent)
+    sock = str(d / "agent.sock")
+    be: FakeBackend = agent.backend
+    api = SliceAPI(agent)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.serve)
+        assert await trio.to_thread.run_sync(lambda: client(sock).Stop("pl_a")) == 1
+        assert be.contexts["pl_a"]["frozen"]
+        await agent.reconcile_now()
+        assert be.contexts["pl_a"]["frozen"] and not be.contexts["pl_b"]["frozen"]
+        rec = agent.state.get_sliver("pl_a")
+        assert rec is not None and rec.state == "stopped" and "until Start" in rec.message
+        assert await trio.to_thread.run_sync(lambda: client(sock).Start("pl_a")) == 1
+        await agent.reconcile_now()
+        assert not be.contexts["pl_a"]["frozen"]
+        assert agent.state.held() == set()
+        nursery.cancel_scope.cancel()
