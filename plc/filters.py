@@ -17,6 +17,15 @@ from plc.model import BOOL, FLOAT, INT, INTS, STR, STRS, Field, ObjClass
 from plc.params import Parameter, _value_type, check
 
 PREFIXES = "~<>[]&|"
+
+#: fields never shown to non-admin callers (spec 4.6): they may not filter or sort on
+#: them either, or a pattern filter would read them out one character at a time
+#: (node keys and sessions to anonymous callers, password hashes and verification
+#: keys through RetrieveSlicePersonKeys...)
+SECRET_FIELDS: dict[str, frozenset[str]] = {
+    "Node": frozenset(("key", "session", "boot_nonce")),
+    "Person": frozenset(("password", "verification_key", "verification_expires")),
+}
 _COMPARE = {"<": "<", ">": ">", "[": "<=", "]": ">="}
 
 
@@ -223,13 +232,31 @@ class FilterParam:
         types = self.xmlrpc_types()
         return types[0] if len(types) == 1 else "mixed"
 
+    def _secret(self, ctx: Any) -> frozenset[str]:
+        secret = SECRET_FIELDS.get(self.cls.name)
+        if not secret or ctx is None or getattr(ctx, "is_admin", False):
+            return frozenset()
+        return secret
+
     def check(self, value: Any, name: str, ctx: Any = None) -> None:
         if value is None:
             return
         if isinstance(value, dict) and self.structs:
+            secret = self._secret(ctx)
             for key, v in value.items():
                 if not isinstance(key, str) or not key:
                     raise PLCInvalidArgument(f"Invalid filter field {key!r}")
+                if secret:
+                    if key == "-SORT":
+                        used = [str(x).lstrip("+-")
+                                for x in (v if isinstance(v, list | tuple) else [v])]
+                    elif key[0] == "-":
+                        used = []
+                    else:
+                        used = [split_key(key)[2]]
+                    for field_name in used:
+                        if field_name in secret:
+                            raise PLCInvalidArgument(f"Invalid filter field '{field_name}'")
                 if key[0] in PREFIXES or key[0] == "-":
                     continue
                 f = self.cls.column(key)

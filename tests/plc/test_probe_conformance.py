@@ -83,3 +83,38 @@ def test_missing_role_fault_names_caller_and_roles(world: Any) -> None:
     assert "SessionAuth: missing role, method AddSite has roles [admin] -- caller " \
         "user@tu.example.org has roles [user]" in f.faultString
     assert api.AuthCheck(session) == 1  # session kept
+
+
+@pytest.mark.parametrize("method, args", [
+    ("GetNodes", ({"key": "0123*"},)),
+    ("GetNodes", ({"~session": None},)),
+    ("GetNodes", ({"-SORT": ["hostname", "-boot_nonce"]},)),
+    ("GetWhitelist", ({"key": "0*"},)),
+    ("RetrieveSliceSliverKeys", ("tu_one", {"key": "0123*"})),
+    ("RetrieveSlicePersonKeys", ("tu_one", {"password": "*"})),
+    ("RetrieveSlicePersonKeys", ("tu_one", {">verification_expires": 0})),
+])
+def test_hidden_fields_are_no_filter_oracle(world: Any, method: str, args: tuple) -> None:
+    # spec 4.6: key/session/boot_nonce and password/verification_* are never returned to
+    # non-admins; a pattern filter or a sort on them would read them out anyway
+    plc, w = world
+    api = plc.proxy()
+    for auth in (w.A.anon, w.A.user, w.A.node):
+        try:
+            f = fault(getattr(api, method), auth, *args)
+        except pytest.fail.Exception:
+            raise AssertionError(f"{method}{args} answered {auth['AuthMethod']}") from None
+        assert f.faultCode in (102, 103, 108), f.faultString
+    f = fault(getattr(api, method), w.A.user, *args)
+    assert f.faultCode == 102 and "Invalid filter field" in f.faultString
+
+
+def test_hidden_fields_still_filter_for_admins_and_others_for_everyone(world: Any) -> None:
+    plc, w = world
+    api = plc.proxy()
+    assert api.GetNodes(w.A.admin, {"key": NODE_KEY[:4] + "*"}, ["node_id"]) == \
+        [{"node_id": w.node}]
+    assert api.GetPersons(w.A.pi, {"-SORT": "-email", "email": "*@tu.*"}, ["email"])[0] == \
+        {"email": "user@tu.example.org"}
+    assert api.GetNodes(w.A.anon, {"hostname": "n1*"}, ["hostname"]) == \
+        [{"hostname": "n1.tu.example.org"}]
