@@ -8,6 +8,7 @@ sliver's own uid range.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -29,6 +30,10 @@ log = logging.getLogger("agent.accounts")
 MARK_BEGIN = "# --- planetlab-agent managed keys (do not edit below) ---"
 MARK_END = "# --- end of planetlab-agent managed keys ---"
 LOG_LINES = 200   # of an initscript's output tail (agent.backend.OUTPUT_TAIL bytes)
+INITSCRIPT_SLOTS = 8        # initscripts running at once in the long-running agent
+INITSCRIPT_TIMEOUT = 3600.0  # seconds a background initscript may run
+ONCE_TIMEOUT = 60.0          # ... and one run inline by `run --once`
+STOP_TIMEOUT = 10.0          # `initscript stop` before a sliver is frozen or destroyed
 
 
 def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: int,
@@ -215,6 +220,8 @@ class Accounts:
         self.backend = backend
         self._installed: dict[str, str] = {}
         self._pending: set[str] = set()   # key installs that failed, retried each poll
+        self._nursery: trio.Nursery | None = None
+        self._initscript_slots = trio.CapacityLimiter(INITSCRIPT_SLOTS)
 
     def _uid_base(self, name: str) -> int | None:
         idx = self.state.uid_range_of(name)
@@ -267,6 +274,10 @@ class Accounts:
                                 Path(self.cfg.account_home_base), self.cfg.socket_path)
 
     async def before_destroy(self, name: str) -> None:
+        try:
+            await self.before_stop(name)
+        except Exception as exc:  # noqa: BLE001 - the sliver goes all the same
+            log.warning("sliver %s: initscript stop: %s", name, exc)
         self._installed.pop(name, None)
         self._pending.discard(name)
         if self.cfg.host_accounts:
@@ -309,24 +320,73 @@ class Accounts:
                 continue
             await self._install(name, list(rec.spec.get("keys", [])))
 
+    # -- initscripts ------------------------------------------------------------------------
+    #
+    # The slice's initscript (nodemanager spec §2.8: `initscript_code`, or the named entry
+    # of GetSlivers `initscripts`) is written to /etc/planetlab/initscript in the sliver
+    # and run there as `initscript start|restart|stop SLICE`. The agent records, per
+    # sliver, the digest of the script it last ran in the current context
+    # (meta `initscript_ran:NAME`, cleared when a context is made): a new context runs
+    # `start` once it runs, a changed script on a running sliver runs `restart`, a
+    # destroyed one runs `stop` first. In the long-running agent scripts run in the
+    # background (INITSCRIPT_SLOTS at a time, up to INITSCRIPT_TIMEOUT each), never
+    # holding a sliver's lock; `run --once` runs them inline, up to ONCE_TIMEOUT.
+
+    def new_context(self, name: str) -> None:
+        """A context is being made for `name`: its initscript has not run in it."""
+        self.state.delete_meta(f"initscript_ran:{name}")
+
+    def use_nursery(self, nursery: trio.Nursery | None) -> None:
+        """Run initscripts as background tasks of `nursery` (None: inline)."""
+        self._nursery = nursery
+
     async def after_start(self, name: str) -> Any:
-        """Keys, then the slice's initscript (`start NAME`), its output logged."""
+        """Keys, then the slice's initscript (`start NAME`) if it has not run in this
+        context yet."""
         rec = self.state.get_sliver(name)
         if rec is None:
             return
         await self._install(name, list(rec.spec.get("keys", [])))
-        script = rec.spec.get("initscript") or ""
-        if not script:
-            return
+        if self.state.get_meta(f"initscript_ran:{name}") is None:
+            await self._initscript(name, rec.spec.get("initscript") or "", "start")
+
+    async def sync_initscripts(self) -> None:
+        """A running sliver whose initscript changed since it last ran: `restart`."""
+        ran = self.state.meta_with_prefix("initscript_ran:")
+        for name, rec in self.state.slivers().items():
+            last = ran.get(name)
+            if rec.state != "running" or last is None:
+                continue
+            script = rec.spec.get("initscript") or ""
+            if _digest(script) != last:
+                await self._initscript(name, script, "restart")
+
+    async def _initscript(self, name: str, script: str, action: str) -> None:
         root = self.backend.root_of(name)
         base = self._uid_base(name)
         if root is None or base is None:
             return
+        self.state.set_meta(f"initscript_ran:{name}", _digest(script))
+        if not script:
+            await trio.to_thread.run_sync(remove_in_root, root, "etc/planetlab/initscript")
+            return
         await trio.to_thread.run_sync(
             write_in_root, root, "etc/planetlab/initscript", script.encode(), 0o755, base, base,
             0o755)
-        code, output = await trio.to_thread.run_sync(
-            self.backend.run, name, ["/bin/sh", "/etc/planetlab/initscript", "start", name])
+        if self._nursery is None:
+            await self._run_initscript(name, action, ONCE_TIMEOUT)
+        else:
+            self._nursery.start_soon(self._run_initscript, name, action, INITSCRIPT_TIMEOUT,
+                                     name=f"initscript:{name}")
+
+    async def _run_initscript(self, name: str, action: str, timeout: float) -> None:
+        try:
+            code, output = await trio.to_thread.run_sync(
+                self.backend.run, name, ["/bin/sh", "/etc/planetlab/initscript", action, name],
+                "root", timeout, limiter=self._initscript_slots, abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 - the sliver may be gone meanwhile
+            log.warning("sliver %s: initscript %s could not run: %s", name, action, exc)
+            return
         dropped, output = split_dropped(output)
         lines = output.splitlines()
         if dropped:
@@ -337,5 +397,38 @@ class Accounts:
                      LOG_LINES, len(lines))
         for line in lines[-LOG_LINES:]:
             log.info("sliver %s initscript: %s", name, line)
-        log.info("sliver %s: initscript exited with %d", name, code)
-        self.state.set_meta(f"initscript_status:{name}", str(code))
+        log.info("sliver %s: initscript %s exited with %d", name, action, code)
+        if self.state.get_sliver(name) is not None:
+            self.state.set_meta(f"initscript_status:{name}", str(code))
+
+    async def before_stop(self, name: str) -> None:
+        """`stop` for the initscript of a sliver about to be frozen or destroyed (briefly:
+        the sliver goes whatever the script does)."""
+        if self.state.get_meta(f"initscript_ran:{name}") in (None, _digest("")):
+            return
+        if not await trio.to_thread.run_sync(self.backend.frozen, name):  # it would wait
+            await self._run_initscript(name, "stop", STOP_TIMEOUT)
+
+
+def _digest(script: str) -> str:
+    return hashlib.sha256(script.encode()).hexdigest()[:32]
+
+
+def remove_in_root(root: Path, rel: str) -> None:
+    """Remove `root/rel` without following any symlink below `root` (gone already: fine)."""
+    parts = [p for p in rel.strip("/").split("/")]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                return
+            os.close(fd)
+            fd = nfd
+        try:
+            os.unlink(parts[-1], dir_fd=fd)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            pass
+    finally:
+        os.close(fd)

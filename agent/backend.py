@@ -149,6 +149,7 @@ class Backend(Protocol):
             timeout: float = 60.0) -> tuple[int, str]: ...
     def root_of(self, name: str) -> Path | None: ...
     def uid_base_of(self, name: str) -> int | None: ...
+    def frozen(self, name: str) -> bool: ...
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
               env: dict[str, str], fds: tuple[int, int, int] | None) -> Any: ...
 
@@ -404,6 +405,12 @@ class KernelBackend:
         assert fds is not None
         return ctx.spawn(argv, user="root", env=env, stdin=fds[0], stdout=fds[1],
                          stderr=fds[2])
+
+    def frozen(self, name: str) -> bool:
+        try:
+            return bool(self._context(name).frozen())
+        except (ProcessLookupError, FileNotFoundError, ValueError, KeyError):
+            return False
 
     def uid_base_of(self, name: str) -> int | None:
         """The first host uid of a live context's range (None if it is not live)."""

@@ -70,6 +70,7 @@ class Agent:
             uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
             uid_pool_ranges=cfg.uid_pool_ranges, binds=self._binds,
             after_start=self.accounts.after_start, before_destroy=self.accounts.before_destroy,
+            before_stop=self.accounts.before_stop, new_context=self.accounts.new_context,
             guard=self.guard)
         self._reconcile_lock = trio.Lock()
         # The settings a reply is ingested under: a change of them (agent.toml edited,
@@ -177,6 +178,7 @@ class Agent:
             self.apply_port_tags()
             outcome = await self.reconciler.reconcile(removed=removed, have_reply=True)
             await self.accounts.sync(desired)
+            await self.accounts.sync_initscripts()
         self.last_poll_ok = time.time()
         return PollResult(True, "ok", outcome, removed)
 
@@ -258,6 +260,7 @@ class Agent:
             return 0 if result.ok else 1
         api = SliceAPI(self)
         async with trio.open_nursery() as nursery:
+            self.accounts.use_nursery(nursery)   # initscripts run in the background
             if self.guard is not None:
                 # Takes the listeners of adopted slivers (bring_up_from_state) and of
                 # every later creation.

@@ -180,6 +180,8 @@ class Reconciler:
                  binds: Callable[[str], tuple[tuple[str, str], ...]] = lambda name: (),
                  after_start: Callable[[str], Any] | None = None,
                  before_destroy: Callable[[str], Any] | None = None,
+                 before_stop: Callable[[str], Any] | None = None,
+                 new_context: Callable[[str], None] | None = None,
                  guard: Any = None) -> None:
         self.state = state
         self.backend = backend
@@ -192,6 +194,8 @@ class Reconciler:
         self._binds = binds
         self._after_start = after_start
         self._before_destroy = before_destroy
+        self._before_stop = before_stop
+        self._new_context = new_context or (lambda name: None)
         self.guard = guard   # agent.guard.GuardService, or None
         # True while the guard's service runs and takes listeners (not in `run --once`:
         # then the inits keep theirs for the next long-running agent).
@@ -319,6 +323,7 @@ class Reconciler:
             # Recorded before granted: the uid range and the "creating" state first.
             idx = self.state.allocate_uid_range(name, self.uid_pool_ranges)
             self.state.set_sliver_state(name, CREATING, "")
+            self._new_context(name)
             # The plan saw no live context of this name (a stale one is cleared by create).
             agent_end = await trio.to_thread.run_sync(self.backend.create,
                                                       self._plan_for(rec, idx))
@@ -338,19 +343,24 @@ class Reconciler:
         if idx_or_none is None:
             raise RuntimeError("no uid range recorded for a live sliver")
         if action.kind == "update":
-            agent_end = await trio.to_thread.run_sync(self.backend.update,
-                                                      self._plan_for(rec, idx_or_none))
+            plan = self._plan_for(rec, idx_or_none)
+            agent_end = await trio.to_thread.run_sync(self.backend.update, plan)
             state = rec.state if rec.state in (RUNNING, STOPPED) else (
                 RUNNING if rec.want_running else STOPPED)
             self.state.set_sliver_state(name, state, "", applied=rec.target)
             if agent_end is not None:   # restarted in a new context (rlimits, caps)
+                self._new_context(name)
                 self._guard_new_context(name, agent_end)
                 if state == RUNNING and self._after_start is not None:
                     await self._after_start(name)
         elif action.kind == "start":
             await trio.to_thread.run_sync(self.backend.start, name)
             self.state.set_sliver_state(name, RUNNING, "")
+            if self._after_start is not None:   # a sliver made stopped: its first start
+                await self._after_start(name)
         elif action.kind == "stop":
+            if self._before_stop is not None:
+                await self._before_stop(name)
             await trio.to_thread.run_sync(self.backend.stop, name)
             self.state.set_sliver_state(name, STOPPED, action.reason)
 

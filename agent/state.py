@@ -193,6 +193,16 @@ class State:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
 
+    def delete_meta(self, key: str) -> None:
+        self._db.execute("DELETE FROM meta WHERE key=?", (key,))
+
+    def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        """{key without `prefix`: value} of the meta keys starting with `prefix`."""
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._db.execute("SELECT key, value FROM meta WHERE key LIKE ? ESCAPE '\\'",
+                                (like,))
+        return {k[len(prefix):]: v for k, v in rows}
+
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
                          "value=excluded.value", (key, value))
@@ -313,8 +323,8 @@ class State:
         """Forget a destroyed sliver and everything it held (its counters stay)."""
         with self.transaction() as db:
             db.execute("DELETE FROM slivers WHERE name=?", (name,))
-            db.execute("DELETE FROM meta WHERE key IN (?, ?)",
-                       (f"held:{name}", f"initscript_status:{name}"))
+            db.execute("DELETE FROM meta WHERE key IN (?, ?, ?)",
+                       (f"held:{name}", f"initscript_status:{name}", f"initscript_ran:{name}"))
             db.execute("DELETE FROM uid_ranges WHERE name=?", (name,))
             db.execute("DELETE FROM ports WHERE name=?", (name,))
             db.execute("DELETE FROM loans WHERE lender=? OR recipient=?", (name, name))

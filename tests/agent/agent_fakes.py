@@ -70,6 +70,9 @@ class FakeBackend:
     def root_of(self, name: str) -> Path | None:
         return None
 
+    def frozen(self, name: str) -> bool:
+        return bool(self.contexts.get(name, {}).get("frozen"))
+
     def uid_base_of(self, name: str) -> int | None:
         ctx = self.contexts.get(name)
         return None if ctx is None else int(ctx["plan"].uid_base)

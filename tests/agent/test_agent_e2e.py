@@ -176,7 +176,8 @@ def test_rlimit_change_restarts_the_sliver_keeping_its_files(site: Site, node: N
 
 
 def test_kill_and_restart_adopts(site: Site, node: Node) -> None:
-    names = [site.add_slice(f"k{i}") for i in range(2)]
+    script = "#!/bin/sh\nsleep 1\necho \"$1\" >> /tmp/ran\n"
+    names = [site.add_slice("k0", initscript_code=script), site.add_slice("k1")]
     agent = node.start_agent()
     node.agents.append(agent)  # type: ignore[attr-defined]
     # state.json appears part-way through a creation; "create done" is logged at its end.
@@ -198,6 +199,10 @@ def test_kill_and_restart_adopts(site: Site, node: Node) -> None:
     assert all(s["state"] == "running" for s in st["slivers"])
     log = node.log_text()
     assert log.count(f"{names[0]}: create done") == 1, log
+    # The initscript ran in the background of the first agent, and not again on adoption.
+    ran = Path(context_state(node, names[0])["root"]) / "tmp" / "ran"
+    wait_for(lambda: ran.exists(), 30, "the initscript", node.log_text)
+    assert ran.read_text() == "start\n"
 
 
 def test_plc_down_keeps_and_restores_slivers(tmp_path: Path) -> None:
@@ -339,7 +344,34 @@ def test_initscript_runs_inside_at_start(site: Site, node: Node) -> None:
     root = Path(context_state(node, name)["root"])
     assert (root / "tmp/initscript.out").read_text() == f"start {name} {name}\n"
     assert f"sliver {name} initscript: initscript-said-hi" in out.stderr
-    assert f"sliver {name}: initscript exited with 0" in out.stderr
+    assert f"sliver {name}: initscript start exited with 0" in out.stderr
+
+
+def test_initscript_lifecycle(site: Site, node: Node) -> None:
+    """nodemanager spec §2.8: a sliver made disabled runs its script when enabled; a
+    changed script runs `restart` on a running sliver; an unchanged one does not run
+    again; `stop` runs before the sliver goes."""
+    log = "/tmp/initscript.log"
+    script = f"#!/bin/sh\necho \"v1 $1 $2\" >> {log}\n"
+    name = site.add_slice("initl", initscript_code=script, enabled="0")
+    run_once(node)
+    root = Path(context_state(node, name)["root"])
+    assert not (root / log[1:]).exists()          # disabled: not started
+    site.set_tag(name, "enabled", "1")
+    run_once(node)
+    assert (root / log[1:]).read_text() == f"v1 start {name}\n"
+    run_once(node)                                  # unchanged: not run again
+    assert (root / log[1:]).read_text() == f"v1 start {name}\n"
+    site.set_tag(name, "initscript_code", script.replace("v1", "v2"))
+    out = run_once(node)
+    assert (root / log[1:]).read_text() == f"v1 start {name}\nv2 restart {name}\n", out.stderr
+    # stop runs before the sliver is destroyed: its output is in the agent's log
+    site.set_tag(name, "initscript_code", "#!/bin/sh\necho \"bye $1\"\n")
+    run_once(node)
+    site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
+    out = run_once(node)
+    assert f"sliver {name} initscript: bye stop" in out.stderr, out.stderr
+    nothing_left(node, name)
 
 
 def test_dead_sliver_comes_back_between_polls(site: Site, node: Node) -> None:
@@ -518,7 +550,7 @@ def test_initscript_output_is_not_buffered_whole(site: Site, node: Node) -> None
     # first cycle); a bounded tail takes nothing visible.
     assert big_kb - base_kb < 30 * 1024, (base_kb, big_kb)
     assert f"sliver {name} initscript: last-line-start" in err
-    assert f"sliver {name}: initscript exited with 0" in err
+    assert f"sliver {name}: initscript start exited with 0" in err
     dropped = [ln for ln in err.splitlines()
                if f"sliver {name}: initscript output:" in ln and "bytes dropped" in ln]
     assert dropped, err[-3000:]
@@ -544,4 +576,4 @@ def test_initscript_daemon_holding_its_output_does_not_hold_the_agent(
     out = run_once(node)
     assert time.monotonic() - t0 < 25, out.stderr[-3000:]
     assert f"sliver {name} initscript: daemon-started" in out.stderr
-    assert f"sliver {name}: initscript exited with 0" in out.stderr
+    assert f"sliver {name}: initscript start exited with 0" in out.stderr
