@@ -102,11 +102,19 @@ def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
     wire = spec.to_wire()
     wire["initscript"] = rspec_mod.initscript_of(spec.attributes, initscripts)
     image = rspec_mod.image_of(spec.attributes, default_image)
+    problems = [*resolved.problems, *spec.problems]
+    # A sliver keeps the image its root was made from (a pending one, never made, follows
+    # its vref): re-imaging is not done in place.
+    if existing is not None and existing.state != PENDING and existing.image:
+        if image != existing.image:
+            problems.append(f"vref asks for image {image!r}; this sliver keeps "
+                            f"{existing.image!r} until it is re-created (remove the slice "
+                            "from this node, then add it again)")
+        image = existing.image
     return SliverRecord(
         name=spec.name, slice_id=spec.slice_id, instantiation=spec.instantiation,
-        expires=spec.expires, image=existing.image if existing and existing.state in (
-            RUNNING, STOPPED) else image,
-        spec=wire, rspec=resolved.rspec, problems=[*resolved.problems, *spec.problems],
+        expires=spec.expires, image=image,
+        spec=wire, rspec=resolved.rspec, problems=problems,
         state=existing.state if existing else PENDING,
         message=existing.message if existing else "",
         want_running=bool(resolved.rspec["enabled"]),

@@ -111,6 +111,27 @@ async def test_missing_image_stays_pending(state: State) -> None:
     assert set(be.contexts) == {"pl_a", "pl_b"}
 
 
+async def test_a_vref_change_keeps_the_image_and_says_so(state: State) -> None:
+    """A made sliver keeps its image (no re-imaging in place), also when failed, so a
+    re-creation never loops on a root of another image; status says why."""
+    be = FakeBackend(images=("base", "other"))
+    rec = make(state, be)
+    await apply(state, rec, reply([sliver("pl_a")]))
+    await apply(state, rec, reply([sliver("pl_a", vref="other")]))
+    a = get(state, "pl_a")
+    assert a.image == "base" and a.state == "running"
+    assert any("vref asks for image 'other'" in p for p in a.problems), a.problems
+    be.fail.add("pl_a")
+    del be.contexts["pl_a"]   # its context died; re-creation fails once
+    await apply(state, rec, reply([sliver("pl_a", vref="other")]))
+    assert get(state, "pl_a").state == "failed" and get(state, "pl_a").image == "base"
+    be.fail.clear()
+    await apply(state, rec, reply([sliver("pl_a", vref="other")]))
+    assert be.contexts["pl_a"]["plan"].image == "base"
+    await apply(state, rec, reply([sliver("pl_a")]))
+    assert get(state, "pl_a").problems == []
+
+
 async def test_disabled_is_stopped_and_restarted(state: State) -> None:
     be = FakeBackend()
     rec = make(state, be)
