@@ -3,6 +3,7 @@ BootNotifyOwners, ReportRunlevel, GetNodeFlavour, GetSliceFamily, GetPlcRelease.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from plc.auth import Auth
@@ -220,6 +221,14 @@ def GetSliceFamily(call: Any, auth: dict, slice_id_or_name: int | str) -> str:
                                        what="slice")["slice_id"])
 
 
+_RELEASE_COMMENT = re.compile(r"\A\s*#.|\A\s*\Z|\Axxxxx")
+_RELEASE_LINES = (
+    ("build", re.compile(r"\A[bB]uild\s+(?P<key>[^:]+)\s*:\s*(?P<value>.*)\Z")),
+    ("tags", re.compile(r"\A(?P<key>[^:]+)\s*:=\s*(?P<value>.*)\Z")),
+    ("rpms", re.compile(r"\A(?P<key>[^:]+?)\s*::\s*(?P<value>.*)\Z")),
+)
+
+
 @api_method(roles=ALL_ROLES + ["anonymous"], accepts=[Auth()],
             returns=Parameter(dict, "build, tags, rpms"))
 def GetPlcRelease(call: Any, auth: dict) -> dict:
@@ -231,24 +240,21 @@ def GetPlcRelease(call: Any, auth: dict) -> dict:
     except OSError:
         raise PLCNotImplemented("Cannot open the release file "
                                 f"{call.config.release_file}") from None
+    # the build system's format (build/Makefile myplc-release), parsed as legacy did:
+    #   xxxxxxxx build info            <- separator, like comments and blank lines
+    #   Build target-arch: x86_64      <- build
+    #   PLCAPI-GITPATH := git://...    <- tags
+    #   myplc :: version=5.3 release=1 <- rpms
     out: dict[str, Any] = {"build": {}, "tags": {}, "rpms": {}}
-    unexpected = []
-    section = "build"
     for line in lines:
         line = line.strip()
-        if not line or line.startswith("#"):
-            low = line.lower()
-            for name in ("build", "tags", "rpms"):
-                if name in low:
-                    section = name
+        if _RELEASE_COMMENT.match(line):
             continue
-        key, sep, value = line.partition("=")
-        if not sep:
-            key, sep, value = line.partition(" ")
-        if sep:
-            out[section][key.strip()] = value.strip()
+        for section, regexp in _RELEASE_LINES:
+            m = regexp.match(line)
+            if m:
+                out[section][m.group("key")] = m.group("value")
+                break
         else:
-            unexpected.append(line)
-    if unexpected:
-        out["unexpected"] = "\n".join(unexpected)
+            out["unexpected"] = out.get("unexpected", "") + line + "\n"
     return out

@@ -144,7 +144,9 @@ def test_debug_mode_records_faults(plc_store: Any) -> None:
 
 def test_plc_release(plc_store: Any, tmp_path: Path) -> None:
     release = tmp_path / "myplc-release"
-    release.write_text("# build\ntarget-arch=x86_64\nbuild-date=2026\n# tags\nPLCAPI=7.1\n")
+    # the build system's format (legacy build/Makefile target myplc-release)
+    release.write_text("xxxxxxxxxx build info\nBuild target-arch: x86_64\n"
+                       "Build build-date: 2026\nxxxxxxxxxx svn info\nPLCAPI:= 7.1\n")
     for path, expect in ((str(tmp_path / "none"), 109), (str(release), 0)):
         server, thread = start_server(plc_store, release_file=path)
         host, port = server.server_address[:2]

@@ -118,3 +118,44 @@ def test_hidden_fields_still_filter_for_admins_and_others_for_everyone(world: An
         {"email": "user@tu.example.org"}
     assert api.GetNodes(w.A.anon, {"hostname": "n1*"}, ["hostname"]) == \
         [{"hostname": "n1.tu.example.org"}]
+
+
+RELEASE = """\
+xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx build info
+Build build-date: 2013.04.15
+Build build-hostname: build.onelab.eu
+Build target-arch: x86_64
+Build target-distro: f18
+xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx svn info
+                 build-GITPATH := git://git.onelab.eu/build.git@build-5.2-5
+                PLCAPI-GITPATH := git://git.onelab.eu/plcapi.git@plcapi-5.2-6
+xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx rpm info
+               myplc :: version=5.2 release=5.2013.04.15
+# a comment
+
+something else
+"""
+
+
+def test_getplcrelease_parses_the_build_systems_file(plc_store: Any, tmp_path: Any) -> None:
+    # spec 6.3: {build, tags, rpms} (+unexpected) from /etc/myplc-release as the build
+    # writes it; the test suite reads ['build']['target-arch']
+    from tests.plc.conftest import start_server
+
+    path = tmp_path / "myplc-release"
+    path.write_text(RELEASE)
+    server, thread = start_server(plc_store, release_file=str(path))
+    try:
+        host, port = server.server_address[:2]
+        api = xmlrpc.client.ServerProxy(f"http://{host}:{port}/PLCAPI/", allow_none=True)
+        r = api.GetPlcRelease({"AuthMethod": "anonymous"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert r["build"] == {"build-date": "2013.04.15", "build-hostname": "build.onelab.eu",
+                          "target-arch": "x86_64", "target-distro": "f18"}
+    assert r["tags"] == {"build-GITPATH ": "git://git.onelab.eu/build.git@build-5.2-5",
+                         "PLCAPI-GITPATH ": "git://git.onelab.eu/plcapi.git@plcapi-5.2-6"}
+    assert r["rpms"] == {"myplc": "version=5.2 release=5.2013.04.15"}
+    assert r["unexpected"] == "something else\n"
