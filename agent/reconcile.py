@@ -262,6 +262,16 @@ class Reconciler:
         return outcome
 
     async def _run_sliver(self, name: str, actions: list[Action], outcome: Outcome) -> None:
+        try:
+            await self._run_sliver_locked(name, actions, outcome)
+        finally:
+            lock = self._locks.get(name)
+            if lock is not None and not lock.locked() and \
+                    lock.statistics().tasks_waiting == 0 and self.state.get_sliver(name) is None:
+                del self._locks[name]   # a destroyed sliver's lock goes with it
+
+    async def _run_sliver_locked(self, name: str, actions: list[Action],
+                                 outcome: Outcome) -> None:
         async with self.lock(name), self.limiter:
             for action in actions:
                 try:

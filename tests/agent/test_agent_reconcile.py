@@ -132,6 +132,14 @@ async def test_a_vref_change_keeps_the_image_and_says_so(state: State) -> None:
     assert get(state, "pl_a").problems == []
 
 
+async def test_destroyed_slivers_leave_no_lock(state: State) -> None:
+    be = FakeBackend()
+    rec = make(state, be)
+    await apply(state, rec, reply([sliver(f"pl_{i}") for i in range(20)]))
+    await apply(state, rec, reply([sliver("pl_0")]))
+    assert set(rec._locks) == {"pl_0"}
+
+
 async def test_disabled_is_stopped_and_restarted(state: State) -> None:
     be = FakeBackend()
     rec = make(state, be)
