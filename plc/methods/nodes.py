@@ -77,9 +77,7 @@ def GetNodes(call: Any, auth: dict, node_filter: Any = None,
         if wl:
             if my_sites is None:
                 my_sites = set(call.caller_site_ids())
-                my_slices = set(x["slice_id"] for x in call.conn.query(
-                    "SELECT slice_id FROM slice_person WHERE person_id = ?",
-                    [call.person_id])) if call.person_id else set()
+                my_slices = set(caller_slice_ids(call))
             if r["site_id"] not in my_sites and not set(wl) & (my_slices or set()):
                 continue
         for h in HIDDEN:
@@ -88,6 +86,18 @@ def GetNodes(call: Any, auth: dict, node_filter: Any = None,
             r = {k: v for k, v in r.items() if k in want}
         out.append(r)
     return out
+
+
+def caller_slice_ids(call: Any) -> list[int]:
+    """The calling person's slices, or the slices on the calling node (legacy
+    ``caller['slice_ids']``, used for whitelist visibility)."""
+    if call.caller_kind == "person":
+        sql = "SELECT slice_id FROM slice_person WHERE person_id = ?"
+    elif call.caller_kind == "node":
+        sql = "SELECT slice_id FROM slice_node WHERE node_id = ?"
+    else:
+        return []
+    return [r["slice_id"] for r in call.conn.query(sql, [call.caller_id])]
 
 
 def node_for_update(call: Any, node_id_or_hostname: int | str,

@@ -16,6 +16,7 @@ from plc.initdb import new_node_key
 from plc.method import ALL_ROLES
 from plc.methods._util import id_or_name
 from plc.methods._xtra import xmethod
+from plc.methods.nodes import caller_slice_ids
 from plc.model import Interface, Node
 from plc.params import Parameter
 
@@ -177,8 +178,7 @@ def GetWhitelist(call: Any, auth: dict, node_filter: Any = None,
     params: list[Any] = []
     if not call.is_admin:
         sites = call.caller_site_ids()
-        slices = [r["slice_id"] for r in call.conn.query(
-            "SELECT slice_id FROM slice_person WHERE person_id = ?", [call.person_id or -1])]
+        slices = caller_slice_ids(call)
         site_marks = ", ".join("?" * len(sites)) or "NULL"
         slice_marks = ", ".join("?" * len(slices)) or "NULL"
         where += (f" AND (o.site_id IN ({site_marks}) OR EXISTS (SELECT 1 FROM "

@@ -159,3 +159,18 @@ def test_getplcrelease_parses_the_build_systems_file(plc_store: Any, tmp_path: A
                          "PLCAPI-GITPATH ": "git://git.onelab.eu/plcapi.git@plcapi-5.2-6"}
     assert r["rpms"] == {"myplc": "version=5.2 release=5.2013.04.15"}
     assert r["unexpected"] == "something else\n"
+
+
+def test_node_caller_sees_whitelisted_nodes_of_its_slices(world: Any) -> None:
+    # spec 4.6: a whitelisted node is shown if it is at one of the caller's sites or the
+    # caller has a slice on the whitelist; a node caller "has" the slices it runs
+    plc, w = world
+    api = plc.proxy()
+    api.AddSliceToNodesWhitelist(w.A.admin, w.slice, [w.other_node])  # tu_one runs on n1
+    assert [n["node_id"] for n in api.GetNodes(w.A.node, [w.other_node], ["node_id"])] == \
+        [w.other_node]
+    assert [n["node_id"] for n in api.GetWhitelist(w.A.node, None, ["node_id"])] == \
+        [w.other_node]
+    api.DeleteSliceFromNodes(w.A.admin, w.slice, [w.node])
+    assert api.GetNodes(w.A.node, [w.other_node], ["node_id"]) == []
+    assert api.GetNodes(w.A.anon, [w.other_node], ["node_id"]) == []
