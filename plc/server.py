@@ -188,9 +188,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._send(200, GET_PAGE)
 
+    # legacy plc.wsgi answers every non-POST method with the page (spec 1.1)
     do_HEAD = do_GET
     do_PUT = do_GET
     do_DELETE = do_GET
+    do_OPTIONS = do_GET
+    do_PATCH = do_GET
 
     def do_POST(self) -> None:
         path = self.path

@@ -174,3 +174,21 @@ def test_node_caller_sees_whitelisted_nodes_of_its_slices(world: Any) -> None:
     api.DeleteSliceFromNodes(w.A.admin, w.slice, [w.node])
     assert api.GetNodes(w.A.node, [w.other_node], ["node_id"]) == []
     assert api.GetNodes(w.A.anon, [w.other_node], ["node_id"]) == []
+
+
+@pytest.mark.parametrize("verb", ["GET", "PUT", "DELETE", "OPTIONS", "PATCH"])
+def test_every_non_post_method_gets_the_page(plc: Any, verb: str) -> None:
+    # spec 1.1: GET (any non-POST) returns HTTP 200 with a small HTML page
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(plc.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request(verb, "//PLCAPI//")
+        r = conn.getresponse()
+        body = r.read()
+    finally:
+        conn.close()
+    assert r.status == 200 and r.getheader("Content-Type", "").startswith("text/html")
+    assert b"XML-RPC" in body
