@@ -129,19 +129,27 @@ class HostAccountError(RuntimeError):
 
 
 def ensure_host_account(name: str, keys: list[str], shell: str, home_base: Path,
-                        socket_path: str) -> bool:
-    """The host account `name` whose login shell enters the sliver: made if missing,
-    its authorized_keys and agent socket link kept current. Returns False (and leaves
-    it alone) when a user of that name exists that this agent did not make."""
+                        socket_path: str, ours: tuple[str, ...] = ()) -> bool:
+    """The host account `name` whose login shell is `shell` (vsh: enters the sliver;
+    forward_api_calls: a controller's API forwarder): made if missing, its shell,
+    authorized_keys and agent socket link kept current. Returns False (and leaves it
+    alone) when a user of that name exists whose shell is not one of `ours` (+`shell`):
+    a user this agent did not make."""
     home = home_base / name
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
         pw = None
     if pw is not None and pw.pw_shell != shell:
-        log.warning("host account %s: a local user of that name with shell %s exists; "
-                    "not a slice account, left alone", name, pw.pw_shell)
-        return False
+        if pw.pw_shell not in ours:
+            log.warning("host account %s: a local user of that name with shell %s exists; "
+                        "not a slice account, left alone", name, pw.pw_shell)
+            return False
+        res = subprocess.run(["usermod", "-s", shell, name], capture_output=True, text=True,
+                             timeout=60)
+        if res.returncode != 0:
+            raise HostAccountError(f"usermod {name} failed: {res.stderr.strip()}")
+        log.info("host account %s: shell now %s", name, shell)
     if pw is None:
         home_base.mkdir(parents=True, exist_ok=True)
         res = subprocess.run(["useradd", "-M", "-d", str(home), "-s", shell, "-p", "*",
@@ -158,8 +166,9 @@ def ensure_host_account(name: str, keys: list[str], shell: str, home_base: Path,
     ssh = home / ".ssh"
     _root_dir(ssh)
     # `restrict,pty`: no port, agent, X11 or Unix-socket forwarding, no ~/.ssh/rc; only a
-    # session, which vsh takes into the sliver [F6].
-    text = "".join(f"restrict,pty {k}\n" for k in keys)
+    # session, which vsh takes into the sliver [F6]. A controller's forwarder needs no pty.
+    options = "restrict" if shell.endswith("/forward_api_calls") else "restrict,pty"
+    text = "".join(f"{options} {k}\n" for k in keys)
     auth = ssh / "authorized_keys"
     try:
         current = auth.read_text()
@@ -196,13 +205,14 @@ def _root_dir(path: Path) -> None:
         os.chmod(path, 0o755)
 
 
-def remove_host_account(name: str, shell: str, home_base: Path) -> None:
-    """Remove the slice's host account (only one this agent made) and its home."""
+def remove_host_account(name: str, shells: str | tuple[str, ...], home_base: Path) -> None:
+    """Remove the slice's host account (only one this agent made: its shell is one of
+    `shells`) and its home."""
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
         return
-    if pw.pw_shell != shell:
+    if pw.pw_shell not in ((shells,) if isinstance(shells, str) else shells):
         return
     res = subprocess.run(["userdel", name], capture_output=True, text=True, timeout=60)
     if res.returncode not in (0, 6):   # 6: no such user (raced)
@@ -268,10 +278,14 @@ class Accounts:
                 log.warning("node account %s: keys not installed in %s/.ssh: %s", name,
                             home, exc)
 
-    def _host_account(self, name: str, keys: list[str]) -> None:
+    def _shells(self) -> tuple[str, str]:
+        return self.cfg.shell_path, self.cfg.controller_shell_path
+
+    def _host_account(self, name: str, keys: list[str], controller: bool = False) -> None:
         if self.cfg.host_accounts:
-            ensure_host_account(name, keys, self.cfg.shell_path,
-                                Path(self.cfg.account_home_base), self.cfg.socket_path)
+            ensure_host_account(name, keys, self._shells()[1 if controller else 0],
+                                Path(self.cfg.account_home_base), self.cfg.socket_path,
+                                ours=self._shells())
 
     async def before_destroy(self, name: str) -> None:
         try:
@@ -281,30 +295,32 @@ class Accounts:
         self._installed.pop(name, None)
         self._pending.discard(name)
         if self.cfg.host_accounts:
-            await trio.to_thread.run_sync(remove_host_account, name, self.cfg.shell_path,
+            await trio.to_thread.run_sync(remove_host_account, name, self._shells(),
                                           Path(self.cfg.account_home_base))
 
     async def sync(self, desired: Desired | None) -> None:
         """Keys of every running sliver (rewritten only when they change)."""
         for name, rec in self.state.slivers().items():
-            if rec.state not in ("running", "stopped"):
+            if rec.state not in ("running", "stopped", "controller"):
                 continue
             keys = list(rec.spec.get("keys", []))
-            digest = "\n".join(keys)
+            digest = f"{rec.state == 'controller'}\n" + "\n".join(keys)
             if self._installed.get(name) == digest:
                 continue
-            await self._install(name, keys)
+            await self._install(name, keys, rec.state == "controller")
         if desired is not None:
             try:
                 await trio.to_thread.run_sync(self.install_node_accounts, desired.accounts)
             except OSError as exc:
                 log.error("node accounts: %s", exc)
 
-    async def _install(self, name: str, keys: list[str]) -> None:
+    async def _install(self, name: str, keys: list[str], controller: bool = False) -> None:
+        """The host account, and (a sliver's) the keys inside the sliver."""
         try:
-            await trio.to_thread.run_sync(self._host_account, name, keys)
-            if await trio.to_thread.run_sync(self.install_sliver_keys, name, keys):
-                self._installed[name] = "\n".join(keys)
+            await trio.to_thread.run_sync(self._host_account, name, keys, controller)
+            if controller or await trio.to_thread.run_sync(self.install_sliver_keys, name,
+                                                           keys):
+                self._installed[name] = f"{controller}\n" + "\n".join(keys)
                 self._pending.discard(name)
                 return
         except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
@@ -315,10 +331,11 @@ class Accounts:
         """Retry the key installs that failed (cheap: only those) [F9]."""
         for name in sorted(self._pending):
             rec = self.state.get_sliver(name)
-            if rec is None or rec.state not in ("running", "stopped"):
+            if rec is None or rec.state not in ("running", "stopped", "controller"):
                 self._pending.discard(name)
                 continue
-            await self._install(name, list(rec.spec.get("keys", [])))
+            await self._install(name, list(rec.spec.get("keys", [])),
+                                rec.state == "controller")
 
     # -- initscripts ------------------------------------------------------------------------
     #

@@ -156,6 +156,12 @@ class AgentConfig:
         """The login shell of slice host accounts."""
         return self.ssh_shell or str(Path(__file__).resolve().parent / "bin" / "vsh")
 
+    @property
+    def controller_shell_path(self) -> str:
+        """The login shell of controller slices' host accounts (nm-controller): it
+        forwards one XML-RPC request from ssh to the agent socket."""
+        return str(Path(self.shell_path).parent / "forward_api_calls")
+
     def replace(self, **changes: Any) -> AgentConfig:
         return dataclasses.replace(self, **changes)
 

@@ -36,11 +36,14 @@ CREATED_BY_SYNC = ("plc-instantiated", "nm-controller")
 
 # Sliver states recorded in the database.
 PENDING, CREATING, RUNNING, STOPPED, FAILED = "pending", "creating", "running", "stopped", "failed"
+# A controller slice (instantiation nm-controller) has no sliver on a node, only a host
+# account whose login shell forwards API calls to the agent (nodemanager spec 2.1-2.2).
+CONTROLLER = "controller"
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str      # create | adopt | update | start | stop | destroy
+    kind: str      # create | adopt | update | start | stop | destroy | stop_context
     name: str
     reason: str = ""
 
@@ -115,7 +118,8 @@ def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
         name=spec.name, slice_id=spec.slice_id, instantiation=spec.instantiation,
         expires=spec.expires, image=image,
         spec=wire, rspec=resolved.rspec, problems=problems,
-        state=existing.state if existing else PENDING,
+        state=CONTROLLER if spec.instantiation == "nm-controller" else
+        existing.state if existing and existing.state != CONTROLLER else PENDING,
         message=existing.message if existing else "",
         want_running=bool(resolved.rspec["enabled"]),
         applied=existing.applied if existing else "",
@@ -152,6 +156,10 @@ def plan(records: Mapping[str, Summary], live: set[str], adopted: set[str],
             continue
         if have_reply and rec.expires < now:
             actions.append(Action("destroy", name, "expired"))
+            continue
+        if rec.state == CONTROLLER:
+            if name in live:   # made before the slice became a controller
+                actions.append(Action("stop_context", name, "a controller slice has no sliver"))
             continue
         if name not in live:
             actions.append(Action("create", name,
@@ -322,6 +330,13 @@ class Reconciler:
             self.state.delete_sliver(name)
             return
         if rec is None:
+            return
+        if action.kind == "stop_context":   # the record stays (a controller's)
+            await trio.to_thread.run_sync(self.backend.destroy, name)
+            if self.guard is not None:
+                self.guard.sliver_destroyed(name)
+            self.adopted.discard(name)
+            self.state.release_uid_range(name)
             return
         if action.kind == "adopt":
             if await trio.to_thread.run_sync(self.backend.adopt, name):

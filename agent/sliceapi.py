@@ -80,10 +80,13 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def identify(pid: int, uid: int, ranges: dict[str, int], pool_start: int,
-             range_size: int, account_shell: str | None = None) -> Caller:
+             range_size: int, account_shell: str | None = None,
+             controller_shell: str | None = None,
+             controllers: Callable[[], set[str]] = set) -> Caller:
     """A caller from its credentials: a sliver by uid range; a slice's host account
-    (a local user named after a sliver whose login shell is the agent's); root; or
-    any other host user."""
+    (a local user named after a sliver whose login shell is the agent's vsh); a
+    controller slice's account (named after a controller record, whose login shell is
+    the agent's forwarder); root; or any other host user."""
     if uid >= pool_start:
         idx = (uid - pool_start) // range_size
         for name, i in ranges.items():
@@ -98,6 +101,9 @@ def identify(pid: int, uid: int, ranges: dict[str, int], pool_start: int,
             pw = None
         if pw is not None and pw.pw_shell == account_shell and pw.pw_name in ranges:
             return Caller("account", pw.pw_name, pid, uid)
+        if pw is not None and controller_shell and pw.pw_shell == controller_shell and \
+                pw.pw_name in controllers():
+            return Caller("controller", pw.pw_name, pid, uid)
     return Caller("host", f"uid:{uid}", pid, uid)
 
 
@@ -133,7 +139,13 @@ class SliceAPI:
     def caller_of(self, pid: int, uid: int) -> Caller:
         cfg = self.agent.cfg
         return identify(pid, uid, self.agent.state.uid_ranges(), cfg.uid_pool_start,
-                        cfg.uid_range_size, cfg.shell_path if cfg.host_accounts else None)
+                        cfg.uid_range_size, cfg.shell_path if cfg.host_accounts else None,
+                        cfg.controller_shell_path if cfg.host_accounts else None,
+                        self._controllers)
+
+    def _controllers(self) -> set[str]:
+        return {name for name, rec in self.agent.state.slivers().items()
+                if rec.state == "controller"}
 
     def _target(self, caller: Caller, args: tuple[Any, ...]) -> str:
         """The slice a call is about. A sliver always means itself, whatever it passes."""
@@ -271,7 +283,7 @@ class SliceAPI:
             if fn is None:
                 raise APIFault(FAULT_UNKNOWN_METHOD, f"Invalid method {method!r}; valid: "
                                + ", ".join(sorted(self.methods)))
-            if caller.kind == "host" and method not in self.PUBLIC:
+            if caller.kind in ("host", "controller") and method not in self.PUBLIC:
                 raise APIFault(FAULT_PERMISSION, f"{method}: not allowed for {caller.name}")
             if len(args) > 4:
                 raise APIFault(FAULT_ARG_COUNT, f"{method}: too many arguments ({len(args)})")

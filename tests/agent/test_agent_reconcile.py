@@ -181,7 +181,19 @@ async def test_delegated_and_not_instantiated_not_created(state: State) -> None:
     c = sliver("pl_ctl")
     c["instantiation"] = "nm-controller"
     await apply(state, rec, reply([d, n, c]))
-    assert set(be.contexts) == {"pl_ctl"}
+    # a controller slice gets no sliver, only its record (and a host account)
+    assert set(be.contexts) == set()
+    assert get(state, "pl_ctl").state == "controller"
+    # a sliver that becomes a controller loses its context, not its record
+    await apply(state, rec, reply([sliver("pl_x")]))
+    assert "pl_x" in be.contexts
+    x = sliver("pl_x")
+    x["instantiation"] = "nm-controller"
+    await apply(state, rec, reply([x]))
+    assert "pl_x" not in be.contexts and get(state, "pl_x").state == "controller"
+    assert state.uid_range_of("pl_x") is None
+    await apply(state, rec, reply([sliver("pl_x")]))   # and back
+    assert "pl_x" in be.contexts and get(state, "pl_x").state == "running"
 
 
 async def test_expired_slivers_are_kept_without_a_reply(state: State) -> None:

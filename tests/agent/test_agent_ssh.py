@@ -50,11 +50,13 @@ def ssh_node(plc: LiveServer) -> Iterator[tuple[Site, Node, str, Path, int]]:
     base = n.base
     agents: list[subprocess.Popen[bytes]] = []
     sshd: subprocess.Popen[bytes] | None = None
-    name = ""
+    name = ctl = ""
     shell = base / "vsh"
+    forwarder = base / "forward_api_calls"   # beside ssh_shell, as the agent expects
     try:
-        subprocess.run(["gcc", "-O2", "-static", "-o", str(shell),
-                        str(REPO / "agent" / "native" / "vsh.c")], check=True, timeout=120)
+        for out, src in ((shell, "vsh.c"), (forwarder, "forward_api_calls.c")):
+            subprocess.run(["gcc", "-O2", "-static", "-o", str(out),
+                            str(REPO / "agent" / "native" / src)], check=True, timeout=120)
         home = base / "home"
         home.mkdir(mode=0o755)
         text = n.cfg_path.read_text().replace("host_accounts = 0", "host_accounts = 1")
@@ -65,9 +67,14 @@ def ssh_node(plc: LiveServer) -> Iterator[tuple[Site, Node, str, Path, int]]:
         pub = keygen(userkey, f"user@{os.getpid()}")
         site.api.AddPersonKey(site.admin, site.person_id, {"key_type": "ssh", "key": pub})
         name = site.add_slice("ssh")
+        ctl = site.add_slice("ctl")
+        site.api.UpdateSlice(site.admin, ctl, {"instantiation": "nm-controller"})
+        n.controller = ctl  # type: ignore[attr-defined]
         agents.append(n.start_agent())
         wait_for(lambda: _account_ready(name, str(shell)), 60, "the slice's host account",
                  n.log_text)
+        wait_for(lambda: _account_ready(ctl, str(forwarder)), 60,
+                 "the controller's host account", n.log_text)
         hostkey = base / "hostkey"
         keygen(hostkey, "host", "ed25519")
         port = free_port()
@@ -76,7 +83,7 @@ def ssh_node(plc: LiveServer) -> Iterator[tuple[Site, Node, str, Path, int]]:
             f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {base}/sshd.pid\n"
             "AuthorizedKeysFile .ssh/authorized_keys\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin no\n"
-            f"AllowUsers {name}\nLogLevel VERBOSE\n")
+            f"AllowUsers {name} {ctl}\nLogLevel VERBOSE\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep directory
         sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
                                 stderr=open(base / "sshd.log", "wb"))
@@ -90,8 +97,9 @@ def ssh_node(plc: LiveServer) -> Iterator[tuple[Site, Node, str, Path, int]]:
         try:
             cleanup_node(n, agents)
         finally:
-            if name:
-                remove_host_account(name, str(shell), base / "home")
+            for user in (name, ctl):
+                if user:
+                    remove_host_account(user, (str(shell), str(forwarder)), base / "home")
 
 
 def _account_ready(name: str, shell: str) -> bool:
@@ -158,3 +166,30 @@ def test_removed_slice_loses_its_account(ssh_node: tuple[Site, Node, str, Path, 
              "the host account and its home to go", node.log_text)
     out = ssh(userkey, port, name, "true")
     assert out.returncode == 255
+
+
+def test_controller_account_forwards_api_calls(
+        ssh_node: tuple[Site, Node, str, Path, int]) -> None:
+    """nodemanager spec 2.2/4.5: an nm-controller slice gets no sliver but a host account
+    whose login shell forwards one XML-RPC request from ssh to the agent socket; the
+    agent knows the controller from the account's uid."""
+    import xmlrpc.client
+
+    site, node, name, userkey, port = ssh_node
+    ctl = node.controller  # type: ignore[attr-defined]
+    assert not (node.contexts_dir / ctl).exists()   # no sliver for a controller
+    out = ssh(userkey, port, ctl, input=xmlrpc.client.dumps((), "GetXIDs").encode())
+    assert out.returncode == 0, out
+    (xids,), _ = xmlrpc.client.loads(out.stdout)
+    assert name in xids and ctl not in xids
+    out = ssh(userkey, port, ctl, input=xmlrpc.client.dumps((), "GetSSHKeys").encode())
+    (keys,), _ = xmlrpc.client.loads(out.stdout)
+    assert ctl in keys and name in keys
+    # a sliver's own calls are not a controller's (no delegation): fault 108
+    out = ssh(userkey, port, ctl, input=xmlrpc.client.dumps((name,), "GetRSpec").encode())
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        xmlrpc.client.loads(out.stdout)
+    assert fault.value.faultCode == 108
+    # no shell: a command is ignored, the (empty) input is the request
+    out = ssh(userkey, port, ctl, "id", input=b"")
+    assert b"uid=" not in out.stdout and b"<fault>" in out.stdout, out
