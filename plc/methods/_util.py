@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from plc.faults import PLCInvalidArgument
@@ -66,6 +68,18 @@ def new_session_id() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
+def rename_args(func: Callable[..., Any], names: dict[str, str]) -> None:
+    """Give ``func``'s arguments the names the API shows (system.methodHelp, fault texts)
+    without changing the code: API methods are only ever called positionally."""
+    sig = inspect.signature(func)
+    func.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+        p.replace(name=names.get(p.name, p.name)) for p in sig.parameters.values()])
+
+
+_FILTER_NAMES = {"InitScript": "initscript", "PCUType": "pcu_type",
+                 "PCUProtocolType": "protocol_type", "EventObject": "event"}
+
+
 def define_get(cls: ObjClass, roles: list[str], name: str | None = None, *,
                scalars: bool = False, lists: bool = True, doc: str = "",
                strip: Iterable[str] = ()) -> None:
@@ -84,6 +98,9 @@ def define_get(cls: ObjClass, roles: list[str], name: str | None = None, *,
                 r.pop(h, None)
         return rows
 
+    # name the filter argument as legacy did (methodHelp, "Invalid <name> value" faults)
+    arg = _FILTER_NAMES.get(cls.name) or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.name).lower()
+    rename_args(get, {"flt": f"{arg}_filter"})
     make_method(get, name=name or f"Get{cls.name}s", roles=roles,
                 accepts=[Auth(), FilterParam(cls, lists=lists, scalars=scalars),
                          ReturnFields()],

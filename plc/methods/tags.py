@@ -10,6 +10,7 @@ from plc.faults import PLCInvalidArgument, PLCPermissionDenied
 from plc.filters import FilterParam, ReturnFields
 from plc.method import make_method
 from plc.methods._tags import TAG_TABLES, tag_type, tag_type_roles
+from plc.methods._util import rename_args
 from plc.model import (
     Interface,
     InterfaceTag,
@@ -100,6 +101,11 @@ def _define(cls: ObjClass, tag_cls: ObjClass, get_roles: list[str], write_roles:
         call.delete(table, {pk: tag_id})
         return 1
 
+    rename_args(get_tags, {"flt": f"{lname}_tag_filter"})
+    rename_args(add_tag, {"object_id_or_name": f"{lname}_id" if not isinstance(id_param, Mixed)
+                          else f"{lname}_id_or_{cls.secondary}"})
+    rename_args(update_tag, {"tag_id": pk})
+    rename_args(delete_tag, {"tag_id": pk})
     tt_param = Mixed(TagType.fields["tag_type_id"].param, TagType.fields["tagname"].param)
     value_param = Parameter(str, "Value of the tag")
     id_doc = Parameter(int, f"{name} tag identifier")

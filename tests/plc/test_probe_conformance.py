@@ -192,3 +192,26 @@ def test_every_non_post_method_gets_the_page(plc: Any, verb: str) -> None:
         conn.close()
     assert r.status == 200 and r.getheader("Content-Type", "").startswith("text/html")
     assert b"XML-RPC" in body
+
+
+@pytest.mark.parametrize("method, arg", [("GetAddresses", "address_filter"),
+                                         ("GetConfFiles", "conf_file_filter"),
+                                         ("GetInitScripts", "initscript_filter"),
+                                         ("GetEvents", "event_filter")])
+def test_generic_getters_name_their_filter_argument(plc: Any, method: str, arg: str) -> None:
+    # legacy argument names show in system.methodHelp and in 102 fault texts
+    api = plc.proxy()
+    assert api.system.methodHelp(method).startswith(f"{method}(auth, {arg}, return_fields)")
+    f = fault(getattr(api, method), plc.admin, 5)
+    assert f.faultCode == 102 and f"Invalid {arg} value" in f.faultString
+
+
+def test_tag_methods_name_their_arguments(plc: Any) -> None:
+    api = plc.proxy()
+    assert api.system.methodHelp("GetNodeTags").startswith(
+        "GetNodeTags(auth, node_tag_filter, return_fields)")
+    assert api.system.methodHelp("AddNodeTag").startswith(
+        "AddNodeTag(auth, node_id_or_hostname, tag_type_id_or_name, value)")
+    assert api.system.methodHelp("UpdateSiteTag").startswith("UpdateSiteTag(auth, site_tag_id, value)")
+    f = fault(api.DeletePersonTag, plc.admin, "x")
+    assert f.faultCode == 102 and "Invalid person_tag_id value" in f.faultString
