@@ -67,8 +67,7 @@ def AddSite(call: Any, auth: dict, site_fields: dict) -> int:
     site_fields are used, otherwise defaults are used."""
     fields, _ = accepted(Site, site_fields, SITE_KEYS)
     require_keys(fields, ("name", "abbreviated_name", "login_base"), "Site")
-    fields["login_base"] = fields["login_base"].lower()
-    validate_site(call, fields)
+    validate_site(call, fields)  # an upper-case login_base is refused, not lowercased
     for k in ("is_public", "enabled"):
         if k in fields:
             fields[k] = int(bool(fields[k]))
@@ -105,8 +104,6 @@ def UpdateSite(call: Any, auth: dict, site_id_or_login_base: int | str,
     if not call.is_admin:
         for k in ADMIN_ONLY:
             fields.pop(k, None)
-    if "login_base" in fields:
-        fields["login_base"] = fields["login_base"].lower()
     validate_site(call, fields, site["site_id"])
     for k in ("is_public", "enabled"):
         if k in fields:

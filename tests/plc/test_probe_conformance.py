@@ -215,3 +215,17 @@ def test_tag_methods_name_their_arguments(plc: Any) -> None:
     assert api.system.methodHelp("UpdateSiteTag").startswith("UpdateSiteTag(auth, site_tag_id, value)")
     f = fault(api.DeletePersonTag, plc.admin, "x")
     assert f.faultCode == 102 and "Invalid person_tag_id value" in f.faultString
+
+
+def test_upper_case_login_base_is_refused(world: Any) -> None:
+    # spec 5.1: login_base only [a-z0-9.] (legacy validate_login_base refuses, it does
+    # not lowercase)
+    plc, w = world
+    api = plc.proxy()
+    site = {"name": "Upper", "abbreviated_name": "UP", "login_base": "Upper"}
+    f = fault(api.AddSite, w.A.admin, site)
+    assert f.faultCode == 102 and "login_base" in f.faultString
+    assert api.GetSites(w.A.admin, {"login_base": "up*"}) == []
+    assert fault(api.UpdateSite, w.A.admin, w.site, {"login_base": "TU2"}).faultCode == 102
+    assert api.GetSites(w.A.admin, [w.site], ["login_base"]) == [{"login_base": "tu"}]
+    assert api.AddSite(w.A.admin, {**site, "login_base": "upper.2"}) > 0
