@@ -124,7 +124,8 @@ def _password(call: Call, auth: dict[str, Any]) -> None:
     cfg = call.api.config
     if username.lower() == cfg.api_maintenance_user.lower():
         sources = cfg.api_maintenance_sources.split()
-        if call.source and sources and call.source[0] not in sources:
+        # an empty list admits nobody (legacy); only an unknown source skips the check
+        if call.source and call.source[0] not in sources:
             raise PLCAuthenticationFailure("PasswordAuth: Not allowed to login to "
                                            "maintenance account from this address")
         expected = cfg.api_maintenance_password

@@ -51,7 +51,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("api", "maintenance_password", str, "",
         "PLC_API_MAINTENANCE_PASSWORD; empty disables the maintenance account"),
     Key("api", "maintenance_sources", str, "127.0.0.1",
-        "PLC_API_MAINTENANCE_SOURCES: space separated client addresses"),
+        "PLC_API_MAINTENANCE_SOURCES: space separated client addresses (empty: none)"),
     Key("reservation", "granularity", int, 3600, "PLC_RESERVATION_GRANULARITY in seconds",
         minimum=1),
     Key("slices", "vsys_defaults", str, "", "PLC_VSYS_DEFAULTS: comma list of vsys tags of new slices"),

@@ -229,3 +229,29 @@ def test_upper_case_login_base_is_refused(world: Any) -> None:
     assert fault(api.UpdateSite, w.A.admin, w.site, {"login_base": "TU2"}).faultCode == 102
     assert api.GetSites(w.A.admin, [w.site], ["login_base"]) == [{"login_base": "tu"}]
     assert api.AddSite(w.A.admin, {**site, "login_base": "upper.2"}) > 0
+
+
+@pytest.mark.parametrize("sources, ok", [("", False), ("10.9.9.9", False),
+                                         ("10.9.9.9 127.0.0.1", True)])
+def test_maintenance_sources_list_the_allowed_clients(plc_store: Any, sources: str,
+                                                      ok: bool) -> None:
+    # spec 2.2: the client IP must be listed in PLC_API_MAINTENANCE_SOURCES; an empty
+    # list admits nobody (it used to admit everybody)
+    from tests.plc.conftest import start_server
+
+    server, thread = start_server(plc_store, api_maintenance_password="maint-pw",
+                                  api_maintenance_sources=sources)
+    try:
+        host, port = server.server_address[:2]
+        api = xmlrpc.client.ServerProxy(f"http://{host}:{port}/PLCAPI/", allow_none=True)
+        auth = {"AuthMethod": "capability", "Username": "maint@localhost.localdomain",
+                "AuthString": "maint-pw", "Role": "admin"}
+        if ok:
+            assert api.AuthCheck(auth) == 1
+        else:
+            f = fault(api.AuthCheck, auth)
+            assert f.faultCode == 103 and "maintenance" in f.faultString
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
