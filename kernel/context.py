@@ -45,6 +45,7 @@ from typing import IO, Any, TypeAlias
 import prctl
 
 from kernel import caps as _caps
+from kernel import seccomp as _seccomp
 from kernel.cgroups import PARENT, Layout, SliverCgroup, detect_layout, ensure_net_cls
 
 INIT_BIN = Path(__file__).resolve().parent / "bin" / "sliver-init"
@@ -289,19 +290,27 @@ class Context:
                 argv.append(f"--launcher-delay-ms={int(_LAUNCHER_DELAY_MS)}")
             for rname, (soft, hard) in sorted(limits.rlimits.items()):
                 argv.append(f"--rlimit={rname}:{_rlim(soft)}:{_rlim(hard)}")
+            # The user namespace is made as the sliver's base uid (see sliver-init.c):
+            # what the sliver makes inside it is charged to that uid, not to root.
+            argv.append(f"--owner={uid_base}")
             pass_fds = [init_end.fileno()]
+            # Without a guard the same filter still hardens the sliver (foreign
+            # architectures, raw sockets, io_uring, keyrings), notifying nothing.
+            filt = guard.filter if guard is not None else _seccomp.guard_filter(notify=())
+            if not filt or len(filt) % 8 or len(filt) > 4096 * 8:
+                raise ValueError(f"create {name}: guard filter of {len(filt)} "
+                                 "bytes is not 1..4096 sock_filter entries")
+            rfd, wfd = os.pipe()
+            fds.callback(os.close, rfd)
+            try:
+                os.write(wfd, filt)   # at most 32 KiB: fits the pipe buffer
+            finally:
+                os.close(wfd)
+            argv.append(f"--guard-filter={rfd}")
+            pass_fds.append(rfd)
             if guard is not None:
-                if not guard.filter or len(guard.filter) % 8 or len(guard.filter) > 4096 * 8:
-                    raise ValueError(f"create {name}: guard filter of {len(guard.filter)} "
-                                     "bytes is not 1..4096 sock_filter entries")
-                rfd, wfd = os.pipe()
-                fds.callback(os.close, rfd)
-                try:
-                    os.write(wfd, guard.filter)   # at most 32 KiB: fits the pipe buffer
-                finally:
-                    os.close(wfd)
-                argv += [f"--guard-filter={rfd}", f"--guard-sink={guard.listener_sink}"]
-                pass_fds += [rfd, guard.listener_sink]
+                argv.append(f"--guard-sink={guard.listener_sink}")
+                pass_fds.append(guard.listener_sink)
             launcher = subprocess.Popen(argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)

@@ -33,6 +33,9 @@ NR_CONNECT = 42
 NR_BIND = 49
 NR_GETPID = 39
 NR_SECCOMP = 317
+NR_ADD_KEY = 248
+NR_REQUEST_KEY = 249
+NR_KEYCTL = 250
 NR_IO_URING_SETUP = 425
 NR_IO_URING_ENTER = 426
 NR_IO_URING_REGISTER = 427
@@ -197,6 +200,9 @@ def guard_filter(
         (NR_IO_URING_SETUP, _errno.EPERM),
         (NR_IO_URING_ENTER, _errno.EPERM),
         (NR_IO_URING_REGISTER, _errno.EPERM),
+        (NR_ADD_KEY, _errno.EPERM),
+        (NR_REQUEST_KEY, _errno.EPERM),
+        (NR_KEYCTL, _errno.EPERM),
     ),
     guard_sockets: bool = True,
 ) -> bytes:
@@ -207,8 +213,10 @@ def guard_filter(
     2. x32 syscall numbers (bit 30 set) fail with EPERM (this kernel has no x32 ABI
        and would say ENOSYS itself: EPERM shows the filter refused them);
     3. syscalls in `notify` go to the supervisor (user notification);
-    4. syscalls in `refuse` fail with the given errno (io_uring by default: its
-       SOCKET and BIND operations would bypass this filter);
+    4. syscalls in `refuse` fail with the given errno: by default io_uring (its
+       SOCKET and BIND operations would bypass this filter) and the kernel keyring
+       calls (keys are charged to host uids, not to the sliver's memory cgroup: a
+       sliver switching among its 65536 uids could pin gigabytes of kernel memory);
     5. socket(): only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (NETLINK_ROUTE
        only); AF_PACKET, and AF_INET/AF_INET6 with SOCK_RAW or SOCK_PACKET or
        IPPROTO_SCTP (it binds through setsockopt, which this filter does not

@@ -63,6 +63,7 @@
 #ifndef AT_RECURSIVE
 #define AT_RECURSIVE 0x8000
 #endif
+#include <linux/securebits.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -163,6 +164,7 @@ static void move_fd(int fd, int to, const char *step)
 
 struct opts {
 	int ctl, guard_filter, guard_sink;
+	unsigned long owner;   /* the host uid the user namespace is made as (0: root's) */
 	const char *root, *hostname;
 	uint64_t capbset;
 	int nrl;
@@ -194,7 +196,7 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		{"sync", 1, 0, 's'}, {"root", 1, 0, 'r'},
 		{"hostname", 1, 0, 'h'}, {"capbset", 1, 0, 'b'}, {"rlimit", 1, 0, 'l'},
 		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {"cgroup", 1, 0, 'g'},
-		{"launcher-delay-ms", 1, 0, 'd'},
+		{"launcher-delay-ms", 1, 0, 'd'}, {"owner", 1, 0, 'o'},
 		{0, 0, 0, 0},
 	};
 	int c;
@@ -211,6 +213,11 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		case 'b': o->capbset = strtoull(optarg, NULL, 16); break;
 		case 'f': o->guard_filter = atoi(optarg); break;
 		case 'k': o->guard_sink = atoi(optarg); break;
+		case 'o':
+			o->owner = strtoul(optarg, NULL, 10);
+			if (o->owner < 1 || o->owner > 0xfffffffeUL)
+				die("parse --owner (1..2^32-2)", EINVAL);
+			break;
 		case 'd':
 			o->launcher_delay_ms = strtol(optarg, NULL, 10);
 			if (o->launcher_delay_ms < 0 || o->launcher_delay_ms > 10000)
@@ -237,8 +244,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 	}
 	if (sync_fd < 0 || !o->root || !o->hostname)
 		die("parse arguments (need --sync --root --hostname)", EINVAL);
-	if ((o->guard_filter < 0) != (o->guard_sink < 0))
-		die("parse arguments (--guard-filter and --guard-sink go together)", EINVAL);
+	if (o->guard_sink >= 0 && o->guard_filter < 0)
+		die("parse arguments (--guard-sink needs --guard-filter)", EINVAL);
 }
 
 static void bind_dev(const char *name)
@@ -372,11 +379,14 @@ static void install_guard(int filter_fd, int sink)
 	if (got == 0 || got % sizeof(struct sock_filter))
 		die("read guard filter (size not a multiple of 8)", EINVAL);
 	struct sock_fprog prog = { .len = (unsigned short)(got / sizeof(struct sock_filter)), .filter = insns };
+	/* Without a sink the filter only hardens (it must notify nothing): no listener. */
 	int lis = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-			       SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+			       sink >= 0 ? SECCOMP_FILTER_FLAG_NEW_LISTENER : 0, &prog);
 	if (lis < 0)
 		die("install seccomp filter", errno);
 	munmap(insns, cap);
+	if (sink < 0)
+		return;
 	char byte = 'L';
 	struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
 	union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } cm;
@@ -877,8 +887,25 @@ int main(int argc, char **argv)
 	for (int i = 0; i < o.nrl; i++)
 		if (setrlimit(o.rl[i].res, &o.rl[i].rl) < 0)
 			die(o.rl[i].name, errno);
+	/* The kernel charges what is made in a user namespace (inotify instances, nested
+	 * user and mount namespaces, ...) at the host level to the namespace's owner: the
+	 * effective uid that creates it. Made as host root, every sliver would share
+	 * root's budgets (and could exhaust them for root and all other slivers); made as
+	 * the sliver's own base uid, each sliver has its own. SECBIT_NO_SETUID_FIXUP keeps
+	 * our capabilities across the uid change (creating a user namespace may need
+	 * CAP_SYS_ADMIN where unprivileged ones are restricted). */
+	if (o.owner > 0) {
+		if (prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) < 0)
+			die("set SECBIT_NO_SETUID_FIXUP", errno);
+		if (setresuid((uid_t)-1, (uid_t)o.owner, (uid_t)-1) < 0)
+			die("set the user namespace's owner", errno);
+	}
 	if (unshare(CLONE_NEWUSER) < 0)
 		die("unshare user namespace", errno);
+	/* Securebits are inherited: none of ours may reach the sliver (with
+	 * NO_SETUID_FIXUP a daemon dropping root inside would keep its capabilities). */
+	if (o.owner > 0 && prctl(PR_SET_SECUREBITS, 0, 0, 0, 0) < 0)
+		die("clear securebits", errno);
 	say("userns\n");
 	o.ctl = recv_ctl();
 	if (setgroups(0, NULL) < 0)
@@ -922,21 +949,21 @@ int main(int argc, char **argv)
 	drop_bounding_set(o.capbset);
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 		die("set no_new_privs", errno);
-	landlock_scope(o.guard_filter >= 0);
+	landlock_scope(o.guard_sink >= 0);
 	/* Fix the fds: ctl at CTL_FD, guard at GUARD_FD, sync above them, nothing else. */
 	int ctl = fcntl(o.ctl, F_DUPFD_CLOEXEC, 10);
 	int sfd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 10);
 	int gf = o.guard_filter >= 0 ? fcntl(o.guard_filter, F_DUPFD_CLOEXEC, 10) : -1;
 	int gs = o.guard_sink >= 0 ? fcntl(o.guard_sink, F_DUPFD_CLOEXEC, 10) : -1;
-	if (ctl < 0 || sfd < 0 || (o.guard_filter >= 0 && (gf < 0 || gs < 0)))
+	if (ctl < 0 || sfd < 0 || (o.guard_filter >= 0 && gf < 0) || (o.guard_sink >= 0 && gs < 0))
 		die("duplicate fds", errno);
 	close(o.ctl);
 	close(sync_fd);
 	sync_fd = sfd;
-	if (o.guard_filter >= 0) {
+	if (o.guard_filter >= 0)
 		close(o.guard_filter);
+	if (o.guard_sink >= 0)
 		close(o.guard_sink);
-	}
 	move_fd(ctl, CTL_FD, "place control socket");
 	if (gf >= 0)
 		install_guard(gf, gs);
