@@ -62,6 +62,7 @@ RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue",
 RLIM_INFINITY = 2**64 - 1
 
 SETUP_TIMEOUT = 10.0
+START_TIMEOUT = 30.0   # for the init to start a process (it gives up on an exec after 10 s)
 
 #: Tests only: the launcher lingers this many ms after forking the init, to show that
 #: the launch handshake does not depend on when the launcher runs (sliver-init.c).
@@ -492,6 +493,9 @@ class Context:
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             proc._sock = sock
+            # The init answers within its own exec deadline (10 s); a frozen or wedged
+            # one must not hold the caller (an agent thread) for ever.
+            sock.settimeout(START_TIMEOUT)
             try:
                 sock.connect(str(self.ctl_path))
             except OSError as exc:
@@ -517,7 +521,12 @@ class Context:
             sock.sendmsg([hdr], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                   struct.pack(f"{len(passfds)}i", *passfds))] if passfds else [])
             sock.sendall(bytes(payload))
-            rtype, value, msg, fds = proc._recv_reply()
+            try:
+                rtype, value, msg, fds = proc._recv_reply()
+            except TimeoutError:
+                raise ContextError(f"enter {self.name}: its init did not answer within "
+                                   f"{START_TIMEOUT:g} s (is the sliver stopped?)") from None
+            sock.settimeout(None)
             if rtype == R_ERROR:
                 raise ContextError(f"enter {self.name}: {msg}: {os.strerror(value)}"
                                    + (f" ({argv[0]})" if argv and msg == "exec" else ""))

@@ -515,6 +515,39 @@ static ssize_t read_full(int fd, void *buf, size_t len)
 	return (ssize_t)got;
 }
 
+#define EXEC_DEADLINE_MS 10000
+
+/* Up to `len` bytes from `fd` until its end or `ms` milliseconds: the count, -1 on an
+ * error, -2 when the deadline passed first. */
+static ssize_t read_deadline(int fd, void *buf, size_t len, int ms)
+{
+	struct timespec t0, now;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	size_t got = 0;
+	while (got < len) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		long left = ms - ((now.tv_sec - t0.tv_sec) * 1000 +
+				  (now.tv_nsec - t0.tv_nsec) / 1000000);
+		if (left <= 0)
+			return -2;
+		struct pollfd p = { fd, POLLIN, 0 };
+		int r = poll(&p, 1, (int)left);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return -1;
+		if (r == 0)
+			return -2;
+		ssize_t n = read(fd, (char *)buf + got, len - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -1 : (ssize_t)got;
+		got += (size_t)n;
+	}
+	return (ssize_t)got;
+}
+
 /* In the forked child: become the user, wire stdio, exec. Writes errno and exits
  * on failure (errpipe is close-on-exec, so a successful exec closes it silently). */
 static void child_exec(int errpipe, const struct user *u, const char *cwd, char **argv,
@@ -702,8 +735,19 @@ static void handle_request(int conn)
 		goto bad;
 	}
 	char ebuf[sizeof(int) + 64];
-	ssize_t en = read_full(ep[0], ebuf, sizeof ebuf);
+	/* Bounded: a child stopped before its exec (the sliver's root can SIGSTOP every
+	 * process it may signal) must not keep the init from serving and reaping. */
+	ssize_t en = read_deadline(ep[0], ebuf, sizeof ebuf, EXEC_DEADLINE_MS);
 	close(ep[0]);
+	if (en == -2) {
+		kill(pid, SIGKILL);   /* reaped by the loop, as a failed exec is */
+		for (int i = 0; i < nfds; i++)
+			close(fds[i]);
+		nfds = 0;
+		send_reply(conn, R_ERROR, ETIMEDOUT, "start (the process was stopped before "
+			   "its exec)", -1);
+		goto out;
+	}
 	for (int i = 0; i < nfds; i++)
 		close(fds[i]);
 	nfds = 0;

@@ -141,3 +141,36 @@ def test_keyring_calls_are_refused(slivers: Slivers, probe: Path, guarded: bool)
     finally:
         for s in ends:
             s.close()
+
+
+def test_a_sliver_stopping_everything_cannot_wedge_its_init(slivers: Slivers) -> None:
+    """Root in a sliver can SIGSTOP every process it may signal, and so a process the
+    init forks before its exec: the init gives up on it (and goes on serving and
+    reaping) instead of waiting for ever, and the caller gets an error."""
+    import time
+
+    from kernel.context import ContextError
+
+    ctx = slivers.create()
+    hog = ctx.spawn(["/bin/sh", "-c", "while :; do kill -STOP -1 2>/dev/null; done"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        refused = None
+        for _ in range(20):
+            t0 = time.monotonic()
+            try:
+                ctx.output(["/bin/true"], timeout=3)
+            except subprocess.TimeoutExpired:
+                continue   # it won the race, exec'd, and was stopped after: try again
+            except ContextError as exc:
+                refused = exc
+                break
+        assert refused is not None and "stopped before its exec" in str(refused)
+        assert time.monotonic() - t0 < 30
+    finally:
+        hog.kill()
+        hog.wait()
+    rc, out, _ = ctx.output(["/bin/echo", "still-serving"], timeout=30)
+    assert rc == 0 and out == b"still-serving\n"
