@@ -267,6 +267,20 @@ static void ensure_dir(const char *path, const char *step)
 		die(step, errno);
 }
 
+/* A real directory at `path` of the sliver's own root, where something is mounted:
+ * whatever else the sliver left there (a symlink to a host path, a file) is removed
+ * first, so that the mount, made while our view is still the host's, cannot be
+ * redirected out of the root. */
+static void real_dir(const char *path, const char *step)
+{
+	struct stat st;
+	if (lstat(path, &st) == 0 && !S_ISDIR(st.st_mode) && unlink(path) < 0)
+		die(step, errno);
+	ensure_dir(path, step);
+	if (lstat(path, &st) < 0 || !S_ISDIR(st.st_mode))
+		die(step, ENOTDIR);
+}
+
 static void setup_root(const struct opts *o)
 {
 	static const char *devs[] = {"null", "zero", "full", "random", "urandom", "tty"};
@@ -291,10 +305,10 @@ static void setup_root(const struct opts *o)
 	if (fchdir(tree) < 0)
 		die("enter root mount", errno);
 	close(tree);
-	ensure_dir("proc", "mkdir /proc");
+	real_dir("proc", "mkdir /proc");
 	if (mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
 		die("mount /proc", errno);
-	ensure_dir("dev", "mkdir /dev");
+	real_dir("dev", "mkdir /dev");
 	if (mount("tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k,nr_inodes=64") < 0)
 		die("mount /dev tmpfs", errno);
 	for (size_t i = 0; i < sizeof devs / sizeof devs[0]; i++)

@@ -174,3 +174,27 @@ def test_a_sliver_stopping_everything_cannot_wedge_its_init(slivers: Slivers) ->
         hog.wait()
     rc, out, _ = ctx.output(["/bin/echo", "still-serving"], timeout=30)
     assert rc == 0 and out == b"still-serving\n"
+
+
+def test_planted_symlinks_do_not_redirect_the_next_setup(slivers: Slivers,
+                                                         tmp_path: Path) -> None:
+    """A sliver's root outlives its context (a restart makes a new one on it): /proc and
+    /dev replaced by symlinks to host paths are real directories again at setup."""
+    from kernel.context import Limits
+
+    ctx = slivers.create()
+    root, base, name = Path(ctx.root), ctx.uid_base, ctx.name
+    ctx.destroy()
+    slivers.contexts.remove(ctx)
+    target = tmp_path / "host-dir"
+    target.mkdir()
+    for d in ("proc", "dev"):
+        os.rmdir(root / d)
+        (root / d).symlink_to(target)
+    again = Context.create(slivers.run_dir, name, root, base, limits=Limits())
+    slivers.contexts.append(again)
+    for d in ("proc", "dev"):
+        assert (root / d).is_dir() and not (root / d).is_symlink()
+    rc, out, _ = again.output(["/bin/sh", "-c", "cat /proc/1/comm; ls /dev/null"], timeout=30)
+    assert rc == 0 and out.split() == [b"sliver-init", b"/dev/null"], out
+    assert list(target.iterdir()) == []
