@@ -250,13 +250,15 @@ def test_error_paths_leave_nothing(sl: Slivers) -> None:
     with pytest.raises(ValueError, match="overlaps"):
         Context.create(sl.run_dir, name, sl.root(name, base), base + 100)
     _assert_nothing_for(sl, name)
-    # Half-failed creation: /dev is a file in this root, so mounting /dev fails
-    # after the namespaces, cgroups and the init exist.
+    # Half-failed creation: /dev is a file in this root, in a directory the sliver's
+    # root may not change (host root's), so making /dev a directory fails after the
+    # namespaces, cgroups and the init exist.
     name = sl.name("half")
     root = sl.root(name, base + 65536)
     os.rmdir(root / "dev")
     (root / "dev").write_text("not a directory")
-    with pytest.raises(ContextError, match="mount /dev tmpfs"):
+    os.chown(root, 0, 0)
+    with pytest.raises(ContextError, match="mkdir /dev"):
         Context.create(sl.run_dir, name, root, base + 65536)
     _assert_nothing_for(sl, name)
 
