@@ -421,6 +421,8 @@ def reap_qgroups(roots_dir: Path) -> None:
         try:
             qgroup_destroy(mnt, sid)
         except OSError as exc:
+            if exc.errno == 2:   # ENOENT: gone meanwhile (btrfs drops a dropped
+                continue         # subvolume's squota qgroup by itself)
             if exc.errno != 16:  # EBUSY: not freed yet
                 raise
             left.append(word)
