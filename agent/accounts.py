@@ -232,6 +232,9 @@ class Accounts:
         self._pending: set[str] = set()   # key installs that failed, retried each poll
         self._nursery: trio.Nursery | None = None
         self._initscript_slots = trio.CapacityLimiter(INITSCRIPT_SLOTS)
+        self._stop_slots = trio.CapacityLimiter(64)   # `stop` runs: short, never queued
+        self._generation: dict[str, int] = {}   # per sliver, see _bump
+        self._last_generation = 0
 
     def _uid_base(self, name: str) -> int | None:
         idx = self.state.uid_range_of(name)
@@ -292,6 +295,7 @@ class Accounts:
             await self.before_stop(name)
         except Exception as exc:  # noqa: BLE001 - the sliver goes all the same
             log.warning("sliver %s: initscript stop: %s", name, exc)
+        self._generation.pop(name, None)
         self._installed.pop(name, None)
         self._pending.discard(name)
         if self.cfg.host_accounts:
@@ -350,8 +354,16 @@ class Accounts:
     # holding a sliver's lock; `run --once` runs them inline, up to ONCE_TIMEOUT.
 
     def new_context(self, name: str) -> None:
-        """A context is being made for `name`: its initscript has not run in it."""
+        """A context is being made for `name`: its initscript has not run in it, and
+        runs queued for its previous context are void."""
+        self._bump(name)
         self.state.delete_meta(f"initscript_ran:{name}")
+
+    def _bump(self, name: str) -> int:
+        """A new generation of `name`'s initscript runs: queued older ones are skipped."""
+        self._last_generation += 1   # node-wide: a number is never used twice
+        self._generation[name] = self._last_generation
+        return self._last_generation
 
     def use_nursery(self, nursery: trio.Nursery | None) -> None:
         """Run initscripts as background tasks of `nursery` (None: inline)."""
@@ -368,7 +380,8 @@ class Accounts:
             await self._initscript(name, rec.spec.get("initscript") or "", "start")
 
     async def sync_initscripts(self) -> None:
-        """A running sliver whose initscript changed since it last ran: `restart`."""
+        """A running sliver whose initscript changed since it last ran: `restart`. One
+        sliver's failure (say, its /etc/planetlab made a symlink) stays with it."""
         ran = self.state.meta_with_prefix("initscript_ran:")
         for name, rec in self.state.slivers().items():
             last = ran.get(name)
@@ -376,7 +389,10 @@ class Accounts:
                 continue
             script = rec.spec.get("initscript") or ""
             if _digest(script) != last:
-                await self._initscript(name, script, "restart")
+                try:
+                    await self._initscript(name, script, "restart")
+                except Exception as exc:  # noqa: BLE001 - boundary: one sliver
+                    log.warning("sliver %s: initscript not installed: %s", name, exc)
 
     async def _initscript(self, name: str, script: str, action: str) -> None:
         root = self.backend.root_of(name)
@@ -384,6 +400,7 @@ class Accounts:
         if root is None or base is None:
             return
         self.state.set_meta(f"initscript_ran:{name}", _digest(script))
+        gen = self._bump(name)   # a newer script supersedes runs still queued
         if not script:
             await trio.to_thread.run_sync(remove_in_root, root, "etc/planetlab/initscript")
             return
@@ -391,19 +408,31 @@ class Accounts:
             write_in_root, root, "etc/planetlab/initscript", script.encode(), 0o755, base, base,
             0o755)
         if self._nursery is None:
-            await self._run_initscript(name, action, ONCE_TIMEOUT)
+            await self._run_initscript(name, action, ONCE_TIMEOUT, gen)
         else:
             self._nursery.start_soon(self._run_initscript, name, action, INITSCRIPT_TIMEOUT,
-                                     name=f"initscript:{name}")
+                                     gen, name=f"initscript:{name}")
 
-    async def _run_initscript(self, name: str, action: str, timeout: float) -> None:
+    async def _run_initscript(self, name: str, action: str, timeout: float, gen: int,
+                              limiter: trio.CapacityLimiter | None = None) -> None:
+        """Run the script unless a newer generation superseded this run (a newer
+        script, a new context, a stop or destroy); never raises."""
         try:
-            code, output = await trio.to_thread.run_sync(
-                self.backend.run, name, ["/bin/sh", "/etc/planetlab/initscript", action, name],
-                "root", timeout, limiter=self._initscript_slots, abandon_on_cancel=True)
+            async with limiter or self._initscript_slots:
+                if self._generation.get(name) != gen:
+                    return   # superseded while it waited for a slot
+                code, output = await trio.to_thread.run_sync(
+                    self.backend.run, name,
+                    ["/bin/sh", "/etc/planetlab/initscript", action, name], "root", timeout,
+                    abandon_on_cancel=True)
+            self._log_output(name, action, code, output)
+            if self._generation.get(name) == gen and self.state.get_sliver(name) is not None:
+                self.state.set_meta(f"initscript_status:{name}", str(code))
         except Exception as exc:  # noqa: BLE001 - the sliver may be gone meanwhile
             log.warning("sliver %s: initscript %s could not run: %s", name, action, exc)
-            return
+
+    @staticmethod
+    def _log_output(name: str, action: str, code: int, output: str) -> None:
         dropped, output = split_dropped(output)
         lines = output.splitlines()
         if dropped:
@@ -415,16 +444,16 @@ class Accounts:
         for line in lines[-LOG_LINES:]:
             log.info("sliver %s initscript: %s", name, line)
         log.info("sliver %s: initscript %s exited with %d", name, action, code)
-        if self.state.get_sliver(name) is not None:
-            self.state.set_meta(f"initscript_status:{name}", str(code))
 
     async def before_stop(self, name: str) -> None:
-        """`stop` for the initscript of a sliver about to be frozen or destroyed (briefly:
-        the sliver goes whatever the script does)."""
+        """`stop` for the initscript of a sliver about to be frozen or destroyed: runs
+        queued for it are void, and `stop` itself runs at once (not behind the slots
+        of start/restart runs) for STOP_TIMEOUT at most."""
+        gen = self._bump(name)
         if self.state.get_meta(f"initscript_ran:{name}") in (None, _digest("")):
             return
         if not await trio.to_thread.run_sync(self.backend.frozen, name):  # it would wait
-            await self._run_initscript(name, "stop", STOP_TIMEOUT)
+            await self._run_initscript(name, "stop", STOP_TIMEOUT, gen, self._stop_slots)
 
 
 def _digest(script: str) -> str:

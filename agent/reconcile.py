@@ -16,6 +16,7 @@ Safety rules (nodemanager spec §1.5, §9):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -331,8 +332,14 @@ class Reconciler:
             return
         if rec is None:
             return
+        if name in self.state.held():   # Stop holds across a re-creation too
+            rec = dataclasses.replace(rec, want_running=False)
         if action.kind == "stop_context":   # the record stays (a controller's)
+            if self._before_stop is not None:
+                await self._before_stop(name)
             await trio.to_thread.run_sync(self.backend.destroy, name)
+            self._new_context(name)   # forget its initscript's runs
+            self.state.set_held(name, False)
             if self.guard is not None:
                 self.guard.sliver_destroyed(name)
             self.adopted.discard(name)

@@ -200,9 +200,9 @@ def guard_filter(
         (NR_IO_URING_SETUP, _errno.EPERM),
         (NR_IO_URING_ENTER, _errno.EPERM),
         (NR_IO_URING_REGISTER, _errno.EPERM),
-        (NR_ADD_KEY, _errno.EPERM),
-        (NR_REQUEST_KEY, _errno.EPERM),
-        (NR_KEYCTL, _errno.EPERM),
+        (NR_ADD_KEY, _errno.ENOSYS),
+        (NR_REQUEST_KEY, _errno.ENOSYS),
+        (NR_KEYCTL, _errno.ENOSYS),
     ),
     guard_sockets: bool = True,
 ) -> bytes:
@@ -214,9 +214,10 @@ def guard_filter(
        and would say ENOSYS itself: EPERM shows the filter refused them);
     3. syscalls in `notify` go to the supervisor (user notification);
     4. syscalls in `refuse` fail with the given errno: by default io_uring (its
-       SOCKET and BIND operations would bypass this filter) and the kernel keyring
-       calls (keys are charged to host uids, not to the sliver's memory cgroup: a
-       sliver switching among its 65536 uids could pin gigabytes of kernel memory);
+       SOCKET and BIND operations would bypass this filter), EPERM, and the kernel
+       keyring calls (keys are charged to host uids, not to the sliver's memory
+       cgroup: a sliver switching among its 65536 uids could pin gigabytes of kernel
+       memory), ENOSYS: "no keyrings here", which pam_keyinit and the like accept;
     5. socket(): only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (NETLINK_ROUTE
        only); AF_PACKET, and AF_INET/AF_INET6 with SOCK_RAW or SOCK_PACKET or
        IPPROTO_SCTP (it binds through setsockopt, which this filter does not

@@ -122,3 +122,61 @@ def test_output_tail_keeps_the_last_bytes_and_counts_the_rest() -> None:
     small = OutputTail(10)
     small.add(b"abc")
     assert small.data() == b"abc" and small.dropped == 0
+
+
+async def test_background_initscripts_never_hold_a_stop(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background runs take a slot each; a sliver's `stop` does not wait for one, and
+    runs queued for a sliver are void once a newer script, a stop or a destroy came."""
+    import threading
+    import time
+
+    import trio
+    from agent_fakes import FakeBackend, reply, sliver
+
+    from agent import accounts as accounts_mod
+    from agent import getslivers
+    from agent.reconcile import ingest
+    from agent.state import State
+
+    monkeypatch.setattr(accounts_mod, "INITSCRIPT_SLOTS", 1)
+    state = State.open(tmp_path / "state")
+    desired = getslivers.parse(reply([sliver("pl_a"), sliver("pl_b")]))
+    ingest(state, desired, "base", "pl", time.time())
+    for name in ("pl_a", "pl_b"):
+        state.allocate_uid_range(name, 10)
+        state.set_sliver_state(name, "running")
+        (tmp_path / name).mkdir()
+    release = threading.Event()
+    calls: list[tuple[str, str]] = []
+
+    class Backend(FakeBackend):
+        def root_of(self, name: str) -> Path | None:
+            return tmp_path / name
+
+        def run(self, name: str, argv: list[str], user: str = "root",
+                timeout: float = 60.0) -> tuple[int, str]:
+            calls.append((name, argv[2]))
+            if argv[2] != "stop":
+                release.wait(10)   # a long start/restart holds the only slot
+            return 0, ""
+
+    cfg = config.from_mapping({"state_dir": str(tmp_path / "s"), "uid_pool_start": 1_000_000,
+                               "uid_range_size": 65536}, "t")
+    acc = Accounts(cfg, state, Backend())   # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        acc.use_nursery(nursery)
+        await acc._initscript("pl_b", "#!/bin/sh\n", "start")      # takes the slot
+        await acc._initscript("pl_a", "#!/bin/sh\n", "start")      # queued
+        await acc._initscript("pl_a", "#!/bin/sh\necho 2\n", "restart")   # supersedes it
+        await trio.sleep(0.2)
+        with trio.fail_after(5):
+            await acc.before_stop("pl_b")   # not behind the busy slot
+        assert ("pl_b", "stop") in calls
+        release.set()
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert calls.count(("pl_a", "start")) == 0      # superseded while queued
+    assert calls.count(("pl_a", "restart")) == 1
+    assert calls.count(("pl_b", "start")) == 1
+    state.close()

@@ -285,6 +285,9 @@ async def test_stop_holds_until_start(api_env) -> None:
         assert be.contexts["pl_a"]["frozen"] and not be.contexts["pl_b"]["frozen"]
         rec = agent.state.get_sliver("pl_a")
         assert rec is not None and rec.state == "stopped" and "until Start" in rec.message
+        del be.contexts["pl_a"]             # its context died: re-made, still held
+        await agent.reconcile_now()
+        assert be.contexts["pl_a"]["frozen"]
         assert await trio.to_thread.run_sync(lambda: client(sock).Start("pl_a")) == 1
         await agent.reconcile_now()
         assert not be.contexts["pl_a"]["frozen"]
