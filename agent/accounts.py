@@ -33,6 +33,7 @@ LOG_LINES = 200   # of an initscript's output tail (agent.backend.OUTPUT_TAIL by
 INITSCRIPT_SLOTS = 8        # initscripts running at once in the long-running agent
 INITSCRIPT_TIMEOUT = 3600.0  # seconds a background initscript may run
 ONCE_TIMEOUT = 60.0          # ... and one run inline by `run --once`
+HOST_NAME_MAX = 32            # useradd's longest user name
 STOP_TIMEOUT = 10.0          # `initscript stop` before a sliver is frozen or destroyed
 
 
@@ -235,6 +236,7 @@ class Accounts:
         self._stop_slots = trio.CapacityLimiter(64)   # `stop` runs: short, never queued
         self._generation: dict[str, int] = {}   # per sliver, see _bump
         self._last_generation = 0
+        self._no_account: set[str] = set()   # slices whose names cannot be user names
 
     def _uid_base(self, name: str) -> int | None:
         idx = self.state.uid_range_of(name)
@@ -285,6 +287,13 @@ class Accounts:
         return self.cfg.shell_path, self.cfg.controller_shell_path
 
     def _host_account(self, name: str, keys: list[str], controller: bool = False) -> None:
+        if self.cfg.host_accounts and len(name) > HOST_NAME_MAX:
+            if name not in self._no_account:   # said once, not at every poll
+                self._no_account.add(name)
+                log.warning("sliver %s: no host account (ssh SLICE@node): names longer "
+                            "than %d characters are not Linux user names", name,
+                            HOST_NAME_MAX)
+            return
         if self.cfg.host_accounts:
             ensure_host_account(name, keys, self._shells()[1 if controller else 0],
                                 Path(self.cfg.account_home_base), self.cfg.socket_path,
