@@ -55,7 +55,7 @@ kernel/bin/%: kernel/native/%.c .stamp-system
 kernel/bin/lib%.so: kernel/native/lib/%.c .stamp-system
 	@mkdir -p kernel/bin
 	gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@ $<
-agent/bin/%: agent/native/%.c .stamp-system
+agent/bin/%: agent/native/%.c agent/native/fdio.h .stamp-system
 	@mkdir -p agent/bin
 	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
 

@@ -37,26 +37,41 @@ HOST_NAME_MAX = 32            # useradd's longest user name
 STOP_TIMEOUT = 10.0          # `initscript stop` before a sliver is frozen or destroyed
 
 
-def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: int,
-                  dir_mode: int = 0o700) -> None:
-    """Write `root/rel` atomically without following any symlink below `root`."""
+def _parent_fd(root: Path, rel: str,
+               make: tuple[int, int, int] | None = None) -> tuple[int, str]:
+    """An fd of the directory that holds `root/rel`, reached without following any
+    symlink below `root`, and the last component of `rel`. With `make` = (mode, uid,
+    gid), missing directories are made so. The caller closes the fd."""
     parts = [p for p in rel.strip("/").split("/")]
     if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"bad path inside the sliver: {rel!r}")
+        raise ValueError(f"bad path inside {root}: {rel!r}")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for part in parts[:-1]:
-            try:
-                os.mkdir(part, dir_mode, dir_fd=fd)
-                created = True
-            except FileExistsError:
-                created = False
+            created = False
+            if make is not None:
+                try:
+                    os.mkdir(part, make[0], dir_fd=fd)
+                    created = True
+                except FileExistsError:
+                    pass
             nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nfd
-            if created:
-                os.fchown(fd, uid, gid)
-        tmp = f".{parts[-1]}.agent-tmp"
+            if created and make is not None:
+                os.fchown(fd, make[1], make[2])
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: int,
+                  dir_mode: int = 0o700) -> None:
+    """Write `root/rel` atomically without following any symlink below `root`."""
+    fd, leaf = _parent_fd(root, rel, (dir_mode, uid, gid))
+    try:
+        tmp = f".{leaf}.agent-tmp"
         try:
             os.unlink(tmp, dir_fd=fd)
         except FileNotFoundError:
@@ -68,7 +83,7 @@ def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: i
             os.fchmod(ffd, mode)
         finally:
             os.close(ffd)
-        os.rename(tmp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
+        os.rename(tmp, leaf, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
         os.close(fd)
 
@@ -78,20 +93,13 @@ def read_in_root(root: Path, rel: str, owners: tuple[int, ...], limit: int = 1 <
     b"" if it is missing, not a regular file, owned by none of `owners`, or has other
     hard links (a user's hard link to a file it cannot read must not make the agent
     copy that file's contents into the user's own file)."""
-    parts = [p for p in rel.strip("/").split("/")]
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"bad path: {rel!r}")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for part in parts[:-1]:
-            try:
-                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError:
-                return b""
-            os.close(fd)
-            fd = nfd
+        fd, leaf = _parent_fd(root, rel)
+    except OSError:
+        return b""
+    try:
         try:
-            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            ffd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
         except OSError:
             return b""
         try:
@@ -471,19 +479,13 @@ def _digest(script: str) -> str:
 
 def remove_in_root(root: Path, rel: str) -> None:
     """Remove `root/rel` without following any symlink below `root` (gone already: fine)."""
-    parts = [p for p in rel.strip("/").split("/")]
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for part in parts[:-1]:
-            try:
-                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError:
-                return
-            os.close(fd)
-            fd = nfd
-        try:
-            os.unlink(parts[-1], dir_fd=fd)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            pass
+        fd, leaf = _parent_fd(root, rel)
+    except OSError:
+        return
+    try:
+        os.unlink(leaf, dir_fd=fd)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
     finally:
         os.close(fd)

@@ -24,6 +24,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "fdio.h"
+
 #define MAX_REQUEST (1 << 20)
 #define MAX_RESPONSE (16 << 20)
 #define TIMEOUT 120
@@ -51,21 +53,6 @@ static void on_alarm(int sig)
 	ssize_t ignored = write(1, msg, sizeof msg - 1);
 	(void)ignored;
 	_exit(1);
-}
-
-static int write_all(int fd, const char *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-	return 0;
 }
 
 /* Read `fd` to its end into a new buffer of at most `max` bytes; -1 if longer. */

@@ -27,6 +27,8 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include "fdio.h"
+
 static struct termios saved;
 static int have_saved;
 static volatile sig_atomic_t winch;
@@ -48,21 +50,6 @@ static void on_winch(int sig)
 {
 	(void)sig;
 	winch = 1;
-}
-
-static int write_all(int fd, const char *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-	return 0;
 }
 
 /* Read one reply line from the agent, with an fd if one comes along. */

@@ -515,10 +515,32 @@ static int lookup_user(const char *name, struct user *u)
 	return 0;
 }
 
-static ssize_t read_full(int fd, void *buf, size_t len)
+#define EXEC_DEADLINE_MS 10000
+
+/* Up to `len` bytes from `fd` until its end or `ms` milliseconds (ms < 0: no deadline;
+ * the fd's own timeout, if any, still applies): the count, -1 on an error, -2 when the
+ * deadline passed first. */
+static ssize_t read_deadline(int fd, void *buf, size_t len, int ms)
 {
+	struct timespec t0, now;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	size_t got = 0;
 	while (got < len) {
+		if (ms >= 0) {
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			long left = ms - ((now.tv_sec - t0.tv_sec) * 1000 +
+					  (now.tv_nsec - t0.tv_nsec) / 1000000);
+			if (left <= 0)
+				return -2;
+			struct pollfd p = { fd, POLLIN, 0 };
+			int r = poll(&p, 1, (int)left);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r < 0)
+				return -1;
+			if (r == 0)
+				return -2;
+		}
 		ssize_t n = read(fd, (char *)buf + got, len - got);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -529,37 +551,9 @@ static ssize_t read_full(int fd, void *buf, size_t len)
 	return (ssize_t)got;
 }
 
-#define EXEC_DEADLINE_MS 10000
-
-/* Up to `len` bytes from `fd` until its end or `ms` milliseconds: the count, -1 on an
- * error, -2 when the deadline passed first. */
-static ssize_t read_deadline(int fd, void *buf, size_t len, int ms)
+static ssize_t read_full(int fd, void *buf, size_t len)
 {
-	struct timespec t0, now;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	size_t got = 0;
-	while (got < len) {
-		clock_gettime(CLOCK_MONOTONIC, &now);
-		long left = ms - ((now.tv_sec - t0.tv_sec) * 1000 +
-				  (now.tv_nsec - t0.tv_nsec) / 1000000);
-		if (left <= 0)
-			return -2;
-		struct pollfd p = { fd, POLLIN, 0 };
-		int r = poll(&p, 1, (int)left);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0)
-			return -1;
-		if (r == 0)
-			return -2;
-		ssize_t n = read(fd, (char *)buf + got, len - got);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -1 : (ssize_t)got;
-		got += (size_t)n;
-	}
-	return (ssize_t)got;
+	return read_deadline(fd, buf, len, -1);
 }
 
 /* In the forked child: become the user, wire stdio, exec. Writes errno and exits
