@@ -141,6 +141,7 @@ class Backend(Protocol):
     def adopt(self, name: str) -> bool: ...
     def guarded_init(self, name: str) -> int | None: ...
     def update(self, plan: SliverPlan) -> socket.socket | None: ...
+    def needs_restart(self, plan: SliverPlan) -> bool: ...
     def start(self, name: str) -> None: ...
     def stop(self, name: str) -> None: ...
     def destroy(self, name: str) -> None: ...
@@ -310,8 +311,7 @@ class KernelBackend:
         ctx = self._context(plan.name)
         limits = _kernel_limits(plan.limits)
         set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
-        if dict(limits.rlimits) == dict(ctx.limits.rlimits) and \
-                limits.capabilities == ctx.limits.capabilities:
+        if not self.needs_restart(plan):
             ctx.update_limits(limits)
             return None
         limits.validate()   # refused before anything is stopped
@@ -324,6 +324,13 @@ class KernelBackend:
         if frozen:
             self.stop(plan.name)
         return agent_end
+
+    def needs_restart(self, plan: SliverPlan) -> bool:
+        """Whether `update(plan)` must restart the sliver (rlimits or capabilities)."""
+        ctx = self._context(plan.name)
+        limits = _kernel_limits(plan.limits)
+        return not (dict(limits.rlimits) == dict(ctx.limits.rlimits)
+                    and limits.capabilities == ctx.limits.capabilities)
 
     def start(self, name: str) -> None:
         self._context(name).start()

@@ -384,6 +384,9 @@ class Reconciler:
             raise RuntimeError("no uid range recorded for a live sliver")
         if action.kind == "update":
             plan = self._plan_for(rec, idx_or_none)
+            if self._before_stop is not None and rec.state == RUNNING and \
+                    await trio.to_thread.run_sync(self.backend.needs_restart, plan):
+                await self._before_stop(name)   # its processes are about to end
             agent_end = await trio.to_thread.run_sync(self.backend.update, plan)
             state = rec.state if rec.state in (RUNNING, STOPPED) else (
                 RUNNING if rec.want_running else STOPPED)

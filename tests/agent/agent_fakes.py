@@ -41,6 +41,9 @@ class FakeBackend:
         self.calls.append(("adopt", name))
         return name in self.contexts
 
+    def needs_restart(self, plan: SliverPlan) -> bool:
+        return False
+
     def update(self, plan: SliverPlan) -> None:
         self.calls.append(("update", plan.name))
         self.contexts[plan.name]["plan"] = plan

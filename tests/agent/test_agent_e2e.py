@@ -146,7 +146,7 @@ def test_names_plc_allows_make_slivers(site: Site, node: Node) -> None:
 def test_rlimit_change_restarts_the_sliver_keeping_its_files(site: Site, node: Node) -> None:
     """rlimits and capabilities are fixed for a process tree's life: a change restarts
     the sliver in a new context on the same root instead of failing it."""
-    name = site.add_slice("rlim")
+    name = site.add_slice("rlim", initscript_code="#!/bin/sh\necho \"$1\" >> /tmp/init.log\n")
     run_once(node)
     st = context_state(node, name)
     root, init_pid = Path(st["root"]), st["init_pid"]
@@ -161,6 +161,8 @@ def test_rlimit_change_restarts_the_sliver_keeping_its_files(site: Site, node: N
     assert st["init_pid"] != init_pid, "a new context"
     assert st["limits"]["rlimits"]["nofile"] == [333, 444] and st["limits"]["cpu_share"] == 5
     assert (Path(st["root"]) / "root" / "mine").read_text() == "kept"
+    # the initscript was told: stop in the old context, start in the new one
+    assert (Path(st["root"]) / "tmp" / "init.log").read_text() == "start\nstop\nstart\n"
     with open(f"/proc/{st['init_pid']}/limits") as f:
         line = next(x for x in f if x.startswith("Max open files"))
     assert line.split()[3:5] == ["333", "444"], line
