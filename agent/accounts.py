@@ -113,6 +113,46 @@ def read_in_root(root: Path, rel: str, owners: tuple[int, ...], limit: int = 1 <
         os.close(fd)
 
 
+SLICE_UID = 1000   # the slice's user inside its sliver, where that uid is free
+
+
+def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int | None:
+    """The uid (inside) of the slice's own user in its sliver, added to the sliver's
+    /etc/passwd and /etc/group (uid SLICE_UID, or the lowest free one above) when the
+    image lacks it; None when the sliver has no usable /etc/passwd. Files are read and
+    written without following links; the sliver owns them, so whatever it wrote there
+    only changes uids inside its own range."""
+    passwd = read_in_root(root, "etc/passwd", (base,)).decode(errors="replace")
+    if not passwd:
+        return None
+    users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
+    for u in users:
+        if u[0] == name:
+            have = int(u[2]) if u[2].isdigit() else -1
+            return have if 0 < have < range_size else None
+    taken = {int(u[2]) for u in users if u[2].isdigit()}
+    uid = next((i for i in range(SLICE_UID, min(range_size, 65534)) if i not in taken), None)
+    if uid is None:
+        return None
+    _parent_fd_close(root, "home/-", (0o755, base, base))   # /home, root's, if missing
+    sep = "" if passwd.endswith("\n") else "\n"
+    write_in_root(root, "etc/passwd",
+                  f"{passwd}{sep}{name}:x:{uid}:{uid}:PlanetLab slice {name}:/home/{name}:"
+                  "/bin/sh\n".encode(), 0o644, base, base, 0o755)
+    group = read_in_root(root, "etc/group", (base,)).decode(errors="replace")
+    if not any(line.split(":")[0] == name for line in group.splitlines()):
+        sep = "" if not group or group.endswith("\n") else "\n"
+        write_in_root(root, "etc/group", f"{group}{sep}{name}:x:{uid}:\n".encode(), 0o644,
+                      base, base, 0o755)
+    log.info("sliver %s: user %s (uid %d inside) added", name, name, uid)
+    return uid
+
+
+def _parent_fd_close(root: Path, rel: str, make: tuple[int, int, int]) -> None:
+    fd, _ = _parent_fd(root, rel, make)
+    os.close(fd)
+
+
 def managed_block(existing: str, keys: tuple[str, ...] | list[str]) -> str:
     """Replace the agent's block in an authorized_keys file, keeping the rest."""
     lines = existing.splitlines()
@@ -260,9 +300,10 @@ class Accounts:
             return False
         text = "".join(k + "\n" for k in keys).encode()
         write_in_root(root, "root/.ssh/authorized_keys", text, 0o600, base, base)
-        # The slice's user inside the sliver: uid 1000 by convention of our images.
-        write_in_root(root, f"home/{name}/.ssh/authorized_keys", text, 0o600, base + 1000,
-                      base + 1000)
+        uid = ensure_slice_user(root, name, base, self.cfg.uid_range_size)
+        if uid is not None:
+            write_in_root(root, f"home/{name}/.ssh/authorized_keys", text, 0o600, base + uid,
+                          base + uid)
         return True
 
     def install_node_accounts(self, accounts: dict[str, tuple[str, ...]]) -> None:

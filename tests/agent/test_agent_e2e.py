@@ -132,6 +132,30 @@ def test_slice_lifecycle(site: Site, node: Node) -> None:
     nothing_left(node, name)
 
 
+def test_slice_user_exists_inside_with_the_members_keys(site: Site, node: Node) -> None:
+    """The slice's own user is in its sliver's /etc/passwd (uid 1000 or the next free
+    one: this image has a `user` at 1000), holding the members' keys."""
+    from kernel.context import Context
+
+    name = site.add_slice("usr")
+    run_once(node)
+    st = context_state(node, name)
+    root = Path(st["root"])
+    entry = [ln.split(":") for ln in (root / "etc/passwd").read_text().splitlines()
+             if ln.startswith(f"{name}:")]
+    assert len(entry) == 1 and entry[0][2] == "1001" and entry[0][5] == f"/home/{name}"
+    assert f"{name}:x:1001:" in (root / "etc/group").read_text()
+    keys = root / "home" / name / ".ssh" / "authorized_keys"
+    assert site.key in keys.read_text() and keys.stat().st_uid == st["uid_base"] + 1001
+    rc, out, err = Context.adopt(node.contexts_dir, name).output(
+        ["/bin/sh", "-c", "id -un; id -u; echo $HOME"], user=name, timeout=30)
+    assert rc == 0 and out.split() == [name.encode(), b"1001", f"/home/{name}".encode()], err
+    site.set_tag(name, "cpu_share", "2")
+    run_once(node)   # keys again: the user is not added twice
+    assert [ln.split(":")[0] for ln in (root / "etc/passwd").read_text().splitlines()
+            ].count(name) == 1
+
+
 def test_names_plc_allows_make_slivers(site: Site, node: Node) -> None:
     """PLC's slice names may have capitals and dots after the site's prefix."""
     name = site.add_slice("Mixed.Case")
