@@ -122,9 +122,11 @@ def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int 
     image lacks it; None when the sliver has no usable /etc/passwd. Files are read and
     written without following links; the sliver owns them, so whatever it wrote there
     only changes uids inside its own range."""
-    passwd = read_in_root(root, "etc/passwd", (base,)).decode(errors="replace")
-    if not passwd:
+    limit = 1 << 20
+    raw = read_in_root(root, "etc/passwd", (base,), limit)
+    if not raw or len(raw) >= limit:   # none, or too big to rewrite whole: leave it
         return None
+    passwd = raw.decode(errors="replace")
     users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
     for u in users:
         if u[0] == name:
@@ -139,8 +141,9 @@ def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int 
     write_in_root(root, "etc/passwd",
                   f"{passwd}{sep}{name}:x:{uid}:{uid}:PlanetLab slice {name}:/home/{name}:"
                   "/bin/sh\n".encode(), 0o644, base, base, 0o755)
-    group = read_in_root(root, "etc/group", (base,)).decode(errors="replace")
-    if not any(line.split(":")[0] == name for line in group.splitlines()):
+    graw = read_in_root(root, "etc/group", (base,), limit)
+    group = graw.decode(errors="replace")
+    if len(graw) < limit and not any(line.split(":")[0] == name for line in group.splitlines()):
         sep = "" if not group or group.endswith("\n") else "\n"
         write_in_root(root, "etc/group", f"{group}{sep}{name}:x:{uid}:\n".encode(), 0o644,
                       base, base, 0o755)
