@@ -126,7 +126,7 @@ def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int 
     raw = read_in_root(root, "etc/passwd", (base,), limit)
     if not raw or len(raw) >= limit:   # none, or too big to rewrite whole: leave it
         return None
-    passwd = raw.decode(errors="replace")
+    passwd = raw.decode("latin-1")   # bytes kept exactly when written back
     users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
     for u in users:
         if u[0] == name:
@@ -140,12 +140,12 @@ def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int 
     sep = "" if passwd.endswith("\n") else "\n"
     write_in_root(root, "etc/passwd",
                   f"{passwd}{sep}{name}:x:{uid}:{uid}:PlanetLab slice {name}:/home/{name}:"
-                  "/bin/sh\n".encode(), 0o644, base, base, 0o755)
+                  "/bin/sh\n".encode("latin-1"), 0o644, base, base, 0o755)
     graw = read_in_root(root, "etc/group", (base,), limit)
-    group = graw.decode(errors="replace")
+    group = graw.decode("latin-1")
     if len(graw) < limit and not any(line.split(":")[0] == name for line in group.splitlines()):
         sep = "" if not group or group.endswith("\n") else "\n"
-        write_in_root(root, "etc/group", f"{group}{sep}{name}:x:{uid}:\n".encode(), 0o644,
+        write_in_root(root, "etc/group", f"{group}{sep}{name}:x:{uid}:\n".encode("latin-1"), 0o644,
                       base, base, 0o755)
     log.info("sliver %s: user %s (uid %d inside) added", name, name, uid)
     return uid
