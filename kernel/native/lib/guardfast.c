@@ -71,8 +71,8 @@ struct gf {
 	int exits;	 /* the caller's epoll set of pidfds, or -1 (see caller_fd) */
 	unsigned char *slot; /* the journal slot (one struct seccomp_notif), or NULL */
 	unsigned char *out;  /* where a notification for Python is copied */
-	unsigned nmemo, next;
-	struct gf_key memo[GF_MEMO];
+	unsigned nmemo, next, cap;
+	struct gf_key *memo;  /* grown on demand up to GF_MEMO: an idle listener costs little */
 };
 
 struct gf *gf_new(int listener, void *slot, void *out, int exits)
@@ -97,6 +97,7 @@ void gf_free(struct gf *g)
 	for (int i = 0; i < GF_PIDFDS; i++)
 		if (g->pidfds[i].pidfd >= 0)
 			close(g->pidfds[i].pidfd);
+	free(g->memo);
 	free(g);
 }
 
@@ -141,6 +142,16 @@ int gf_allow(struct gf *g, int family, int type, int protocol, const void *addr,
 		if (k->family == family && k->type == type && k->protocol == protocol &&
 		    k->len == len && memcmp(k->addr, addr, len) == 0)
 			return 0;
+	}
+	if (g->next >= g->cap && g->cap < GF_MEMO) {
+		unsigned cap = g->cap ? g->cap * 2 : 4;
+		if (cap > GF_MEMO)
+			cap = GF_MEMO;
+		struct gf_key *bigger = realloc(g->memo, cap * sizeof *bigger);
+		if (!bigger)
+			return -ENOMEM;   /* not remembered: Python answers that key again */
+		g->memo = bigger;
+		g->cap = cap;
 	}
 	struct gf_key *k = &g->memo[g->next];
 	memset(k, 0, sizeof *k);
