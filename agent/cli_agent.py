@@ -80,6 +80,7 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
         for key in ("last_poll_ok", "last_poll_error", "last_timestamp", "last_reply_at"):
             out["node"][key] = st.get_meta(key)
         ranges = st.uid_ranges()
+        ports = st.owned_ports()
         backend = None
         live: set[str] = set()
         if with_usage:
@@ -101,6 +102,7 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
                              if name in ranges else None),
                 "rspec": {k: v for k, v in rec.rspec.items() if k != "tags"},
                 "problems": rec.problems,
+                "ports": _port_ranges(ports.get(name, [])),
             }
             if backend is not None and name in live:
                 try:
@@ -109,6 +111,28 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
                     item["usage"] = {"error": str(exc)}
             out["slivers"].append(item)
     return out
+
+
+def _port_ranges(rows: list[tuple[str, int, str, str]]) -> list[str]:
+    """Owned ports as `PROTO:LO[-HI]@ADDRESS (tag|reserve)`, consecutive ports merged."""
+    out: list[str] = []
+    last: list[Any] | None = None   # [proto, lo, hi, address, source]
+    for proto, port, addr, src in rows:
+        if last and (last[0], last[3], last[4]) == (proto, addr, src) and port == last[2] + 1:
+            last[2] = port
+            continue
+        if last:
+            out.append(_port_text(last))
+        last = [proto, port, port, addr, src]
+    if last:
+        out.append(_port_text(last))
+    return out
+
+
+def _port_text(r: list[Any]) -> str:
+    span = str(r[1]) if r[1] == r[2] else f"{r[1]}-{r[2]}"
+    source = {"plc": "tag", "runtime": "ReservePort"}.get(r[4], r[4])
+    return f"{r[0]}:{span}@{r[3]} ({source})"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -136,6 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"    {s['message']}")
         for p in s["problems"]:
             print(f"    rspec: {p}")
+        if s["ports"]:
+            print(f"    ports: {', '.join(s['ports'])}")
     return 0
 
 

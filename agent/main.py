@@ -217,6 +217,13 @@ class Agent:
             except Exception:  # noqa: BLE001 - boundary: the reconciler must go on
                 log.exception("local reconcile failed")
 
+    async def _poll_on_sigusr1(self) -> None:
+        """SIGUSR1: poll PLC now (an operator who just changed something at PLC)."""
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                log.info("SIGUSR1: polling PLC now")
+                self.poke()
+
     def poke(self) -> None:
         """Ask the poller for an early poll (used by the slice API); never blocks."""
         try:
@@ -271,6 +278,7 @@ class Agent:
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
+            nursery.start_soon(self._poll_on_sigusr1, name="sigusr1")
             if ready is not None:
                 await ready()
         return 0

@@ -248,6 +248,15 @@ class State:
             db.execute("INSERT INTO uid_ranges VALUES (?, ?, ?)", (idx, name, time.time()))
             return None
 
+    def owned_ports(self) -> dict[str, list[tuple[str, int, str, str]]]:
+        """{slice: [(proto, port, address, source)]} from the ports table, sorted."""
+        out: dict[str, list[tuple[str, int, str, str]]] = {}
+        for addr, proto, port, name, src in self._db.execute(
+                "SELECT address, proto, port, name, source FROM ports "
+                "ORDER BY name, proto, address, port"):
+            out.setdefault(name, []).append((proto, int(port), addr, src))
+        return out
+
     def uid_range_of(self, name: str) -> int | None:
         row = self._db.execute("SELECT idx FROM uid_ranges WHERE name=?", (name,)).fetchone()
         return int(row[0]) if row else None

@@ -110,6 +110,11 @@ STANDARD_TAGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         ("capabilities", "Comma separated list of capabilities"),
         ("vsys_vnet", "Subnet for vsys vnet"),
         ("codemux", "Demux HTTP between slices"),
+        # Read by this project's node agent (agent/rspec.py, docs/guard.md):
+        ("ports", "Ports the slice owns on its nodes: PROTO:PORT[-PORT][@ADDRESS],..."),
+        ("mem_max", "Memory limit in KiB (0: none)"),
+        ("pids_max", "Limit of processes and threads"),
+        ("cpu_cap", "CPU cap in percent of one CPU (0: none)"),
     )
 ) + (
     ("vsys", "slice/rspec", "Per-slice vsys script", ("pi", "user", "tech")),

@@ -35,6 +35,7 @@ ADMIN = "admin@planetlab.test"
 PI = "pi@planetlab.test"
 SITE = "demo"
 SLICE = "demo_slice"
+DEMO_PORTS = "tcp:8080,udp:8080"
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -78,8 +79,16 @@ def wait_ready(api: xmlrpc.client.ServerProxy, proc: subprocess.Popen[bytes]) ->
     sys.exit("plc serve did not answer within 30 s")
 
 
+AGENT_TAGS = ("ports", "mem_max", "pids_max", "cpu_cap")   # plc init makes them too
+
+
 def populate(api: xmlrpc.client.ServerProxy, admin: dict, pi_password: str,
              hostname: str) -> None:
+    for tag in AGENT_TAGS:   # a database made before they were standard
+        if not api.GetTagTypes(admin, {"tagname": tag}, ["tag_type_id"]):
+            api.AddTagType(admin, {"tagname": tag, "category": "slice/rspec",
+                                   "description": f"node agent: {tag}"})
+            api.AddRoleToTagType(admin, "admin", tag)
     if not api.GetSites(admin, [SITE], ["site_id"]):
         api.AddSite(admin, {"name": "Demo Site", "abbreviated_name": "Demo",
                             "login_base": SITE, "max_slices": 10, "url": "http://localhost/"})
@@ -101,26 +110,28 @@ def populate(api: xmlrpc.client.ServerProxy, admin: dict, pi_password: str,
                              "description": "Demo slice", "instantiation": "plc-instantiated"})
         api.AddPersonToSlice(admin, PI, SLICE)
         api.AddSliceToNodes(admin, SLICE, [hostname])
+    if not api.GetSliceTags(admin, {"name": SLICE, "tagname": "ports"}, ["slice_tag_id"]):
+        api.AddSliceTag(admin, SLICE, "ports", DEMO_PORTS)   # to try a guarded bind
 
 
 def agent_config(url: str, hostname: str) -> Path:
-    """agent.toml for this machine's agent (written once; kept between runs)."""
+    """agent.toml for this machine's agent, written anew by every run (so that it has
+    every key of this version; an operator's own config comes from `init-config`)."""
     cfg = STATE / "agent.toml"
-    if not cfg.exists():
-        out = subprocess.run(
-            [*AGENT, "init-config", str(cfg), "--plc-url", url, "--hostname", hostname,
-             "--key-file", str(STATE / "node.key"), "--state-dir", str(STATE / "agent")],
-            capture_output=True, text=True, cwd=REPO)
-        if out.returncode != 0:
-            sys.exit(f"planetlab-agent init-config failed: {out.stderr.strip()}")
-        text = cfg.read_text()
-        for key, value in (("run_dir", str(RUN_DIR)),
-                           ("socket_path", str(RUN_DIR / "agent.sock")),
-                           ("default_image", IMAGE), ("poll_interval", 30),
-                           ("poll_jitter", 5), ("host_accounts", 0), ("node_accounts", "")):
-            literal = f'"{value}"' if isinstance(value, str) else str(value)
-            text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {literal}", text, count=1)
-        cfg.write_text(text)
+    cfg.unlink(missing_ok=True)
+    out = subprocess.run(
+        [*AGENT, "init-config", str(cfg), "--plc-url", url, "--hostname", hostname,
+         "--key-file", str(STATE / "node.key"), "--state-dir", str(STATE / "agent")],
+        capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        sys.exit(f"planetlab-agent init-config failed: {out.stderr.strip()}")
+    text = cfg.read_text()
+    for key, value in (("run_dir", str(RUN_DIR)), ("socket_path", str(RUN_DIR / "agent.sock")),
+                       ("default_image", IMAGE), ("poll_interval", 30), ("poll_jitter", 5),
+                       ("host_accounts", 0), ("node_accounts", "")):
+        literal = f'"{value}"' if isinstance(value, str) else str(value)
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {literal}", text, count=1)
+    cfg.write_text(text)
     return cfg
 
 
@@ -203,6 +214,13 @@ def teardown() -> None:
     for name in list_roots(backend.roots_dir):
         release_root(backend.roots_dir, name)
     disk.unmount_store(backend.roots_dir)
+    # The agent's (empty) cgroup parents: a busy one (other slivers) stays.
+    for parent in [*Path("/sys/fs/cgroup").glob(f"*/{backend.cgroup_parent}"),
+                   Path("/sys/fs/cgroup") / backend.cgroup_parent]:
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
     import shutil
 
     shutil.rmtree(RUN_DIR, ignore_errors=True)   # runtime state only (the socket's dir)
@@ -256,13 +274,15 @@ PLC is running: {url}
 The node agent is running: config {agent_cfg}, log {STATE / 'agent.log'}
   sliver {SLICE}: {sliver['state']}, image {sliver['image']}, uids from {sliver['uid_base']}
 
-Enter the sliver:
+Enter the sliver (it owns {DEMO_PORTS}: try `nc -l -p 8080` there, and 8081, refused):
   .venv/bin/planetlab-agent --config {agent_cfg} enter {SLICE}
-Status of every sliver:
+Status of every sliver (--json for scripts):
   .venv/bin/planetlab-agent --config {agent_cfg} status
 Ask PLC:
   .venv/bin/plc shell --url {url} --user {ADMIN} --password {admin_password} \\
       -c 'GetSlices({{}}, ["name", "node_ids"])'
+The agent polls PLC every 30 s; SIGUSR1 to it polls at once:
+  pkill -USR1 -f 'planetlab-agent.*{agent_cfg}'
 
 Ctrl-C stops everything.""", flush=True)
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))

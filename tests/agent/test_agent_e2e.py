@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -229,6 +230,20 @@ def test_kill_and_restart_adopts(site: Site, node: Node) -> None:
     ran = Path(context_state(node, names[0])["root"]) / "tmp" / "ran"
     wait_for(lambda: ran.exists(), 30, "the initscript", node.log_text)
     assert ran.read_text() == "start\n"
+
+
+def test_sigusr1_polls_at_once(site: Site, node: Node) -> None:
+    """An operator who changed something at PLC need not wait for the next poll."""
+    text = node.cfg_path.read_text()
+    node.cfg_path.write_text(re.sub(r"(?m)^poll_interval = .*$", "poll_interval = 600", text))
+    agent = node.start_agent()
+    node.agents.append(agent)  # type: ignore[attr-defined]
+    wait_for(lambda: status(node)["node"].get("last_poll_ok"), 30, "the first poll",
+             node.log_text)
+    name = site.add_slice("usr1")
+    os.kill(agent.pid, signal.SIGUSR1)
+    wait_for(lambda: f"{name}: create done" in node.log_text(), 30,
+             "the sliver after SIGUSR1", node.log_text)
 
 
 def test_plc_down_keeps_and_restores_slivers(tmp_path: Path) -> None:
@@ -471,6 +486,10 @@ def test_guard_enforces_port_tags(site: Site, node: Node) -> None:
         results[name] = out.decode().strip()
     assert results[a] == "bind 0", results
     assert results[b] != "bind 0" and results[b].startswith("bind "), results
+    # operators see who owns what
+    owned = (sliver(node, a) or {}).get("ports", [])
+    assert owned and all(p.startswith(f"tcp:{port}@") and p.endswith("(tag)") for p in owned)
+    assert (sliver(node, b) or {}).get("ports") == []
     # A restart in a new context (an rlimit changed) keeps the ports and the guard.
     old_init = context_state(node, a)["init_pid"]
     site.set_tag(a, "nproc_hard", "5000")
