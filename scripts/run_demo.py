@@ -282,7 +282,7 @@ Ask PLC:
   .venv/bin/plc shell --url {url} --user {ADMIN} --password {admin_password} \\
       -c 'GetSlices({{}}, ["name", "node_ids"])'
 The agent polls PLC every 30 s; SIGUSR1 to it polls at once:
-  pkill -USR1 -f 'planetlab-agent.*{agent_cfg}'
+  kill -USR1 {agent.pid}
 
 Ctrl-C stops everything.""", flush=True)
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
