@@ -375,7 +375,9 @@ def cmd_enter(args: argparse.Namespace) -> int:
                 piped.close()
         size = os.get_terminal_size(1) if os.isatty(1) else os.terminal_size((80, 24))
         proc = ctx.spawn(argv, user=args.user, tty=True, winsize=(size.lines, size.columns))
-    except (FileNotFoundError, ProcessLookupError) as exc:
+    except FileNotFoundError:
+        return _fail("enter", f"no sliver {args.name!r} on this node (see `list`)")
+    except ProcessLookupError as exc:
         return _fail("enter", f"{args.name} is not running ({exc})")
     except (OSError, ContextError, ValueError) as exc:
         return _fail("enter", exc)

@@ -164,7 +164,7 @@ def plan(records: Mapping[str, Summary], live: set[str], adopted: set[str],
             continue
         if name not in live:
             actions.append(Action("create", name,
-                                  "new" if rec.state == PENDING else f"not running ({rec.state})"))
+                                  "new" if rec.state == PENDING else f"its context is gone (was {rec.state})"))
             continue
         if name not in adopted:
             actions.append(Action("adopt", name, "running context found"))
