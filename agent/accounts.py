@@ -23,6 +23,7 @@ import trio
 from agent.backend import Backend, split_dropped
 from agent.config import AgentConfig
 from agent.getslivers import Desired
+from agent.reconcile import CONTROLLER, RUNNING, STOPPED
 from agent.state import State
 
 log = logging.getLogger("agent.accounts")
@@ -366,13 +367,13 @@ class Accounts:
     async def sync(self, desired: Desired | None) -> None:
         """Keys of every running sliver (rewritten only when they change)."""
         for name, rec in self.state.slivers().items():
-            if rec.state not in ("running", "stopped", "controller"):
+            if rec.state not in (RUNNING, STOPPED, CONTROLLER):
                 continue
             keys = list(rec.spec.get("keys", []))
             digest = f"{rec.state == 'controller'}\n" + "\n".join(keys)
             if self._installed.get(name) == digest:
                 continue
-            await self._install(name, keys, rec.state == "controller")
+            await self._install(name, keys, rec.state == CONTROLLER)
         if desired is not None:
             try:
                 await trio.to_thread.run_sync(self.install_node_accounts, desired.accounts)
@@ -396,11 +397,11 @@ class Accounts:
         """Retry the key installs that failed (cheap: only those) [F9]."""
         for name in sorted(self._pending):
             rec = self.state.get_sliver(name)
-            if rec is None or rec.state not in ("running", "stopped", "controller"):
+            if rec is None or rec.state not in (RUNNING, STOPPED, CONTROLLER):
                 self._pending.discard(name)
                 continue
             await self._install(name, list(rec.spec.get("keys", [])),
-                                rec.state == "controller")
+                                rec.state == CONTROLLER)
 
     # -- initscripts ------------------------------------------------------------------------
     #
@@ -446,7 +447,7 @@ class Accounts:
         ran = self.state.meta_with_prefix("initscript_ran:")
         for name, rec in self.state.slivers().items():
             last = ran.get(name)
-            if rec.state != "running" or last is None:
+            if rec.state != RUNNING or last is None:
                 continue
             script = rec.spec.get("initscript") or ""
             if _digest(script) != last:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from agent.reconcile import CONTROLLER
 from agent.tokenbucket import TokenBuckets
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class SliceAPI:
 
     def _controllers(self) -> set[str]:
         return {name for name, rec in self.agent.state.slivers().items()
-                if rec.state == "controller"}
+                if rec.state == CONTROLLER}
 
     def _target(self, caller: Caller, args: tuple[Any, ...]) -> str:
         """The slice a call is about. A sliver always means itself, whatever it passes."""

@@ -34,7 +34,6 @@ class _Lib:
         self.free = _fn(lib.gf_free, None, [p])
         self.forget = _fn(lib.gf_forget, None, [p])
         self.errno = _fn(lib.gf_errno, i, [p])
-        self.memo_size = _fn(lib.gf_memo_size, u, [p])
         self.allow = _fn(lib.gf_allow, i, [p, i, i, i, ctypes.c_char_p, u])
         self.run = _fn(lib.gf_run, ctypes.c_long, [p, i])
 
@@ -117,9 +116,6 @@ class FastPath:
     def forget(self) -> None:
         """Empty the memo: every key goes back to the caller once more."""
         self._lib.forget(self._handle)
-
-    def memo_size(self) -> int:
-        return int(self._lib.memo_size(self._handle))
 
     def errno(self) -> int:
         return int(self._lib.errno(self._handle))

@@ -180,3 +180,66 @@ async def test_background_initscripts_never_hold_a_stop(tmp_path: Path,
     assert calls.count(("pl_a", "restart")) == 1
     assert calls.count(("pl_b", "start")) == 1
     state.close()
+
+
+def test_a_slice_name_too_long_for_a_user_gets_no_host_account(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """useradd refuses names over 32 characters: no attempt at every poll, one warning."""
+    import agent.accounts as accounts_mod
+
+    cfg = config.from_mapping({"state_dir": str(tmp_path / "s"), "host_accounts": 1}, "t")
+    acc = Accounts(cfg, None, None)  # type: ignore[arg-type]
+    tried: list[str] = []
+    monkeypatch.setattr(accounts_mod, "ensure_host_account",
+                        lambda name, *a, **k: tried.append(name))
+    long_name = "pl_" + "x" * 30   # 33 characters
+    for _ in range(3):
+        acc._host_account(long_name, ["ssh-ed25519 K a"])
+    acc._host_account("pl_short", ["ssh-ed25519 K a"])
+    assert tried == ["pl_short"]
+    assert caplog.text.count("no host account") == 1
+
+
+async def test_one_slivers_initscript_trap_does_not_stop_the_others(tmp_path: Path) -> None:
+    """A sliver that made its /etc/planetlab a symlink gets no script; the next sliver's
+    changed script still runs (sync_initscripts keeps each failure to its sliver)."""
+    import time
+
+    from agent_fakes import FakeBackend, reply, sliver
+
+    from agent import getslivers
+    from agent.reconcile import ingest
+    from agent.state import State
+
+    state = State.open(tmp_path / "state")
+    ingest(state, getslivers.parse(reply([sliver("pl_a"), sliver("pl_b")])), "base", "pl",
+           time.time())
+    calls: list[str] = []
+    for name in ("pl_a", "pl_b"):
+        state.allocate_uid_range(name, 10)
+        state.set_sliver_state(name, "running")
+        state.set_meta(f"initscript_ran:{name}", "an older script")
+        (tmp_path / name / "etc").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "pl_a" / "etc" / "planetlab").symlink_to(tmp_path / "outside")
+    for name in ("pl_a", "pl_b"):   # both have a script now
+        rec = state.get_sliver(name)
+        assert rec is not None
+        rec.spec["initscript"] = "#!/bin/sh\n"
+        state.put_sliver(rec)
+
+    class Backend(FakeBackend):
+        def root_of(self, name: str) -> Path | None:
+            return tmp_path / name
+
+        def run(self, name: str, argv: list[str], user: str = "root",
+                timeout: float = 60.0) -> tuple[int, str]:
+            calls.append(f"{name} {argv[2]}")
+            return 0, ""
+
+    cfg = config.from_mapping({"state_dir": str(tmp_path / "s")}, "t")
+    acc = Accounts(cfg, state, Backend())   # type: ignore[arg-type]
+    await acc.sync_initscripts()
+    assert calls == ["pl_b restart"]
+    assert list((tmp_path / "outside").iterdir()) == []
+    state.close()

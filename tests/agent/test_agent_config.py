@@ -96,3 +96,17 @@ def test_cgroup_parent_default_and_override(tmp_path: Path) -> None:
     text = path.read_text()
     assert "cgroup_parent = \"plnode-2\"" in text and "two agents on one kernel" in text
     assert config.load(path).cgroup_parent == "plnode-2"
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
+    """`planetlab-agent status | head`: the pipe closing under the CLI ends it quietly."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom agent import cli, cli_agent\n"
+            "def gone(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "cli_agent.cmd_status = gone\n"
+            f"sys.exit(cli.main(['--state-dir', {str(tmp_path)!r}, 'status']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

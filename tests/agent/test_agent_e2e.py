@@ -406,6 +406,11 @@ def test_initscript_lifecycle(site: Site, node: Node) -> None:
     site.set_tag(name, "initscript_code", script.replace("v1", "v2"))
     out = run_once(node)
     assert (root / log[1:]).read_text() == f"v1 start {name}\nv2 restart {name}\n", out.stderr
+    # no script any more: the file goes (nothing to run)
+    tag = site.api.GetSliceTags(site.admin, {"name": name, "tagname": "initscript_code"})
+    site.api.DeleteSliceTag(site.admin, tag[0]["slice_tag_id"])
+    run_once(node)
+    assert not (root / "etc/planetlab/initscript").exists()
     # stop runs before the sliver is destroyed: its output is in the agent's log
     site.set_tag(name, "initscript_code", "#!/bin/sh\necho \"bye $1\"\n")
     run_once(node)

@@ -190,6 +190,9 @@ def test_controller_account_forwards_api_calls(
     with pytest.raises(xmlrpc.client.Fault) as fault:
         xmlrpc.client.loads(out.stdout)
     assert fault.value.faultCode == 108
+    # more than 1 MiB of request: refused by the forwarder with a fault of its own
+    out = ssh(userkey, port, ctl, input=b" " * ((1 << 20) + 1))
+    assert out.returncode == 1 and b"larger than 1 MiB" in out.stdout, out
     # no shell: a command is ignored, the (empty) input is the request
     out = ssh(userkey, port, ctl, "id", input=b"")
     assert b"uid=" not in out.stdout and b"<fault>" in out.stdout, out

@@ -127,11 +127,6 @@ int gf_errno(const struct gf *g)
 	return g->err;
 }
 
-unsigned gf_memo_size(const struct gf *g)
-{
-	return g->nmemo;
-}
-
 /* Bind `addr` on sockets of this kind without asking Python again. */
 int gf_allow(struct gf *g, int family, int type, int protocol, const void *addr, unsigned len)
 {
