@@ -1,9 +1,7 @@
 """Accounts and initscripts: ssh keys into slivers, node accounts, slice initscripts.
 
-Files inside a sliver root are written by walking the path one component at a time
-with O_NOFOLLOW from a directory fd (the sliver owns its COW layer and could plant a
-symlink to escape, nodemanager spec §9 "security hygiene"), then chowned to the
-sliver's own uid range.
+Files inside a sliver root are written through agent/rootfiles.py (no symlink below
+the root is followed), then chowned to the sliver's own uid range.
 """
 
 from __future__ import annotations
@@ -24,7 +22,9 @@ from agent.backend import Backend, split_dropped
 from agent.config import AgentConfig
 from agent.getslivers import Desired
 from agent.reconcile import CONTROLLER, RUNNING, STOPPED
+from agent.rootfiles import _parent_fd_close, read_in_root, remove_in_root, write_in_root
 from agent.state import State
+from agent.tasks import BackgroundTasks
 
 log = logging.getLogger("agent.accounts")
 
@@ -36,82 +36,6 @@ INITSCRIPT_TIMEOUT = 3600.0  # seconds a background initscript may run
 ONCE_TIMEOUT = 60.0          # ... and one run inline by `run --once`
 HOST_NAME_MAX = 32            # useradd's longest user name
 STOP_TIMEOUT = 10.0          # `initscript stop` before a sliver is frozen or destroyed
-
-
-def _parent_fd(root: Path, rel: str,
-               make: tuple[int, int, int] | None = None) -> tuple[int, str]:
-    """An fd of the directory that holds `root/rel`, reached without following any
-    symlink below `root`, and the last component of `rel`. With `make` = (mode, uid,
-    gid), missing directories are made so. The caller closes the fd."""
-    parts = [p for p in rel.strip("/").split("/")]
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"bad path inside {root}: {rel!r}")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in parts[:-1]:
-            created = False
-            if make is not None:
-                try:
-                    os.mkdir(part, make[0], dir_fd=fd)
-                    created = True
-                except FileExistsError:
-                    pass
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-            if created and make is not None:
-                os.fchown(fd, make[1], make[2])
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts[-1]
-
-
-def write_in_root(root: Path, rel: str, data: bytes, mode: int, uid: int, gid: int,
-                  dir_mode: int = 0o700) -> None:
-    """Write `root/rel` atomically without following any symlink below `root`."""
-    fd, leaf = _parent_fd(root, rel, (dir_mode, uid, gid))
-    try:
-        tmp = f".{leaf}.agent-tmp"
-        try:
-            os.unlink(tmp, dir_fd=fd)
-        except FileNotFoundError:
-            pass
-        ffd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=fd)
-        try:
-            os.write(ffd, data)
-            os.fchown(ffd, uid, gid)
-            os.fchmod(ffd, mode)
-        finally:
-            os.close(ffd)
-        os.rename(tmp, leaf, src_dir_fd=fd, dst_dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
-def read_in_root(root: Path, rel: str, owners: tuple[int, ...], limit: int = 1 << 20) -> bytes:
-    """The contents of `root/rel`, read without following any symlink below `root`;
-    b"" if it is missing, not a regular file, owned by none of `owners`, or has other
-    hard links (a user's hard link to a file it cannot read must not make the agent
-    copy that file's contents into the user's own file)."""
-    try:
-        fd, leaf = _parent_fd(root, rel)
-    except OSError:
-        return b""
-    try:
-        try:
-            ffd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
-        except OSError:
-            return b""
-        try:
-            st = os.fstat(ffd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_nlink != 1:
-                return b""
-            return os.read(ffd, limit)
-        finally:
-            os.close(ffd)
-    finally:
-        os.close(fd)
 
 
 SLICE_UID = 1000   # the slice's user inside its sliver, where that uid is free
@@ -150,11 +74,6 @@ def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int 
                       base, base, 0o755)
     log.info("sliver %s: user %s (uid %d inside) added", name, name, uid)
     return uid
-
-
-def _parent_fd_close(root: Path, rel: str, make: tuple[int, int, int]) -> None:
-    fd, _ = _parent_fd(root, rel, make)
-    os.close(fd)
 
 
 def managed_block(existing: str, keys: tuple[str, ...] | list[str]) -> str:
@@ -249,8 +168,6 @@ def _root_dir(path: Path) -> None:
     except FileExistsError:
         pass
     st = os.lstat(path)
-    import stat
-
     if not stat.S_ISDIR(st.st_mode):
         raise HostAccountError(f"{path} is not a directory")
     if st.st_uid != 0 or st.st_gid != 0 or stat.S_IMODE(st.st_mode) != 0o755:
@@ -277,13 +194,15 @@ def remove_host_account(name: str, shells: str | tuple[str, ...], home_base: Pat
 
 
 class Accounts:
-    def __init__(self, cfg: AgentConfig, state: State, backend: Backend) -> None:
+    def __init__(self, cfg: AgentConfig, state: State, backend: Backend,
+                 background: BackgroundTasks | None = None) -> None:
+        """`background`: where initscripts run as tasks (None: inline, `run --once`)."""
         self.cfg = cfg
         self.state = state
         self.backend = backend
         self._installed: dict[str, str] = {}
         self._pending: set[str] = set()   # key installs that failed, retried each poll
-        self._nursery: trio.Nursery | None = None
+        self._background = background
         self._initscript_slots = trio.CapacityLimiter(INITSCRIPT_SLOTS)
         self._stop_slots = trio.CapacityLimiter(64)   # `stop` runs: short, never queued
         self._generation: dict[str, int] = {}   # per sliver, see _bump
@@ -427,10 +346,6 @@ class Accounts:
         self._generation[name] = self._last_generation
         return self._last_generation
 
-    def use_nursery(self, nursery: trio.Nursery | None) -> None:
-        """Run initscripts as background tasks of `nursery` (None: inline)."""
-        self._nursery = nursery
-
     async def after_start(self, name: str) -> Any:
         """Keys, then the slice's initscript (`start NAME`) if it has not run in this
         context yet."""
@@ -469,11 +384,11 @@ class Accounts:
         await trio.to_thread.run_sync(
             write_in_root, root, "etc/planetlab/initscript", script.encode(), 0o755, base, base,
             0o755)
-        if self._nursery is None:
+        if self._background is None:
             await self._run_initscript(name, action, ONCE_TIMEOUT, gen)
         else:
-            self._nursery.start_soon(self._run_initscript, name, action, INITSCRIPT_TIMEOUT,
-                                     gen, name=f"initscript:{name}")
+            self._background.start_soon(self._run_initscript, name, action, INITSCRIPT_TIMEOUT,
+                                        gen, name=f"initscript:{name}")
 
     async def _run_initscript(self, name: str, action: str, timeout: float, gen: int,
                               limiter: trio.CapacityLimiter | None = None) -> None:
@@ -520,17 +435,3 @@ class Accounts:
 
 def _digest(script: str) -> str:
     return hashlib.sha256(script.encode()).hexdigest()[:32]
-
-
-def remove_in_root(root: Path, rel: str) -> None:
-    """Remove `root/rel` without following any symlink below `root` (gone already: fine)."""
-    try:
-        fd, leaf = _parent_fd(root, rel)
-    except OSError:
-        return
-    try:
-        os.unlink(leaf, dir_fd=fd)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        pass
-    finally:
-        os.close(fd)

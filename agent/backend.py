@@ -20,6 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from kernel import caps
+from kernel import mount as m
+from kernel.context import (
+    DEVNULL,
+    RLIMITS,
+    Context,
+    GuardSpec,
+    Limits,
+    become_subreaper,
+)
+from kernel.images import ImageStore
+from kernel.rootfs import disk_usage_kib, prepare_root, release_root, set_disk_limit
+
 log = logging.getLogger("agent.backend")
 
 
@@ -158,11 +171,6 @@ class Backend(Protocol):
 def _kernel_limits(limits: dict[str, Any]) -> Any:
     """kernel Limits from agent.rspec.limits_kwargs: extra capabilities are added to the
     kernel's safe default set; the CPU cap is clamped to the node's CPUs."""
-    import os
-
-    from kernel import caps
-    from kernel.context import RLIMITS, Limits
-
     extra = tuple(limits.get("extra_capabilities", ()))
     capabilities = None
     if extra:
@@ -181,10 +189,10 @@ def _kernel_limits(limits: dict[str, Any]) -> Any:
 class KernelBackend:
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
-    def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab") -> None:
-        from kernel.context import become_subreaper
-        from kernel.images import ImageStore
-
+    def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab",
+                 guard_filter: bytes | None = None) -> None:
+        """`guard_filter`: the seccomp filter every new context's init installs
+        (`agent.guard.GuardService.filter()`), or None: contexts run unguarded."""
         # Inits we create are reparented to us, so destroy() reaps them at once instead
         # of waiting for the host's PID 1 (docs/interfaces.md).
         become_subreaper()
@@ -197,7 +205,7 @@ class KernelBackend:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store = ImageStore(self.images_dir)
         self._contexts: dict[str, Any] = {}
-        self.guard_filter: bytes | None = None   # set by the agent when the guard is on
+        self.guard_filter = guard_filter
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
         self.cgroup_parent = cgroup_parent
@@ -211,8 +219,6 @@ class KernelBackend:
 
     def live(self) -> set[str]:
         """Contexts whose init is alive (running or frozen); stale ones are not live."""
-        from kernel.context import Context
-
         out = set()
         for name in Context.list(self.run_dir):
             ctx = self._contexts.get(name)
@@ -234,8 +240,6 @@ class KernelBackend:
     def _context(self, name: str) -> Any:
         ctx = self._contexts.get(name)
         if ctx is None:
-            from kernel.context import Context
-
             ctx = Context.adopt(self.run_dir, name)
             self._contexts[name] = ctx
         return ctx
@@ -243,9 +247,6 @@ class KernelBackend:
     def create(self, plan: SliverPlan) -> socket.socket | None:
         """Make the sliver. With the guard on, returns the agent's end of the socket the
         init sends its seccomp listener over (hand it to GuardService.sliver_created)."""
-        from kernel.context import Context
-        from kernel.rootfs import prepare_root, release_root
-
         if not self.image_exists(plan.image):
             raise MissingImage(plan.image)
         if (self.run_dir / plan.name).exists():
@@ -263,8 +264,6 @@ class KernelBackend:
 
     def _new_context(self, plan: SliverPlan, root: Path, limits: Any) -> socket.socket | None:
         """A context for `plan` on the prepared `root`; the guard socket's agent end."""
-        from kernel.context import Context, GuardSpec
-
         agent_end = sink = None
         try:
             guard = None
@@ -306,8 +305,6 @@ class KernelBackend:
         its processes end and a new context starts on the same root (its files, keys and
         ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
         new context is returned, as by create."""
-        from kernel.rootfs import set_disk_limit
-
         ctx = self._context(plan.name)
         limits = _kernel_limits(plan.limits)
         set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
@@ -339,16 +336,11 @@ class KernelBackend:
         self._context(name).stop()
 
     def destroy(self, name: str) -> None:
-        from kernel.context import Context
-        from kernel.rootfs import release_root
-
         ctx = self._contexts.pop(name, None)
         if ctx is None and name in self.live():
             ctx = Context.adopt(self.run_dir, name)
         if ctx is not None:
             ctx.destroy()
-        from kernel import mount as m
-
         for mnt in _mounts_under(self.roots_dir / name, strictly=True):
             try:
                 m.umount(mnt, detach=True)
@@ -357,8 +349,6 @@ class KernelBackend:
         release_root(self.roots_dir, name)
 
     def usage(self, name: str) -> dict[str, Any]:
-        from kernel.rootfs import disk_usage_kib
-
         out = dict(self._context(name).usage())
         try:
             out["disk_kib"] = disk_usage_kib(self.roots_dir, name)
@@ -375,8 +365,6 @@ class KernelBackend:
         some was dropped, the text starts with a `dropped_line`. Reading stops when the
         command exits (a daemon it left holding the pipe does not keep us), or at
         `timeout`, when the command is killed (code -9)."""
-        from kernel.context import DEVNULL
-
         ctx = self._context(name)
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -448,8 +436,6 @@ def _bind_into(root: Path, host: Path, inside: str) -> None:
     """Bind-mount a host directory into the sliver root, without following links the
     sliver controls: the target is created with O_NOFOLLOW semantics component by
     component (a sliver could have planted a symlink in its COW layer)."""
-    import os
-
     rel = inside.strip("/").split("/")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -465,8 +451,6 @@ def _bind_into(root: Path, host: Path, inside: str) -> None:
             fd = nfd
         # mount(2) on /proc/self/fd/N: the directory we opened safely, not a path the
         # sliver could change under us.
-        from kernel import mount as m
-
         m.mount(str(host), f"/proc/self/fd/{fd}", None, m.MS_BIND)
     finally:
         os.close(fd)

@@ -18,6 +18,8 @@ from typing import Any
 
 import tomli_w
 
+from agent.ports import PortError, parse_ports_tag
+
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
 DEFAULT_RUN_DIR = "/run/planetlab"
 DEFAULT_SOCKET = "/run/planetlab/agent.sock"
@@ -191,7 +193,6 @@ def _check(source: str, name: str, value: Any) -> Any:
                 "account_home_base") and not value.startswith("/"):
         raise ConfigError(f"{source}: key {name!r} = {value!r} must be an absolute path")
     if name == "reserved_ports":
-        from agent.ports import PortError, parse_ports_tag
         try:
             parse_ports_tag(value)
         except PortError as exc:

@@ -54,6 +54,8 @@ from typing import Any, NamedTuple
 
 import trio
 
+from agent.config import defaults
+from agent.faults import APIFault, FdReply
 from agent.ports import (
     BindDecision,
     Key,
@@ -63,7 +65,10 @@ from agent.ports import (
     PortTable,
     format_ports_tag,
     parse_ports_tag,
+    read_ephemeral_range,
 )
+from agent.rawsock import RawSendRefused, RawSockets
+from agent.tokenbucket import TokenBuckets
 from kernel import guardfast, seccomp, sockdiag
 from kernel.packet import bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_getfd, pidfd_open
@@ -296,7 +301,6 @@ class Guard:
         self.stats = GuardStats()
         self.listening: dict[str, int] = {}
         self._reader = RemoteReader(SOCKADDR_MAX)
-        from agent.tokenbucket import TokenBuckets
         self._log_budget = TokenBuckets(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, time.monotonic)
         # pidfds of callers' threads by (slice, tid), least recently used first (a
         # pidfd names one task for its whole life: a cached one is either that task or
@@ -899,7 +903,6 @@ class GuardAPI:
 
     @staticmethod
     def _fault(code: int, message: str) -> Exception:
-        from agent.sliceapi import APIFault
         return APIFault(code, message)
 
     def _who(self, caller: Any, args: tuple[Any, ...], nargs: int) -> tuple[str, tuple[Any, ...]]:
@@ -942,7 +945,6 @@ class GuardAPI:
         return format_ports_tag(self.guard.ports.table.holdings(name))
 
     def _open(self, caller: Any, args: tuple[Any, ...], kind: str) -> Any:
-        from agent.rawsock import FdReply, RawSendRefused
         name, _ = self._who(caller, args, 0)
         try:
             sock = self.raw.open_sniffer(name) if kind == "sniffer" else \
@@ -962,7 +964,6 @@ class GuardAPI:
 
     def RawSend(self, caller: Any, *args: Any) -> int:
         """RawSend(packet): send one whole IP packet (base64) from an owned port."""
-        from agent.rawsock import RawSendRefused
         name, (packet,) = self._who(caller, args, 1)
         data = getattr(packet, "data", packet)
         if not isinstance(data, bytes):
@@ -1005,7 +1006,6 @@ def state_uid_range(state: Any, pool_start: int | None = None,
     uid_pool_start and uid_range_size (the config keys' defaults where not given),
     as agent.accounts computes them."""
     if pool_start is None or range_size is None:
-        from agent.config import defaults
         cfg = defaults()
         pool_start = cfg.uid_pool_start if pool_start is None else pool_start
         range_size = cfg.uid_range_size if range_size is None else range_size
@@ -1034,10 +1034,7 @@ class GuardService:
         (agent config key `reserved_ports`; None: that key's default). `uid_range`:
         a slice's host uids (first, count), see `Guard`; None: from the state's
         uid_ranges table and the config keys' defaults (`state_uid_range`)."""
-        from agent.ports import read_ephemeral_range
-        from agent.rawsock import RawSockets
         if reserved_ports is None:
-            from agent.config import defaults
             reserved_ports = defaults().reserved_ports
         table = PortTable(addresses, ephemeral or read_ephemeral_range(),
                           parse_ports_tag(reserved_ports))

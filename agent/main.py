@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -25,12 +26,15 @@ import trio
 
 from agent import getslivers
 from agent.accounts import Accounts
-from agent.backend import Backend
+from agent.backend import Backend, KernelBackend
 from agent.config import AgentConfig, ConfigError, read_node_key
+from agent.guard import GuardService, state_uid_range
 from agent.plcclient import PLCClient, PLCError
+from agent.ports import PortError
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.sliceapi import SliceAPI
 from agent.state import State
+from agent.tasks import BackgroundTasks
 
 log = logging.getLogger("agent")
 
@@ -43,35 +47,71 @@ class PollResult:
     removed: list[str] = field(default_factory=list)
 
 
+def make_guard(cfg: AgentConfig, state: State) -> GuardService:
+    """The seccomp guard and port table (agent/guard.py), over this agent's uid pool."""
+    addresses = [a.strip() for a in cfg.addresses.split(",") if a.strip()]
+    return GuardService(
+        state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
+        uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size))
+
+
+def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | None = None,
+          *, once: bool = False) -> Agent:
+    """The composition root: every part of the agent, each built once with what it
+    needs and never changed afterwards. `once` (`run --once`): no services run, so
+    initscripts run inline and the guard takes no listeners (the inits keep theirs
+    for the next long-running agent)."""
+    state = State.open(cfg.state_dir)
+    guard = make_guard(cfg, state) if cfg.guard else None
+    if backend is None:
+        backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
+                                cgroup_parent=cfg.cgroup_parent,
+                                guard_filter=GuardService.filter() if guard else None)
+    if plc is None:
+        plc = PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
+                        ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
+                        hostname=cfg.effective_hostname)
+    api_dir = Path(cfg.run_dir) / "api"
+    api_dir.mkdir(parents=True, exist_ok=True)
+    api_dir.chmod(0o755)
+    background = None if once else BackgroundTasks()
+    accounts = Accounts(cfg, state, backend, background=background)
+
+    def binds(name: str) -> tuple[tuple[str, str], ...]:
+        return ((str(api_dir), cfg.sliver_socket_dir),)
+
+    reconciler = Reconciler(
+        state, backend, concurrency=cfg.concurrency,
+        uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
+        uid_pool_ranges=cfg.uid_pool_ranges, binds=binds,
+        after_start=accounts.after_start, before_destroy=accounts.before_destroy,
+        before_stop=accounts.before_stop, new_context=accounts.new_context,
+        guard=guard, supervising=guard is not None and not once)
+    api = SliceAPI(cfg, state, reconciler, backend, api_dir,
+                   guard.methods() if guard is not None else {})
+    return Agent(cfg, state, backend, plc, accounts, guard, reconciler, api, background,
+                 once=once)
+
+
 class Agent:
-    """The agent's state and services; `run` is the long-lived program, `once` one cycle."""
+    """The agent's services over the parts `build` made; `run` is the long-lived
+    program (or one cycle, if built `once`)."""
 
-    def __init__(self, cfg: AgentConfig, backend: Backend | None = None,
-                 plc: PLCClient | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, state: State, backend: Backend, plc: PLCClient,
+                 accounts: Accounts, guard: GuardService | None, reconciler: Reconciler,
+                 api: SliceAPI, background: BackgroundTasks | None, *,
+                 once: bool) -> None:
         self.cfg = cfg
-        self.state = State.open(cfg.state_dir)
-        if backend is None:
-            from agent.backend import KernelBackend
-
-            backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
-                                    cgroup_parent=cfg.cgroup_parent)
+        self.state = state
         self.backend = backend
-        self.plc = plc or PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
-                                    ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
-                                    hostname=cfg.effective_hostname)
-        self.api_dir = Path(cfg.run_dir) / "api"
-        self.api_dir.mkdir(parents=True, exist_ok=True)
-        self.api_dir.chmod(0o755)
-        self.accounts = Accounts(cfg, self.state, backend)
-        self.guard = self._make_guard() if cfg.guard else None
+        self.plc = plc
+        self.accounts = accounts
+        self.guard = guard
+        self.reconciler = reconciler
+        self.api = api
+        self.background = background
+        self.once = once
         self._ports_applied: dict[str, str] = {}
-        self.reconciler = Reconciler(
-            self.state, backend, concurrency=cfg.concurrency,
-            uid_pool_start=cfg.uid_pool_start, uid_range_size=cfg.uid_range_size,
-            uid_pool_ranges=cfg.uid_pool_ranges, binds=self._binds,
-            after_start=self.accounts.after_start, before_destroy=self.accounts.before_destroy,
-            before_stop=self.accounts.before_stop, new_context=self.accounts.new_context,
-            guard=self.guard)
         self._reconcile_lock = trio.Lock()
         # The settings a reply is ingested under: a change of them (agent.toml edited,
         # agent restarted) makes an unchanged reply be ingested again.
@@ -81,26 +121,10 @@ class Agent:
         self.failures = 0
         self.last_poll_ok: float | None = None
 
-    def _make_guard(self) -> Any:
-        """The seccomp guard and port table (agent/guard.py), when the backend can run
-        guarded contexts."""
-        from agent.guard import GuardService, state_uid_range
-
-        addresses = [a.strip() for a in self.cfg.addresses.split(",") if a.strip()]
-        cfg = self.cfg
-        guard = GuardService(
-            self.state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
-            uid_range=state_uid_range(self.state, cfg.uid_pool_start, cfg.uid_range_size))
-        if hasattr(self.backend, "guard_filter"):
-            self.backend.guard_filter = guard.filter()
-        return guard
-
     def apply_port_tags(self) -> None:
         """Every sliver's `ports` tag into the port table (recorded before it binds)."""
         if self.guard is None:
             return
-        from agent.ports import PortError
-
         records = self.state.slivers()
         for name in set(self._ports_applied) - set(records):
             del self._ports_applied[name]
@@ -115,9 +139,6 @@ class Agent:
                 self._ports_applied[name] = value
             except PortError as exc:   # PortConflict is a PortError
                 log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
-
-    def _binds(self, name: str) -> tuple[tuple[str, str], ...]:
-        return ((str(self.api_dir), self.cfg.sliver_socket_dir),)
 
     def close(self) -> None:
         self.state.close()
@@ -255,26 +276,24 @@ class Agent:
             with trio.move_on_after(self.next_wait()):
                 await self._poke_recv.receive()
 
-    async def run(self, *, once: bool = False,
-                  ready: Callable[[], Awaitable[None]] | None = None) -> int:
-        """The program. With `once`: bring up from state, poll once, exit (1 if it failed).
-        Guarded syscalls of the slivers wait while no agent supervises them."""
-        if once:
+    async def run(self, *, ready: Callable[[], Awaitable[None]] | None = None) -> int:
+        """The program. Built `once`: bring up from state, poll once, exit (1 if it
+        failed). Guarded syscalls of the slivers wait while no agent supervises them."""
+        if self.once:
             await self.bring_up_from_state()
             result = await self.poll_once()
             if not result.ok:
                 log.error("poll failed: %s", result.message)
             return 0 if result.ok else 1
-        api = SliceAPI(self)
         async with trio.open_nursery() as nursery:
-            self.accounts.use_nursery(nursery)   # initscripts run in the background
+            if self.background is not None:   # initscripts run in the background
+                await nursery.start(self.background.serve, name="background")
             if self.guard is not None:
                 # Takes the listeners of adopted slivers (bring_up_from_state) and of
                 # every later creation.
                 await nursery.start(self.guard.serve, name="guard")
-                self.reconciler.supervising = True
             await self.bring_up_from_state()
-            await nursery.start(api.serve, name="sliceapi")
+            await nursery.start(self.api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
@@ -296,8 +315,6 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
 def raise_nofile() -> None:
     """The agent holds fds for every sliver (listeners, pidfds, sockets): take the hard
     limit of open files as the soft one [F4]."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -305,8 +322,8 @@ def raise_nofile() -> None:
 
 def run_agent(cfg: AgentConfig, once: bool = False) -> int:
     raise_nofile()
-    agent = Agent(cfg)
+    agent = build(cfg, once=once)
     try:
-        return trio.run(lambda: agent.run(once=once))
+        return trio.run(agent.run)
     finally:
         agent.close()

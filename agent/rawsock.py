@@ -268,15 +268,6 @@ def check_raw_packet(table: PortTable, slice_name: str, data: bytes) -> tuple[in
     return family, src_text, dst_text
 
 
-@dataclass
-class FdReply:
-    """A slice API result that carries sockets: `value` goes in the XML-RPC reply,
-    `socks` travel with it by SCM_RIGHTS (the API closes them once sent)."""
-
-    value: object
-    socks: list[socket.socket] = field(default_factory=list)
-
-
 RELAY_PPS = 20000    # packets a second forwarded for one slice, all its relays together
 RELAY_BURST = 2000
 RELAY_BATCH = 64     # packets moved per scheduler turn

@@ -199,7 +199,7 @@ class Reconciler:
                  before_destroy: Callable[[str], Any] | None = None,
                  before_stop: Callable[[str], Any] | None = None,
                  new_context: Callable[[str], None] | None = None,
-                 guard: Any = None) -> None:
+                 guard: Any = None, supervising: bool = False) -> None:
         self.state = state
         self.backend = backend
         self.limiter = trio.CapacityLimiter(concurrency)
@@ -214,9 +214,9 @@ class Reconciler:
         self._before_stop = before_stop
         self._new_context = new_context or (lambda name: None)
         self.guard = guard   # agent.guard.GuardService, or None
-        # True while the guard's service runs and takes listeners (not in `run --once`:
+        # True when the guard's service runs and takes listeners (not in `run --once`:
         # then the inits keep theirs for the next long-running agent).
-        self.supervising = False
+        self.supervising = supervising
 
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)

@@ -16,6 +16,7 @@ faults without any traceback.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import pwd
@@ -24,29 +25,31 @@ import socket
 import struct
 import time
 import xmlrpc.client
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from agent.reconcile import CONTROLLER
+from agent.backend import Backend
+from agent.config import AgentConfig
+from agent.faults import (
+    FAULT_ARG_COUNT,
+    FAULT_BAD_TARGET,
+    FAULT_ERROR,
+    FAULT_PERMISSION,
+    FAULT_RATE,
+    FAULT_UNKNOWN_METHOD,
+    FAULT_UNSUPPORTED,
+    APIFault,
+    FdReply,
+)
+from agent.reconcile import CONTROLLER, Action, Reconciler
+from agent.state import State
 from agent.tokenbucket import TokenBuckets
 
-if TYPE_CHECKING:
-    from agent.main import Agent
-
 log = logging.getLogger("agent.sliceapi")
-
-# Fault codes of the original local API (§4.5), plus one for rate limiting.
-FAULT_UNKNOWN_METHOD = 100
-FAULT_ARG_COUNT = 101
-FAULT_BAD_TARGET = 102
-FAULT_ERROR = 104
-FAULT_RATE = 105
-FAULT_UNSUPPORTED = 106
-FAULT_PERMISSION = 108
 
 CONNECTION_DEADLINE = 10.0
 FIRST_BYTE_DEADLINE = 2.0
@@ -64,13 +67,6 @@ class Caller:
     name: str          # slice name, "root", or "uid:<n>"
     pid: int
     uid: int
-
-
-class APIFault(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -113,9 +109,17 @@ class SliceAPI:
 
     PUBLIC = ("Help", "GetXIDs", "GetSSHKeys", "Ticket")
 
-    def __init__(self, agent: Agent, clock: Callable[[], float] = time.monotonic) -> None:
-        self.agent = agent
-        cfg = agent.cfg
+    def __init__(self, cfg: AgentConfig, state: State, reconciler: Reconciler,
+                 backend: Backend, api_dir: Path,
+                 guard_methods: Mapping[str, Callable[..., Any]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`api_dir`: the directory of the sliver-side socket (bind-mounted into every
+        sliver); `guard_methods`: the guard's calls (GuardService.methods()), if any."""
+        self.cfg = cfg
+        self.state = state
+        self.reconciler = reconciler
+        self.backend = backend
+        self.api_dir = api_dir
         self.buckets = TokenBuckets(cfg.api_rate, cfg.api_burst, clock)
         self.max_request = cfg.api_max_request
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
@@ -129,23 +133,21 @@ class SliceAPI:
             "Create": self.Create, "Destroy": self.Destroy, "Start": self.Start,
             "Stop": self.Stop,
         }
-        self.guard_methods: dict[str, Callable[..., Any]] = {}
-        if agent.guard is not None:
-            # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
-            self.guard_methods = dict(agent.guard.methods())
-            self.methods.update(self.guard_methods)
+        # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
+        self.guard_methods = dict(guard_methods or {})
+        self.methods.update(self.guard_methods)
 
     # -- identity and targets -----------------------------------------------------------
 
     def caller_of(self, pid: int, uid: int) -> Caller:
-        cfg = self.agent.cfg
-        return identify(pid, uid, self.agent.state.uid_ranges(), cfg.uid_pool_start,
+        cfg = self.cfg
+        return identify(pid, uid, self.state.uid_ranges(), cfg.uid_pool_start,
                         cfg.uid_range_size, cfg.shell_path if cfg.host_accounts else None,
                         cfg.controller_shell_path if cfg.host_accounts else None,
                         self._controllers)
 
     def _controllers(self) -> set[str]:
-        return {name for name, rec in self.agent.state.slivers().items()
+        return {name for name, rec in self.state.slivers().items()
                 if rec.state == CONTROLLER}
 
     def _target(self, caller: Caller, args: tuple[Any, ...]) -> str:
@@ -156,7 +158,7 @@ class SliceAPI:
             raise APIFault(FAULT_PERMISSION, "only slivers and the node admin may call this")
         if not args or not isinstance(args[0], str):
             raise APIFault(FAULT_ARG_COUNT, "expected a slice name as the first argument")
-        if self.agent.state.get_sliver(args[0]) is None:
+        if self.state.get_sliver(args[0]) is None:
             raise APIFault(FAULT_BAD_TARGET, f"no sliver {args[0]!r} on this node")
         return args[0]
 
@@ -169,47 +171,47 @@ class SliceAPI:
 
     def GetXIDs(self, caller: Caller, *args: Any) -> dict[str, int]:
         """GetXIDs(): {slice: first host uid of its range}."""
-        cfg = self.agent.cfg
+        cfg = self.cfg
         return {name: cfg.uid_pool_start + idx * cfg.uid_range_size
-                for name, idx in self.agent.state.uid_ranges().items()}
+                for name, idx in self.state.uid_ranges().items()}
 
     def GetSSHKeys(self, caller: Caller, *args: Any) -> dict[str, str]:
         """GetSSHKeys(): {slice: its members' public keys, one per line}."""
         return {name: "\n".join(rec.spec.get("keys", []))
-                for name, rec in self.agent.state.slivers().items()}
+                for name, rec in self.state.slivers().items()}
 
     def GetRSpec(self, caller: Caller, *args: Any) -> dict[str, Any]:
         """GetRSpec([name]): the rspec PLC gave the caller's sliver (its own, always)."""
-        rec = self.agent.state.get_sliver(self._target(caller, args))
+        rec = self.state.get_sliver(self._target(caller, args))
         assert rec is not None
         return _wire(rec.rspec)
 
     def GetEffectiveRSpec(self, caller: Caller, *args: Any) -> dict[str, Any]:
         """GetEffectiveRSpec([name]): the rspec after loans given and received."""
         name = self._target(caller, args)
-        rec = self.agent.state.get_sliver(name)
+        rec = self.state.get_sliver(name)
         assert rec is not None
         eff = dict(rec.rspec)
-        for _recipient, resource, amount in self.agent.state.loans_of(name):
+        for _recipient, resource, amount in self.state.loans_of(name):
             if resource in eff and isinstance(eff[resource], int):
                 eff[resource] -= amount
-        for lender in self.agent.state.slivers():
+        for lender in self.state.slivers():
             if lender == name:
                 continue
-            for recipient, resource, amount in self.agent.state.loans_of(lender):
+            for recipient, resource, amount in self.state.loans_of(lender):
                 if recipient == name and resource in eff and isinstance(eff[resource], int):
                     eff[resource] += amount
         return _wire(eff)
 
     def GetLoans(self, caller: Caller, *args: Any) -> list[list[Any]]:
         """GetLoans([name]): [[recipient, resource, amount], ...] the sliver has lent."""
-        return self.agent.state.loans_of(self._target(caller, args))
+        return self.state.loans_of(self._target(caller, args))
 
     def GetRecord(self, caller: Caller, *args: Any) -> dict[str, Any]:
         """GetRecord(): the caller's own sliver record."""
         if caller.kind not in ("sliver", "account"):
             raise APIFault(FAULT_BAD_TARGET, "GetRecord is for slivers only")
-        rec = self.agent.state.get_sliver(caller.name)
+        rec = self.state.get_sliver(caller.name)
         assert rec is not None
         return _wire({"name": rec.name, "slice_id": rec.slice_id, "instantiation":
                       rec.instantiation, "expires": rec.expires, "image": rec.image,
@@ -244,11 +246,9 @@ class SliceAPI:
             raise APIFault(FAULT_UNSUPPORTED, f"{kind.title()}: not supported for slivers "
                            "yet (needs delegations); the node admin may call it")
         name = self._target(caller, args)
-        from agent.reconcile import Action
-
         # Held stopped until Start: the reconciles in between must not start it again.
-        self.agent.state.set_held(name, kind == "stop")
-        outcome = await self.agent.reconciler.execute(
+        self.state.set_held(name, kind == "stop")
+        outcome = await self.reconciler.execute(
             [Action(kind, name, "stopped by the slice API's Stop until Start"
                     if kind == "stop" else "slice API")])
         if outcome.failed:
@@ -270,7 +270,7 @@ class SliceAPI:
         try:
             # The token first: a refused request costs no parsing [F7].
             if not self.buckets.take(caller.name):
-                raise APIFault(FAULT_RATE, f"rate limit: at most {self.agent.cfg.api_rate:g} "
+                raise APIFault(FAULT_RATE, f"rate limit: at most {self.cfg.api_rate:g} "
                                f"calls a second for {caller.name}; retry later")
             try:
                 if len(body) > PARSE_IN_THREAD:
@@ -294,7 +294,7 @@ class SliceAPI:
             result = fn(caller, *args)
             if hasattr(result, "__await__"):
                 result = await result
-            if hasattr(result, "socks") and hasattr(result, "value"):   # rawsock.FdReply
+            if isinstance(result, FdReply):
                 socks = list(result.socks)
                 result = result.value
             if result is None:
@@ -413,7 +413,7 @@ class SliceAPI:
             # (pidfd_getfd) after the session ends [F10]: terminals get a pty inside.
             await refuse("ENTER: a terminal is never passed into a sliver; ask for a pty")
             return
-        rec = self.agent.state.get_sliver(caller.name)
+        rec = self.state.get_sliver(caller.name)
         if rec is None or rec.state != "running":
             await refuse(f"ENTER: the sliver {caller.name} is not running"
                          + (f" ({rec.state}: {rec.message})" if rec else ""))
@@ -426,7 +426,7 @@ class SliceAPI:
             env["TERM"] = term
         try:
             proc = await trio.to_thread.run_sync(
-                self.agent.backend.enter, caller.name, argv, bool(tty), (rows, cols), env,
+                self.backend.enter, caller.name, argv, bool(tty), (rows, cols), env,
                 (fds[0], fds[1], fds[2]) if not tty else None)
         except Exception as exc:  # noqa: BLE001 - boundary: tell the client, log
             log.warning("ENTER %s failed: %s", caller.name, exc)
@@ -453,9 +453,9 @@ class SliceAPI:
                 with _suppress():
                     proc.kill()
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        paths = [Path(self.agent.cfg.socket_path), self.agent.api_dir / "agent.sock"]
-        self.agent.api_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.agent.api_dir, 0o755)
+        paths = [Path(self.cfg.socket_path), self.api_dir / "agent.sock"]
+        self.api_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.api_dir, 0o755)
         listeners = [await _unix_listener(p) for p in dict.fromkeys(paths)]
         try:
             async with trio.open_nursery() as nursery:
@@ -640,8 +640,6 @@ class UnixTransport(xmlrpc.client.Transport):
         self._timeout = timeout
 
     def make_connection(self, host: Any) -> Any:
-        import http.client
-
         path, timeout = self._path, self._timeout
 
         class _Conn(http.client.HTTPConnection):

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from agent.accounts import Accounts, managed_block, write_in_root
+from agent.accounts import Accounts, managed_block
+from agent.rootfiles import write_in_root
+from agent.tasks import BackgroundTasks
 
 
 def test_managed_block_keeps_other_keys() -> None:
@@ -163,9 +165,10 @@ async def test_background_initscripts_never_hold_a_stop(tmp_path: Path,
 
     cfg = config.from_mapping({"state_dir": str(tmp_path / "s"), "uid_pool_start": 1_000_000,
                                "uid_range_size": 65536}, "t")
-    acc = Accounts(cfg, state, Backend())   # type: ignore[arg-type]
+    tasks = BackgroundTasks()
+    acc = Accounts(cfg, state, Backend(), background=tasks)   # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
-        acc.use_nursery(nursery)
+        await nursery.start(tasks.serve)
         await acc._initscript("pl_b", "#!/bin/sh\n", "start")      # takes the slot
         await acc._initscript("pl_a", "#!/bin/sh\n", "start")      # queued
         await acc._initscript("pl_a", "#!/bin/sh\necho 2\n", "restart")   # supersedes it

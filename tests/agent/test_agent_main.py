@@ -12,7 +12,7 @@ import pytest
 from agent_fakes import FakeBackend, reply, sliver
 
 from agent import config
-from agent.main import Agent
+from agent.main import Agent, build, make_guard
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
         "node_accounts": "", "default_image": "base", "host_accounts": 0,
         "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
-    a = Agent(cfg, backend=FakeBackend())
+    a = build(cfg, backend=FakeBackend())
     try:
         yield a
     finally:
@@ -86,10 +86,10 @@ def test_guard_finds_slice_uids_in_the_configured_pool(tmp_path: Path) -> None:
         "node_accounts": "", "default_image": "base", "host_accounts": 0,
         "uid_pool_start": 3_000_000, "uid_range_size": 70000,
         "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
-    a = Agent(cfg, backend=FakeBackend())
+    a = build(cfg, backend=FakeBackend())
     try:
         idx = a.state.allocate_uid_range("pl_x", cfg.uid_pool_ranges)
-        guard = a._make_guard()
+        guard = make_guard(cfg, a.state)
         assert guard.guard.uid_range("pl_x") == (3_000_000 + idx * 70000, 70000)
         assert guard.guard.uid_range("pl_unknown") is None
     finally:
@@ -143,7 +143,7 @@ async def test_changed_settings_ingest_an_unchanged_reply_again(tmp_path: Path) 
             "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
             "node_accounts": "", "default_image": image, "host_accounts": 0,
             "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
-        return Agent(cfg, backend=FakeBackend())
+        return build(cfg, backend=FakeBackend())
 
     a = make("base")
     try:
@@ -170,7 +170,7 @@ async def test_a_lost_state_database_keeps_running_slivers_ranges(tmp_path: Path
             "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
             "node_accounts": "", "default_image": "base", "host_accounts": 0,
             "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
-        return Agent(cfg, backend=be)
+        return build(cfg, backend=be)
 
     a = make()
     await a.apply_raw(wire(reply([sliver("pl_w"), sliver("pl_y")], timestamp=1)), 1)

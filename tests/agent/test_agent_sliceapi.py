@@ -19,9 +19,9 @@ import trio
 from agent_fakes import FakeBackend, reply, sliver
 
 from agent import config, getslivers
-from agent.main import Agent
+from agent.main import Agent, build
 from agent.reconcile import ingest
-from agent.sliceapi import SliceAPI, client
+from agent.sliceapi import client
 
 POOL = 1_000_000
 SIZE = 65536
@@ -35,7 +35,7 @@ def api_env():
         "socket_path": str(d / "agent.sock"), "uid_pool_start": POOL, "uid_range_size": SIZE,
         "api_rate": 5.0, "api_burst": 10, "node_id": 1, "node_key": "k", "host_accounts": 0,
         "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
-    agent = Agent(cfg, backend=FakeBackend())
+    agent = build(cfg, backend=FakeBackend())
     try:
         yield agent, d
     finally:
@@ -86,7 +86,7 @@ def _call_as(uid: int, sock: str, method: str, args: str = "[]") -> dict:
 
 
 async def _serving(agent: Agent, fn):
-    api = SliceAPI(agent)
+    api = agent.api
     async with trio.open_nursery() as nursery:
         await nursery.start(api.serve)
         try:
@@ -102,7 +102,7 @@ async def test_sliver_sees_only_its_own_rspec(api_env) -> None:
     idx_b = agent.state.uid_range_of("pl_b")
     uid_a = POOL + idx_a * SIZE
     uid_b = POOL + idx_b * SIZE + 1000   # the slice's user inside, not only its root
-    inner = str(agent.api_dir / "agent.sock")
+    inner = str(agent.api.api_dir / "agent.sock")
 
     def calls():
         return (_call_as(uid_a, inner, "GetRSpec"),
@@ -198,7 +198,7 @@ async def test_one_slice_cannot_hold_every_connection(api_env) -> None:
     at once, and another sliver is served meanwhile [F4]."""
     agent, d = api_env
     await _setup(agent)
-    inner = str(agent.api_dir / "agent.sock")
+    inner = str(agent.api.api_dir / "agent.sock")
     uid_a = POOL + agent.state.uid_range_of("pl_a") * SIZE  # type: ignore[operator]
     uid_b = POOL + agent.state.uid_range_of("pl_b") * SIZE  # type: ignore[operator]
 
@@ -276,7 +276,7 @@ async def test_stop_holds_until_start(api_env) -> None:
     await _setup(agent)
     sock = str(d / "agent.sock")
     be: FakeBackend = agent.backend
-    api = SliceAPI(agent)
+    api = agent.api
     async with trio.open_nursery() as nursery:
         await nursery.start(api.serve)
         assert await trio.to_thread.run_sync(lambda: client(sock).Stop("pl_a")) == 1

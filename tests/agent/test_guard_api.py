@@ -11,10 +11,10 @@ from typing import NamedTuple
 import pytest
 import trio
 
+from agent.faults import APIFault, FdReply
 from agent.guard import Guard, GuardAPI, PortService
 from agent.ports import PortError, PortTable
-from agent.rawsock import FdReply, RawSockets
-from agent.sliceapi import APIFault
+from agent.rawsock import RawSockets
 
 
 class Caller(NamedTuple):

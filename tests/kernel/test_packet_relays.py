@@ -13,9 +13,9 @@ from typing import NamedTuple
 import pytest
 import trio
 
+from agent.faults import APIFault, FdReply
 from agent.guard import GuardService
-from agent.rawsock import RELAYS_PER_SLICE, FdReply
-from agent.sliceapi import APIFault
+from agent.rawsock import RELAYS_PER_SLICE
 from agent.tokenbucket import TokenBuckets
 from kernel import packet as pk
 from tests.kernel.test_packet import free_udp_ports, udp_send

@@ -1,0 +1,114 @@
+"""The agent's module graph (issue 14): no import circle, imports made inside
+functions included (a lazy import hides a circle, it does not remove it), and no
+module too long to read in one sitting."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+AGENT = Path(__file__).resolve().parents[2] / "agent"
+MAX_LINES = 500
+# agent/guard.py is split into a package by issue 14 stage 2 (after the fence-guard
+# work on it lands); until then it is the one module allowed past MAX_LINES.
+TOO_LONG_FOR_NOW = {"agent/guard.py"}
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(AGENT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_of(p): p for p in sorted(AGENT.rglob("*.py"))}
+
+
+def _imports(mod: str, path: Path, known: set[str]) -> set[str]:
+    """Every agent module `mod` imports, wherever in the file the import is."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            # `import agent.a.b` loads agent, agent.a and agent.a.b
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                if prefix in known and prefix != mod:
+                    found.add(prefix)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {mod: _imports(mod, path, known) for mod, path in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, as the list of modules around it, or None."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    colour = dict.fromkeys(graph, WHITE)
+    stack: list[str] = []
+
+    def visit(mod: str) -> list[str] | None:
+        colour[mod] = GREY
+        stack.append(mod)
+        for dep in sorted(graph[mod]):
+            # A package's __init__ is loaded before its submodules: importing a
+            # submodule from its own package's __init__ is not a circle.
+            if mod.startswith(dep + "."):
+                continue
+            if colour[dep] == GREY:
+                return stack[stack.index(dep):] + [dep]
+            if colour[dep] == WHITE and (cycle := visit(dep)) is not None:
+                return cycle
+        stack.pop()
+        colour[mod] = BLACK
+        return None
+
+    for mod in sorted(graph):
+        if colour[mod] == WHITE and (cycle := visit(mod)) is not None:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_sees_a_circle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_lazy_imports_are_seen(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from agent.x import y\n    import agent.z\n")
+    assert _imports("agent.m", src, {"agent", "agent.x", "agent.x.y", "agent.z"}) == {
+        "agent", "agent.x", "agent.x.y", "agent.z"}
+
+
+def test_no_import_circle_in_agent() -> None:
+    graph = import_graph()
+    assert "agent.main" in graph and "agent.guard" in graph["agent.main"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_no_module_over_500_lines() -> None:
+    long = {}
+    for path in AGENT.rglob("*.py"):
+        rel = str(path.relative_to(AGENT.parent))
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_LINES and rel not in TOO_LONG_FOR_NOW:
+            long[rel] = lines
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
