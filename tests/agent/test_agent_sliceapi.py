@@ -293,3 +293,75 @@ async def test_stop_holds_until_start(api_env) -> None:
         assert not be.contexts["pl_a"]["frozen"]
         assert agent.state.held() == set()
         nursery.cancel_scope.cancel()
+
+
+AMBIGUOUS = [
+    # two Content-Length: the old hand parser let the last one win (request smuggling)
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 200\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 200\r\n\r\n",
+    # Transfer-Encoding with Content-Length: the old parser ignored Transfer-Encoding
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    # Transfer-Encoding alone: the API takes only bodies of an announced length
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n<a/>x\r\n0\r\n\r\n",
+    b"POST / HTTP/1.0\r\n\r\n<a/>",   # no length at all
+    b"POST / HTTP/1.0\r\nContent-Length: -1\r\n\r\n",
+    b"POST / HTTP/1.0\r\nContent Length: 5\r\n\r\n<a/>x",   # not a header name
+]
+
+
+@pytest.mark.parametrize("request_bytes", AMBIGUOUS)
+async def test_ambiguous_requests_are_refused_with_400(api_env, request_bytes) -> None:
+    """HTTP on the socket is parsed by h11: a request with two framings is refused before
+    any call runs, and the agent goes on serving."""
+    agent, d = api_env
+    await _setup(agent)
+    sock = str(d / "agent.sock")
+    body = xmlrpc.client.dumps((), "GetXIDs").encode()
+
+    def calls():
+        import socket
+
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(15)
+        s.connect(sock)
+        s.sendall(request_bytes + body)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        s.close()
+        return answer, client(sock).GetXIDs()
+
+    answer, xids = await _serving(agent, calls)
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
+    assert b"methodResponse" not in answer
+    assert set(xids) == {"pl_a", "pl_b"}
+
+
+async def test_one_post_per_connection_with_its_length(api_env) -> None:
+    """A well-framed POST (HTTP/1.1 or 1.0, duplicate equal Content-Length is one
+    length) is answered once, HTTP/1.0 with Connection: close, whatever follows it."""
+    agent, d = api_env
+    await _setup(agent)
+    sock = str(d / "agent.sock")
+    body = xmlrpc.client.dumps((), "GetXIDs").encode()
+    head = (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n"
+            % (len(body), len(body)))
+
+    def call():
+        import socket
+
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(15)
+        s.connect(sock)
+        s.sendall(head + body + head + body)   # a second, pipelined request is not served
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        s.close()
+        return answer
+
+    answer = await _serving(agent, call)
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"Connection: close\r\n" in answer
+    assert answer.count(b"methodResponse") == 2   # one response (open and close tags)
+    assert b"pl_a" in answer
