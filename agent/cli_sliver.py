@@ -24,16 +24,13 @@ import contextlib
 import fcntl
 import json
 import os
-import select
-import signal
-import struct
 import sys
-import termios
-import tty
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.relay import relay_pipes, relay_pty
 
 RECORDS = "cli-slivers.json"
 UID_COUNT = 65536
@@ -350,7 +347,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 # -- enter ------------------------------------------------------------------------
 
 def cmd_enter(args: argparse.Namespace) -> int:
-    from kernel.context import ContextError
+    from kernel.context import PIPE, ContextError
 
     p = _paths(args)
     try:
@@ -361,15 +358,12 @@ def cmd_enter(args: argparse.Namespace) -> int:
     try:
         ctx = _adopt(p, args.name)
         if not use_tty:
-            if not any(_isatty(i) for i in range(3)):
-                return _exit_code(ctx.run(argv, user=args.user))
-            # A terminal among our stdio is never handed into the sliver (a process
-            # there could keep it and read what is typed later, F10): pipes, relayed.
-            from kernel.context import PIPE
-
+            # None of our stdio is ever handed into the sliver: a terminal could be read
+            # by a process there later (F10), a file written after enter returned (F37).
+            # Pipes, relayed until the command exits.
             piped = ctx.spawn(argv, user=args.user, stdin=PIPE, stdout=PIPE, stderr=PIPE)
             try:
-                _relay_pipes(piped)
+                relay_pipes(piped)
                 return _exit_code(piped.wait())
             finally:
                 piped.close()
@@ -382,7 +376,7 @@ def cmd_enter(args: argparse.Namespace) -> int:
     except (OSError, ContextError, ValueError) as exc:
         return _fail("enter", exc)
     try:
-        _relay(proc.master)
+        relay_pty(proc.master)
         return _exit_code(proc.wait())
     finally:
         proc.close()
@@ -410,100 +404,5 @@ def _split_enter_args(args: argparse.Namespace) -> list[str]:
     return rest[1:]
 
 
-def _isatty(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
-
-
-def _relay_pipes(proc: Any) -> None:
-    """Copy our stdin to the command's stdin pipe and its stdout/stderr pipes to ours
-    until both outputs end. Our stdin ending closes the command's. Ctrl-C here is
-    passed on to the command as SIGINT (it is not in our process group)."""
-    out = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
-    src = [0] if proc.stdin is not None else []
-    try:
-        os.fstat(0)
-    except OSError:          # no stdin at all: the command gets EOF
-        src = []
-    if not src and proc.stdin is not None:
-        proc.stdin.close()
-        proc.stdin = None
-    prev = signal.signal(signal.SIGINT, lambda _s, _f: proc.send_signal(signal.SIGINT))
-    try:
-        _relay_loop(proc, src, out)
-    finally:
-        signal.signal(signal.SIGINT, prev)
-
-
-def _relay_loop(proc: Any, src: list[int], out: dict[int, int]) -> None:
-    while out:
-        r, _, _ = select.select(src + list(out), [], [])
-        for fd in r:
-            if fd in out:
-                data = os.read(fd, 65536)
-                if not data:
-                    del out[fd]
-                    continue
-                _write_all(out[fd], data)
-            elif fd == 0:
-                data = os.read(0, 65536)
-                try:
-                    if data:
-                        _write_all(proc.stdin.fileno(), data)
-                except BrokenPipeError:
-                    data = b""            # the command closed its stdin
-                if not data:
-                    src = []
-                    proc.stdin.close()
-                    proc.stdin = None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _exit_code(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
-
-
-def _relay(master: int) -> None:
-    """Copy our terminal to the pty master and back until the session ends."""
-    old = termios.tcgetattr(0) if os.isatty(0) else None
-
-    def winch(_sig: int, _frm: Any) -> None:
-        if os.isatty(1):
-            s = os.get_terminal_size(1)
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", s.lines, s.columns, 0, 0))
-
-    prev = signal.signal(signal.SIGWINCH, winch)
-    try:
-        if old is not None:
-            tty.setraw(0, termios.TCSANOW)   # keep what was typed ahead
-        fds = [0, master]
-        while True:
-            try:
-                r, _, _ = select.select(fds, [], [])
-            except InterruptedError:
-                continue
-            if master in r:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:       # EIO: the session's last process closed the tty
-                    data = b""
-                if not data:
-                    return
-                os.write(1, data)
-            if 0 in r:
-                data = os.read(0, 65536)
-                if not data:
-                    fds.remove(0)     # our stdin ended; keep showing output
-                else:
-                    os.write(master, data)
-    finally:
-        if old is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, old)
-        signal.signal(signal.SIGWINCH, prev)

@@ -253,3 +253,36 @@ def test_cli_puts_slivers_under_the_configured_cgroup_parent(cli: Cli) -> None:
     for mount in {*layout.v1.values(), *([layout.v2] if layout.v2 else [])}:
         with contextlib.suppress(FileNotFoundError):
             (mount / parent).rmdir()
+
+
+def test_enter_hands_no_host_file_into_the_sliver(cli: Cli) -> None:
+    """F37: `enter` with stdout redirected to a host file (no terminal anywhere): the
+    command gets pipes, never the file; a process it leaves behind that writes later
+    cannot write the file after enter returned, and no process inside holds it."""
+    name = f"c{os.getpid()}f"
+    cli("sliver", "create", name, "--image", "bb")
+    dest = cli.state_dir / f"enter-file-{os.getpid()}.txt"
+    try:
+        script = ("ls -l /proc/self/fd/1; echo first; "
+                  "(sleep 2; echo late-write) & echo started")
+        with open(dest, "wb") as out:
+            res = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "--state-dir", str(cli.state_dir),
+                 "enter", name, "--", "sh", "-c", script],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
+                timeout=30)
+        assert res.returncode == 0, res.stderr
+        text = dest.read_text()
+        assert "first" in text and "started" in text and "pipe:[" in text, text
+        holders = processes_with("sleep\x002")
+        assert holders, "the left-behind process is not running"
+        for pid in holders:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    assert os.readlink(fd) != str(dest), (pid, fd)
+        size = dest.stat().st_size
+        time.sleep(3)   # the left-behind writer has written (or failed to) by now
+        assert dest.stat().st_size == size and "late-write" not in dest.read_text()
+    finally:
+        cli("sliver", "destroy", name)
+    _nothing_left(cli, name)
