@@ -21,6 +21,7 @@ connection, which then returns to the selector with any pipelined bytes.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -39,6 +40,7 @@ IDLE_TIMEOUT = 120.0   # an idle keep-alive connection
 WRITE_TIMEOUT = 30.0   # a worker writing a reply to a client that does not read it
 _SCAN = 0.25           # how often deadlines are looked at
 _RECV = 256 * 1024
+INFLIGHT_PER_SOURCE = 1  # requests of one client address answered at once
 
 
 class Waiting:
@@ -94,6 +96,8 @@ class Reception:
         os.set_blocking(self.wake_w, False)
         self.waiting: dict[int, Waiting] = {}     # fd -> connection in the selector
         self.per_source: dict[str, int] = {}      # open connections (waiting or served)
+        self.serving: dict[str, int] = {}         # requests with a worker, per source
+        self.parked: dict[str, collections.deque[Waiting]] = {}  # and waiting for one
         self.buffered = 0
         self.returned: queue.SimpleQueue[tuple[Waiting, bool]] = queue.SimpleQueue()
         self.jobs: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
@@ -280,6 +284,7 @@ class Reception:
                 conn, keep = self.returned.get_nowait()
             except queue.Empty:
                 return
+            self._served(conn.source)
             if not keep or self.stopping:
                 self._close(conn)
                 continue
@@ -293,6 +298,14 @@ class Reception:
 
     # -- the workers ----------------------------------------------------------------------
     def _dispatch(self, conn: Waiting) -> None:
+        """Hand a complete request to a worker; a source with ``INFLIGHT_PER_SOURCE``
+        requests being answered waits its turn, so one client's flood cannot take every
+        worker (and the interpreter lock) from the others."""
+        source = conn.source
+        if self.serving.get(source, 0) >= INFLIGHT_PER_SOURCE:
+            self.parked.setdefault(source, collections.deque()).append(conn)
+            return
+        self.serving[source] = self.serving.get(source, 0) + 1
         with self.lock:
             spawn = self.idle_workers == 0 and self.workers < self.limits.threads
             if spawn:
@@ -300,6 +313,19 @@ class Reception:
         if spawn:
             threading.Thread(target=self._work, name="plc-worker", daemon=True).start()
         self.jobs.put(conn)
+
+    def _served(self, source: str) -> None:
+        count = self.serving.get(source, 1) - 1
+        if count:
+            self.serving[source] = count
+        else:
+            self.serving.pop(source, None)
+        queue_ = self.parked.get(source)
+        if queue_:
+            nxt = queue_.popleft()
+            if not queue_:
+                del self.parked[source]
+            self._dispatch(nxt)
 
     def _work(self) -> None:
         while True:
@@ -329,6 +355,10 @@ class Reception:
         self.stopping = True
         for conn in list(self.waiting.values()):
             self._close(conn)
+        for parked in self.parked.values():
+            for conn in parked:
+                self._close(conn)
+        self.parked.clear()
         with self.lock:
             n = self.workers
         for _ in range(n):
