@@ -252,7 +252,7 @@ class Reception:
             self.buffered += size
             conn.need, conn.length, conn.expect = end + size, length, expect
             conn.deadline = now + lim.head_timeout + size / lim.body_min_rate
-            if expect and size and len(conn.buf) < conn.need:
+            if expect:  # as http.server does: even when the body came along
                 first = bytes(conn.buf[:conn.buf.find(b"\n")])
                 if first.rstrip().endswith(b"HTTP/1.1"):
                     try:
