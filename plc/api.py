@@ -3,7 +3,7 @@ the method, its event, all in one transaction on the caller thread's connection.
 
 ``API.run(conn, name, params, source)`` returns the result or raises a PLCFault
 (already prefixed ``"<caller>: <Method>: "``); any other exception is an internal
-error (``InternalError``, HTTP 500 at the server) and changes nothing.
+error (``InternalError``, fault 111 at the server) and changes nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from plc.method import METHODS, Method
 from plc.model import ObjClass
 from plc.params import MAX_DEPTH, check, depth
 from plc.store.base import Connection, DBError, Store
+from plc.throttle import Failures, HashGate
 
 log = logging.getLogger("plc.api")
 
@@ -39,7 +40,7 @@ _ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]
 
 
 class InternalError(Exception):
-    """A bug or unexpected condition; the client gets HTTP 500 and no details."""
+    """A bug or unexpected condition; the client gets fault 111 and no details."""
 
 
 def redact(value: Any) -> Any:
@@ -165,6 +166,8 @@ class API:
         self.store = store
         self.config = config
         self.started = int(time.time())
+        self.hash_gate = HashGate(config.api_password_checks)
+        self.password_failures = Failures(config.api_password_failures)
         import plc.methods  # noqa: F401  (registers every method module)
         self.methods = METHODS
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from plc.faults import PLCAuthenticationFailure, PLCInvalidArgument, PLCPermissionDenied
 from plc.params import _value_type
 from plc.passwords import verify_password
+from plc.throttle import Busy
 
 if TYPE_CHECKING:
     from plc.api import Call
@@ -115,10 +116,16 @@ def _role_mismatch(call: Call, who: str, email: str, roles: list[str]) -> str:
 
 def _password(call: Call, auth: dict[str, Any]) -> None:
     username = auth["Username"]
+    source = call.source[0] if call.source else None
+    if call.api.password_failures.blocked(source):
+        # no hashing, no lookup: a flood of guesses costs nothing (issue 9)
+        raise PLCAuthenticationFailure("PasswordAuth: too many failed password checks "
+                                       "from this address; retry in a minute")
     rows = call.conn.query(
         "SELECT person_id, email, password FROM persons WHERE email = ? AND enabled = 1 "
         "AND peer_id IS NULL AND deleted = 0", [username.lower()])
     if len(rows) != 1:
+        call.api.password_failures.failed(source)
         raise PLCAuthenticationFailure("PasswordAuth: No such account")
     person = rows[0]
     cfg = call.api.config
@@ -132,10 +139,18 @@ def _password(call: Call, auth: dict[str, Any]) -> None:
         if not expected or not hmac_mod.compare_digest(
                 expected.encode("utf-8", "surrogatepass"),
                 auth["AuthString"].encode("utf-8", "surrogatepass")):
+            call.api.password_failures.failed(source)
             raise PLCAuthenticationFailure("PasswordAuth: Maintenance account password "
                                            "verification failed")
-    elif not verify_password(auth["AuthString"], person["password"]):
-        raise PLCAuthenticationFailure("PasswordAuth: Password verification failed")
+    else:
+        try:
+            ok = verify_password(auth["AuthString"], person["password"], call.api.hash_gate)
+        except Busy:
+            raise PLCAuthenticationFailure("PasswordAuth: too many password checks at "
+                                           "once; retry later") from None
+        if not ok:
+            call.api.password_failures.failed(source)
+            raise PLCAuthenticationFailure("PasswordAuth: Password verification failed")
     roles = _person_roles(call, person["person_id"])
     if not set(roles) & set(call.method.roles):
         raise PLCAuthenticationFailure(_role_mismatch(call, "PasswordAuth", person["email"],

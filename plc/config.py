@@ -8,6 +8,7 @@ allowed. The legacy ``PLC_*`` variables each map to one key here (comment per ke
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,30 @@ SCHEMA: tuple[Key, ...] = (
     Key("api", "workers", int, 0,
         "server processes sharing the port (0 = one per CPU)", minimum=0),
     Key("api", "max_connections", int, 512,
-        "most client connections served at once (more are answered 503)", minimum=1),
+        "most open client connections per process; a new one beyond closes the one "
+        "that has waited longest for its request", minimum=2),
+    Key("api", "max_per_source", int, 64,
+        "most open connections per client address and process (more are answered 503)",
+        minimum=1),
+    Key("api", "threads", int, 32,
+        "calls answered at once per process (complete requests wait for a thread)",
+        minimum=1),
+    Key("api", "head_timeout", int, 10,
+        "seconds a client has for a request head from its first byte, TLS handshake "
+        "included (408 after)", minimum=1),
+    Key("api", "body_min_rate", int, 16384,
+        "bytes/s a request body must arrive at, after head_timeout seconds of grace",
+        minimum=1),
+    Key("api", "max_buffered", int, 256 * 1024 * 1024,
+        "request body bytes held at once per process (more are answered 503)",
+        minimum=1024),
+    Key("api", "password_checks", int, 0,
+        "password hashes verified at once per process (0 = half the CPUs, at least 1); "
+        "a call finding them all busy waits up to 1 s, then fails with fault 103",
+        minimum=0),
+    Key("api", "password_failures", int, 20,
+        "wrong passwords per client address and minute; beyond, its password calls "
+        "fail with fault 103 until the minute is over (0 = no limit)", minimum=0),
     Key("api", "debug", bool, False, "PLC_API_DEBUG: record every call, faults too, as an event"),
     Key("api", "maintenance_user", str, "maint@localhost.localdomain",
         "PLC_API_MAINTENANCE_USER (person 1)"),
@@ -191,4 +215,8 @@ def write_default(path: str | Path) -> None:
     if p.exists():
         raise ConfigError(f"{p}: already exists; not overwritten")
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(default_text())
+    # 0600 whatever the umask: the file may come to hold the maintenance password
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(default_text())

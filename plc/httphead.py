@@ -50,6 +50,56 @@ def buffered_headers(rfile: Any, message_class: type[HTTPMessage] = HTTPMessage)
     return msg
 
 
+class FramingError(Exception):
+    """A request head whose body cannot be delimited: answered ``status`` and closed."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+
+
+def head_end(buf: bytes | bytearray) -> int:
+    """The offset just past the blank line that ends the head in ``buf``, or -1."""
+    m = _HEAD_END.search(buf)
+    return m.end() if m else -1
+
+
+def framing(head: bytes) -> tuple[int | None, bool]:
+    """(body length, Expect: 100-continue) of a request head (request line included).
+
+    The length is None without Content-Length. RFC 9112 section 6.3: a Content-Length
+    that is not ASCII digits, or several that differ, make the framing invalid (400;
+    ``int()`` would take "²" or " 1_0"); identical repeated values are one value.
+    Transfer-Encoding is not accepted (411), as before.
+    """
+    lengths: set[bytes] = set()
+    expect = False
+    for line in head.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if name == b"content-length":
+            for item in value.split(b","):
+                item = item.strip(b" \t\r")
+                if not _DIGITS.fullmatch(item):
+                    raise FramingError(400, "Bad Request (invalid Content-Length)")
+                lengths.add(item.lstrip(b"0") or b"0")
+        elif name == b"transfer-encoding":
+            raise FramingError(411, "Length Required (chunked bodies are not accepted)")
+        elif name == b"expect":
+            expect = value.strip(b" \t\r").lower() == b"100-continue"
+    if len(lengths) > 1:
+        raise FramingError(400, "Bad Request (conflicting Content-Length headers)")
+    length = int(lengths.pop()) if lengths else None
+    return length, expect
+
+
 _date: tuple[int, str] = (0, "")
 
 

@@ -14,6 +14,8 @@ import hmac
 import os
 import threading
 
+from plc.throttle import HashGate
+
 _ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _MAGIC = b"$1$"
 
@@ -97,14 +99,20 @@ def _cache_token(stored: str, password: str) -> tuple[str, bytes]:
                             hashlib.sha256).digest()
 
 
-def verify_password(password: str, stored: str | None) -> bool:
+def verify_password(password: str, stored: str | None, gate: HashGate | None = None) -> bool:
+    """Whether ``password`` matches ``stored``; a hash that is not remembered is computed
+    inside one of ``gate``'s slots (``plc.throttle.Busy`` when none is free in time)."""
     if not stored or not password:
         return False
     token = _cache_token(stored, password)
     with _cache_lock:
         if token in _cache:
             return True
-    ok = _verify(password, stored)
+    if gate is None:
+        ok = _verify(password, stored)
+    else:
+        with gate.slot():
+            ok = _verify(password, stored)
     if ok:
         with _cache_lock:
             if len(_cache) >= _CACHE_MAX:

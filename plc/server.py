@@ -1,15 +1,19 @@
 """The HTTP(S) front end: POST /PLCAPI/ (slashes collapsed), XML-RPC with nil.
 
-A ThreadingHTTPServer speaking HTTP/1.1 with keep-alive; each thread keeps its own
-store connection. Bodies are bounded (413), must be XML-RPC (400 otherwise), and a
-call's fault or result is marshalled inside its transaction's lifetime; unexpected
-errors answer 500 without details. Only the method name, the caller and the fault
-code are logged, never arguments (passwords).
+HTTP/1.1 with keep-alive. plc.httpconn reads each request whole under deadlines (slow
+clients cost a socket, not a thread) and hands it to a worker thread here, which takes
+a pooled store connection for it. Bodies are bounded (413), must be XML-RPC without a
+document type declaration (400 otherwise), and a call's fault or result is marshalled
+inside its transaction's lifetime; an unexpected error answers fault 111 without
+details. Only GET/POST on /PLCAPI/ is served (404 elsewhere). Only the method name,
+the caller and the fault code are logged, never arguments (passwords).
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
+import ipaddress
 import logging
 import os
 import re
@@ -18,13 +22,15 @@ import socket
 import ssl
 import threading
 import xmlrpc.client
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from plc.api import API, InternalError
 from plc.config import Config, parse_listen
+from plc.faults import PLCAPIError
+from plc.httpconn import Limits, Reception
 from plc.httphead import buffered_headers, http_date
-from plc.marshal import marshal_response
+from plc.marshal import BadCall, load_call, marshal_response
 from plc.store import Store
 from plc.store.base import Connection
 
@@ -34,36 +40,72 @@ GET_PAGE = (b"<html><head><title>PLCAPI</title></head><body>"
             b"<h1>PLCAPI</h1><p>Please use XML-RPC or SOAP to access the PLCAPI.</p>"
             b"</body></html>\n")
 _API_PATH = re.compile(r"^/PLCAPI/?$")
-IDLE_TIMEOUT = 120.0
 MAX_CONNECTIONS = 512
 POOL_IDLE = 32
 
 
-class PLCServer(ThreadingHTTPServer):
-    """One thread per client connection (at most ``max_connections`` at once; more are
-    answered 503). Store connections are pooled: a thread takes one for its client's
-    lifetime and gives it back, so connections are neither leaked nor reopened."""
+class PLCServer(HTTPServer):
+    """The listening socket, the store connection pool and the limits; connections are
+    read by a ``plc.httpconn.Reception`` (one selector thread) and complete requests are
+    answered by its worker threads. Each worker takes a pooled store connection for
+    one request and gives it back, so connections are neither leaked nor reopened."""
 
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, api: API, address: tuple[str, int], max_body: int,
                  ssl_context: ssl.SSLContext | None = None,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, config: Config | None = None) -> None:
+        cfg = config or api.config
         self.api = api
         self.max_body = max_body
+        self.limits = Limits(max_connections=max_connections,
+                             max_per_source=cfg.api_max_per_source,
+                             threads=cfg.api_threads, head_timeout=cfg.api_head_timeout,
+                             body_min_rate=cfg.api_body_min_rate,
+                             max_buffered=max(cfg.api_max_buffered, max_body),
+                             max_body=max_body)
         self.local = threading.local()
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
         self._pool_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self.reception: Reception | None = None
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
+        super().__init__(address, Handler)  # type: ignore[arg-type]
         if ssl_context is not None:
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
                                                   do_handshake_on_connect=False)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until ``shutdown()`` (the selector loop runs in the calling thread; its
+        pipe and workers are made here, after any fork)."""
+        self._stopped.clear()
+        try:
+            self.reception = Reception(self.socket, self.limits, self.answer)
+            self.reception.run(self._stop, poll_interval)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.reception is not None:
+            self.reception.wake()
+        self._stopped.wait()
+
+    def answer(self, sock: socket.socket, addr: Any, request: bytes,
+               length: int | None) -> bool:
+        """Answer one complete request; True to keep the connection open."""
+        try:
+            handler = Handler(sock, addr, self, request, length)
+            return not handler.close_connection
+        except OSError:  # the client went away mid-answer
+            return False
+        finally:
+            self._release()
 
     def connection(self) -> Connection:
         """The store connection of the calling thread (taken from the pool)."""
@@ -91,28 +133,6 @@ class PLCServer(ThreadingHTTPServer):
             self._all.discard(conn)
         conn.close()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-            self._slots.release()
-
     def server_close(self) -> None:
         super().server_close()
         with self._pool_lock:
@@ -125,15 +145,33 @@ class PLCServer(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One complete request (read by the reception) answered on ``sock``."""
+
     protocol_version = "HTTP/1.1"
     # buffered: status line, headers and body leave in one send (http.server flushes
     # wfile after each request)
     wbufsize = 64 * 1024
     server: PLCServer
     server_version = "PLCAPI"
-    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK stall
-    timeout = IDLE_TIMEOUT
     raw_requestline: bytes  # set by BaseHTTPRequestHandler.handle_one_request
+
+    def __init__(self, sock: socket.socket, addr: Any, server: PLCServer, request: bytes,
+                 length: int | None) -> None:
+        self._request_bytes = request
+        self.body_length = length  # Content-Length as the reception read it
+        super().__init__(sock, addr, server)  # type: ignore[arg-type]
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BufferedReader(io.BytesIO(self._request_bytes))  # type: ignore[arg-type]
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the reception sent "100 Continue" before it read the body
 
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -144,8 +182,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         """BaseHTTPRequestHandler.parse_request, with a fast path for the usual request
-        ("METHOD PATH HTTP/1.x" and a plain head already received, see plc.httphead);
-        every other request goes through the stdlib code unchanged."""
+        ("METHOD PATH HTTP/1.x" and a plain head, see plc.httphead); every other request
+        goes through the stdlib code unchanged."""
         requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = requestline.split()
         if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0"):
@@ -164,9 +202,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif conntype == "keep-alive":
             self.close_connection = False
-        if headers.get("Expect", "").lower() == "100-continue" and \
-                self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
         return True
 
     def _send(self, status: int, body: bytes, ctype: str = "text/html; charset=utf-8",
@@ -185,10 +220,21 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, f"{status} {text}\n".encode(), "text/plain; charset=utf-8",
                    close=status in (411, 413) or status >= 500)
 
-    def do_GET(self) -> None:
-        self._send(200, GET_PAGE)
+    def _is_api_path(self) -> bool:
+        path = self.path
+        if path != "/PLCAPI/":
+            path = re.sub(r"/+", "/", path.split("?", 1)[0])
+        return bool(_API_PATH.match(path))
 
-    # legacy plc.wsgi answers every non-POST method with the page (spec 1.1)
+    def do_GET(self) -> None:
+        # legacy plc.wsgi answers every non-POST method on the API path with the page
+        # (spec 1.1); any other path is not served: a NodeManager fetching a conf file
+        # with `curl --fail` must not install this page as the file (issue 9)
+        if self._is_api_path():
+            self._send(200, GET_PAGE)
+        else:
+            self._error(404, "Not Found (the API is at /PLCAPI/)")
+
     do_HEAD = do_GET
     do_PUT = do_GET
     do_DELETE = do_GET
@@ -196,22 +242,12 @@ class Handler(BaseHTTPRequestHandler):
     do_PATCH = do_GET
 
     def do_POST(self) -> None:
-        path = self.path
-        if path != "/PLCAPI/":
-            path = re.sub(r"/+", "/", path.split("?", 1)[0])
-        if not _API_PATH.match(path):
+        if not self._is_api_path():
             self._error(404, "Not Found (the API is at /PLCAPI/)")
             return
-        if self.headers.get("Transfer-Encoding"):
-            self._error(411, "Length Required (chunked bodies are not accepted)")
-            return
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.strip().isdigit():
+        length = self.body_length
+        if length is None:
             self._error(411, "Length Required")
-            return
-        length = int(length_text)
-        if length > self.server.max_body:
-            self._error(413, f"Payload Too Large (limit {self.server.max_body} bytes)")
             return
         body = self.rfile.read(length)
         if len(body) != length:
@@ -222,16 +258,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, reply, "text/xml; charset=utf-8")
 
     def _dispatch(self, body: bytes) -> bytes | None:
-        if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
-            self._error(400, "Bad Request (DTDs are not accepted)")
-            return None
         try:
-            params, method = xmlrpc.client.loads(body, use_builtin_types=True)
-        except Exception:  # expat, value and type errors of malformed XML-RPC
-            self._error(400, "Bad Request (not an XML-RPC methodCall)")
-            return None
-        if method is None:
-            self._error(400, "Bad Request (not an XML-RPC methodCall)")
+            params, method = load_call(body)
+        except BadCall as e:
+            self._error(400, f"Bad Request ({e})")
             return None
         api = self.server.api
         try:
@@ -240,16 +270,23 @@ class Handler(BaseHTTPRequestHandler):
             return marshal_response(result)
         except xmlrpc.client.Fault as fault:
             log.info("%s: fault %s", method, fault.faultCode)
-            fault.faultString = _clean(fault.faultString)
-            return xmlrpc.client.dumps(fault, methodresponse=True, allow_none=True,
-                                       encoding="utf-8").encode("utf-8", "replace")
-        except InternalError:
-            self._error(500, "Internal Server Error")
-            return None
-        except Exception:
+            return _fault_reply(fault)
+        except InternalError:  # logged with its traceback by API.run
+            return _fault_reply(PLCAPIError(_INTERNAL))
+        except Exception:  # e.g. a result XML-RPC cannot carry (an int beyond 32 bits)
             log.exception("unexpected error serving %s", method)
-            self._error(500, "Internal Server Error")
-            return None
+            return _fault_reply(PLCAPIError(_INTERNAL))
+
+
+_INTERNAL = "unexpected error, see the server log"
+
+
+def _fault_reply(fault: xmlrpc.client.Fault) -> bytes:
+    """A methodResponse carrying ``fault`` (an unexpected error never becomes HTTP 500
+    or a dropped connection: issue 9)."""
+    fault.faultString = _clean(str(fault.faultString))
+    return xmlrpc.client.dumps(fault, methodresponse=True, allow_none=True,
+                               encoding="utf-8").encode("utf-8", "replace")
 
 
 def _clean(text: str) -> str:
@@ -263,7 +300,25 @@ def make_server(api: API, config: Config) -> PLCServer:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(config.api_cert, config.api_key)
     return PLCServer(api, (host, port), config.api_max_body, context,
-                     config.api_max_connections)
+                     config.api_max_connections, config)
+
+
+def plain_http_warning(config: Config) -> str | None:
+    """The warning for serving plain HTTP beyond this host (passwords, session keys and
+    node keys' HMACs would cross the network in clear), or None."""
+    if config.api_cert:
+        return None
+    host, port = parse_listen(config.api_listen, "[api] listen")
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may be anything
+    return (f"SERVING PLAIN HTTP ON {host}:{port}, NOT ONLY ON LOOPBACK: passwords and "
+            f"sessions travel in clear; set [api] cert and key to serve HTTPS, or listen "
+            f"on 127.0.0.1 behind a TLS proxy")
 
 
 def _die_with_parent() -> None:
@@ -282,6 +337,9 @@ def serve(store: Store, config: Config, ready: threading.Event | None = None) ->
     serves too, and on its way out terminates and reaps every worker."""
     api = API(store, config)
     server = make_server(api, config)
+    warning = plain_http_warning(config)
+    if warning:
+        log.warning("%s", warning)
     scheme = "https" if config.api_cert else "http"
     host, port = server.server_address[:2]
     workers = config.api_workers or os.cpu_count() or 1

@@ -31,6 +31,10 @@ def method_signature(call: Any, method: str) -> list[list[str]]:
     return m.signatures()
 
 
+#: calls one system.multicall may carry (issue 9: 30,000 wrong passwords fit in 16 MiB)
+MAX_MULTICALL = 1000
+
+
 def multicall(call: Any, calls: list[Any]) -> list[Any]:
     """Process an array of calls; each runs (and commits) on its own, in order."""
     from plc.api import InternalError
@@ -69,5 +73,5 @@ make_method(method_signature, name="system.methodSignature", roles=[],
 make_method(multicall, name="system.multicall", roles=[],
             accepts=[Parameter([{"methodName": Parameter(str, "Method name"),
                                  "params": Parameter(list, "Method arguments")}],
-                               "Array of calls")],
+                               "Array of calls", max=MAX_MULTICALL)],
             returns=Parameter(list, "Array of results"), transaction=False)

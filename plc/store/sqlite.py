@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sqlite3
+import stat
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
@@ -11,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from plc.store.base import Connection, DBError, Store, check_ident
+
+log = logging.getLogger("plc.store")
 
 
 @lru_cache(maxsize=4096)
@@ -108,11 +113,49 @@ class SQLiteConnection(Connection):
             raise DBError(str(e)) from None
 
 
+#: the files SQLite keeps beside the database; it creates them with the database's mode
+_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def make_private(path: str) -> None:
+    """Create the database file 0600 whatever the umask (SQLite would make it 0644, and
+    its WAL and shared-memory files inherit the database's mode: node keys and password
+    hashes readable by any local user, issue 9); take the world's bits off existing
+    files."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # no directory, read-only place...: sqlite3 reports it
+    else:
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+    for suffix in _COMPANIONS:
+        name = path + suffix
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o007:
+                os.chmod(name, mode & 0o770)
+                log.warning("%s was readable by every user (mode %o); now %o",
+                            name, mode, mode & 0o770)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("%s: cannot restrict its mode: %s", name, e)
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self._private = False
 
     def connect(self) -> SQLiteConnection:
+        if not self._private:
+            make_private(self.path)
+            self._private = True
         return SQLiteConnection(self.path)
 
     def exists(self) -> bool:

@@ -1,0 +1,393 @@
+"""Client connections between requests: one selector thread reads every request whole
+(head and body) before a worker thread sees it.
+
+A thread per connection let 1200 connections sending one byte every 10 s hold every
+slot (issue 9). Here a connection costs a worker only while its complete request is
+being answered; while it is idle, handshaking or trickling its request it is a socket
+in the selector, held to deadlines:
+
+* the whole head (TLS handshake included) within ``head_timeout`` seconds of its first
+  byte; the body within ``head_timeout + length / body_min_rate`` seconds after that;
+  an idle keep-alive connection at most ``IDLE_TIMEOUT`` seconds;
+* at most ``max_per_source`` connections per client address (more: 503 and closed);
+* at most ``max_connections`` connections: a new one evicts the connection that has
+  waited longest (so a crowd of slow clients cannot keep a new one out);
+* request bodies buffered at once at most ``max_buffered`` bytes in all (more: 503).
+
+Complete requests go to a pool of at most ``threads`` worker threads (created as
+needed); ``Server.handle_request_bytes`` answers one and says whether to keep the
+connection, which then returns to the selector with any pipelined bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import selectors
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from plc.httphead import MAX_HEAD, FramingError, framing, head_end
+
+log = logging.getLogger("plc.httpconn")
+
+IDLE_TIMEOUT = 120.0   # an idle keep-alive connection
+WRITE_TIMEOUT = 30.0   # a worker writing a reply to a client that does not read it
+_SCAN = 0.25           # how often deadlines are looked at
+_RECV = 256 * 1024
+INFLIGHT_PER_SOURCE = 1  # requests of one client address answered at once
+
+
+class Waiting:
+    """A connection in the selector: its bytes so far and its deadline."""
+
+    __slots__ = ("sock", "addr", "source", "buf", "since", "deadline", "started", "need",
+                 "length", "expect", "reserved", "handshaken")
+
+    def __init__(self, sock: socket.socket, addr: Any, now: float, tls: bool) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.source = addr[0]
+        self.buf = bytearray()
+        self.handshaken = not tls
+        self.since = now
+        self.started = False      # first byte of the current request seen
+        self.deadline = now + IDLE_TIMEOUT
+        self.need = -1            # head + body size once the head is complete
+        self.length: int | None = None
+        self.expect = False
+        self.reserved = 0
+
+    def reset(self, now: float) -> None:
+        self.since, self.started, self.need, self.length = now, False, -1, None
+        self.expect, self.deadline = False, now + IDLE_TIMEOUT
+
+
+class Limits:
+    def __init__(self, max_connections: int, max_per_source: int, threads: int,
+                 head_timeout: float, body_min_rate: int, max_buffered: int,
+                 max_body: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_source = max_per_source
+        self.threads = threads
+        self.head_timeout = head_timeout
+        self.body_min_rate = body_min_rate
+        self.max_buffered = max_buffered
+        self.max_body = max_body
+
+
+class Reception:
+    """The selector loop and the worker pool of one process (built after any fork:
+    its pipe and threads are its own)."""
+
+    def __init__(self, listener: socket.socket, limits: Limits, handle: Any) -> None:
+        self.listener = listener
+        self.limits = limits
+        self.handle = handle  # (sock, addr, request bytes, length) -> keep connection?
+        self.tls = isinstance(listener, ssl.SSLSocket)
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.waiting: dict[int, Waiting] = {}     # fd -> connection in the selector
+        self.per_source: dict[str, int] = {}      # open connections (waiting or served)
+        self.serving: dict[str, int] = {}         # requests with a worker, per source
+        self.parked: dict[str, collections.deque[Waiting]] = {}  # and waiting for one
+        self.buffered = 0
+        self.returned: queue.SimpleQueue[tuple[Waiting, bool]] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.workers = 0
+        self.idle_workers = 0
+        self.stopping = False
+        self.next_scan = 0.0
+
+    # -- the selector thread ------------------------------------------------------------
+    def run(self, stop: threading.Event, poll_interval: float) -> None:
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        try:
+            while not stop.is_set():
+                for key, _ in self.sel.select(min(poll_interval, _SCAN)):
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif key.fileobj == self.wake_r:
+                        self._take_back()
+                    else:
+                        self._readable(key.data)
+                now = time.monotonic()
+                if now >= self.next_scan:
+                    self.next_scan = now + _SCAN
+                    self._expire(now)
+        finally:
+            self.close()
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wakeup is pending already, or shutting down
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, ssl.SSLError, OSError):
+                return
+            self._admit(sock, addr)
+
+    def _admit(self, sock: socket.socket, addr: Any) -> None:
+        lim = self.limits
+        source = addr[0]
+        if self.per_source.get(source, 0) >= lim.max_per_source:
+            _refuse(sock, 503, "Service Unavailable (too many connections from your address)")
+            return
+        if len(self.waiting) + self.busy() >= lim.max_connections and not self._evict():
+            _refuse(sock, 503, "Service Unavailable")
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        except OSError:
+            sock.close()
+            return
+        conn = Waiting(sock, addr, time.monotonic(), self.tls)
+        if self.tls:  # the handshake counts towards the head's deadline
+            conn.started = True
+            conn.deadline = conn.since + lim.head_timeout
+        self.per_source[source] = self.per_source.get(source, 0) + 1
+        self._wait(conn)
+
+    def busy(self) -> int:
+        return sum(self.per_source.values()) - len(self.waiting)
+
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest; False if none waits."""
+        if not self.waiting:
+            return False
+        oldest = min(self.waiting.values(), key=lambda c: c.since)
+        self._close(oldest, 503 if oldest.started else 0, "Service Unavailable")
+        return True
+
+    def _wait(self, conn: Waiting) -> None:
+        fd = conn.sock.fileno()
+        self.waiting[fd] = conn
+        self.sel.register(fd, selectors.EVENT_READ, conn)
+        if conn.buf:  # pipelined: the next request may be complete already
+            self._advance(conn, time.monotonic())
+
+    def _unwait(self, conn: Waiting) -> None:
+        fd = conn.sock.fileno()
+        if self.waiting.pop(fd, None) is not None:
+            self.sel.unregister(fd)
+
+    def _close(self, conn: Waiting, status: int = 0, text: str = "") -> None:
+        self._unwait(conn)
+        self._unreserve(conn)
+        count = self.per_source.get(conn.source, 1) - 1
+        if count:
+            self.per_source[conn.source] = count
+        else:
+            self.per_source.pop(conn.source, None)
+        _refuse(conn.sock, status, text)
+
+    def _unreserve(self, conn: Waiting) -> None:
+        self.buffered -= conn.reserved
+        conn.reserved = 0
+
+    def _readable(self, conn: Waiting) -> None:
+        sock = conn.sock
+        try:
+            if not conn.handshaken:
+                sock.do_handshake()  # type: ignore[attr-defined]
+                conn.handshaken = True
+            data = sock.recv(_RECV)
+            while data and self.tls and sock.pending():  # type: ignore[attr-defined]
+                data += sock.recv(sock.pending())  # type: ignore[attr-defined]
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (OSError, ValueError):
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        conn.buf += data
+        self._advance(conn, time.monotonic())
+
+    def _advance(self, conn: Waiting, now: float) -> None:
+        lim = self.limits
+        if not conn.started:
+            while conn.buf[:2] == b"\r\n":  # RFC 9112 2.2: empty lines before a request
+                del conn.buf[:2]
+            if not conn.buf:
+                return
+            conn.started = True
+            conn.deadline = now + lim.head_timeout
+        if conn.need < 0:
+            end = head_end(conn.buf)
+            if end < 0:
+                if len(conn.buf) > MAX_HEAD:
+                    self._close(conn, 431, "Request Header Fields Too Large")
+                return
+            try:
+                length, expect = framing(bytes(conn.buf[:end]))
+            except FramingError as e:
+                self._close(conn, e.status, e.text)
+                return
+            size = length or 0
+            if size > lim.max_body:
+                self._close(conn, 413, f"Payload Too Large (limit {lim.max_body} bytes)")
+                return
+            if self.buffered + size > lim.max_buffered:
+                self._close(conn, 503, "Service Unavailable (too many bodies in transit)")
+                return
+            conn.reserved = size
+            self.buffered += size
+            conn.need, conn.length, conn.expect = end + size, length, expect
+            conn.deadline = now + lim.head_timeout + size / lim.body_min_rate
+            if expect:  # as http.server does: even when the body came along
+                first = bytes(conn.buf[:conn.buf.find(b"\n")])
+                if first.rstrip().endswith(b"HTTP/1.1"):
+                    try:
+                        conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except (OSError, ssl.SSLError):
+                        pass
+        if len(conn.buf) < conn.need:
+            return
+        self._unwait(conn)
+        self._dispatch(conn)
+
+    def _expire(self, now: float) -> None:
+        late = [c for c in self.waiting.values() if c.deadline <= now]
+        for conn in late:
+            if conn.started:
+                self._close(conn, 408, "Request Timeout")
+            else:
+                self._close(conn)
+
+    def _take_back(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        while True:
+            try:
+                conn, keep = self.returned.get_nowait()
+            except queue.Empty:
+                return
+            self._served(conn.source)
+            if not keep or self.stopping:
+                self._close(conn)
+                continue
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                self._close(conn)
+                continue
+            conn.reset(now)
+            self._wait(conn)
+
+    # -- the workers ----------------------------------------------------------------------
+    def _dispatch(self, conn: Waiting) -> None:
+        """Hand a complete request to a worker; a source with ``INFLIGHT_PER_SOURCE``
+        requests being answered waits its turn, so one client's flood cannot take every
+        worker (and the interpreter lock) from the others."""
+        source = conn.source
+        if self.serving.get(source, 0) >= INFLIGHT_PER_SOURCE:
+            self.parked.setdefault(source, collections.deque()).append(conn)
+            return
+        self.serving[source] = self.serving.get(source, 0) + 1
+        with self.lock:
+            spawn = self.idle_workers == 0 and self.workers < self.limits.threads
+            if spawn:
+                self.workers += 1
+        if spawn:
+            threading.Thread(target=self._work, name="plc-worker", daemon=True).start()
+        self.jobs.put(conn)
+
+    def _served(self, source: str) -> None:
+        count = self.serving.get(source, 1) - 1
+        if count:
+            self.serving[source] = count
+        else:
+            self.serving.pop(source, None)
+        queue_ = self.parked.get(source)
+        if queue_:
+            nxt = queue_.popleft()
+            if not queue_:
+                del self.parked[source]
+            self._dispatch(nxt)
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                self.idle_workers += 1
+            conn = self.jobs.get()
+            with self.lock:
+                self.idle_workers -= 1
+            if conn is None:
+                with self.lock:
+                    self.workers -= 1
+                return
+            keep = False
+            request = bytes(conn.buf[:conn.need])
+            del conn.buf[:conn.need]
+            try:
+                conn.sock.settimeout(WRITE_TIMEOUT)
+                keep = bool(self.handle(conn.sock, conn.addr, request, conn.length))
+            except Exception:  # the handler answers its own errors; this is a bug
+                log.exception("unexpected error answering %s", conn.source)
+            finally:
+                self.returned.put((conn, keep))
+                self.wake()
+
+    # -- shutdown -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.stopping = True
+        for conn in list(self.waiting.values()):
+            self._close(conn)
+        for parked in self.parked.values():
+            for conn in parked:
+                self._close(conn)
+        self.parked.clear()
+        with self.lock:
+            n = self.workers
+        for _ in range(n):
+            self.jobs.put(None)
+        try:
+            self.sel.unregister(self.listener)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sel.close()
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _refuse(sock: socket.socket, status: int, text: str) -> None:
+    """Best effort: a short error answer (status 0: none), then close."""
+    if status:
+        body = f"{status} {text}\n".encode()
+        reason = text.split(" (")[0]
+        try:
+            sock.setblocking(False)
+            sock.send(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8"
+                      f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                      .encode() + body)
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+    try:
+        sock.close()
+    except OSError:
+        pass
