@@ -26,7 +26,7 @@ from agent.rspec import attributes_to_dict
 
 # A name this node can host: a context, hostname, cgroup and file name (kernel.context
 # NAME_RE); PLC's own rule is ^[a-z0-9.]+_[a-zA-Z0-9_.]+$ (plcapi §5.6).
-SLICE_NAME = re.compile(r"^[a-z0-9][A-Za-z0-9_.-]{0,62}$")
+SLICE_NAME = re.compile(r"^[a-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 INSTANTIATIONS = ("plc-instantiated", "nm-controller", "delegated", "not-instantiated")
 MAX_SLIVERS = 100_000
 MAX_ITEMS = 10_000

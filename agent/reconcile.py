@@ -362,11 +362,19 @@ class Reconciler:
                 raise MissingImage(rec.image)
             # Recorded before granted: the uid range and the "creating" state first.
             idx = self.state.allocate_uid_range(name, self.uid_pool_ranges)
-            self.state.set_sliver_state(name, CREATING, "")
-            self._new_context(name)
-            # The plan saw no live context of this name (a stale one is cleared by create).
-            agent_end = await trio.to_thread.run_sync(self.backend.create,
-                                                      self._plan_for(rec, idx))
+            try:
+                self.state.set_sliver_state(name, CREATING, "")
+                self._new_context(name)
+                # The plan saw no live context of this name (a stale one is cleared by
+                # create).
+                agent_end = await trio.to_thread.run_sync(self.backend.create,
+                                                          self._plan_for(rec, idx))
+            except BaseException:
+                # Nothing was made (the backend undoes its own part): the range goes
+                # back to the pool, so a failed creation never holds uids; a retry
+                # allocates again.
+                self.state.release_uid_range(name)
+                raise
             if agent_end is not None:
                 self._guard_new_context(name, agent_end)
             self.adopted.add(name)

@@ -56,7 +56,7 @@ INIT_BIN = Path(__file__).resolve().parent / "bin" / "sliver-init"
 GUARD_LISTENER_FD = 4
 
 UID_COUNT = 65536
-NAME_RE = re.compile(r"^[a-z0-9][A-Za-z0-9_.-]{0,62}$")   # also fits a hostname (64 bytes)
+NAME_RE = re.compile(r"^[a-z0-9][A-Za-z0-9_.-]{0,62}\Z")   # also fits a hostname (64 bytes)
 RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 RLIM_INFINITY = 2**64 - 1

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DEBOOTSTRAP = "/usr/sbin/debootstrap"
 MAX_TAR_MEMBERS = 2_000_000
 
@@ -207,7 +207,7 @@ class ImageStore:
         `progress`. Needs the mirror to be reachable.
         """
         self._check_new(name)
-        if not re.match(r"^[a-z][a-z0-9-]{1,31}$", suite or ""):
+        if not re.match(r"^[a-z][a-z0-9-]{1,31}\Z", suite or ""):
             raise ImageError(f"bad debootstrap suite {suite!r} (e.g. bookworm)")
         with self._staging(name) as stage:
             rootfs = stage / "rootfs"

@@ -37,7 +37,7 @@ from kernel import disk
 from kernel import mount as m
 from kernel.images import ImageStore, remove_user_marker
 
-SLIVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SLIVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_ID = 2**32 - 2
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from plc.faults import PLCInvalidArgument
 from plc.model import BOOL, FLOAT, INT, INTS, STR, STRS, Field, ObjClass
-from plc.params import Parameter, _value_type, check
+from plc.params import Parameter, _value_type, check, check_scalar
 
 PREFIXES = "~<>[]&|"
 
@@ -84,8 +84,16 @@ def _equality(f: Field, value: Any, params: list[Any]) -> str:
     return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
 
+def _scalars(values: Any, name: str) -> None:
+    """102 for any int outside 32 bits (or a non-finite float) among filter values:
+    no stored value can match one, and SQLite would refuse those beyond 64 bits."""
+    for v in values if isinstance(values, list | tuple) else [values]:
+        check_scalar(v, name)
+
+
 def _clause(f: Field, op: str, value: Any, params: list[Any]) -> str:
     values = value if isinstance(value, list | tuple) else [value]
+    _scalars(values, f.name)
     if op in ("&", "|"):
         if not f.is_array:
             raise PLCInvalidArgument(f"'{op}' needs an array field, '{f.name}' is not one")
@@ -134,6 +142,7 @@ def _order(cls: ObjClass, value: Any) -> list[str]:
 def _int_option(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise PLCInvalidArgument(f"-{name} must be a non-negative int, got {_value_type(value)}")
+    check_scalar(value, f"-{name}")
     return value
 
 
@@ -176,6 +185,7 @@ def compile_filter(cls: ObjClass, flt: Any) -> Compiled:
     if isinstance(flt, dict):
         return compile_struct(cls, flt)
     pk = cls.fields[cls.pk]
+    _scalars(flt, f"{cls.name.lower()}_filter")
     if isinstance(flt, list | tuple):
         if not flt:
             return Compiled("0 = 1")
@@ -276,9 +286,11 @@ class FilterParam:
                 if not ok:
                     raise PLCInvalidArgument(
                         f"expected int or string items, got {_value_type(item)}", name)
+                check_scalar(item, name)
             return
         if self.scalars and ((isinstance(value, int) and not isinstance(value, bool)) or
                              (isinstance(value, str) and self.cls.secondary)):
+            check_scalar(value, name)
             return
         raise PLCInvalidArgument(
             f"expected {' or '.join(self.xmlrpc_types())}, got {_value_type(value)}", name)

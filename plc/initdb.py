@@ -25,8 +25,8 @@ LOOKUP_SEED = {
 }
 SCHEMA_VERSION = "1"
 MAINT_EMAIL = "maint@localhost.localdomain"
-_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9._-]+\.[A-Za-z]+$")
-_LOGIN_BASE = re.compile(r"^[a-z0-9.]+$")
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9._-]+\.[A-Za-z]+\Z")
+_LOGIN_BASE = re.compile(r"^[a-z0-9.]+\Z")
 
 
 class InitError(Exception):

@@ -5,8 +5,10 @@ allow_none=True, encoding="utf-8")`` writes, except that characters XML cannot c
 are replaced by '?' in strings and struct keys (spec 1.1). The values methods return
 (str, int, bool, float, None, list, dict) are written by one tight function; any other
 type (bytes, DateTime, subclasses...) goes through the stdlib marshaller, so those
-keep the stdlib's exact output and errors (OverflowError for ints beyond 32 bits,
-TypeError for recursive containers and non-string keys).
+keep the stdlib's exact output and errors (TypeError for recursive containers and
+non-string keys). An int beyond 32 bits anywhere in a result is answered with fault 111
+naming it, never an exception that would become an HTTP 500: reads clamp stored ints
+(plc.query) and writes refuse them (plc.params), so this is the last safety net.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from xml.parsers import expat
 
 from plc.api import clean_text
+from plc.faults import PLCAPIError
 
 _MAXINT = xmlrpc.client.MAXINT
 _MININT = xmlrpc.client.MININT
@@ -69,7 +72,7 @@ def _dump(value: Any, out: list[str], memo: set[int]) -> None:
         w("<value><string>" + _escape(value) + "</string></value>\n")
     elif t is int:
         if value > _MAXINT or value < _MININT:
-            raise OverflowError("int exceeds XML-RPC limits")
+            raise _overflow(value)
         w("<value><int>" + str(value) + "</int></value>\n")
     elif value is None:
         w("<value><nil/></value>")
@@ -122,12 +125,20 @@ def _dump(value: Any, out: list[str], memo: set[int]) -> None:
         m._Marshaller__dump(value, w)  # type: ignore[attr-defined]
 
 
+def _overflow(value: Any) -> PLCAPIError:
+    return PLCAPIError(f"the result holds the integer {value}, outside the 32 bits "
+                       "XML-RPC can carry")
+
+
 def marshal_response(result: Any) -> bytes:
-    """A methodResponse carrying ``result`` (nil allowed); OverflowError for ints
-    beyond 32 bits and TypeError for values XML-RPC cannot carry, as the stdlib
+    """A methodResponse carrying ``result`` (nil allowed); PLCAPIError (fault 111) for
+    ints beyond 32 bits, TypeError for values XML-RPC cannot carry, as the stdlib
     marshaller raises them."""
     out: list[str] = [_HEAD]
-    _dump(result, out, set())
+    try:
+        _dump(result, out, set())
+    except OverflowError as e:  # an int subclass through the stdlib marshaller
+        raise PLCAPIError(f"the result holds an integer outside 32 bits ({e})") from None
     out.append(_TAIL)
     return "".join(out).encode("utf-8", "replace")
 

@@ -18,6 +18,7 @@ one of:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from plc.faults import PLCInvalidArgument
@@ -29,6 +30,25 @@ _XMLRPC_NAMES: dict[type, str] = {
 
 #: deepest nesting of arrays/structs accepted anywhere in a call
 MAX_DEPTH = 32
+
+#: the range of an XML-RPC <int> (legacy stored ints in 32-bit PostgreSQL columns)
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+def int_in_range(value: Any) -> bool:
+    """True unless ``value`` is an int (not bool) outside the 32 bits of XML-RPC."""
+    return type(value) is not int or INT_MIN <= value <= INT_MAX
+
+
+def check_scalar(value: Any, name: str) -> None:
+    """102 for an int outside 32 bits or a float that is NaN or infinite: values that
+    legacy could not store and that no reply could carry back."""
+    if type(value) is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise PLCInvalidArgument(
+                f"{value} is outside the 32-bit integer range [{INT_MIN}, {INT_MAX}]", name)
+    elif type(value) is float and not math.isfinite(value):
+        raise PLCInvalidArgument(f"{value} is not a finite number", name)
 
 
 class Parameter:
@@ -135,6 +155,8 @@ def check(spec: Any, value: Any, name: str, ctx: Any = None) -> None:
         if not ok:
             raise PLCInvalidArgument(
                 f"expected {xmlrpc_type(spec)}, got {_value_type(value)}", name)
+        if spec is int or spec is float:
+            check_scalar(value, name)
         return
     raise TypeError(f"bad parameter spec {spec!r} for {name}")
 

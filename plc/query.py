@@ -9,7 +9,7 @@ from typing import Any
 
 from plc.faults import PLCInvalidArgument
 from plc.filters import compile_filter
-from plc.model import BOOL, ObjClass
+from plc.model import BOOL, INT, Field, ObjClass
 from plc.store.base import Connection
 
 
@@ -42,6 +42,17 @@ def _array(value: Any) -> Any:
     return obj if end == len(value) else _loads(value)
 
 
+#: an int column read back clamped to the 32 bits XML-RPC can carry (NULL stays NULL)
+_CLAMPED = "MAX(MIN({}, 2147483647), -2147483648)"
+
+
+def _selected(f: Field) -> str:
+    """The select expression of a field. Int columns are clamped: a database written by
+    an older release (or by hand) may hold a value beyond 32 bits, and one such value
+    would otherwise make every read that meets it unmarshallable."""
+    return _CLAMPED.format(f.sql) if f.kind == INT else f.sql
+
+
 class _Plan:
     """How to read ``cols`` of a class: the select list, and which positions of a row
     are JSON arrays or booleans (built once per class and column list)."""
@@ -51,7 +62,7 @@ class _Plan:
     def __init__(self, cls: ObjClass, cols: tuple[str, ...]) -> None:
         fields = [cls.column(n) for n in cols]
         self.names = cols
-        self.select = ", ".join(f'{f.sql} AS "{n}"'  # type: ignore[union-attr]
+        self.select = ", ".join(f'{_selected(f)} AS "{n}"'  # type: ignore[arg-type]
                                 for n, f in zip(cols, fields, strict=True))
         self.arrays = tuple(i for i, f in enumerate(fields) if f.is_array)  # type: ignore[union-attr]
         self.bools = tuple(i for i, f in enumerate(fields) if f.kind == BOOL)  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from plc.params import Parameter
 KEYS = ("is_primary", "type", "method", "ip", "mac", "gateway", "network", "broadcast",
         "netmask", "dns1", "dns2", "bwlimit", "hostname")
 IP_KEYS = ("ip", "gateway", "network", "broadcast", "netmask", "dns1", "dns2")
-MAC = re.compile(r"^[0-9a-f]{1,2}([:-][0-9a-f]{1,2}){5,}$", re.IGNORECASE)
+MAC = re.compile(r"^[0-9a-f]{1,2}([:-][0-9a-f]{1,2}){5,}\Z", re.IGNORECASE)
 
 
 def _ip(value: str, key: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+import struct
 from typing import Any
 
 from plc.auth import Auth
@@ -15,8 +18,37 @@ from plc.model import Key, Person
 from plc.params import Parameter
 
 KEY_KEYS = ("key_type", "key")
-# [quirk] legacy accepts only ssh-rsa and ssh-dss keys (spec 5.3)
-SSH_KEY = re.compile(r"^.*(?:ssh-dss|ssh-rsa)\s+[A-Za-z0-9+/=]+(?:\s.*)?$", re.DOTALL)
+#: the public key types today's OpenSSH makes (legacy took only ssh-rsa and ssh-dss)
+SSH_KEY_TYPES = ("ssh-rsa", "ssh-dss", "ssh-ed25519", "ecdsa-sha2-nistp256",
+                 "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+                 "sk-ecdsa-sha2-nistp256@openssh.com")
+# one line: optional authorized_keys options (as legacy allowed), the type, the base64
+# blob, an optional comment; \Z and no control characters, so no second line rides along
+_TYPES = "|".join(re.escape(t) for t in SSH_KEY_TYPES)
+SSH_KEY = re.compile(r"(?:[^\x00-\x1f\x7f]*?[ \t])??(" + _TYPES + r")[ \t]+"
+                     r"([A-Za-z0-9+/]+={0,2})(?:[ \t][^\x00-\x1f\x7f]*)?")
+
+
+def ssh_key_error(key: str) -> str | None:
+    """Why ``key`` is not an OpenSSH public key line we accept (None if it is): the type
+    must be known and the blob must be base64 whose embedded type string is that type."""
+    m = SSH_KEY.fullmatch(key)
+    if m is None:
+        return ("expected one line '<type> <base64> [comment]' with type one of "
+                + ", ".join(SSH_KEY_TYPES))
+    declared, blob_text = m.groups()
+    try:
+        blob = base64.b64decode(blob_text, validate=True)
+    except (binascii.Error, ValueError):
+        return "the key's base64 is malformed"
+    if len(blob) < 4:
+        return "the key blob is truncated"
+    (size,) = struct.unpack(">I", blob[:4])
+    embedded = blob[4:4 + size]
+    if size > len(blob) - 4 or embedded != declared.encode():
+        return (f"the key blob is of type {embedded[:64].decode('latin-1')!r}, "
+                f"not {declared!r}")
+    return None
 
 
 def validate_key(call: Any, fields: dict[str, Any], key_id: int | None = None) -> None:
@@ -30,8 +62,10 @@ def validate_key(call: Any, fields: dict[str, Any], key_id: int | None = None) -
         key_type = fields.get("key_type")
         if key_type is None and key_id is not None:
             key_type = call.conn.scalar("SELECT key_type FROM keys WHERE key_id = ?", [key_id])
-        if key_type == "ssh" and not SSH_KEY.match(fields["key"].strip()):
-            raise PLCInvalidArgument("Invalid SSH version 2 public key", "key")
+        if key_type == "ssh":
+            why = ssh_key_error(fields["key"].strip())
+            if why is not None:
+                raise PLCInvalidArgument(f"Invalid SSH version 2 public key: {why}", "key")
 
 
 @api_method(roles=ALL_ROLES, accepts=[Auth(), FilterParam(Key), ReturnFields()],

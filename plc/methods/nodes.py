@@ -14,7 +14,7 @@ from plc.methods._util import accepted, id_or_name, require_keys, struct_of
 from plc.model import LOOKUPS, Node, Site, Slice
 from plc.params import Parameter
 
-HOSTNAME = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}$")
+HOSTNAME = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}\Z")
 ADD_KEYS = ("hostname", "node_type", "boot_state", "model", "version")
 ADMIN_KEYS = ("key", "session", "boot_nonce", "site_id")
 RELATED = ("interfaces", "conf_files", "slices", "slices_whitelist")

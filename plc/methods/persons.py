@@ -15,7 +15,7 @@ from plc.model import Person, Role, Site
 from plc.params import Parameter
 from plc.passwords import hash_password
 
-EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9._-]+\.[A-Za-z]+$")
+EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9._-]+\.[A-Za-z]+\Z")
 ADD_KEYS = ("first_name", "last_name", "title", "email", "password", "phone", "url", "bio")
 UPDATE_KEYS = ADD_KEYS + ("enabled",)
 RELATED = ("roles", "sites", "keys", "slices")

@@ -17,7 +17,7 @@ from plc.params import Parameter
 SITE_KEYS = ("name", "abbreviated_name", "login_base", "is_public", "latitude", "longitude",
              "url", "max_slices", "max_slivers", "enabled", "ext_consortium_id")
 ADMIN_ONLY = ("max_slices", "max_slivers", "login_base")
-LOGIN_BASE = re.compile(r"^[a-z0-9.]+$")
+LOGIN_BASE = re.compile(r"^[a-z0-9.]+\Z")
 ADDRESS_KEYS = ("line1", "line2", "line3", "city", "state", "postalcode", "country")
 
 

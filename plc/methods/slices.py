@@ -18,7 +18,7 @@ from plc.params import Parameter
 
 log = logging.getLogger("plc.methods.slices")
 
-NAME = re.compile(r"^[a-z0-9.]+_[a-zA-Z0-9_.]+$")
+NAME = re.compile(r"^[a-z0-9.]+_[a-zA-Z0-9_.]+\Z")
 ADD_KEYS = ("name", "instantiation", "url", "description", "max_nodes")
 UPDATE_KEYS = ("instantiation", "url", "description", "max_nodes", "expires")
 RELATED = ("persons", "nodes")
@@ -242,9 +242,10 @@ def DeleteSliceFromNodes(call: Any, auth: dict, slice_id_or_name: int | str,
     associated with a node, no errors are returned."""
     s = slice_for_update(call, slice_id_or_name)
     for node in _nodes(call, node_id_or_hostname_list):
+        # only the link goes, as legacy: the slice's sliver tags on that node (an
+        # operator's per-node override, a node-managed tag) stay and apply again when
+        # the slice comes back to the node
         call.delete("slice_node", {"slice_id": s["slice_id"], "node_id": node["node_id"]})
-        # sliver tags of the slice on that node go with the sliver
-        call.delete("slice_tag", {"slice_id": s["slice_id"], "node_id": node["node_id"]})
     return 1
 
 

@@ -168,8 +168,8 @@ class Site:
         self.api.UpdatePerson(self.admin, self.person_id, {"enabled": True})
         self.api.AddPersonToSite(self.admin, self.person_id, self.site_id)
         self.api.AddRoleToPerson(self.admin, "user", self.person_id)
-        self.key = ("ssh-rsa " + base64.b64encode(random.Random(PID * 1000 + n).randbytes(300))
-                    .decode() + f" u{n}@agent")
+        blob = b"\x00\x00\x00\x07ssh-rsa" + random.Random(PID * 1000 + n).randbytes(300)
+        self.key = "ssh-rsa " + base64.b64encode(blob).decode() + f" u{n}@agent"
         self.api.AddPersonKey(self.admin, self.person_id, {"key_type": "ssh", "key": self.key})
 
     def add_slice(self, suffix: str, **tags: str) -> str:

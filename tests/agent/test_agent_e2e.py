@@ -627,3 +627,32 @@ def test_initscript_daemon_holding_its_output_does_not_hold_the_agent(
     assert time.monotonic() - t0 < 25, out.stderr[-3000:]
     assert f"sliver {name} initscript: daemon-started" in out.stderr
     assert f"sliver {name}: initscript start exited with 0" in out.stderr
+
+
+def test_a_bad_name_from_plc_leaves_no_uid_range_behind(plc: LiveServer, site: Site,
+                                                        node: Node) -> None:
+    """Issue 9 item 9: a slice name with a trailing newline (an older PLC took it) made
+    the creation fail and left a uid-range entry that outlived DeleteSlice, so a later
+    slice on the node collided with it forever. Whatever PLC sends, a failed creation
+    reserves nothing; the next good slice gets the first range and runs."""
+    import sqlite3
+
+    bad = site.add_slice("nl")
+    db = sqlite3.connect(plc.db)   # what the API now refuses, written as an old PLC did
+    try:
+        with db:
+            db.execute("UPDATE slices SET name = ? WHERE name = ?", (bad + "\n", bad))
+    finally:
+        db.close()
+    run_once(node)
+    assert sliver(node, bad + "\n") is None and sliver(node, bad) is None
+    index = node.contexts_dir / ".uid-ranges"
+    assert not index.exists() or index.read_text() == ""
+    bad_id = site.api.GetSlices(site.admin, {"name": bad + "\n"}, ["slice_id"])[0]["slice_id"]
+    site.api.DeleteSlice(site.admin, bad_id)
+    run_once(node)
+    good = site.add_slice("good")
+    run_once(node)
+    s = sliver(node, good)
+    assert s is not None and s["state"] == "running", s
+    assert [line.split(" ", 2)[2] for line in index.read_text().splitlines()] == [good]

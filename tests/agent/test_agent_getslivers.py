@@ -92,7 +92,8 @@ def test_int_tag_values_accepted_as_strings() -> None:
     assert getslivers.parse(reply).slivers["pl_test"].attributes["cpu_share"] == "3"
 
 
-@pytest.mark.parametrize("name", ["Bad Name", "../etc", ".x_y", "a/b", "pl_" + "x" * 61, ""])
+@pytest.mark.parametrize("name", ["Bad Name", "../etc", ".x_y", "a/b", "pl_" + "x" * 61, "",
+                                  "pl_x\n", "pl_x\r\n"])
 def test_a_name_this_node_cannot_use_skips_that_sliver_only(name: str) -> None:
     """PLC sends some slices to every node: one whose name cannot name a sliver here is
     skipped (and said why), the rest of the reply is applied."""

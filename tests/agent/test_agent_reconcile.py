@@ -99,6 +99,18 @@ async def test_one_failure_does_not_stop_others(state: State) -> None:
     assert "pl_bad" in be.contexts and get(state, "pl_bad").state == "running"
 
 
+async def test_a_failed_creation_holds_no_uid_range(state: State) -> None:
+    # item 9 of issue 9: the failure left a range behind that a later slice collided with
+    be = FakeBackend(fail={"pl_bad"})
+    rec = make(state, be)
+    await apply(state, rec, reply([sliver("pl_bad")]))
+    assert get(state, "pl_bad").state == "failed"
+    assert state.uid_ranges() == {}
+    await apply(state, rec, reply([sliver("pl_good")]))   # pl_bad gone from PLC
+    assert set(be.contexts) == {"pl_good"} and state.uid_ranges() == {"pl_good": 0}
+    assert be.contexts["pl_good"]["plan"].uid_base == rec.uid_pool_start
+
+
 async def test_missing_image_stays_pending(state: State) -> None:
     be = FakeBackend()
     rec = make(state, be)

@@ -37,7 +37,6 @@ def plc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def keygen(path: Path, comment: str, kind: str = "rsa") -> str:
-    # rsa for users: PLC's key check follows the legacy one (ssh-rsa, ssh-dss).
     subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f",
                     str(path)], check=True, timeout=30)
     return path.with_suffix(".pub").read_text().strip()
@@ -64,7 +63,8 @@ def ssh_node(plc: LiveServer) -> Iterator[tuple[Site, Node, str, Path, int]]:
         text = text.replace('account_home_base = "/home"', f'account_home_base = "{home}"')
         n.cfg_path.write_text(text)
         userkey = base / "userkey"
-        pub = keygen(userkey, f"user@{os.getpid()}")
+        # ed25519, the default of today's ssh-keygen (PLC refused it until issue 9)
+        pub = keygen(userkey, f"user@{os.getpid()}", "ed25519")
         site.api.AddPersonKey(site.admin, site.person_id, {"key_type": "ssh", "key": pub})
         name = site.add_slice("ssh")
         ctl = site.add_slice("ctl")
@@ -129,6 +129,8 @@ def test_ssh_lands_inside_the_sliver(ssh_node: tuple[Site, Node, str, Path, int]
     site, node, name, userkey, port = ssh_node
     import json
 
+    # the slice member's key is an ed25519 one, through PLC's AddPersonKey
+    assert userkey.with_suffix(".pub").read_text().startswith("ssh-ed25519 ")
     state = json.loads((node.contexts_dir / name / "state.json").read_text())
     out = ssh(userkey, port, name, "hostname; cat /proc/self/uid_map; id -u; echo $((6*7))")
     assert out.returncode == 0, out.stderr.decode()

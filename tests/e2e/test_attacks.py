@@ -518,8 +518,8 @@ def agent_side(attacker: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         api.UpdatePerson(admin, person_id, {"enabled": True})
         api.AddPersonToSite(admin, person_id, site)
         api.AddRoleToPerson(admin, "user", person_id)
-        key = ("ssh-rsa " + base64.b64encode(random.Random(PID).randbytes(300)).decode()
-               + f" att{PID}@e2e")
+        blob = b"\x00\x00\x00\x07ssh-rsa" + random.Random(PID).randbytes(300)
+        key = "ssh-rsa " + base64.b64encode(blob).decode() + f" att{PID}@e2e"
         api.AddPersonKey(admin, person_id, {"key_type": "ssh", "key": key})
         node = make_node(plc, hostname, api_rate=5.0, api_burst=10)
         agents: list[subprocess.Popen[bytes]] = []

@@ -56,7 +56,8 @@ def fault_code(call: Any, *args: Any) -> int:
 
 
 def ssh_key(comment: str, size: int = 300) -> str:
-    return f"ssh-rsa {base64.b64encode(rng.randbytes(size)).decode()} {comment}"
+    blob = b"\x00\x00\x00\x07ssh-rsa" + rng.randbytes(size)
+    return f"ssh-rsa {base64.b64encode(blob).decode()} {comment}"
 
 
 def node_hmac(key: str, *args: Any) -> str:

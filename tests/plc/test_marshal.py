@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plc.faults import PLCAPIError
 from plc.marshal import CleanMarshaller, marshal_response
 
 
@@ -67,11 +68,15 @@ def test_other_types_fall_back_to_the_stdlib() -> None:
     assert marshal_response(value) == reference(value)
 
 
+def test_ints_beyond_32_bits_are_a_fault_not_an_exception() -> None:
+    # the server answers an xmlrpc Fault as a fault reply; an OverflowError was an HTTP 500
+    for value in ([{"x": 2 ** 31}], -2 ** 31 - 1, [10000000000]):
+        with pytest.raises(PLCAPIError) as e:
+            marshal_response(value)
+        assert e.value.faultCode == 111 and "32 bits" in e.value.faultString
+
+
 def test_errors_are_the_stdlib_errors() -> None:
-    with pytest.raises(OverflowError):
-        marshal_response([{"x": 2 ** 31}])
-    with pytest.raises(OverflowError):
-        marshal_response(-2 ** 31 - 1)
     loop: list[Any] = []
     loop.append(loop)
     with pytest.raises(TypeError):

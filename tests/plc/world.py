@@ -13,8 +13,15 @@ NODE_KEY = "0123456789abcdef"
 PASSWORD = "pw-of-everyone"
 
 
-def ssh_key(seed: str) -> str:
-    return "ssh-rsa " + base64.b64encode(seed.encode() * 20).decode() + f" {seed}"
+def ssh_blob(key_type: str, body: bytes) -> str:
+    """Base64 of an OpenSSH public key blob: the length-prefixed type string (which PLC
+    checks against the declared type), then ``body`` standing in for the key material."""
+    return base64.b64encode(len(key_type).to_bytes(4, "big") + key_type.encode()
+                            + body).decode()
+
+
+def ssh_key(seed: str, key_type: str = "ssh-rsa") -> str:
+    return f"{key_type} {ssh_blob(key_type, seed.encode() * 20)} {seed}"
 
 
 @dataclass
