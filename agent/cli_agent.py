@@ -103,6 +103,7 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
                 "rspec": {k: v for k, v in rec.rspec.items() if k != "tags"},
                 "problems": rec.problems,
                 "ports": _port_ranges(ports.get(name, [])),
+                "ports_skipped": st.get_meta(f"ports_skipped:{name}") or "",
             }
             if backend is not None and name in live:
                 try:
@@ -162,6 +163,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"    rspec: {p}")
         if s["ports"]:
             print(f"    ports: {', '.join(s['ports'])}")
+        if s.get("ports_skipped"):
+            print(f"    ports tag items not granted (held by the host): {s['ports_skipped']}")
     return 0
 
 

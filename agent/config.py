@@ -44,7 +44,14 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("plc_url", str, "https://localhost/PLCAPI/",
-          "PLC's XML-RPC endpoint (http:// or https://)"),
+          "PLC's XML-RPC endpoint (https://; http:// only to loopback, or with "
+          "insecure_plc = 1)"),
+    Field("insecure_plc", int, 0, "1: allow a plain http:// plc_url to a host that is not "
+          "loopback (the node session and every slice's keys and initscripts then cross "
+          "the network in clear; warned at every start)", minimum=0, maximum=1),
+    Field("plc_clock_skew", int, 300, "seconds a GetSlivers reply's timestamp may be ahead "
+          "of this node's clock; a reply further ahead is refused", minimum=0,
+          maximum=86400),
     Field("hostname", str, "", "this node's hostname as PLC knows it (empty: the machine's FQDN)"),
     Field("key_file", str, "",
           "file with the node key: the bare key `plc node-key` prints, or NODE_ID= and "
@@ -112,6 +119,8 @@ _BY_NAME = {f.name: f for f in FIELDS}
 @dataclass(frozen=True)
 class AgentConfig:
     plc_url: str
+    insecure_plc: int
+    plc_clock_skew: int
     hostname: str
     key_file: str
     node_id: int
@@ -209,6 +218,13 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig
     values = {f.name: f.default for f in FIELDS}
     for name, value in data.items():
         values[name] = _check(source, name, value)
+    from agent.hostports import is_loopback_url
+    if values["plc_url"].startswith("http://") and not values["insecure_plc"] \
+            and not is_loopback_url(values["plc_url"]):
+        raise ConfigError(f"{source}: key 'plc_url' = {values['plc_url']!r}: plain http:// "
+                          "to a host that is not loopback would send the node session and "
+                          "every slice's keys and initscripts in clear; use https://, or "
+                          "set insecure_plc = 1 to accept that (F19, F30)")
     return AgentConfig(**values, source=source)
 
 

@@ -50,6 +50,28 @@ def raw_digest(raw: bytes) -> tuple[int, str] | None:
     return int(found[0][1]), hashlib.sha256(rest).hexdigest()
 
 
+def future_timestamp(ts: int, now: float, skew: int) -> str | None:
+    """Why a reply stamped `ts` is refused, if it is more than `skew` seconds ahead of
+    `now` (this node's clock): a forged or broken reply from the future would
+    otherwise be recorded as the last applied one and make every genuine reply after
+    it look stale (F30). None if it is acceptable."""
+    if ts > now + skew:
+        return (f"GetSlivers reply timestamp {ts} is {ts - now:.0f} s ahead of this node's "
+                f"clock (more than plc_clock_skew = {skew} s); refused, nothing recorded")
+    return None
+
+
+def last_applied(stored: str | None, now: float, skew: int) -> int:
+    """The last applied reply's timestamp as recorded, or 0 if none or if it is ahead
+    of the clock by more than `skew` (recorded by an agent without the check above:
+    it must not hold back genuine replies)."""
+    try:
+        ts = int(stored or 0)
+    except ValueError:
+        return 0
+    return 0 if future_timestamp(ts, now, skew) else ts
+
+
 def decode(raw: bytes) -> Any:
     """The value of a raw methodResponse; InvalidReply if it is not well-formed XML-RPC."""
     try:

@@ -56,6 +56,7 @@ import trio
 
 from agent.config import defaults
 from agent.faults import APIFault, FdReply
+from agent.hostports import HostPorts, state_uid_owner
 from agent.ports import (
     BindDecision,
     Key,
@@ -144,6 +145,7 @@ class PortService:
         # Called with every (proto, address, port) a change took from a slice, and
         # that slice (F20: the guard then closes the old owner's sockets there).
         self.on_revoked: list[Callable[[dict[Key, str]], object]] = []
+        self.host: Any = None  # agent.hostports.HostPorts: ports the host holds (F30)
         dropped = self.table.load(self.store.load())
         if dropped:
             log.warning("ports: recorded ownership no longer allowed, dropped: %s",
@@ -170,6 +172,8 @@ class PortService:
 
     def reserve(self, slice_name: str, spec: str) -> None:
         ranges = parse_ports_tag(spec)
+        if self.host is not None:
+            self.host.refuse_held(ranges)  # F30: HostPortError, fault 102
         self._commit(lambda t: t.grant(slice_name, ranges, "reserve"))
         log.info("slice %s reserved %s", slice_name, format_ports_tag(ranges))
 
@@ -180,6 +184,8 @@ class PortService:
 
     def set_tag_ports(self, slice_name: str, tag_value: str) -> None:
         ranges = parse_ports_tag(tag_value)
+        if self.host is not None:  # F30: host-held ports skipped, logged
+            ranges = self.host.without_held(slice_name, ranges)
         self._commit(lambda t: t.set_tag_ports(slice_name, ranges))
 
     def release_slice(self, slice_name: str) -> None:
@@ -1029,20 +1035,27 @@ class GuardService:
     def __init__(self, state: Any, addresses: list[str], run_dir: Path,
                  ephemeral: tuple[int, int] | None = None,
                  reserved_ports: str | None = None,
-                 uid_range: Callable[[str], tuple[int, int] | None] | None = None) -> None:
-        """`reserved_ports`: host ports no slice may own, in the ports tag syntax
-        (agent config key `reserved_ports`; None: that key's default). `uid_range`:
+                 uid_range: Callable[[str], tuple[int, int] | None] | None = None,
+                 host_ports: Any = None) -> None:
+        """`host_ports`: an `agent.hostports.HostPorts` (F30; None: none when `state`
+        is None, else one from the state's uid ranges). `reserved_ports`: host ports
+        no slice may own, in the ports tag syntax (agent config key `reserved_ports`; None: that key's default). `uid_range`:
         a slice's host uids (first, count), see `Guard`; None: from the state's
         uid_ranges table and the config keys' defaults (`state_uid_range`)."""
         if reserved_ports is None:
             reserved_ports = defaults().reserved_ports
+        if host_ports is None and state is not None:
+            host_ports = HostPorts(state_uid_owner(state, defaults().uid_pool_start,
+                                                   defaults().uid_range_size))
+        fixed = [r for r, _ in host_ports.fixed] if host_ports is not None else []
         table = PortTable(addresses, ephemeral or read_ephemeral_range(),
-                          parse_ports_tag(reserved_ports))
+                          parse_ports_tag(reserved_ports) + fixed)
         self.ports = PortService(table, StatePortStore(state) if state is not None else None)
+        self.ports.host = host_ports
         if uid_range is None and state is not None:
             uid_range = state_uid_range(state)
         self.guard = Guard(self.ports, Path(run_dir) / "guard", uid_range)
-        self.raw = RawSockets(lambda: self.ports.table)
+        self.raw = RawSockets(lambda: self.ports.table, host_ports)
         self.ports.on_lost.append(self.raw.ports_lost)
         self.api = GuardAPI(self.guard, self.raw)
         self._send, self._recv = trio.open_memory_channel[tuple[str, int]](1024)

@@ -29,6 +29,7 @@ from agent.accounts import Accounts
 from agent.backend import Backend, KernelBackend
 from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
+from agent.hostports import HostPorts, fixed_host_ports, state_uid_owner
 from agent.plcclient import PLCClient, PLCError
 from agent.ports import PortError
 from agent.reconcile import Outcome, Reconciler, ingest
@@ -50,9 +51,12 @@ class PollResult:
 def make_guard(cfg: AgentConfig, state: State) -> GuardService:
     """The seccomp guard and port table (agent/guard.py), over this agent's uid pool."""
     addresses = [a.strip() for a in cfg.addresses.split(",") if a.strip()]
+    host = HostPorts(state_uid_owner(state, cfg.uid_pool_start, cfg.uid_range_size),
+                     fixed_host_ports(cfg.plc_url, [cfg.effective_hostname], addresses))
     return GuardService(
         state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
-        uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size))
+        uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size),
+        host_ports=host)
 
 
 def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | None = None,
@@ -137,6 +141,8 @@ class Agent:
             try:
                 self.guard.set_tag_ports(name, value)
                 self._ports_applied[name] = value
+                skipped = self.guard.ports.host.skipped.get(name) if self.guard.ports.host else None
+                self.state.set_meta(f"ports_skipped:{name}", "; ".join(skipped or ()))  # F30
             except PortError as exc:   # PortConflict is a PortError
                 log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
 
@@ -168,8 +174,11 @@ class Agent:
     async def apply_raw(self, raw: bytes, node_id: int | None) -> PollResult:
         """Validate a raw GetSlivers reply and reconcile to it. A reply identical to the
         last good one but for its timestamp is not decoded again (see raw_digest)."""
-        last_ts = int(self.state.get_meta("last_timestamp", "0") or 0)
+        now, skew = time.time(), self.cfg.plc_clock_skew
+        last_ts = getslivers.last_applied(self.state.get_meta("last_timestamp"), now, skew)
         digest = getslivers.raw_digest(raw)
+        if digest is not None and getslivers.future_timestamp(digest[0], now, skew):
+            return self._stale(digest[0], last_ts, getslivers.future_timestamp(digest[0], now, skew))
         if digest is not None:   # the same reply under other settings is another input
             digest = (digest[0], f"{digest[1]}:{self._settings_digest}")
         if digest is not None and digest[1] == self.state.get_meta("last_digest"):
@@ -188,8 +197,9 @@ class Agent:
             log.error("%s; keeping the last known state", exc)
             self.state.set_meta("last_poll_error", str(exc))
             return PollResult(False, str(exc))
-        if desired.timestamp < last_ts:
-            return self._stale(desired.timestamp, last_ts)
+        if desired.timestamp < last_ts or getslivers.future_timestamp(desired.timestamp, now, skew):
+            return self._stale(desired.timestamp, last_ts,
+                               getslivers.future_timestamp(desired.timestamp, now, skew))
         async with self._reconcile_lock:
             self.state.save_reply(reply)
             removed = ingest(self.state, desired, self.cfg.default_image,
@@ -203,8 +213,8 @@ class Agent:
         self.last_poll_ok = time.time()
         return PollResult(True, "ok", outcome, removed)
 
-    def _stale(self, ts: int, last_ts: int) -> PollResult:
-        msg = f"GetSlivers reply timestamp {ts} is older than the last applied {last_ts}; ignored"
+    def _stale(self, ts: int, last_ts: int, why: str | None = None) -> PollResult:
+        msg = why or f"GetSlivers reply timestamp {ts} is older than the last applied {last_ts}; ignored"
         log.warning(msg)
         self.state.set_meta("last_poll_error", msg)
         return PollResult(False, msg)

@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from agent.hostports import is_loopback_url
+
 log = logging.getLogger("agent.plc")
 
 FAULT_AUTH = 103
@@ -106,6 +108,11 @@ class PLCClient:
         self._ssl: ssl.SSLContext | None = None
         if url.startswith("https://"):
             self._ssl = ssl.create_default_context(cafile=ca_file or None)
+        elif not is_loopback_url(url):
+            # config.load refuses this without insecure_plc = 1 (F19, F30).
+            log.warning("plc_url %s is plain http to a host that is not loopback "
+                        "(insecure_plc): the node session, slices' keys and initscripts "
+                        "cross the network in clear", url)
 
     # -- session file ----------------------------------------------------------------------
 

@@ -33,11 +33,12 @@ import logging
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
 
+from agent.hostports import HostPorts, local_addresses
 from agent.ports import LOOPBACK4, PortRange, PortTable, normalize_address
 from agent.tokenbucket import TokenBuckets
 from kernel import packet as pk
@@ -129,9 +130,84 @@ def _dispatch(asm: Asm) -> tuple[str, str]:
     return "v4", "v6"
 
 
-def sniffer_filter(holdings: list[PortRange]) -> bytes:
-    """BPF for a cooked packet socket: only the traffic of `holdings`."""
+ALU_OR_K, LD_IMM = 0x44, 0x00
+F_SRC, F_DST, F_SRC_LOCAL, F_DST_LOCAL = 1, 2, 4, 8
+M_FLAGS = M_ID + 1
+# A packet is shown iff one end is the slice's and the other end is the slice's too
+# or not an address of this node: src ours (and so local) with a remote destination,
+# the mirror image, or both ours. A flow to or from a host socket on this node (the
+# agent's PLC session on loopback, any host service) never passes (F30).
+SHOWN_FLAGS = (F_SRC | F_SRC_LOCAL, F_DST | F_DST_LOCAL,
+               F_SRC | F_DST | F_SRC_LOCAL | F_DST_LOCAL)
+
+
+def _set_flag(asm: Asm, flag: int) -> None:
+    asm.op(pk.LD_MEM, M_FLAGS)
+    asm.op(ALU_OR_K, flag)
+    asm.op(pk.ST, M_FLAGS)
+
+
+def _mark(asm: Asm, proto: int | None, side: int, flag: int,
+          emit_address: Callable[[int, str], None], port: tuple[int, int, int] | None) -> None:
+    """Set `flag` when the packet's side `side` (0 source, 1 destination) matches:
+    protocol `proto` (None: any), the address `emit_address` compares, and
+    (slot, lo, hi) `port`."""
+    nomatch = asm.fresh("nomatch")
+    if proto is not None:
+        asm.op(pk.LD_MEM, M_PROTO)
+        asm.op(pk.JEQ_K, proto, 0, nomatch)
+    emit_address(side, nomatch)
+    if port is not None:
+        slot, lo, hi = port
+        asm.op(pk.LD_MEM, slot)
+        asm.op(pk.JGE_K, lo, 0, nomatch)
+        asm.op(pk.JGT_K, hi, nomatch, 0)
+    _set_flag(asm, flag)
+    asm.label(nomatch)
+
+
+def _v4_address(asm: Asm, addr: str) -> Callable[[int, str], None]:
+    mask, value = _v4_match(addr)
+
+    def emit(side: int, fail: str) -> None:
+        asm.op(pk.LD_MEM, (M_SRC, M_DST)[side])
+        asm.op(pk.ALU_AND_K, mask)
+        asm.op(pk.JEQ_K, value, 0, fail)
+    return emit
+
+
+def _v6_address(asm: Asm, addr: str, base: int = 0) -> Callable[[int, str], None]:
+    words = struct.unpack("!4I", ipaddress.IPv6Address(addr).packed)
+
+    def emit(side: int, fail: str) -> None:
+        off = base + (8, 24)[side]
+        for i, w in enumerate(words):
+            asm.op(pk.LD_W_ABS, off + 4 * i)
+            asm.op(pk.JEQ_K, w, 0, fail)
+    return emit
+
+
+def _verdict(asm: Asm) -> None:
+    asm.op(pk.LD_MEM, M_FLAGS)
+    for value in SHOWN_FLAGS:
+        asm.op(pk.JEQ_K, value, 0, 1)
+        asm.op(pk.RET_K, SNAPLEN)
+    asm.op(pk.RET_K, 0)
+
+
+def _locals(local: Iterable[str]) -> tuple[list[str], list[str]]:
+    addrs = {normalize_address(a) for a in local} | {LOOPBACK4, "::1"}
+    v4 = sorted(a for a in addrs if ipaddress.ip_address(a).version == 4)
+    v6 = sorted(a for a in addrs if ipaddress.ip_address(a).version == 6)
+    return v4, v6
+
+
+def sniffer_filter(holdings: list[PortRange], local: Iterable[str] = ()) -> bytes:
+    """BPF for a cooked packet socket: only the traffic of `holdings` whose other end
+    is not a socket of this node's (`local`: its addresses; loopback always) other
+    than one of `holdings` (SHOWN_FLAGS)."""
     v4rules, v6rules = _split(holdings)
+    local4, local6 = _locals(local)
     asm = Asm()
     v4, v6 = _dispatch(asm)
     asm.label(v4)
@@ -144,18 +220,36 @@ def sniffer_filter(holdings: list[PortRange]) -> bytes:
     for slot, off in ((M_SPORT, 0), (M_DPORT, 2), (M_ID, 4)):
         asm.op(pk.LD_H_IND, off)
         asm.op(pk.ST, slot)
+    asm.op(LD_IMM, 0)
+    asm.op(pk.ST, M_FLAGS)
     for r in v4rules:
-        _rule_v4(asm, r, both_sides=True)
-    asm.op(pk.RET_K, 0)
+        assert r.address is not None
+        ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
+        for side, flag in ((0, F_SRC), (1, F_DST)):
+            _mark(asm, IPPROTO[r.proto][0], side, flag, _v4_address(asm, r.address),
+                  (ports[side], r.lo, r.hi))
+    for a in local4:
+        for side, flag in ((0, F_SRC_LOCAL), (1, F_DST_LOCAL)):
+            _mark(asm, None, side, flag, _v4_address(asm, a), None)
+    _verdict(asm)
     asm.label(v6)
     asm.op(pk.LD_B_ABS, 6)
     asm.op(pk.ST, M_PROTO)
     for slot, off in ((M_SPORT, 40), (M_DPORT, 42), (M_ID, 44)):
         asm.op(pk.LD_H_ABS, off)
         asm.op(pk.ST, slot)
+    asm.op(LD_IMM, 0)
+    asm.op(pk.ST, M_FLAGS)
     for r in v6rules:
-        _rule_v6(asm, r, 0, both_sides=True)
-    asm.op(pk.RET_K, 0)
+        assert r.address is not None
+        ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
+        for side, flag in ((0, F_SRC), (1, F_DST)):
+            _mark(asm, IPPROTO[r.proto][1], side, flag, _v6_address(asm, r.address),
+                  (ports[side], r.lo, r.hi))
+    for a in local6:
+        for side, flag in ((0, F_SRC_LOCAL), (1, F_DST_LOCAL)):
+            _mark(asm, None, side, flag, _v6_address(asm, a), None)
+    _verdict(asm)
     return asm.assemble()
 
 
@@ -268,12 +362,30 @@ def check_raw_packet(table: PortTable, slice_name: str, data: bytes) -> tuple[in
     return family, src_text, dst_text
 
 
+def flow_of(data: bytes) -> tuple[int, str, str, int, str, int]:
+    """(family, proto name, source, source port, destination, destination port) of a
+    packet `check_raw_packet` accepted (ICMP: the echo id as both ports)."""
+    if data[0] >> 4 == 4:
+        family, proto, l4, src, dst = socket.AF_INET, data[9], 20, data[12:16], data[16:20]
+    else:
+        family, proto, l4, src, dst = socket.AF_INET6, data[6], 40, data[8:24], data[24:40]
+    name = {6: "tcp", 17: "udp"}.get(proto, "icmp")
+    if name == "icmp":
+        sport = dport = struct.unpack_from("!H", data, l4 + 4)[0]
+    else:
+        sport, dport = struct.unpack_from("!HH", data, l4)
+    return (family, name, socket.inet_ntop(family, src), sport,
+            socket.inet_ntop(family, dst), dport)
+
+
+
 RELAY_PPS = 20000    # packets a second forwarded for one slice, all its relays together
 RELAY_BURST = 2000
 RELAY_BATCH = 64     # packets moved per scheduler turn
 RELAY_CHECK = 5.0    # seconds between checks that the slice still holds its end
 RELAYS_PER_SLICE = 4  # open sniffers and error sockets of one slice, together
 RELAY_RCVBUF = 1 << 18  # the agent's packet socket queue per relay (kernel memory)
+RELAY_RECHECK = 2.0  # seconds between checks that a relay's keys are still usable (F30)
 
 Key = tuple[str, str, int]  # (proto, address, port), as in agent.ports
 
@@ -360,9 +472,13 @@ class RawSockets:
     cannot be replaced (SO_LOCK_FILTER), so the slice opens a new one.
     """
 
-    def __init__(self, table_of: object) -> None:
+    def __init__(self, table_of: object, host: HostPorts | None = None) -> None:
         # `table_of()` gives the current PortTable (PortService swaps tables on commit).
         self._table_of = table_of
+        # F30: with `host`, a slice's sniffers and raw sends cover only the ports on
+        # which it holds a socket itself and the host holds none (None: the table alone,
+        # for tests of the filters).
+        self._host = host
         self._senders: dict[int, socket.socket] = {}
         self._nursery: trio.Nursery | None = None
         self._relays: dict[str, list[Relay]] = {}
@@ -390,21 +506,64 @@ class RawSockets:
 
     def packet_socket(self, slice_name: str, kind: str) -> socket.socket:
         """The agent's packet socket for `kind` "sniffer" or "errors", filter locked."""
-        return self._packet_socket(kind, self._table().holdings(slice_name), slice_name)
+        return self._packet_socket(kind, self.usable(slice_name), slice_name)
+
+    def usable(self, slice_name: str) -> list[PortRange]:
+        """What a sniffer or raw send of `slice_name` may cover now: its ports in the
+        table on which, with a HostPorts, it also holds a socket itself (one whose
+        local address covers the table's address) and the host holds none (F30).
+        ICMP ids are taken from the table (no inet_diag for ping sockets)."""
+        table = self._table()
+        holdings = table.holdings(slice_name)
+        host = self._host
+        if host is None:
+            return holdings
+        out: list[PortRange] = []
+        for r in holdings:
+            if r.proto == "icmp":
+                out.append(r)
+                continue
+            bad: set[int] = set()
+            mine: dict[int, set[str]] = {}
+            for sock in host.sockets(r.proto, r.lo, r.hi):
+                owner = host.owner_of_uid(sock.uid)
+                if owner is None:
+                    bad.add(sock.port)
+                elif owner == slice_name:
+                    mine.setdefault(sock.port, set()).update(table.covered(sock.local))
+            for n in range(r.lo, r.hi + 1):
+                if n in bad or host.fixed_reason(r.proto, n) or r.address not in mine.get(n, ()):
+                    continue
+                if out and out[-1].proto == r.proto and out[-1].address == r.address \
+                        and out[-1].hi == n - 1:
+                    out[-1] = PortRange(r.proto, out[-1].lo, n, r.address)
+                else:
+                    out.append(PortRange(r.proto, n, n, r.address))
+        return out
+
+    def _local(self) -> set[str]:
+        return set(self._table().addresses) | local_addresses()
 
     def _packet_socket(self, kind: str, holdings: list[PortRange],
                        slice_name: str) -> socket.socket:
         if not holdings:
-            raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
+            raise RawSendRefused(errno.EACCES, self._nothing(slice_name))
         if kind not in ("sniffer", "errors"):
             raise ValueError(f"unknown packet socket kind {kind!r}")
-        program = sniffer_filter(holdings) if kind == "sniffer" else error_filter(holdings)
+        program = sniffer_filter(holdings, self._local()) if kind == "sniffer" else \
+            error_filter(holdings)
         return pk.open_sniffer(program)
 
+    def _nothing(self, slice_name: str) -> str:
+        if self._host is None or not self._table().holdings(slice_name):
+            return f"slice {slice_name!r} owns no port"
+        return (f"slice {slice_name!r} holds no socket on a port it owns that the host "
+                "does not hold: bind one first")
+
     def _open_relayed(self, slice_name: str, kind: str) -> socket.socket:
-        holdings = self._table().holdings(slice_name)
+        holdings = self.usable(slice_name)
         if not holdings:
-            raise RawSendRefused(errno.EACCES, f"slice {slice_name!r} owns no port")
+            raise RawSendRefused(errno.EACCES, self._nothing(slice_name))
         if self._nursery is None:
             raise RuntimeError("the raw socket service (RawSockets.run) is not running")
         if len(self._relays.get(slice_name, ())) >= RELAYS_PER_SLICE:
@@ -434,8 +593,12 @@ class RawSockets:
                          mine: socket.socket) -> None:
         try:
             with entry.scope:
-                await relay(source, mine, entry.stats, budget=self._budget,
-                            key=entry.slice_name)
+                async with trio.open_nursery() as nursery:
+                    if self._host is not None:
+                        nursery.start_soon(self._recheck, entry)
+                    await relay(source, mine, entry.stats, budget=self._budget,
+                                key=entry.slice_name)
+                    nursery.cancel_scope.cancel()
         finally:
             mine.close()
             source.close()
@@ -444,6 +607,21 @@ class RawSockets:
                 self._relays[entry.slice_name] = left
             else:
                 self._relays.pop(entry.slice_name, None)
+
+    async def _recheck(self, entry: Relay) -> None:
+        """Close the relay once a key it covers is no longer usable: the slice closed
+        its socket there, or a host socket took the port (F30). The filter keeps
+        loopback flows of host sockets out at once; this bounds the rest to
+        RELAY_RECHECK seconds."""
+        while True:
+            await trio.sleep(RELAY_RECHECK)
+            keys = {(r.proto, r.address or "", n) for r in self.usable(entry.slice_name)
+                    for n in range(r.lo, r.hi + 1)}
+            if not entry.keys <= keys:
+                log.info("rawsock: slice %s no longer holds every socket its %s covers, or "
+                         "the host took one of its ports: closed", entry.slice_name, entry.kind)
+                entry.scope.cancel()
+                return
 
     def ports_lost(self, slices: set[str]) -> None:
         """Close the relays of `slices` whose filter passes a port the slice no longer
@@ -470,6 +648,8 @@ class RawSockets:
 
     def raw_send(self, slice_name: str, data: bytes) -> int:
         family, _, dst = check_raw_packet(self._table(), slice_name, data)
+        if self._host is not None:
+            self._check_flow(slice_name, data)
         sender = self._senders.get(family)
         if sender is None:
             # IPPROTO_RAW implies IP_HDRINCL: the packet goes out as given (the
@@ -478,6 +658,25 @@ class RawSockets:
                                    socket.IPPROTO_RAW)
             self._senders[family] = sender
         return sender.sendto(data, (dst, 0))
+
+    def _check_flow(self, slice_name: str, data: bytes) -> None:
+        """F30: a TCP/UDP packet goes out only from a port on which the slice holds a
+        socket covering the source address (and the host none), and never to a host
+        socket of this node (nor to a fixed host port such as PLC's)."""
+        assert self._host is not None
+        family, proto, src, sport, dst, dport = flow_of(data)
+        if proto not in ("tcp", "udp"):
+            return
+        usable = {(r.proto, r.address, n) for r in self.usable(slice_name)
+                  for n in range(r.lo, r.hi + 1) if r.proto == proto and r.lo <= sport <= r.hi}
+        if (proto, normalize_address(src), sport) not in usable:
+            raise RawSendRefused(errno.EACCES, f"{proto} {sport} on {src}: slice "
+                                 f"{slice_name!r} holds no socket there (or the host does)")
+        if normalize_address(dst) in self._local():
+            held = self._host.held(proto, dport)
+            if held:
+                raise RawSendRefused(errno.EACCES, f"{proto} {dport} on {dst} is the "
+                                     f"host's: {held[dport]}")
 
     def close(self) -> None:
         for s in self._senders.values():

@@ -110,3 +110,24 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_plain_http_plc_only_to_loopback_or_when_insecure(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """F19/F30: http:// to a host that is not loopback is refused at load unless
+    insecure_plc = 1, which the PLC client then warns about at every start."""
+    path = tmp_path / "agent.toml"
+    for url in ("http://plc.example.org/PLCAPI/", "http://10.0.0.1:8000/PLCAPI/"):
+        path.write_text(f"plc_url = '{url}'\n")
+        with pytest.raises(config.ConfigError, match="insecure_plc"):
+            config.load(path)
+    for url in ("http://127.0.0.1:8000/", "http://localhost/", "http://[::1]:80/",
+                "https://plc.example.org/PLCAPI/"):
+        path.write_text(f"plc_url = '{url}'\n")
+        assert config.load(path).plc_url == url
+    path.write_text("plc_url = 'http://plc.example.org/PLCAPI/'\ninsecure_plc = 1\n")
+    cfg = config.load(path)
+    from agent.plcclient import PLCClient
+    with caplog.at_level("WARNING", logger="agent.plc"):
+        PLCClient(cfg.plc_url, tmp_path, lambda: (1, "k"))
+    assert "insecure_plc" in caplog.text and "clear" in caplog.text

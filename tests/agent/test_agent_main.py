@@ -190,3 +190,28 @@ async def test_a_lost_state_database_keeps_running_slivers_ranges(tmp_path: Path
         assert bases["pl_y"] == y_base and len(set(bases.values())) == 3, bases
     finally:
         b.close()
+
+
+async def test_reply_from_the_future_refused_and_never_recorded(agent: Agent) -> None:
+    """F30: a forged reply stamped far ahead is refused (both paths: decoded and
+    unchanged digest) and a later genuine reply is applied; a future timestamp recorded
+    by an older agent does not hold genuine replies back either."""
+    import time
+
+    be: FakeBackend = agent.backend  # type: ignore[assignment]
+    now = int(time.time())
+    await agent.apply_raw(wire(reply([sliver("pl_a")], timestamp=now - 60)), 1)
+    forged = now + 10 * 365 * 86400
+    for r in (reply([], timestamp=forged), reply([sliver("pl_a")], timestamp=forged)):
+        res = await agent.apply_raw(wire(r), 1)
+        assert not res.ok and "ahead of this node's clock" in res.message, res.message
+        assert agent.state.get_meta("last_timestamp") == str(now - 60)
+        assert "pl_a" in be.contexts
+    res = await agent.apply_raw(wire(reply([sliver("pl_a", cpu_share="4")], timestamp=now)), 1)
+    assert res.ok and be.contexts["pl_a"]["plan"].limits["cpu_share"] == 4
+    agent.state.set_meta("last_timestamp", str(forged))   # poisoned before the fix
+    res = await agent.apply_raw(wire(reply([sliver("pl_a")], timestamp=now + 1)), 1)
+    assert res.ok, res.message
+    # within the allowed skew: accepted
+    res = await agent.apply_raw(wire(reply([sliver("pl_a")], timestamp=now + 100)), 1)
+    assert res.ok, res.message

@@ -45,6 +45,9 @@
  *   bindp TYPE PROTO ADDR PORT [freebind]
  *                             bind a socket of that type and protocol -> "bind ERRNO PORT"
  *   hold PATH N SECS          N connections to Unix PATH, held SECS -> "hold CONNECTED"
+ *   udphold ADDR PORT SECS [MSG]  bind UDP ADDR:PORT (IPv4) -> "udphold ERRNO"; then for
+ *                             SECS print "msg PAYLOAD" per datagram received, and send MSG
+ *                             to itself every 100 ms if given -> "udphold done"
  *   junkfds PATH N            N times: connect, send 200 fds + junk bytes, close
  *                                                           -> "junkfds SENT"
  *   slow PATH SECS            send a request one byte a second -> "slow CLOSED_AFTER_S"
@@ -605,6 +608,32 @@ int main(int argc, char **argv)
 	} else if (!strcmp(cmd, "hold")) {
 		NEED(3);
 		do_hold(argv[2], atoi(argv[3]), atoi(argv[4]));
+	} else if (!strcmp(cmd, "udphold")) {
+		NEED(3);
+		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+		inet_pton(AF_INET, argv[2], &sa.sin_addr);
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		int e = bind(s, (struct sockaddr *)&sa, sizeof sa) < 0 ? errno : 0;
+		printf("udphold %d\n", e);
+		fflush(stdout);
+		if (e)
+			return 0;
+		time_t end = time(NULL) + atoi(argv[4]);
+		while (time(NULL) < end) {
+			if (argc > 5)
+				sendto(s, argv[5], strlen(argv[5]), 0, (struct sockaddr *)&sa, sizeof sa);
+			struct pollfd pfd = {s, POLLIN, 0};
+			while (poll(&pfd, 1, 100) > 0) {
+				char buf[2048];
+				ssize_t n = recv(s, buf, sizeof buf - 1, 0);
+				if (n <= 0)
+					break;
+				buf[n] = 0;
+				printf("msg %s\n", buf);
+				fflush(stdout);
+			}
+		}
+		printf("udphold done\n");
 	} else if (!strcmp(cmd, "junkfds")) {
 		NEED(2);
 		do_junkfds(argv[2], atoi(argv[3]));

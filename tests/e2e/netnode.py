@@ -229,6 +229,8 @@ class AgentNode:
             key_file.write_text(plc.node_key(hostname) + "\n")
             config.write_default(node.cfg_path, {
                 "plc_url": plc.url, "hostname": hostname, "key_file": str(key_file),
+                # PLC over plain http across the test veth: accepted explicitly (F30)
+                "insecure_plc": 1,
                 "state_dir": str(base / "state"), "run_dir": str(base / "run"),
                 "socket_path": str(node.socket_path), "default_image": "bb",
                 "poll_interval": 1, "poll_jitter": 0, "backoff_max": 2, "plc_timeout": 10,

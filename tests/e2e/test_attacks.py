@@ -838,7 +838,7 @@ def test_raw_send_checks_source_and_refuses_ip_options(agent_side: AgentSide) ->
     s = agent_side
     port = free_port(29000 + PID % 2000)
     dest = free_port(port + 1)
-    reply = call_from(s.a, http(xmlrpc.client.dumps((f"udp:{port}@127.0.0.1",),
+    reply = call_from(s.a, http(xmlrpc.client.dumps((f"udp:{port}@127.0.0.1,udp:{dest}@127.0.0.1",),
                                                     "ReservePort").encode()))
     assert b"<fault>" not in reply, reply
 
@@ -853,11 +853,28 @@ def test_raw_send_checks_source_and_refuses_ip_options(agent_side: AgentSide) ->
         return call_from(s.a, http(xmlrpc.client.dumps((xmlrpc.client.Binary(pkt),),
                                                        "RawSend").encode()))
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind(("127.0.0.1", dest))
-        rx.settimeout(5)
-        assert b"<fault>" not in raw_send(packet("127.0.0.1", port))
-        assert rx.recv(100) == b"e2e!"
+    from kernel.context import PIPE
+
+    # F30: not from a port A holds no socket on, even though the table grants it
+    assert b"holds no socket" in raw_send(packet("127.0.0.1", port))
+    holders = [s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(p), "8"], stdout=PIPE,
+                         stderr=PIPE) for p in (port, dest)]
+    try:
+        for h in holders:
+            assert h.stdout is not None and h.stdout.readline().split() == [b"udphold", b"0"]
+        assert b"<fault>" not in raw_send(packet("127.0.0.1", port))   # A's to A's
+        assert holders[1].stdout is not None
+        assert holders[1].stdout.readline().split() == [b"msg", b"e2e!"]
+        # F30: never to a host socket of this node (the agent's PLC session, say)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as host:
+            host.bind(("127.0.0.1", 0))
+            to_host = packet("127.0.0.1", port)
+            to_host = to_host[:22] + struct.pack("!H", host.getsockname()[1]) + to_host[24:]
+            assert b"a host service listens there" in raw_send(to_host)
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait(10)
     for bad in (packet("127.0.0.1", port, b"\x01\x01\x01\x00"),        # NOP options
                 packet("127.0.0.1", port, b"\x83\x07\x04" + b"\x00" * 5),  # loose source route
                 packet("127.0.0.1", port + 7),                          # not its port
@@ -916,6 +933,39 @@ def test_reserveport_refuses_privileged_ports(agent_side: AgentSide) -> None:
         assert b"<fault>" in out, (spec, out[:300])
 
 
+def test_reserveport_refuses_host_held_ports(agent_side: AgentSide) -> None:
+    """F30: PLC's port on this node (the agent's own plc_url) and a port where a host
+    socket listens (TCP or UDP, loopback or wildcard, v4 or v6) are never granted."""
+    import urllib.parse
+    import xmlrpc.client
+
+    s = agent_side
+    plc = urllib.parse.urlsplit(s.node.cfg.plc_url).port
+
+    def call(*args: Any) -> bytes:
+        time.sleep(0.25)   # within the agent's api_rate (5/s): refusals, not rate faults
+        return call_from(s.a, http(xmlrpc.client.dumps(args[1:], args[0]).encode()))
+    for spec in (f"tcp:{plc}@127.0.0.1", f"tcp:{plc}"):
+        out = call("ReservePort", spec)
+        assert b"<fault>" in out and b"a host service listens there" in out, (spec, out)
+    port = free_port(31000 + PID % 1500)
+    for fam, stype, addr in ((socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1"),
+                             (socket.AF_INET6, socket.SOCK_STREAM, "::"),
+                             (socket.AF_INET, socket.SOCK_DGRAM, "0.0.0.0")):
+        with socket.socket(fam, stype) as host:
+            host.bind((addr, port))
+            if stype == socket.SOCK_STREAM:
+                host.listen()
+            proto = "tcp" if stype == socket.SOCK_STREAM else "udp"
+            for spec in (f"{proto}:{port}@127.0.0.1", f"{proto}:{port}"):
+                out = call("ReservePort", spec)
+                assert b"<fault>" in out and b"a host service listens there" in out, (spec, out)
+    out = call("GetPorts")
+    assert b"<fault>" not in out
+    assert str(port).encode() not in out and str(plc).encode() not in out, out
+    time.sleep(2)   # the slice's API budget refills for the tests after this one
+
+
 def test_explicit_ephemeral_binds_refused(fence: Fence) -> None:
     """F18: a specific port of the ephemeral range is nobody's to bind (port 0 is)."""
     from agent.ports import read_ephemeral_range
@@ -942,20 +992,22 @@ def test_sniffer_stops_seeing_a_port_its_slice_gave_up(agent_side: AgentSide) ->
         return call_from(ctx, http(xmlrpc.client.dumps(args, method).encode()))
 
     assert b"<fault>" not in api(s.a, "ReservePort", spec)
+    # A sniffer covers the ports A holds a socket on (F30): A's socket talks to itself.
+    own = s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "3", f"Aown{PID}"],
+                    stdout=PIPE, stderr=PIPE)
+    assert own.stdout is not None and own.stdout.readline().split() == [b"udphold", b"0"]
     sniffer = s.a.spawn(["/bin/attacker", "sniff1", SOCK_IN_SLIVER, "4", f"Aown{PID}",
                          f"Bpriv{PID}"],
                         stdout=PIPE, stderr=PIPE)
     try:
         assert sniffer.stdout is not None
         assert sniffer.stdout.readline().split() == [b"sniff1", b"ready"]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-            tx.sendto(f"Aown{PID}".encode(), ("127.0.0.1", port))   # A's: seen
-            time.sleep(0.3)
-            assert b"<fault>" not in api(s.a, "ReleasePort", spec)
-            assert b"<fault>" not in api(s.b, "ReservePort", spec)
-            time.sleep(0.3)
-            for _ in range(5):
-                tx.sendto(f"Bpriv{PID}".encode(), ("127.0.0.1", port))
+        own.wait(10)
+        assert b"<fault>" not in api(s.a, "ReleasePort", spec)
+        assert b"<fault>" not in api(s.b, "ReservePort", spec)
+        b_own = s.b.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "1",
+                           f"Bpriv{PID}"], stdout=PIPE, stderr=PIPE)
+        assert b_own.wait(10) == 0
         assert sniffer.wait(30) == 0
         out = sniffer.stdout.read().split()
         assert out[0] == b"sniff1" and int(out[1]) >= 1, out   # A's own packet...
@@ -978,6 +1030,9 @@ def test_sniffers_are_capped_per_slice(agent_side: AgentSide) -> None:
     spec = f"udp:{port}@127.0.0.1"
     reply = call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReservePort").encode()))
     assert b"<fault>" not in reply, reply
+    holder = s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "10"],
+                       stdout=PIPE, stderr=PIPE)   # a sniffer needs A's own socket (F30)
+    assert holder.stdout is not None and holder.stdout.readline().split() == [b"udphold", b"0"]
     hog = s.a.spawn(["/bin/attacker", "sniffers", SOCK_IN_SLIVER, "12", "3"], stdout=PIPE,
                     stderr=PIPE)
     try:
@@ -987,6 +1042,8 @@ def test_sniffers_are_capped_per_slice(agent_side: AgentSide) -> None:
     finally:
         hog.kill()
         hog.wait(10)
+        holder.kill()
+        holder.wait(10)
         call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReleasePort").encode()))
 
 

@@ -22,12 +22,14 @@ from kernel import packet as pk
 pytestmark = pytest.mark.kernel
 
 
-def free_udp_ports(count: int) -> list[int]:
+def free_udp_ports(count: int, avoid: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
     lo = read_ephemeral_range()[0]
     out: list[int] = []
     port = 20000 + (os.getpid() * 13) % (lo - 21000)
     while len(out) < count:
         port = port + 1 if port + 1 < lo else 20000
+        if port in avoid:
+            continue
         try:
             for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
                 with socket.socket(fam, socket.SOCK_DGRAM) as s:
@@ -63,24 +65,31 @@ def collect(sock: socket.socket, settle: float = 0.2) -> list[bytes]:
 
 
 def test_sniffer_sees_own_traffic_only(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
-    raw, _, (pa, pb, closed, recv) = setup
+    """a's flows between its own ports are shown (both directions, v4 and v6); b's are
+    not; and neither is a flow between a's port and a socket of this node that is not
+    a's (`recv`: a host socket, say the agent's PLC session on loopback): F30."""
+    raw, table, (pa, pb, closed, recv) = setup
+    (pa2,) = free_udp_ports(1, avoid={pa, pb, closed, recv})
+    table.grant("a", [PortRange("udp", pa2, pa2)])
     tag = str(os.getpid()).encode()
     with raw.packet_socket("a", "sniffer") as sniff:
         for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            udp_send(fam, host, pa, recv, b"A-out-" + tag)   # from a's port
-            udp_send(fam, host, recv, pa, b"A-in-" + tag)    # to a's port
+            udp_send(fam, host, pa, pa2, b"A-out-" + tag)   # a's port to a's port
+            udp_send(fam, host, pa2, pa, b"A-in-" + tag)
+            udp_send(fam, host, pa, recv, b"H-out-" + tag)  # a's port <-> a host socket
+            udp_send(fam, host, recv, pa, b"H-in-" + tag)
             udp_send(fam, host, pb, recv, b"B-out-" + tag)
             udp_send(fam, host, recv, pb, b"B-in-" + tag)
         got = collect(sniff)
     mine = [p for p in got if tag in p]
-    assert not [p for p in mine if b"B-" in p]
+    assert not [p for p in mine if b"B-" in p or b"H-" in p]
     v4 = {p[28:] for p in mine if p[0] >> 4 == 4}
     v6 = {p[48:] for p in mine if p[0] >> 4 == 6}
     assert v4 == v6 == {b"A-out-" + tag, b"A-in-" + tag}
     # every packet shown is to or from a's port
     for p in got:
         off = (p[0] & 15) * 4 if p[0] >> 4 == 4 else 40
-        assert pa in struct.unpack_from("!HH", p, off), p[:48]
+        assert {pa, pa2} & set(struct.unpack_from("!HH", p, off)), p[:48]
 
 
 def test_sniffer_filter_cannot_be_replaced(setup: tuple[RawSockets, PortTable, list[int]]) -> None:
@@ -193,8 +202,8 @@ async def test_relay_delivers_own_traffic_and_cannot_send(
         assert held.type == socket.SOCK_SEQPACKET
         with pytest.raises(BrokenPipeError):
             held.send(b"\x45" + bytes(40))      # it cannot send anything
-        udp_send(socket.AF_INET, "127.0.0.1", pa, recv, b"A" + tag)
-        udp_send(socket.AF_INET, "127.0.0.1", pb, recv, b"B" + tag)
+        udp_send(socket.AF_INET, "127.0.0.1", pa, pa, b"A" + tag)
+        udp_send(socket.AF_INET, "127.0.0.1", pb, pb, b"B" + tag)
         got: list[bytes] = []
         with trio.fail_after(5):
             while not any(b"A" + tag in p for p in got):
@@ -208,7 +217,7 @@ async def test_relay_delivers_own_traffic_and_cannot_send(
         with trio.fail_after(5):
             while raw._nursery is not None and raw._nursery.child_tasks and \
                     any(t.name.startswith("relay:") for t in raw._nursery.child_tasks):
-                udp_send(socket.AF_INET, "127.0.0.1", pa, recv, b"wake")
+                udp_send(socket.AF_INET, "127.0.0.1", pa, pa, b"wake")
                 await trio.sleep(0.05)                # ... and the relay ends
         nursery.cancel_scope.cancel()
 

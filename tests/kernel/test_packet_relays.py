@@ -64,10 +64,11 @@ async def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> list[b
 
 
 async def sees(sock: socket.socket, port: int, payload: bytes, timeout: float = 5.0) -> bool:
-    """Send `payload` to 127.0.0.1:`port` until it shows up on `sock`."""
+    """Send `payload` from and to 127.0.0.1:`port` until it shows up on `sock` (a flow
+    whose other end is a node socket not the slice's is never shown: F30)."""
     with trio.move_on_after(timeout):
         while True:
-            udp_send(socket.AF_INET, "127.0.0.1", 0, port, payload)
+            udp_send(socket.AF_INET, "127.0.0.1", port, port, payload)
             await trio.sleep(0.05)
             if any(payload in p for p in pk.drain(sock)):
                 return True
@@ -88,7 +89,7 @@ async def test_release_closes_sniffer_before_the_next_owner_talks(svc: GuardServ
     svc.api.ReleasePort(a, f"udp:{p}@127.0.0.1")
     svc.api.ReservePort(b, f"udp:{p}@127.0.0.1")
     secret = f"b-private-{tag}".encode()
-    udp_send(socket.AF_INET, "127.0.0.1", 0, p, secret)
+    udp_send(socket.AF_INET, "127.0.0.1", p, p, secret)   # would pass a's filter
     for sock in (sniffer, errors):
         got = await read_until_closed(sock)
         assert not any(secret in pkt for pkt in got)
@@ -147,6 +148,7 @@ async def test_relays_of_a_slice_share_one_packet_budget(svc: GuardService) -> N
         start = trio.current_time()
         received = 0
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.bind(("127.0.0.1", p))   # from a's port to a's port: shown (F30)
             while trio.current_time() - start < 1.0:
                 for _ in range(100):
                     tx.sendto(b"flood", ("127.0.0.1", p))
