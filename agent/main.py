@@ -90,7 +90,8 @@ class Agent:
         cfg = self.cfg
         guard = GuardService(
             self.state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
-            uid_range=state_uid_range(self.state, cfg.uid_pool_start, cfg.uid_range_size))
+            uid_range=state_uid_range(self.state, cfg.uid_pool_start, cfg.uid_range_size),
+            cgroup_parent=cfg.cgroup_parent)
         if hasattr(self.backend, "guard_filter"):
             self.backend.guard_filter = guard.filter()
         return guard
