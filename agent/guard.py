@@ -320,6 +320,7 @@ class GuardStats:
     logs_suppressed: int = 0
     fast: int = 0   # answered by the C fast path (also counted in handled)
     throttled: int = 0  # turns a listener waited for its slice's CPU budget (F36)
+    deafened: int = 0   # revoked UDP sockets given a drop-all filter (F20/F32)
     by_errno: dict[int, int] = field(default_factory=dict)
 
 
@@ -622,6 +623,7 @@ class Guard:
                 try:
                     if os.fstat(fd).st_ino == inode:  # not a reused pid or fd number
                         sockdiag.deafen(fd)
+                        self.stats.deafened += 1
                 finally:
                     os.close(fd)
             except OSError as exc:
