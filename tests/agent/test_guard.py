@@ -832,3 +832,42 @@ async def test_abstract_unix_names_only_under_the_slice_prefix(tmp_path: Path,
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
             host.bind(x11.replace("@", "\0", 1))
         nursery.cancel_scope.cancel()
+
+
+async def test_revocations_in_flight_follow_the_current_table(tmp_path: Path,
+                                                              slivers: Any) -> None:
+    """F32: revocations are queued and done in a worker thread, in order; one that
+    starts after the slice reserved the port again leaves its socket alone, and two
+    releases in flight both take effect."""
+    first = 100_000_000 + os.getpid() * 4 + 2
+    table = PortTable([], read_ephemeral_range())
+    a = slivers("a", first)
+    guard = Guard(PortService(table, PortStore()), tmp_path / "guard",
+                  {a.name: (first, 2)}.get)
+    p1, p2, p3 = free_ports(3)
+    guard.ports.reserve(a.name, f"udp:{p1},udp:{p2},udp:{p3}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.supervise, a.name, os.dup(a.listener))
+        socks = {}
+        for p in (p1, p2, p3):
+            got = await a.acall(op="bind", host="127.0.0.1", port=p, type="SOCK_DGRAM")
+            assert got["errno"] == 0
+            socks[p] = got["fd"]
+        # three changes before any revocation runs (no revoker yet): two releases,
+        # and p3 released and reserved again
+        guard.ports.release(a.name, f"udp:{p1}")
+        guard.ports.release(a.name, f"udp:{p2}")
+        guard.ports.release(a.name, f"udp:{p3}")
+        guard.ports.reserve(a.name, f"udp:{p3}")
+        await nursery.start(guard.revoker)
+        with trio.fail_after(10):
+            await guard.revocations_settled()
+        for p in (p1, p2):
+            got = await a.acall(op="recv", fd=socks[p], timeout=1)
+            assert got["errno"] == errno.ECONNABORTED, (p, got)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"still", ("127.0.0.1", p3))
+        got = await a.acall(op="recv", fd=socks[p3], timeout=2)
+        assert got["errno"] == 0, got   # p3 is a's again: its socket was left alone
+        assert guard.stats.deafened == 2, guard.stats
+        nursery.cancel_scope.cancel()
