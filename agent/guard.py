@@ -81,10 +81,12 @@ DECISIONS = 1024  # cached port table decisions per Guard (cleared when full)
 BATCH = 32  # notifications handled per scheduler turn of one listener
 PIDFD_CACHE = 1024  # cached caller pidfds, all slices together (LRU; F22)
 REFUSAL_LOG_RATE, REFUSAL_LOG_BURST = 5.0, 20  # refusal log lines per slice
-# The agent CPU a slice's guarded syscalls may use (F36): a share of one CPU, with a
-# burst; beyond it the slice's listener is not read until its budget refills, so its
-# callers wait in the kernel (costing the agent nothing) and other slices' turns come.
-SLICE_CPU_SHARE, SLICE_CPU_BURST = 0.25, 0.05
+# The agent CPU a slice's refused and slow-path (Python, guard-bindas) notifications
+# may use (F36): a share of one CPU, with a burst; beyond it the slice's listener is
+# not read until its budget refills, so its callers wait in the kernel (costing the
+# agent nothing) and other slices' turns come. Binds the C fast path allows are not
+# charged: they cost the agent about what they cost the slice.
+SLICE_CPU_SHARE, SLICE_CPU_BURST = 0.05, 0.02
 BINDAS_CHARGE = 0.002  # agent CPU charged per guard-bindas run (spawn and wait)
 REVOKE_BUDGET = 5.0  # seconds one revocation may spend looking for holders (F32)
 ABSTRACT_PREFIX = "pl/{slice}/"  # abstract Unix names a sliver may bind: "\0pl/<slice>/..." (F35)
@@ -646,6 +648,8 @@ class Guard:
             if not decision.allowed:
                 if fast is not None:   # answer this exact key in C from now on (F36)
                     fast.deny(family, info[1], info[2], raw, decision.errno)
+                    if self._refused_for_any_socket(slice_name, d, decision.errno):
+                        fast.deny(0, 0, 0, raw, decision.errno)
                 self._refusal(slice_name, "guard: slice %s pid %d bind %s %s port %d refused "
                               "(%s): %s", slice_name, n.pid, d.proto, d.address, d.port,
                               errno.errorcode.get(decision.errno, decision.errno),
@@ -689,6 +693,14 @@ class Guard:
             except (OSError, ValueError) as exc:
                 log.warning("guard: %s: cgroups unknown (%s)", slice_name, exc)
         return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller", pidfd, cgroups)
+
+    def _refused_for_any_socket(self, slice_name: str, d: _IPDecision, err: int) -> bool:
+        """Would the slice be refused these sockaddr bytes, with `err`, whatever its
+        socket (TCP, UDP or ICMP)? Then the fast path may refuse them without looking
+        at the socket (a refusal lets nothing through; only the errno of a nonsense
+        call, a non-IP socket with IP bytes, differs from the kernel's)."""
+        return all(self.ports.check_bind(slice_name, proto, d.address, d.port).errno == err
+                   for proto in ("tcp", "udp", "icmp"))
 
     def _ip_decision(self, slice_name: str, info: tuple[int, int, int],
                      raw: bytes) -> _IPDecision:
@@ -849,6 +861,7 @@ class Guard:
                 # the reply returns), but yield after a bounded batch.
                 left = BATCH   # notifications per turn, whoever answers them
                 started = time.thread_time()
+                handled0, fast0 = self.stats.handled, self.stats.fast
                 while left > 0:
                     try:
                         if fast is not None:
@@ -867,11 +880,19 @@ class Guard:
                         out = await self._finish(out)
                         started = time.thread_time()
                     self._reply(slice_name, listener, n, out)
+                spent = time.thread_time() - started
                 if fast is not None:
                     refused = fast.refused()
                     self.stats.denied += refused - refused_fast
+                    # Binds the fast path allowed cost the agent about what they
+                    # cost the slice: only the rest of the turn (refusals, Python)
+                    # is charged to the budget.
+                    handled = self.stats.handled - handled0
+                    if handled > 0:
+                        free = self.stats.fast - fast0 - (refused - refused_fast)
+                        spent *= (handled - free) / handled
                     refused_fast = refused
-                budget.charge(time.thread_time() - started)
+                budget.charge(spent)
                 await trio.lowlevel.checkpoint()
         finally:
             if self.listening.get(slice_name) == listener:

@@ -244,6 +244,14 @@ static int fast_bind(struct gf *g, const struct seccomp_notif *n)
 		return -1;
 	if (!memo_has_addr(g, key.addr, len)) /* an unknown address: no fd taken at all */
 		return -1;
+	/* Bytes refused on every kind of socket (family 0 in the memo): refused without
+	 * looking at the socket at all (a refusal needs no check of who asks, F36). */
+	key.family = key.type = key.protocol = 0;
+	int any = memo_answer(g, &key);
+	if (any > 0) {
+		g->refused++;
+		return any;
+	}
 	int fd = caller_fd(g, (int)n->pid, (int)fdnum);
 	if (fd < 0)
 		return -1;
