@@ -188,7 +188,7 @@ async def test_release_of_a_udp_port_held_among_many_fds_stalls_no_one(
 
 
 @pytest.mark.parametrize("kind", ["ip", "unix"])
-async def test_a_flooding_slice_slows_no_other_and_costs_the_agent_less_than_itself(
+async def test_a_flooding_slice_slows_no_other_and_bounds_the_agent_cpu(
         sl: Slivers, tmp_path: Path, kind: str) -> None:
     """F36: slice A floods refused IP binds (or Unix-path binds, each a guard-bindas
     run) from 4 processes; slice B's bind latency (p50) moves by less than 2x, and the
