@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import select
@@ -47,7 +48,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,7 +56,7 @@ from typing import Any, NamedTuple
 import trio
 
 from agent.config import defaults
-from agent.faults import APIFault, FdReply
+from agent.faults import FAULT_RATE, APIFault, FdReply
 from agent.hostports import HostPorts, state_uid_owner
 from agent.ports import (
     BindDecision,
@@ -71,6 +72,7 @@ from agent.ports import (
 from agent.rawsock import RawSendRefused, RawSockets
 from agent.tokenbucket import TokenBuckets
 from kernel import guardfast, seccomp, sockdiag
+from kernel.cgroups import PARENT, SliverCgroup, detect_layout
 from kernel.packet import bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_getfd, pidfd_open
 
@@ -83,9 +85,18 @@ BINDAS_TIMEOUT = 5.0
 JOURNAL_V1 = struct.Struct("<QIi6Q")  # id, pid, nr, args (journals of earlier agents)
 JOURNAL_SIZE = seccomp.NOTIF.size  # the journal: the struct seccomp_notif as received
 DECISIONS = 1024  # cached port table decisions per Guard (cleared when full)
-BATCH = 64  # notifications handled per scheduler turn of one listener
+BATCH = 32  # notifications handled per scheduler turn of one listener
 PIDFD_CACHE = 1024  # cached caller pidfds, all slices together (LRU; F22)
 REFUSAL_LOG_RATE, REFUSAL_LOG_BURST = 5.0, 20  # refusal log lines per slice
+# The agent CPU a slice's refused and slow-path (Python, guard-bindas) notifications
+# may use (F36): a share of one CPU, with a burst; beyond it the slice's listener is
+# not read until its budget refills, so its callers wait in the kernel (costing the
+# agent nothing) and other slices' turns come. Binds the C fast path allows are not
+# charged: they cost the agent about what they cost the slice.
+SLICE_CPU_SHARE, SLICE_CPU_BURST = 0.05, 0.02
+BINDAS_CHARGE = 0.002  # agent CPU charged per guard-bindas run (spawn and wait)
+REVOKE_BUDGET = 5.0  # seconds one revocation may spend looking for holders (F32)
+ABSTRACT_PREFIX = "pl/{slice}/"  # abstract Unix names a sliver may bind: "\0pl/<slice>/..." (F35)
 
 AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 SOCK_STREAM, SOCK_DGRAM = int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM)
@@ -236,6 +247,14 @@ def parse_ip_sockaddr(family: int, raw: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
+def abstract_prefix(slice_name: str) -> bytes:
+    """The abstract Unix names (after the leading NUL) slice `slice_name` may bind
+    (F35): a sliver shares the node's network namespace, and so its abstract
+    names, with the host; a name outside this prefix could squat a host service's
+    (X11's "/tmp/.X11-unix/X0", D-Bus's...) and receive its clients."""
+    return ABSTRACT_PREFIX.format(slice=slice_name).encode()
+
+
 def _already_bound(fd: int, info: tuple[int, int, int], address: str, port: int) -> bool:
     """Is socket `fd` bound to `address`:`port` (any port if 0) already?"""
     family = info[0]
@@ -264,6 +283,7 @@ class _AsCaller(NamedTuple):
     raw: bytes
     what: str
     pidfd: int  # the caller's (thread) pidfd, owned by this object (F8)
+    cgroups: tuple[str, ...] = ()  # the slice's cgroup directories: the helper joins them
 
 
 class _IPDecision(NamedTuple):
@@ -274,6 +294,32 @@ class _IPDecision(NamedTuple):
     port: int
     decision: BindDecision
     ok: Outcome  # the reply when the bind then succeeds
+
+
+class CpuBudget:
+    """The agent CPU one slice's notifications may use: `share` of a CPU refills it
+    up to `burst` seconds; handling is charged after the fact, so a turn may
+    overdraw it and the listener then rests until it is positive again (F36)."""
+
+    def __init__(self, share: float = SLICE_CPU_SHARE, burst: float = SLICE_CPU_BURST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.share, self.burst, self.clock = share, burst, clock
+        self.left = burst
+        self.stamp = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.left = min(self.burst, self.left + (now - self.stamp) * self.share)
+        self.stamp = now
+
+    def charge(self, seconds: float) -> None:
+        self._refill()
+        self.left -= seconds
+
+    def rest(self) -> float:
+        """Seconds to wait before handling more (0: go on)."""
+        self._refill()
+        return 0.0 if self.left > 0 else -self.left / self.share + 1e-4
 
 
 class _ListenerDone(Exception):
@@ -287,6 +333,8 @@ class GuardStats:
     errors: int = 0
     logs_suppressed: int = 0
     fast: int = 0   # answered by the C fast path (also counted in handled)
+    throttled: int = 0  # turns a listener waited for its slice's CPU budget (F36)
+    deafened: int = 0   # revoked UDP sockets given a drop-all filter (F20/F32)
     by_errno: dict[int, int] = field(default_factory=dict)
 
 
@@ -296,11 +344,23 @@ class Guard:
     """Handles the notifications of the slivers' listeners (see the module docstring)."""
 
     def __init__(self, ports: PortService, run_dir: Path,
-                 uid_range: Callable[[str], tuple[int, int] | None] | None = None) -> None:
+                 uid_range: Callable[[str], tuple[int, int] | None] | None = None,
+                 cgroups: Callable[[str], list[Path]] | None = None) -> None:
         """`uid_range(slice)`: the slice's host uids as (first, count), or None if
-        unknown; with it, sockets on ports taken from a slice are closed (F20)."""
+        unknown; with it, sockets on ports taken from a slice are closed (F20).
+        `cgroups(slice)`: the sliver's cgroup directories (`sliver_cgroups`). The
+        holders of a revoked UDP socket are looked for among their processes (F32;
+        without: every process of the node with a uid of the slice), and the
+        guard-bindas helper runs in them, charged to the slice (F36)."""
         self.ports = ports
         self.uid_range = uid_range
+        self.cgroups = cgroups
+        # Revocations queued by close_revoked (trio thread) for `revoker` (F32).
+        self._revoke_send, self._revoke_recv = trio.open_memory_channel[dict[Key, str]](
+            math.inf)
+        self._revoking = 0   # queued or running
+        self._revoked_idle = trio.Event()
+        self._revoked_idle.set()
         ports.on_revoked.append(self.close_revoked)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -385,8 +445,8 @@ class Guard:
 
     async def _finish(self, job: _AsCaller) -> Outcome:
         try:
-            return Outcome(await self._bind_as_caller(job.pid, job.fd, job.raw, job.pidfd),
-                           job.what)
+            return Outcome(await self._bind_as_caller(job.pid, job.fd, job.raw, job.pidfd,
+                                                      job.cgroups), job.what)
         finally:
             os.close(job.fd)
             os.close(job.pidfd)
@@ -462,25 +522,64 @@ class Guard:
             await trio.lowlevel.wait_readable(self._exits.fileno())
             self.reap_pidfds()
 
-    def close_revoked(self, revoked: dict[Key, str]) -> int:
-        """Close the old owners' TCP and UDP sockets on ports taken from them (F20).
+    def close_revoked(self, revoked: dict[Key, str]) -> None:
+        """PortService.on_revoked: queue closing the old owners' sockets on ports taken
+        from them (F20) for the `revoker` task. Called in the trio thread; returns at
+        once: the work (a sock_diag dump, finding holders among the slice's
+        processes) runs in a worker thread (F32)."""
+        if self.uid_range is None or not revoked:
+            return
+        self._revoking += 1
+        self._revoked_idle = trio.Event() if self._revoked_idle.is_set() else \
+            self._revoked_idle
+        self._revoke_send.send_nowait(dict(revoked))
 
-        For each (slice, proto, port) in `revoked`, the sockets of that local port
-        whose uid is in the slice's uid range and whose local address covers a
-        revoked address (a wildcard covers them all) are destroyed with sock_diag
-        SOCK_DESTROY: TCP ones are reset (a listener's accept fails); UDP ones get
-        ECONNABORTED and then drop all they receive (`_deafen`). Either keeps its
-        port until its holders close it (the kernel's SOCK_BINDPORT_LOCK). How many
-        were closed.
+    async def revoker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+        """Carry out queued revocations one at a time, each in a worker thread (started
+        by `serve_guard`; runs until cancelled). One at a time: two ReleasePorts in
+        flight are done in order, and each re-reads the port table when it starts."""
+        task_status.started()
+        async for revoked in self._revoke_recv:
+            try:
+                await trio.to_thread.run_sync(self.revoke_now, revoked,
+                                              abandon_on_cancel=True)
+            except Exception:  # boundary: one failed revocation must not stop the next
+                log.exception("guard: revocation of %s failed", sorted(revoked))
+            finally:
+                self._revoking -= 1
+                if self._revoking == 0:
+                    self._revoked_idle.set()
+
+    async def revocations_settled(self) -> None:
+        """Return once every queued revocation is done."""
+        while self._revoking:
+            await self._revoked_idle.wait()
+
+    def revoke_now(self, revoked: dict[Key, str], budget: float = REVOKE_BUDGET) -> int:
+        """Close the old owners' TCP and UDP sockets on ports taken from them (F20);
+        blocking: runs in a worker thread (`revoker`), never in the agent's loop.
+
+        Keys the slice owns again by now (a ReservePort after the ReleasePort) are
+        skipped: the current table decides. For each (slice, proto, port) left, the
+        sockets of that local port whose uid is in the slice's uid range and whose
+        local address covers a revoked address (a wildcard covers them all) are
+        destroyed with sock_diag SOCK_DESTROY: TCP ones are reset (a listener's accept
+        fails); UDP ones get ECONNABORTED and then drop all they receive (`_deafen`,
+        within `budget` seconds). Either keeps its port until its holders close it
+        (the kernel's SOCK_BINDPORT_LOCK). How many were closed.
         """
         if self.uid_range is None:
             return 0
+        deadline = time.monotonic() + budget
+        table = self.ports.table   # installed tables are never changed in place
+        now = table.ownership()
         wanted: dict[tuple[str, str], dict[int, set[str]]] = {}
-        for (proto, address, port), owner in revoked.items():
-            if proto in sockdiag.PROTOCOLS:
+        for key, owner in revoked.items():
+            proto, address, port = key
+            if proto in sockdiag.PROTOCOLS and now.get(key) != owner:
                 wanted.setdefault((owner, proto), {}).setdefault(port, set()).add(address)
         closed = 0
-        table = self.ports.table
         for (owner, proto), ports in sorted(wanted.items()):
             uids = self.uid_range(owner)
             if uids is None:
@@ -502,18 +601,32 @@ class Guard:
                 log.error("guard: closing %s's %s sockets on ports %s failed: %s",
                           owner, proto, sorted(ports), exc)
             if aborted:
-                self._deafen(owner, aborted, first, count)
+                self._deafen(owner, aborted, first, count, deadline)
         if closed:
             log.info("guard: closed %d socket(s) on ports taken from %s", closed,
                      ", ".join(sorted({o for o, _ in wanted})))
         return closed
 
-    @staticmethod
-    def _deafen(owner: str, inodes: set[int], first: int, count: int) -> None:
+    def _deafen(self, owner: str, inodes: set[int], first: int, count: int,
+                deadline: float) -> None:
         """A destroyed UDP socket keeps its port and would go on receiving after its
         one ECONNABORTED: make it drop everything (a locked filter), through a copy
-        of it taken from a process of `owner` that holds it."""
-        for inode, (pid, fdnum) in sockdiag.holders(inodes, first, count).items():
+        of it taken from a process of `owner` that holds it. Holders are looked for
+        among the sliver's processes only (its `cgroups`), by socket inode, stopping once
+        each inode has one, or at `deadline`."""
+        pids = None
+        if self.cgroups is not None:
+            try:
+                dirs = self.cgroups(owner)
+                pids = cgroup_pids(dirs) if dirs else None
+            except (OSError, ValueError) as exc:
+                log.warning("guard: %s: its processes are unknown (%s)", owner, exc)
+        found = sockdiag.holders(inodes, first, count, pids, deadline)
+        if len(found) < len(inodes):
+            log.warning("guard: %s: no holder found in time for %d destroyed UDP "
+                        "socket(s); they were aborted but may go on receiving",
+                        owner, len(inodes) - len(found))
+        for inode, (pid, fdnum) in found.items():
             try:
                 pidfd = pidfd_open(pid)
                 try:
@@ -523,6 +636,7 @@ class Guard:
                 try:
                     if os.fstat(fd).st_ino == inode:  # not a reused pid or fd number
                         sockdiag.deafen(fd)
+                        self.stats.deafened += 1
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -539,7 +653,14 @@ class Guard:
         if family == AF_INET or family == AF_INET6:
             d = self._ip_decision(slice_name, info, raw)
             decision = d.decision
+            fast = self._fast.get(listener)
+            if fast is not None and self._fast_table is not self.ports.table:
+                fast = None   # its memo is of an older table (emptied at its next run)
             if not decision.allowed:
+                if fast is not None:   # answer this exact key in C from now on (F36)
+                    fast.deny(family, info[1], info[2], raw, decision.errno)
+                    if self._refused_for_any_socket(slice_name, d, decision.errno):
+                        fast.deny(0, 0, 0, raw, decision.errno)
                 self._refusal(slice_name, "guard: slice %s pid %d bind %s %s port %d refused "
                               "(%s): %s", slice_name, n.pid, d.proto, d.address, d.port,
                               errno.errorcode.get(decision.errno, decision.errno),
@@ -548,13 +669,20 @@ class Guard:
             err = bind_bytes(fd, raw)
             if err == errno.EINVAL and redo and _already_bound(fd, info, d.address, d.port):
                 err = 0  # the previous supervisor did it before it died
-            fast = self._fast.get(listener)
-            if err == 0 and fast is not None and self._fast_table is self.ports.table:
+            if err == 0 and fast is not None:
                 fast.allow(family, info[1], info[2], raw)   # decided under this table
             return d.ok if err == 0 else Outcome(err, d.proto)
         if family == socket.AF_UNIX:
             path = raw[2:]
-            if len(raw) <= 2 or path[:1] == b"\0":  # autobind or abstract: no privilege
+            if len(raw) <= 2:  # autobind (or too short: the kernel's EINVAL)
+                return Outcome(bind_bytes(fd, raw), "unix autobind")
+            if path[:1] == b"\0":  # abstract: no privilege, but only the slice's names
+                prefix = abstract_prefix(slice_name)
+                if not path[1:].startswith(prefix):
+                    self._refusal(slice_name, "guard: slice %s pid %d bind of abstract "
+                                  "unix name %r refused: not under %r", slice_name, n.pid,
+                                  path[1:], prefix)
+                    raise Denied(errno.EPERM, f"abstract name outside {prefix!r}")
                 return Outcome(bind_bytes(fd, raw), f"unix abstract {path[1:]!r}")
         if family == socket.AF_NETLINK and len(raw) >= 12:
             nl_pid, groups = struct.unpack_from("<II", raw, 4)
@@ -569,7 +697,21 @@ class Guard:
         if not seccomp.notif_id_valid(listener, n.id):
             os.close(pidfd)
             raise Denied(errno.ESRCH, "caller no longer waiting")
-        return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller", pidfd)
+        cgroups: tuple[str, ...] = ()
+        if self.cgroups is not None:
+            try:
+                cgroups = tuple(str(d) for d in self.cgroups(slice_name))
+            except (OSError, ValueError) as exc:
+                log.warning("guard: %s: cgroups unknown (%s)", slice_name, exc)
+        return _AsCaller(n.pid, os.dup(fd), raw, f"family {family} as caller", pidfd, cgroups)
+
+    def _refused_for_any_socket(self, slice_name: str, d: _IPDecision, err: int) -> bool:
+        """Would the slice be refused these sockaddr bytes, with `err`, whatever its
+        socket (TCP, UDP or ICMP)? Then the fast path may refuse them without looking
+        at the socket (a refusal lets nothing through; only the errno of a nonsense
+        call, a non-IP socket with IP bytes, differs from the kernel's)."""
+        return all(self.ports.check_bind(slice_name, proto, d.address, d.port).errno == err
+                   for proto in ("tcp", "udp", "icmp"))
 
     def _ip_decision(self, slice_name: str, info: tuple[int, int, int],
                      raw: bytes) -> _IPDecision:
@@ -614,13 +756,15 @@ class Guard:
                     return err
         return bind_bytes(fd, raw)
 
-    async def _bind_as_caller(self, pid: int, fd: int, raw: bytes, pidfd: int) -> int:
+    async def _bind_as_caller(self, pid: int, fd: int, raw: bytes, pidfd: int,
+                              cgroups: tuple[str, ...] = ()) -> int:
         """Run guard-bindas: bind with the caller's namespaces, root, cwd and credentials
-        (read through /proc/`pid`; `pidfd`, the caller's, proves `pid` still is it)."""
+        (read through /proc/`pid`; `pidfd`, the caller's, proves `pid` still is it).
+        It first moves into the slice's `cgroups`, so its work is charged to the slice."""
         try:
             with trio.fail_after(BINDAS_TIMEOUT):
                 done = await trio.run_process(
-                    [str(BINDAS), str(pid), str(fd), str(pidfd)], stdin=raw,
+                    [str(BINDAS), str(pid), str(fd), str(pidfd), *cgroups], stdin=raw,
                     pass_fds=(fd, pidfd), check=False)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("guard: guard-bindas for pid %d failed: %s", pid, exc)
@@ -715,28 +859,51 @@ class Guard:
             slot = self._map_journal(slice_name, journal)
             fast = self._open_fast(slice_name, listener, io, slot)
             task_status.started()
+            budget = CpuBudget()
+            refused_fast = 0
             while True:
                 await trio.lowlevel.wait_readable(listener)
+                rest = budget.rest()
+                if rest:   # over its share: its callers wait in the kernel meanwhile
+                    self.stats.throttled += 1
+                    await trio.sleep(rest)
                 # Drain what is pending without a trip through the scheduler (with
                 # SYNC_WAKE_UP the caller often has its next request in by the time
                 # the reply returns), but yield after a bounded batch.
-                budget = BATCH   # notifications per turn, whoever answers them
-                while budget > 0:
+                left = BATCH   # notifications per turn, whoever answers them
+                started = time.thread_time()
+                handled0, fast0 = self.stats.handled, self.stats.fast
+                while left > 0:
                     try:
                         if fast is not None:
-                            n, answered = self._run_fast(slice_name, fast, io, budget)
-                            budget -= answered + 1
+                            n, answered = self._run_fast(slice_name, fast, io, left)
+                            left -= answered + 1
                         else:
                             n = self._recv(slice_name, poller, io, slot, journal)
-                            budget -= 1
+                            left -= 1
                     except _ListenerDone:
                         return
                     if n is None:
                         break
                     out = self.handle_now(slice_name, listener, n)
                     if not isinstance(out, Outcome):
+                        budget.charge(time.thread_time() - started + BINDAS_CHARGE)
                         out = await self._finish(out)
+                        started = time.thread_time()
                     self._reply(slice_name, listener, n, out)
+                spent = time.thread_time() - started
+                if fast is not None:
+                    refused = fast.refused()
+                    self.stats.denied += refused - refused_fast
+                    # Binds the fast path allowed cost the agent about what they
+                    # cost the slice: only the rest of the turn (refusals, Python)
+                    # is charged to the budget.
+                    handled = self.stats.handled - handled0
+                    if handled > 0:
+                        free = self.stats.fast - fast0 - (refused - refused_fast)
+                        spent *= (handled - free) / handled
+                    refused_fast = refused
+                budget.charge(spent)
                 await trio.lowlevel.checkpoint()
         finally:
             if self.listening.get(slice_name) == listener:
@@ -897,10 +1064,15 @@ class GuardAPI:
     """
 
     MAX_RESERVED_PORTS = 256  # per slice, by ReservePort (tags are PLC's business)
+    # ReleasePort calls per slice (F32): each may start a revocation (a sock_diag
+    # dump, a search among the slice's processes), so a sliver may not loop on it.
+    RELEASE_RATE, RELEASE_BURST = 1.0, 10
 
-    def __init__(self, guard: Guard, raw: Any) -> None:
+    def __init__(self, guard: Guard, raw: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.guard = guard
         self.raw = raw
+        self._releases = TokenBuckets(self.RELEASE_RATE, self.RELEASE_BURST, clock)
 
     def methods(self) -> dict[str, Callable[..., Any]]:
         return {"ReservePort": self.ReservePort, "ReleasePort": self.ReleasePort,
@@ -939,6 +1111,10 @@ class GuardAPI:
     def ReleasePort(self, caller: Any, *args: Any) -> int:
         """ReleasePort(spec): give ports back (same syntax as ReservePort)."""
         name, (spec,) = self._who(caller, args, 1)
+        if caller.kind == "sliver" and not self._releases.take(name):
+            raise self._fault(FAULT_RATE, f"ReleasePort: rate limit: at most "
+                              f"{self.RELEASE_RATE:g} a second (burst {self.RELEASE_BURST}) "
+                              f"for slice {name}; retry later")
         try:
             self.guard.ports.release(name, str(spec))
         except PortError as exc:
@@ -989,6 +1165,7 @@ async def serve_guard(guard: Guard, listeners: trio.MemoryReceiveChannel[tuple[s
     """
     async with trio.open_nursery() as outer:
         outer.start_soon(guard.watch_exits, name="guard:pidfd-exits")
+        await outer.start(guard.revoker, name="guard:revoker")
         async with trio.open_nursery() as nursery:
             task_status.started()
             async for slice_name, fd in listeners:
@@ -1004,6 +1181,29 @@ async def _supervise_logged(guard: Guard, slice_name: str, fd: int) -> None:
     except Exception:
         log.exception("guard: %s: supervisor failed; the sliver's guarded calls now wait "
                       "until it is adopted again", slice_name)
+
+
+def sliver_cgroups(parent: str | None = None) -> Callable[[str], list[Path]]:
+    """`cgroups` for Guard: a sliver's cgroup directories (one per hierarchy, those
+    that exist) under the node-wide `parent` (None: kernel.cgroups' default)."""
+    layout = detect_layout()
+
+    def cgroups(name: str) -> list[Path]:
+        return [d for d in SliverCgroup(layout, name, parent or PARENT).dirs() if d.is_dir()]
+    return cgroups
+
+
+def cgroup_pids(dirs: Iterable[Path]) -> list[int]:
+    """Host pids of every process in these cgroups and their subgroups."""
+    pids: set[int] = set()
+    for top in dirs:
+        for d, _, _ in os.walk(top):
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids.update(int(x) for x in f.read().split())
+            except (OSError, ValueError):
+                continue
+    return sorted(pids)
 
 
 def state_uid_range(state: Any, pool_start: int | None = None,
@@ -1036,12 +1236,15 @@ class GuardService:
                  ephemeral: tuple[int, int] | None = None,
                  reserved_ports: str | None = None,
                  uid_range: Callable[[str], tuple[int, int] | None] | None = None,
-                 host_ports: Any = None) -> None:
+                 host_ports: Any = None,
+                 cgroup_parent: str | None = None) -> None:
         """`host_ports`: an `agent.hostports.HostPorts` (F30; None: none when `state`
         is None, else one from the state's uid ranges). `reserved_ports`: host ports
-        no slice may own, in the ports tag syntax (agent config key `reserved_ports`; None: that key's default). `uid_range`:
-        a slice's host uids (first, count), see `Guard`; None: from the state's
-        uid_ranges table and the config keys' defaults (`state_uid_range`)."""
+        no slice may own, in the ports tag syntax (agent config key `reserved_ports`;
+        None: that key's default). `uid_range`: a slice's host uids (first, count), see
+        `Guard`; None: from the state's uid_ranges table and the config keys' defaults
+        (`state_uid_range`). `cgroup_parent`: where the slivers' cgroups are (config
+        key; None: the default), to find a sliver's processes (`cgroup_members`)."""
         if reserved_ports is None:
             reserved_ports = defaults().reserved_ports
         if host_ports is None and state is not None:
@@ -1054,7 +1257,8 @@ class GuardService:
         self.ports.host = host_ports
         if uid_range is None and state is not None:
             uid_range = state_uid_range(state)
-        self.guard = Guard(self.ports, Path(run_dir) / "guard", uid_range)
+        self.guard = Guard(self.ports, Path(run_dir) / "guard", uid_range,
+                           sliver_cgroups(cgroup_parent))
         self.raw = RawSockets(lambda: self.ports.table, host_ports)
         self.ports.on_lost.append(self.raw.ports_lost)
         self.api = GuardAPI(self.guard, self.raw)

@@ -56,7 +56,7 @@ def make_guard(cfg: AgentConfig, state: State) -> GuardService:
     return GuardService(
         state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
         uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size),
-        host_ports=host)
+        host_ports=host, cgroup_parent=cfg.cgroup_parent)
 
 
 def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | None = None,

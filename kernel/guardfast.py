@@ -1,8 +1,8 @@
 """The guard's bind fast path: kernel/bin/libguardfast.so through ctypes.
 
 The library answers, in C, the bind notifications whose exact key (socket family,
-type, protocol and sockaddr bytes) the caller has allowed before with `allow`; it hands
-everything else back (see kernel/native/lib/guardfast.c). It holds no policy: the
+type, protocol and sockaddr bytes) the caller has allowed before with `allow` (or
+refused, with `deny`: answered with that errno); it hands everything else back (see kernel/native/lib/guardfast.c). It holds no policy: the
 caller decides every new key and empties the memo (`forget`) whenever its policy
 changes.
 
@@ -34,7 +34,8 @@ class _Lib:
         self.free = _fn(lib.gf_free, None, [p])
         self.forget = _fn(lib.gf_forget, None, [p])
         self.errno = _fn(lib.gf_errno, i, [p])
-        self.allow = _fn(lib.gf_allow, i, [p, i, i, i, ctypes.c_char_p, u])
+        self.remember = _fn(lib.gf_remember, i, [p, i, i, i, ctypes.c_char_p, u, i])
+        self.refused = _fn(lib.gf_refused, ctypes.c_long, [p])
         self.run = _fn(lib.gf_run, ctypes.c_long, [p, i])
 
 
@@ -106,8 +107,21 @@ class FastPath:
 
     def allow(self, family: int, stype: int, proto: int, raw: bytes) -> None:
         """Answer binds of exactly `raw` on sockets of (family, stype, proto) in C."""
+        self.remember(family, stype, proto, raw, 0)
+
+    def deny(self, family: int, stype: int, proto: int, raw: bytes, err: int) -> None:
+        """Refuse binds of exactly `raw` on sockets of (family, stype, proto) with
+        errno `err` in C (the caller refused that key under its current policy)."""
+        if err > 0:
+            self.remember(family, stype, proto, raw, err)
+
+    def remember(self, family: int, stype: int, proto: int, raw: bytes, answer: int) -> None:
         if 0 < len(raw) <= ADDR_MAX:
-            self._lib.allow(self._handle, family, stype, proto, raw, len(raw))
+            self._lib.remember(self._handle, family, stype, proto, raw, len(raw), answer)
+
+    def refused(self) -> int:
+        """How many requests the library has refused from its memo, in all."""
+        return int(self._lib.refused(self._handle))
 
     def drop_pidfd(self, pidfd: int) -> bool:
         """Close the kept pidfd if it is `pidfd`; whether it was."""

@@ -18,6 +18,8 @@ import errno
 import os
 import socket
 import struct
+import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4
@@ -174,29 +176,43 @@ def deafen(fd: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
 
 
-def holders(inodes: set[int], first_uid: int, uid_count: int) -> dict[int, tuple[int, int]]:
+def holders(inodes: set[int], first_uid: int, uid_count: int,
+            pids: Iterable[int] | None = None,
+            deadline: float | None = None) -> dict[int, tuple[int, int]]:
     """For each socket inode in `inodes`, one (pid, fd) holding it, among processes
-    whose effective uid (the owner of /proc/PID) is in first_uid .. +uid_count."""
+    whose effective uid (the owner of /proc/PID) is in first_uid .. +uid_count.
+
+    `pids`: look only at these processes (a sliver's, from its cgroup) instead of
+    every process of the node. Stops as soon as every inode has a holder, and at
+    `deadline` (time.monotonic()) with what it found so far: a slice holding
+    millions of fds makes this slow, and the caller bounds it (F32)."""
     links = {f"socket:[{i}]": i for i in inodes}
     found: dict[int, tuple[int, int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    if not links:
+        return found
+    names = (str(p) for p in pids) if pids is not None else \
+        (e.name for e in os.scandir("/proc") if e.name.isdigit())
+    seen = 0
+    for pid in names:
         try:
-            if not first_uid <= entry.stat().st_uid < first_uid + uid_count:
+            if not first_uid <= os.stat(f"/proc/{pid}").st_uid < first_uid + uid_count:
                 continue
-            fds = os.listdir(f"/proc/{entry.name}/fd")
+            fds = os.scandir(f"/proc/{pid}/fd")
         except OSError:  # gone meanwhile
             continue
-        for name in fds:
-            try:
-                inode = links.get(os.readlink(f"/proc/{entry.name}/fd/{name}"))
-            except OSError:
-                continue
-            if inode is not None and inode not in found:
-                found[inode] = (int(entry.name), int(name))
-        if len(found) == len(links):
-            break
+        with fds:
+            for entry in fds:
+                seen += 1
+                if deadline is not None and seen % 1024 == 0 and time.monotonic() > deadline:
+                    return found
+                try:
+                    inode = links.get(os.readlink(entry.path))
+                except OSError:
+                    continue
+                if inode is not None and inode not in found:
+                    found[inode] = (int(pid), int(entry.name))
+                    if len(found) == len(links):
+                        return found
     return found
 
 

@@ -6,7 +6,7 @@
  * (a Unix socket path, netlink groups, ...) the caller's own view and
  * privileges must apply, so this helper takes them on first:
  *
- *   guard-bindas PID FD PIDFD < sockaddr-bytes
+ *   guard-bindas PID FD PIDFD [CGROUP-DIR...] < sockaddr-bytes
  *
  * FD: the socket, inherited. PIDFD: a pidfd of the caller (thread), inherited,
  * opened by the agent while the seccomp notification was still valid, so it is
@@ -17,7 +17,8 @@
  * then PID cannot have changed hands in between, and /proc/PID was the caller.
  *
  * Steps, in order: open the caller's namespaces, root and cwd; check the pidfd; join its user
- * namespace (if different), then its mount namespace; chroot to its root and
+ * namespace (if different), then its mount namespace (after joining the cgroup
+ * directories given as further arguments, the slice's: charged to it); chroot to its root and
  * chdir to its cwd; take its groups, gid and uid as seen inside its user
  * namespace, its capabilities and its umask; bind. Exit status: 0 on success, else the errno of
  * bind, or 125 when taking on the caller failed (the agent then denies).
@@ -84,7 +85,7 @@ static int same_ns(int pid, const char *ns)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4)
+	if (argc < 4)
 		return FAIL;
 	int pid = atoi(argv[1]), sock = atoi(argv[2]), pidfd = atoi(argv[3]);
 	if (pid <= 0 || sock < 0 || pidfd < 0)
@@ -160,6 +161,19 @@ int main(int argc, char **argv)
 	if (syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) != 0)
 		return FAIL;
 	close(pidfd);
+
+	/* Into the caller's slice's cgroups (argv[4...], one per hierarchy, given by the
+	 * agent), so that what this helper does from now on is charged to the slice
+	 * (F36). Best effort: a sliver without groups (a test harness) has none. */
+	for (int i = 4; i < argc; i++) {
+		char procs[4096];
+		if (snprintf(procs, sizeof procs, "%s/cgroup.procs", argv[i]) >= (int)sizeof procs)
+			return FAIL;
+		int cg = open(procs, O_WRONLY | O_CLOEXEC);
+		if (cg < 0 || write(cg, "0", 1) != 1)
+			return FAIL;
+		close(cg);
+	}
 
 	/* User namespace first (it grants the rights to join its mount namespace). */
 	if (!same_user && setns(userns, CLONE_NEWUSER))

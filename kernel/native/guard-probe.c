@@ -22,7 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 static long native_syscall0(long nr)
 {
@@ -92,8 +96,136 @@ static int probe_unix(const char *path)
 	return 0;
 }
 
+static struct sockaddr_in sin4(const char *addr, int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)port) };
+	inet_pton(AF_INET, addr, &a.sin_addr);
+	return a;
+}
+
+/* hold N ADDR PORT: N fds (dups of stdin) over as many processes as RLIMIT_NOFILE
+ * needs, then, in the last of them (highest pid), a UDP socket bound to ADDR:PORT
+ * (its last fd: a holder search meets it last); prints "hold ERR" and waits. */
+static int probe_hold(long n, const char *addr, int port)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	long per = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur > 200 &&
+			   rl.rlim_cur != RLIM_INFINITY ? (long)rl.rlim_cur - 100 : n;
+	while (n > per) {   /* the other holders: fds only */
+		pid_t child = fork();
+		if (child == 0) {
+			for (long i = 0; i < per; i++)
+				if (dup(0) < 0)
+					_exit(1);
+			pause();
+			_exit(0);
+		}
+		n -= per;
+	}
+	if (fork() != 0) {   /* the socket's holder is the last process made */
+		pause();
+		return 0;
+	}
+	for (long i = 0; i < n; i++)
+		if (dup(0) < 0) {
+			printf("hold %d\n", errno);
+			return 0;
+		}
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	struct sockaddr_in a = sin4(addr, port);
+	printf("hold %d\n", bind(fd, (struct sockaddr *)&a, sizeof a) < 0 ? errno : 0);
+	fflush(stdout);
+	pause();
+	return 0;
+}
+
+static double now_us(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* lat COUNT ADDR PORT: COUNT times socket+bind+close, a pause of 2 ms between;
+ * prints "lat P50_US P90_US MAX_US ERRNO_OF_LAST". */
+static int probe_lat(int count, const char *addr, int port)
+{
+	double *t = calloc((size_t)count, sizeof *t);
+	int err = 0;
+	struct sockaddr_in a = sin4(addr, port);
+	for (int i = 0; i < count; i++) {
+		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		double t0 = now_us();
+		err = bind(fd, (struct sockaddr *)&a, sizeof a) < 0 ? errno : 0;
+		t[i] = now_us() - t0;
+		close(fd);
+		usleep(2000);
+	}
+	qsort(t, (size_t)count, sizeof *t, cmp_double);
+	printf("lat %.0f %.0f %.0f %d\n", t[count / 2], t[count * 9 / 10], t[count - 1], err);
+	return 0;
+}
+
+/* flood SECONDS PROCS ADDR PORT: PROCS processes bind ADDR:PORT (refused) in a loop;
+ * prints "flood TOTAL". A path starting with '/' instead of ADDR: Unix-path binds. */
+static int probe_flood(double seconds, int procs, const char *addr, int port)
+{
+	int pipefd[2];
+	if (pipe(pipefd) < 0)
+		return 1;
+	for (int p = 0; p < procs; p++) {
+		if (fork() == 0) {
+			long n = 0;
+			double end = now_us() + seconds * 1e6;
+			struct sockaddr_in a = sin4(addr, port);
+			struct sockaddr_un u = { .sun_family = AF_UNIX };
+			snprintf(u.sun_path, sizeof u.sun_path, "%s.%d", addr, p);
+			while (now_us() < end) {
+				if (addr[0] == '/') {
+					unlink(u.sun_path);
+					int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+					bind(fd, (struct sockaddr *)&u, sizeof u);
+					close(fd);
+				} else {
+					int fd = socket(AF_INET, SOCK_STREAM, 0);
+					bind(fd, (struct sockaddr *)&a, sizeof a);
+					close(fd);
+				}
+				n++;
+			}
+			if (write(pipefd[1], &n, sizeof n) != sizeof n)
+				_exit(1);
+			_exit(0);
+		}
+	}
+	close(pipefd[1]);
+	long total = 0, n;
+	while (read(pipefd[0], &n, sizeof n) == sizeof n)
+		total += n;
+	while (wait(NULL) > 0)
+		;
+	printf("flood %ld\n", total);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 5 && strcmp(argv[1], "hold") == 0)
+		return probe_hold(atol(argv[2]), argv[3], atoi(argv[4]));
+	if (argc == 5 && strcmp(argv[1], "lat") == 0)
+		return probe_lat(atoi(argv[2]), argv[3], atoi(argv[4]));
+	if (argc == 6 && strcmp(argv[1], "flood") == 0)
+		return probe_flood(atof(argv[2]), atoi(argv[3]), argv[4], atoi(argv[5]));
 	if (argc >= 4 && strcmp(argv[1], "bind") == 0)
 		return probe_bind(argv[2], atoi(argv[3]), argc > 4 && strcmp(argv[4], "udp") == 0);
 	if (argc == 3 && strcmp(argv[1], "unix") == 0)

@@ -66,7 +66,7 @@ def do(req):
         socks[s.fileno()] = s
         return {"errno": 0, "name": list(s.getsockname()[:2]), "fd": s.fileno()}
     if op == "unix":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_UNIX, getattr(socket, req.get("type", "SOCK_STREAM")))
         try:
             s.bind(req["path"].replace("@", "\0", 1))
         except OSError as e:
@@ -301,6 +301,9 @@ def make_guard(tmp_path: Path) -> Guard:
 
 
 async def start(nursery: trio.Nursery, guard: Guard, *slivers: Sliver) -> None:
+    if getattr(guard, "_test_revoker", None) is not nursery:   # as serve_guard does:
+        guard._test_revoker = nursery                            # revocations in a thread
+        await nursery.start(guard.revoker)
     for s in slivers:
         await nursery.start(guard.supervise, s.name, os.dup(s.listener))
 
@@ -451,8 +454,8 @@ async def test_unix_binds_are_performed_for_the_caller(tmp_path: Path, slivers: 
         await start(nursery, guard, a)
         got = await a.acall(op="unix", path=str(path))
         assert got["errno"] == 0 and path.is_socket()
-        got = await a.acall(op="unix", path=f"@guard-test-{os.getpid()}")
-        assert got["errno"] == 0 and f"guard-test-{os.getpid()}" in got["name"]
+        got = await a.acall(op="unix", path=f"@pl/{a.name}/guard-test")
+        assert got["errno"] == 0 and f"pl/{a.name}/guard-test" in got["name"]
         got = await a.acall(op="unix", path=str(tmp_path / "missing" / "sock"))
         assert got["errno"] == errno.ENOENT
         nursery.cancel_scope.cancel()
@@ -717,6 +720,7 @@ async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, sliver
         guard.ports.release(a.name, f"udp:{udp}")
         got = await a.acall(op="recv", fd=dgram["fd"], timeout=2)
         assert got["errno"] == errno.ECONNABORTED, got
+        await guard.revocations_settled()   # done in a worker thread (F32)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"after", ("127.0.0.1", udp))  # and it hears nothing more
         got = await a.acall(op="recv", fd=dgram["fd"], timeout=0.5)
@@ -769,6 +773,7 @@ def test_one_turn_answers_at_most_a_batch(tmp_path: Path, monkeypatch: pytest.Mo
             return guardfast.RunResult(guardfast.PYTHON, budget - 1)
 
         def forget(self) -> None: ...
+        def refused(self) -> int: return 0
         def close(self) -> None: ...
         def drop_pidfd(self, pidfd: int) -> bool: return False
 
@@ -800,3 +805,69 @@ def test_one_turn_answers_at_most_a_batch(tmp_path: Path, monkeypatch: pytest.Mo
         os.close(w)
     assert len(per_turn) == 3, per_turn
     assert max(per_turn) == agent.guard.BATCH, per_turn
+
+
+async def test_abstract_unix_names_only_under_the_slice_prefix(tmp_path: Path,
+                                                               slivers: Any) -> None:
+    """F35: a sliver binds abstract Unix names under "\\0pl/<slice>/" only (stream,
+    datagram, seqpacket); elsewhere EPERM, so it cannot squat a host service's name
+    (X11's) and receive the host's clients. Autobind stays allowed."""
+    guard = make_guard(tmp_path)
+    a, b = slivers("a"), slivers("b")
+    x11 = f"@/tmp/.X11-unix/X{os.getpid()}"
+    async with trio.open_nursery() as nursery:
+        await start(nursery, guard, a, b)
+        for kind in ("SOCK_STREAM", "SOCK_DGRAM", "SOCK_SEQPACKET"):
+            mine = f"@pl/{a.name}/{kind}"
+            got = await a.acall(op="unix", path=mine, type=kind)
+            assert got["errno"] == 0 and f"pl/{a.name}/{kind}" in got["name"], (kind, got)
+            for name in (x11, f"@pl/{b.name}/{kind}", f"@pl/{a.name}", f"@pl/{a.name}x/",
+                         f"@other-{kind}"):
+                got = await a.acall(op="unix", path=name, type=kind)
+                assert got["errno"] == errno.EPERM, (kind, name, got)
+            got = await a.acall(op="unix", path="", type=kind)   # autobind: addrlen 2
+            assert got["errno"] == 0 and got["name"].startswith("b'\\x00"), (kind, got)
+        # B may bind its own names; and the X11 name stays free for the host.
+        assert (await b.acall(op="unix", path=f"@pl/{b.name}/x"))["errno"] == 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+            host.bind(x11.replace("@", "\0", 1))
+        nursery.cancel_scope.cancel()
+
+
+async def test_revocations_in_flight_follow_the_current_table(tmp_path: Path,
+                                                              slivers: Any) -> None:
+    """F32: revocations are queued and done in a worker thread, in order; one that
+    starts after the slice reserved the port again leaves its socket alone, and two
+    releases in flight both take effect."""
+    first = 100_000_000 + os.getpid() * 4 + 2
+    table = PortTable([], read_ephemeral_range())
+    a = slivers("a", first)
+    guard = Guard(PortService(table, PortStore()), tmp_path / "guard",
+                  {a.name: (first, 2)}.get)
+    p1, p2, p3 = free_ports(3)
+    guard.ports.reserve(a.name, f"udp:{p1},udp:{p2},udp:{p3}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.supervise, a.name, os.dup(a.listener))
+        socks = {}
+        for p in (p1, p2, p3):
+            got = await a.acall(op="bind", host="127.0.0.1", port=p, type="SOCK_DGRAM")
+            assert got["errno"] == 0
+            socks[p] = got["fd"]
+        # three changes before any revocation runs (no revoker yet): two releases,
+        # and p3 released and reserved again
+        guard.ports.release(a.name, f"udp:{p1}")
+        guard.ports.release(a.name, f"udp:{p2}")
+        guard.ports.release(a.name, f"udp:{p3}")
+        guard.ports.reserve(a.name, f"udp:{p3}")
+        await nursery.start(guard.revoker)
+        with trio.fail_after(10):
+            await guard.revocations_settled()
+        for p in (p1, p2):
+            got = await a.acall(op="recv", fd=socks[p], timeout=1)
+            assert got["errno"] == errno.ECONNABORTED, (p, got)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"still", ("127.0.0.1", p3))
+        got = await a.acall(op="recv", fd=socks[p3], timeout=2)
+        assert got["errno"] == 0, got   # p3 is a's again: its socket was left alone
+        assert guard.stats.deafened == 2, guard.stats
+        nursery.cancel_scope.cancel()

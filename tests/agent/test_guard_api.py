@@ -103,3 +103,22 @@ async def test_sniffer_and_raw_send_calls(api: GuardAPI) -> None:
     assert api.RawSend(A, xmlrpc.client.Binary(packet)) == len(packet)
     assert "owned by 'a'" in fault(api.RawSend, B, xmlrpc.client.Binary(packet)).message
     assert fault(api.RawSend, A, "not base64").code == 102
+
+
+def test_release_port_is_rate_limited_per_slice(tmp_path: Path) -> None:
+    """F32: each ReleasePort may start a revocation; a sliver gets RELEASE_BURST at
+    once, then RELEASE_RATE a second (fault 105), other slices and the admin unaffected."""
+    now = [0.0]
+    guard = Guard(PortService(PortTable(["192.0.2.1"], (32768, 60999))), tmp_path)
+    api = GuardAPI(guard, None, clock=lambda: now[0])
+    api.ReservePort(A, "udp:5000-5099@127.0.0.1")
+    for i in range(GuardAPI.RELEASE_BURST):
+        assert api.ReleasePort(A, f"udp:{5000 + i}@127.0.0.1") == 1
+    f = fault(api.ReleasePort, A, "udp:5050@127.0.0.1")
+    assert f.code == 105 and "rate limit" in f.message and "slice a" in f.message
+    assert api.GetPorts(A) == "udp:5010-5099@127.0.0.1"   # nothing more released
+    api.ReservePort(B, "udp:6000@127.0.0.1")
+    assert api.ReleasePort(B, "udp:6000@127.0.0.1") == 1          # another slice
+    assert api.ReleasePort(ADMIN, "a", "udp:5051@127.0.0.1") == 1   # the admin
+    now[0] += 1.0 / GuardAPI.RELEASE_RATE
+    assert api.ReleasePort(A, "udp:5050@127.0.0.1") == 1

@@ -128,3 +128,108 @@ async def test_binds_in_real_slivers(sl: Slivers, tmp_path: Path) -> None:
         await nursery.start(guard.supervise, a.name, again)
         assert await probe(a, "bind", "127.0.0.1", str(port)) == ["bind", "0", str(port)]
         nursery.cancel_scope.cancel()
+
+
+def _guard_for(tmp_path: Path, *ctxs: Context) -> Guard:
+    """A guard knowing these slivers' uids and cgroups (as GuardService does)."""
+    by_name = {c.name: c for c in ctxs}
+    return Guard(PortService(PortTable([], read_ephemeral_range())), tmp_path / "guard",
+                 lambda n: (by_name[n].uid_base, 65536) if n in by_name else None,
+                 lambda n: by_name[n].cgroup.dirs() if n in by_name else [])
+
+
+async def test_release_of_a_udp_port_held_among_many_fds_stalls_no_one(
+        sl: Slivers, tmp_path: Path) -> None:
+    """F32: the revocation after ReleasePort (finding the holder of a UDP socket among
+    200k fds of the slice) runs in a worker thread: another slice's binds meanwhile
+    take no longer than a small bound; the holder is found (from the sliver's
+    cgroup) and its socket silenced."""
+    from kernel.context import PIPE
+    a, la = guarded(sl, "a")
+    b, lb = guarded(sl, "b")
+    guard = _guard_for(tmp_path, a, b)
+    udp, tcp = free_port(False), free_port(False) + 1
+    guard.ports.reserve(a.name, f"udp:{udp}")
+    guard.ports.reserve(b.name, f"tcp:{tcp}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.revoker)
+        await nursery.start(guard.supervise, a.name, la)
+        await nursery.start(guard.supervise, b.name, lb)
+        holder = a.spawn(["/bin/guard-probe", "hold", "200000", "127.0.0.1", str(udp)],
+                         stdout=PIPE)
+        try:   # (over several processes, the last one, highest pid, holding the socket)
+            assert holder.stdout is not None
+            line = await trio.to_thread.run_sync(holder.stdout.readline)
+            assert line.split() == [b"hold", b"0"], line
+            lat = nursery.start_soon  # b binds every 2 ms while a's port is revoked
+            result: list[str] = []
+
+            async def measure() -> None:
+                result.extend(await probe(b, "lat", "150", "127.0.0.1", str(tcp)))
+            lat(measure)
+            await trio.sleep(0.1)
+            t0 = trio.current_time()
+            guard.ports.release(a.name, f"udp:{udp}")
+            assert trio.current_time() - t0 < 0.05   # the call itself returns at once
+            with trio.fail_after(30):
+                await guard.revocations_settled()
+            print(f"revocation took {trio.current_time() - t0:.3f} s")
+            while not result:
+                await trio.sleep(0.05)
+        finally:
+            holder.kill()
+            holder.wait(10)
+        nursery.cancel_scope.cancel()
+    _, p50, p90, worst, err = result
+    print("b's binds during the revocation (us):", p50, p90, worst)
+    assert err == "0"
+    assert guard.stats.deafened == 1, guard.stats
+    assert int(worst) < 100_000, result
+
+
+@pytest.mark.parametrize("kind", ["ip", "unix"])
+async def test_a_flooding_slice_slows_no_other_and_bounds_the_agent_cpu(
+        sl: Slivers, tmp_path: Path, kind: str) -> None:
+    """F36: slice A floods refused IP binds (or Unix-path binds, each a guard-bindas
+    run) from 4 processes; slice B's bind latency (p50) moves by less than 2x, and the
+    agent's CPU stays a small share of a CPU (A's notifications beyond its CPU budget
+    wait in the kernel; refusals are answered in C; the helper runs in A's cgroups)."""
+    import resource
+    a, la = guarded(sl, "a")
+    b, lb = guarded(sl, "b")
+    guard = _guard_for(tmp_path, a, b)
+    free, tcp = free_port(False), free_port(False) + 1
+    guard.ports.reserve(b.name, f"tcp:{tcp}")
+    target = ["127.0.0.1", str(free)] if kind == "ip" else ["/tmp/flood", "0"]
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(guard.supervise, a.name, la)
+        await nursery.start(guard.supervise, b.name, lb)
+        base = await probe(b, "lat", "300", "127.0.0.1", str(tcp))
+        flood_out: list[str] = []
+
+        async def flood() -> None:
+            flood_out.extend(await probe(a, "flood", "4", "4", *target))
+        nursery.start_soon(flood)
+        await trio.sleep(0.5)
+        agent0, slice0, t0 = cpu(), a.usage()["cpu_usec"] / 1e6, trio.current_time()
+        under = await probe(b, "lat", "300", "127.0.0.1", str(tcp))
+        agent_cpu, slice_cpu = cpu() - agent0, a.usage()["cpu_usec"] / 1e6 - slice0
+        window = trio.current_time() - t0
+        while not flood_out:
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    print(f"{kind}: B's bind p50/p90/max us alone {base[1:4]}, under flood {under[1:4]}; "
+          f"flood binds {flood_out[1]}; agent CPU {agent_cpu:.3f} s, A's CPU "
+          f"{slice_cpu:.3f} s in {window:.3f} s; {guard.stats}")
+    assert base[4] == under[4] == "0"
+    assert int(flood_out[1]) > 0
+    assert int(under[1]) < 2 * max(int(base[1]), 100), (base, under)   # loaded 2-core VMs
+    # The agent's CPU for all of it (A's flood within its budget, B's binds, the
+    # loop) stays a small share of one CPU. (Below A's own CPU, the issue's target,
+    # is not reached: see F36 in docs/findings-security.md.)
+    assert agent_cpu < 0.3 * window, (agent_cpu, slice_cpu, window)

@@ -278,23 +278,37 @@ def test_abstract_unix_sockets_of_host_and_other_sliver_unreachable(fence: Fence
     host.listen(4)
     from kernel.context import PIPE
 
-    listener = fence.b.spawn(["/bin/attacker", "alisten", f"e2e-b-{PID}", "30"], stdout=PIPE,
+    b_name = f"pl/{fence.b.name}/e2e-b"   # B's own prefix (F35)
+    listener = fence.b.spawn(["/bin/attacker", "alisten", b_name, "30"], stdout=PIPE,
                              stderr=PIPE)
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().split() == [b"alisten", b"0"]
         out = run(fence.a, "abstract", f"e2e-host-{PID}")
         assert out[1] != "0", "A connected to the host's abstract socket"
-        out = run(fence.a, "abstract", f"e2e-b-{PID}")
+        out = run(fence.a, "abstract", b_name)
         assert out[1] != "0", "A connected to B's abstract socket"
         # B's listener is there: B itself and the host reach it.
-        assert run(fence.b, "abstract", f"e2e-b-{PID}") == ["abstract", "0"]
+        assert run(fence.b, "abstract", b_name) == ["abstract", "0"]
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.connect(f"\0e2e-b-{PID}")
+            c.connect(f"\0{b_name}")
     finally:
         host.close()
         listener.kill()
         listener.wait(10)
+
+
+def test_host_service_abstract_names_cannot_be_squatted(fence: Fence) -> None:
+    """F35: a sliver binding a host service's abstract name (X11's) would receive the
+    host's clients (and their cookies): refused with EPERM, as root and as a user;
+    the host's service then binds it."""
+    x11 = f"/tmp/.X11-unix/X{PID % 1000 + 100}"
+    for who in (fence.a, fence.b):
+        for user in ("root", "user"):
+            out = run(who, "alisten", x11, "0", user=user)
+            assert out == ["alisten", str(errno.EPERM)], (who.name, user, out)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+        host.bind(f"\0{x11}")
 
 
 # -- the guard --------------------------------------------------------------------------

@@ -7,11 +7,13 @@
  * allowed (socket family, type and protocol, and the sockaddr bytes), and
  * gf_run() answers every pending notification whose key is one of those by doing what
  * the Python guard would do (pidfd_getfd, process_vm_readv into its own buffer,
- * SECCOMP_IOCTL_NOTIF_ID_VALID, bind of its own copy of the bytes, reply). Anything
+ * SECCOMP_IOCTL_NOTIF_ID_VALID, bind of its own copy of the bytes, reply). Keys the
+ * guard refused are remembered with their errno too, and answered with it (F36: a
+ * slice looping on a refused bind costs the agent the C path, not Python's). Anything
  * else (another syscall, an unknown key, any error, a failed bind) is handed back to
- * Python untouched apart from the journal: the library never refuses, never answers
- * CONTINUE and holds no policy of its own, so the Python guard stays the one place
- * where binds are decided.
+ * Python untouched apart from the journal: the library never answers CONTINUE and
+ * holds no policy of its own, so the Python guard stays the one place where binds are
+ * decided.
  *
  * The caller empties the memo (gf_forget) whenever the port table changes; it is
  * called with the interpreter lock held (ctypes.PyDLL) from the one thread that
@@ -57,6 +59,7 @@ enum {
 
 struct gf_key {
 	int family, type, protocol;
+	int answer; /* 0: bind it; > 0: refuse with this errno (as Python did) */
 	unsigned len;
 	unsigned char addr[GF_ADDR_MAX];
 };
@@ -68,6 +71,7 @@ struct gf {
 		int pidfd; /* its pidfd, or -1 */
 	} pidfds[GF_PIDFDS];
 	int err;	 /* errno of the last GF_*_ERR */
+	long refused;	 /* requests answered with an error from the memo, ever */
 	int exits;	 /* the caller's epoll set of pidfds, or -1 (see caller_fd) */
 	unsigned char *slot; /* the journal slot (one struct seccomp_notif), or NULL */
 	unsigned char *out;  /* where a notification for Python is copied */
@@ -127,16 +131,25 @@ int gf_errno(const struct gf *g)
 	return g->err;
 }
 
-/* Bind `addr` on sockets of this kind without asking Python again. */
-int gf_allow(struct gf *g, int family, int type, int protocol, const void *addr, unsigned len)
+long gf_refused(const struct gf *g)
 {
-	if (len == 0 || len > GF_ADDR_MAX)
+	return g->refused;
+}
+
+/* Answer binds of `addr` on sockets of this kind without asking Python again:
+ * bind them (answer 0) or refuse them with errno `answer` (> 0), as Python did. */
+int gf_remember(struct gf *g, int family, int type, int protocol, const void *addr,
+		unsigned len, int answer)
+{
+	if (len == 0 || len > GF_ADDR_MAX || answer < 0)
 		return -EINVAL;
 	for (unsigned i = 0; i < g->nmemo; i++) {
 		struct gf_key *k = &g->memo[i];
 		if (k->family == family && k->type == type && k->protocol == protocol &&
-		    k->len == len && memcmp(k->addr, addr, len) == 0)
+		    k->len == len && memcmp(k->addr, addr, len) == 0) {
+			k->answer = answer;
 			return 0;
+		}
 	}
 	if (g->next >= g->cap && g->cap < GF_MEMO) {
 		unsigned cap = g->cap ? g->cap * 2 : 4;
@@ -153,6 +166,7 @@ int gf_allow(struct gf *g, int family, int type, int protocol, const void *addr,
 	k->family = family;
 	k->type = type;
 	k->protocol = protocol;
+	k->answer = answer;
 	k->len = len;
 	memcpy(k->addr, addr, len);
 	g->next = (g->next + 1) % GF_MEMO;
@@ -170,15 +184,16 @@ static int memo_has_addr(const struct gf *g, const unsigned char *addr, unsigned
 	return 0;
 }
 
-static int memo_has(const struct gf *g, const struct gf_key *key)
+/* The remembered answer for `key` (0 bind, > 0 errno), or -1: not known. */
+static int memo_answer(const struct gf *g, const struct gf_key *key)
 {
 	for (unsigned i = 0; i < g->nmemo; i++) {
 		const struct gf_key *k = &g->memo[i];
 		if (k->len == key->len && k->family == key->family && k->type == key->type &&
 		    k->protocol == key->protocol && memcmp(k->addr, key->addr, key->len) == 0)
-			return 1;
+			return k->answer;
 	}
-	return 0;
+	return -1;
 }
 
 /* A copy of fd `fdnum` of thread `tid`. The pidfds of up to GF_PIDFDS caller threads
@@ -211,27 +226,36 @@ static int caller_fd(struct gf *g, int tid, int fdnum)
 	return fd;
 }
 
-/* 1 if the bind of `n` was allowed by the memo and done; 0: Python must handle it. */
+/* The reply's errno for `n` when the memo answers it (0: allowed and bound), or -1:
+ * Python must handle it. */
 static int fast_bind(struct gf *g, const struct seccomp_notif *n)
 {
 	if (n->data.nr != SYS_bind || n->data.arch != AUDIT_ARCH_X86_64 || g->nmemo == 0)
-		return 0;
+		return -1;
 	unsigned fdnum = (unsigned)n->data.args[0];
 	unsigned len = (unsigned)n->data.args[2];
 	if (fdnum >= 1u << 31 || len == 0 || len > GF_ADDR_MAX)
-		return 0;
+		return -1;
 	struct gf_key key;
 	key.len = len;
 	struct iovec local = { key.addr, len };
 	struct iovec remote = { (void *)(uintptr_t)n->data.args[1], len };
 	if (process_vm_readv((pid_t)n->pid, &local, 1, &remote, 1, 0) != (ssize_t)len)
-		return 0;
+		return -1;
 	if (!memo_has_addr(g, key.addr, len)) /* an unknown address: no fd taken at all */
-		return 0;
+		return -1;
+	/* Bytes refused on every kind of socket (family 0 in the memo): refused without
+	 * looking at the socket at all (a refusal needs no check of who asks, F36). */
+	key.family = key.type = key.protocol = 0;
+	int any = memo_answer(g, &key);
+	if (any > 0) {
+		g->refused++;
+		return any;
+	}
 	int fd = caller_fd(g, (int)n->pid, (int)fdnum);
 	if (fd < 0)
-		return 0;
-	int done = 0;
+		return -1;
+	int done = -1;
 	socklen_t sl = sizeof(int);
 	/* The bytes read and the fd copied are the caller's only if the caller is still
 	 * the one waiting (the pid could have been reused before either). */
@@ -241,10 +265,15 @@ static int fast_bind(struct gf *g, const struct seccomp_notif *n)
 	    getsockopt(fd, SOL_SOCKET, SO_TYPE, &key.type, &sl) < 0 ||
 	    getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &key.protocol, &sl) < 0)
 		goto out;
-	if (!memo_has(g, &key))
-		goto out;
-	/* Our own copy of the bytes: a caller rewriting its sockaddr now changes nothing. */
-	done = bind(fd, (const struct sockaddr *)key.addr, len) == 0;
+	int answer = memo_answer(g, &key);
+	if (answer > 0) { /* refused as Python refused this key under this table */
+		g->refused++;
+		done = answer;
+	} else if (answer == 0 &&
+		   /* Our own copy of the bytes: a caller rewriting them now changes nothing. */
+		   bind(fd, (const struct sockaddr *)key.addr, len) == 0) {
+		done = 0;
+	}
 out:
 	close(fd);
 	return done;
@@ -281,11 +310,12 @@ long gf_run(struct gf *g, int budget)
 		}
 		if (g->slot) /* journaled before anything is done (see agent/guard.py) */
 			memcpy(g->slot, &n, sizeof n);
-		if (!fast_bind(g, &n)) {
+		int err = fast_bind(g, &n);
+		if (err < 0) {
 			memcpy(g->out, &n, sizeof n);
 			return answered << 3 | GF_PYTHON;
 		}
-		struct seccomp_notif_resp r = { .id = n.id, .val = 0, .error = 0, .flags = 0 };
+		struct seccomp_notif_resp r = { .id = n.id, .val = 0, .error = -err, .flags = 0 };
 		answered++;
 		if (ioctl(g->listener, SECCOMP_IOCTL_NOTIF_SEND, &r) < 0 && errno != ENOENT) {
 			g->err = errno;
