@@ -170,7 +170,8 @@ def install(group: Path, limit: int | None) -> Installed:
 
 
 def find(group: Path) -> Installed | None:
-    """The socket cap attached to `group` itself, or None."""
+    """The socket cap attached to `group` itself, or None (also when `group` is gone
+    or is not a cgroup v2 directory: nothing can be attached there)."""
     try:
         cg = B.cgroup_fd(group)
     except FileNotFoundError:
@@ -178,6 +179,10 @@ def find(group: Path) -> Installed | None:
     try:
         create = _find_prog(cg, B.CGROUP_INET_SOCK_CREATE, CREATE_NAME)
         release = _find_prog(cg, B.CGROUP_INET_SOCK_RELEASE, RELEASE_NAME)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:     # the kernel's answer for a non-cgroup fd
+            return None
+        raise
     finally:
         os.close(cg)
     if create is None or release is None:
