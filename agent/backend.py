@@ -180,7 +180,7 @@ def _kernel_limits(limits: dict[str, Any]) -> Any:
         cap = max(1, min(int(cap), 100 * (os.cpu_count() or 1)))
     return Limits(
         cpu_share=int(limits["cpu_share"]), cpu_pct=cap, mem_max=limits.get("mem_max"),
-        pids_max=limits.get("pids_max"),
+        pids_max=limits.get("pids_max"), inet_sockets_max=limits.get("inet_sockets_max"),
         rlimits={k: tuple(v) for k, v in limits.get("rlimits", {}).items() if k in RLIMITS},
         capabilities=capabilities,
     )

@@ -108,6 +108,12 @@ FIELDS: tuple[Field, ...] = (
     Field("host_accounts", int, 1, "1: every slice gets a host account whose login shell "
           "enters its sliver (`ssh SLICE@node`); 0: none", minimum=0, maximum=1),
     Field("account_home_base", str, "/home", "where slice host accounts' homes are made"),
+    Field("sockets_max", int, 1024,
+          "INET sockets (TCP, UDP, v4 and v6) one sliver may hold open at once, counted "
+          "in the kernel (kernel/sockcap.py), unless its slice or the <prefix>_default "
+          "slice has a sockets_max tag; 0: no cap. Keep (slivers x cap) well below the "
+          "node's ephemeral port range (28,232 ports by default)",
+          minimum=0, maximum=1_048_576),
     Field("cgroup_parent", str, "planetlab",
           "the node-wide cgroup every sliver's groups go under, in each hierarchy (one "
           "name: letters, digits, _ or -); two agents on one kernel need different ones"),
@@ -152,6 +158,7 @@ class AgentConfig:
     host_accounts: int
     account_home_base: str
     cgroup_parent: str
+    sockets_max: int = 1024
     source: str = "<defaults>"
 
     @property

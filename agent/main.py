@@ -120,7 +120,8 @@ class Agent:
         # The settings a reply is ingested under: a change of them (agent.toml edited,
         # agent restarted) makes an unchanged reply be ingested again.
         self._settings_digest = hashlib.sha256(repr((
-            cfg.default_image, cfg.slice_prefix, cfg.node_accounts)).encode()).hexdigest()[:16]
+            cfg.default_image, cfg.slice_prefix, cfg.node_accounts,
+            cfg.sockets_max)).encode()).hexdigest()[:16]
         self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
         self.failures = 0
         self.last_poll_ok: float | None = None
@@ -203,7 +204,8 @@ class Agent:
         async with self._reconcile_lock:
             self.state.save_reply(reply)
             removed = ingest(self.state, desired, self.cfg.default_image,
-                             self.cfg.slice_prefix, time.time())
+                             self.cfg.slice_prefix, time.time(),
+                             {"sockets_max": str(self.cfg.sockets_max)})
             # Only now: a reply whose ingest failed must be decoded again next time.
             self._mark_good(desired.timestamp, digest[1] if digest else "")
             self.apply_port_tags()

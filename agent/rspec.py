@@ -50,6 +50,7 @@ EXTRA_ALLOCATION: dict[str, int | str] = {
     "mem_max": 0,      # KiB, memory.max
     "pids_max": 4096,  # processes and threads, pids.max
     "cpu_cap": 0,      # percent of one CPU, cpu.max
+    "sockets_max": 1024,   # INET sockets open at once (kernel/sockcap.py); 0: no cap
 }
 
 ALLOCATION: dict[str, int | str] = {**DEFAULT_ALLOCATION, **EXTRA_ALLOCATION}
@@ -75,6 +76,7 @@ RANGES: dict[str, tuple[int, int]] = {
     "mem_max": (0, 2**53),
     "pids_max": (1, 4_194_304),
     "cpu_cap": (0, 100 * 4096),
+    "sockets_max": (0, 1_048_576),
 }
 
 # Loanable resources and the minimum a lender keeps (spec §4.1).
@@ -147,11 +149,14 @@ def _valid_cores(value: str) -> bool:
     return text.isdigit()
 
 
-def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Resolved:
-    """Defaults < `_default` slice overrides < the sliver's own attributes."""
+def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None = None,
+            node_defaults: Mapping[str, str] | None = None) -> Resolved:
+    """Defaults < the node's agent.toml (`node_defaults`, e.g. sockets_max) <
+    `_default` slice overrides < the sliver's own attributes."""
     problems: list[str] = []
     rspec: dict[str, Any] = dict(ALLOCATION)
-    for layer_name, layer in (("_default slice", overrides or {}), ("sliver", attributes)):
+    for layer_name, layer in (("agent.toml", node_defaults or {}),
+                              ("_default slice", overrides or {}), ("sliver", attributes)):
         for name, default in ALLOCATION.items():
             if name not in layer:
                 continue
@@ -256,6 +261,7 @@ def limits_kwargs(rspec: Mapping[str, Any]) -> dict[str, Any]:
         "cpu_pct": cap,
         "mem_max": mem,
         "pids_max": int(rspec["pids_max"]),
+        "inet_sockets_max": int(rspec.get("sockets_max", 0)) or None,
         "rlimits": rlimits,
         "extra_capabilities": caps,
     }

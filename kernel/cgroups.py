@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from kernel import sockcap as _sockcap
+
 PARENT = "planetlab"
 
 # Controllers a sliver's group uses, per layout.
@@ -198,6 +200,12 @@ class SliverCgroup:
             return self.layout.v2 / self.parent / self.name
         return self.layout.v1[controller] / self.parent / self.name
 
+    def v2_dir(self) -> Path | None:
+        """The sliver's cgroup2 directory (cgroup BPF programs attach there), if any."""
+        if self.layout.v2 is None:
+            return None
+        return self.path("cpu" if self.layout.mode == "v2" else "unified")
+
     @property
     def v2_path(self) -> str | None:
         """The group's path inside the cgroup2 hierarchy (for `socket cgroupv2`)."""
@@ -325,6 +333,9 @@ class SliverCgroup:
                 "max" if limits.pids_max is None else str(int(limits.pids_max)), "max")
             if (g / "cpuset.cpus").exists():
                 put(g / "cpuset.cpus", cpus or "", "")
+        # INET socket cap, in the kernel (kernel/sockcap.py); on create before any
+        # process is in the group.
+        _sockcap.apply(self.v2_dir(), getattr(limits, "inet_sockets_max", None))
 
     def attach(self, pid: int) -> None:
         """Move process `pid` into every group of the sliver."""

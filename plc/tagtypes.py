@@ -114,6 +114,7 @@ STANDARD_TAGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         ("ports", "Ports the slice owns on its nodes: PROTO:PORT[-PORT][@ADDRESS],..."),
         ("mem_max", "Memory limit in KiB (0: none)"),
         ("pids_max", "Limit of processes and threads"),
+        ("sockets_max", "INET sockets one sliver may hold open at once (0: no cap)"),
         ("cpu_cap", "CPU cap in percent of one CPU (0: none)"),
     )
 ) + (

@@ -90,3 +90,18 @@ def test_image_and_initscript() -> None:
 def test_attributes_last_duplicate_wins() -> None:
     d = rspec.attributes_to_dict([{"tagname": "a", "value": "1"}, {"tagname": "a", "value": "2"}])
     assert d == {"a": "2"}
+
+
+def test_sockets_max_layers_and_zero_means_no_cap() -> None:
+    """Built-in 1024 < agent.toml < the _default slice < the sliver's own tag."""
+    def cap(attrs: dict[str, str], over: dict[str, str] | None = None,
+            node: dict[str, str] | None = None) -> object:
+        return rspec.limits_kwargs(rspec.resolve(attrs, over, node).rspec)["inet_sockets_max"]
+
+    assert cap({}) == 1024
+    assert cap({}, None, {"sockets_max": "200"}) == 200
+    assert cap({}, {"sockets_max": "300"}, {"sockets_max": "200"}) == 300
+    assert cap({"sockets_max": "7"}, {"sockets_max": "300"}, {"sockets_max": "200"}) == 7
+    assert cap({"sockets_max": "0"}) is None
+    r = rspec.resolve({"sockets_max": "-3"}, None, {"sockets_max": "50"})
+    assert r.rspec["sockets_max"] == 50 and "sockets_max" in r.problems[0]
