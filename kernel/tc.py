@@ -324,7 +324,8 @@ class Shaper:
         """Delete the sliver's two classes (their bfifos go with them). Idempotent."""
         for m in (minor, minor | EXEMPT_BIT):
             try:
-                self.ipr.tc("del-class", "htb", self.ifindex, handle(MAJOR, m),
+                # No kind: with "htb" pyroute2 would encode class parameters.
+                self.ipr.tc("del-class", None, self.ifindex, handle(MAJOR, m),
                             parent=handle(MAJOR, EXEMPT_MINOR if m & EXEMPT_BIT else CAPPED_MINOR))
             except NetlinkError as exc:
                 if exc.code != errno.ENOENT:
