@@ -366,7 +366,7 @@ class Bandwidth:
                 q[0] += info.drops
                 q[1] += info.backlog
                 new_readings.append((name, sh.ifname, m, info.bytes, info.packets))
-        for name, row in ledger.items():
+        for row in ledger.values():
             if now >= row[0] + self.cfg.period_s:   # the window ended: a new one
                 row[:] = [now, 0, 0, 0, 0]
         with self.db:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,11 +378,3 @@ class Shaper:
 EGRESS_PARENT = 0xFFFFFFF3   # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
 ETH_P_ALL = 0x0003
 
-
-def sliver_specs(pairs: Iterable[tuple[int, ClassSpec, ClassSpec]]) -> dict[int, ClassSpec]:
-    """Flatten (minor, capped, exempt) triples into {minor: spec} for both classes."""
-    out: dict[int, ClassSpec] = {}
-    for minor, capped, exempt in pairs:
-        out[minor] = capped
-        out[minor | EXEMPT_BIT] = exempt
-    return out
