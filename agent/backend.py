@@ -181,7 +181,10 @@ def _kernel_limits(limits: dict[str, Any]) -> Any:
 class KernelBackend:
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
-    def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab") -> None:
+    def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab",
+                 node_headroom: tuple[int, int] | None = None) -> None:
+        """`node_headroom`: (tasks, bytes) the node keeps above all slivers together:
+        the parent cgroup is capped at pid_max and RAM less these (F41)."""
         from kernel.context import become_subreaper
         from kernel.images import ImageStore
 
@@ -201,6 +204,11 @@ class KernelBackend:
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
         self.cgroup_parent = cgroup_parent
+        if node_headroom is not None:
+            from kernel.cgroups import detect_layout, limit_parent, node_budget
+
+            pids, mem = node_budget(*node_headroom)
+            limit_parent(detect_layout(), cgroup_parent, pids, mem)
 
     def image_exists(self, image: str) -> bool:
         try:

@@ -54,7 +54,9 @@ class Agent:
             from agent.backend import KernelBackend
 
             backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
-                                    cgroup_parent=cfg.cgroup_parent)
+                                    cgroup_parent=cfg.cgroup_parent,
+                                    node_headroom=(cfg.node_pids_headroom,
+                                                   cfg.node_mem_headroom << 20))
         self.backend = backend
         self.plc = plc or PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
                                     ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
@@ -76,7 +78,8 @@ class Agent:
         # The settings a reply is ingested under: a change of them (agent.toml edited,
         # agent restarted) makes an unchanged reply be ingested again.
         self._settings_digest = hashlib.sha256(repr((
-            cfg.default_image, cfg.slice_prefix, cfg.node_accounts)).encode()).hexdigest()[:16]
+            cfg.default_image, cfg.slice_prefix, cfg.node_accounts,
+            cfg.sliver_defaults)).encode()).hexdigest()[:16]
         self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
         self.failures = 0
         self.last_poll_ok: float | None = None
@@ -172,7 +175,7 @@ class Agent:
         async with self._reconcile_lock:
             self.state.save_reply(reply)
             removed = ingest(self.state, desired, self.cfg.default_image,
-                             self.cfg.slice_prefix, time.time())
+                             self.cfg.slice_prefix, time.time(), self.cfg.sliver_defaults)
             # Only now: a reply whose ingest failed must be decoded again next time.
             self._mark_good(desired.timestamp, digest[1] if digest else "")
             self.apply_port_tags()
@@ -303,8 +306,25 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: The agent's own oom_score_adj: the OOM killer takes slivers (500) first (F34).
+AGENT_OOM_SCORE_ADJ = -900
+
+
+def protect_from_oom(value: int = AGENT_OOM_SCORE_ADJ) -> bool:
+    """Lower this process's oom_score_adj; False (logged) where the kernel refuses it
+    (lowering needs CAP_SYS_RESOURCE, which root lacks in some containers and VMs)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(str(value))
+        return True
+    except OSError as exc:
+        log.warning("oom_score_adj %d not set (%s): slivers' 500 still puts them first",
+                    value, exc.strerror)
+        return False
+
+
 def run_agent(cfg: AgentConfig, once: bool = False) -> int:
     raise_nofile()
+    protect_from_oom()
     agent = Agent(cfg)
     try:
         return trio.run(lambda: agent.run(once=once))

@@ -66,7 +66,7 @@ def target_of(rspec: Mapping[str, Any]) -> str:
 
 
 def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str,
-           now: float) -> list[str]:
+           now: float, defaults: Mapping[str, int] | None = None) -> list[str]:
     """Write what PLC wants into the sliver records; returns the names PLC no longer wants.
 
     Delegated slivers are only refreshed when they already exist (the API creates
@@ -90,7 +90,7 @@ def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str
                 continue
             wanted.add(name)
             rec = _record_from_spec(spec, overrides, desired.initscripts, default_image,
-                                    existing, now)
+                                    existing, now, defaults)
             if existing is None or _differs(existing, rec):
                 state.put_sliver(rec)
     removed = sorted(set(records) - wanted)
@@ -101,8 +101,9 @@ def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str
 
 def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
                       initscripts: Mapping[str, str], default_image: str,
-                      existing: SliverRecord | None, now: float) -> SliverRecord:
-    resolved = rspec_mod.resolve(spec.attributes, overrides)
+                      existing: SliverRecord | None, now: float,
+                      defaults: Mapping[str, int] | None = None) -> SliverRecord:
+    resolved = rspec_mod.resolve(spec.attributes, overrides, defaults)
     wire = spec.to_wire()
     wire["initscript"] = rspec_mod.initscript_of(spec.attributes, initscripts)
     image = rspec_mod.image_of(spec.attributes, default_image)

@@ -147,10 +147,15 @@ def _valid_cores(value: str) -> bool:
     return text.isdigit()
 
 
-def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Resolved:
-    """Defaults < `_default` slice overrides < the sliver's own attributes."""
+def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None = None,
+            defaults: Mapping[str, int] | None = None) -> Resolved:
+    """Defaults < the node's `defaults` (agent.toml: `mem_max` in KiB, `nofile`) <
+    `_default` slice overrides < the sliver's own attributes."""
     problems: list[str] = []
     rspec: dict[str, Any] = dict(ALLOCATION)
+    defaults = defaults or {}
+    if defaults.get("mem_max"):
+        rspec["mem_max"] = int(defaults["mem_max"])
     for layer_name, layer in (("_default slice", overrides or {}), ("sliver", attributes)):
         for name, default in ALLOCATION.items():
             if name not in layer:
@@ -171,9 +176,11 @@ def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None =
     rspec.update(sysctls)
     rlimits, rl_problems = _rlimits({**(overrides or {}), **attributes})
     problems.extend(rl_problems)
+    if "nofile" not in rlimits and defaults.get("nofile"):
+        rlimits["nofile"] = [int(defaults["nofile"])] * 2
     rspec["rlimits"] = rlimits
     # memlock_* in KiB stands for the memory limit when mem_max is not given.
-    if rspec["mem_max"] == 0:
+    if not any("mem_max" in layer for layer in (attributes, overrides or {})):
         for layer in (attributes, overrides or {}):
             raw = layer.get("memlock_hard")
             if raw is None:
