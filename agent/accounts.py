@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -39,6 +40,16 @@ STOP_TIMEOUT = 10.0          # `initscript stop` before a sliver is frozen or de
 
 
 SLICE_UID = 1000   # the slice's user inside its sliver, where that uid is free
+_ID_RE = re.compile(r"[0-9]{1,10}\Z")
+
+
+def _id(field: str) -> int | None:
+    """A uid/gid field of the sliver's /etc/passwd: 1-10 ASCII digits below 2**32-1,
+    else None. (str.isdigit() takes '²' and int() refuses it, or 5000 digits: F31.)"""
+    if not _ID_RE.match(field):
+        return None
+    value = int(field)
+    return value if value < 2**32 - 1 else None
 
 
 def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int | None:
@@ -55,9 +66,9 @@ def ensure_slice_user(root: Path, name: str, base: int, range_size: int) -> int 
     users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
     for u in users:
         if u[0] == name:
-            have = int(u[2]) if u[2].isdigit() else -1
-            return have if 0 < have < range_size else None
-    taken = {int(u[2]) for u in users if u[2].isdigit()}
+            have = _id(u[2])
+            return have if have is not None and 0 < have < range_size else None
+    taken = {i for i in (_id(u[2]) for u in users) if i is not None}
     uid = next((i for i in range(SLICE_UID, min(range_size, 65534)) if i not in taken), None)
     if uid is None:
         return None
@@ -308,8 +319,15 @@ class Accounts:
                 self._installed[name] = f"{controller}\n" + "\n".join(keys)
                 self._pending.discard(name)
                 return
-        except (OSError, HostAccountError, subprocess.SubprocessError) as exc:
-            log.error("sliver %s: installing ssh keys failed: %s", name, exc)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - boundary: one sliver's data (F31)
+            msg = f"installing ssh keys failed: {type(exc).__name__}: {exc}"
+            log.error("sliver %s: %s", name, msg)
+            rec = self.state.get_sliver(name)
+            if rec is not None and not isinstance(exc, (OSError, HostAccountError,
+                                                        subprocess.SubprocessError)):
+                self.state.set_sliver_state(name, rec.state, msg)   # shown by status
         self._pending.add(name)
 
     async def sync_pending(self) -> None:

@@ -190,9 +190,12 @@ class KernelBackend:
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
     def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab",
-                 guard_filter: bytes | None = None) -> None:
+                 guard_filter: bytes | None = None,
+                 node_headroom: tuple[int, int] | None = None) -> None:
         """`guard_filter`: the seccomp filter every new context's init installs
-        (`agent.guard.GuardService.filter()`), or None: contexts run unguarded."""
+        (`agent.guard.GuardService.filter()`), or None: contexts run unguarded.
+        `node_headroom`: (tasks, bytes) the node keeps above all slivers together:
+        the parent cgroup is capped at pid_max and RAM less these (F41)."""
         # Inits we create are reparented to us, so destroy() reaps them at once instead
         # of waiting for the host's PID 1 (docs/interfaces.md).
         become_subreaper()
@@ -209,6 +212,11 @@ class KernelBackend:
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
         self.cgroup_parent = cgroup_parent
+        if node_headroom is not None:
+            from kernel.cgroups import detect_layout, limit_parent, node_budget
+
+            pids, mem = node_budget(*node_headroom)
+            limit_parent(detect_layout(), cgroup_parent, pids, mem)
 
     def image_exists(self, image: str) -> bool:
         try:

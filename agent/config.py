@@ -117,6 +117,16 @@ FIELDS: tuple[Field, ...] = (
     Field("cgroup_parent", str, "planetlab",
           "the node-wide cgroup every sliver's groups go under, in each hierarchy (one "
           "name: letters, digits, _ or -); two agents on one kernel need different ones"),
+    # Defaults every sliver gets unless its tags say otherwise (F34, issue 8 item 3).
+    Field("sliver_mem_max", int, 1024, "MiB of memory a sliver may use unless its mem_max "
+          "tag says otherwise (its /dev/shm is half of it)", minimum=16, maximum=2**32),
+    Field("sliver_nofile", int, 4096, "open files per process in a sliver (soft and hard) "
+          "unless its nofile_*/openfd_* tags say otherwise", minimum=64, maximum=1 << 20),
+    # What the node keeps for itself above all slivers together (F41).
+    Field("node_pids_headroom", int, 4096, "tasks below the kernel's pid_max that slivers "
+          "together may never take", minimum=256, maximum=1 << 22),
+    Field("node_mem_headroom", int, 1024, "MiB of RAM that slivers together may never "
+          "take", minimum=64, maximum=2**32),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -158,6 +168,10 @@ class AgentConfig:
     host_accounts: int
     account_home_base: str
     cgroup_parent: str
+    sliver_mem_max: int
+    sliver_nofile: int
+    node_pids_headroom: int
+    node_mem_headroom: int
     sockets_max: int = 1024
     source: str = "<defaults>"
 
@@ -179,6 +193,12 @@ class AgentConfig:
         """The login shell of controller slices' host accounts (nm-controller): it
         forwards one XML-RPC request from ssh to the agent socket."""
         return str(Path(self.shell_path).parent / "forward_api_calls")
+
+    @property
+    def sliver_defaults(self) -> dict[str, int]:
+        """The rspec layer below every tag (agent.rspec.resolve `node_defaults`)."""
+        return {"mem_max": self.sliver_mem_max * 1024, "nofile": self.sliver_nofile,
+                "sockets_max": self.sockets_max}
 
     def replace(self, **changes: Any) -> AgentConfig:
         return dataclasses.replace(self, **changes)

@@ -70,7 +70,9 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
     if backend is None:
         backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
                                 cgroup_parent=cfg.cgroup_parent,
-                                guard_filter=GuardService.filter() if guard else None)
+                                guard_filter=GuardService.filter() if guard else None,
+                                node_headroom=(cfg.node_pids_headroom,
+                                               cfg.node_mem_headroom << 20))
     if plc is None:
         plc = PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
                         ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
@@ -121,7 +123,7 @@ class Agent:
         # agent restarted) makes an unchanged reply be ingested again.
         self._settings_digest = hashlib.sha256(repr((
             cfg.default_image, cfg.slice_prefix, cfg.node_accounts,
-            cfg.sockets_max)).encode()).hexdigest()[:16]
+            cfg.sliver_defaults)).encode()).hexdigest()[:16]
         self._poke_send, self._poke_recv = trio.open_memory_channel[str](1)
         self.failures = 0
         self.last_poll_ok: float | None = None
@@ -204,8 +206,7 @@ class Agent:
         async with self._reconcile_lock:
             self.state.save_reply(reply)
             removed = ingest(self.state, desired, self.cfg.default_image,
-                             self.cfg.slice_prefix, time.time(),
-                             {"sockets_max": str(self.cfg.sockets_max)})
+                             self.cfg.slice_prefix, time.time(), self.cfg.sliver_defaults)
             # Only now: a reply whose ingest failed must be decoded again next time.
             self._mark_good(desired.timestamp, digest[1] if digest else "")
             self.apply_port_tags()
@@ -332,8 +333,25 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: The agent's own oom_score_adj: the OOM killer takes slivers (500) first (F34).
+AGENT_OOM_SCORE_ADJ = -900
+
+
+def protect_from_oom(value: int = AGENT_OOM_SCORE_ADJ) -> bool:
+    """Lower this process's oom_score_adj; False (logged) where the kernel refuses it
+    (lowering needs CAP_SYS_RESOURCE, which root lacks in some containers and VMs)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(str(value))
+        return True
+    except OSError as exc:
+        log.warning("oom_score_adj %d not set (%s): slivers' 500 still puts them first",
+                    value, exc.strerror)
+        return False
+
+
 def run_agent(cfg: AgentConfig, once: bool = False) -> int:
     raise_nofile()
+    protect_from_oom()
     agent = build(cfg, once=once)
     try:
         return trio.run(agent.run)

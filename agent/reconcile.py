@@ -66,7 +66,7 @@ def target_of(rspec: Mapping[str, Any]) -> str:
 
 
 def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str,
-           now: float, node_defaults: Mapping[str, str] | None = None) -> list[str]:
+           now: float, node_defaults: Mapping[str, Any] | None = None) -> list[str]:
     """Write what PLC wants into the sliver records; returns the names PLC no longer wants.
 
     Delegated slivers are only refreshed when they already exist (the API creates
@@ -102,7 +102,7 @@ def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str
 def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
                       initscripts: Mapping[str, str], default_image: str,
                       existing: SliverRecord | None, now: float,
-                      node_defaults: Mapping[str, str] | None = None) -> SliverRecord:
+                      node_defaults: Mapping[str, Any] | None = None) -> SliverRecord:
     resolved = rspec_mod.resolve(spec.attributes, overrides, node_defaults)
     wire = spec.to_wire()
     wire["initscript"] = rspec_mod.initscript_of(spec.attributes, initscripts)

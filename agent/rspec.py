@@ -150,12 +150,14 @@ def _valid_cores(value: str) -> bool:
 
 
 def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None = None,
-            node_defaults: Mapping[str, str] | None = None) -> Resolved:
-    """Defaults < the node's agent.toml (`node_defaults`, e.g. sockets_max) <
-    `_default` slice overrides < the sliver's own attributes."""
+            node_defaults: Mapping[str, Any] | None = None) -> Resolved:
+    """Defaults < the node's agent.toml (`node_defaults`: `mem_max` in KiB,
+    `sockets_max`, and `nofile` for the rlimit) < `_default` slice overrides < the
+    sliver's own attributes."""
     problems: list[str] = []
     rspec: dict[str, Any] = dict(ALLOCATION)
-    for layer_name, layer in (("agent.toml", node_defaults or {}),
+    node_defaults = node_defaults or {}
+    for layer_name, layer in (("agent.toml", node_defaults),
                               ("_default slice", overrides or {}), ("sliver", attributes)):
         for name, default in ALLOCATION.items():
             if name not in layer:
@@ -176,9 +178,11 @@ def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None =
     rspec.update(sysctls)
     rlimits, rl_problems = _rlimits({**(overrides or {}), **attributes})
     problems.extend(rl_problems)
+    if "nofile" not in rlimits and node_defaults.get("nofile"):
+        rlimits["nofile"] = [int(node_defaults["nofile"])] * 2
     rspec["rlimits"] = rlimits
     # memlock_* in KiB stands for the memory limit when mem_max is not given.
-    if rspec["mem_max"] == 0:
+    if not any("mem_max" in layer for layer in (attributes, overrides or {})):
         for layer in (attributes, overrides or {}):
             raw = layer.get("memlock_hard")
             if raw is None:

@@ -418,3 +418,38 @@ class LimitsLike(Protocol):
     def pids_max(self) -> int | None: ...
     @property
     def net_cls_classid(self) -> int | None: ...
+
+
+def node_budget(pids_headroom: int, mem_headroom: int) -> tuple[int, int]:
+    """(pids, bytes) all slivers together may use: the kernel's pid_max and the
+    node's RAM, less what the node keeps for its own processes (F41). ValueError if
+    a headroom leaves nothing."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    total = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            total = int(line.split()[1]) * 1024
+            break
+    pids, mem = pid_max - pids_headroom, total - mem_headroom
+    if pids < 1 or mem < 1:
+        raise ValueError(f"headroom of {pids_headroom} pids and {mem_headroom} bytes leaves "
+                         f"nothing of pid_max {pid_max} and {total} bytes of RAM")
+    return pids, mem
+
+
+def limit_parent(layout: Layout, parent: str, pids_max: int, mem_max: int) -> list[Path]:
+    """Make the node-wide parent group (if missing) and cap it: every sliver together
+    gets at most `pids_max` tasks and `mem_max` bytes (hierarchical limits), so the
+    node's own processes keep headroom whatever slices do (F41). Returns the files
+    written."""
+    SliverCgroup(layout, "probe", parent)._ensure_parent()
+    if layout.mode == "v2":
+        assert layout.v2 is not None
+        d = layout.v2 / parent
+        targets = [(d / "pids.max", pids_max), (d / "memory.max", mem_max)]
+    else:
+        targets = [(layout.v1["pids"] / parent / "pids.max", pids_max),
+                   (layout.v1["memory"] / parent / "memory.limit_in_bytes", mem_max)]
+    for path, value in targets:
+        _write(path, str(int(value)))
+    return [p for p, _ in targets]

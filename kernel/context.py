@@ -61,6 +61,12 @@ RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 RLIM_INFINITY = 2**64 - 1
 
+#: /dev/shm of a sliver without mem_max (with one: half of it, see shm_size).
+SHM_DEFAULT = 64 << 20
+#: Every process of a sliver starts with this oom_score_adj, also its floor (the init
+#: sets it as host root): the OOM killer takes a sliver before the node's own processes.
+SLIVER_OOM_SCORE_ADJ = 500
+
 SETUP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0   # for the init to start a process (it gives up on an exec after 10 s)
 
@@ -144,6 +150,14 @@ class GuardSpec:
     filter: bytes          # struct sock_filter[] as raw bytes
     listener_sink: int     # fd of a connected AF_UNIX socket; the listener is sent over
                            # it with SCM_RIGHTS once the filter is installed
+
+
+def shm_size(limits: Limits) -> int:
+    """Bytes of the sliver's /dev/shm tmpfs: half of mem_max (as the kernel's default
+    is half of RAM), else SHM_DEFAULT; never the host-wide default (F34)."""
+    if limits.mem_max:
+        return max(1 << 20, limits.mem_max // 2)
+    return SHM_DEFAULT
 
 
 def _rlim(v: int) -> int:
@@ -295,6 +309,8 @@ class Context:
             # The user namespace is made as the sliver's base uid (see sliver-init.c):
             # what the sliver makes inside it is charged to that uid, not to root.
             argv.append(f"--owner={uid_base}")
+            argv.append(f"--shm-size={shm_size(limits)}")
+            argv.append(f"--oom-score-adj={SLIVER_OOM_SCORE_ADJ}")
             pass_fds = [init_end.fileno()]
             # Without a guard the same filter still hardens the sliver (foreign
             # architectures, raw sockets, io_uring, keyrings), notifying nothing.

@@ -39,6 +39,10 @@ NR_KEYCTL = 250
 NR_IO_URING_SETUP = 425
 NR_IO_URING_ENTER = 426
 NR_IO_URING_REGISTER = 427
+NR_CLONE = 56
+NR_UNSHARE = 272
+NR_CLONE3 = 435
+CLONE_NEWUSER = 0x10000000
 X32_SYSCALL_BIT = 0x40000000
 
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -205,6 +209,7 @@ def guard_filter(
         (NR_KEYCTL, _errno.ENOSYS),
     ),
     guard_sockets: bool = True,
+    refuse_userns: bool = True,
 ) -> bytes:
     """The sliver guard program.
 
@@ -224,7 +229,13 @@ def guard_filter(
        inspect) fail with EPERM, decided from registers alone; other netlink
        protocols EPROTONOSUPPORT; other families EAFNOSUPPORT (`_socket_block`);
        socketpair() only for AF_UNIX;
-    6. everything else is allowed.
+    6. with `refuse_userns`: no nested user namespace, whose owner would regain
+       every capability the bounding set dropped (mount, netns admin, tc; F39).
+       clone() and unshare() with CLONE_NEWUSER in their flags (argument 0, read
+       from the register) fail with EPERM; clone3() passes its flags in memory,
+       which a filter cannot read, so it fails with ENOSYS and libc falls back to
+       clone() (as container runtimes do). i386 is refused whole by step 1;
+    7. everything else is allowed.
     """
     notify = sorted(set(notify))
     refuse = sorted(set(refuse))
@@ -242,6 +253,21 @@ def guard_filter(
         prog += [Insn(BPF_JEQ_K, 0, 1, nr), _ret(SECCOMP_RET_USER_NOTIF)]
     for nr, err in refuse:
         prog += [Insn(BPF_JEQ_K, 0, 1, nr), _ret(errno_ret(err))]
+    if refuse_userns:
+        # A holds nr; the flag check loads argument 0, so nr is loaded again after.
+        prog += [
+            Insn(BPF_JEQ_K, 0, 1, NR_CLONE3),
+            _ret(enosys),
+            Insn(BPF_JEQ_K, "u_flags", 0, NR_CLONE),
+            Insn(BPF_JEQ_K, "u_flags", "u_done", NR_UNSHARE),
+            "u_flags",
+            _ld(data_arg_lo(0)),
+            Insn(BPF_JSET_K, 0, "u_reload", CLONE_NEWUSER),
+            _ret(eperm),
+            "u_reload",
+            _ld(DATA_NR),
+            "u_done",
+        ]
     if guard_sockets:
         # A holds nr.
         head: list[Insn | str] = [

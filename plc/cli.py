@@ -54,6 +54,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+#: PLC's oom_score_adj on a machine it shares with slivers (500): they go first (F34).
+PLC_OOM_SCORE_ADJ = -500
+
+
+def protect_from_oom(value: int = PLC_OOM_SCORE_ADJ) -> bool:
+    """Lower this process's oom_score_adj (its workers inherit it); False, logged,
+    where lowering is refused (it needs CAP_SYS_RESOURCE)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+        return True
+    except OSError as exc:
+        logging.getLogger("plc").warning("oom_score_adj %d not set: %s", value, exc.strerror)
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from plc.server import serve
     from plc.store import DBError, open_store
@@ -72,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    protect_from_oom()
     try:
         serve(store, cfg)
     except KeyboardInterrupt:

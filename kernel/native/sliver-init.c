@@ -172,6 +172,9 @@ struct opts {
 	int ncg;
 	const char *cgroups[16];
 	long launcher_delay_ms;   /* tests: the launcher lingers this long after the fork */
+	unsigned long long shm_size;   /* bytes of /dev/shm (its tmpfs size=) */
+	int oom_score_adj;             /* of the whole sliver, set as host root */
+	int have_oom;
 };
 
 static int rlimit_res(const char *name)
@@ -197,6 +200,7 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		{"hostname", 1, 0, 'h'}, {"capbset", 1, 0, 'b'}, {"rlimit", 1, 0, 'l'},
 		{"guard-filter", 1, 0, 'f'}, {"guard-sink", 1, 0, 'k'}, {"cgroup", 1, 0, 'g'},
 		{"launcher-delay-ms", 1, 0, 'd'}, {"owner", 1, 0, 'o'},
+		{"shm-size", 1, 0, 'm'}, {"oom-score-adj", 1, 0, 'j'},
 		{0, 0, 0, 0},
 	};
 	int c;
@@ -218,6 +222,23 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 			if (o->owner < 1 || o->owner > 0xfffffffeUL)
 				die("parse --owner (1..2^32-2)", EINVAL);
 			break;
+		case 'm': {
+			char *end;
+			errno = 0;
+			o->shm_size = strtoull(optarg, &end, 10);
+			if (errno || *end || o->shm_size < 4096)
+				die("parse --shm-size (bytes, at least 4096)", EINVAL);
+			break;
+		}
+		case 'j': {
+			char *end;
+			long v = strtol(optarg, &end, 10);
+			if (*end || v < -1000 || v > 1000)
+				die("parse --oom-score-adj (-1000..1000)", EINVAL);
+			o->oom_score_adj = (int)v;
+			o->have_oom = 1;
+			break;
+		}
 		case 'd':
 			o->launcher_delay_ms = strtol(optarg, NULL, 10);
 			if (o->launcher_delay_ms < 0 || o->launcher_delay_ms > 10000)
@@ -242,6 +263,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		default: die("parse arguments", EINVAL);
 		}
 	}
+	if (!o->shm_size)
+		o->shm_size = 64ULL << 20;   /* never the kernel's default: half of the host's RAM */
 	if (sync_fd < 0 || !o->root || !o->hostname)
 		die("parse arguments (need --sync --root --hostname)", EINVAL);
 	if (o->guard_sink >= 0 && o->guard_filter < 0)
@@ -289,7 +312,6 @@ static void setup_root(const struct opts *o)
 		{"/proc/self/fd/0", "dev/stdin"}, {"/proc/self/fd/1", "dev/stdout"},
 		{"/proc/self/fd/2", "dev/stderr"},
 	};
-	(void)o;
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
 		die("make mounts private", errno);
 	/* cwd is the root (entered by the launcher). pivot_root needs it to be a mount
@@ -318,7 +340,12 @@ static void setup_root(const struct opts *o)
 		  "newinstance,ptmxmode=0666,mode=620,gid=5") < 0)
 		die("mount /dev/pts", errno);
 	ensure_dir("dev/shm", "mkdir /dev/shm");
-	if (mount("tmpfs", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+	/* Bounded (F34): tmpfs pages stay charged to the sliver while the mount lives,
+	 * owned by no process; the default size would be half of the host's RAM. */
+	char shmopts[96];
+	snprintf(shmopts, sizeof shmopts, "mode=1777,size=%llu,nr_inodes=%llu",
+		 o->shm_size, o->shm_size / 4096 < 1024 ? 1024 : o->shm_size / 4096);
+	if (mount("tmpfs", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, shmopts) < 0)
 		die("mount /dev/shm", errno);
 	for (size_t i = 0; i < sizeof links / sizeof links[0]; i++)
 		if (symlink(links[i][0], links[i][1]) < 0)
@@ -330,6 +357,14 @@ static void setup_root(const struct opts *o)
 		die("detach old root", errno);
 	if (chdir("/") < 0)
 		die("chdir /", errno);
+	/* No nested user namespace (F39): its owner would have every capability the
+	 * bounding set drops. The seccomp filter refuses CLONE_NEWUSER too; this limit
+	 * of the sliver's own user namespace holds without it. Raising it back needs
+	 * CAP_SYS_RESOURCE, which the bounding set drops unless a tag grants it. */
+	int un = open("/proc/sys/user/max_user_namespaces", O_WRONLY | O_CLOEXEC);
+	if (un < 0 || write(un, "0", 1) != 1)
+		die("set user.max_user_namespaces to 0", errno);
+	close(un);
 }
 
 static void drop_bounding_set(uint64_t keep)
@@ -461,12 +496,60 @@ struct user {
 	int ngroups;
 };
 
+#define ACCOUNT_FILE_MAX (4u << 20)
+
+/* Open a file of the sliver that the init reads itself: it must never block on it
+ * (a FIFO or a device planted there would wedge the init for good, F40), so it is
+ * opened non-blocking, and only a regular file of at most ACCOUNT_FILE_MAX bytes is
+ * read. NULL with errno set otherwise. */
+static FILE *open_sliver_file(const char *path)
+{
+	struct stat st;
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	int bad = fstat(fd, &st) < 0 ? errno : !S_ISREG(st.st_mode) ? EINVAL :
+		  st.st_size > ACCOUNT_FILE_MAX ? EFBIG : 0;
+	if (bad) {
+		int err = bad;
+		close(fd);
+		errno = err;
+		return NULL;
+	}
+	FILE *f = fdopen(fd, "r");
+	if (!f) {
+		int err = errno;
+		close(fd);
+		errno = err;
+	}
+	return f;
+}
+
+/* A uid or gid field: 1 to 10 ASCII digits, below 2^32-1 (strtoul would take "",
+ * "-1", " 7" or a number that wraps). */
+static int parse_id(const char *s, unsigned int *out)
+{
+	unsigned long long v = 0;
+	size_t n = strlen(s);
+	if (n == 0 || n > 10)
+		return -1;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return -1;
+		v = v * 10 + (unsigned)(s[i] - '0');
+	}
+	if (v >= 0xffffffffULL)
+		return -1;
+	*out = (unsigned int)v;
+	return 0;
+}
+
 /* Look `name` up in the sliver's /etc/passwd and /etc/group (no NSS: static). */
 static int lookup_user(const char *name, struct user *u)
 {
 	char line[1024];
 	int found = 0;
-	FILE *f = fopen("/etc/passwd", "re");
+	FILE *f = open_sliver_file("/etc/passwd");
 	if (!f)
 		return errno;
 	while (!found && fgets(line, sizeof line, f)) {
@@ -480,8 +563,13 @@ static int lookup_user(const char *name, struct user *u)
 				break;
 		}
 		if (n == 7 && strcmp(fld[0], name) == 0) {
-			u->uid = (uid_t)strtoul(fld[2], NULL, 10);
-			u->gid = (gid_t)strtoul(fld[3], NULL, 10);
+			unsigned int uid, gid;
+			if (parse_id(fld[2], &uid) < 0 || parse_id(fld[3], &gid) < 0) {
+				fclose(f);
+				return EINVAL;   /* the user's entry is malformed */
+			}
+			u->uid = (uid_t)uid;
+			u->gid = (gid_t)gid;
 			snprintf(u->home, sizeof u->home, "%s", fld[5][0] ? fld[5] : "/");
 			snprintf(u->shell, sizeof u->shell, "%s", fld[6][0] ? fld[6] : "/bin/sh");
 			found = 1;
@@ -492,7 +580,7 @@ static int lookup_user(const char *name, struct user *u)
 		return ENOENT;
 	u->groups[0] = u->gid;
 	u->ngroups = 1;
-	f = fopen("/etc/group", "re");
+	f = open_sliver_file("/etc/group");
 	if (!f)
 		return 0;
 	while (u->ngroups < MAX_GROUPS && fgets(line, sizeof line, f)) {
@@ -505,7 +593,9 @@ static int lookup_user(const char *name, struct user *u)
 			continue;
 		for (char *m; (m = strsep(&p, ",")) != NULL;)
 			if (strcmp(m, name) == 0) {
-				gid_t g = (gid_t)strtoul(gid, NULL, 10);
+				unsigned int g;
+				if (parse_id(gid, &g) < 0)
+					break;
 				if (g != u->gid)
 					u->groups[u->ngroups++] = g;
 				break;
@@ -714,7 +804,19 @@ static void handle_request(int conn)
 	if (h.flags & REQ_TTY) {
 		unsigned int ptn, unlock = 0;
 		emsg = "open /dev/ptmx";
-		master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+		/* The devpts' own node, not /dev/ptmx: the sliver may replace that link
+		 * (with a FIFO, say); non-blocking, then blocking again for the client. */
+		master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+		struct stat mst;
+		if (master >= 0 && (fstat(master, &mst) < 0 || !S_ISCHR(mst.st_mode))) {
+			close(master);
+			master = -1;
+			errno = ENOTTY;
+		}
+		if (master >= 0 && fcntl(master, F_SETFL, O_RDWR) < 0) {
+			close(master);
+			master = -1;
+		}
 		if (master < 0 || ioctl(master, TIOCSPTLCK, &unlock) < 0 ||
 		    ioctl(master, TIOCGPTN, &ptn) < 0) {
 			err = errno;
@@ -928,6 +1030,17 @@ int main(int argc, char **argv)
 		int fd = open(path, O_WRONLY | O_CLOEXEC);
 		if (fd < 0 || write(fd, "0", 1) != 1)
 			die(step, errno);
+		close(fd);
+	}
+	/* The OOM killer takes a sliver before the node's own processes (F34). Written
+	 * as host root (CAP_SYS_RESOURCE), it is also the floor no process of the
+	 * sliver may go below (oom_score_adj_min); every process inherits it. */
+	if (o.have_oom) {
+		char v[16];
+		int n = snprintf(v, sizeof v, "%d", o.oom_score_adj);
+		int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, v, (size_t)n) != n)
+			die("set oom_score_adj", errno);
 		close(fd);
 	}
 	/* Enter the root while still host root: the sliver's uids may not be allowed to

@@ -3,6 +3,7 @@ timestamp rule, removals that survive failures and PLC outages."""
 
 from __future__ import annotations
 
+import os
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,3 +216,72 @@ async def test_reply_from_the_future_refused_and_never_recorded(agent: Agent) ->
     # within the allowed skew: accepted
     res = await agent.apply_raw(wire(reply([sliver("pl_a")], timestamp=now + 100)), 1)
     assert res.ok, res.message
+
+
+class _RootsBackend(FakeBackend):
+    """A FakeBackend whose slivers have roots with an /etc/passwd chosen per name."""
+
+    def __init__(self, where: Path, passwd: dict[str, bytes]) -> None:
+        super().__init__()
+        self.where, self.passwd = where, passwd
+
+    def create(self, plan: Any) -> None:
+        super().create(plan)
+        root = self.where / plan.name
+        (root / "etc").mkdir(parents=True)
+        p = root / "etc" / "passwd"
+        p.write_bytes(self.passwd.get(plan.name, b"root:x:0:0:root:/root:/bin/sh\n"))
+        for q in (root, root / "etc", p):
+            os.chown(q, plan.uid_base, plan.uid_base)
+
+    def root_of(self, name: str) -> Path | None:
+        return self.where / name if name in self.contexts else None
+
+
+async def test_one_slivers_passwd_never_stops_the_agent(tmp_path: Path) -> None:
+    """F31: a uid field of '²' (isdigit() but not int()) or of 5000 digits in one
+    sliver's /etc/passwd: the agent goes on, the other slivers get their user, and
+    the bad ones say why in their status."""
+    cfg = config.from_mapping({
+        "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
+        "socket_path": str(tmp_path / "agent.sock"), "node_id": 1, "node_key": "k",
+        "node_accounts": "", "default_image": "base", "host_accounts": 0,
+        "plc_url": "http://127.0.0.1:9/PLCAPI/"}, "test")
+    names = [f"s{os.getpid()}_{t}" for t in ("sup", "long", "good")]
+    bad = {names[0]: f"{names[0]}:x:\u00b2:0::/:/bin/sh\n".encode(),
+           names[1]: f"{names[1]}:x:{'9' * 5000}:0::/:/bin/sh\n".encode(),
+           names[2]: "root:x:0:0:root:/root:/bin/sh\nother:x:\u00b2:1::/:/bin/sh\n".encode()}
+    a = build(cfg, backend=_RootsBackend(tmp_path / "roots", bad))
+    try:
+        result = await a.apply_raw(wire(reply([sliver(n) for n in names])), 1)
+        assert result.ok, result.message
+        be: FakeBackend = a.backend  # type: ignore[assignment]
+        assert set(be.contexts) == set(names)
+        good = (tmp_path / "roots" / names[2] / "etc/passwd").read_text()
+        assert f"{names[2]}:x:1000:1000:" in good     # '²' is not a taken uid
+        for n in names[:2]:
+            rec = a.state.get_sliver(n)
+            assert rec is not None and rec.state == "running"
+        # and again, from the state alone (what every start does)
+        await a.bring_up_from_state()
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize("module,value", [("agent.main", -900), ("plc.cli", -500)])
+def test_agent_and_plc_lower_their_oom_score_adj(module: str, value: int) -> None:
+    """F34: the agent (-900) and `plc serve` (-500) are taken after slivers (500).
+    Lowering needs CAP_SYS_RESOURCE: where root lacks it (this VM) the call says so."""
+    import subprocess
+    import sys
+
+    code = (f"import {module} as m; ok = m.protect_from_oom(); "
+            "print(ok, open('/proc/self/oom_score_adj').read().strip())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    capeff = int(next(line.split()[1] for line in Path("/proc/self/status").read_text()
+                      .splitlines() if line.startswith("CapEff:")), 16)
+    if capeff >> 24 & 1:     # CAP_SYS_RESOURCE
+        assert out == ["True", str(value)]
+    else:
+        assert out == ["False", "0"]

@@ -105,3 +105,22 @@ def test_sockets_max_layers_and_zero_means_no_cap() -> None:
     assert cap({"sockets_max": "0"}) is None
     r = rspec.resolve({"sockets_max": "-3"}, None, {"sockets_max": "50"})
     assert r.rspec["sockets_max"] == 50 and "sockets_max" in r.problems[0]
+
+
+def test_node_defaults_mem_max_and_nofile_under_every_tag() -> None:
+    """agent.toml sliver_mem_max/sliver_nofile: every sliver is limited unless its tags
+    (or the _default slice's) say otherwise (F34, issue 8 item 3)."""
+    from agent import config
+    from agent.rspec import limits_kwargs, resolve
+
+    d = config.defaults().sliver_defaults
+    assert d == {"mem_max": 1024 * 1024, "nofile": 4096, "sockets_max": 1024}
+    lim = limits_kwargs(resolve({}, {}, d).rspec)
+    assert lim["mem_max"] == 1 << 30 and lim["rlimits"]["nofile"] == (4096, 4096)
+    tagged = limits_kwargs(resolve({"mem_max": "2048", "nofile_soft": "100",
+                                    "nofile_hard": "200"}, {}, d).rspec)
+    assert tagged["mem_max"] == 2048 * 1024 and tagged["rlimits"]["nofile"] == (100, 200)
+    by_default_slice = limits_kwargs(resolve({}, {"openfd_hard": "50"}, d).rspec)
+    assert by_default_slice["rlimits"]["nofile"] == (50, 50)
+    # memlock_hard still stands for mem_max when no layer gives mem_max
+    assert limits_kwargs(resolve({"memlock_hard": "4096"}, {}, d).rspec)["mem_max"] == 4 << 20

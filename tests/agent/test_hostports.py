@@ -14,9 +14,9 @@ from typing import NamedTuple
 import pytest
 import trio
 
+from agent.faults import APIFault
 from agent.guard import GuardService
 from agent.hostports import HOST_SERVICE, HostPorts, fixed_host_ports, plc_port
-from agent.faults import APIFault
 from tests.kernel.test_packet import free_udp_ports, ipv4_udp
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]

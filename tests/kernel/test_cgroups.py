@@ -163,3 +163,28 @@ def test_v2_only_layout_writes_the_v2_files(tmp_path: Path) -> None:
     assert (g / "cgroup.freeze").read_text() == "1" and cg.frozen()
     cg.thaw()
     assert (g / "cgroup.freeze").read_text() == "0"
+
+
+@pytest.mark.kernel
+def test_parent_limits_keep_node_headroom() -> None:
+    """F41: the node-wide parent is capped below pid_max and RAM, hierarchically."""
+    import os
+
+    from kernel.cgroups import detect_layout, limit_parent, node_budget
+
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    pids, mem = node_budget(4096, 1 << 30)
+    assert pids == pid_max - 4096 and 0 < mem
+    layout = detect_layout()
+    parent = f"plpar{os.getpid()}"
+    files = limit_parent(layout, parent, pids, mem)
+    try:
+        assert Path(files[0]).read_text().strip() == str(pids)
+        assert int(Path(files[1]).read_text().strip()) <= mem
+        with pytest.raises(ValueError):
+            node_budget(pid_max, 0)
+    finally:
+        for d in {m / parent for m in layout.v1.values()} | (
+                {layout.v2 / parent} if layout.v2 is not None else set()):
+            if d.is_dir():
+                d.rmdir()
