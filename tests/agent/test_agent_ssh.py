@@ -156,6 +156,58 @@ def test_ssh_lands_inside_the_sliver(ssh_node: tuple[Site, Node, str, Path, int]
     assert out.returncode == 255
 
 
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_session_without_terminal_gets_pipes_not_host_files(
+        ssh_node: tuple[Site, Node, str, Path, int], tmp_path: Path) -> None:
+    """F37, the agent's half: vsh with its stdout redirected to a host file (no
+    terminal) asks for a session; the command inside gets pipes the agent made, never
+    vsh's fds. stdin's EOF and the exit code come through; a process the command left
+    behind cannot write the file after vsh returned, and holds no host file."""
+    site, node, name, userkey, port = ssh_node
+    account = pwd.getpwnam(name)
+    dest = node.base / f"vsh-out-{os.getpid()}.txt"
+    marker = f"left{os.getpid()}behind"
+    script = ("ls -l /proc/self/fd/0 /proc/self/fd/1; read x; echo got-$x; cat; "
+              f"sh -c 'sleep 2; echo late-write; echo late-err >&2' {marker} & "
+              "echo started; exit 5")
+    with open(dest, "wb") as out:
+        os.fchown(out.fileno(), account.pw_uid, account.pw_gid)
+        res = subprocess.run(
+            [str(node.base / "vsh"), "-c", script], input=b"hello\nrest\n", stdout=out,
+            stderr=subprocess.PIPE, user=account.pw_uid, group=account.pw_gid,
+            extra_groups=[], env={"HOME": account.pw_dir, "PATH": "/usr/bin:/bin"},
+            cwd="/", timeout=30)
+    assert res.returncode == 5, res.stderr
+    text = dest.read_text()
+    lines = text.splitlines()
+    assert all("pipe:[" in line for line in lines[:2]), text   # fds 0 and 1 inside
+    assert lines[2:] == ["got-hello", "rest", "started"], text
+    holders = _processes_with(marker)
+    assert holders, "the left-behind process is not running"
+    for pid in holders:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            assert target.startswith(("pipe:", "/dev/null")), (pid, fd, target)
+    size = dest.stat().st_size
+    wait_for(lambda: not _processes_with(marker), 10, "the left-behind writer to end")
+    assert dest.stat().st_size == size and "late" not in dest.read_text()
+    assert b"late" not in res.stderr
+
+
 def test_removed_slice_loses_its_account(ssh_node: tuple[Site, Node, str, Path, int]) -> None:
     site, node, name, userkey, port = ssh_node
     site.api.DeleteSliceFromNodes(site.admin, name, [site.node_id])
