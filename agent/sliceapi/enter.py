@@ -22,7 +22,7 @@ import trio
 
 from agent.backend import Backend
 from agent.sliceapi.identity import Caller
-from agent.state import State
+from agent.state import SliverState, State
 from agent.tokenbucket import TokenBuckets
 
 log = logging.getLogger("agent.sliceapi")
@@ -57,7 +57,7 @@ async def enter_session(stream: trio.SocketStream, caller: Caller, first: bytes,
                      "pipes from the agent (update vsh)")
         return
     rec = state.get_sliver(caller.name)
-    if rec is None or rec.state != "running":
+    if rec is None or rec.state != SliverState.RUNNING:
         await refuse(f"ENTER: the sliver {caller.name} is not running"
                      + (f" ({rec.state}: {rec.message})" if rec else ""))
         return
