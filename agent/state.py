@@ -338,6 +338,7 @@ class State:
     # -- slivers ------------------------------------------------------------------------------
 
     def put_sliver(self, rec: SliverRecord) -> None:
+        rec.state = SliverState(rec.state)   # a value outside the enum is never written
         rec.updated_at = time.time()
         self._db.execute(
             f"INSERT INTO slivers ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def test_sliver_states_are_one_enum_stored_as_before(tmp_path: Path) -> None:
         assert raw == "running" and type(raw) is str
         with pytest.raises(ValueError):
             st.set_sliver_state("c", "runing")
+        with pytest.raises(ValueError):
+            st.put_sliver(dataclasses.replace(record("d"), state="new"))   # type: ignore[arg-type]
+        assert st.get_sliver("d") is None
         st._db.execute("UPDATE slivers SET state='zombie' WHERE name='c'")
         with pytest.raises(StateError, match="sliver c: unknown state 'zombie'"):
             st.slivers()
