@@ -22,12 +22,14 @@ import trio
 from agent.backend import Backend, split_dropped
 from agent.config import AgentConfig
 from agent.getslivers import Desired
-from agent.reconcile import CONTROLLER, RUNNING, STOPPED
 from agent.rootfiles import _parent_fd_close, read_in_root, remove_in_root, write_in_root
-from agent.state import State
+from agent.state import SliverState, State
 from agent.tasks import BackgroundTasks
 
 log = logging.getLogger("agent.accounts")
+
+# The states whose slice gets its keys (and host account): made, or a controller.
+_KEYED = (SliverState.RUNNING, SliverState.STOPPED, SliverState.CONTROLLER)
 
 MARK_BEGIN = "# --- planetlab-agent managed keys (do not edit below) ---"
 MARK_END = "# --- end of planetlab-agent managed keys ---"
@@ -297,13 +299,13 @@ class Accounts:
     async def sync(self, desired: Desired | None) -> None:
         """Keys of every running sliver (rewritten only when they change)."""
         for name, rec in self.state.slivers().items():
-            if rec.state not in (RUNNING, STOPPED, CONTROLLER):
+            if rec.state not in _KEYED:
                 continue
             keys = list(rec.spec.get("keys", []))
-            digest = f"{rec.state == 'controller'}\n" + "\n".join(keys)
+            digest = f"{rec.state == SliverState.CONTROLLER}\n" + "\n".join(keys)
             if self._installed.get(name) == digest:
                 continue
-            await self._install(name, keys, rec.state == CONTROLLER)
+            await self._install(name, keys, rec.state == SliverState.CONTROLLER)
         if desired is not None:
             try:
                 await trio.to_thread.run_sync(self.install_node_accounts, desired.accounts)
@@ -334,11 +336,11 @@ class Accounts:
         """Retry the key installs that failed (cheap: only those) [F9]."""
         for name in sorted(self._pending):
             rec = self.state.get_sliver(name)
-            if rec is None or rec.state not in (RUNNING, STOPPED, CONTROLLER):
+            if rec is None or rec.state not in _KEYED:
                 self._pending.discard(name)
                 continue
             await self._install(name, list(rec.spec.get("keys", [])),
-                                rec.state == CONTROLLER)
+                                rec.state == SliverState.CONTROLLER)
 
     # -- initscripts ------------------------------------------------------------------------
     #
@@ -380,7 +382,7 @@ class Accounts:
         ran = self.state.meta_with_prefix("initscript_ran:")
         for name, rec in self.state.slivers().items():
             last = ran.get(name)
-            if rec.state != RUNNING or last is None:
+            if rec.state != SliverState.RUNNING or last is None:
                 continue
             script = rec.spec.get("initscript") or ""
             if _digest(script) != last:

@@ -24,6 +24,7 @@ from kernel import caps
 from kernel import mount as m
 from kernel.context import (
     DEVNULL,
+    PIPE,
     RLIMITS,
     Context,
     GuardSpec,
@@ -165,7 +166,7 @@ class Backend(Protocol):
     def uid_base_of(self, name: str) -> int | None: ...
     def frozen(self, name: str) -> bool: ...
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
-              env: dict[str, str], fds: tuple[int, int, int] | None) -> Any: ...
+              env: dict[str, str]) -> Any: ...
 
 
 def _kernel_limits(limits: dict[str, Any]) -> Any:
@@ -398,16 +399,16 @@ class KernelBackend:
         return int(code), text
 
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
-              env: dict[str, str], fds: tuple[int, int, int] | None) -> Any:
-        """Start a session process in the sliver (as its root): on the caller's fds, or
-        on a new pty inside whose master is `proc.master`. Returns the SliverProcess."""
+              env: dict[str, str]) -> Any:
+        """Start a session process in the sliver (as its root): on a new pty inside
+        whose master is `proc.master`, or on pipes whose host ends are `proc.stdin`,
+        `proc.stdout` and `proc.stderr`. No fd from outside the agent goes in (F37).
+        Returns the SliverProcess."""
         ctx = self._context(name)
         if tty:
             return ctx.spawn(argv, user="root", env=env, tty=True,
                              winsize=winsize if all(winsize) else None)
-        assert fds is not None
-        return ctx.spawn(argv, user="root", env=env, stdin=fds[0], stdout=fds[1],
-                         stderr=fds[2])
+        return ctx.spawn(argv, user="root", env=env, stdin=PIPE, stdout=PIPE, stderr=PIPE)
 
     def frozen(self, name: str) -> bool:
         try:

@@ -7,9 +7,12 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
+from agent.backend import KernelBackend
+from agent.state import State
 
 
 def register(sub: Any) -> None:
@@ -52,6 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Only `run` needs the agent program (trio, the guard, PLC client: ~0.2 s to
+    # import, measured); every command imports this module to build the parser.
     from agent.main import run_agent
 
     return run_agent(cfg, once=args.once)
@@ -73,8 +78,6 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 
 def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict[str, Any]:
-    from agent.state import State
-
     out: dict[str, Any] = {"slivers": [], "node": {}}
     with State.open(cfg.state_dir) as st:
         for key in ("last_poll_ok", "last_poll_error", "last_timestamp", "last_reply_at"):
@@ -85,10 +88,6 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
         live: set[str] = set()
         if with_usage:
             try:
-                from pathlib import Path
-
-                from agent.backend import KernelBackend
-
                 backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
                 live = backend.live()
             except Exception as exc:  # noqa: BLE001 - status degrades, never fails

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.cli import DEFAULT_STATE_DIR
+from agent.cli_agent import load_config
+from agent.state import State
+from kernel.images import ImageError, ImageStore
 
 
 def register(sub: Any) -> None:
@@ -48,15 +51,11 @@ def _state_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "state_dir", None):
         return Path(args.state_dir)
     if getattr(args, "config", None):
-        from agent.cli_agent import load_config
-
         return Path(load_config(args).state_dir)
     return Path(DEFAULT_STATE_DIR)
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from kernel.images import ImageStore
-
     return ImageStore(_state_dir(args) / "images")
 
 
@@ -66,8 +65,6 @@ def _fail(what: str, exc: BaseException) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from kernel.images import ImageError
-
     src = Path(args.source)
     try:
         store = _store(args)
@@ -114,8 +111,6 @@ class ProgressBar:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from kernel.images import ImageError
-
     bar = ProgressBar(sys.stderr)
     try:
         img = _store(args).build_debootstrap(args.name, args.debootstrap, bar,
@@ -129,8 +124,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from kernel.images import ImageError
-
     try:
         images = _store(args).list()
     except (ImageError, OSError) as exc:
@@ -162,8 +155,6 @@ def _agent_records_use(state_dir: Path) -> Any:
     def in_use(name: str) -> bool:
         if not db.exists():
             return False
-        from agent.state import State
-
         with State.open(state_dir) as st:
             return any(rec.image == name for rec in st.slivers().values())
 
@@ -171,8 +162,6 @@ def _agent_records_use(state_dir: Path) -> Any:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from kernel.images import ImageError
-
     try:
         _store(args).remove(args.name, _agent_records_use(_state_dir(args)))
     except (ImageError, OSError) as exc:

@@ -30,7 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import config as config_mod
 from agent.relay import relay_pipes, relay_pty
+from kernel.context import (
+    PIPE,
+    Context,
+    ContextError,
+    Limits,
+    _check_name,
+    release_uid_range,
+    reserve_uid_range,
+)
+from kernel.images import ImageError, ImageStore
+from kernel.rootfs import RootError, prepare_root, release_root
 
 RECORDS = "cli-slivers.json"
 UID_COUNT = 65536
@@ -125,8 +137,6 @@ def _nonneg_int(text: str) -> int:
 
 
 def _paths(args: argparse.Namespace) -> Paths:
-    from agent import config as config_mod
-
     state_dir = getattr(args, "state_dir", None)
     try:
         cfg = config_mod.load(args.config) if getattr(args, "config", None) \
@@ -177,8 +187,6 @@ def _reserve_uids(p: Paths, name: str, records: dict[str, dict[str, Any]],
     doc): `base` if given (refused inside the agent's pool or over a taken range),
     else the first free range above the agent's pool. The CLI's recorded slivers
     that are not running now keep their ranges too."""
-    from kernel.context import reserve_uid_range
-
     if base is not None and base < p.uid_pool_end and p.uid_pool_start < base + UID_COUNT:
         raise ValueError(f"uid range {base}..{base + UID_COUNT - 1} is in the agent's pool "
                          f"{p.uid_pool_start}..{p.uid_pool_end - 1}; choose a base outside "
@@ -192,10 +200,6 @@ def _reserve_uids(p: Paths, name: str, records: dict[str, dict[str, Any]],
 # -- commands ---------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from kernel.context import Context, ContextError, Limits, _check_name, release_uid_range
-    from kernel.images import ImageError, ImageStore
-    from kernel.rootfs import RootError, prepare_root, release_root
-
     p = _paths(args)
     limits = Limits(cpu_share=args.cpu_share, cpu_pct=args.cpu_pct, mem_max=args.mem_max,
                     pids_max=args.pids_max)
@@ -230,16 +234,10 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _adopt(p: Paths, name: str) -> Any:
-    from kernel.context import Context
-
     return Context.adopt(p.contexts, name)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from kernel.context import Context, ContextError, Limits
-    from kernel.images import ImageError, ImageStore
-    from kernel.rootfs import RootError, prepare_root
-
     p = _paths(args)
     try:
         try:
@@ -268,8 +266,6 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from kernel.context import ContextError
-
     p = _paths(args)
     try:
         _adopt(p, args.name).stop()
@@ -282,9 +278,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from kernel.context import Context, ContextError, _check_name
-    from kernel.rootfs import RootError, release_root
-
     p = _paths(args)
     try:
         _check_name(args.name)
@@ -303,8 +296,6 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def _describe(p: Paths, name: str, rec: dict[str, Any] | None) -> dict[str, Any]:
-    from kernel.context import Context
-
     st = Context.read_state(p.contexts, name)
     row: dict[str, Any] = {"name": name, "image": rec.get("image") if rec else None,
                            "uid_base": (rec or st or {}).get("uid_base"),
@@ -324,8 +315,6 @@ def _describe(p: Paths, name: str, rec: dict[str, Any] | None) -> dict[str, Any]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from kernel.context import Context
-
     p = _paths(args)
     with _records(p) as records:
         names = sorted(set(records) | set(Context.list(p.contexts)))
@@ -347,8 +336,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 # -- enter ------------------------------------------------------------------------
 
 def cmd_enter(args: argparse.Namespace) -> int:
-    from kernel.context import PIPE, ContextError
-
     p = _paths(args)
     try:
         argv = _split_enter_args(args)

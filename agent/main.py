@@ -34,7 +34,7 @@ from agent.plcclient import PLCClient, PLCError
 from agent.ports import PortError
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.sliceapi import SliceAPI
-from agent.state import State
+from agent.state import SliverState, State
 from agent.tasks import BackgroundTasks
 
 log = logging.getLogger("agent")
@@ -136,7 +136,7 @@ class Agent:
         for name in set(self._ports_applied) - set(records):
             del self._ports_applied[name]
         for name, rec in records.items():
-            if rec.state == "destroying":
+            if rec.state == SliverState.DESTROYING:
                 continue
             value = rec.spec.get("attributes", {}).get("ports", "")
             if self._ports_applied.get(name) == value:

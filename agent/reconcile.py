@@ -29,17 +29,28 @@ import trio
 from agent import rspec as rspec_mod
 from agent.backend import Backend, MissingImage, SliverPlan
 from agent.getslivers import Desired, SliverSpec
-from agent.state import SliverRecord, State, Summary
+from agent.state import (
+    EXPIRED,
+    HAS_SLIVER,
+    WHEN_GONE,
+    WHEN_LIVE,
+    SliverRecord,
+    SliverState,
+    State,
+    Summary,
+)
 
 log = logging.getLogger("agent.reconcile")
 
 CREATED_BY_SYNC = ("plc-instantiated", "nm-controller")
 
-# Sliver states recorded in the database.
-PENDING, CREATING, RUNNING, STOPPED, FAILED = "pending", "creating", "running", "stopped", "failed"
-# A controller slice (instantiation nm-controller) has no sliver on a node, only a host
-# account whose login shell forwards API calls to the agent (nodemanager spec 2.1-2.2).
-CONTROLLER = "controller"
+# Short names for the sliver states (agent.state.SliverState owns them). A controller
+# slice (instantiation nm-controller) has no sliver on a node, only a host account
+# whose login shell forwards API calls to the agent (nodemanager spec 2.1-2.2).
+PENDING, CREATING, RUNNING, STOPPED = (SliverState.PENDING, SliverState.CREATING,
+                                       SliverState.RUNNING, SliverState.STOPPED)
+FAILED, DESTROYING, CONTROLLER = (SliverState.FAILED, SliverState.DESTROYING,
+                                  SliverState.CONTROLLER)
 
 
 @dataclass(frozen=True)
@@ -153,30 +164,18 @@ def plan(records: Mapping[str, Summary], live: set[str], adopted: set[str],
     for name, rec in records.items():
         if name in gone:
             continue
-        if rec.state == "destroying":
-            actions.append(Action("destroy", name, "removal pending"))
-            continue
-        if have_reply and rec.expires < now:
-            actions.append(Action("destroy", name, "expired"))
-            continue
-        if rec.state == CONTROLLER:
-            if name in live:   # made before the slice became a controller
-                actions.append(Action("stop_context", name, "a controller slice has no sliver"))
-            continue
-        if name not in live:
-            actions.append(Action("create", name,
-                                  "new" if rec.state == PENDING else f"its context is gone (was {rec.state})"))
-            continue
-        if name not in adopted:
-            actions.append(Action("adopt", name, "running context found"))
-        if rec.applied != rec.target:
-            actions.append(Action("update", name, "resource spec changed"))
-        if rec.want_running and rec.state == STOPPED:
-            actions.append(Action("start", name, "enabled"))
-        elif not rec.want_running and rec.state != STOPPED:
-            actions.append(Action("stop", name, "disabled (enabled=0)"))
-        elif rec.state not in (RUNNING, STOPPED):
-            actions.append(Action("update", name, f"state {rec.state}"))
+        state = SliverState(rec.state)
+        is_live = name in live
+        step = WHEN_LIVE[state, rec.want_running] if is_live else WHEN_GONE[state]
+        if have_reply and rec.expires < now and step.kind != "destroy":
+            step = EXPIRED
+        if is_live and state in HAS_SLIVER and step.kind != "destroy":
+            if name not in adopted:
+                actions.append(Action("adopt", name, "running context found"))
+            if rec.applied != rec.target:
+                actions.append(Action("update", name, "resource spec changed"))
+        if step.kind is not None:
+            actions.append(Action(step.kind, name, step.why(state)))
     return _dedupe(actions)
 
 
@@ -295,7 +294,7 @@ class Reconciler:
                     if self.state.get_sliver(name) is not None:
                         state = PENDING if isinstance(exc, MissingImage) else FAILED
                         if action.kind == "destroy":
-                            state = "destroying"   # retried by the next reconcile
+                            state = DESTROYING   # retried by the next reconcile
                         self.state.set_sliver_state(name, state, message)
                     return
                 outcome.done.append(action)
@@ -322,7 +321,7 @@ class Reconciler:
         rec = self.state.get_sliver(name)
         if action.kind == "destroy":
             if rec is not None:
-                self.state.set_sliver_state(name, "destroying", action.reason)
+                self.state.set_sliver_state(name, DESTROYING, action.reason)
             if self._before_destroy is not None:
                 await self._before_destroy(name)
             await trio.to_thread.run_sync(self.backend.destroy, name)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS slivers (
     spec TEXT NOT NULL,          -- JSON: the GetSlivers entry as PLC sent it (validated)
     rspec TEXT NOT NULL,         -- JSON: the resolved rspec
     problems TEXT NOT NULL DEFAULT '[]',
-    state TEXT NOT NULL,         -- pending | creating | running | stopped | failed | destroying
+    state TEXT NOT NULL,         -- a SliverState value
     message TEXT NOT NULL DEFAULT '',
     want_running INTEGER NOT NULL DEFAULT 1,
     applied TEXT NOT NULL DEFAULT '',  -- JSON of what was last applied to the kernel
@@ -84,6 +85,73 @@ class StateError(RuntimeError):
     """The state database cannot be used (wrong schema, full pool, ...)."""
 
 
+class SliverState(StrEnum):
+    """A sliver's state. The values are what the `slivers.state` column holds (the
+    strings written before this enum existed), so older databases load unchanged."""
+
+    PENDING = "pending"          # recorded from PLC, not made yet (or its image is missing)
+    CREATING = "creating"        # its uid range taken, its context being made
+    RUNNING = "running"
+    STOPPED = "stopped"          # frozen: enabled=0, or held by the slice API's Stop
+    FAILED = "failed"            # the last action failed; the next reconcile tries again
+    DESTROYING = "destroying"    # removal decided from a good reply; finished even offline
+    CONTROLLER = "controller"    # nm-controller: no sliver, a host account only
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the reconciler does next with a sliver: an `agent.reconcile.Action` kind
+    (None: nothing) and why; "{state}" in the reason names the state it was in."""
+
+    kind: str | None
+    reason: str = ""
+
+    def why(self, state: SliverState) -> str:
+        return self.reason.format(state=state.value)
+
+
+_S = SliverState
+_NOTHING = Step(None)
+_REMAKE = Step("create", "its context is gone (was {state})")
+_STOP = Step("stop", "disabled (enabled=0)")
+_SETTLE = Step("update", "state {state}")
+_DESTROY = Step("destroy", "removal pending")
+_UNMAKE = Step("stop_context", "a controller slice has no sliver")  # made before it was one
+EXPIRED = Step("destroy", "expired")
+
+# The reconciler's machine in one place: `agent.reconcile.plan` looks each sliver up
+# here (an expired one is destroyed: EXPIRED, unless its removal is pending anyway);
+# the actions record the states they leave it in (agent.reconcile.Reconciler._do).
+#
+# The sliver's context is not live on the node:
+WHEN_GONE: dict[SliverState, Step] = {
+    _S.PENDING: Step("create", "new"),
+    _S.CREATING: _REMAKE, _S.RUNNING: _REMAKE, _S.STOPPED: _REMAKE, _S.FAILED: _REMAKE,
+    _S.DESTROYING: _DESTROY,
+    _S.CONTROLLER: _NOTHING,
+}
+# Its context is live, by (state, whether it should run). For the states in HAS_SLIVER
+# the live context is also adopted and brought to its rspec first.
+WHEN_LIVE: dict[tuple[SliverState, bool], Step] = {
+    (_S.RUNNING, True): _NOTHING, (_S.RUNNING, False): _STOP,
+    (_S.STOPPED, True): Step("start", "enabled"), (_S.STOPPED, False): _NOTHING,
+    (_S.PENDING, True): _SETTLE, (_S.PENDING, False): _STOP,
+    (_S.CREATING, True): _SETTLE, (_S.CREATING, False): _STOP,
+    (_S.FAILED, True): _SETTLE, (_S.FAILED, False): _STOP,
+    (_S.DESTROYING, True): _DESTROY, (_S.DESTROYING, False): _DESTROY,
+    (_S.CONTROLLER, True): _UNMAKE, (_S.CONTROLLER, False): _UNMAKE,
+}
+HAS_SLIVER = frozenset({_S.PENDING, _S.CREATING, _S.RUNNING, _S.STOPPED, _S.FAILED})
+
+
+def sliver_state(value: str, name: str) -> SliverState:
+    try:
+        return SliverState(value)
+    except ValueError:
+        raise StateError(f"sliver {name}: unknown state {value!r} in the state database; "
+                         f"known: {', '.join(SliverState)}") from None
+
+
 @dataclass
 class SliverRecord:
     name: str
@@ -94,7 +162,7 @@ class SliverRecord:
     spec: dict[str, Any]
     rspec: dict[str, Any]
     problems: list[str]
-    state: str
+    state: SliverState
     message: str
     want_running: bool
     applied: str
@@ -108,7 +176,7 @@ class Summary:
     """The few fields planning needs, read without decoding any JSON."""
 
     name: str
-    state: str
+    state: SliverState
     expires: int
     want_running: bool
     applied: str
@@ -123,7 +191,7 @@ def _row_to_record(row: tuple[Any, ...]) -> SliverRecord:
     return SliverRecord(
         name=row[0], slice_id=row[1], instantiation=row[2], expires=row[3], image=row[4],
         spec=json.loads(row[5]), rspec=json.loads(row[6]), problems=json.loads(row[7]),
-        state=row[8], message=row[9], want_running=bool(row[10]), applied=row[11],
+        state=sliver_state(row[8], row[0]), message=row[9], want_running=bool(row[10]), applied=row[11],
         created_at=row[12], updated_at=row[13], target=row[14],
     )
 
@@ -270,6 +338,7 @@ class State:
     # -- slivers ------------------------------------------------------------------------------
 
     def put_sliver(self, rec: SliverRecord) -> None:
+        rec.state = SliverState(rec.state)   # a value outside the enum is never written
         rec.updated_at = time.time()
         self._db.execute(
             f"INSERT INTO slivers ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
@@ -285,8 +354,9 @@ class State:
              rec.applied, rec.created_at, rec.updated_at, rec.target),
         )
 
-    def set_sliver_state(self, name: str, state: str, message: str = "",
+    def set_sliver_state(self, name: str, state: SliverState | str, message: str = "",
                          applied: str | None = None) -> None:
+        state = SliverState(state)   # a value outside the enum is never written
         if applied is None:
             self._db.execute("UPDATE slivers SET state=?, message=?, updated_at=? WHERE name=?",
                              (state, message, time.time(), name))
@@ -308,7 +378,8 @@ class State:
         held = self.held()
         rows = self._db.execute("SELECT name, state, expires, want_running, applied, target "
                                 "FROM slivers")
-        return {r[0]: Summary(r[0], r[1], r[2], bool(r[3]) and r[0] not in held, r[4], r[5])
+        return {r[0]: Summary(r[0], sliver_state(r[1], r[0]), r[2],
+                              bool(r[3]) and r[0] not in held, r[4], r[5])
                 for r in rows}
 
     def set_held(self, name: str, held: bool) -> None:
@@ -325,8 +396,8 @@ class State:
     def mark_removed(self, names: list[str], reason: str) -> None:
         """Record the decision to destroy (taken from a good reply) before acting on it."""
         with self.transaction() as db:
-            db.executemany("UPDATE slivers SET state='destroying', message=? WHERE name=?",
-                           [(reason, n) for n in names])
+            db.executemany("UPDATE slivers SET state=?, message=? WHERE name=?",
+                           [(SliverState.DESTROYING, reason, n) for n in names])
 
     def delete_sliver(self, name: str) -> None:
         """Forget a destroyed sliver and everything it held (its counters stay)."""

@@ -3,9 +3,11 @@
 #define AGENT_FDIO_H
 
 #include <errno.h>
+#include <poll.h>
 #include <unistd.h>
 
-/* Write all `n` bytes of `p` to `fd` (retrying after signals); 0, or -1 with errno. */
+/* Write all `n` bytes of `p` to `fd` (retrying after signals, waiting when a
+ * non-blocking fd is full); 0, or -1 with errno. */
 static inline int write_all(int fd, const char *p, size_t n)
 {
 	while (n > 0) {
@@ -13,6 +15,11 @@ static inline int write_all(int fd, const char *p, size_t n)
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN) {
+				struct pollfd pf = {.fd = fd, .events = POLLOUT};
+				poll(&pf, 1, -1);
+				continue;
+			}
 			return -1;
 		}
 		p += w;

@@ -27,9 +27,9 @@ from agent.faults import (
     APIFault,
     FdReply,
 )
-from agent.reconcile import CONTROLLER, Action, Reconciler
+from agent.reconcile import Action, Reconciler
 from agent.sliceapi.identity import Caller, identify
-from agent.state import State
+from agent.state import SliverState, State
 from agent.tokenbucket import TokenBuckets
 
 log = logging.getLogger("agent.sliceapi")
@@ -74,7 +74,7 @@ class Calls:
 
     def _controllers(self) -> set[str]:
         return {name for name, rec in self.state.slivers().items()
-                if rec.state == CONTROLLER}
+                if rec.state == SliverState.CONTROLLER}
 
     def _target(self, caller: Caller, args: tuple[Any, ...]) -> str:
         """The slice a call is about. A sliver always means itself, whatever it passes."""
@@ -141,7 +141,7 @@ class Calls:
         assert rec is not None
         return _wire({"name": rec.name, "slice_id": rec.slice_id, "instantiation":
                       rec.instantiation, "expires": rec.expires, "image": rec.image,
-                      "state": rec.state, "keys": "\n".join(rec.spec.get("keys", [])),
+                      "state": rec.state.value, "keys": "\n".join(rec.spec.get("keys", [])),
                       "attributes": rec.spec.get("attributes", {}), "rspec": rec.rspec})
 
     def Ticket(self, caller: Caller, *args: Any) -> int:

@@ -1,6 +1,12 @@
 """The ENTER session: `ssh SLICE@node` runs the slice's host account's login shell
 (agent/native/vsh.c), which asks here for a session inside its sliver:
-"ENTER1 <tty> <rows> <cols> <n>\\n" and n NUL-terminated strings (TERM, the command)."""
+"ENTER1 <tty> <rows> <cols> <n>\\n" and n NUL-terminated strings (TERM, the command).
+
+The answer is "PTY\\n" with the master of a pty made inside (tty), or "PIPES\\n" with
+the host ends of the session's stdin, stdout and stderr pipes (no tty); vsh relays its
+own stdio to them, and "EXIT <code>\\n" ends the session. No fd from outside ever enters
+the sliver: a host terminal could be read from inside later [F10], a host file written
+by a process the session left behind [F37]."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import trio
 
 from agent.backend import Backend
 from agent.sliceapi.identity import Caller
-from agent.state import State
+from agent.state import SliverState, State
 from agent.tokenbucket import TokenBuckets
 
 log = logging.getLogger("agent.sliceapi")
@@ -45,16 +51,13 @@ async def enter_session(stream: trio.SocketStream, caller: Caller, first: bytes,
         await refuse("ENTER: malformed request")
         return
     tty, rows, cols, strings = request
-    if not tty and len(fds) != 3:
-        await refuse("ENTER: a session without a terminal must pass fds 0, 1 and 2")
-        return
-    if any(os.isatty(fd) for fd in fds):
-        # A host terminal handed into a sliver can be read by any of its processes
-        # (pidfd_getfd) after the session ends [F10]: terminals get a pty inside.
-        await refuse("ENTER: a terminal is never passed into a sliver; ask for a pty")
+    if fds:
+        # Whatever comes along stays out: the session gets a pty or pipes made here.
+        await refuse("ENTER: no fd is passed into a sliver; the session gets a pty or "
+                     "pipes from the agent (update vsh)")
         return
     rec = state.get_sliver(caller.name)
-    if rec is None or rec.state != "running":
+    if rec is None or rec.state != SliverState.RUNNING:
         await refuse(f"ENTER: the sliver {caller.name} is not running"
                      + (f" ({rec.state}: {rec.message})" if rec else ""))
         return
@@ -66,32 +69,45 @@ async def enter_session(stream: trio.SocketStream, caller: Caller, first: bytes,
         env["TERM"] = term
     try:
         proc = await trio.to_thread.run_sync(
-            backend.enter, caller.name, argv, bool(tty), (rows, cols), env,
-            (fds[0], fds[1], fds[2]) if not tty else None)
+            backend.enter, caller.name, argv, bool(tty), (rows, cols), env)
     except Exception as exc:  # noqa: BLE001 - boundary: tell the client, log
         log.warning("ENTER %s failed: %s", caller.name, exc)
         await refuse(f"ENTER: cannot start a session in {caller.name}")
         return
-    finally:
-        close_fds(fds)
-        fds.clear()
     log.info("session for %s started (pid %d inside, tty=%d)", caller.name, proc.pid, tty)
     try:
-        if tty:
-            master = proc.master
-            try:
-                await stream.socket.sendmsg(  # type: ignore[attr-defined]
-                    [b"PTY\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                  struct.pack("i", master))])
-            finally:
-                os.close(master)
-                proc.master = None
+        await _hand_over(stream, proc, tty)
         code = await _wait_session(proc, stream)
         await stream.send_all(f"EXIT {code & 0xff if code >= 0 else 128 - code}\n".encode())
     finally:
         if proc.returncode is None:
             with contextlib.suppress(OSError):
                 proc.kill()
+
+
+async def _hand_over(stream: trio.SocketStream, proc: Any, tty: int) -> None:
+    """Send vsh the host side of the session: the pty master ("PTY"), or the pipes'
+    ends ("PIPES": stdin's write end, stdout's and stderr's read ends). The agent
+    keeps no copy: once vsh exits after "EXIT", a process the session left behind
+    writing its stdout gets EPIPE, and nothing holds the session's pipes open."""
+    if tty:
+        line, ends = b"PTY\n", [proc.master]
+        proc.master = None
+    else:
+        line, ends = b"PIPES\n", [os.dup(f.fileno()) for f in
+                                  (proc.stdin, proc.stdout, proc.stderr)]
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+        proc.stdin = proc.stdout = proc.stderr = None
+    try:
+        # One short message on a fresh stream socket: it fits the socket buffer, so
+        # this never waits on vsh; the deadline covers a peer that stopped reading.
+        with trio.fail_after(CONNECTION_DEADLINE):
+            await stream.socket.sendmsg(  # type: ignore[attr-defined]
+                [line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                          struct.pack(f"{len(ends)}i", *ends))])
+    finally:
+        close_fds(ends)
 
 
 async def _wait_session(proc: Any, stream: trio.SocketStream) -> int:

@@ -81,7 +81,7 @@ class FakeBackend:
         return None if ctx is None else int(ctx["plan"].uid_base)
 
     def enter(self, name: str, argv: list[str], tty: bool, winsize: tuple[int, int],
-              env: dict[str, str], fds: tuple[int, int, int] | None) -> Any:
+              env: dict[str, str]) -> Any:
         raise OSError(95, "no sessions without a kernel", name)
 
 

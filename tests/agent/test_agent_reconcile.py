@@ -10,7 +10,7 @@ from agent_fakes import FakeBackend, reply, sliver
 
 from agent import getslivers
 from agent.reconcile import Reconciler, ingest, plan
-from agent.state import SliverRecord, State, Summary
+from agent.state import SliverRecord, SliverState, State, Summary
 
 
 @pytest.fixture
@@ -181,6 +181,37 @@ def test_plan_without_reply_never_destroys(state: State) -> None:
 
     recs: dict[str, Summary] = {}
     assert plan(recs, live=set(), adopted=set(), removed=[], now=0, have_reply=False) == []
+
+
+def test_plan_follows_the_state_table() -> None:
+    """What plan decides for each state (agent.state WHEN_GONE / WHEN_LIVE), with the
+    adopt and rspec steps of a live sliver and expiry over all but a removal."""
+    S = SliverState
+
+    def one(state: SliverState, live: bool, want: bool = True, adopted: bool = True,
+            applied: str = "t", expires: int = 10, have_reply: bool = True) -> list[tuple[str, str]]:
+        recs = {"s": Summary("s", state, expires, want, applied, "t")}
+        return [(a.kind, a.reason) for a in plan(
+            recs, live={"s"} if live else set(), adopted={"s"} if adopted else set(),
+            removed=[], now=5, have_reply=have_reply)]
+
+    assert one(S.PENDING, False) == [("create", "new")]
+    assert one(S.FAILED, False) == [("create", "its context is gone (was failed)")]
+    assert one(S.RUNNING, True) == []
+    assert one(S.STOPPED, True, adopted=False, applied="old") == [
+        ("adopt", "running context found"), ("update", "resource spec changed"),
+        ("start", "enabled")]
+    assert one(S.RUNNING, True, want=False) == [("stop", "disabled (enabled=0)")]
+    assert one(S.CREATING, True, want=False) == [("stop", "disabled (enabled=0)")]
+    assert one(S.FAILED, True) == [("update", "state failed")]
+    assert one(S.FAILED, True, applied="old") == [("update", "resource spec changed")]
+    assert one(S.CONTROLLER, True) == [("stop_context", "a controller slice has no sliver")]
+    assert one(S.CONTROLLER, False) == []
+    assert one(S.DESTROYING, True, expires=0) == [("destroy", "removal pending")]
+    assert one(S.DESTROYING, False, have_reply=False) == [("destroy", "removal pending")]
+    assert one(S.RUNNING, True, expires=0) == [("destroy", "expired")]
+    assert one(S.CONTROLLER, False, expires=0) == [("destroy", "expired")]
+    assert one(S.RUNNING, True, expires=0, have_reply=False) == []
 
 
 async def test_delegated_and_not_instantiated_not_created(state: State) -> None:

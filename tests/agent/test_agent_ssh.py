@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,8 +112,6 @@ def _account_ready(name: str, shell: str) -> bool:
 
 
 def _port_open(port: int) -> bool:
-    import socket
-
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
@@ -156,6 +156,100 @@ def test_ssh_lands_inside_the_sliver(ssh_node: tuple[Site, Node, str, Path, int]
     keygen(other, "other")
     out = ssh(other, port, name, "true")
     assert out.returncode == 255
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_session_without_terminal_gets_pipes_not_host_files(
+        ssh_node: tuple[Site, Node, str, Path, int], tmp_path: Path) -> None:
+    """F37, the agent's half: vsh with its stdout redirected to a host file (no
+    terminal) asks for a session; the command inside gets pipes the agent made, never
+    vsh's fds. stdin's EOF and the exit code come through; a process the command left
+    behind cannot write the file after vsh returned, and holds no host file."""
+    site, node, name, userkey, port = ssh_node
+    account = pwd.getpwnam(name)
+    dest = node.base / f"vsh-out-{os.getpid()}.txt"
+    marker = f"left{os.getpid()}behind"
+    script = ("ls -l /proc/self/fd/0 /proc/self/fd/1; read x; echo got-$x; cat; "
+              f"sh -c 'sleep 2; echo late-write; echo late-err >&2' {marker} & "
+              "echo started; exit 5")
+    with open(dest, "wb") as out:
+        os.fchown(out.fileno(), account.pw_uid, account.pw_gid)
+        res = subprocess.run(
+            [str(node.base / "vsh"), "-c", script], input=b"hello\nrest\n", stdout=out,
+            stderr=subprocess.PIPE, user=account.pw_uid, group=account.pw_gid,
+            extra_groups=[], env={"HOME": account.pw_dir, "PATH": "/usr/bin:/bin"},
+            cwd="/", timeout=30)
+    assert res.returncode == 5, res.stderr
+    text = dest.read_text()
+    lines = text.splitlines()
+    assert all("pipe:[" in line for line in lines[:2]), text   # fds 0 and 1 inside
+    assert lines[2:] == ["got-hello", "rest", "started"], text
+    holders = _processes_with(marker)
+    assert holders, "the left-behind process is not running"
+    for pid in holders:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            assert target.startswith(("pipe:", "/dev/null")), (pid, fd, target)
+    size = dest.stat().st_size
+    wait_for(lambda: not _processes_with(marker), 10, "the left-behind writer to end")
+    assert dest.stat().st_size == size and "late" not in dest.read_text()
+    assert b"late" not in res.stderr
+
+
+def test_session_pipes_do_not_deadlock_and_fds_are_refused(
+        ssh_node: tuple[Site, Node, str, Path, int]) -> None:
+    """vsh feeds the session's stdin without waiting on it: a command that writes much
+    and never reads its stdin still finishes while vsh has 1 MiB of stdin to give it.
+    A request that carries fds (an old vsh, or anything else) is refused."""
+    site, node, name, userkey, port = ssh_node
+    account = pwd.getpwnam(name)
+    as_account = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": [],
+                  "env": {"HOME": account.pw_dir, "PATH": "/usr/bin:/bin"}, "cwd": "/"}
+    res = subprocess.run(
+        [str(node.base / "vsh"), "-c", "head -c 300000 /dev/zero; exit 3"],
+        input=b"x" * (1 << 20), capture_output=True, timeout=60, **as_account)
+    assert res.returncode == 3 and res.stdout == b"\0" * 300000, res.stderr
+    assert _enter_with_an_fd(account).startswith(b"ENTER: no fd is passed into a sliver")
+
+
+def _enter_with_an_fd(account: pwd.struct_passwd) -> bytes:
+    """As the slice's account, ask for a session and send fd 1 along: the answer."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: become the account, ask, write the answer, exit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
+            os.setresuid(account.pw_uid, account.pw_uid, account.pw_uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(20)
+                s.connect(account.pw_dir + "/.agent.sock")
+                s.sendmsg([b"ENTER1 0 0 0 2\nxterm\0echo in\0"],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", 1))])
+                os.write(w, s.recv(4096))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            return f.read()
+    finally:
+        os.waitpid(pid, 0)
 
 
 def test_removed_slice_loses_its_account(ssh_node: tuple[Site, Node, str, Path, int]) -> None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from agent.state import SliverRecord, State, StateError
+from agent.state import (
+    HAS_SLIVER,
+    WHEN_GONE,
+    WHEN_LIVE,
+    SliverRecord,
+    SliverState,
+    State,
+    StateError,
+)
 
 
 def record(name: str) -> SliverRecord:
@@ -71,3 +80,34 @@ def test_transaction_rolls_back(tmp_path: Path) -> None:
                 st.put_sliver(record("z"))
                 raise RuntimeError("boom")
         assert st.get_sliver("z") is None
+
+
+def test_sliver_states_are_one_enum_stored_as_before(tmp_path: Path) -> None:
+    """The states stored as plain strings (databases from before SliverState) load as
+    the enum; a value outside it is never written, and one found is named."""
+    with State.open(tmp_path) as st:
+        for name, state in (("a", "destroying"), ("b", "controller"), ("c", "failed")):
+            st.put_sliver(record(name))
+            st._db.execute("UPDATE slivers SET state=? WHERE name=?", (state, name))
+        assert {n: s.state for n, s in st.summaries().items()} == {
+            "a": SliverState.DESTROYING, "b": SliverState.CONTROLLER, "c": SliverState.FAILED}
+        assert st.get_sliver("a").state is SliverState.DESTROYING   # type: ignore[union-attr]
+        st.set_sliver_state("c", SliverState.RUNNING)
+        raw = st._db.execute("SELECT state FROM slivers WHERE name='c'").fetchone()[0]
+        assert raw == "running" and type(raw) is str
+        with pytest.raises(ValueError):
+            st.set_sliver_state("c", "runing")
+        with pytest.raises(ValueError):
+            st.put_sliver(dataclasses.replace(record("d"), state="new"))   # type: ignore[arg-type]
+        assert st.get_sliver("d") is None
+        st._db.execute("UPDATE slivers SET state='zombie' WHERE name='c'")
+        with pytest.raises(StateError, match="sliver c: unknown state 'zombie'"):
+            st.slivers()
+
+
+def test_the_machine_has_a_step_for_every_state() -> None:
+    """Every state has a step whether its context is live or not, for either wish:
+    a state added without its transitions fails here, not in a reconcile."""
+    assert set(WHEN_GONE) == set(SliverState)
+    assert set(WHEN_LIVE) == {(s, w) for s in SliverState for w in (True, False)}
+    assert HAS_SLIVER == set(SliverState) - {SliverState.DESTROYING, SliverState.CONTROLLER}

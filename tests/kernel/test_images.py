@@ -227,7 +227,7 @@ def test_cli_import_list_remove(base: Path, capsys: pytest.CaptureFixture[str]) 
     with State.open(state) as st:
         st.put_sliver(SliverRecord(name=f"rec{os.getpid()}", slice_id=1, instantiation="",
                                    expires=0, image="bbt", spec={}, rspec={}, problems=[],
-                                   state="new", message="", want_running=True, applied="",
+                                   state="pending", message="", want_running=True, applied="",
                                    created_at=0.0, updated_at=0.0))
     assert agent_main([*sd, "image", "remove", "bbt"]) == 1
     assert "in use" in capsys.readouterr().err
