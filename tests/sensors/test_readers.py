@@ -56,11 +56,13 @@ def test_cpu_hog_and_memory_hog_show_in_their_slivers(node: Slivers) -> None:
     before = reader.read(names)
     spinner = hog.spawn(["sh", "-c", "while :; do :; done"], stdout=subprocess.DEVNULL)
     # ~39 MB of digits held in a shell variable: anonymous memory of the eater's group
-    grower = eater.spawn(["sh", "-c", "x=$(seq 1 5000000); echo ready ${#x}; sleep 60"],
+    # (the last echo keeps the shell: ash would exec a last `sleep` and free x)
+    grower = eater.spawn(["sh", "-c", "x=$(seq 1 5000000); echo ready ${#x}; sleep 60; echo ${#x}"],
                          stdout=subprocess.PIPE)
     try:
         assert grower.stdout is not None
-        assert grower.stdout.readline().split()[0] == b"ready"
+        line = grower.stdout.readline()
+        assert line.split()[0] == b"ready", line
         time.sleep(1.5)
         after = reader.read(names)
     finally:
@@ -72,7 +74,8 @@ def test_cpu_hog_and_memory_hog_show_in_their_slivers(node: Slivers) -> None:
     idle_cpu = after[idle.name]["cpu_seconds_total"] - before[idle.name]["cpu_seconds_total"]
     assert hog_cpu > 0.3, after[hog.name]
     assert idle_cpu < 0.1, after[idle.name]
-    assert after[eater.name]["memory_bytes"] > before[eater.name]["memory_bytes"] + 35_000_000
+    assert after[eater.name]["memory_bytes"] > before[eater.name]["memory_bytes"] + 35_000_000, \
+        (line, after[eater.name])
     assert after[idle.name]["memory_bytes"] < 20_000_000
     assert after[hog.name]["processes"] >= 2      # init and the spinner
     if Path("/sys/fs/cgroup/unified/cpu.pressure").exists() or \
