@@ -133,7 +133,7 @@ def prometheus(node: Mapping[str, Mapping[str, Any]],
                collection_seconds: float | None = None) -> str:
     exp = Exposition()
     for sensor, values in node.items():
-        strings = {k: text_value(v) for k, v in values.items() if isinstance(v, str)}
+        strings = {k: v for k, v in values.items() if isinstance(v, str)}
         for key, value in values.items():
             exp.add(metric_name("planetlab_node", sensor, key),
                     f"node sensor {sensor}, key {key} (docs/sensors.md)", value)
@@ -150,7 +150,7 @@ def prometheus(node: Mapping[str, Mapping[str, Any]],
         if "ports" in rec:
             exp.add("planetlab_sliver_ports", "ports the slice owns on this node",
                     len(rec["ports"]), lab)
-        info = {"slice": name, "state": text_value(rec.get("state", ""))}
+        info = {"slice": name, "state": str(rec.get("state", ""))}
         exp.add("planetlab_sliver_info", "the agent's state of the sliver", 1, info, "gauge")
     if collection_seconds is not None:
         exp.add("planetlab_sensors_collection_seconds",
