@@ -155,19 +155,33 @@ def _read(path: bytes) -> bytes | None:
         os.close(fd)
 
 
+_PSI_FIELDS = ("avg10", "avg60", "avg300", "seconds_total")
+PSI_KEYS = {r: tuple(f"pressure_{r}_{k}_{f}" for k in ("some", "full") for f in _PSI_FIELDS)
+            for r in PRESSURE_RESOURCES}
+PRESSURE_SPREAD = 4        # a sliver's pressure files are read every 4th collection ...
+PRESSURE_MAX_AGE_S = 10.0  # ... and whenever the values kept are older than this
+
+
 def parse_pressure(data: bytes, resource: str, out: dict[str, Any]) -> None:
     """PSI lines (Documentation/accounting/psi.rst):
     `some avg10=0.00 avg60=0.00 avg300=0.00 total=0` and the same with `full`;
     total is in microseconds."""
-    for line in data.split(b"\n"):
-        parts = line.split()
-        if len(parts) != 5 or parts[0] not in (b"some", b"full"):
+    out.update(_pressure_pairs(data, resource))
+
+
+def _pressure_pairs(data: bytes, resource: str) -> tuple[tuple[str, float], ...]:
+    """(key, value) pairs of one pressure file: one split, fixed offsets, no str."""
+    t = data.split()
+    keys = PSI_KEYS[resource]
+    pairs: list[tuple[str, float]] = []
+    for i in range(0, len(t) - 4, 5):
+        k = 0 if t[i] == b"some" else 4 if t[i] == b"full" else -1
+        if k < 0 or not t[i + 4].startswith(b"total="):
             continue
-        prefix = f"pressure_{resource}_{parts[0].decode()}_"
-        out[prefix + "avg10"] = float(parts[1][6:])
-        out[prefix + "avg60"] = float(parts[2][6:])
-        out[prefix + "avg300"] = float(parts[3][7:])
-        out[prefix + "seconds_total"] = int(parts[4][6:]) / 1e6
+        pairs += ((keys[k], float(t[i + 1][6:])), (keys[k + 1], float(t[i + 2][6:])),
+                  (keys[k + 2], float(t[i + 3][7:])),
+                  (keys[k + 3], int(t[i + 4][6:]) / 1e6))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -184,19 +198,34 @@ class SliverReader:
 
     `layout` and `parent` are those of kernel/cgroups.py (the agent's
     `cgroup_parent`); `interfaces` are the shaped interfaces whose HTB classes are
-    read (kernel/tc.py), none while shaping is off."""
+    read (kernel/tc.py), none while shaping is off.
+
+    Pressure (PSI) files cost twice a counter file to read and are averages over
+    10 s / 60 s / 300 s (the kernel recomputes them every 2 s), so a sliver's are
+    re-read only on its turn (every `pressure_spread`-th collection, round robin) or
+    when the values kept for it are older than `pressure_max_age` seconds; between
+    reads its last values are given again. A file whose bytes did not change is not
+    parsed again (an idle sliver's never change)."""
 
     def __init__(self, layout: cgroups.Layout | None = None,
                  parent: str = cgroups.PARENT, interfaces: Sequence[str] = (),
-                 fd_max: int = 6144) -> None:
+                 fd_max: int = 6144, pressure_spread: int = PRESSURE_SPREAD,
+                 pressure_max_age: float = PRESSURE_MAX_AGE_S) -> None:
         self.layout = layout or cgroups.detect_layout()
         self.fd_max = fd_max
         self._fds: dict[bytes, int] = {}
         self.parent = parent
         self.interfaces = tuple(interfaces)
+        self.pressure_spread = max(1, pressure_spread)
+        self.pressure_max_age = pressure_max_age
         self._paths: dict[str, _Paths] = {}
         self._shapers: dict[str, tc.Shaper] = {}
         self._psi = self._have_psi()
+        # name -> (monotonic time of the read, pressure keys); path -> (bytes, pairs)
+        self._psi_kept: dict[str, tuple[float, dict[str, float]]] = {}
+        self._psi_raw: dict[bytes, tuple[bytes, tuple[tuple[str, float], ...]]] = {}
+        self._round = 0
+        self._held: dict[str, tuple[int, int, int]] = {}   # cpu, memory, pids fds
 
     def _have_psi(self) -> bool:
         v2 = self.layout.v2
@@ -250,19 +279,26 @@ class SliverReader:
             raise
 
     def _forget(self, name: str) -> None:
+        self._psi_kept.pop(name, None)
+        self._held.pop(name, None)
         p = self._paths.pop(name, None)
         if p is None:
             return
+        for _, path in p.pressure:
+            self._psi_raw.pop(path, None)
         for path in (p.cpu, p.memory, p.pids, *(x for _, x in p.pressure)):
             fd = self._fds.pop(path, None)
             if fd is not None:
                 os.close(fd)
 
-    def read_one(self, name: str) -> dict[str, Any]:
-        """The cgroup keys of one sliver; {} when it has no group (not running)."""
+    def read_one(self, name: str, pressure: bool = True,
+                 now: float | None = None) -> dict[str, Any]:
+        """The cgroup keys of one sliver; {} when it has no group (not running).
+        `pressure` False gives the pressure values kept from its last read."""
         p = self._paths_of(name)
         raw = self._get(p.cpu)
         if raw is None:
+            self._psi_kept.pop(name, None)
             return {}
         out: dict[str, Any] = {}
         if p.v2_cpu:   # first line: usage_usec N
@@ -275,14 +311,52 @@ class SliverReader:
         pids = self._get(p.pids)
         if pids is not None:
             out["processes"] = int(pids)
-        for resource, path in p.pressure:
-            data = self._get(path)
-            if data is not None:
-                parse_pressure(data, resource, out)
+        if not p.pressure:
+            return out
+        kept = self._psi_kept.get(name)
+        if kept is None or pressure:
+            pairs: tuple[tuple[str, float], ...] = ()
+            for resource, path in p.pressure:
+                data = self._get(path)
+                if data is None:
+                    continue
+                last = self._psi_raw.get(path)
+                if last is None or last[0] != data:
+                    last = self._psi_raw[path] = (data, _pressure_pairs(data, resource))
+                pairs += last[1]
+            kept = self._psi_kept[name] = (time.monotonic() if now is None else now,
+                                           dict(pairs))
+        out.update(kept[1])
+        fds = tuple(self._fds.get(x, -1) for x in (p.cpu, p.memory, p.pids))
+        if -1 not in fds and "memory_bytes" in out and "processes" in out:
+            self._held[name] = fds    # read() may read these three directly
         return out
 
     def read(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-        out = {name: self.read_one(name) for name in names}
+        now = time.monotonic()
+        spread, turn = self.pressure_spread, self._round % self.pressure_spread
+        self._round += 1
+        stale = now - self.pressure_max_age
+        kept = self._psi_kept
+        held, pread, v2_cpu = self._held, os.pread, self.layout.mode == "v2"
+        out: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(names):
+            k = kept.get(name)
+            due = k is None or i % spread == turn or k[0] <= stale
+            fds = held.get(name)
+            if fds is None or due:
+                out[name] = self.read_one(name, due, now)
+                continue
+            # the common case, inlined: three counters from held fds, pressure kept
+            try:
+                cpu, mem, pids = pread(fds[0], 64, 0), pread(fds[1], 64, 0), pread(fds[2], 64, 0)
+            except OSError:
+                del held[name]
+                out[name] = self.read_one(name, due, now)
+                continue
+            out[name] = {"cpu_seconds_total": (int(cpu.split(None, 2)[1]) / 1e6 if v2_cpu
+                                               else int(cpu) / 1e9),
+                         "memory_bytes": int(mem), "processes": int(pids), **k[1]}
         for gone in set(self._paths) - set(out):
             self._forget(gone)
         return out

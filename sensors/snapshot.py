@@ -146,10 +146,12 @@ class Snapshots:
         slivers: dict[str, dict[str, Any]] = {}
         prev = self._prev
         cpu_now: dict[str, float] = {}
+        empty: dict[str, Any] = {}
         for name, f in facts.items():
-            rec: dict[str, Any] = {"name": name}
-            rec.update((k, v) for k, v in f.items() if k not in PRIVATE_KEYS)
-            rec.update(cg.get(name, {}))
+            rec: dict[str, Any] = {"name": name, **f}
+            for k in PRIVATE_KEYS:
+                rec.pop(k, None)
+            rec.update(cg.get(name, empty))
             if name in htb:
                 rec["htb_sent_bytes_total"] = htb[name]
             if name in self._disk:

@@ -157,3 +157,37 @@ async def test_flood_shares_one_collection() -> None:
                  if line.startswith(b"X-Snapshot-Time")}
         assert len(times) == 1
         n.cancel_scope.cancel()
+
+
+async def test_answers_are_encoded_once_per_snapshot_and_gzipped_on_request(
+        monkeypatch: Any) -> None:
+    import gzip
+
+    from sensors import nodeserver
+    calls: list[tuple[str, bool]] = []
+    real = nodeserver.encode
+
+    def counting(snap: Any, path: str, fmt: str, gzipped: bool) -> Any:
+        calls.append((path, gzipped))
+        return real(snap, path, fmt, gzipped)
+    monkeypatch.setattr(nodeserver, "encode", counting)
+    server, _ = make(ttl=60.0)
+    async with trio.open_nursery() as n:
+        port = await start(n, server)
+        gz = "Accept-Encoding: deflate, gzip;q=0.5\r\n"
+        plain = await exchange(port, get("/metrics"))
+        zipped = [await exchange(port, get("/metrics", gz)) for _ in range(3)]
+        refused = await exchange(port, get("/metrics", "Accept-Encoding: gzip;q=0\r\n"))
+        small = [await exchange(port, get("/sensors/load", gz)) for _ in range(3)]
+        head = await exchange(port, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n"
+                              b"Accept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        n.cancel_scope.cancel()
+    assert sorted(calls) == [("/metrics", False), ("/metrics", True), ("/sensors/load", False)]
+    plain_head, plain_body = plain.split(b"\r\n\r\n", 1)
+    z_head, z_body = zipped[0].split(b"\r\n\r\n", 1)
+    assert b"Content-Encoding: gzip" in z_head and b"Vary: Accept-Encoding" in z_head
+    assert b"Content-Encoding" not in plain_head and refused == plain
+    assert gzip.decompress(z_body) == plain_body and len(z_body) < len(plain_body)
+    assert zipped[1] == zipped[0] == zipped[2] and small[0] == small[2]
+    assert b"Content-Encoding" not in small[0]           # small answers stay plain
+    assert b"Content-Length: %d\r\n" % len(z_body) in head and head.endswith(b"\r\n\r\n")

@@ -118,3 +118,56 @@ def test_traffic_shows_as_its_htb_bytes() -> None:
             reader.close()
     assert after["pl_sender"] - before.get("pl_sender", 0) == 50 * WIRE_V4
     assert "pl_quiet" not in after       # no class: no figure, not 0
+
+
+class _NoLimits:
+    cpu_share, cpu_pct, mem_max, pids_max, net_cls_classid = 1, None, None, None, None
+
+
+class _CountingReader(SliverReader):
+    """Counts the pressure files read, per sliver group."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.pressure_reads: list[bytes] = []
+
+    def _get(self, path: bytes) -> bytes | None:
+        if path.endswith(b".pressure"):
+            self.pressure_reads.append(path)
+        return super()._get(path)
+
+
+def test_pressure_is_read_on_its_turn_or_when_too_old() -> None:
+    from kernel import cgroups
+    layout = cgroups.detect_layout()
+    if layout.v2 is None or not (layout.v2 / "cpu.pressure").exists():
+        pytest.skip("no PSI on this kernel")
+    parent = f"senspsi{os.getpid()}"
+    groups = [cgroups.SliverCgroup(layout, f"p{i}", parent) for i in range(6)]
+    names = [g.name for g in groups]
+    try:
+        for g in groups:
+            g.create(_NoLimits())
+        reader = _CountingReader(layout, parent, pressure_spread=3, pressure_max_age=0.5)
+        first = reader.read(names)
+        assert len(reader.pressure_reads) == 6 * 3          # never read: all of them
+        for _ in range(3):      # then a third per collection, their values kept between
+            reader.pressure_reads.clear()
+            out = reader.read(names)
+            assert len(reader.pressure_reads) == 2 * 3, reader.pressure_reads
+            assert all("pressure_cpu_some_avg10" in out[n] for n in names)
+            assert all(out[n]["memory_bytes"] >= 0 and "processes" in out[n] for n in names)
+        assert set(first[names[0]]) == set(out[names[0]])
+        time.sleep(0.6)         # older than pressure_max_age: every sliver again
+        reader.pressure_reads.clear()
+        reader.read(names)
+        assert len(reader.pressure_reads) == 6 * 3
+        reader.close()
+    finally:
+        for g in groups:
+            g.destroy()
+        for d in {str(d.parent) for d in groups[0].dirs()}:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
