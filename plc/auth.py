@@ -160,11 +160,6 @@ def _password(call: Call, auth: dict[str, Any]) -> None:
     call.set_caller("person", person["person_id"], roles)
 
 
-def _drop_session(call: Call, session_id: str) -> None:
-    for table in ("person_session", "node_session", "sessions"):
-        call.conn.delete(table, {"session_id": session_id})
-
-
 def _session(call: Call, auth: dict[str, Any]) -> None:
     sid = auth["session"]
     try:

@@ -54,13 +54,6 @@ def can_update(call: Call, target: dict[str, Any]) -> bool:
     return bool(set(target["site_ids"]) & set(call.caller_site_ids()))
 
 
-def can_view(call: Call, target: dict[str, Any]) -> bool:
-    if can_update(call, target):
-        return True
-    return call.has_role("pi", "tech") and \
-        bool(set(target["site_ids"]) & set(call.caller_site_ids()))
-
-
 def local_person(call: Call, person_id_or_email: int | str) -> dict[str, Any]:
     person = call.one(Person, person_id_or_email, ["person_id"], what="person")
     view = person_view(call, person["person_id"])
