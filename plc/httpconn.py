@@ -18,8 +18,8 @@ Complete requests go to a pool of at most ``threads`` worker threads (created as
 needed); ``handle`` answers one and says whether to keep the connection, which the
 worker then puts back in the epoll set with any pipelined bytes. A worker goes on with
 the next parked request of the same source, or with the connection's own next request
-if it comes whole within ``LINGER`` seconds: most calls cost no hand-over between
-threads beyond the selector's (the hand-overs were the reception's main CPU cost).
+if it is there whole already (``LINGER`` = 0: a peek, no worker is held waiting);
+a request costs one hand-over between threads at most (selector to worker).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ WRITE_TIMEOUT = 30.0   # a worker writing a reply to a client that does not read
 _SCAN = 0.25           # how often deadlines are looked at
 _RECV = 256 * 1024
 INFLIGHT_PER_SOURCE = 1  # requests of one client address answered at once
-LINGER = 0.005         # a worker waits this long for a keep-alive client's next request
+LINGER = 0.0           # how long a worker waits for a kept connection's next request
 
 
 class Waiting:
@@ -370,9 +370,8 @@ class Reception:
 
     def _next_is_here(self, conn: Waiting) -> bool:
         """After an answer on a keep-alive connection: is the client's next request here
-        (whole) within ``LINGER`` seconds? Then this worker answers it too, sparing the
-        hand-over to the selector thread and back (two thread wake-ups, most of the
-        cost of a small call). Anything else (nothing yet, part of a request, a request
+        (whole) within ``LINGER`` seconds (0: already)? Then this worker answers it
+        too, sparing the hand-over to the selector thread and back. Anything else (nothing yet, part of a request, a request
         the selector must judge: framing errors, ``Expect``, a large body) goes back to
         the selector with the bytes read, under its deadlines; so a client holds a
         worker at most ``LINGER`` seconds beyond its answer. The worker lingers only
