@@ -102,6 +102,14 @@ class Call:
         return self.caller_id if self.caller_kind == "node" else None
 
     @property
+    def caller_ident(self) -> int:
+        """The id of the authenticated person or node (for a method whose roles admit
+        no anonymous caller: authentication has set it before the method runs)."""
+        if self.caller_id is None:
+            raise PLCAPIError(f"method {self.method.name} has no authenticated caller")
+        return self.caller_id
+
+    @property
     def is_admin(self) -> bool:
         return "admin" in self.roles and self.caller_kind == "person"
 
@@ -237,10 +245,13 @@ class API:
             n = len(call.args)
             if not m.min_args <= n <= m.max_args:
                 raise PLCInvalidArgumentCount(n, m.min_args, m.max_args)
-            for i, (spec, value) in enumerate(zip(m.accepts, call.args, strict=False)):
-                if i == 0 and m.roles:
-                    call.auth = value
-                check(spec, value, m.arg_names[i], call)
+            first = 0
+            if m.auth is not None:  # legacy order: count, authentication, then types
+                call.auth = call.args[0]
+                m.auth.authenticate(call.args[0], m.arg_names[0], call)
+                first = 1
+            for i in range(first, n):
+                check(m.accepts[i], call.args[i], m.arg_names[i], call)
             if m.roles and call.caller_kind is None and call.roles != ["anonymous"]:
                 raise PLCAPIError(f"method {m.name} did not authenticate its caller")
             return m.func(call, *call.args)

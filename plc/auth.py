@@ -1,8 +1,8 @@
 """Authentication of the first argument of every non-system call (spec section 2).
 
-``Auth()`` is the parameter type of the auth struct: its ``check`` authenticates the
-call (it runs before any other argument is type-checked, as legacy PLCAPI did) and
-sets ``call.caller``, ``call.caller_kind`` ("person", "node" or None), ``call.roles``
+``Auth()`` is the parameter type of the auth struct (``Method.auth``): its
+``authenticate`` is a step of its own, after the argument count and before any other
+argument is type-checked (as legacy PLCAPI did, spec 1.2), and sets ``call.caller``, ``call.caller_kind`` ("person", "node" or None), ``call.roles``
 and ``call.auth_type``. Unknown keys in the struct are ignored.
 """
 
@@ -71,7 +71,9 @@ class Auth:
     def xmlrpc_type(self) -> str:
         return "struct"
 
-    def check(self, value: Any, name: str, call: Call) -> None:
+    def authenticate(self, value: Any, name: str, call: Call) -> None:
+        """Authenticate the call with the auth struct ``value`` (argument ``name``):
+        102 for a malformed struct, 103 for bad credentials, else ``call``'s caller."""
         if not isinstance(value, dict):
             raise PLCInvalidArgument(f"expected struct, got {_value_type(value)}", name)
         method = "hmac" if self.force_hmac else value.get("AuthMethod")
@@ -156,11 +158,6 @@ def _password(call: Call, auth: dict[str, Any]) -> None:
         raise PLCAuthenticationFailure(_role_mismatch(call, "PasswordAuth", person["email"],
                                                       roles))
     call.set_caller("person", person["person_id"], roles)
-
-
-def _drop_session(call: Call, session_id: str) -> None:
-    for table in ("person_session", "node_session", "sessions"):
-        call.conn.delete(table, {"session_id": session_id})
 
 
 def _session(call: Call, auth: dict[str, Any]) -> None:

@@ -15,8 +15,11 @@ in the selector, held to deadlines:
 * request bodies buffered at once at most ``max_buffered`` bytes in all (more: 503).
 
 Complete requests go to a pool of at most ``threads`` worker threads (created as
-needed); ``Server.handle_request_bytes`` answers one and says whether to keep the
-connection, which then returns to the selector with any pipelined bytes.
+needed); ``handle`` answers one and says whether to keep the connection, which the
+worker then puts back in the epoll set with any pipelined bytes. A worker goes on with
+the next parked request of the same source, or with the connection's own next request
+if it is there whole already (``LINGER`` = 0: a peek, no worker is held waiting);
+a request costs one hand-over between threads at most (selector to worker).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import collections
 import logging
 import os
 import queue
-import selectors
+import select
 import socket
 import ssl
 import threading
@@ -41,6 +44,7 @@ WRITE_TIMEOUT = 30.0   # a worker writing a reply to a client that does not read
 _SCAN = 0.25           # how often deadlines are looked at
 _RECV = 256 * 1024
 INFLIGHT_PER_SOURCE = 1  # requests of one client address answered at once
+LINGER = 0.0           # how long a worker waits for a kept connection's next request
 
 
 class Waiting:
@@ -83,25 +87,31 @@ class Limits:
 
 class Reception:
     """The selector loop and the worker pool of one process (built after any fork:
-    its pipe and threads are its own)."""
+    its epoll set, pipe and threads are its own).
+
+    The connection table (``waiting``, ``per_source``, ``serving``, ``parked``,
+    ``buffered``) is shared by the selector thread and the workers under ``state``:
+    a worker that has answered takes the next parked request of its source itself and
+    puts its connection back in the epoll set itself, so a request costs one hand-over
+    (selector to worker) instead of a round trip through a wake-up pipe."""
 
     def __init__(self, listener: socket.socket, limits: Limits, handle: Any) -> None:
         self.listener = listener
         self.limits = limits
         self.handle = handle  # (sock, addr, request bytes, length) -> keep connection?
         self.tls = isinstance(listener, ssl.SSLSocket)
-        self.sel = selectors.DefaultSelector()
+        self.epoll = select.epoll()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
-        self.waiting: dict[int, Waiting] = {}     # fd -> connection in the selector
+        self.state = threading.Lock()             # the connection table below
+        self.waiting: dict[int, Waiting] = {}     # fd -> connection in the epoll set
         self.per_source: dict[str, int] = {}      # open connections (waiting or served)
         self.serving: dict[str, int] = {}         # requests with a worker, per source
         self.parked: dict[str, collections.deque[Waiting]] = {}  # and waiting for one
         self.buffered = 0
-        self.returned: queue.SimpleQueue[tuple[Waiting, bool]] = queue.SimpleQueue()
         self.jobs: queue.SimpleQueue[Waiting | None] = queue.SimpleQueue()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()              # the worker counts below
         self.workers = 0
         self.idle_workers = 0
         self.stopping = False
@@ -110,21 +120,26 @@ class Reception:
     # -- the selector thread ------------------------------------------------------------
     def run(self, stop: threading.Event, poll_interval: float) -> None:
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, None)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        listen_fd = self.listener.fileno()
+        self.epoll.register(listen_fd, select.EPOLLIN)
+        self.epoll.register(self.wake_r, select.EPOLLIN)
         try:
             while not stop.is_set():
-                for key, _ in self.sel.select(min(poll_interval, _SCAN)):
-                    if key.fileobj is self.listener:
-                        self._accept()
-                    elif key.fileobj == self.wake_r:
-                        self._take_back()
-                    else:
-                        self._readable(key.data)
-                now = time.monotonic()
-                if now >= self.next_scan:
-                    self.next_scan = now + _SCAN
-                    self._expire(now)
+                events = self.epoll.poll(min(poll_interval, _SCAN))
+                with self.state:
+                    for fd, _ in events:
+                        if fd == listen_fd:
+                            self._accept()
+                        elif fd == self.wake_r:
+                            self._drain_wake()
+                        else:
+                            conn = self.waiting.get(fd)
+                            if conn is not None:  # else: left the set since the poll
+                                self._readable(conn)
+                    now = time.monotonic()
+                    if now >= self.next_scan:
+                        self.next_scan = now + _SCAN
+                        self._expire(now)
         finally:
             self.close()
 
@@ -133,6 +148,13 @@ class Reception:
             os.write(self.wake_w, b"x")
         except (BlockingIOError, OSError):
             pass  # a wakeup is pending already, or shutting down
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -178,14 +200,14 @@ class Reception:
     def _wait(self, conn: Waiting) -> None:
         fd = conn.sock.fileno()
         self.waiting[fd] = conn
-        self.sel.register(fd, selectors.EVENT_READ, conn)
+        self.epoll.register(fd, select.EPOLLIN)
         if conn.buf:  # pipelined: the next request may be complete already
             self._advance(conn, time.monotonic())
 
     def _unwait(self, conn: Waiting) -> None:
         fd = conn.sock.fileno()
         if self.waiting.pop(fd, None) is not None:
-            self.sel.unregister(fd)
+            self.epoll.unregister(fd)
 
     def _close(self, conn: Waiting, status: int = 0, text: str = "") -> None:
         self._unwait(conn)
@@ -202,14 +224,8 @@ class Reception:
         conn.reserved = 0
 
     def _readable(self, conn: Waiting) -> None:
-        sock = conn.sock
         try:
-            if not conn.handshaken:
-                sock.do_handshake()  # type: ignore[attr-defined]
-                conn.handshaken = True
-            data = sock.recv(_RECV)
-            while data and self.tls and sock.pending():  # type: ignore[attr-defined]
-                data += sock.recv(sock.pending())  # type: ignore[attr-defined]
+            data = _receive(conn)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except (OSError, ValueError):
@@ -272,35 +288,11 @@ class Reception:
             else:
                 self._close(conn)
 
-    def _take_back(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        now = time.monotonic()
-        while True:
-            try:
-                conn, keep = self.returned.get_nowait()
-            except queue.Empty:
-                return
-            self._served(conn.source)
-            if not keep or self.stopping:
-                self._close(conn)
-                continue
-            try:
-                conn.sock.setblocking(False)
-            except OSError:
-                self._close(conn)
-                continue
-            conn.reset(now)
-            self._wait(conn)
-
     # -- the workers ----------------------------------------------------------------------
     def _dispatch(self, conn: Waiting) -> None:
         """Hand a complete request to a worker; a source with ``INFLIGHT_PER_SOURCE``
         requests being answered waits its turn, so one client's flood cannot take every
-        worker (and the interpreter lock) from the others."""
+        worker (and the interpreter lock) from the others. (Under ``state``.)"""
         source = conn.source
         if self.serving.get(source, 0) >= INFLIGHT_PER_SOURCE:
             self.parked.setdefault(source, collections.deque()).append(conn)
@@ -314,18 +306,34 @@ class Reception:
             threading.Thread(target=self._work, name="plc-worker", daemon=True).start()
         self.jobs.put(conn)
 
-    def _served(self, source: str) -> None:
-        count = self.serving.get(source, 1) - 1
-        if count:
-            self.serving[source] = count
-        else:
-            self.serving.pop(source, None)
-        queue_ = self.parked.get(source)
+    def _give_back(self, conn: Waiting, keep: bool) -> Waiting | None:
+        """A worker is done with ``conn``: back into the epoll set (or closed), and the
+        next parked request of the same source, which the worker answers in the same
+        turn, or None (the turn ends). (Under ``state``.)"""
+        self._unreserve(conn)
+        nxt = None
+        queue_ = self.parked.get(conn.source)
         if queue_:
             nxt = queue_.popleft()
             if not queue_:
-                del self.parked[source]
-            self._dispatch(nxt)
+                del self.parked[conn.source]
+        else:
+            count = self.serving.get(conn.source, 1) - 1
+            if count:
+                self.serving[conn.source] = count
+            else:
+                self.serving.pop(conn.source, None)
+        if not keep or self.stopping:
+            self._close(conn)
+        else:
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                self._close(conn)
+                return nxt
+            conn.reset(time.monotonic())
+            self._wait(conn)
+        return nxt
 
     def _work(self) -> None:
         while True:
@@ -338,41 +346,111 @@ class Reception:
                 with self.lock:
                     self.workers -= 1
                 return
-            keep = False
-            request = bytes(conn.buf[:conn.need])
-            del conn.buf[:conn.need]
-            try:
-                conn.sock.settimeout(WRITE_TIMEOUT)
-                keep = bool(self.handle(conn.sock, conn.addr, request, conn.length))
-            except Exception:  # the handler answers its own errors; this is a bug
-                log.exception("unexpected error answering %s", conn.source)
-            finally:
-                self.returned.put((conn, keep))
-                self.wake()
+            while conn is not None:
+                keep = True
+                try:
+                    while keep:
+                        keep = self._answer(conn)
+                        if not keep or not self._next_is_here(conn):
+                            break
+                finally:
+                    with self.state:
+                        conn = self._give_back(conn, keep)
+
+    def _answer(self, conn: Waiting) -> bool:
+        """Answer the complete request at the head of ``conn.buf``; keep the connection?"""
+        request = bytes(conn.buf[:conn.need])
+        del conn.buf[:conn.need]
+        try:
+            conn.sock.settimeout(WRITE_TIMEOUT)
+            return bool(self.handle(conn.sock, conn.addr, request, conn.length))
+        except Exception:  # the handler answers its own errors; this is a bug
+            log.exception("unexpected error answering %s", conn.source)
+            return False
+
+    def _next_is_here(self, conn: Waiting) -> bool:
+        """After an answer on a keep-alive connection: is the client's next request here
+        (whole) within ``LINGER`` seconds (0: already)? Then this worker answers it
+        too, sparing the hand-over to the selector thread and back. Anything else (nothing yet, part of a request, a request
+        the selector must judge: framing errors, ``Expect``, a large body) goes back to
+        the selector with the bytes read, under its deadlines; so a client holds a
+        worker at most ``LINGER`` seconds beyond its answer. The worker lingers only
+        when no other request of its source waits (one request at a time per source,
+        in turn) and no request waits for a worker."""
+        if self.stopping or self.parked.get(conn.source) or not self.jobs.empty():
+            return False
+        sock = conn.sock
+        try:
+            sock.setblocking(False)
+            if not conn.buf:
+                if not _poll_in(sock, LINGER):
+                    return False
+                data = _receive(conn)
+                if not data:
+                    return False  # closed: the selector sees it again and closes
+                conn.buf += data
+        except (OSError, ValueError):  # SSL wants more, or the socket broke: selector
+            return False
+        return self._complete(conn)
+
+    def _complete(self, conn: Waiting) -> bool:
+        """Frame the plain, whole request at the head of ``conn.buf`` (no reservation:
+        its bytes are read already, one receive at most); False for anything else."""
+        buf = conn.buf
+        end = head_end(buf)
+        if end <= 0 or buf[:2] == b"\r\n":
+            return False
+        try:
+            length, expect = framing(bytes(buf[:end]))
+        except FramingError:
+            return False
+        need = end + (length or 0)
+        if expect or (length or 0) > self.limits.max_body or len(buf) < need:
+            return False
+        conn.need, conn.length, conn.expect = need, length, expect
+        return True
 
     # -- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
-        self.stopping = True
-        for conn in list(self.waiting.values()):
-            self._close(conn)
-        for parked in self.parked.values():
-            for conn in parked:
+        with self.state:  # workers still answering close their connections on return
+            self.stopping = True
+            for conn in list(self.waiting.values()):
                 self._close(conn)
-        self.parked.clear()
+            for parked in self.parked.values():
+                for conn in parked:
+                    self._close(conn)
+            self.parked.clear()
+            self.epoll.close()
         with self.lock:
             n = self.workers
         for _ in range(n):
             self.jobs.put(None)
-        try:
-            self.sel.unregister(self.listener)
-        except (KeyError, ValueError, OSError):
-            pass
-        self.sel.close()
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _receive(conn: Waiting) -> bytes:
+    """What a non-blocking socket has (a TLS handshake first if due); b"" at its end."""
+    sock = conn.sock
+    if not conn.handshaken:
+        sock.do_handshake()  # type: ignore[attr-defined]
+        conn.handshaken = True
+    data = sock.recv(_RECV)
+    while data and isinstance(sock, ssl.SSLSocket) and sock.pending():
+        data += sock.recv(sock.pending())
+    return data
+
+
+def _poll_in(sock: socket.socket, timeout: float) -> bool:
+    """Has ``sock`` bytes to read (or an end) within ``timeout`` seconds?"""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _refuse(sock: socket.socket, status: int, text: str) -> None:

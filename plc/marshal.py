@@ -163,7 +163,7 @@ def load_call(body: bytes) -> tuple[tuple[Any, ...], str]:
     a DTD there are no entities, so the memory a body costs is proportional to its size
     (bounded by [api] max_body)."""
     unmarshaller = xmlrpc.client.Unmarshaller(use_builtin_types=True)
-    unmarshaller.xml(None, None)  # what xmlrpc.client.ExpatParser does
+    unmarshaller.xml(None, None)  # type: ignore[arg-type]  # as xmlrpc.client.ExpatParser
     parser = expat.ParserCreate(None, None)
     parser.buffer_text = True
     parser.StartElementHandler = unmarshaller.start

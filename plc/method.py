@@ -11,7 +11,10 @@
 
 The function name is the method name (or ``name=``). Its Python signature gives the
 argument count (arguments with defaults are optional, the auth struct counts); the
-i-th entry of ``accepts`` types the i-th argument. ``writes`` (default: the name does
+i-th entry of ``accepts`` types the i-th argument. A method with ``roles`` takes an
+``Auth`` first (and only then): a call is counted (fault 101), then authenticated
+(``Method.auth``), then its other arguments are type-checked (fault 102), as legacy
+PLCAPI did (spec 1.2), so a caller that cannot authenticate learns nothing about them. ``writes`` (default: the name does
 not start with Get/Resolve/Retrieve and is not system.*) selects a write transaction.
 """
 
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from plc.auth import Auth
 from plc.params import Mixed, Parameter, describe, doc_of, xmlrpc_type
 
 ALL_PERSON_ROLES = ["admin", "pi", "user", "tech"]
@@ -41,6 +45,7 @@ class Method:
     min_args: int = 0
     max_args: int = 0
     transaction: bool = True   # system.* manage their own
+    auth: Auth | None = None   # accepts[0] of a method with roles: authenticated first
 
     def signatures(self) -> list[list[str]]:
         """[return_type, arg types...] per arg count and Mixed alternative (spec 1.3)."""
@@ -113,12 +118,17 @@ def make_method(func: Callable[..., Any], *, roles: list[str], accepts: list[Any
     if writes is None:
         writes = not mname.startswith(("Get", "Resolve", "Retrieve", "system.", "AuthCheck",
                                        "BootCheckAuthentication"))
+    auth = accepts[0] if accepts and isinstance(accepts[0], Auth) else None
+    if bool(roles) != (auth is not None) or any(isinstance(a, Auth) for a in accepts[1:]):
+        raise TypeError(f"{mname}: a method with roles takes an Auth first, and only then")
+    if auth is not None and (not params or params[0].default is not inspect.Parameter.empty):
+        raise TypeError(f"{mname}: the auth struct is a required argument")
     return register(Method(
         name=mname, func=func, accepts=list(accepts), returns=returns, roles=list(roles),
         doc=inspect.cleandoc(doc or func.__doc__ or ""), writes=writes,
         arg_names=[p.name for p in params],
         min_args=sum(1 for p in params if p.default is inspect.Parameter.empty),
-        max_args=len(params), transaction=transaction))
+        max_args=len(params), transaction=transaction, auth=auth))
 
 
 __all__ = ["ALL_PERSON_ROLES", "ALL_ROLES", "METHODS", "Method", "api_method", "doc_of",

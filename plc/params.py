@@ -10,8 +10,8 @@ one of:
   keys are checked (mandatory keys are the method's business);
 * a ``list`` ``[spec, ...]``: element i is checked against spec i, extra elements
   against the last spec; ``Parameter([spec], min=, max=)`` bounds the item count;
-* any object with ``check(value, name, ctx)`` and ``xmlrpc_type()`` (auth structs,
-  filters).
+* any object with ``check(value, name, ctx)`` and ``xmlrpc_type()`` (filters; the
+  auth struct is not checked here: ``Auth.authenticate`` is a step of its own).
 
 ``check`` raises PLCInvalidArgument (fault 102) naming the argument.
 """
@@ -33,11 +33,6 @@ MAX_DEPTH = 32
 
 #: the range of an XML-RPC <int> (legacy stored ints in 32-bit PostgreSQL columns)
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
-
-
-def int_in_range(value: Any) -> bool:
-    """True unless ``value`` is an int (not bool) outside the 32 bits of XML-RPC."""
-    return type(value) is not int or INT_MIN <= value <= INT_MAX
 
 
 def check_scalar(value: Any, name: str) -> None:

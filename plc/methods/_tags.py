@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.faults import PLCInvalidArgument
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 #: class name -> (tag table, owner column)
 TAG_TABLES = {
@@ -14,7 +17,7 @@ TAG_TABLES = {
 }
 
 
-def tag_type(call: Any, tag_type_id_or_name: int | str) -> dict[str, Any]:
+def tag_type(call: Call, tag_type_id_or_name: int | str) -> dict[str, Any]:
     col = "tag_type_id" if isinstance(tag_type_id_or_name, int) else "tagname"
     rows = call.conn.query(f"SELECT tag_type_id, tagname, category FROM tag_types "
                            f"WHERE {col} = ?", [tag_type_id_or_name])
@@ -23,13 +26,13 @@ def tag_type(call: Any, tag_type_id_or_name: int | str) -> dict[str, Any]:
     return rows[0]
 
 
-def tag_type_roles(call: Any, tag_type_id: int) -> list[str]:
+def tag_type_roles(call: Call, tag_type_id: int) -> list[str]:
     return [r["name"] for r in call.conn.query(
         "SELECT r.name FROM tag_type_role x JOIN roles r ON r.role_id = x.role_id "
         "WHERE x.tag_type_id = ?", [tag_type_id])]
 
 
-def set_tag(call: Any, cls_name: str, object_id: int, tagname: str, value: Any) -> int:
+def set_tag(call: Call, cls_name: str, object_id: int, tagname: str, value: Any) -> int:
     """Create or update the first tag of ``tagname`` on the object (no permission check)."""
     table, owner = TAG_TABLES[cls_name]
     tt = tag_type(call, tagname)
@@ -44,7 +47,7 @@ def set_tag(call: Any, cls_name: str, object_id: int, tagname: str, value: Any) 
                                "value": value})
 
 
-def get_tag(call: Any, cls_name: str, object_id: int, tagname: str) -> str | None:
+def get_tag(call: Call, cls_name: str, object_id: int, tagname: str) -> str | None:
     table, owner = TAG_TABLES[cls_name]
     return call.conn.scalar(
         f"SELECT t.value FROM {table} t JOIN tag_types tt ON tt.tag_type_id = t.tag_type_id "

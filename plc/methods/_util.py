@@ -7,13 +7,16 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.faults import PLCInvalidArgument
 from plc.filters import FilterParam, ReturnFields
 from plc.method import make_method
 from plc.model import ObjClass
 from plc.params import Mixed, Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 
 def accepted(cls: ObjClass, fields: dict[str, Any], keys: Iterable[str], *,
@@ -91,7 +94,7 @@ def define_get(cls: ObjClass, roles: list[str], name: str | None = None, *,
 
     hidden = list(strip)
 
-    def get(call: Any, auth: dict, flt: Any = None, return_fields: list | None = None) -> list:
+    def get(call: Call, auth: dict, flt: Any = None, return_fields: list | None = None) -> list:
         rows = call.get(cls, flt, return_fields)
         for r in rows:
             for h in hidden:

@@ -8,12 +8,15 @@ same method, the core definition is the one served and ours is left out.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.faults import PLCInvalidArgument
 from plc.method import METHODS, api_method
 from plc.methods._util import define_get
 from plc.model import ObjClass
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 
 def xmethod(**kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -38,7 +41,7 @@ def bools(fields: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
     return {k: (int(bool(v)) if k in names and v is not None else v) for k, v in fields.items()}
 
 
-def unique(call: Any, table: str, column: str, value: Any, what: str,
+def unique(call: Call, table: str, column: str, value: Any, what: str,
            exclude: tuple[str, Any] | None = None) -> None:
     """Fault 102 if another row of ``table`` has ``column = value``."""
     sql = f"SELECT 1 FROM {table} WHERE {column} = ?"
@@ -50,7 +53,7 @@ def unique(call: Any, table: str, column: str, value: Any, what: str,
         raise PLCInvalidArgument(f"{what} {value!r} already exists")
 
 
-def row(call: Any, table: str, pk: str, ident: Any, what: str) -> dict[str, Any]:
+def row(call: Call, table: str, pk: str, ident: Any, what: str) -> dict[str, Any]:
     """One row by primary key, or fault 102 ``No such <what>``."""
     rows = call.conn.query(f"SELECT * FROM {table} WHERE {pk} = ?", [ident])
     if not rows:

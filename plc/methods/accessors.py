@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.initdb import ensure_tag_type
@@ -15,8 +15,11 @@ from plc.model import CLASSES
 from plc.params import Parameter
 from plc.tagtypes import ACCESSORS, Accessor
 
+if TYPE_CHECKING:
+    from plc.api import Call
 
-def _object_id(call: Any, cls_name: str, id_or_name_: Any, must: bool) -> int | None:
+
+def _object_id(call: Call, cls_name: str, id_or_name_: Any, must: bool) -> int | None:
     cls = CLASSES[cls_name]
     key = id_or_name_.lower() if isinstance(id_or_name_, str) and cls.lowercase_secondary \
         else id_or_name_
@@ -28,7 +31,7 @@ def _object_id(call: Any, cls_name: str, id_or_name_: Any, must: bool) -> int | 
     return int(rows[0][cls.pk])
 
 
-def _tag_type_id(call: Any, acc: Accessor) -> int:
+def _tag_type_id(call: Call, acc: Accessor) -> int:
     row = call.conn.query("SELECT tag_type_id FROM tag_types WHERE tagname = ?", [acc.tagname])
     if row:
         return int(row[0]["tag_type_id"])
@@ -40,11 +43,11 @@ def _tag_type_id(call: Any, acc: Accessor) -> int:
 def _define(acc: Accessor, cls_name: str) -> None:
     cls = CLASSES[cls_name]
 
-    def getter(call: Any, auth: dict, id_or_name_: Any) -> str | None:
+    def getter(call: Call, auth: dict, id_or_name_: Any) -> str | None:
         oid = _object_id(call, cls_name, id_or_name_, must=False)
         return None if oid is None else get_tag(call, cls_name, oid, acc.tagname)
 
-    def setter(call: Any, auth: dict, id_or_name_: Any, value: str) -> str:
+    def setter(call: Call, auth: dict, id_or_name_: Any, value: str) -> str:
         oid = _object_id(call, cls_name, id_or_name_, must=True)
         assert oid is not None
         ttid = _tag_type_id(call, acc)

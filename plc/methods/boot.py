@@ -4,7 +4,7 @@ BootNotifyOwners, ReportRunlevel, GetNodeFlavour, GetSliceFamily, GetPlcRelease.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCAPIError, PLCInvalidArgument, PLCNotImplemented, PLCPermissionDenied
@@ -17,15 +17,18 @@ from plc.methods.sessions import create_node_session
 from plc.model import Interface, Node, Slice
 from plc.params import Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 PRIMARY_KEYS = ("method", "mac", "gateway", "network", "broadcast", "netmask", "dns1", "dns2")
 
 
 @api_method(roles=["node"], accepts=[Auth(only=("hmac",), force_hmac=True)],
             returns=Parameter(dict, "hostname, boot_state, model, session, networks"))
-def BootGetNodeDetails(call: Any, auth: dict) -> dict:
+def BootGetNodeDetails(call: Call, auth: dict) -> dict:
     """Returns a set of details about the calling node, including a new node session
     value (replacing the previous one)."""
-    nid = call.caller_id
+    nid = call.caller_ident
     node = call.one(Node, nid, ["hostname", "boot_state", "model", "interface_ids"])
     details: dict[str, Any] = {"hostname": node["hostname"], "boot_state": node["boot_state"],
                                "model": node["model"] or "",
@@ -45,13 +48,13 @@ def BootGetNodeDetails(call: Any, auth: dict) -> dict:
                       "ssh_host_key": Node.fields["ssh_rsa_key"].param,
                       "primary_network": Parameter(dict, "primary interface fields")}],
             returns=Parameter(int, "1 if successful"))
-def BootUpdateNode(call: Any, auth: dict, node_fields: dict) -> int:
+def BootUpdateNode(call: Call, auth: dict, node_fields: dict) -> int:
     """Allows the calling node to update its own record: boot_state, ssh_rsa_key (alias
     ssh_host_key) and its primary interface (ip cannot change). Without boot_state and
     ssh_rsa_key it records a boot: last_contact, last_boot and time online/offline."""
     if call.caller_kind != "node":
         raise PLCPermissionDenied("Only nodes may call BootUpdateNode")
-    nid = call.caller_id
+    nid = call.caller_ident
     changes: dict[str, Any] = {}
     if "boot_state" in node_fields:
         check_lookup(call, "boot_states", node_fields["boot_state"], "boot_state")
@@ -98,7 +101,7 @@ def BootUpdateNode(call: Any, auth: dict, node_fields: dict) -> int:
                      Parameter(int, "Notify PIs"), Parameter(int, "Notify technical contacts"),
                      Parameter(int, "Notify support")],
             returns=Parameter(int, "1 if successful"))
-def BootNotifyOwners(call: Any, auth: dict, message_id: str, include_pis: int,
+def BootNotifyOwners(call: Call, auth: dict, message_id: str, include_pis: int,
                      include_techs: int, include_support: int) -> int:
     """Notify the owners of the calling node that some event has occurred, by the
     message template message_id. A missing or disabled template is not an error."""
@@ -106,7 +109,7 @@ def BootNotifyOwners(call: Any, auth: dict, message_id: str, include_pis: int,
                            "AND enabled = 1", [message_id])
     if not rows:
         return 1
-    nid = call.caller_id
+    nid = call.caller_ident
     node = call.conn.query("SELECT hostname, site_id FROM nodes WHERE node_id = ?", [nid])[0]
     to = [call.config.mail_boot_address]
     if include_support:
@@ -142,11 +145,11 @@ def BootNotifyOwners(call: Any, auth: dict, message_id: str, include_pis: int,
                      {"run_level": Node.fields["run_level"].param},
                      Parameter(id_or_name(Node), "node id or hostname (admins)", nullok=True)],
             returns=Parameter(int, "1 if successful"))
-def ReportRunlevel(call: Any, auth: dict, report_fields: dict,
+def ReportRunlevel(call: Call, auth: dict, report_fields: dict,
                    node_id_or_hostname: int | str | None = None) -> int:
     """Report the run level of a node: nodes report their own, admins must name one."""
     if call.caller_kind == "node":
-        nid = call.caller_id
+        nid = call.caller_ident
     else:
         if node_id_or_hostname is None:
             raise PLCInvalidArgument("Missing node id or hostname", "node_id_or_hostname")
@@ -161,7 +164,7 @@ def ReportRunlevel(call: Any, auth: dict, report_fields: dict,
     return 1
 
 
-def _virt(call: Any, fcdistro: str) -> str:
+def _virt(call: Call, fcdistro: str) -> str:
     default = "vs"
     for clause in call.config.flavour_virt_map.split(";"):
         names, _, virt = clause.partition(":")
@@ -176,7 +179,7 @@ def _virt(call: Any, fcdistro: str) -> str:
 @api_method(roles=["admin", "user", "node"], accepts=[Auth(), id_or_name(Node)],
             writes=True, returns=Parameter(dict, "arch, fcdistro, pldistro, virt, nodefamily, "
                                                  "extensions, plain"))
-def GetNodeFlavour(call: Any, auth: dict, node_id_or_name: int | str) -> dict:
+def GetNodeFlavour(call: Call, auth: dict, node_id_or_name: int | str) -> dict:
     """Returns detailed information on a given node's flavour: what the node runs, from
     its tags or the configured defaults (written back as tags)."""
     key = node_id_or_name.lower() if isinstance(node_id_or_name, str) else node_id_or_name
@@ -199,7 +202,7 @@ def GetNodeFlavour(call: Any, auth: dict, node_id_or_name: int | str) -> dict:
     return out
 
 
-def slice_family(call: Any, slice_id: int) -> str:
+def slice_family(call: Call, slice_id: int) -> str:
     def tag(name: str) -> str | None:
         return call.conn.scalar(
             "SELECT t.value FROM slice_tag t JOIN tag_types tt ON tt.tag_type_id = t.tag_type_id"
@@ -214,7 +217,7 @@ def slice_family(call: Any, slice_id: int) -> str:
 
 @api_method(roles=["admin", "user", "node"], accepts=[Auth(), id_or_name(Slice)],
             returns=Parameter(str, "the slice-family this slice should be based upon"))
-def GetSliceFamily(call: Any, auth: dict, slice_id_or_name: int | str) -> str:
+def GetSliceFamily(call: Call, auth: dict, slice_id_or_name: int | str) -> str:
     """Returns the slice vserver reference image that a given slice should be based
     on: pldistro-fcdistro-arch from its slice-wide tags (vref wins) or the defaults."""
     return slice_family(call, call.one(Slice, slice_id_or_name, ["slice_id"],
@@ -231,7 +234,7 @@ _RELEASE_LINES = (
 
 @api_method(roles=ALL_ROLES + ["anonymous"], accepts=[Auth()],
             returns=Parameter(dict, "build, tags, rpms"))
-def GetPlcRelease(call: Any, auth: dict) -> dict:
+def GetPlcRelease(call: Call, auth: dict) -> dict:
     """Returns various information about the current myplc installation, parsed from
     the release file (fault 109 when there is none)."""
     try:

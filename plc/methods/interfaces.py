@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument
@@ -16,6 +16,9 @@ from plc.methods.nodes import check_lookup, node_for_update, valid_hostname
 from plc.methods.tags import may_write
 from plc.model import Interface, Node
 from plc.params import Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 KEYS = ("is_primary", "type", "method", "ip", "mac", "gateway", "network", "broadcast",
         "netmask", "dns1", "dns2", "bwlimit", "hostname")
@@ -30,7 +33,7 @@ def _ip(value: str, key: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         raise PLCInvalidArgument(f"Invalid IP address {value!r}", key) from None
 
 
-def validate_interface(call: Any, row: dict[str, Any], interface_id: int | None) -> None:
+def validate_interface(call: Call, row: dict[str, Any], interface_id: int | None) -> None:
     """Check a complete interface row (spec 5.5 rules); normalises mac in place."""
     for k in ("type", "method"):
         if not row.get(k):
@@ -85,7 +88,7 @@ def validate_interface(call: Any, row: dict[str, Any], interface_id: int | None)
 @api_method(roles=ALL_ROLES + ["anonymous"],
             accepts=[Auth(), FilterParam(Interface, scalars=True), ReturnFields()],
             returns=Parameter([dict], "List of interfaces"))
-def GetInterfaces(call: Any, auth: dict, interface_filter: Any = None,
+def GetInterfaces(call: Call, auth: dict, interface_filter: Any = None,
                   return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about network interfaces. If
     interface_filter is specified and is an array of interface identifiers or IPs, or
@@ -93,7 +96,7 @@ def GetInterfaces(call: Any, auth: dict, interface_filter: Any = None,
     return call.get(Interface, interface_filter, return_fields)
 
 
-def _set_tags(call: Any, interface_id: int, tags: dict[str, Any]) -> None:
+def _set_tags(call: Call, interface_id: int, tags: dict[str, Any]) -> None:
     for name, value in tags.items():
         may_write(call, "Interface", interface_id, tag_type(call, name)["tag_type_id"])
         set_tag(call, "Interface", interface_id, name, value)
@@ -102,7 +105,7 @@ def _set_tags(call: Any, interface_id: int, tags: dict[str, Any]) -> None:
 @api_method(roles=["admin", "pi", "tech"],
             accepts=[Auth(), id_or_name(Node), struct_of(Interface, KEYS, tags=True)],
             returns=Parameter(int, "New interface_id (> 0) if successful"))
-def AddInterface(call: Any, auth: dict, node_id_or_hostname: int | str,
+def AddInterface(call: Call, auth: dict, node_id_or_hostname: int | str,
                  interface_fields: dict) -> int:
     """Adds a new network interface to the specified node. The first interface of a
     node becomes its primary one. PIs and techs may only add interfaces to nodes at
@@ -122,7 +125,7 @@ def AddInterface(call: Any, auth: dict, node_id_or_hostname: int | str,
     return interface_id
 
 
-def interface_for_update(call: Any, interface_id: int) -> dict[str, Any]:
+def interface_for_update(call: Call, interface_id: int) -> dict[str, Any]:
     iface = call.one(Interface, interface_id, list(Interface.fields), what="interface")
     node_for_update(call, iface["node_id"])
     return iface
@@ -132,7 +135,7 @@ def interface_for_update(call: Any, interface_id: int) -> dict[str, Any]:
             accepts=[Auth(), Interface.fields["interface_id"].param,
                      struct_of(Interface, KEYS, tags=True)],
             returns=Parameter(int, "1 if successful"))
-def UpdateInterface(call: Any, auth: dict, interface_id: int, interface_fields: dict) -> int:
+def UpdateInterface(call: Call, auth: dict, interface_id: int, interface_fields: dict) -> int:
     """Updates an existing interface network. Any values specified in interface_fields
     are used, otherwise defaults are used; the whole row is validated again."""
     iface = interface_for_update(call, interface_id)
@@ -156,7 +159,7 @@ def UpdateInterface(call: Any, auth: dict, interface_id: int, interface_fields: 
 
 @api_method(roles=["admin", "pi", "tech"], accepts=[Auth(), Interface.fields["interface_id"].param],
             returns=Parameter(int, "1 if successful"))
-def DeleteInterface(call: Any, auth: dict, interface_id: int) -> int:
+def DeleteInterface(call: Call, auth: dict, interface_id: int) -> int:
     """Deletes an existing interface, with its tags and ilinks."""
     interface_for_update(call, interface_id)
     call.delete("interface_tag", {"interface_id": interface_id})

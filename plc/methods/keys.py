@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -16,6 +16,9 @@ from plc.methods._util import accepted, id_or_name, require_keys, struct_of
 from plc.methods.persons import local_person
 from plc.model import Key, Person
 from plc.params import Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 KEY_KEYS = ("key_type", "key")
 #: the public key types today's OpenSSH makes (legacy took only ssh-rsa and ssh-dss)
@@ -51,7 +54,7 @@ def ssh_key_error(key: str) -> str | None:
     return None
 
 
-def validate_key(call: Any, fields: dict[str, Any], key_id: int | None = None) -> None:
+def validate_key(call: Call, fields: dict[str, Any], key_id: int | None = None) -> None:
     if "key_type" in fields and not call.conn.query(
             "SELECT 1 FROM key_types WHERE key_type = ?", [fields["key_type"]]):
         raise PLCInvalidArgument(f"Invalid key type {fields['key_type']!r}", "key_type")
@@ -70,7 +73,7 @@ def validate_key(call: Any, fields: dict[str, Any], key_id: int | None = None) -
 
 @api_method(roles=ALL_ROLES, accepts=[Auth(), FilterParam(Key), ReturnFields()],
             returns=Parameter([dict], "List of keys"))
-def GetKeys(call: Any, auth: dict, key_filter: Any = None,
+def GetKeys(call: Call, auth: dict, key_filter: Any = None,
             return_fields: list | None = None) -> list:
     """Returns an array of structures containing details about keys. Non-admin users
     only see their own keys."""
@@ -83,7 +86,7 @@ def GetKeys(call: Any, auth: dict, key_filter: Any = None,
 
 @api_method(roles=ALL_PERSON_ROLES, accepts=[Auth(), id_or_name(Person), struct_of(Key, KEY_KEYS)],
             returns=Parameter(int, "New key_id (> 0) if successful"))
-def AddPersonKey(call: Any, auth: dict, person_id_or_email: int | str, key_fields: dict) -> int:
+def AddPersonKey(call: Call, auth: dict, person_id_or_email: int | str, key_fields: dict) -> int:
     """Adds a new key to the specified account. Non-admins can only modify their own
     keys."""
     person = local_person(call, person_id_or_email)
@@ -99,7 +102,7 @@ def AddPersonKey(call: Any, auth: dict, person_id_or_email: int | str, key_field
     return key_id
 
 
-def own_key(call: Any, key_id: int) -> dict[str, Any]:
+def own_key(call: Call, key_id: int) -> dict[str, Any]:
     key = call.one(Key, key_id, ["key_id", "person_id", "peer_id"], what="key")
     if key["peer_id"] is not None:
         raise PLCInvalidArgument("Not a local key")
@@ -111,7 +114,7 @@ def own_key(call: Any, key_id: int) -> dict[str, Any]:
 @api_method(roles=ALL_PERSON_ROLES,
             accepts=[Auth(), Key.fields["key_id"].param, struct_of(Key, KEY_KEYS)],
             returns=Parameter(int, "1 if successful"))
-def UpdateKey(call: Any, auth: dict, key_id: int, key_fields: dict) -> int:
+def UpdateKey(call: Call, auth: dict, key_id: int, key_fields: dict) -> int:
     """Updates the parameters of an existing key. Non-admins may only update their own
     keys."""
     key = own_key(call, key_id)
@@ -124,7 +127,7 @@ def UpdateKey(call: Any, auth: dict, key_id: int, key_fields: dict) -> int:
 
 @api_method(roles=ALL_PERSON_ROLES, accepts=[Auth(), Key.fields["key_id"].param],
             returns=Parameter(int, "1 if successful"))
-def DeleteKey(call: Any, auth: dict, key_id: int) -> int:
+def DeleteKey(call: Call, auth: dict, key_id: int) -> int:
     """Deletes a key. Non-admins may only delete their own keys."""
     key = own_key(call, key_id)
     call.delete("person_key", {"key_id": key["key_id"]})
@@ -135,7 +138,7 @@ def DeleteKey(call: Any, auth: dict, key_id: int) -> int:
 
 @api_method(roles=["admin"], accepts=[Auth(), Key.fields["key_id"].param],
             returns=Parameter(int, "1 if successful"))
-def BlacklistKey(call: Any, auth: dict, key_id: int) -> int:
+def BlacklistKey(call: Call, auth: dict, key_id: int) -> int:
     """Blacklists a key, disassociating it and all others identical to it from all
     accounts and preventing it from ever being added again."""
     key = call.one(Key, key_id, ["key_id", "key"], what="key")

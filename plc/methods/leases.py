@@ -5,7 +5,7 @@ from __future__ import annotations
 import calendar
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCFault, PLCInvalidArgument
@@ -16,6 +16,9 @@ from plc.methods.slices import slice_for_update
 from plc.model import Lease, Node, Slice
 from plc.params import Mixed, Parameter
 from plc.store.base import DBError
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M:%S UTC", "%Y-%m-%dT%H:%M:%S",
                 "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M UTC")
@@ -106,7 +109,7 @@ def lease_extras(flt: dict[str, Any], now: int) -> tuple[dict[str, Any], str, li
 @api_method(roles=["admin", "pi", "user", "node", "anonymous"],
             accepts=[Auth(), LeaseFilterParam(Lease, scalars=True), ReturnFields()],
             returns=Parameter([dict], "List of leases"))
-def GetLeases(call: Any, auth: dict, lease_filter: Any = None,
+def GetLeases(call: Call, auth: dict, lease_filter: Any = None,
               return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about leases. The struct filter
     also takes alive (a time or interval the lease is active in), clip (leases ending
@@ -120,7 +123,7 @@ def GetLeases(call: Any, auth: dict, lease_filter: Any = None,
 
 @api_method(roles=ALL_ROLES + ["anonymous"], accepts=[Auth()],
             returns=Parameter(int, "the granularity in seconds for the reservation system"))
-def GetLeaseGranularity(call: Any, auth: dict) -> int:
+def GetLeaseGranularity(call: Call, auth: dict) -> int:
     """Returns the granularity in seconds for the reservation system."""
     return call.config.reservation_granularity
 
@@ -132,7 +135,7 @@ _NODES = Mixed(Node.fields["node_id"].param, Node.fields["hostname"].param,
 @api_method(roles=["admin", "pi", "user"],
             accepts=[Auth(), _NODES, id_or_name(Slice), TIME, TIME],
             returns=Parameter(dict, "new_ids and errors"))
-def AddLeases(call: Any, auth: dict, node_id_or_hostname_list: Any,
+def AddLeases(call: Call, auth: dict, node_id_or_hostname_list: Any,
               slice_id_or_name: int | str, t_from: int | str, t_until: int | str) -> dict:
     """Adds a new lease for each node: the slice has the node from t_from (rounded up
     to the granularity) until t_until (rounded down). Busy timeslots and foreign nodes
@@ -172,7 +175,7 @@ def AddLeases(call: Any, auth: dict, node_id_or_hostname_list: Any,
 _LEASE_IDS = Mixed(Lease.fields["lease_id"].param, Parameter([Lease.fields["lease_id"].param]))
 
 
-def _leases(call: Any, lease_ids: Any) -> list[dict[str, Any]]:
+def _leases(call: Call, lease_ids: Any) -> list[dict[str, Any]]:
     ids = lease_ids if isinstance(lease_ids, list) else [lease_ids]
     leases = call.get(Lease, ids, ["lease_id", "slice_id", "t_from", "t_until"])
     missing = set(ids) - {le["lease_id"] for le in leases}
@@ -185,7 +188,7 @@ def _leases(call: Any, lease_ids: Any) -> list[dict[str, Any]]:
             accepts=[Auth(), _LEASE_IDS, {"t_from": TIME, "t_until": TIME,
                                           "duration": Parameter(int, "seconds")}],
             returns=Parameter(dict, "updated_ids and errors"))
-def UpdateLeases(call: Any, auth: dict, lease_ids: Any, input_fields: dict) -> dict:
+def UpdateLeases(call: Call, auth: dict, lease_ids: Any, input_fields: dict) -> dict:
     """Updates the time bounds of leases: t_from and/or t_until, or one of them with a
     duration (0 keeps the current one). Per-lease failures are reported in errors."""
     keys = [k for k in ("t_from", "t_until", "duration") if k in input_fields]
@@ -227,7 +230,7 @@ def UpdateLeases(call: Any, auth: dict, lease_ids: Any, input_fields: dict) -> d
 
 @api_method(roles=["admin", "pi", "tech", "user"], accepts=[Auth(), _LEASE_IDS],
             returns=Parameter(int, "1 if successful"))
-def DeleteLeases(call: Any, auth: dict, lease_ids: Any) -> int:
+def DeleteLeases(call: Call, auth: dict, lease_ids: Any) -> int:
     """Deletes leases. Non-admins must be members of the lease's slice or PIs of its
     site."""
     leases = _leases(call, lease_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -13,6 +13,9 @@ from plc.methods._tags import hrn_escape, set_tag
 from plc.methods._util import accepted, id_or_name, require_keys, struct_of
 from plc.model import LOOKUPS, Node, Site, Slice
 from plc.params import Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 HOSTNAME = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,6}\Z")
 ADD_KEYS = ("hostname", "node_type", "boot_state", "model", "version")
@@ -25,13 +28,13 @@ def valid_hostname(hostname: str) -> bool:
     return bool(hostname) and len(hostname) <= 255 and bool(HOSTNAME.match(hostname))
 
 
-def check_lookup(call: Any, table: str, value: Any, what: str) -> None:
+def check_lookup(call: Call, table: str, value: Any, what: str) -> None:
     col = LOOKUPS[table]
     if not call.conn.query(f"SELECT 1 FROM {table} WHERE {col} = ?", [value]):
         raise PLCInvalidArgument(f"No such {what} {value!r}", what)
 
 
-def validate_node(call: Any, fields: dict[str, Any], node_id: int | None = None) -> None:
+def validate_node(call: Call, fields: dict[str, Any], node_id: int | None = None) -> None:
     if "hostname" in fields:
         hostname = fields["hostname"] = fields["hostname"].lower()
         if not valid_hostname(hostname):
@@ -46,14 +49,14 @@ def validate_node(call: Any, fields: dict[str, Any], node_id: int | None = None)
         check_lookup(call, "boot_states", fields["boot_state"], "boot_state")
 
 
-def node_hrn(call: Any, login_base: str, hostname: str) -> str:
+def node_hrn(call: Call, login_base: str, hostname: str) -> str:
     return f"{call.config.plc_hrn_root}.{login_base}.{hrn_escape(hostname)}"
 
 
 @api_method(roles=ALL_ROLES + ["anonymous"],
             accepts=[Auth(), FilterParam(Node, scalars=True), ReturnFields()],
             returns=Parameter([dict], "List of nodes"))
-def GetNodes(call: Any, auth: dict, node_filter: Any = None,
+def GetNodes(call: Call, auth: dict, node_filter: Any = None,
              return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about nodes. If node_filter is
     specified and is an array of node identifiers or hostnames, or a struct of node
@@ -88,7 +91,7 @@ def GetNodes(call: Any, auth: dict, node_filter: Any = None,
     return out
 
 
-def caller_slice_ids(call: Any) -> list[int]:
+def caller_slice_ids(call: Call) -> list[int]:
     """The calling person's slices, or the slices on the calling node (legacy
     ``caller['slice_ids']``, used for whitelist visibility)."""
     if call.caller_kind == "person":
@@ -100,7 +103,7 @@ def caller_slice_ids(call: Any) -> list[int]:
     return [r["slice_id"] for r in call.conn.query(sql, [call.caller_id])]
 
 
-def node_for_update(call: Any, node_id_or_hostname: int | str,
+def node_for_update(call: Call, node_id_or_hostname: int | str,
                     fields: list[str] | None = None) -> dict[str, Any]:
     node = call.one(Node, node_id_or_hostname, ["node_id", "hostname", "site_id", "peer_id"]
                     + (fields or []), what="node")
@@ -120,7 +123,7 @@ def node_for_update(call: Any, node_id_or_hostname: int | str,
 @api_method(roles=["admin", "pi", "tech"],
             accepts=[Auth(), id_or_name(Site), struct_of(Node, ADD_KEYS, tags=True)],
             returns=Parameter(int, "New node_id (> 0) if successful"))
-def AddNode(call: Any, auth: dict, site_id_or_login_base: int | str, node_fields: dict) -> int:
+def AddNode(call: Call, auth: dict, site_id_or_login_base: int | str, node_fields: dict) -> int:
     """Adds a new node. Any values specified in node_fields are used, otherwise defaults
     are used. PIs and techs may only add nodes to their own sites."""
     native, tags = accepted(Node, node_fields, ADD_KEYS, reject=True, tags=True, what="add")
@@ -148,7 +151,7 @@ def AddNode(call: Any, auth: dict, site_id_or_login_base: int | str, node_fields
                       "session": Parameter(str, "node session", nullok=True),
                       **{k: Parameter(list, f"related {k}") for k in RELATED}}],
             returns=Parameter(int, "1 if successful"))
-def UpdateNode(call: Any, auth: dict, node_id_or_hostname: int | str, node_fields: dict) -> int:
+def UpdateNode(call: Call, auth: dict, node_id_or_hostname: int | str, node_fields: dict) -> int:
     """Updates a node. Only the fields specified in node_fields are updated. PIs and
     techs can update only the nodes at their sites; only admins may change key,
     session, boot_nonce and site_id."""
@@ -189,7 +192,7 @@ def UpdateNode(call: Any, auth: dict, node_id_or_hostname: int | str, node_field
     return 1
 
 
-def _related(call: Any, node: dict[str, Any], fields: dict[str, Any]) -> None:
+def _related(call: Call, node: dict[str, Any], fields: dict[str, Any]) -> None:
     nid = node["node_id"]
     if "slices" in fields:
         wanted = [call.one(Slice, s, ["slice_id"], what="slice")["slice_id"]
@@ -223,7 +226,7 @@ def _related(call: Any, node: dict[str, Any], fields: dict[str, Any]) -> None:
                 call.invoke("AddInterface", nid, i)
 
 
-def delete_node_rows(call: Any, node_id: int) -> None:
+def delete_node_rows(call: Call, node_id: int) -> None:
     """The cascade of spec 5.4."""
     ifaces = [r["interface_id"] for r in call.conn.query(
         "SELECT interface_id FROM interfaces WHERE node_id = ?", [node_id])]
@@ -244,7 +247,7 @@ def delete_node_rows(call: Any, node_id: int) -> None:
 
 @api_method(roles=["admin", "pi", "tech"], accepts=[Auth(), id_or_name(Node)],
             returns=Parameter(int, "1 if successful"))
-def DeleteNode(call: Any, auth: dict, node_id_or_hostname: int | str) -> int:
+def DeleteNode(call: Call, auth: dict, node_id_or_hostname: int | str) -> int:
     """Mark an existing node as deleted. PIs and techs may only delete nodes at their
     own sites."""
     node = node_for_update(call, node_id_or_hostname)
@@ -256,7 +259,7 @@ def DeleteNode(call: Any, auth: dict, node_id_or_hostname: int | str) -> int:
 def _define_lookup(name: str, table: str, doc: str) -> None:
     col = LOOKUPS[table]
 
-    def lookup(call: Any, auth: dict) -> list:
+    def lookup(call: Call, auth: dict) -> list:
         return [r[col] for r in call.conn.query(f"SELECT {col} FROM {table} ORDER BY rowid")]
 
     make_method(lookup, name=name, roles=ALL_ROLES, accepts=[Auth()],

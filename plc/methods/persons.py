@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -15,6 +15,9 @@ from plc.model import Person, Role, Site
 from plc.params import Parameter
 from plc.passwords import hash_password
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9._-]+\.[A-Za-z]+\Z")
 ADD_KEYS = ("first_name", "last_name", "title", "email", "password", "phone", "url", "bio")
 UPDATE_KEYS = ADD_KEYS + ("enabled",)
@@ -22,7 +25,7 @@ RELATED = ("roles", "sites", "keys", "slices")
 SECRET = ("password", "verification_key", "verification_expires")
 
 
-def validate_email(call: Any, email: str, person_id: int | None = None) -> str:
+def validate_email(call: Call, email: str, person_id: int | None = None) -> str:
     email = email.lower()
     if not EMAIL.match(email):
         raise PLCInvalidArgument("Invalid e-mail address", "email")
@@ -33,12 +36,12 @@ def validate_email(call: Any, email: str, person_id: int | None = None) -> str:
     return email
 
 
-def person_view(call: Any, person_id: int) -> dict[str, Any]:
+def person_view(call: Call, person_id: int) -> dict[str, Any]:
     return call.one(Person, person_id, ["person_id", "email", "roles", "role_ids", "site_ids",
                                         "peer_id", "enabled"], what="person")
 
 
-def can_update(call: Any, target: dict[str, Any]) -> bool:
+def can_update(call: Call, target: dict[str, Any]) -> bool:
     """Self, admin, or a PI sharing a site with a target who is neither pi nor admin."""
     if call.caller_kind != "person":
         return False
@@ -51,14 +54,7 @@ def can_update(call: Any, target: dict[str, Any]) -> bool:
     return bool(set(target["site_ids"]) & set(call.caller_site_ids()))
 
 
-def can_view(call: Any, target: dict[str, Any]) -> bool:
-    if can_update(call, target):
-        return True
-    return call.has_role("pi", "tech") and \
-        bool(set(target["site_ids"]) & set(call.caller_site_ids()))
-
-
-def local_person(call: Any, person_id_or_email: int | str) -> dict[str, Any]:
+def local_person(call: Call, person_id_or_email: int | str) -> dict[str, Any]:
     person = call.one(Person, person_id_or_email, ["person_id"], what="person")
     view = person_view(call, person["person_id"])
     if view["peer_id"] is not None:
@@ -68,7 +64,7 @@ def local_person(call: Any, person_id_or_email: int | str) -> dict[str, Any]:
 
 @api_method(roles=ALL_ROLES, accepts=[Auth(), FilterParam(Person, scalars=True), ReturnFields()],
             returns=Parameter([dict], "List of persons"))
-def GetPersons(call: Any, auth: dict, person_filter: Any = None,
+def GetPersons(call: Call, auth: dict, person_filter: Any = None,
                return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about users. Non-admin users see
     themselves, and PIs and techs also see the users of their sites. Passwords and
@@ -99,7 +95,7 @@ def GetPersons(call: Any, auth: dict, person_filter: Any = None,
 
 @api_method(roles=["admin", "pi"], accepts=[Auth(), struct_of(Person, ADD_KEYS, tags=True)],
             returns=Parameter(int, "New person_id (> 0) if successful"))
-def AddPerson(call: Any, auth: dict, person_fields: dict) -> int:
+def AddPerson(call: Call, auth: dict, person_fields: dict) -> int:
     """Adds a new account. Any fields specified in person_fields are used, otherwise
     defaults are used. Accounts are disabled by default: use UpdatePerson to enable."""
     fields = dict(person_fields)
@@ -119,7 +115,7 @@ def AddPerson(call: Any, auth: dict, person_fields: dict) -> int:
     return person_id
 
 
-def _hrn(call: Any, person_id: int, email: str) -> str | None:
+def _hrn(call: Call, person_id: int, email: str) -> str | None:
     site = call.conn.query("SELECT s.login_base FROM person_site x JOIN sites s ON "
                            "s.site_id = x.site_id WHERE x.person_id = ? "
                            "ORDER BY x.is_primary DESC, x.site_id LIMIT 1", [person_id])
@@ -134,7 +130,7 @@ def _hrn(call: Any, person_id: int, email: str) -> str | None:
                      {**struct_of(Person, UPDATE_KEYS, tags=True),
                       **{k: Parameter(list, f"related {k}") for k in RELATED}}],
             returns=Parameter(int, "1 if successful"))
-def UpdatePerson(call: Any, auth: dict, person_id_or_email: int | str,
+def UpdatePerson(call: Call, auth: dict, person_id_or_email: int | str,
                  person_fields: dict) -> int:
     """Updates a person. Only the fields specified in person_fields are updated. Users
     and techs can only update themselves; PIs can update themselves and other non-PI
@@ -168,7 +164,7 @@ def UpdatePerson(call: Any, auth: dict, person_id_or_email: int | str,
     return 1
 
 
-def _related(call: Any, target: dict[str, Any], fields: dict[str, Any]) -> None:
+def _related(call: Call, target: dict[str, Any], fields: dict[str, Any]) -> None:
     pid = target["person_id"]
     if "roles" in fields:
         wanted = [call.one(Role, r, what="role")["role_id"] for r in fields["roles"]]
@@ -203,7 +199,7 @@ def _related(call: Any, target: dict[str, Any], fields: dict[str, Any]) -> None:
                 call.invoke("DeletePersonFromSlice", pid, sid)
 
 
-def delete_person_rows(call: Any, person_id: int) -> None:
+def delete_person_rows(call: Call, person_id: int) -> None:
     """The cascade of spec 5.2 (person tags are kept)."""
     keys = [r["key_id"] for r in call.conn.query(
         "SELECT key_id FROM person_key WHERE person_id = ?", [person_id])]
@@ -222,7 +218,7 @@ def delete_person_rows(call: Any, person_id: int) -> None:
 
 @api_method(roles=ALL_PERSON_ROLES, accepts=[Auth(), id_or_name(Person)],
             returns=Parameter(int, "1 if successful"))
-def DeletePerson(call: Any, auth: dict, person_id_or_email: int | str) -> int:
+def DeletePerson(call: Call, auth: dict, person_id_or_email: int | str) -> int:
     """Mark an existing account as deleted. Users and techs can only delete themselves;
     PIs can delete themselves and other non-PIs at their sites; admins anyone."""
     target = local_person(call, person_id_or_email)
@@ -233,7 +229,7 @@ def DeletePerson(call: Any, auth: dict, person_id_or_email: int | str) -> int:
     return 1
 
 
-def _site(call: Any, site_id_or_login_base: int | str) -> dict[str, Any]:
+def _site(call: Call, site_id_or_login_base: int | str) -> dict[str, Any]:
     site = call.one(Site, site_id_or_login_base, ["site_id", "login_base", "peer_id"],
                     what="site")
     if site["peer_id"] is not None:
@@ -243,7 +239,7 @@ def _site(call: Any, site_id_or_login_base: int | str) -> dict[str, Any]:
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Person), id_or_name(Site)],
             returns=Parameter(int, "1 if successful"))
-def AddPersonToSite(call: Any, auth: dict, person_id_or_email: int | str,
+def AddPersonToSite(call: Call, auth: dict, person_id_or_email: int | str,
                     site_id_or_login_base: int | str) -> int:
     """Adds the specified person to the specified site. If the person is already a
     member of the site, no errors are returned. Does not change the primary site."""
@@ -263,7 +259,7 @@ def AddPersonToSite(call: Any, auth: dict, person_id_or_email: int | str,
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Person), id_or_name(Site)],
             returns=Parameter(int, "1 if successful"))
-def DeletePersonFromSite(call: Any, auth: dict, person_id_or_email: int | str,
+def DeletePersonFromSite(call: Call, auth: dict, person_id_or_email: int | str,
                          site_id_or_login_base: int | str) -> int:
     """Removes the specified person from the specified site. If the person is not a
     member of the specified site, no error is returned."""
@@ -285,7 +281,7 @@ def DeletePersonFromSite(call: Any, auth: dict, person_id_or_email: int | str,
 
 @api_method(roles=ALL_PERSON_ROLES, accepts=[Auth(), id_or_name(Person), id_or_name(Site)],
             returns=Parameter(int, "1 if successful"))
-def SetPersonPrimarySite(call: Any, auth: dict, person_id_or_email: int | str,
+def SetPersonPrimarySite(call: Call, auth: dict, person_id_or_email: int | str,
                          site_id_or_login_base: int | str) -> int:
     """Makes the specified site the person's primary site. The person must already be
     a member of the site. Non-admins may only update their own primary site."""
@@ -301,7 +297,7 @@ def SetPersonPrimarySite(call: Any, auth: dict, person_id_or_email: int | str,
     return 1
 
 
-def _role_change(call: Any, role_id_or_name: int | str, person_id_or_email: int | str,
+def _role_change(call: Call, role_id_or_name: int | str, person_id_or_email: int | str,
                  grant: bool) -> int:
     role = call.one(Role, role_id_or_name, what="role")
     person = local_person(call, person_id_or_email)
@@ -328,7 +324,7 @@ def _role_change(call: Any, role_id_or_name: int | str, person_id_or_email: int 
 
 @api_method(roles=["admin", "pi"], accepts=[Auth(), id_or_name(Role), id_or_name(Person)],
             returns=Parameter(int, "1 if successful"))
-def AddRoleToPerson(call: Any, auth: dict, role_id_or_name: int | str,
+def AddRoleToPerson(call: Call, auth: dict, role_id_or_name: int | str,
                     person_id_or_email: int | str) -> int:
     """Grants the specified role to the person. PIs can only grant the roles below
     their own (user, tech, node) to users of their sites; admins any role."""
@@ -337,7 +333,7 @@ def AddRoleToPerson(call: Any, auth: dict, role_id_or_name: int | str,
 
 @api_method(roles=["admin", "pi"], accepts=[Auth(), id_or_name(Role), id_or_name(Person)],
             returns=Parameter(int, "1 if successful"))
-def DeleteRoleFromPerson(call: Any, auth: dict, role_id_or_name: int | str,
+def DeleteRoleFromPerson(call: Call, auth: dict, role_id_or_name: int | str,
                          person_id_or_email: int | str) -> int:
     """Revokes the specified role from the person. PIs can only revoke the roles below
     their own from users of their sites; admins any role."""
@@ -345,7 +341,7 @@ def DeleteRoleFromPerson(call: Any, auth: dict, role_id_or_name: int | str,
 
 
 @api_method(roles=ALL_ROLES, accepts=[Auth()], returns=Parameter([dict], "List of roles"))
-def GetRoles(call: Any, auth: dict) -> list:
+def GetRoles(call: Call, auth: dict) -> list:
     """Get an array of structs containing details about all roles."""
     return call.get(Role)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -14,6 +14,9 @@ from plc.methods._util import accepted, id_or_name, require_keys, struct_of
 from plc.model import Address, Person, Site
 from plc.params import Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 SITE_KEYS = ("name", "abbreviated_name", "login_base", "is_public", "latitude", "longitude",
              "url", "max_slices", "max_slivers", "enabled", "ext_consortium_id")
 ADMIN_ONLY = ("max_slices", "max_slivers", "login_base")
@@ -21,7 +24,7 @@ LOGIN_BASE = re.compile(r"^[a-z0-9.]+\Z")
 ADDRESS_KEYS = ("line1", "line2", "line3", "city", "state", "postalcode", "country")
 
 
-def validate_site(call: Any, fields: dict[str, Any], site_id: int | None = None) -> None:
+def validate_site(call: Call, fields: dict[str, Any], site_id: int | None = None) -> None:
     for k in ("name", "abbreviated_name"):
         if k in fields and (not isinstance(fields[k], str) or not fields[k].strip()):
             raise PLCInvalidArgument(f"Site {k} must be specified")
@@ -52,7 +55,7 @@ define_params = [Auth(), FilterParam(Site, scalars=True), ReturnFields()]
 
 @api_method(roles=ALL_ROLES + ["anonymous"], accepts=define_params,
             returns=Parameter([dict], "List of sites"))
-def GetSites(call: Any, auth: dict, site_filter: Any = None,
+def GetSites(call: Call, auth: dict, site_filter: Any = None,
              return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about sites. If site_filter is
     specified and is an array of site identifiers or hostnames, or a struct of site
@@ -62,7 +65,7 @@ def GetSites(call: Any, auth: dict, site_filter: Any = None,
 
 @api_method(roles=["admin"], accepts=[Auth(), struct_of(Site, SITE_KEYS)],
             returns=Parameter(int, "New site_id (> 0) if successful"))
-def AddSite(call: Any, auth: dict, site_fields: dict) -> int:
+def AddSite(call: Call, auth: dict, site_fields: dict) -> int:
     """Adds a new site, and creates a node group for that site. Any fields specified in
     site_fields are used, otherwise defaults are used."""
     fields, _ = accepted(Site, site_fields, SITE_KEYS)
@@ -78,7 +81,7 @@ def AddSite(call: Any, auth: dict, site_fields: dict) -> int:
     return site_id
 
 
-def site_for_update(call: Any, site_id_or_login_base: int | str) -> dict[str, Any]:
+def site_for_update(call: Call, site_id_or_login_base: int | str) -> dict[str, Any]:
     site = call.one(Site, site_id_or_login_base, ["site_id", "login_base", "peer_id",
                                                   "person_ids"], what="site")
     if site["peer_id"] is not None:
@@ -94,7 +97,7 @@ def site_for_update(call: Any, site_id_or_login_base: int | str) -> dict[str, An
                       "persons": Parameter(list, "person ids or emails"),
                       "addresses": Parameter(list, "address ids or structs")}],
             returns=Parameter(int, "1 if successful"))
-def UpdateSite(call: Any, auth: dict, site_id_or_login_base: int | str,
+def UpdateSite(call: Call, auth: dict, site_id_or_login_base: int | str,
                site_fields: dict) -> int:
     """Updates a site. Only the fields specified in site_fields are updated. PIs may
     only update sites they belong to; only admins may change max_slices, max_slivers
@@ -131,7 +134,7 @@ def UpdateSite(call: Any, auth: dict, site_id_or_login_base: int | str,
     return 1
 
 
-def delete_site_rows(call: Any, site_id: int) -> None:
+def delete_site_rows(call: Call, site_id: int) -> None:
     """The cascade of spec 5.1."""
     for r in call.conn.query(
             "SELECT person_id FROM person_site WHERE site_id = ? AND person_id NOT IN "
@@ -160,7 +163,7 @@ def delete_site_rows(call: Any, site_id: int) -> None:
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Site)],
             returns=Parameter(int, "1 if successful"))
-def DeleteSite(call: Any, auth: dict, site_id_or_login_base: int | str) -> int:
+def DeleteSite(call: Call, auth: dict, site_id_or_login_base: int | str) -> int:
     """Mark an existing site as deleted. The accounts of people who are not members of
     at least one other non-deleted site are also deleted; nodes, PCUs, slices and
     addresses of the site are deleted."""
@@ -175,7 +178,7 @@ def DeleteSite(call: Any, auth: dict, site_id_or_login_base: int | str) -> int:
 @api_method(roles=["admin", "pi"],
             accepts=[Auth(), id_or_name(Site), struct_of(Address, ADDRESS_KEYS)],
             returns=Parameter(int, "New address_id (> 0) if successful"))
-def AddSiteAddress(call: Any, auth: dict, site_id_or_login_base: int | str,
+def AddSiteAddress(call: Call, auth: dict, site_id_or_login_base: int | str,
                    address_fields: dict) -> int:
     """Adds a new address to a site. PIs may only add addresses to their own sites."""
     site = site_for_update(call, site_id_or_login_base)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCFault, PLCInvalidArgument, PLCPermissionDenied
@@ -16,6 +16,9 @@ from plc.methods.persons import local_person
 from plc.model import Node, Person, Slice
 from plc.params import Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 log = logging.getLogger("plc.methods.slices")
 
 NAME = re.compile(r"^[a-z0-9.]+_[a-zA-Z0-9_.]+\Z")
@@ -26,14 +29,14 @@ TWO_WEEKS = 14 * 24 * 3600
 EIGHT_WEEKS = 8 * 7 * 24 * 3600
 
 
-def delete_slice_rows(call: Any, slice_id: int) -> None:
+def delete_slice_rows(call: Call, slice_id: int) -> None:
     """The cascade of spec 5.6."""
     for table in ("slice_node", "slice_person", "slice_tag", "node_slice_whitelist", "leases"):
         call.delete(table, {"slice_id": slice_id})
     call.update("slices", {"slice_id": slice_id}, {"deleted": 1})
 
 
-def slice_for_update(call: Any, slice_id_or_name: int | str,
+def slice_for_update(call: Call, slice_id_or_name: int | str,
                      fields: list[str] | None = None) -> dict[str, Any]:
     """The slice, if the caller is admin, a member, or a PI of the slice's site (108)."""
     s = call.one(Slice, slice_id_or_name, ["slice_id", "name", "site_id", "peer_id",
@@ -54,7 +57,7 @@ def slice_for_update(call: Any, slice_id_or_name: int | str,
 @api_method(roles=["admin", "pi", "user", "node"],
             accepts=[Auth(), FilterParam(Slice, scalars=True), ReturnFields()],
             returns=Parameter([dict], "List of slices"))
-def GetSlices(call: Any, auth: dict, slice_filter: Any = None,
+def GetSlices(call: Call, auth: dict, slice_filter: Any = None,
               return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about slices. If slice_filter is
     specified and is an array of slice identifiers or slice names, or a struct of
@@ -65,7 +68,7 @@ def GetSlices(call: Any, auth: dict, slice_filter: Any = None,
 
 @api_method(roles=["admin", "pi"], accepts=[Auth(), struct_of(Slice, ADD_KEYS, tags=True)],
             returns=Parameter(int, "New slice_id (> 0) if successful"))
-def AddSlice(call: Any, auth: dict, slice_fields: dict) -> int:
+def AddSlice(call: Call, auth: dict, slice_fields: dict) -> int:
     """Adds a new slice. Any fields specified in slice_fields are used, otherwise
     defaults are used. The slice name must start with the login_base of the site and
     an underscore; PIs may only add slices to their sites, within max_slices."""
@@ -125,7 +128,7 @@ def AddSlice(call: Any, auth: dict, slice_fields: dict) -> int:
                      {**struct_of(Slice, UPDATE_KEYS, tags=True),
                       **{k: Parameter(list, f"related {k}") for k in RELATED}}],
             returns=Parameter(int, "1 if successful"))
-def UpdateSlice(call: Any, auth: dict, slice_id_or_name: int | str, slice_fields: dict) -> int:
+def UpdateSlice(call: Call, auth: dict, slice_id_or_name: int | str, slice_fields: dict) -> int:
     """Updates the parameters of an existing slice. Users may only update slices of
     which they are members; PIs the slices of their sites. Renewal (a later expires)
     needs max_slices > 0 at the site, a description and a URL, and goes at most 8
@@ -196,7 +199,7 @@ def UpdateSlice(call: Any, auth: dict, slice_id_or_name: int | str, slice_fields
 
 @api_method(roles=["admin", "pi", "user"], accepts=[Auth(), id_or_name(Slice)],
             returns=Parameter(int, "1 if successful"))
-def DeleteSlice(call: Any, auth: dict, slice_id_or_name: int | str) -> int:
+def DeleteSlice(call: Call, auth: dict, slice_id_or_name: int | str) -> int:
     """Deletes the specified slice. Users may only delete slices of which they are
     members; PIs the slices of their sites."""
     s = slice_for_update(call, slice_id_or_name)
@@ -204,7 +207,7 @@ def DeleteSlice(call: Any, auth: dict, slice_id_or_name: int | str) -> int:
     return 1
 
 
-def _nodes(call: Any, node_ids_or_hostnames: list[Any]) -> list[dict[str, Any]]:
+def _nodes(call: Call, node_ids_or_hostnames: list[Any]) -> list[dict[str, Any]]:
     values = [v.lower() if isinstance(v, str) else v for v in node_ids_or_hostnames]
     return call.get(Node, values, ["node_id", "site_id", "peer_id", "slice_ids_whitelist"])
 
@@ -214,7 +217,7 @@ _NODE_LIST = Parameter([id_or_name(Node)], "List of node ids or hostnames")
 
 @api_method(roles=["admin", "pi", "user"], accepts=[Auth(), id_or_name(Slice), _NODE_LIST],
             returns=Parameter(int, "1 if successful"))
-def AddSliceToNodes(call: Any, auth: dict, slice_id_or_name: int | str,
+def AddSliceToNodes(call: Call, auth: dict, slice_id_or_name: int | str,
                     node_id_or_hostname_list: list) -> int:
     """Adds the specified slice to the specified nodes. Unknown nodes are ignored; a
     node with a slice whitelist takes only listed slices (unless it is at one of the
@@ -236,7 +239,7 @@ def AddSliceToNodes(call: Any, auth: dict, slice_id_or_name: int | str,
 
 @api_method(roles=["admin", "pi", "user"], accepts=[Auth(), id_or_name(Slice), _NODE_LIST],
             returns=Parameter(int, "1 if successful"))
-def DeleteSliceFromNodes(call: Any, auth: dict, slice_id_or_name: int | str,
+def DeleteSliceFromNodes(call: Call, auth: dict, slice_id_or_name: int | str,
                          node_id_or_hostname_list: list) -> int:
     """Deletes the specified slice from the specified nodes. If the slice is not
     associated with a node, no errors are returned."""
@@ -251,7 +254,7 @@ def DeleteSliceFromNodes(call: Any, auth: dict, slice_id_or_name: int | str,
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Slice), _NODE_LIST],
             returns=Parameter(int, "1 if successful"))
-def AddSliceToNodesWhitelist(call: Any, auth: dict, slice_id_or_name: int | str,
+def AddSliceToNodesWhitelist(call: Call, auth: dict, slice_id_or_name: int | str,
                              node_id_or_hostname_list: list) -> int:
     """Adds the specified slice to the whitelist of the specified nodes."""
     s = call.one(Slice, slice_id_or_name, ["slice_id"], what="slice")
@@ -264,7 +267,7 @@ def AddSliceToNodesWhitelist(call: Any, auth: dict, slice_id_or_name: int | str,
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Slice), _NODE_LIST],
             returns=Parameter(int, "1 if successful"))
-def DeleteSliceFromNodesWhitelist(call: Any, auth: dict, slice_id_or_name: int | str,
+def DeleteSliceFromNodesWhitelist(call: Call, auth: dict, slice_id_or_name: int | str,
                                   node_id_or_hostname_list: list) -> int:
     """Deletes the specified slice from the whitelist of the specified nodes."""
     s = call.one(Slice, slice_id_or_name, ["slice_id"], what="slice")
@@ -274,7 +277,7 @@ def DeleteSliceFromNodesWhitelist(call: Any, auth: dict, slice_id_or_name: int |
     return 1
 
 
-def _membership(call: Any, person_id_or_email: int | str, slice_id_or_name: int | str,
+def _membership(call: Call, person_id_or_email: int | str, slice_id_or_name: int | str,
                 add: bool) -> int:
     person = local_person(call, person_id_or_email)
     s = call.one(Slice, slice_id_or_name, ["slice_id", "site_id", "peer_id", "person_ids"],
@@ -293,7 +296,7 @@ def _membership(call: Any, person_id_or_email: int | str, slice_id_or_name: int 
 
 @api_method(roles=["admin", "pi"], accepts=[Auth(), id_or_name(Person), id_or_name(Slice)],
             returns=Parameter(int, "1 if successful"))
-def AddPersonToSlice(call: Any, auth: dict, person_id_or_email: int | str,
+def AddPersonToSlice(call: Call, auth: dict, person_id_or_email: int | str,
                      slice_id_or_name: int | str) -> int:
     """Adds the specified person to the specified slice. Non-admins may only add
     persons to slices of their sites. Adding a member twice is not an error."""
@@ -302,7 +305,7 @@ def AddPersonToSlice(call: Any, auth: dict, person_id_or_email: int | str,
 
 @api_method(roles=["admin", "pi"], accepts=[Auth(), id_or_name(Person), id_or_name(Slice)],
             returns=Parameter(int, "1 if successful"))
-def DeletePersonFromSlice(call: Any, auth: dict, person_id_or_email: int | str,
+def DeletePersonFromSlice(call: Call, auth: dict, person_id_or_email: int | str,
                           slice_id_or_name: int | str) -> int:
     """Deletes the specified person from the specified slice. If the person is not a
     member of the slice, no errors are returned."""

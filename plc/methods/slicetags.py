@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -13,14 +13,17 @@ from plc.methods._util import id_or_name
 from plc.model import Node, NodeGroup, Slice, SliceTag, TagType
 from plc.params import Mixed, Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
 
-def is_system_slice(call: Any, slice_id: int) -> bool:
+
+def is_system_slice(call: Call, slice_id: int) -> bool:
     return bool(call.conn.query(
         "SELECT 1 FROM slice_tag t JOIN tag_types tt ON tt.tag_type_id = t.tag_type_id "
         "WHERE t.slice_id = ? AND tt.tagname = 'system' AND t.value = '1'", [slice_id]))
 
 
-def may_write_slice_tag(call: Any, s: dict[str, Any], tag_type_id: int,
+def may_write_slice_tag(call: Call, s: dict[str, Any], tag_type_id: int,
                         node_id: int | None, nodegroup_id: int | None) -> None:
     """caller_may_write_slice_tag of spec 9.1 (fault 108 when refused)."""
     if call.is_admin:
@@ -47,13 +50,13 @@ def may_write_slice_tag(call: Any, s: dict[str, Any], tag_type_id: int,
     raise PLCPermissionDenied("Not a member of the slice, nor a PI of its site")
 
 
-def check_initscript(call: Any, tagname: str, value: str) -> None:
+def check_initscript(call: Call, tagname: str, value: str) -> None:
     if tagname == "initscript" and not call.conn.query(
             "SELECT 1 FROM initscripts WHERE name = ? AND enabled = 1", [value]):
         raise PLCInvalidArgument(f"No such enabled initscript {value!r}", "value")
 
 
-def _slice(call: Any, slice_id_or_name: int | str) -> dict[str, Any]:
+def _slice(call: Call, slice_id_or_name: int | str) -> dict[str, Any]:
     return call.one(Slice, slice_id_or_name, ["slice_id", "name", "site_id", "node_ids",
                                               "person_ids"], what="slice")
 
@@ -61,7 +64,7 @@ def _slice(call: Any, slice_id_or_name: int | str) -> dict[str, Any]:
 @api_method(roles=["admin", "pi", "user", "node"],
             accepts=[Auth(), FilterParam(SliceTag), ReturnFields()],
             returns=Parameter([dict], "List of slice tags"))
-def GetSliceTags(call: Any, auth: dict, slice_tag_filter: Any = None,
+def GetSliceTags(call: Call, auth: dict, slice_tag_filter: Any = None,
                  return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about slice and sliver tags."""
     return call.get(SliceTag, slice_tag_filter, return_fields)
@@ -76,7 +79,7 @@ def GetSliceTags(call: Any, auth: dict, slice_tag_filter: Any = None,
                      Mixed(NodeGroup.fields["nodegroup_id"].param,
                            NodeGroup.fields["groupname"].param, doc="Nodegroup")],
             returns=Parameter(int, "New slice_tag_id (> 0) if successful"))
-def AddSliceTag(call: Any, auth: dict, slice_id_or_name: int | str,
+def AddSliceTag(call: Call, auth: dict, slice_id_or_name: int | str,
                 tag_type_id_or_name: int | str, value: str,
                 node_id_or_hostname: int | str | None = None,
                 nodegroup_id_or_name: int | str | None = None) -> int:
@@ -116,7 +119,7 @@ def AddSliceTag(call: Any, auth: dict, slice_id_or_name: int | str,
                                      "node_id": node_id, "nodegroup_id": nodegroup_id})
 
 
-def _existing(call: Any, slice_tag_id: int) -> dict[str, Any]:
+def _existing(call: Call, slice_tag_id: int) -> dict[str, Any]:
     tags = call.get(SliceTag, [slice_tag_id], ["slice_tag_id", "slice_id", "tag_type_id",
                                                "tagname", "node_id", "nodegroup_id"])
     if not tags:
@@ -132,7 +135,7 @@ def _existing(call: Any, slice_tag_id: int) -> dict[str, Any]:
             accepts=[Auth(), SliceTag.fields["slice_tag_id"].param,
                      Parameter(str, "Value of the tag")],
             returns=Parameter(int, "1 if successful"))
-def UpdateSliceTag(call: Any, auth: dict, slice_tag_id: int, value: str) -> int:
+def UpdateSliceTag(call: Call, auth: dict, slice_tag_id: int, value: str) -> int:
     """Updates the value of an existing slice or sliver tag (same permission rule as
     AddSliceTag, at the tag's scope)."""
     t = _existing(call, slice_tag_id)
@@ -144,7 +147,7 @@ def UpdateSliceTag(call: Any, auth: dict, slice_tag_id: int, value: str) -> int:
 @api_method(roles=["admin", "pi", "user", "tech", "node"],
             accepts=[Auth(), SliceTag.fields["slice_tag_id"].param],
             returns=Parameter(int, "1 if successful"))
-def DeleteSliceTag(call: Any, auth: dict, slice_tag_id: int) -> int:
+def DeleteSliceTag(call: Call, auth: dict, slice_tag_id: int) -> int:
     """Deletes the specified slice or sliver tag (same permission rule as AddSliceTag)."""
     _existing(call, slice_tag_id)
     call.delete("slice_tag", {"slice_tag_id": slice_tag_id})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument
@@ -11,6 +11,9 @@ from plc.method import api_method
 from plc.methods._util import id_or_name
 from plc.model import ConfFile, InitScript, Interface, Node
 from plc.params import Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 MAX_EXPIRES = 2**31 - 1
 DAY = 24 * 3600
@@ -22,7 +25,7 @@ def _in(ids: list[int]) -> tuple[str, str]:
     return "IN (SELECT value FROM json_each(?))", json.dumps(ids)
 
 
-def slivers_of(call: Any, node_id: int) -> list[dict[str, Any]]:
+def slivers_of(call: Call, node_id: int) -> list[dict[str, Any]]:
     """The sliver entries of the node, attributes merged by precedence (spec 7)."""
     slices = call.conn.rows(
         "SELECT slice_id, name, instantiation, expires FROM slices s WHERE s.deleted = 0 AND "
@@ -103,7 +106,7 @@ def merge_attributes(stags: list[dict[str, Any]], node_id: int,
     return attrs
 
 
-def _conf_files(call: Any, node_id: int, groups: list[int]) -> list[dict[str, Any]]:
+def _conf_files(call: Call, node_id: int, groups: list[int]) -> list[dict[str, Any]]:
     files = call.get(ConfFile, {"enabled": True})
     merged: dict[str, dict[str, Any]] = {}
     for f in files:  # global files first
@@ -118,7 +121,7 @@ def _conf_files(call: Any, node_id: int, groups: list[int]) -> list[dict[str, An
     return list(merged.values())
 
 
-def _accounts(call: Any, site_id: int) -> list[dict[str, Any]]:
+def _accounts(call: Call, site_id: int) -> list[dict[str, Any]]:
     site_people = call.conn.query(
         "SELECT DISTINCT p.person_id, (SELECT t.value FROM person_tag t JOIN tag_types tt ON "
         "tt.tag_type_id = t.tag_type_id WHERE t.person_id = p.person_id AND "
@@ -151,7 +154,7 @@ def _accounts(call: Any, site_id: int) -> list[dict[str, Any]]:
 @api_method(roles=["admin", "node"],
             accepts=[Auth(), Parameter(id_or_name(Node), "Node id or hostname", nullok=True)],
             returns=Parameter(dict, "the node's slivers and configuration"), writes=True)
-def GetSlivers(call: Any, auth: dict, node_id_or_hostname: int | str | None = None) -> dict:
+def GetSlivers(call: Call, auth: dict, node_id_or_hostname: int | str | None = None) -> dict:
     """Returns a struct containing information about the specified node (or calling
     node, if called by a node and node_id_or_hostname is not specified), including the
     current set of slivers bound to the node: system slices, nm-controller and

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import xmlrpc.client
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.faults import FAULT_RECURSIVE_MULTICALL, FAULT_UNEXPECTED, PLCInvalidAPIMethod
 from plc.method import METHODS, make_method
 from plc.params import Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
 
-def list_methods(call: Any) -> list[str]:
+
+def list_methods(call: Call) -> list[str]:
     """Return an array of all available methods."""
     return list(METHODS)
 
 
-def method_help(call: Any, method: str) -> str:
+def method_help(call: Call, method: str) -> str:
     """Return help text of a method."""
     m = METHODS.get(method)
     if m is None:
@@ -23,7 +26,7 @@ def method_help(call: Any, method: str) -> str:
     return m.help()
 
 
-def method_signature(call: Any, method: str) -> list[list[str]]:
+def method_signature(call: Call, method: str) -> list[list[str]]:
     """Return the signatures of a method: [return type, argument types...] each."""
     m = METHODS.get(method)
     if m is None:
@@ -35,7 +38,7 @@ def method_signature(call: Any, method: str) -> list[list[str]]:
 MAX_MULTICALL = 1000
 
 
-def multicall(call: Any, calls: list[Any]) -> list[Any]:
+def multicall(call: Call, calls: list[Any]) -> list[Any]:
     """Process an array of calls; each runs (and commits) on its own, in order."""
     from plc.api import InternalError
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -25,8 +25,11 @@ from plc.model import (
 )
 from plc.params import Mixed, Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
 
-def owner_site_ids(call: Any, cls_name: str, object_id: int) -> list[int]:
+
+def owner_site_ids(call: Call, cls_name: str, object_id: int) -> list[int]:
     if cls_name == "Node":
         sql = "SELECT site_id FROM nodes WHERE node_id = ?"
     elif cls_name == "Interface":
@@ -39,7 +42,7 @@ def owner_site_ids(call: Any, cls_name: str, object_id: int) -> list[int]:
     return [r["site_id"] for r in call.conn.query(sql, [object_id])]
 
 
-def may_write(call: Any, cls_name: str, object_id: int, tag_type_id: int) -> None:
+def may_write(call: Call, cls_name: str, object_id: int, tag_type_id: int) -> None:
     """Fault 108 unless the caller may write a tag of this type on the object."""
     if call.is_admin:
         return
@@ -67,10 +70,10 @@ def _define(cls: ObjClass, tag_cls: ObjClass, get_roles: list[str], write_roles:
     pk = f"{table}_id"
     lname = name.lower()
 
-    def get_tags(call: Any, auth: dict, flt: Any = None, return_fields: list | None = None):
+    def get_tags(call: Call, auth: dict, flt: Any = None, return_fields: list | None = None):
         return call.get(tag_cls, flt, return_fields)
 
-    def add_tag(call: Any, auth: dict, object_id_or_name: Any, tag_type_id_or_name: Any,
+    def add_tag(call: Call, auth: dict, object_id_or_name: Any, tag_type_id_or_name: Any,
                 value: str) -> int:
         obj = call.one(cls, object_id_or_name, [cls.pk], what=lname)
         oid = obj[cls.pk]
@@ -83,7 +86,7 @@ def _define(cls: ObjClass, tag_cls: ObjClass, get_roles: list[str], write_roles:
                                      "value": value})
         return tag_id
 
-    def _tag(call: Any, tag_id: int) -> dict[str, Any]:
+    def _tag(call: Call, tag_id: int) -> dict[str, Any]:
         rows = call.conn.query(f"SELECT {pk}, {owner}, tag_type_id FROM {table} WHERE {pk} = ?",
                                [tag_id])
         if not rows:
@@ -91,12 +94,12 @@ def _define(cls: ObjClass, tag_cls: ObjClass, get_roles: list[str], write_roles:
         may_write(call, name, rows[0][owner], rows[0]["tag_type_id"])
         return rows[0]
 
-    def update_tag(call: Any, auth: dict, tag_id: int, value: str) -> int:
+    def update_tag(call: Call, auth: dict, tag_id: int, value: str) -> int:
         _tag(call, tag_id)
         call.update(table, {pk: tag_id}, {"value": value})
         return 1
 
-    def delete_tag(call: Any, auth: dict, tag_id: int) -> int:
+    def delete_tag(call: Call, auth: dict, tag_id: int) -> int:
         _tag(call, tag_id)
         call.delete(table, {pk: tag_id})
         return 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument
@@ -13,13 +13,16 @@ from plc.methods._util import accepted, id_or_name, require_keys, struct_of
 from plc.model import NodeGroup, Role, TagType
 from plc.params import Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 TT_KEYS = ("tagname", "description", "category")
 TAG_TABLES = ("node_tag", "interface_tag", "slice_tag", "site_tag", "person_tag", "ilinks")
 
 
 @api_method(roles=ALL_ROLES, accepts=[Auth(), FilterParam(TagType, scalars=True), ReturnFields()],
             returns=Parameter([dict], "List of tag types"))
-def GetTagTypes(call: Any, auth: dict, tag_type_filter: Any = None,
+def GetTagTypes(call: Call, auth: dict, tag_type_filter: Any = None,
                 return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about tag types."""
     return call.get(TagType, tag_type_filter, return_fields)
@@ -27,7 +30,7 @@ def GetTagTypes(call: Any, auth: dict, tag_type_filter: Any = None,
 
 @api_method(roles=["admin"], accepts=[Auth(), struct_of(TagType, TT_KEYS)],
             returns=Parameter(int, "New tag_type_id (> 0) if successful"))
-def AddTagType(call: Any, auth: dict, tag_type_fields: dict) -> int:
+def AddTagType(call: Call, auth: dict, tag_type_fields: dict) -> int:
     """Adds a new type of tag (no roles: only admins may write it until roles are
     added with AddRoleToTagType)."""
     fields, _ = accepted(TagType, tag_type_fields, TT_KEYS)
@@ -40,7 +43,7 @@ def AddTagType(call: Any, auth: dict, tag_type_fields: dict) -> int:
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(TagType), struct_of(TagType, TT_KEYS)],
             returns=Parameter(int, "1 if successful"))
-def UpdateTagType(call: Any, auth: dict, tag_type_id_or_name: int | str,
+def UpdateTagType(call: Call, auth: dict, tag_type_id_or_name: int | str,
                   tag_type_fields: dict) -> int:
     """Updates the parameters of an existing tag type. Roles are changed with
     AddRoleToTagType and DeleteRoleFromTagType."""
@@ -57,7 +60,7 @@ def UpdateTagType(call: Any, auth: dict, tag_type_id_or_name: int | str,
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(TagType)],
             returns=Parameter(int, "1 if successful"))
-def DeleteTagType(call: Any, auth: dict, tag_type_id_or_name: int | str) -> int:
+def DeleteTagType(call: Call, auth: dict, tag_type_id_or_name: int | str) -> int:
     """Deletes the specified tag type, and every tag of that type."""
     ttid = tag_type(call, tag_type_id_or_name)["tag_type_id"]
     for table in TAG_TABLES:
@@ -72,7 +75,7 @@ def DeleteTagType(call: Any, auth: dict, tag_type_id_or_name: int | str) -> int:
     return 1
 
 
-def _tag_role(call: Any, role_id_or_name: int | str, tag_type_id_or_name: int | str,
+def _tag_role(call: Call, role_id_or_name: int | str, tag_type_id_or_name: int | str,
               add: bool) -> int:
     role = call.one(Role, role_id_or_name, what="role")
     ttid = tag_type(call, tag_type_id_or_name)["tag_type_id"]
@@ -87,7 +90,7 @@ def _tag_role(call: Any, role_id_or_name: int | str, tag_type_id_or_name: int | 
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Role), id_or_name(TagType)],
             returns=Parameter(int, "1 if successful"))
-def AddRoleToTagType(call: Any, auth: dict, role_id_or_name: int | str,
+def AddRoleToTagType(call: Call, auth: dict, role_id_or_name: int | str,
                      tag_type_id_or_tagname: int | str) -> int:
     """Allows the specified role to write tags of the specified type."""
     return _tag_role(call, role_id_or_name, tag_type_id_or_tagname, True)
@@ -95,7 +98,7 @@ def AddRoleToTagType(call: Any, auth: dict, role_id_or_name: int | str,
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(Role), id_or_name(TagType)],
             returns=Parameter(int, "1 if successful"))
-def DeleteRoleFromTagType(call: Any, auth: dict, role_id_or_name: int | str,
+def DeleteRoleFromTagType(call: Call, auth: dict, role_id_or_name: int | str,
                           tag_type_id_or_tagname: int | str) -> int:
     """Stops the specified role from writing tags of the specified type."""
     return _tag_role(call, role_id_or_name, tag_type_id_or_tagname, False)
@@ -104,7 +107,7 @@ def DeleteRoleFromTagType(call: Any, auth: dict, role_id_or_name: int | str,
 @api_method(roles=ALL_ROLES + ["anonymous"],
             accepts=[Auth(), FilterParam(NodeGroup), ReturnFields()],
             returns=Parameter([dict], "List of node groups"))
-def GetNodeGroups(call: Any, auth: dict, nodegroup_filter: Any = None,
+def GetNodeGroups(call: Call, auth: dict, nodegroup_filter: Any = None,
                   return_fields: list | None = None) -> list:
     """Returns an array of structs containing details about node groups. A node is in
     a group when it has a node tag of the group's type whose value equals the group's
@@ -116,7 +119,7 @@ def GetNodeGroups(call: Any, auth: dict, nodegroup_filter: Any = None,
             accepts=[Auth(), NodeGroup.fields["groupname"].param, id_or_name(TagType),
                      Parameter(str, "Value of the tag that defines the group")],
             returns=Parameter(int, "New nodegroup_id (> 0) if successful"))
-def AddNodeGroup(call: Any, auth: dict, groupname: str, tag_type_id_or_tagname: int | str,
+def AddNodeGroup(call: Call, auth: dict, groupname: str, tag_type_id_or_tagname: int | str,
                  value: str) -> int:
     """Adds a new node group: the nodes whose tag of that type has that value."""
     if not groupname.strip():
@@ -133,7 +136,7 @@ def AddNodeGroup(call: Any, auth: dict, groupname: str, tag_type_id_or_tagname: 
             accepts=[Auth(), id_or_name(NodeGroup),
                      struct_of(NodeGroup, ("groupname", "value"))],
             returns=Parameter(int, "1 if successful"))
-def UpdateNodeGroup(call: Any, auth: dict, nodegroup_id_or_name: int | str,
+def UpdateNodeGroup(call: Call, auth: dict, nodegroup_id_or_name: int | str,
                     nodegroup_fields: dict) -> int:
     """Updates the name or value of a node group (other keys are ignored)."""
     g = call.one(NodeGroup, nodegroup_id_or_name, ["nodegroup_id"], what="nodegroup")
@@ -145,7 +148,7 @@ def UpdateNodeGroup(call: Any, auth: dict, nodegroup_id_or_name: int | str,
 
 @api_method(roles=["admin"], accepts=[Auth(), id_or_name(NodeGroup)],
             returns=Parameter(int, "1 if successful"))
-def DeleteNodeGroup(call: Any, auth: dict, nodegroup_id_or_name: int | str) -> int:
+def DeleteNodeGroup(call: Call, auth: dict, nodegroup_id_or_name: int | str) -> int:
     """Deletes a node group (its scoped slice tags and conf file links too)."""
     g = call.one(NodeGroup, nodegroup_id_or_name, ["nodegroup_id"], what="nodegroup")
     ngid = g["nodegroup_id"]

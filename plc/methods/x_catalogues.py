@@ -4,7 +4,7 @@ PCU types with their protocol types."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument
@@ -13,6 +13,9 @@ from plc.methods._util import accepted, require_keys, struct_of
 from plc.methods._xtra import bools, row, unique, xget, xmethod
 from plc.model import LOOKUPS, Message, PCUProtocolType, PCUType, Role
 from plc.params import Mixed, Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 _ONE = Parameter(int, "1 if successful")
 
@@ -31,14 +34,14 @@ def _define_lookup(table: str, singular: str, what: str, maxlen: int) -> None:
     col = LOOKUPS[table]
     value_param = Parameter(str, what, min=1, max=maxlen)
 
-    def add(call: Any, auth: dict, name: str) -> int:
+    def add(call: Call, auth: dict, name: str) -> int:
         if not name.strip():
             raise PLCInvalidArgument(f"{what} must not be blank", "name")
         unique(call, table, col, name, what)
         call.insert(table, {col: name})
         return 1
 
-    def delete(call: Any, auth: dict, name: str) -> int:
+    def delete(call: Call, auth: dict, name: str) -> int:
         if not call.conn.query(f"SELECT 1 FROM {table} WHERE {col} = ?", [name]):
             raise PLCInvalidArgument(f"No such {what} {name!r}")
         for user_table, user_col, live in _USED_BY[table]:
@@ -69,7 +72,7 @@ _define_lookup("slice_instantiations", "SliceInstantiation", "slice instantiatio
 @xmethod(roles=["admin"], accepts=[Auth(), Role.fields["role_id"].param,
                                    Parameter(str, "Role name", min=1, max=100)],
          returns=_ONE)
-def AddRole(call: Any, auth: dict, role_id: int, name: str) -> int:
+def AddRole(call: Call, auth: dict, role_id: int, name: str) -> int:
     """Adds a new role with an explicit role_id; id and name must be unused."""
     unique(call, "roles", "role_id", role_id, "Role id")
     unique(call, "roles", "name", name, "Role name")
@@ -79,7 +82,7 @@ def AddRole(call: Any, auth: dict, role_id: int, name: str) -> int:
 
 @xmethod(roles=["admin"], accepts=[Auth(), Mixed(Role.fields["role_id"].param,
                                                  Role.fields["name"].param)], returns=_ONE)
-def DeleteRole(call: Any, auth: dict, role_id_or_name: int | str) -> int:
+def DeleteRole(call: Call, auth: dict, role_id_or_name: int | str) -> int:
     """Deletes a role; persons and tag types lose it."""
     role = call.one(Role, role_id_or_name, ["role_id"], what="role")
     call.delete("person_role", {"role_id": role["role_id"]})
@@ -94,7 +97,7 @@ xget(Message, ["admin", "node"])
 
 
 @xmethod(roles=["admin"], accepts=[Auth(), struct_of(Message, MESSAGE_KEYS)], returns=_ONE)
-def AddMessage(call: Any, auth: dict, message_fields: dict) -> int:
+def AddMessage(call: Call, auth: dict, message_fields: dict) -> int:
     """Adds a new message template (message_id mandatory and unique)."""
     fields, _ = accepted(Message, message_fields, MESSAGE_KEYS)
     require_keys(fields, ("message_id",), "Message")
@@ -106,7 +109,7 @@ def AddMessage(call: Any, auth: dict, message_fields: dict) -> int:
 @xmethod(roles=["admin"], accepts=[Auth(), Message.fields["message_id"].param,
                                    struct_of(Message, ("subject", "template", "enabled"))],
          returns=_ONE)
-def UpdateMessage(call: Any, auth: dict, message_id: str, message_fields: dict) -> int:
+def UpdateMessage(call: Call, auth: dict, message_id: str, message_fields: dict) -> int:
     """Updates the subject, template or enabled flag of a message template."""
     row(call, "messages", "message_id", message_id, "message")
     fields, _ = accepted(Message, message_fields, ("subject", "template", "enabled"))
@@ -115,7 +118,7 @@ def UpdateMessage(call: Any, auth: dict, message_id: str, message_fields: dict) 
 
 
 @xmethod(roles=["admin"], accepts=[Auth(), Message.fields["message_id"].param], returns=_ONE)
-def DeleteMessage(call: Any, auth: dict, message_id: str) -> int:
+def DeleteMessage(call: Call, auth: dict, message_id: str) -> int:
     """Deletes a message template."""
     row(call, "messages", "message_id", message_id, "message")
     call.delete("messages", {"message_id": message_id})
@@ -131,7 +134,7 @@ xget(PCUProtocolType, ALL_ROLES)
 
 @xmethod(roles=["admin"], accepts=[Auth(), struct_of(PCUType, PCU_TYPE_KEYS)],
          returns=Parameter(int, "New pcu_type_id (> 0) if successful"))
-def AddPCUType(call: Any, auth: dict, pcu_type_fields: dict) -> int:
+def AddPCUType(call: Call, auth: dict, pcu_type_fields: dict) -> int:
     """Adds a PCU type; the model must be unique."""
     fields, _ = accepted(PCUType, pcu_type_fields, PCU_TYPE_KEYS)
     require_keys(fields, ("model",), "PCUType")
@@ -143,7 +146,7 @@ def AddPCUType(call: Any, auth: dict, pcu_type_fields: dict) -> int:
 
 @xmethod(roles=["admin"], accepts=[Auth(), PCUType.fields["pcu_type_id"].param,
                                    struct_of(PCUType, PCU_TYPE_KEYS)], returns=_ONE)
-def UpdatePCUType(call: Any, auth: dict, pcu_type_id: int, pcu_type_fields: dict) -> int:
+def UpdatePCUType(call: Call, auth: dict, pcu_type_id: int, pcu_type_fields: dict) -> int:
     """Updates a PCU type."""
     row(call, "pcu_types", "pcu_type_id", pcu_type_id, "PCU type")
     fields, _ = accepted(PCUType, pcu_type_fields, PCU_TYPE_KEYS)
@@ -157,7 +160,7 @@ def UpdatePCUType(call: Any, auth: dict, pcu_type_id: int, pcu_type_fields: dict
 
 
 @xmethod(roles=["admin"], accepts=[Auth(), PCUType.fields["pcu_type_id"].param], returns=_ONE)
-def DeletePCUType(call: Any, auth: dict, pcu_type_id: int) -> int:
+def DeletePCUType(call: Call, auth: dict, pcu_type_id: int) -> int:
     """Deletes a PCU type and its protocol types."""
     row(call, "pcu_types", "pcu_type_id", pcu_type_id, "PCU type")
     call.delete("pcu_protocol_types", {"pcu_type_id": pcu_type_id})
@@ -170,7 +173,7 @@ def DeletePCUType(call: Any, auth: dict, pcu_type_id: int) -> int:
                                                  PCUType.fields["model"].param),
                                    struct_of(PCUProtocolType, PROTOCOL_KEYS)],
          returns=Parameter(int, "New pcu_protocol_type_id (> 0) if successful"))
-def AddPCUProtocolType(call: Any, auth: dict, pcu_type_id_or_model: int | str,
+def AddPCUProtocolType(call: Call, auth: dict, pcu_type_id_or_model: int | str,
                        protocol_type_fields: dict) -> int:
     """Adds a protocol (port, protocol name, supported) to a PCU type."""
     pcu_type = call.one(PCUType, pcu_type_id_or_model, ["pcu_type_id"], what="PCU type")
@@ -182,7 +185,7 @@ def AddPCUProtocolType(call: Any, auth: dict, pcu_type_id_or_model: int | str,
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "PCU protocol type id"),
                                    struct_of(PCUProtocolType, PROTOCOL_KEYS)], returns=_ONE)
-def UpdatePCUProtocolType(call: Any, auth: dict, protocol_type_id: int,
+def UpdatePCUProtocolType(call: Call, auth: dict, protocol_type_id: int,
                           protocol_type_fields: dict) -> int:
     """Updates a PCU protocol type."""
     row(call, "pcu_protocol_types", "pcu_protocol_type_id", protocol_type_id,
@@ -199,7 +202,7 @@ def UpdatePCUProtocolType(call: Any, auth: dict, protocol_type_id: int,
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "PCU protocol type id")],
          returns=_ONE)
-def DeletePCUProtocolType(call: Any, auth: dict, protocol_type_id: int) -> int:
+def DeletePCUProtocolType(call: Call, auth: dict, protocol_type_id: int) -> int:
     """Deletes a PCU protocol type."""
     row(call, "pcu_protocol_types", "pcu_protocol_type_id", protocol_type_id,
         "PCU protocol type")

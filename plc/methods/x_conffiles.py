@@ -3,7 +3,7 @@ that GetSlivers hands to nodes. Not logged as events (spec 10)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.method import ALL_ROLES
@@ -11,6 +11,9 @@ from plc.methods._util import accepted, id_or_name, require_keys, struct_of
 from plc.methods._xtra import bools, row, unique, xget, xmethod
 from plc.model import ConfFile, InitScript, Node, NodeGroup
 from plc.params import Mixed, Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 CONF_KEYS = ("enabled", "source", "dest", "file_permissions", "file_owner", "file_group",
              "preinstall_cmd", "postinstall_cmd", "error_cmd", "ignore_cmd_errors",
@@ -23,22 +26,22 @@ xget(ConfFile, ["admin", "node"])
 xget(InitScript, ALL_ROLES)
 
 
-def _conf_file(call: Any, conf_file_id: int) -> dict[str, Any]:
+def _conf_file(call: Call, conf_file_id: int) -> dict[str, Any]:
     return row(call, "conf_files", "conf_file_id", conf_file_id, "configuration file")
 
 
-def _node_id(call: Any, node_id_or_hostname: int | str) -> int:
+def _node_id(call: Call, node_id_or_hostname: int | str) -> int:
     return int(call.one(Node, node_id_or_hostname, ["node_id"], what="node")["node_id"])
 
 
-def _nodegroup_id(call: Any, nodegroup_id_or_name: int | str) -> int:
+def _nodegroup_id(call: Call, nodegroup_id_or_name: int | str) -> int:
     return int(call.one(NodeGroup, nodegroup_id_or_name, ["nodegroup_id"],
                         what="nodegroup")["nodegroup_id"])
 
 
 @xmethod(roles=["admin"], accepts=[Auth(), struct_of(ConfFile, CONF_KEYS)],
          returns=Parameter(int, "New conf_file_id (> 0) if successful"))
-def AddConfFile(call: Any, auth: dict, conf_file_fields: dict) -> int:
+def AddConfFile(call: Call, auth: dict, conf_file_fields: dict) -> int:
     """Adds a new node configuration file. Unknown fields are ignored; source and dest
     are mandatory."""
     fields, _ = accepted(ConfFile, conf_file_fields, CONF_KEYS)
@@ -51,7 +54,7 @@ def AddConfFile(call: Any, auth: dict, conf_file_fields: dict) -> int:
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Configuration file id"),
                                    struct_of(ConfFile, CONF_KEYS)],
          returns=_ONE)
-def UpdateConfFile(call: Any, auth: dict, conf_file_id: int, conf_file_fields: dict) -> int:
+def UpdateConfFile(call: Call, auth: dict, conf_file_id: int, conf_file_fields: dict) -> int:
     """Updates a node configuration file. Unknown fields are ignored."""
     _conf_file(call, conf_file_id)
     fields, _ = accepted(ConfFile, conf_file_fields, CONF_KEYS)
@@ -64,7 +67,7 @@ def UpdateConfFile(call: Any, auth: dict, conf_file_id: int, conf_file_fields: d
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Configuration file id")],
          returns=_ONE)
-def DeleteConfFile(call: Any, auth: dict, conf_file_id: int) -> int:
+def DeleteConfFile(call: Call, auth: dict, conf_file_id: int) -> int:
     """Deletes a node configuration file and its node and nodegroup bindings."""
     _conf_file(call, conf_file_id)
     call.delete("conf_file_node", {"conf_file_id": conf_file_id})
@@ -75,7 +78,7 @@ def DeleteConfFile(call: Any, auth: dict, conf_file_id: int) -> int:
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Configuration file id"),
                                    id_or_name(Node)], returns=_ONE)
-def AddConfFileToNode(call: Any, auth: dict, conf_file_id: int,
+def AddConfFileToNode(call: Call, auth: dict, conf_file_id: int,
                       node_id_or_hostname: int | str) -> int:
     """Binds a configuration file to a node (idempotent)."""
     _conf_file(call, conf_file_id)
@@ -88,7 +91,7 @@ def AddConfFileToNode(call: Any, auth: dict, conf_file_id: int,
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Configuration file id"),
                                    id_or_name(Node)], returns=_ONE)
-def DeleteConfFileFromNode(call: Any, auth: dict, conf_file_id: int,
+def DeleteConfFileFromNode(call: Call, auth: dict, conf_file_id: int,
                            node_id_or_hostname: int | str) -> int:
     """Unbinds a configuration file from a node (idempotent)."""
     _conf_file(call, conf_file_id)
@@ -99,7 +102,7 @@ def DeleteConfFileFromNode(call: Any, auth: dict, conf_file_id: int,
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Configuration file id"),
                                    id_or_name(NodeGroup)], returns=_ONE)
-def AddConfFileToNodeGroup(call: Any, auth: dict, conf_file_id: int,
+def AddConfFileToNodeGroup(call: Call, auth: dict, conf_file_id: int,
                            nodegroup_id_or_name: int | str) -> int:
     """Binds a configuration file to a nodegroup (idempotent)."""
     _conf_file(call, conf_file_id)
@@ -112,7 +115,7 @@ def AddConfFileToNodeGroup(call: Any, auth: dict, conf_file_id: int,
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Configuration file id"),
                                    id_or_name(NodeGroup)], returns=_ONE)
-def DeleteConfFileFromNodeGroup(call: Any, auth: dict, conf_file_id: int,
+def DeleteConfFileFromNodeGroup(call: Call, auth: dict, conf_file_id: int,
                                 nodegroup_id_or_name: int | str) -> int:
     """Unbinds a configuration file from a nodegroup (idempotent)."""
     _conf_file(call, conf_file_id)
@@ -124,7 +127,7 @@ def DeleteConfFileFromNodeGroup(call: Any, auth: dict, conf_file_id: int,
 # -- init scripts ------------------------------------------------------------------------
 @xmethod(roles=["admin"], accepts=[Auth(), struct_of(InitScript, INITSCRIPT_KEYS)],
          returns=Parameter(int, "New initscript_id (> 0) if successful"))
-def AddInitScript(call: Any, auth: dict, initscript_fields: dict) -> int:
+def AddInitScript(call: Call, auth: dict, initscript_fields: dict) -> int:
     """Adds a new initscript; the name must be unique. Unknown fields are ignored."""
     fields, _ = accepted(InitScript, initscript_fields, INITSCRIPT_KEYS)
     require_keys(fields, ("name",), "InitScript")
@@ -137,7 +140,7 @@ def AddInitScript(call: Any, auth: dict, initscript_fields: dict) -> int:
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(int, "Initscript id"),
                                    struct_of(InitScript, INITSCRIPT_KEYS)], returns=_ONE)
-def UpdateInitScript(call: Any, auth: dict, initscript_id: int, initscript_fields: dict) -> int:
+def UpdateInitScript(call: Call, auth: dict, initscript_id: int, initscript_fields: dict) -> int:
     """Updates an initscript. Unknown fields are ignored."""
     row(call, "initscripts", "initscript_id", initscript_id, "initscript")
     fields, _ = accepted(InitScript, initscript_fields, INITSCRIPT_KEYS)
@@ -154,7 +157,7 @@ def UpdateInitScript(call: Any, auth: dict, initscript_id: int, initscript_field
 @xmethod(roles=["admin"], accepts=[Auth(), Mixed(InitScript.fields["initscript_id"].param,
                                                  InitScript.fields["name"].param)],
          returns=_ONE)
-def DeleteInitScript(call: Any, auth: dict, initscript_id_or_name: int | str) -> int:
+def DeleteInitScript(call: Call, auth: dict, initscript_id_or_name: int | str) -> int:
     """Deletes an initscript."""
     script = call.one(InitScript, initscript_id_or_name, ["initscript_id"], what="initscript")
     call.delete("initscripts", {"initscript_id": script["initscript_id"]})

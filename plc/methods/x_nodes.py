@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCNotImplemented, PLCPermissionDenied
@@ -20,13 +20,16 @@ from plc.methods.nodes import caller_slice_ids
 from plc.model import Interface, Node
 from plc.params import Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 _ONE = Parameter(int, "1 if successful")
 POD_PORT = 64000  # the node's "ping of death" listener (legacy PLC/POD.py)
 NODE_SECRETS = ("key", "session", "boot_nonce")
 IMAGE_ACTIONS = ("node-iso", "node-usb", "generic-iso", "generic-usb")
 
 
-def _node(call: Any, node_id_or_hostname: int | str, what: str) -> dict[str, Any]:
+def _node(call: Call, node_id_or_hostname: int | str, what: str) -> dict[str, Any]:
     """A local node the caller may manage (admin, or a PI/tech of its site)."""
     node = call.one(Node, node_id_or_hostname,
                     ["node_id", "hostname", "site_id", "peer_id", "interface_ids", "pcu_ids"],
@@ -42,7 +45,7 @@ def _shell_name(text: str) -> str:
     return re.sub(r"[^A-Z0-9_]", "_", text.upper())
 
 
-def node_conf_file(call: Any, node: dict[str, Any], regenerate_key: bool) -> str:
+def node_conf_file(call: Call, node: dict[str, Any], regenerate_key: bool) -> str:
     """The plnode.txt a node's boot image carries (NODE_ID, NODE_KEY, network setup)."""
     interfaces = call.get(Interface, {"node_id": node["node_id"]})
     primary = next((i for i in interfaces if i["is_primary"]), None)
@@ -89,7 +92,7 @@ def node_conf_file(call: Any, node: dict[str, Any], regenerate_key: bool) -> str
          accepts=[Auth(), id_or_name(Node),
                   Parameter(bool, "True to generate a new node key")],
          returns=Parameter(str, "Node configuration file"))
-def GenerateNodeConfFile(call: Any, auth: dict, node_id_or_hostname: int | str,
+def GenerateNodeConfFile(call: Call, auth: dict, node_id_or_hostname: int | str,
                          regenerate_node_key: bool = True) -> str:
     """Returns the configuration file (plnode.txt) for a node's boot media: node id and
     key, primary interface settings, interface tags. By default a new node key is
@@ -107,7 +110,7 @@ def GenerateNodeConfFile(call: Any, auth: dict, node_id_or_hostname: int | str,
                   Parameter(str, "Empty string (files on the server are not written)"),
                   Parameter([str], "Options", nullok=True)],
          returns=Parameter(str, "Node configuration file"))
-def GetBootMedium(call: Any, auth: dict, node_id_or_hostname: int | str, action: str,
+def GetBootMedium(call: Call, auth: dict, node_id_or_hostname: int | str, action: str,
                   filename: str, options: list[str] | None = None) -> str:
     """Configuration forms of the boot medium: ``node-preview`` returns the node's
     configuration file with its current key (made if it has none); ``node-floppy``
@@ -129,7 +132,7 @@ def GetBootMedium(call: Any, auth: dict, node_id_or_hostname: int | str, action:
 
 
 @xmethod(roles=["admin", "pi", "tech"], accepts=[Auth(), id_or_name(Node)], returns=_ONE)
-def RebootNode(call: Any, auth: dict, node_id_or_hostname: int | str) -> int:
+def RebootNode(call: Call, auth: dict, node_id_or_hostname: int | str) -> int:
     """Sends the node a UDP "ping of death" (its session key, to port 64000 of its
     primary address, or its hostname without one), which makes a booted node reboot at
     once. Returns 1 when the packet was sent, which says nothing about the reboot."""
@@ -154,7 +157,7 @@ def RebootNode(call: Any, auth: dict, node_id_or_hostname: int | str) -> int:
 @xmethod(roles=["admin", "pi", "tech"],
          accepts=[Auth(), id_or_name(Node), Parameter(bool, "Test run only", nullok=True)],
          returns=Parameter(int, "1 if successful"))
-def RebootNodeWithPCU(call: Any, auth: dict, node_id_or_hostname: int | str,
+def RebootNodeWithPCU(call: Call, auth: dict, node_id_or_hostname: int | str,
                       testrun: bool | None = None) -> int:
     """Power-cycles a node through its PCU. The node must have a PCU; PCU control
     (legacy pcucontrol) is not part of this PLC, so a valid request gets fault 109, as
@@ -169,7 +172,7 @@ def RebootNodeWithPCU(call: Any, auth: dict, node_id_or_hostname: int | str,
 @xmethod(roles=[*ALL_ROLES, "anonymous"],
          accepts=[Auth(), FilterParam(Node), ReturnFields()],
          returns=Parameter([dict], "List of nodes with a slice whitelist"))
-def GetWhitelist(call: Any, auth: dict, node_filter: Any = None,
+def GetWhitelist(call: Call, auth: dict, node_filter: Any = None,
                  return_fields: list | None = None) -> list:
     """Returns the nodes that have a non-empty slice whitelist (fields as GetNodes).
     Non-admins only see those at one of their sites or whitelisting one of their

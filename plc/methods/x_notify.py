@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc import mail
 from plc.auth import Auth
@@ -19,6 +19,9 @@ from plc.methods._xtra import xmethod
 from plc.model import Person
 from plc.params import Parameter
 from plc.passwords import hash_password
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 _ONE = Parameter(int, "1 if successful")
 KEY_LIFETIME = 24 * 3600
@@ -49,7 +52,7 @@ BUILTIN = {
 }
 
 
-def _template(call: Any, message_id: str) -> tuple[str, str]:
+def _template(call: Call, message_id: str) -> tuple[str, str]:
     rows = call.conn.query("SELECT subject, template FROM messages WHERE message_id = ? AND "
                            "enabled = 1", [message_id])
     if rows and rows[0]["template"]:
@@ -57,7 +60,7 @@ def _template(call: Any, message_id: str) -> tuple[str, str]:
     return BUILTIN[message_id]
 
 
-def _render(call: Any, message_id: str, values: dict[str, Any]) -> tuple[str, str]:
+def _render(call: Call, message_id: str, values: dict[str, Any]) -> tuple[str, str]:
     subject, body = _template(call, message_id)
     values = {"PLC_NAME": call.config.get("plc", "name"),
               "PLC_WWW_HOST": call.config.get("www", "host"),
@@ -68,7 +71,7 @@ def _render(call: Any, message_id: str, values: dict[str, Any]) -> tuple[str, st
         raise PLCAPIError(f"message template {message_id} is broken: {exc}") from None
 
 
-def send(call: Any, to: list[str], subject: str, body: str, cc: list[str] | None = None) -> None:
+def send(call: Call, to: list[str], subject: str, body: str, cc: list[str] | None = None) -> None:
     """Send through the configured mail route; fault 111 when that fails."""
     try:
         cfg = mail.MailConfig.from_plc_config(call.config)
@@ -77,7 +80,7 @@ def send(call: Any, to: list[str], subject: str, body: str, cc: list[str] | None
         raise PLCAPIError(f"mail not sent: {exc}") from None
 
 
-def _person(call: Any, person_id_or_email: int | str) -> dict[str, Any]:
+def _person(call: Call, person_id_or_email: int | str) -> dict[str, Any]:
     person = call.one(Person, person_id_or_email,
                       ["person_id", "email", "first_name", "last_name", "enabled", "peer_id",
                        "site_ids"], what="person")
@@ -88,7 +91,7 @@ def _person(call: Any, person_id_or_email: int | str) -> dict[str, Any]:
     return {**person, **key}
 
 
-def _site_pis(call: Any, site_ids: list[int]) -> list[str]:
+def _site_pis(call: Call, site_ids: list[int]) -> list[str]:
     if not site_ids:
         return []
     marks = ", ".join("?" * len(site_ids))
@@ -99,7 +102,7 @@ def _site_pis(call: Any, site_ids: list[int]) -> list[str]:
         "ORDER BY p.email", site_ids)]
 
 
-def _new_key(call: Any, person: dict[str, Any], expires: int | None) -> dict[str, Any]:
+def _new_key(call: Call, person: dict[str, Any], expires: int | None) -> dict[str, Any]:
     key = secrets.token_hex(16)
     expires = call.now + KEY_LIFETIME if expires is None else expires
     if expires <= call.now:
@@ -110,7 +113,7 @@ def _new_key(call: Any, person: dict[str, Any], expires: int | None) -> dict[str
             "expires": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))}
 
 
-def _check_key(call: Any, person: dict[str, Any], key: str) -> None:
+def _check_key(call: Call, person: dict[str, Any], key: str) -> None:
     if not person["verification_key"] or not secrets.compare_digest(
             person["verification_key"], key):
         raise PLCInvalidArgument("Verification key incorrect")
@@ -122,7 +125,7 @@ def _check_key(call: Any, person: dict[str, Any], key: str) -> None:
          accepts=[Auth(), FilterParam(Person), Parameter(str, "E-mail subject", min=1),
                   Parameter(str, "E-mail body")],
          returns=_ONE)
-def NotifyPersons(call: Any, auth: dict, person_filter: Any, subject: str, body: str) -> int:
+def NotifyPersons(call: Call, auth: dict, person_filter: Any, subject: str, body: str) -> int:
     """Sends an e-mail message to the persons matching the filter (one message, every
     recipient in To). No matching person is an error."""
     persons = call.get(Person, person_filter, ["person_id", "email"])
@@ -136,7 +139,7 @@ def NotifyPersons(call: Any, auth: dict, person_filter: Any, subject: str, body:
 
 @xmethod(roles=["admin"], accepts=[Auth(), Parameter(str, "E-mail subject", min=1),
                                    Parameter(str, "E-mail body")], returns=_ONE)
-def NotifySupport(call: Any, auth: dict, subject: str, body: str) -> int:
+def NotifySupport(call: Call, auth: dict, subject: str, body: str) -> int:
     """Sends an e-mail message to the support address of this PLC."""
     send(call, [call.config.get("mail", "support_address")], subject, body)
     call.log("Sent message to support")
@@ -147,7 +150,7 @@ def NotifySupport(call: Any, auth: dict, subject: str, body: str) -> int:
          accepts=[Auth(), id_or_name(Person), Parameter(str, "Verification key", nullok=True),
                   Parameter(int, "Key expiry, seconds since epoch", nullok=True)],
          returns=_ONE)
-def ResetPassword(call: Any, auth: dict, person_id_or_email: int | str,
+def ResetPassword(call: Call, auth: dict, person_id_or_email: int | str,
                   verification_key: str | None = None,
                   verification_expires: int | None = None) -> int:
     """Without a key: stores a new verification key (valid 24 h, or until
@@ -178,7 +181,7 @@ def ResetPassword(call: Any, auth: dict, person_id_or_email: int | str,
          accepts=[Auth(), id_or_name(Person), Parameter(str, "Verification key", nullok=True),
                   Parameter(int, "Key expiry, seconds since epoch", nullok=True)],
          returns=_ONE)
-def VerifyPerson(call: Any, auth: dict, person_id_or_email: int | str,
+def VerifyPerson(call: Call, auth: dict, person_id_or_email: int | str,
                  verification_key: str | None = None,
                  verification_expires: int | None = None) -> int:
     """Verifies the e-mail address of a new (still disabled) account. Without a key:

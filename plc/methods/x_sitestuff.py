@@ -4,7 +4,7 @@ plus interface links (ilinks). Non-admin callers act only on their own sites."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCInvalidArgument, PLCPermissionDenied
@@ -16,10 +16,13 @@ from plc.methods._xtra import row, unique, xget, xmethod
 from plc.model import PCU, Address, AddressType, Ilink, Node, Site
 from plc.params import Mixed, Parameter
 
+if TYPE_CHECKING:
+    from plc.api import Call
+
 _ONE = Parameter(int, "1 if successful")
 
 
-def _own_site(call: Any, site_ids: list[int], what: str) -> None:
+def _own_site(call: Call, site_ids: list[int], what: str) -> None:
     """Fault 108 unless the caller is admin or a member of one of ``site_ids``."""
     if call.is_admin:
         return
@@ -38,7 +41,7 @@ def _valid_ip(value: Any, name: str = "ip") -> None:
         raise PLCInvalidArgument(f"{value!r} is not a valid IP address", name) from None
 
 
-def _pcu(call: Any, pcu_id: int) -> dict[str, Any]:
+def _pcu(call: Call, pcu_id: int) -> dict[str, Any]:
     rows = call.get(PCU, [pcu_id], ["pcu_id", "site_id", "node_ids", "ports"])
     if not rows:
         raise PLCInvalidArgument(f"No such PCU {pcu_id!r}")
@@ -48,7 +51,7 @@ def _pcu(call: Any, pcu_id: int) -> dict[str, Any]:
 @xmethod(roles=["admin", "pi", "tech", "node"],
          accepts=[Auth(), FilterParam(PCU), ReturnFields()],
          returns=Parameter([dict], "List of PCUs"))
-def GetPCUs(call: Any, auth: dict, pcu_filter: Any = None, return_fields: list | None = None
+def GetPCUs(call: Call, auth: dict, pcu_filter: Any = None, return_fields: list | None = None
             ) -> list:
     """Returns an array of structs containing details about power control units (PCUs).
     Non-admins (persons and nodes) only see the PCUs of their site(s)."""
@@ -63,7 +66,7 @@ def GetPCUs(call: Any, auth: dict, pcu_filter: Any = None, return_fields: list |
 @xmethod(roles=["admin", "pi", "tech"],
          accepts=[Auth(), id_or_name(Site), struct_of(PCU, PCU_KEYS)],
          returns=Parameter(int, "New pcu_id (> 0) if successful"))
-def AddPCU(call: Any, auth: dict, site_id_or_login_base: int | str, pcu_fields: dict) -> int:
+def AddPCU(call: Call, auth: dict, site_id_or_login_base: int | str, pcu_fields: dict) -> int:
     """Adds a new power control unit (PCU) to a site. Non-admins only at their sites."""
     site = call.one(Site, site_id_or_login_base, ["site_id", "peer_id"], what="site")
     if site["peer_id"] is not None:
@@ -80,7 +83,7 @@ def AddPCU(call: Any, auth: dict, site_id_or_login_base: int | str, pcu_fields: 
 
 @xmethod(roles=["admin", "pi", "tech"],
          accepts=[Auth(), PCU.fields["pcu_id"].param, struct_of(PCU, PCU_KEYS)], returns=_ONE)
-def UpdatePCU(call: Any, auth: dict, pcu_id: int, pcu_fields: dict) -> int:
+def UpdatePCU(call: Call, auth: dict, pcu_id: int, pcu_fields: dict) -> int:
     """Updates a PCU. Non-admins only at their sites."""
     pcu = _pcu(call, pcu_id)
     _own_site(call, [pcu["site_id"]], "PCU")
@@ -95,7 +98,7 @@ def UpdatePCU(call: Any, auth: dict, pcu_id: int, pcu_fields: dict) -> int:
 
 @xmethod(roles=["admin", "pi", "tech"], accepts=[Auth(), PCU.fields["pcu_id"].param],
          returns=_ONE)
-def DeletePCU(call: Any, auth: dict, pcu_id: int) -> int:
+def DeletePCU(call: Call, auth: dict, pcu_id: int) -> int:
     """Deletes a PCU (and its node bindings). Non-admins only at their sites."""
     pcu = _pcu(call, pcu_id)
     _own_site(call, [pcu["site_id"]], "PCU")
@@ -108,7 +111,7 @@ def DeletePCU(call: Any, auth: dict, pcu_id: int) -> int:
 @xmethod(roles=["admin", "pi", "tech"],
          accepts=[Auth(), id_or_name(Node), PCU.fields["pcu_id"].param,
                   Parameter(int, "PCU port number", min=0)], returns=_ONE)
-def AddNodeToPCU(call: Any, auth: dict, node_id_or_hostname: int | str, pcu_id: int,
+def AddNodeToPCU(call: Call, auth: dict, node_id_or_hostname: int | str, pcu_id: int,
                  port: int) -> int:
     """Records that a node is plugged into a port of a PCU at the same site."""
     node = call.one(Node, node_id_or_hostname, ["node_id", "site_id", "peer_id"], what="node")
@@ -130,7 +133,7 @@ def AddNodeToPCU(call: Any, auth: dict, node_id_or_hostname: int | str, pcu_id: 
 
 @xmethod(roles=["admin", "pi", "tech"],
          accepts=[Auth(), id_or_name(Node), PCU.fields["pcu_id"].param], returns=_ONE)
-def DeleteNodeFromPCU(call: Any, auth: dict, node_id_or_hostname: int | str, pcu_id: int) -> int:
+def DeleteNodeFromPCU(call: Call, auth: dict, node_id_or_hostname: int | str, pcu_id: int) -> int:
     """Removes a node from a PCU (idempotent)."""
     node = call.one(Node, node_id_or_hostname, ["node_id"], what="node")
     pcu = _pcu(call, pcu_id)
@@ -147,7 +150,7 @@ xget(Address, ALL_ROLES, "GetAddresses")
 xget(AddressType, ALL_ROLES)
 
 
-def _address_sites(call: Any, address_id: int) -> list[int]:
+def _address_sites(call: Call, address_id: int) -> list[int]:
     row(call, "addresses", "address_id", address_id, "address")
     return [r["site_id"] for r in call.conn.query(
         "SELECT site_id FROM site_address WHERE address_id = ?", [address_id])]
@@ -156,7 +159,7 @@ def _address_sites(call: Any, address_id: int) -> list[int]:
 @xmethod(roles=["admin", "pi"],
          accepts=[Auth(), Address.fields["address_id"].param,
                   struct_of(Address, ADDRESS_KEYS)], returns=_ONE)
-def UpdateAddress(call: Any, auth: dict, address_id: int, address_fields: dict) -> int:
+def UpdateAddress(call: Call, auth: dict, address_id: int, address_fields: dict) -> int:
     """Updates an address. PIs only for addresses of their sites."""
     _own_site(call, _address_sites(call, address_id), "address")
     fields, _ = accepted(Address, address_fields, ADDRESS_KEYS)
@@ -170,7 +173,7 @@ def UpdateAddress(call: Any, auth: dict, address_id: int, address_fields: dict) 
 
 @xmethod(roles=["admin", "pi"], accepts=[Auth(), Address.fields["address_id"].param],
          returns=_ONE)
-def DeleteAddress(call: Any, auth: dict, address_id: int) -> int:
+def DeleteAddress(call: Call, auth: dict, address_id: int) -> int:
     """Deletes an address. PIs only for addresses of their sites."""
     _own_site(call, _address_sites(call, address_id), "address")
     call.delete("site_address", {"address_id": address_id})
@@ -182,7 +185,7 @@ def DeleteAddress(call: Any, auth: dict, address_id: int) -> int:
 
 @xmethod(roles=["admin"], accepts=[Auth(), struct_of(AddressType, ("name", "description"))],
          returns=Parameter(int, "New address_type_id (> 0) if successful"))
-def AddAddressType(call: Any, auth: dict, address_type_fields: dict) -> int:
+def AddAddressType(call: Call, auth: dict, address_type_fields: dict) -> int:
     """Adds an address type; the name must be unique."""
     fields, _ = accepted(AddressType, address_type_fields, ("name", "description"))
     require_keys(fields, ("name",), "AddressType")
@@ -193,7 +196,7 @@ def AddAddressType(call: Any, auth: dict, address_type_fields: dict) -> int:
 @xmethod(roles=["admin"], accepts=[Auth(), id_or_name(AddressType),
                                    struct_of(AddressType, ("name", "description"))],
          returns=_ONE)
-def UpdateAddressType(call: Any, auth: dict, address_type_id_or_name: int | str,
+def UpdateAddressType(call: Call, auth: dict, address_type_id_or_name: int | str,
                       address_type_fields: dict) -> int:
     """Updates an address type."""
     at = call.one(AddressType, address_type_id_or_name, ["address_type_id"],
@@ -208,7 +211,7 @@ def UpdateAddressType(call: Any, auth: dict, address_type_id_or_name: int | str,
 
 
 @xmethod(roles=["admin"], accepts=[Auth(), id_or_name(AddressType)], returns=_ONE)
-def DeleteAddressType(call: Any, auth: dict, address_type_id_or_name: int | str) -> int:
+def DeleteAddressType(call: Call, auth: dict, address_type_id_or_name: int | str) -> int:
     """Deletes an address type; addresses lose it."""
     at = call.one(AddressType, address_type_id_or_name, ["address_type_id"],
                   what="address type")
@@ -220,7 +223,7 @@ def DeleteAddressType(call: Any, auth: dict, address_type_id_or_name: int | str)
 @xmethod(roles=["admin", "pi"],
          accepts=[Auth(), id_or_name(AddressType), Address.fields["address_id"].param],
          returns=_ONE)
-def AddAddressTypeToAddress(call: Any, auth: dict, address_type_id_or_name: int | str,
+def AddAddressTypeToAddress(call: Call, auth: dict, address_type_id_or_name: int | str,
                             address_id: int) -> int:
     """Gives an address a type (idempotent). PIs only for addresses of their sites."""
     at = call.one(AddressType, address_type_id_or_name, ["address_type_id"],
@@ -236,7 +239,7 @@ def AddAddressTypeToAddress(call: Any, auth: dict, address_type_id_or_name: int 
 @xmethod(roles=["admin", "pi"],
          accepts=[Auth(), id_or_name(AddressType), Address.fields["address_id"].param],
          returns=_ONE)
-def DeleteAddressTypeFromAddress(call: Any, auth: dict, address_type_id_or_name: int | str,
+def DeleteAddressTypeFromAddress(call: Call, auth: dict, address_type_id_or_name: int | str,
                                  address_id: int) -> int:
     """Removes a type from an address (idempotent). PIs only for their sites' addresses."""
     at = call.one(AddressType, address_type_id_or_name, ["address_type_id"],
@@ -251,7 +254,7 @@ def DeleteAddressTypeFromAddress(call: Any, auth: dict, address_type_id_or_name:
 xget(Ilink, ["admin", "pi", "user", "node"], scalars=True)
 
 
-def _interface_site(call: Any, interface_id: int, what: str) -> int:
+def _interface_site(call: Call, interface_id: int, what: str) -> int:
     site_id = call.conn.scalar(
         "SELECT n.site_id FROM interfaces i JOIN nodes n ON n.node_id = i.node_id "
         "WHERE i.interface_id = ? AND n.deleted = 0", [interface_id])
@@ -260,7 +263,7 @@ def _interface_site(call: Any, interface_id: int, what: str) -> int:
     return int(site_id)
 
 
-def _may_write_ilink(call: Any, tag_type_id: int, src_site: int) -> None:
+def _may_write_ilink(call: Call, tag_type_id: int, src_site: int) -> None:
     """Admin, or a role in the tag type's roles and the source interface at your site."""
     if call.is_admin:
         return
@@ -277,7 +280,7 @@ def _may_write_ilink(call: Any, tag_type_id: int, src_site: int) -> None:
                   Mixed(Parameter(int, "Tag type id"), Parameter(str, "Tag type name")),
                   Parameter(str, "Value")],
          returns=Parameter(int, "New ilink_id (> 0) if successful"))
-def AddIlink(call: Any, auth: dict, src_if_id: int, dst_if_id: int,
+def AddIlink(call: Call, auth: dict, src_if_id: int, dst_if_id: int,
              tag_type_id_or_name: int | str, value: str) -> int:
     """Creates a link of a tag type between two interfaces, with a value."""
     src_site = _interface_site(call, src_if_id, "source")
@@ -293,7 +296,7 @@ def AddIlink(call: Any, auth: dict, src_if_id: int, dst_if_id: int,
                                       "tag_type_id": tt["tag_type_id"], "value": value}))
 
 
-def _ilink(call: Any, ilink_id: int) -> dict[str, Any]:
+def _ilink(call: Call, ilink_id: int) -> dict[str, Any]:
     link = row(call, "ilinks", "ilink_id", ilink_id, "ilink")
     _may_write_ilink(call, link["tag_type_id"],
                      _interface_site(call, link["src_interface_id"], "source"))
@@ -303,7 +306,7 @@ def _ilink(call: Any, ilink_id: int) -> dict[str, Any]:
 @xmethod(roles=["admin", "pi", "tech", "user"],
          accepts=[Auth(), Ilink.fields["ilink_id"].param, Parameter(str, "Value")],
          returns=_ONE)
-def UpdateIlink(call: Any, auth: dict, ilink_id: int, value: str) -> int:
+def UpdateIlink(call: Call, auth: dict, ilink_id: int, value: str) -> int:
     """Changes the value of an ilink."""
     _ilink(call, ilink_id)
     call.update("ilinks", {"ilink_id": ilink_id}, {"value": value})
@@ -312,7 +315,7 @@ def UpdateIlink(call: Any, auth: dict, ilink_id: int, value: str) -> int:
 
 @xmethod(roles=["admin", "pi", "user"], accepts=[Auth(), Ilink.fields["ilink_id"].param],
          returns=_ONE)
-def DeleteIlink(call: Any, auth: dict, ilink_id: int) -> int:
+def DeleteIlink(call: Call, auth: dict, ilink_id: int) -> int:
     """Deletes an ilink."""
     _ilink(call, ilink_id)
     call.delete("ilinks", {"ilink_id": ilink_id})

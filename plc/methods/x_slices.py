@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import xmlrpc.client
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
 from plc.faults import PLCAPIError, PLCInvalidArgument
@@ -17,6 +17,9 @@ from plc.methods._xtra import xmethod
 from plc.methods.slivers import MAX_EXPIRES, merge_attributes
 from plc.model import Node, Peer, Person, Slice
 from plc.params import Parameter
+
+if TYPE_CHECKING:
+    from plc.api import Call
 
 SLICE_KEY_FIELDS = ("slice_id", "name", "person_id", "email", "key")
 
@@ -28,7 +31,7 @@ def _marks(values: list[Any]) -> str:
 @xmethod(roles=["admin", "pi", "user", "node"],
          accepts=[Auth(), FilterParam(Slice), ReturnFields()],
          returns=Parameter([dict], "List of {slice_id, name, person_id, email, key}"))
-def GetSliceKeys(call: Any, auth: dict, slice_filter: Any = None,
+def GetSliceKeys(call: Call, auth: dict, slice_filter: Any = None,
                  return_fields: list | None = None) -> list:
     """Returns one struct per (slice, member, key) for the slices matching the filter:
     slice_id, name, person_id, email and key. Non-admin persons see the slices they are
@@ -67,7 +70,7 @@ def GetSliceKeys(call: Any, auth: dict, slice_filter: Any = None,
 @xmethod(roles=["admin", "pi", "user", "tech", "anonymous"],
          accepts=[Auth(), FilterParam(Slice, scalars=True)],
          returns=Parameter([dict], "List of {slice_id, name, expires}"))
-def ResolveSlices(call: Any, auth: dict, slice_filter: Any = None) -> list:
+def ResolveSlices(call: Call, auth: dict, slice_filter: Any = None) -> list:
     """Returns slice_id, name and expires of the matching slices, expired ones included
     (the only call that shows them); deleted slices are not returned."""
     return call.get(Slice, slice_filter, ["slice_id", "name", "expires"],
@@ -77,7 +80,7 @@ def ResolveSlices(call: Any, auth: dict, slice_filter: Any = None) -> list:
 @xmethod(roles=["admin", "pi", "user", "tech", "anonymous"],
          accepts=[Auth(), id_or_name(Slice), FilterParam(Person)],
          returns=Parameter(dict, "{email: [ssh keys]} of the slice's members"))
-def RetrieveSlicePersonKeys(call: Any, auth: dict, slice_id_or_name: int | str,
+def RetrieveSlicePersonKeys(call: Call, auth: dict, slice_id_or_name: int | str,
                             person_filter: Any = None) -> dict:
     """Returns, for each member of the slice matching the person filter, its e-mail
     address mapped to the list of its (non-blacklisted) keys."""
@@ -97,7 +100,7 @@ def RetrieveSlicePersonKeys(call: Any, auth: dict, slice_id_or_name: int | str,
 @xmethod(roles=["admin", "pi", "user", "tech", "anonymous"],
          accepts=[Auth(), id_or_name(Slice), FilterParam(Node)],
          returns=Parameter(dict, "{hostname: sliver ssh key}"))
-def RetrieveSliceSliverKeys(call: Any, auth: dict, slice_id_or_name: int | str,
+def RetrieveSliceSliverKeys(call: Call, auth: dict, slice_id_or_name: int | str,
                             node_filter: Any = None) -> dict:
     """Returns, for each node of the slice matching the node filter that has one, its
     hostname mapped to the sliver's ssh key (the node-scoped ``ssh_key`` slice tag the
@@ -121,7 +124,7 @@ def RetrieveSliceSliverKeys(call: Any, auth: dict, slice_id_or_name: int | str,
 @xmethod(roles=["admin", "node", "pi", "user"],
          accepts=[Auth(), FilterParam(Peer), ReturnFields()],
          returns=Parameter([dict], "List of peers"))
-def GetPeers(call: Any, auth: dict, peer_filter: Any = None,
+def GetPeers(call: Call, auth: dict, peer_filter: Any = None,
              return_fields: list | None = None) -> list:
     """Returns the peers (federated PLCs) matching the filter; non-admins do not get
     their key and cacert. This PLC does not peer, so the list is normally empty."""
@@ -135,7 +138,7 @@ def GetPeers(call: Any, auth: dict, peer_filter: Any = None,
 
 @xmethod(roles=["admin", "peer", "node"], accepts=[Auth()],
          returns=Parameter(str, "Peer name (PLC_NAME)"))
-def GetPeerName(call: Any, auth: dict) -> str:
+def GetPeerName(call: Call, auth: dict) -> str:
     """Returns this PLC's name, as it is known to peers."""
     return str(call.config.get("plc", "name"))
 
@@ -145,7 +148,7 @@ TICKET_GNUPG = "ticket-gnupg"  # GnuPG home holding PLC's signing key, next to t
 GPG_TIMEOUT = 30
 
 
-def ticket_gnupg_home(call: Any) -> Path:
+def ticket_gnupg_home(call: Call) -> Path:
     """Where the ticket signing key lives: ``<database directory>/ticket-gnupg``."""
     return Path(call.config.get("db", "path")).resolve().parent / TICKET_GNUPG
 
@@ -159,7 +162,7 @@ def _gpg(home: Path, args: list[str], data: bytes) -> subprocess.CompletedProces
         raise PLCAPIError(f"ticket signing failed: gpg: {exc}") from None
 
 
-def slice_ticket_data(call: Any, sl: dict[str, Any]) -> dict[str, Any]:
+def slice_ticket_data(call: Call, sl: dict[str, Any]) -> dict[str, Any]:
     """The GetSlivers-shaped content of a ticket: one sliver, slice-wide attributes."""
     keys = [{"key_type": r["key_type"], "key": r["key"]} for r in call.conn.query(
         "SELECT k.key_type, k.key FROM slice_person sp "
@@ -192,7 +195,7 @@ def slice_ticket_data(call: Any, sl: dict[str, Any]) -> dict[str, Any]:
 
 @xmethod(roles=["admin", "pi", "user", "peer"], accepts=[Auth(), id_or_name(Slice)],
          returns=Parameter(str, "Signed slice ticket"))
-def GetSliceTicket(call: Any, auth: dict, slice_id_or_name: int | str) -> str:
+def GetSliceTicket(call: Call, auth: dict, slice_id_or_name: int | str) -> str:
     """Returns a ticket for a slice: its sliver description (as GetSlivers gives it,
     with slice-wide attributes only) serialized as an XML-RPC methodResponse and signed
     (ASCII-armoured, attached) with PLC's GnuPG key, which a node manager redeems

@@ -186,3 +186,34 @@ def test_password_never_logged_or_recorded(world: Any, caplog: pytest.LogCapture
     assert secret not in caplog.text
     events = api.GetEvents(w.A.admin, {"call_name": "UpdatePerson"}, ["call"])
     assert events and all(secret not in e["call"] and PASSWORD not in e["call"] for e in events)
+
+
+BAD_AUTHS = [
+    ({"AuthMethod": "password", "Username": "nobody@example.org", "AuthString": "x"}, 103),
+    ({"AuthMethod": "session", "session": "no-such-session"}, 103),
+    ({"AuthMethod": "hmac", "node_id": 999999, "value": "00"}, 103),
+    ({"AuthMethod": "password", "Username": 5}, 102),        # malformed: its own 102
+    ({"AuthMethod": "telepathy"}, 102),
+]
+
+
+@pytest.mark.parametrize("auth,code", BAD_AUTHS)
+def test_authentication_comes_before_argument_types(plc: Any, auth: dict[str, Any],
+                                                    code: int) -> None:
+    """Legacy order (spec 1.2): argument count (101), then authentication, then the
+    other arguments' types (102): a caller that cannot authenticate gets the
+    authentication fault, not one describing the arguments it sent."""
+    api = plc.proxy()
+    cases = [(api.AddSite, [{"login_base": ["not", "a", "string"]}]),
+             (api.GetNodes, [3.5]),
+             (api.DeleteSlice, [{"not": "an id or name"}]),
+             (api.AddNodeTag, ["x", "y", "z"])]
+    for method, args in cases:
+        f = fault(method, auth, *args)
+        assert f.faultCode == code, f.faultString
+        if code == 102:  # the auth struct is named, not the other argument
+            assert "login_base" not in f.faultString and "node_filter" not in f.faultString
+    # the count still comes first
+    assert fault(api.AddSite, auth).faultCode == 101
+    # and with good credentials the same arguments get their type fault
+    assert fault(api.AddSite, plc.admin, {"login_base": ["x"]}).faultCode == 102

@@ -292,6 +292,49 @@ def test_expect_100_continue_and_pipelining_still_work(server: Any) -> None:
         assert out.count(b"HTTP/1.1 200 OK") == 3
 
 
+@pytest.mark.parametrize("server", [{"api_max_body": 4096, "api_max_buffered": 4096}],
+                         indirect=True)
+def test_bodies_in_transit_are_released_after_each_answer(server: Any) -> None:
+    """The body budget counts requests being read or answered, not those answered
+    before on the same keep-alive connection (each used to stay counted until the
+    connection closed: 4096 bytes of budget refused the 12th call of 350 bytes)."""
+    host, port = server.server_address[:2]
+    body = call_body("AuthCheck", ADMIN)
+    assert 200 < len(body) < 4096
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        for _ in range(3 * 4096 // len(body)):
+            conn.request("POST", "/PLCAPI/", body)
+            reply = conn.getresponse()
+            assert reply.status == 200, reply.read()
+            assert b"<int>1</int>" in reply.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("server", [{"api_head_timeout": 1}], indirect=True)
+def test_a_stalled_next_request_on_a_kept_connection_times_out(server: Any) -> None:
+    """The worker that answered a request may read the connection's next one; a part
+    of a request it finds there is still held to the head deadline (408), and other
+    clients are answered meanwhile."""
+    host, port = server.server_address[:2]
+    body = call_body("AuthCheck", ADMIN)
+    req = b"POST /PLCAPI/ HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(req + body + b"POST /PLCAPI/ HTTP/1.1\r\nContent-")
+        t0 = time.monotonic()
+        assert xmlrpc.client.ServerProxy(url_of(server)).AuthCheck(ADMIN) == 1
+        out = b""
+        while b"408" not in out:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        assert out.count(b"HTTP/1.1 200 OK") == 1
+        assert b"HTTP/1.1 408 Request Timeout" in out
+        assert time.monotonic() - t0 < 5
+
+
 # -- multicall and passwords -------------------------------------------------------------
 
 def test_multicall_length_is_capped(server: Any) -> None:
