@@ -11,7 +11,9 @@ What differs and how it is bridged (docs/plc-postgres.md):
   function of the PostgreSQL schema returning text values: SQL comparing them with
   integers casts (``CAST(value AS BIGINT)``), which both dialects accept;
 - ``CAST(strftime('%s', 'now') AS INTEGER)`` (now, in seconds) becomes the epoch of
-  ``now()``; scalar ``MAX(MIN(x, a), b)`` becomes ``GREATEST(LEAST(x, a), b)``;
+  ``now()``; the 32-bit clamp ``MAX(MIN(x, 2147483647), -2147483648)`` of plc.query
+  becomes ``plc_clamp32(x)`` (PostgreSQL's GREATEST/LEAST skip NULLs, SQLite's
+  scalar MIN/MAX return NULL);
   ``group_concat`` becomes ``string_agg``;
 - ``plc_ilike(value, pattern)`` (the legacy ILIKE filter) is a function in both: a
   Python function registered on each SQLite connection, a SQL function in PostgreSQL;
@@ -29,6 +31,7 @@ from functools import lru_cache
 
 _JSON_AGG = re.compile(r"json_group_array\(([^()]*)\)")
 _NOW = "CAST(strftime('%s', 'now') AS INTEGER)"
+_CLAMP_TAIL = ", 2147483647), -2147483648)"
 _PG_NOW = "CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)"
 
 
@@ -37,7 +40,8 @@ def to_postgres(sql: str) -> str:
     """``sql`` in the SQLite spelling -> the same statement for psycopg/PostgreSQL."""
     sql = sql.replace(_NOW, _PG_NOW)
     sql = _JSON_AGG.sub(r"COALESCE(json_agg(\1)::text, '[]')", sql)
-    sql = sql.replace("json_each(", "plc_json_each(").replace("MAX(MIN(", "GREATEST(LEAST(")
+    sql = sql.replace("json_each(", "plc_json_each(")
+    sql = sql.replace("MAX(MIN(", "plc_clamp32((").replace(_CLAMP_TAIL, "))")
     sql = sql.replace("group_concat(", "string_agg(")
     # placeholders outside string literals; '%' doubled everywhere (psycopg reads it
     # in literals too)

@@ -4,6 +4,10 @@
 CREATE OR REPLACE FUNCTION plc_json_each(j text) RETURNS TABLE (value text)
 LANGUAGE sql IMMUTABLE AS $$ SELECT json_array_elements_text(j::json) $$;
 
+-- plc.query reads int columns clamped to 32 bits; NULL stays NULL
+CREATE OR REPLACE FUNCTION plc_clamp32(v bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT AS $$ SELECT GREATEST(LEAST(v, 2147483647), -2147483648) $$;
+
 -- the legacy ILIKE filter: * and % any sequence, _ any one character, no escapes
 CREATE OR REPLACE FUNCTION plc_ilike(v anyelement, pattern text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
