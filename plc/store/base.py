@@ -146,5 +146,5 @@ class Store(ABC):
         from plc.store.migrations import check_current
         check_current(self)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: only pooled stores hold anything)
         """Release pooled resources (nothing for SQLite)."""
