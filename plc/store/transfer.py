@@ -132,7 +132,8 @@ def _set_counter(conn: Connection, table: str, last: int) -> None:
         seq = conn.scalar("SELECT pg_get_serial_sequence(?, ?)", [table, keys[0]])
         top = conn.scalar(f"SELECT COALESCE(MAX({keys[0]}), 0) FROM {table}")
         value = max(last, int(top))
-        conn.scalar("SELECT setval(?, ?, ?)", [seq, max(value, 1), value > 0])
+        conn.scalar("SELECT setval(CAST(? AS regclass), CAST(? AS BIGINT), ? = 1)",
+                    [seq, max(value, 1), value > 0])
     else:
         top = conn.scalar(f"SELECT COALESCE(MAX(rowid), 0) FROM {table}")
         value = max(last, int(top))
