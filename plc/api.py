@@ -9,6 +9,7 @@ error (``InternalError``, fault 111 at the server) and changes nothing.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 import uuid
@@ -29,10 +30,13 @@ from plc.faults import (
 from plc.method import METHODS, Method
 from plc.model import ObjClass
 from plc.params import MAX_DEPTH, check, depth
-from plc.store.base import Connection, DBError, Store
+from plc.store.base import Connection, DBError, RetryError, Store
 from plc.throttle import Failures, HashGate
 
 log = logging.getLogger("plc.api")
+
+#: runs of a call whose transaction keeps losing serialisation races (PostgreSQL)
+RETRIES = 30
 
 REDACTED = "Removed by API"
 SECRET_KEYS = ("AuthString", "session", "password")
@@ -187,7 +191,21 @@ class API:
 
     def run(self, conn: Connection, name: str, params: Sequence[Any],
             source: tuple[str, int] | None = None) -> Any:
-        """One top-level call in its own transaction (system.* run without one)."""
+        """One top-level call in its own transaction (system.* run without one). A
+        transaction that lost a race with another front end's (PostgreSQL's
+        serialisation failure: nothing of it was committed) is run again from the
+        start, up to RETRIES times with a short random pause; clients never see it."""
+        for attempt in range(RETRIES):
+            try:
+                return self._run_once(conn, name, params, source)
+            except RetryError as e:
+                conn.rollback()
+                log.debug("%s: serialisation failure, attempt %d: %s", name, attempt + 1, e)
+                time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
+        return self._run_once(conn, name, params, source, last=True)
+
+    def _run_once(self, conn: Connection, name: str, params: Sequence[Any],
+                  source: tuple[str, int] | None, last: bool = False) -> Any:
         m = self.lookup(name)
         if depth(list(params)) > MAX_DEPTH:
             raise PLCInvalidArgument(f"arguments nested deeper than {MAX_DEPTH} levels")
@@ -216,6 +234,8 @@ class API:
             raise
         except DBError as e:
             conn.rollback()
+            if isinstance(e, RetryError) and not last:
+                raise
             ref = uuid.uuid4()
             log.error("database error in %s (reference %s): %s", m.name, ref, e)
             db_fault = PLCDBError(f"Please contact {self.config.plc_name} Support "

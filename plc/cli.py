@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -22,7 +23,11 @@ def _load_config(args: argparse.Namespace) -> configmod.Config:
     cfg = configmod.load(getattr(args, "config", None))
     overrides: dict[str, Any] = {}
     if getattr(args, "db", None):
-        overrides["db_path"] = args.db
+        if "://" in args.db:
+            overrides["database_url"] = args.db
+        else:
+            overrides["db_path"] = args.db
+            overrides["database_url"] = ""
     if getattr(args, "listen", None):
         overrides["api_listen"] = args.listen
     if getattr(args, "workers", None) is not None:
@@ -38,7 +43,6 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from plc.initdb import initialise
-    from plc.store import open_store
 
     cfg = _load_config(args)
     prefix = args.slice_prefix or cfg.plc_slice_prefix
@@ -48,9 +52,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             password = f.read().strip()
     if password is None:
         raise ConfigError("--admin-password (or --admin-password-file) is required")
-    initialise(open_store(cfg.db_path), args.admin_email, password, prefix,
-               hrn_root=cfg.plc_hrn_root)
-    print(f"initialised {cfg.db_path}: system site '{prefix}', admin {args.admin_email}")
+    store = _store(cfg)
+    initialise(store, args.admin_email, password, prefix, hrn_root=cfg.plc_hrn_root)
+    print(f"initialised {store.url}: system site '{prefix}', admin {args.admin_email}")
     return 0
 
 
@@ -70,19 +74,51 @@ def protect_from_oom(value: int = PLC_OOM_SCORE_ADJ) -> bool:
         return False
 
 
+def _store(cfg: configmod.Config, pool_size: int = 8) -> Any:
+    from plc.store import open_store
+
+    try:
+        return open_store(configmod.database_url(cfg), pool_size=pool_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_connection_budget(store: Any, cfg: configmod.Config) -> int:
+    """Each of the ``workers`` processes needs a pool of [api] threads + 1 connections;
+    refuse a start that PostgreSQL's max_connections cannot hold. The total needed."""
+    workers = cfg.api_workers or os.cpu_count() or 1
+    per_process = cfg.api_threads + 1
+    needed = workers * per_process
+    if store.dialect != "postgres":
+        return needed
+    limit, used = store.connection_limit()
+    if needed > limit - used:
+        raise ConfigError(
+            f"{store.url}: --workers {workers} x ([api] threads {cfg.api_threads} + 1) = "
+            f"{needed} database connections, but the server's connection limit leaves "
+            f"{limit - used} (max_connections less reserved: {limit}, in use: {used}); "
+            "lower --workers or [api] threads, or raise max_connections")
+    return needed
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from plc.server import serve
-    from plc.store import DBError, open_store
+    from plc.store import DBError
+    from plc.store.migrations import SchemaError
 
     cfg = _load_config(args)
-    store = open_store(cfg.db_path)
+    store = _store(cfg, pool_size=cfg.api_threads + 1)
     if not store.exists():
-        raise ConfigError(f"{cfg.db_path}: no PLC database (run `plc init --db "
-                          f"{cfg.db_path} ...` first)")
+        raise ConfigError(f"{store.url}: no PLC database (run `plc init --db "
+                          f"{store.url} ...` first)")
     try:
         store.ensure_indexes()
+    except SchemaError:
+        raise
     except DBError as e:  # e.g. a read-only copy: serve it without the newer indexes
-        logging.getLogger("plc").warning("%s: cannot add indexes: %s", cfg.db_path, e)
+        logging.getLogger("plc").warning("%s: cannot add indexes: %s", store.url, e)
+    check_connection_budget(store, cfg)
+    store.close()  # no pool (nor its threads) across serve's forks: each process makes its own
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -98,10 +134,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_node_key(args: argparse.Namespace) -> int:
     from plc.initdb import node_key
-    from plc.store import open_store
 
     cfg = _load_config(args)
-    print(node_key(open_store(cfg.db_path), args.hostname))
+    print(node_key(_store(cfg), args.hostname))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from plc.store.migrations import latest, migrate
+
+    store = _store(_load_config(args))
+    if not store.exists():
+        raise ConfigError(f"{store.url}: no PLC database (run `plc init` first)")
+    done = migrate(store)
+    print(f"{store.url}: applied migrations {done}" if done else
+          f"{store.url}: already at schema version {latest()}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from plc.store.transfer import export
+
+    store = _store(_load_config(args))
+    if not store.exists():
+        raise ConfigError(f"{store.url}: no PLC database")
+    with open(args.file, "w") as out:
+        counts = export(store, out)
+    print(f"exported {sum(counts.values())} rows of {len(counts)} tables to {args.file}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from plc.store.transfer import ImportError_, import_
+
+    store = _store(_load_config(args))
+    try:
+        with open(args.file) as src:
+            counts = import_(store, src)
+    except ImportError_ as e:
+        raise ConfigError(str(e)) from None
+    print(f"imported {sum(counts.values())} rows of {len(counts)} tables into {store.url}")
     return 0
 
 
@@ -116,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="create the database with roles, tag types, admin")
     s.add_argument("--config", help="plc.toml")
-    s.add_argument("--db", help="database file (overrides [db] path)")
+    s.add_argument("--db", help="database file or postgresql://USER@HOST/DB")
     s.add_argument("--admin-email", required=True)
     s.add_argument("--admin-password")
     s.add_argument("--admin-password-file")
@@ -125,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the XML-RPC API")
     s.add_argument("--config", help="plc.toml")
-    s.add_argument("--db", help="database file (overrides [db] path)")
+    s.add_argument("--db", help="database file or postgresql://USER@HOST/DB")
     s.add_argument("--listen", help="HOST:PORT (overrides [api] listen)")
     s.add_argument("--workers", type=int, help="server processes (overrides [api] workers; "
                                                "0 = one per CPU)")
@@ -133,9 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("node-key", help="print a node's key, creating one if needed")
     s.add_argument("--config", help="plc.toml")
-    s.add_argument("--db", help="database file (overrides [db] path)")
+    s.add_argument("--db", help="database file or postgresql://USER@HOST/DB")
     s.add_argument("hostname")
     s.set_defaults(func=cmd_node_key)
+
+    db_help = "database file or URL: postgresql://USER@HOST/DB (overrides [database] url)"
+    s = sub.add_parser("migrate", help="apply the schema migrations the database lacks")
+    s.add_argument("--config", help="plc.toml")
+    s.add_argument("--db", help=db_help)
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("export", help="write the whole database to a JSON file")
+    s.add_argument("--config", help="plc.toml")
+    s.add_argument("--db", help=db_help)
+    s.add_argument("file")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="load an export into a new, empty database")
+    s.add_argument("--config", help="plc.toml")
+    s.add_argument("--db", help=db_help)
+    s.add_argument("file")
+    s.set_defaults(func=cmd_import)
 
     for modname in ("plc.shell",):
         try:

@@ -37,6 +37,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("plc", "slice_prefix", str, "pl", "PLC_SLICE_PREFIX: login_base of the system site"),
     Key("plc", "hrn_root", str, "plc", "PLC_HRN_ROOT: root of the hrn tags"),
     Key("db", "path", str, "/var/lib/plc/plc.db", "SQLite database file (WAL mode)"),
+    Key("database", "url", str, "",
+        "postgresql://USER@HOST/DB (PostgreSQL, shared by several front ends) or "
+        "sqlite:///PATH; empty = the SQLite file [db] path"),
     Key("api", "listen", str, "127.0.0.1:8000", "HOST:PORT the XML-RPC server binds"),
     Key("api", "cert", str, "", "PEM certificate; with key, the server speaks HTTPS"),
     Key("api", "key", str, "", "PEM private key of cert"),
@@ -220,3 +223,8 @@ def write_default(path: str | Path) -> None:
     with os.fdopen(fd, "w") as f:
         os.fchmod(fd, 0o600)
         f.write(default_text())
+
+
+def database_url(cfg: Config) -> str:
+    """Where the PLC database is: [database] url, else the SQLite file [db] path."""
+    return cfg.database_url or cfg.db_path

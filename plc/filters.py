@@ -99,14 +99,17 @@ def _clause(f: Field, op: str, value: Any, params: list[Any]) -> str:
             raise PLCInvalidArgument(f"'{op}' needs an array field, '{f.name}' is not one")
         if not values:
             return "1 = 1" if op == "&" else "0 = 1"
+        # json_each's values are text in PostgreSQL (plc.store.dialect): cast for ints
+        value_sql = "CAST(value AS BIGINT)" if f.kind == INTS else "value"
         if op == "&":
             parts = []
             for v in values:
-                parts.append(f"EXISTS (SELECT 1 FROM json_each({f.sql}) WHERE value = ?)")
+                parts.append(
+                    f"EXISTS (SELECT 1 FROM json_each({f.sql}) WHERE {value_sql} = ?)")
                 params.append(v)
             return "(" + " AND ".join(parts) + ")"
         params += values
-        return (f"EXISTS (SELECT 1 FROM json_each({f.sql}) WHERE value IN "
+        return (f"EXISTS (SELECT 1 FROM json_each({f.sql}) WHERE {value_sql} IN "
                 f"({', '.join('?' * len(values))}))")
     if f.is_array:
         raise PLCInvalidArgument(

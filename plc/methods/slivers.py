@@ -22,7 +22,7 @@ _FAMILY_TAGS = ("vref", "pldistro", "fcdistro", "arch")
 
 def _in(ids: list[int]) -> tuple[str, str]:
     """An IN over a list of ids passed as one JSON parameter (no parameter-count limit)."""
-    return "IN (SELECT value FROM json_each(?))", json.dumps(ids)
+    return "IN (SELECT CAST(value AS BIGINT) FROM json_each(?))", json.dumps(ids)
 
 
 def slivers_of(call: Call, node_id: int) -> list[dict[str, Any]]:

@@ -22,6 +22,11 @@ class DBError(Exception):
     """A database error (becomes fault 106, the call's transaction is rolled back)."""
 
 
+class RetryError(DBError):
+    """A transaction lost a race with a concurrent one (serialisation failure or
+    deadlock): nothing it did was committed, and the whole call may be run again."""
+
+
 def check_ident(name: str) -> str:
     if not _IDENT.match(name):
         raise ValueError(f"bad SQL identifier {name!r}")
@@ -30,6 +35,9 @@ def check_ident(name: str) -> str:
 
 class Connection(ABC):
     """One connection, used by one thread; a call runs in one transaction on it."""
+
+    #: "sqlite" or "postgres": for the few places that must know (DDL, introspection)
+    dialect = "sqlite"
 
     @abstractmethod
     def begin(self, write: bool) -> None: ...
@@ -107,19 +115,36 @@ def where_clause(where: dict[str, Any]) -> tuple[str, list[Any]]:
 
 
 class Store(ABC):
-    """A database: hands out connections and creates the schema."""
+    """A database: hands out connections, creates and migrates the schema
+    (plc.store.migrations: numbered migrations recorded in ``schema_version``)."""
+
+    dialect = "sqlite"
+    #: a URL naming the database, without any password (for messages and --db)
+    url = ""
 
     @abstractmethod
     def connect(self) -> Connection: ...
-
-    @abstractmethod
-    def create_schema(self) -> None:
-        """Create every table of the object model in an empty database."""
 
     @abstractmethod
     def exists(self) -> bool:
         """Whether the database has been initialised."""
 
     @abstractmethod
+    def run_script(self, conn: Connection, script: str) -> None:
+        """Run a DDL script (in this store's dialect) inside the open transaction."""
+
+    def create_schema(self) -> None:
+        """Create every table of the object model in an empty database (every
+        migration, recorded)."""
+        from plc.store.migrations import migrate
+        migrate(self)
+
     def ensure_indexes(self) -> None:
-        """Create the indexes a database made by an older version lacks (idempotent)."""
+        """Bring an existing database up to date before serving: stamp a database made
+        before migrations were numbered; refuse one newer than this code, or older
+        (``plc migrate`` upgrades it)."""
+        from plc.store.migrations import check_current
+        check_current(self)
+
+    def close(self) -> None:  # noqa: B027  (optional: only pooled stores hold anything)
+        """Release pooled resources (nothing for SQLite)."""

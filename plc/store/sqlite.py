@@ -9,7 +9,6 @@ import sqlite3
 import stat
 from collections.abc import Sequence
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +147,25 @@ def make_private(path: str) -> None:
 
 
 class SQLiteStore(Store):
+    dialect = "sqlite"
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self.url = f"sqlite://{self.path}"
         self._private = False
 
     def connect(self) -> SQLiteConnection:
-        if not self._private:
+        if self.path not in (":memory:", "") and not self._private:
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass  # sqlite3 reports it
             make_private(self.path)
             self._private = True
         return SQLiteConnection(self.path)
 
     def exists(self) -> bool:
-        if not Path(self.path).exists():
+        if self.path != ":memory:" and not Path(self.path).exists():
             return False
         conn = self.connect()
         try:
@@ -168,22 +174,15 @@ class SQLiteStore(Store):
         finally:
             conn.close()
 
-    def create_schema(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        script = _script("schema.sql") + "\n" + _script("indexes.sql")
-        conn = self.connect()
-        try:
-            conn.executescript("BEGIN;\n" + script + "\nCOMMIT;")
-        finally:
-            conn.close()
-
-    def ensure_indexes(self) -> None:
-        conn = self.connect()
-        try:
-            conn.executescript("BEGIN IMMEDIATE;\n" + _script("indexes.sql") + "\nCOMMIT;")
-        finally:
-            conn.close()
-
-
-def _script(name: str) -> str:
-    return resources.files("plc.store").joinpath(name).read_text()
+    def run_script(self, conn: Connection, script: str) -> None:
+        """Statement by statement inside the caller's transaction (executescript would
+        commit it first)."""
+        stmt = ""
+        for line in script.splitlines(keepends=True):
+            stmt += line
+            if sqlite3.complete_statement(stmt):
+                if stmt.strip().strip(";").strip():
+                    conn.execute(stmt)
+                stmt = ""
+        if stmt.strip():
+            conn.execute(stmt)

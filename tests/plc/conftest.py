@@ -17,7 +17,8 @@ from plc.api import API
 from plc.config import Config
 from plc.initdb import initialise
 from plc.server import PLCServer, make_server
-from plc.store import SQLiteStore
+from plc.store import SQLiteStore, Store
+from tests.plc import pgserver
 
 ADMIN_EMAIL = "admin@test.example.org"
 ADMIN_PASSWORD = "admin-secret-pw"
@@ -29,7 +30,7 @@ class PLC:
     """A running test server."""
 
     url: str
-    store: SQLiteStore
+    store: Store
     api: API
     server: PLCServer
     admin: dict[str, Any]
@@ -41,15 +42,76 @@ class PLC:
         return {"AuthMethod": "password", "Username": email, "AuthString": password}
 
 
-@pytest.fixture
-def plc_store(tmp_path: Path) -> SQLiteStore:
+#: the stores every PLC test runs on (PLC_TEST_STORES=sqlite limits it to one)
+STORES = [s for s in os.environ.get("PLC_TEST_STORES", "sqlite,postgres").split(",") if s]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgserver.PGServer]:
+    """One PostgreSQL for the session (temp dir, Unix socket, user nobody), stopped and
+    removed at the end even when tests fail."""
+    try:
+        server = pgserver.start(name="t")
+    except RuntimeError as e:
+        pytest.fail(f"cannot start PostgreSQL for the PLC tests: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_db_counter = iter(range(1, 1 << 30))
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: pgserver.PGServer) -> str:
+    """An initialised PLC database to copy (CREATE DATABASE ... TEMPLATE)."""
+    from plc.store.postgres import PostgresStore
+
+    name = "plc_template"
+    store = PostgresStore(pg_server.create_db(name))
+    initialise(store, ADMIN_EMAIL, ADMIN_PASSWORD, PREFIX)
+    store.close()
+    return name
+
+
+def pg_copy(server: pgserver.PGServer, template: str) -> Iterator[Store]:
+    """A fresh database copied from ``template``; dropped afterwards."""
+    from plc.store.postgres import PostgresStore
+
+    name = f"t{os.getpid()}_{next(_db_counter)}"
+    store = PostgresStore(server.create_db(name, template), pool_size=16)
+    try:
+        yield store
+    finally:
+        store.close()
+        server.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=STORES)
+def plc_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh initialised database: SQLite, then PostgreSQL (every test that uses a
+    store, directly or through ``plc``/``world``, runs on both)."""
+    if request.param == "postgres":
+        server = request.getfixturevalue("pg_server")
+        template = request.getfixturevalue("pg_template")
+        yield from pg_copy(server, template)
+        return
     store = SQLiteStore(tmp_path / f"plc-{os.getpid()}.db")
     initialise(store, ADMIN_EMAIL, ADMIN_PASSWORD, PREFIX)
-    return store
+    yield store
 
 
-def start_server(store: SQLiteStore, **overrides: Any) -> tuple[PLCServer, threading.Thread]:
-    cfg = Config().replace(api_listen="127.0.0.1:0", db_path=store.path, **overrides)
+def store_config(store: Store, **overrides: Any) -> Config:
+    if store.dialect == "postgres":
+        return Config().replace(api_listen="127.0.0.1:0", database_url=store.dsn,  # type: ignore[attr-defined]
+                                **overrides)
+    return Config().replace(api_listen="127.0.0.1:0", db_path=store.path,  # type: ignore[attr-defined]
+                            **overrides)
+
+
+def start_server(store: Store, **overrides: Any) -> tuple[PLCServer, threading.Thread]:
+    cfg = store_config(store, **overrides)
     server = make_server(API(store, cfg), cfg)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
                               name="plc-test-server", daemon=True)
@@ -71,24 +133,28 @@ def plc(plc_store: SQLiteStore) -> Iterator[PLC]:
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def world_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """A database holding tests/plc/world.py's world, built once per session."""
+def _build_world(store: Store) -> Any:
     from tests.plc.world import build
 
-    path = tmp_path_factory.mktemp(f"plc-world-{os.getpid()}") / "world.db"
-    store = SQLiteStore(path)
     initialise(store, ADMIN_EMAIL, ADMIN_PASSWORD, PREFIX)
     server, thread = start_server(store)
     try:
         host, port = server.server_address[:2]
         api = xmlrpc.client.ServerProxy(f"http://{host}:{port}/PLCAPI/", allow_none=True)
-        world = build(api, {"AuthMethod": "password", "Username": ADMIN_EMAIL,
-                            "AuthString": ADMIN_PASSWORD})
+        return build(api, {"AuthMethod": "password", "Username": ADMIN_EMAIL,
+                           "AuthString": ADMIN_PASSWORD})
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def world_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A database holding tests/plc/world.py's world, built once per session."""
+    path = tmp_path_factory.mktemp(f"plc-world-{os.getpid()}") / "world.db"
+    store = SQLiteStore(path)
+    world = _build_world(store)
     conn = store.connect()
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -97,15 +163,32 @@ def world_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]
     return path, world
 
 
-@pytest.fixture
-def world(world_template: tuple[Path, Any], tmp_path: Path) -> Iterator[tuple[PLC, Any]]:
-    """A running server on a private copy of the world database."""
+@pytest.fixture(scope="session")
+def pg_world_template(pg_server: pgserver.PGServer) -> tuple[str, Any]:
+    """The same world in a PostgreSQL database, to copy per test."""
+    from plc.store.postgres import PostgresStore
+
+    name = "plc_world"
+    store = PostgresStore(pg_server.create_db(name), pool_size=16)
+    world = _build_world(store)
+    store.close()
+    return name, world
+
+
+@pytest.fixture(params=STORES)
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[PLC, Any]]:
+    """A running server on a private copy of the world database (each store)."""
     import shutil
 
-    src, w = world_template
-    dst = tmp_path / f"world-{os.getpid()}.db"
-    shutil.copyfile(src, dst)
-    store = SQLiteStore(dst)
+    if request.param == "postgres":
+        name, w = request.getfixturevalue("pg_world_template")
+        gen = pg_copy(request.getfixturevalue("pg_server"), name)
+        store: Store = next(gen)
+    else:
+        src, w = request.getfixturevalue("world_template")
+        dst = tmp_path / f"world-{os.getpid()}.db"
+        shutil.copyfile(src, dst)
+        store, gen = SQLiteStore(dst), None
     server, thread = start_server(store, api_maintenance_password="maint-pw")
     host, port = server.server_address[:2]
     try:
@@ -114,3 +197,5 @@ def world(world_template: tuple[Path, Any], tmp_path: Path) -> Iterator[tuple[PL
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+        if gen is not None:
+            gen.close()

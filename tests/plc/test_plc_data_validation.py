@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import math
-import sqlite3
 import xmlrpc.client
 from typing import Any
 from urllib.parse import urlsplit
@@ -116,14 +115,15 @@ def test_nodes_of_updateslice_beyond_64_bits_are_102(world: Any) -> None:
 def test_stored_out_of_range_ints_read_back_clamped_for_everybody(world: Any) -> None:
     # a database written before the check (or by hand) holds them: no read may fail
     plc, w = world
-    db = sqlite3.connect(plc.store.path)
+    db = plc.store.connect()
     try:
-        with db:
-            db.execute("UPDATE interfaces SET bwlimit = ? WHERE interface_id = ?",
-                       (BIG, w.interface))
-            db.execute("UPDATE slices SET max_nodes = ? WHERE slice_id = ?", (2**40, w.slice))
-            db.execute("UPDATE sites SET max_slices = ? WHERE site_id = ?",
-                       (-(2**40), w.other_site))
+        db.begin(write=True)
+        db.execute("UPDATE interfaces SET bwlimit = ? WHERE interface_id = ?",
+                   (BIG, w.interface))
+        db.execute("UPDATE slices SET max_nodes = ? WHERE slice_id = ?", (2**40, w.slice))
+        db.execute("UPDATE sites SET max_slices = ? WHERE site_id = ?",
+                   (-(2**40), w.other_site))
+        db.commit()
     finally:
         db.close()
     api = plc.proxy()

@@ -1,0 +1,220 @@
+"""PLC at fleet scale: N simulated nodes polling GetSlivers every 600 s (N/600 calls/s,
+each writing its node's last_contact), S slices spread over them; p50/p99 latency and
+achieved rate on PostgreSQL and on SQLite (one front end each, same run), then
+saturated GetSlivers throughput with 1, 2 and 4 front ends on PostgreSQL. The last
+line printed is one JSON object. Not part of `make test`.
+
+    .venv/bin/python bench/plc_scale.py [--nodes 100000] [--slices 2000] [--seconds 30]
+
+Targets (issue 13): p99 < 50 ms at the full rate; 2 front ends >= 1.6x one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from plc.api import API  # noqa: E402
+from plc.config import Config  # noqa: E402
+from plc.initdb import initialise  # noqa: E402
+from plc.server import make_server  # noqa: E402
+from plc.store import SQLiteStore, Store  # noqa: E402
+from plc.store.postgres import PostgresStore  # noqa: E402
+from plc.store.transfer import export, import_  # noqa: E402
+from tests.plc import pgserver  # noqa: E402
+
+SLICE_NODES = 50  # nodes per slice: 2000 slices x 50 = 100,000 slivers
+
+
+def populate(store: Store, nodes: int, slices: int, seed: int) -> None:
+    """Sites, nodes (each with a session), slices on random nodes: straight SQL."""
+    rng = random.Random(seed)
+    now = int(time.time())
+    conn = store.connect()
+    try:
+        conn.begin(write=True)
+        sites = max(1, nodes // 100)
+        for s in range(sites):
+            conn.insert("sites", {"site_id": 1000 + s, "login_base": f"s{s}", "name": f"S{s}",
+                                  "abbreviated_name": f"S{s}", "max_slices": 100,
+                                  "date_created": now, "last_updated": now})
+        for n in range(1, nodes + 1):
+            conn.insert("nodes", {"node_id": n, "hostname": f"n{n}.example.org",
+                                  "site_id": 1000 + n % sites, "boot_state": "boot",
+                                  "date_created": now, "last_updated": now})
+            conn.insert("sessions", {"session_id": f"sess{n}", "expires": None})
+            conn.insert("node_session", {"node_id": n, "session_id": f"sess{n}"})
+        for sl in range(1, slices + 1):
+            conn.insert("slices", {"slice_id": sl, "site_id": 1000 + sl % sites,
+                                   "name": f"s{sl % sites}_x{sl}", "created": now,
+                                   "expires": now + 30 * 86400})
+            for n in rng.sample(range(1, nodes + 1), min(SLICE_NODES, nodes)):
+                conn.insert("slice_node", {"slice_id": sl, "node_id": n})
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _front_end(url: str, q: Any) -> None:
+    store = PostgresStore(url, pool_size=33) if url.startswith("postgresql") else SQLiteStore(url)
+    cfg = Config().replace(api_listen="127.0.0.1:0", api_threads=32,
+                           **({"database_url": url} if url.startswith("postgresql")
+                              else {"db_path": url}))
+    server = make_server(API(store, cfg), cfg)
+    q.put(server.server_address[1])
+    server.serve_forever(poll_interval=0.05)
+
+
+def start_front_ends(url: str, n: int) -> tuple[list[str], list[Any]]:
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_front_end, args=(url, q), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return [f"http://127.0.0.1:{q.get(timeout=60)}/PLCAPI/" for _ in procs], procs
+
+
+def stop(procs: list[Any]) -> None:
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
+        p.join(timeout=10)
+
+
+def _client(urls: list[str], nodes: int, rate: float, seconds: float, clients: int,
+            idx: int, out: Any) -> None:
+    """One load process: open loop at ``rate`` calls/s (0 = closed loop, as fast as
+    ``clients`` threads go) for ``seconds``; latencies in ms."""
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+    rng = random.Random(idx)
+
+    def worker(k: int) -> None:
+        api = xmlrpc.client.ServerProxy(urls[(idx + k) % len(urls)], allow_none=True)
+        interval = clients / rate if rate else 0.0
+        nxt = time.monotonic() + rng.uniform(0, interval)
+        while True:
+            if interval:
+                delay = nxt - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                nxt += interval
+            t = time.monotonic()
+            if t >= end:
+                return
+            try:
+                api.GetSlivers({"AuthMethod": "session",
+                                "session": f"sess{rng.randint(1, nodes)}"})
+                with lock:
+                    lat.append((time.monotonic() - t) * 1000)
+            except Exception:
+                with lock:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put((lat, errors[0]))
+
+
+def load(urls: list[str], nodes: int, rate: float, seconds: float,
+         procs: int = 2, clients: int = 16) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_client, args=(urls, nodes, rate / procs if rate else 0,
+                                            seconds, clients, i, q)) for i in range(procs)]
+    for p in ps:
+        p.start()
+    lat: list[float] = []
+    errors = 0
+    for _ in ps:
+        part, err = q.get(timeout=seconds + 120)
+        lat += part
+        errors += err
+    for p in ps:
+        p.join()
+    elapsed = seconds  # the clients stop issuing at t0 + seconds
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else -1.0
+
+    return {"calls": len(lat), "errors": errors, "rate": round(len(lat) / elapsed, 1),
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=100_000)
+    ap.add_argument("--slices", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--period", type=float, default=600.0, help="seconds between polls")
+    args = ap.parse_args()
+    rate = args.nodes / args.period
+    server = pgserver.start(max_connections=300, name="bench")
+    result: dict[str, Any] = {"nodes": args.nodes, "slices": args.slices,
+                              "target_rate": round(rate, 1), "seconds": args.seconds}
+    tmp = tempfile.mkdtemp(prefix=f"plc-scale-{os.getpid()}-")
+    try:
+        url = server.create_db("scale")
+        pg = PostgresStore(url)
+        t = time.monotonic()
+        initialise(pg, "admin@bench.example.org", "bench-pw", "pl")
+        populate(pg, args.nodes, args.slices, seed=1)
+        dump = io.StringIO()
+        export(pg, dump)
+        pg.close()
+        lite = SQLiteStore(Path(tmp) / "scale.db")
+        import_(lite, io.StringIO(dump.getvalue()))
+        del dump
+        result["populate_s"] = round(time.monotonic() - t, 1)
+        print(f"populated in {result['populate_s']} s", flush=True)
+        for name, db in (("postgres", url), ("sqlite", lite.path)):
+            urls, procs = start_front_ends(db, 1)
+            try:
+                result[f"{name}_full_rate"] = load(urls, args.nodes, rate, args.seconds)
+            finally:
+                stop(procs)
+            print(name, result[f"{name}_full_rate"], flush=True)
+        for n in (1, 2, 4):
+            urls, procs = start_front_ends(url, n)
+            try:
+                result[f"postgres_throughput_{n}fe"] = load(urls, args.nodes, 0,
+                                                            args.seconds / 2, procs=2,
+                                                            clients=8 * n)
+            finally:
+                stop(procs)
+            print(f"{n} front ends", result[f"postgres_throughput_{n}fe"], flush=True)
+        one = result["postgres_throughput_1fe"]["rate"] or 1
+        result["speedup_2fe"] = round(result["postgres_throughput_2fe"]["rate"] / one, 2)
+        result["speedup_4fe"] = round(result["postgres_throughput_4fe"]["rate"] / one, 2)
+        result["cpus"] = os.cpu_count()
+    finally:
+        server.stop()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
