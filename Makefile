@@ -11,7 +11,8 @@ PIP := $(VENV)/bin/pip
 # Debian packages the project needs at build, run or test time.
 SYSTEM_PACKAGES := gcc libc6-dev libcap-dev python3-dev python3-venv \
 	iproute2 busybox-static debootstrap btrfs-progs e2fsprogs util-linux \
-	openssh-server openssh-client nftables crun bubblewrap procps psmisc
+	openssh-server openssh-client nftables crun bubblewrap procps psmisc \
+	chromium
 
 # C helpers: kernel/native/NAME.c becomes kernel/bin/NAME (static, tiny).
 NATIVE_SRC := $(wildcard kernel/native/*.c)
