@@ -119,7 +119,7 @@ async function refresh() {
     if (params.get("slice")) {
       const keep = Array.from(box.children);
       await showPlots("slices", params.get("slice"), ["cpu_pct", "mem_bytes", "tx_rate"]);
-      keep.forEach((c) => box.insertBefore(c, box.firstChild));
+      keep.reverse().forEach((c) => box.insertBefore(c, box.firstChild));
     }
   }
   document.body.dataset.ready = "1";

@@ -10,7 +10,6 @@ network namespace): `python tests/sensors/fakenode.py HOST PORT HOSTNAME SEED`.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from pathlib import Path
 
