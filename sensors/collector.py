@@ -196,9 +196,12 @@ class Collector:
         self.round_times: list[float] = []
         self.samples_per_round: list[int] = []
         self._sem = asyncio.Semaphore(cfg.concurrency)
+        self.generation = 0   # bumped when current values change (query caches)
+        self.views: dict[str, tuple[int, Any]] = {}
         self.set_nodes(cfg.nodes)
 
     def set_nodes(self, entries: list[NodeEntry]) -> None:
+        self.generation += 1
         for e in entries:
             st = self.nodes.get(e.hostname)
             if st is None:
@@ -267,6 +270,7 @@ class Collector:
             stored += await self.store.append_many(
                     "node", st.entry.hostname, ts, {"up": 0.0, "resptime": 0.0})
         await self.store.flush()
+        self.generation += 1
         self.round_times.append(time.monotonic() - t0)
         self.samples_per_round.append(stored)
         return stored

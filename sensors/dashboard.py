@@ -20,8 +20,8 @@ TOP = 10
 
 
 def fleet(col: Collector) -> dict[str, object]:
-    nodes = query.node_rows(col)
-    slices = query.slice_rows(col)
+    nodes = query.cached_rows(col, "nodes", query.node_rows)
+    slices = query.cached_rows(col, "slices", query.slice_rows)
     up = [n for n in nodes if n["up"]]
     loads = [n["load1"] for n in up if n["load1"] is not None]
     return {

@@ -117,6 +117,17 @@ def site_rows(col: Collector) -> list[dict[str, Any]]:
 ROWS = {"nodes": node_rows, "slices": slice_rows, "sites": site_rows}
 
 
+def cached_rows(col: Collector, name: str, build: Any) -> list[dict[str, Any]]:
+    """Current-value rows, built once per collector generation (every round and node
+    list change bumps it) and shared by all queries until the next one."""
+    hit = col.views.get(name)
+    if hit is not None and hit[0] == col.generation:
+        return hit[1]
+    rows = build(col)
+    col.views[name] = (col.generation, rows)
+    return rows
+
+
 def render(rows: list[dict[str, Any]], fields: list[str], fmt: str) -> Response:
     if fmt == "csv":
         buf = io.StringIO()
@@ -169,8 +180,16 @@ async def series_rows(col: Collector, table: str, entities: list[str], fields: l
         rdata = await col.store.rollups("roll5m" if res == "5m" else "roll1h",
                                         sid_of.values(), lo, hi)
         pts = {sid: [(b, avg) for b, _n, _mn, avg, _mx in s] for sid, s in rdata.items()}
-    agg = SLICE_AGG if table == "slices" else SITE_AGG if table == "sites" else {}
     rows: dict[tuple[str, int], dict[str, Any]] = {}
+    if table == "nodes":   # one member per entity: no aggregation
+        for (ent, _e, f), sid in sid_of.items():
+            for t, v in pts.get(sid, []):
+                row = rows.get((ent, t))
+                if row is None:
+                    row = rows[(ent, t)] = {"name": ent, "ts": t}
+                row[f] = v
+        return [rows[k] for k in sorted(rows)]
+    agg = SLICE_AGG if table == "slices" else SITE_AGG
     acc: dict[tuple[str, int, str], list[float]] = {}
     for (ent, _e, f), sid in sid_of.items():
         for t, v in pts.get(sid, []):
@@ -199,7 +218,8 @@ async def handle_query(col: Collector, req: Request) -> Response:
         now = time.time()
         since = parse_time(q.get("since"), now, None)
         until = parse_time(q.get("until"), now, now)
-        rows = [r for r in ROWS[table](col) if selectexpr.matches(where, r)]
+        rows = [r for r in cached_rows(col, table, ROWS[table])
+                if selectexpr.matches(where, r)]
         fmt = q.get("format", "json")
         if since is None:
             return render(rows, fields, fmt)

@@ -50,7 +50,7 @@ def _div(v: Any, d: float, nd: int = 2) -> float | None:
 def comon_node_rows(col: Collector) -> list[dict[str, Any]]:
     now = time.time()
     out = []
-    for r in query.node_rows(col):
+    for r in query.cached_rows(col, "nodes", query.node_rows):
         st = col.nodes[r["name"]]
         up = bool(r["up"])
         mt, mu = r["mem_total"], r["mem_used"]
@@ -82,7 +82,7 @@ def comon_slice_rows(col: Collector) -> list[dict[str, Any]]:
              "mem": _div(r["mem_bytes"], MB, 1), "procs": r["procs"],
              "txrate": _div(r["tx_rate"], 125.0), "disk": _div(r["disk_kib"], 1024.0, 1),
              "ports": r["ports"], "budgetleft": r["budget_left"], "pressure": r["pressure"]}
-            for r in query.slice_rows(col)]
+            for r in query.cached_rows(col, "slices", query.slice_rows)]
 
 
 def _fmt(v: Any) -> str:
@@ -107,9 +107,9 @@ async def handle_tabulator(col: Collector, req: Request) -> Response:
     q = req.query
     table = q.get("table", "table_nodeviewshort")
     if table in ("table_nodeviewshort", "table_nodeview"):
-        cols, rows = NODE_COLS, comon_node_rows(col)
+        cols, rows = NODE_COLS, query.cached_rows(col, "comon_nodes", comon_node_rows)
     elif table == "table_slicestat":
-        cols, rows = SLICE_COLS, comon_slice_rows(col)
+        cols, rows = SLICE_COLS, query.cached_rows(col, "comon_slices", comon_slice_rows)
     else:
         return Response.text(f"unknown table {table!r}: use table_nodeviewshort or "
                              "table_slicestat\n", 400)

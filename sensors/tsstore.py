@@ -146,6 +146,8 @@ class TSStore:
         self.keys: dict[int, SeriesKey] = {}
         self.open: dict[tuple[int, int], BlockWriter] = {}
         self.latest: dict[int, tuple[int, float]] = {}
+        # kind -> entity -> field -> current value (the index the queries read)
+        self.latest_by: dict[str, dict[str, dict[str, float]]] = {}
         self._latest_dirty: set[int] = set()
         self.samples_appended = 0
 
@@ -167,6 +169,8 @@ class TSStore:
         async with db.execute("SELECT series, ts, value FROM latest") as cur:
             async for sid, ts, value in cur:
                 store.latest[sid] = (ts, value)
+                k = store.keys[sid]
+                store.latest_by.setdefault(k.kind, {}).setdefault(k.entity, {})[k.field] = value
         return store
 
     async def close(self) -> None:
@@ -207,6 +211,14 @@ class TSStore:
             w = self.open[(sid, hour)] = BlockWriter()
         w.add(ts, round(value * scale))
         self.latest[sid] = (ts, value)
+        k = self.keys[sid]
+        by = self.latest_by.get(k.kind)
+        if by is None:
+            by = self.latest_by[k.kind] = {}
+        ent = by.get(k.entity)
+        if ent is None:
+            ent = by[k.entity] = {}
+        ent[k.field] = value
         self._latest_dirty.add(sid)
         self.samples_appended += 1
 
@@ -231,12 +243,7 @@ class TSStore:
 
     def latest_values(self, kind: str) -> dict[str, dict[str, float]]:
         """{entity: {field: value}} of current values for one kind."""
-        out: dict[str, dict[str, float]] = {}
-        for sid, (_ts, value) in self.latest.items():
-            k = self.keys[sid]
-            if k.kind == kind:
-                out.setdefault(k.entity, {})[k.field] = value
-        return out
+        return self.latest_by.get(kind, {})
 
     async def raw(self, sids: Iterable[int], since: int, until: int
                   ) -> dict[int, list[tuple[int, float]]]:
@@ -252,7 +259,7 @@ class TSStore:
             q = ("SELECT series, data FROM blocks WHERE series IN ({}) AND hour BETWEEN ? "
                  "AND ? ORDER BY series, hour, epoch".format(",".join("?" * len(chunk))))
             async with self.db.execute(q, (*chunk, lo, until)) as cur:
-                async for sid, data in cur:
+                for sid, data in await cur.fetchall():
                     sc = scale_of(self.keys[sid].field)
                     out[sid].extend((t, v / sc) for t, v in decode_block(data)
                                     if since <= t <= until)
@@ -270,27 +277,32 @@ class TSStore:
                  f"({','.join('?' * len(chunk))}) AND bucket BETWEEN ? AND ? "
                  "ORDER BY series, bucket")
             async with self.db.execute(q, (*chunk, since, until)) as cur:
-                async for sid, b, n, mn, avg, mx in cur:
+                for sid, b, n, mn, avg, mx in await cur.fetchall():
                     out[sid].append((b, n, mn, avg, mx))
         return out
 
     # --- retention ----------------------------------------------------------------
 
     async def retention(self, now: float | None = None) -> dict[str, int]:
-        """Roll raw blocks older than 2 days into 5-minute and 1-hour rollups and drop
-        them; drop 5-minute rollups older than 30 days and 1-hour ones older than a
-        year. Returns counts of what was rolled and dropped."""
+        """Roll every closed hour not rolled yet into 5-minute and 1-hour rollups; drop
+        raw blocks older than 2 days, 5-minute rollups older than 30 days and 1-hour
+        ones older than a year. Returns counts of what was written and dropped.
+        Rolling at close (not at drop) lets a week's query read 1-hour rollups for the
+        recent days too. Samples arriving for an hour already rolled are not rolled."""
         now = int(time.time() if now is None else now)
         await self.flush(now)
         raw_cut = now - RAW_KEEP
+        cur_hour = now - now % 3600
+        cur = await self.db.execute("SELECT value FROM meta WHERE key='rolled_until'")
+        row = await cur.fetchone()
+        rolled = int(row[0]) if row else 0
         stats = {"blocks_dropped": 0, "roll5m_written": 0, "roll1h_written": 0,
                  "roll5m_dropped": 0, "roll1h_dropped": 0}
-        # a block covers [hour, hour+3600): only whole blocks older than the cut go
         cur = await self.db.execute(
-            "SELECT series, hour, epoch, data FROM blocks WHERE hour + 3600 <= ?", (raw_cut,))
-        old = await cur.fetchall()
+            "SELECT series, hour, data FROM blocks WHERE hour >= ? AND hour < ?",
+            (rolled, cur_hour))
         per: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for sid, hour, _epoch, data in old:
+        for sid, hour, data in await cur.fetchall():
             per.setdefault((sid, hour), []).extend(decode_block(data))
         r5: list[tuple[int, int, int, float, float, float]] = []
         r1: list[tuple[int, int, int, float, float, float]] = []
@@ -307,7 +319,10 @@ class TSStore:
                 r1.append((sid, hour, len(vals), min(vals), sum(vals) / len(vals), max(vals)))
         await self.db.executemany("INSERT OR REPLACE INTO roll5m VALUES(?,?,?,?,?,?)", r5)
         await self.db.executemany("INSERT OR REPLACE INTO roll1h VALUES(?,?,?,?,?,?)", r1)
+        await self.db.execute("INSERT OR REPLACE INTO meta VALUES('rolled_until', ?)",
+                              (str(max(rolled, cur_hour)),))
         stats["roll5m_written"], stats["roll1h_written"] = len(r5), len(r1)
+        # a block covers [hour, hour+3600): only whole blocks older than the cut go
         cur = await self.db.execute("DELETE FROM blocks WHERE hour + 3600 <= ?", (raw_cut,))
         stats["blocks_dropped"] = cur.rowcount
         cur = await self.db.execute("DELETE FROM roll5m WHERE bucket + 300 <= ?",

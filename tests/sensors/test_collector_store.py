@@ -98,7 +98,7 @@ def test_retention_rolls_up_and_drops_exactly() -> None:
         r5 = (await st.rollups("roll5m", [sid], 0, now))[sid]
         r1 = (await st.rollups("roll1h", [sid], 0, now))[sid]
         exp5, exp1 = [], []
-        for b in sorted(old):
+        for b in sorted(samples):   # every closed hour is rolled, dropped or not
             for q in range(b, b + 3600, 300):
                 vals = [v for t, v in samples[b] if q <= t < q + 300]
                 exp5.append((q, len(vals), min(vals), sum(vals) / len(vals), max(vals)))
