@@ -12,7 +12,7 @@ PIP := $(VENV)/bin/pip
 SYSTEM_PACKAGES := gcc libc6-dev libcap-dev python3-dev python3-venv \
 	iproute2 busybox-static debootstrap btrfs-progs e2fsprogs util-linux \
 	openssh-server openssh-client nftables crun bubblewrap procps psmisc \
-	postgresql
+	postgresql chromium
 
 # C helpers: kernel/native/NAME.c becomes kernel/bin/NAME (static, tiny).
 NATIVE_SRC := $(wildcard kernel/native/*.c)

@@ -1,0 +1,335 @@
+"""Compact time-series store for the central collector (aiosqlite).
+
+Layout (one SQLite file):
+- `series(id, kind, entity, field)`: one row per (node|slice, name, field).
+- `blocks(series, hour, epoch, data)`: raw samples of one series in one hour, as one
+  BLOB: delta-of-delta timestamps and delta values, zigzag + varint packed, values in
+  scaled fixed point (see `SCALES`). A steady series costs 2-3 bytes a sample.
+  `epoch` is the writer's run number, so a restarted collector appends new rows
+  instead of reading back and rewriting the old ones.
+- `roll5m(series, bucket, n, min, avg, max)`, `roll1h(...)`: rollups, made from raw
+  blocks when the retention pass drops them (raw 2 days, 5-minute 30 days, 1 hour 1 year).
+- `latest(series, ts, value)`: the current value of every series (and in memory).
+
+Samples are buffered in memory per open (series, hour) block, already encoded, and
+written by `flush()`; `append` never touches the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aiosqlite
+
+RAW_KEEP = 2 * 86400
+ROLL5_KEEP = 30 * 86400
+ROLL1H_KEEP = 365 * 86400
+
+# Fixed-point scale per field (value stored = round(value * scale)); others use 1000.
+SCALES: dict[str, int] = {
+    "load1": 100, "load5": 100, "load15": 100, "cpu_pct": 10, "resptime": 1,
+    "up": 1, "procs": 1, "mem_total": 1, "mem_used": 1, "swap_total": 1, "swap_used": 1,
+    "disk_total": 1, "disk_used": 1, "rx_bytes": 1, "tx_bytes": 1, "uptime": 1,
+    "rx_rate": 1, "tx_rate": 1, "cpu_s": 100, "mem_bytes": 1, "budget_left": 1,
+    "disk_kib": 1, "ports": 1, "pressure": 100, "slices": 1,
+}
+DEFAULT_SCALE = 1000
+
+SCHEMA = """
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS series(id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+    entity TEXT NOT NULL, field TEXT NOT NULL, UNIQUE(kind, entity, field));
+CREATE TABLE IF NOT EXISTS blocks(series INTEGER NOT NULL, hour INTEGER NOT NULL,
+    epoch INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY(series, hour, epoch))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS roll5m(series INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    n INTEGER, min REAL, avg REAL, max REAL, PRIMARY KEY(series, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS roll1h(series INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    n INTEGER, min REAL, avg REAL, max REAL, PRIMARY KEY(series, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS latest(series INTEGER PRIMARY KEY, ts INTEGER, value REAL);
+"""
+
+
+def scale_of(name: str) -> int:
+    return SCALES.get(name, DEFAULT_SCALE)
+
+
+# --- codec -----------------------------------------------------------------------
+
+def _put(buf: bytearray, n: int) -> None:
+    """Append signed n as zigzag varint."""
+    z = (n << 1) ^ (n >> 63) if -(1 << 63) <= n < (1 << 63) else None
+    if z is None:
+        raise ValueError(f"sample value out of range: {n}")
+    z &= (1 << 64) - 1
+    while z >= 0x80:
+        buf.append((z & 0x7F) | 0x80)
+        z >>= 7
+    buf.append(z)
+
+
+@dataclass
+class BlockWriter:
+    """Incremental encoder of one (series, hour) block.
+
+    Stream: first sample = (ts, value) absolute; then per sample the delta-of-delta
+    of the timestamp and the delta of the value, each a zigzag varint."""
+
+    buf: bytearray = field(default_factory=bytearray)
+    count: int = 0
+    last_ts: int = 0
+    last_dt: int = 0
+    last_v: int = 0
+    dirty: bool = False
+
+    def add(self, ts: int, v: int) -> None:
+        if self.count == 0:
+            _put(self.buf, ts)
+            _put(self.buf, v)
+        else:
+            dt = ts - self.last_ts
+            if dt < 0:
+                raise ValueError("samples must be appended in time order")
+            _put(self.buf, dt - self.last_dt)
+            _put(self.buf, v - self.last_v)
+            self.last_dt = dt
+        self.last_ts, self.last_v = ts, v
+        self.count += 1
+        self.dirty = True
+
+
+def decode_block(data: bytes) -> list[tuple[int, int]]:
+    """(ts, scaled value) pairs of one block, in order."""
+    out: list[tuple[int, int]] = []
+    nums: list[int] = []
+    z = shift = 0
+    for b in data:
+        z |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+            continue
+        nums.append((z >> 1) ^ -(z & 1))
+        z = shift = 0
+    if len(nums) % 2:
+        raise ValueError("truncated block")
+    if not nums:
+        return out
+    ts, v = nums[0], nums[1]
+    out.append((ts, v))
+    dt = 0
+    for i in range(2, len(nums), 2):
+        dt += nums[i]
+        ts += dt
+        v += nums[i + 1]
+        out.append((ts, v))
+    return out
+
+
+# --- store -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeriesKey:
+    kind: str     # "node" | "slice"
+    entity: str   # hostname, or slice name "@" hostname for per-node slivers
+    field: str
+
+
+class TSStore:
+    def __init__(self, db: aiosqlite.Connection, epoch: int) -> None:
+        self.db = db
+        self.epoch = epoch
+        self.ids: dict[SeriesKey, int] = {}
+        self.keys: dict[int, SeriesKey] = {}
+        self.open: dict[tuple[int, int], BlockWriter] = {}
+        self.latest: dict[int, tuple[int, float]] = {}
+        # kind -> entity -> field -> current value (the index the queries read)
+        self.latest_by: dict[str, dict[str, dict[str, float]]] = {}
+        self._latest_dirty: set[int] = set()
+        self.samples_appended = 0
+
+    @classmethod
+    async def open_path(cls, path: str) -> TSStore:
+        db = await aiosqlite.connect(path)
+        await db.executescript(SCHEMA)
+        cur = await db.execute("SELECT value FROM meta WHERE key='epoch'")
+        row = await cur.fetchone()
+        epoch = int(row[0]) + 1 if row else 1
+        await db.execute("INSERT OR REPLACE INTO meta VALUES('epoch', ?)", (str(epoch),))
+        await db.commit()
+        store = cls(db, epoch)
+        async with db.execute("SELECT id, kind, entity, field FROM series") as cur:
+            async for sid, kind, entity, fld in cur:
+                k = SeriesKey(kind, entity, fld)
+                store.ids[k] = sid
+                store.keys[sid] = k
+        async with db.execute("SELECT series, ts, value FROM latest") as cur:
+            async for sid, ts, value in cur:
+                store.latest[sid] = (ts, value)
+                k = store.keys[sid]
+                store.latest_by.setdefault(k.kind, {}).setdefault(k.entity, {})[k.field] = value
+        return store
+
+    async def close(self) -> None:
+        await self.flush()
+        await self.db.close()
+
+    async def series_id(self, key: SeriesKey) -> int:
+        sid = self.ids.get(key)
+        if sid is None:
+            cur = await self.db.execute(
+                "INSERT INTO series(kind, entity, field) VALUES(?,?,?)",
+                (key.kind, key.entity, key.field))
+            sid = cur.lastrowid
+            assert sid is not None
+            self.ids[key] = sid
+            self.keys[sid] = key
+        return sid
+
+    async def append_many(self, kind: str, entity: str, ts: int,
+                          values: dict[str, float]) -> int:
+        """Buffer one sample per field; returns the number of samples taken."""
+        n = 0
+        for name, value in values.items():
+            if not isinstance(value, (int, float)):
+                continue
+            key = SeriesKey(kind, entity, name)
+            sid = self.ids.get(key)
+            if sid is None:
+                sid = await self.series_id(key)
+            self.append(sid, ts, float(value), scale_of(name))
+            n += 1
+        return n
+
+    def append(self, sid: int, ts: int, value: float, scale: int) -> None:
+        hour = ts - ts % 3600
+        w = self.open.get((sid, hour))
+        if w is None:
+            w = self.open[(sid, hour)] = BlockWriter()
+        w.add(ts, round(value * scale))
+        self.latest[sid] = (ts, value)
+        k = self.keys[sid]
+        by = self.latest_by.get(k.kind)
+        if by is None:
+            by = self.latest_by[k.kind] = {}
+        ent = by.get(k.entity)
+        if ent is None:
+            ent = by[k.entity] = {}
+        ent[k.field] = value
+        self._latest_dirty.add(sid)
+        self.samples_appended += 1
+
+    async def flush(self, now: float | None = None) -> None:
+        """Write dirty blocks and latest values; forget blocks of past hours."""
+        now = time.time() if now is None else now
+        rows = [(sid, hour, self.epoch, bytes(w.buf))
+                for (sid, hour), w in self.open.items() if w.dirty]
+        await self.db.executemany(
+            "INSERT OR REPLACE INTO blocks(series, hour, epoch, data) VALUES(?,?,?,?)", rows)
+        lat = [(sid, *self.latest[sid]) for sid in self._latest_dirty]
+        await self.db.executemany("INSERT OR REPLACE INTO latest VALUES(?,?,?)", lat)
+        await self.db.commit()
+        for w in self.open.values():
+            w.dirty = False
+        self._latest_dirty.clear()
+        cutoff = now - now % 3600 - 3600  # keep the current and previous hour open
+        for k in [k for k in self.open if k[1] < cutoff]:
+            del self.open[k]
+
+    # --- reads --------------------------------------------------------------------
+
+    def latest_values(self, kind: str) -> dict[str, dict[str, float]]:
+        """{entity: {field: value}} of current values for one kind."""
+        return self.latest_by.get(kind, {})
+
+    async def raw(self, sids: Iterable[int], since: int, until: int
+                  ) -> dict[int, list[tuple[int, float]]]:
+        """Raw samples per series in [since, until] (flushes first, so it is exact)."""
+        await self.flush()
+        ids = list(sids)
+        out: dict[int, list[tuple[int, float]]] = {s: [] for s in ids}
+        if not ids:
+            return out
+        lo = since - since % 3600
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            q = ("SELECT series, data FROM blocks WHERE series IN ({}) AND hour BETWEEN ? "
+                 "AND ? ORDER BY series, hour, epoch".format(",".join("?" * len(chunk))))
+            async with self.db.execute(q, (*chunk, lo, until)) as cur:
+                for sid, data in await cur.fetchall():
+                    sc = scale_of(self.keys[sid].field)
+                    out[sid].extend((t, v / sc) for t, v in decode_block(data)
+                                    if since <= t <= until)
+        return out
+
+    async def rollups(self, table: str, sids: Iterable[int], since: int, until: int
+                      ) -> dict[int, list[tuple[int, int, float, float, float]]]:
+        if table not in ("roll5m", "roll1h"):
+            raise ValueError(f"no rollup table {table!r}")
+        ids = list(sids)
+        out: dict[int, list[tuple[int, int, float, float, float]]] = {s: [] for s in ids}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            q = (f"SELECT series, bucket, n, min, avg, max FROM {table} WHERE series IN "
+                 f"({','.join('?' * len(chunk))}) AND bucket BETWEEN ? AND ? "
+                 "ORDER BY series, bucket")
+            async with self.db.execute(q, (*chunk, since, until)) as cur:
+                for sid, b, n, mn, avg, mx in await cur.fetchall():
+                    out[sid].append((b, n, mn, avg, mx))
+        return out
+
+    # --- retention ----------------------------------------------------------------
+
+    async def retention(self, now: float | None = None) -> dict[str, int]:
+        """Roll every closed hour not rolled yet into 5-minute and 1-hour rollups; drop
+        raw blocks older than 2 days, 5-minute rollups older than 30 days and 1-hour
+        ones older than a year. Returns counts of what was written and dropped.
+        Rolling at close (not at drop) lets a week's query read 1-hour rollups for the
+        recent days too. Samples arriving for an hour already rolled are not rolled."""
+        now = int(time.time() if now is None else now)
+        await self.flush(now)
+        raw_cut = now - RAW_KEEP
+        cur_hour = now - now % 3600
+        cur = await self.db.execute("SELECT value FROM meta WHERE key='rolled_until'")
+        row = await cur.fetchone()
+        rolled = int(row[0]) if row else 0
+        stats = {"blocks_dropped": 0, "roll5m_written": 0, "roll1h_written": 0,
+                 "roll5m_dropped": 0, "roll1h_dropped": 0}
+        cur = await self.db.execute(
+            "SELECT series, hour, data FROM blocks WHERE hour >= ? AND hour < ?",
+            (rolled, cur_hour))
+        per: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for sid, hour, data in await cur.fetchall():
+            per.setdefault((sid, hour), []).extend(decode_block(data))
+        r5: list[tuple[int, int, int, float, float, float]] = []
+        r1: list[tuple[int, int, int, float, float, float]] = []
+        for (sid, hour), samples in per.items():
+            sc = scale_of(self.keys[sid].field)
+            buckets: dict[int, list[float]] = {}
+            for t, v in samples:
+                buckets.setdefault(t - t % 300, []).append(v / sc)
+            for b, vals in buckets.items():
+                if b + 300 > now - ROLL5_KEEP:
+                    r5.append((sid, b, len(vals), min(vals), sum(vals) / len(vals), max(vals)))
+            vals = [v / sc for _t, v in samples]
+            if vals and hour + 3600 > now - ROLL1H_KEEP:
+                r1.append((sid, hour, len(vals), min(vals), sum(vals) / len(vals), max(vals)))
+        await self.db.executemany("INSERT OR REPLACE INTO roll5m VALUES(?,?,?,?,?,?)", r5)
+        await self.db.executemany("INSERT OR REPLACE INTO roll1h VALUES(?,?,?,?,?,?)", r1)
+        await self.db.execute("INSERT OR REPLACE INTO meta VALUES('rolled_until', ?)",
+                              (str(max(rolled, cur_hour)),))
+        stats["roll5m_written"], stats["roll1h_written"] = len(r5), len(r1)
+        # a block covers [hour, hour+3600): only whole blocks older than the cut go
+        cur = await self.db.execute("DELETE FROM blocks WHERE hour + 3600 <= ?", (raw_cut,))
+        stats["blocks_dropped"] = cur.rowcount
+        cur = await self.db.execute("DELETE FROM roll5m WHERE bucket + 300 <= ?",
+                                    (now - ROLL5_KEEP,))
+        stats["roll5m_dropped"] = cur.rowcount
+        cur = await self.db.execute("DELETE FROM roll1h WHERE bucket + 3600 <= ?",
+                                    (now - ROLL1H_KEEP,))
+        stats["roll1h_dropped"] = cur.rowcount
+        await self.db.commit()
+        return stats
