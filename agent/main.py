@@ -29,9 +29,8 @@ from agent.accounts import Accounts
 from agent.backend import Backend, KernelBackend
 from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
-from agent.hostports import HostPorts, fixed_host_ports, state_uid_owner
 from agent.plcclient import PLCClient, PLCError
-from agent.ports import PortError
+from agent.ports import HostPorts, PortError, fixed_host_ports, state_uid_owner
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.sliceapi import SliceAPI
 from agent.state import State
