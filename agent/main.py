@@ -48,7 +48,7 @@ class PollResult:
 
 
 def make_guard(cfg: AgentConfig, state: State) -> GuardService:
-    """The seccomp guard and port table (agent/guard.py), over this agent's uid pool."""
+    """The seccomp guard and port table (agent/guard/), over this agent's uid pool."""
     addresses = [a.strip() for a in cfg.addresses.split(",") if a.strip()]
     host = HostPorts(state_uid_owner(state, cfg.uid_pool_start, cfg.uid_range_size),
                      fixed_host_ports(cfg.plc_url, [cfg.effective_hostname], addresses))
