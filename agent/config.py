@@ -18,7 +18,7 @@ from typing import Any
 
 import tomli_w
 
-from agent.ports import PortError, parse_ports_tag
+from agent.ports import PortError, is_loopback_url, parse_ports_tag
 
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
 DEFAULT_RUN_DIR = "/run/planetlab"
@@ -245,7 +245,6 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig
     values = {f.name: f.default for f in FIELDS}
     for name, value in data.items():
         values[name] = _check(source, name, value)
-    from agent.hostports import is_loopback_url
     if values["plc_url"].startswith("http://") and not values["insecure_plc"] \
             and not is_loopback_url(values["plc_url"]):
         raise ConfigError(f"{source}: key 'plc_url' = {values['plc_url']!r}: plain http:// "

@@ -1,6 +1,6 @@
 """What a slice API call may answer besides a plain value: the fault codes of the
 original local API (nodemanager spec §4.5), `APIFault`, and `FdReply` (a result that
-carries sockets). Every call's owner (agent/sliceapi/, agent/guard.py) raises and
+carries sockets). Every call's owner (agent/sliceapi/, agent/guard/) raises and
 returns these; only the transport turns them into bytes."""
 
 from __future__ import annotations

@@ -29,9 +29,8 @@ from agent.accounts import Accounts
 from agent.backend import Backend, KernelBackend
 from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
-from agent.hostports import HostPorts, fixed_host_ports, state_uid_owner
 from agent.plcclient import PLCClient, PLCError
-from agent.ports import PortError
+from agent.ports import HostPorts, PortError, fixed_host_ports, state_uid_owner
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.sliceapi import SliceAPI
 from agent.state import SliverState, State
@@ -49,7 +48,7 @@ class PollResult:
 
 
 def make_guard(cfg: AgentConfig, state: State) -> GuardService:
-    """The seccomp guard and port table (agent/guard.py), over this agent's uid pool."""
+    """The seccomp guard and port table (agent/guard/), over this agent's uid pool."""
     addresses = [a.strip() for a in cfg.addresses.split(",") if a.strip()]
     host = HostPorts(state_uid_owner(state, cfg.uid_pool_start, cfg.uid_range_size),
                      fixed_host_ports(cfg.plc_url, [cfg.effective_hostname], addresses))

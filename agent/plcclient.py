@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from agent.hostports import is_loopback_url
+from agent.ports import is_loopback_url
 
 log = logging.getLogger("agent.plc")
 

@@ -391,7 +391,7 @@ async def test_fast_path_replays_only_decisions_of_the_current_table(
     """Repeated binds of one allowed key are answered in C; any change of the port
     table voids what it remembers, so a released port is refused at once."""
     guard = make_guard(tmp_path)
-    assert guard.use_fast_path, "kernel/bin/libguardfast.so is built by make"
+    assert guard.fast.enabled, "kernel/bin/libguardfast.so is built by make"
     a, b = slivers("a"), slivers("b")
     port = free_ports(1)[0]
     guard.ports.reserve(a.name, f"tcp:{port}")
@@ -420,7 +420,7 @@ async def test_fast_path_replays_only_decisions_of_the_current_table(
         assert guard.stats.fast == fast + 1, guard.stats
         nursery.cancel_scope.cancel()
     assert guard.stats.handled == 20 + 1 + 1 + 2 + 2
-    assert guard._fast == {}   # closed with their supervisors
+    assert guard.fast.by_listener == {}   # closed with their supervisors
 
 
 async def test_racing_fd_swap_never_binds_unowned_port(tmp_path: Path, slivers: Any) -> None:
@@ -655,9 +655,9 @@ async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
     with and without the exit watcher, and the cache never exceeds its global cap.
     With the fast path, all binds but the first are answered in C, which keeps the pidfd
     of its last caller thread only, and closes it once that thread has exited."""
-    import agent.guard
+    import agent.guard.pidfds
     guard = make_guard(tmp_path)
-    guard.use_fast_path = fast
+    guard.fast.enabled = fast
     a, b = slivers("a"), slivers("b")
     async with trio.open_nursery() as nursery:
         await start(nursery, guard, a, b)
@@ -674,16 +674,16 @@ async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
         with trio.fail_after(10):
             while open_fds() > before:
                 await trio.sleep(0.02)
-        assert guard._pidfds == {}
+        assert guard.pidfds.cached == {}
         if fast:
             assert guard.stats.fast >= 2 * 150 + 20 - 2, guard.stats
             nursery.cancel_scope.cancel()
             return
         # the cap is for the whole guard: live callers beyond it are evicted LRU
-        monkeypatch.setattr(agent.guard, "PIDFD_CACHE", 1)
+        monkeypatch.setattr(agent.guard.pidfds, "PIDFD_CACHE", 1)
         for s in (a, b, a):
             assert (await s.acall(op="bind", host="127.0.0.1", port=0))["errno"] == 0
-            assert list(guard._pidfds) == [(s.name, s.proc.pid)]
+            assert list(guard.pidfds.cached) == [(s.name, s.proc.pid)]
         nursery.cancel_scope.cancel()
 
 
@@ -789,10 +789,10 @@ def test_one_turn_answers_at_most_a_batch(tmp_path: Path, monkeypatch: pytest.Mo
         await real_checkpoint()
 
     monkeypatch.setattr(guardfast, "FastPath", QueueFullOfBinds)
-    monkeypatch.setattr(agent.guard.seccomp, "set_sync_wake_up", lambda fd: None)
+    monkeypatch.setattr(seccomp, "set_sync_wake_up", lambda fd: None)
     monkeypatch.setattr(Guard, "_reply", lambda self, *a: None)
     guard = make_guard(tmp_path)
-    guard.use_fast_path = True
+    guard.fast.enabled = True
     r, w = os.pipe()
     os.write(w, b"x")   # always readable
     try:

@@ -16,7 +16,7 @@ import trio
 
 from agent.faults import APIFault
 from agent.guard import GuardService
-from agent.hostports import HOST_SERVICE, HostPorts, fixed_host_ports, plc_port
+from agent.ports import HOST_SERVICE, HostPorts, fixed_host_ports, plc_port
 from tests.kernel.test_packet import free_udp_ports, ipv4_udp
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
@@ -162,8 +162,8 @@ def test_raw_send_and_sniffer_need_the_slices_own_socket(
 
 async def test_relay_closes_when_the_slice_lets_its_socket_go(
         svc: tuple[GuardService, int], monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import rawsock
-    monkeypatch.setattr(rawsock, "RELAY_RECHECK", 0.1)
+    from agent.rawsock import service as rawsock_service
+    monkeypatch.setattr(rawsock_service, "RELAY_RECHECK", 0.1)
     service, plc = svc
     (port,) = free_udp_ports(1, avoid={plc})
     service.api.ReservePort(A, f"udp:{port}@127.0.0.1")

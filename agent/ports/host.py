@@ -22,10 +22,10 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agent.ports import PortError, PortRange, normalize_address
+from agent.ports.table import PortError, PortRange, normalize_address
 from kernel import sockdiag
 
-log = logging.getLogger("agent.hostports")
+log = logging.getLogger("agent.ports")
 
 TCP_SYN_RECV, TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 3, 6, 12
 OWNERLESS_STATES = {TCP_SYN_RECV, TCP_TIME_WAIT, TCP_NEW_SYN_RECV}
