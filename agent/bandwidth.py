@@ -401,6 +401,25 @@ class Bandwidth:
                             have.get(minors[name] | tc.EXEMPT_BIT))
             self.applied[name] = ceil
 
+    def observe(self) -> None:
+        """Read-only: the ceilings, drops and backlog the kernel's classes have now
+        (for a process other than the agent, e.g. `status`); changes nothing."""
+        owners = {m: n for n, m in self.minors().items()}
+        queue: dict[str, list[int]] = {}
+        ceil: dict[str, list[int]] = {}
+        for sh in self.shapers:
+            for m, info in sh.counters().items():
+                name = owners.get(m & ~tc.EXEMPT_BIT)
+                if name is None:
+                    continue
+                q = queue.setdefault(name, [0, 0])
+                q[0] += info.drops
+                q[1] += info.backlog
+                c = ceil.setdefault(name, [0, 0])
+                c[1 if m & tc.EXEMPT_BIT else 0] = info.ceil
+        self.queue = {n: (q[0], q[1]) for n, q in queue.items()}
+        self.applied = {n: Ceilings(c[0], c[1]) for n, c in ceil.items()}
+
     # --- GetBandwidth ------------------------------------------------------------
     def report(self, name: str, now: float) -> dict[str, Any]:
         """What a slice may read about itself (the GetBandwidth answer), as of the
