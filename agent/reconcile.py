@@ -61,8 +61,10 @@ def applied_key(rec: SliverRecord) -> str:
 
 
 def target_of(rspec: Mapping[str, Any]) -> str:
+    # net_* (HTB classes, agent/bwservice.py): a change is an update, made in place.
+    net = {k: v for k, v in rspec.items() if k.startswith("net_")}
     return json.dumps({"limits": rspec_mod.limits_kwargs(rspec),
-                       "disk_max": rspec_mod.disk_max_kib(rspec)}, sort_keys=True)
+                       "disk_max": rspec_mod.disk_max_kib(rspec), "net": net}, sort_keys=True)
 
 
 def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str,
