@@ -182,6 +182,7 @@ def _kernel_limits(limits: dict[str, Any]) -> Any:
     return Limits(
         cpu_share=int(limits["cpu_share"]), cpu_pct=cap, mem_max=limits.get("mem_max"),
         pids_max=limits.get("pids_max"), inet_sockets_max=limits.get("inet_sockets_max"),
+        net_class_minor=limits.get("net_class_minor"),
         rlimits={k: tuple(v) for k, v in limits.get("rlimits", {}).items() if k in RLIMITS},
         capabilities=capabilities,
     )

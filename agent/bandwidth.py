@@ -198,6 +198,7 @@ class ShaperLike(Protocol):
 
     def ensure_root(self, node_rate: int, link_rate: int) -> tc.Hierarchy: ...
     def counters(self) -> dict[int, tc.ClassInfo]: ...
+    def stats(self) -> dict[int, tc.ClassInfo]: ...
     def ensure_sliver(self, minor: int, capped: tc.ClassSpec, exempt: tc.ClassSpec,
                       have: Mapping[int, tc.ClassInfo] | None = None) -> None: ...
     def set_ceil(self, minor: int, spec: tc.ClassSpec,
@@ -345,7 +346,7 @@ class Bandwidth:
         new_readings = []
         current: dict[str, dict[int, tc.ClassInfo]] = {}
         for sh in self.shapers:
-            classes = sh.counters()
+            classes = sh.stats()   # the fast read: no qdisc dump (leaf_limit None)
             current[sh.ifname] = classes
             for m, info in classes.items():
                 name = owners.get(m & ~tc.EXEMPT_BIT)
@@ -400,6 +401,25 @@ class Bandwidth:
                 sh.set_ceil(minors[name] | tc.EXEMPT_BIT, exempt,
                             have.get(minors[name] | tc.EXEMPT_BIT))
             self.applied[name] = ceil
+
+    def observe(self) -> None:
+        """Read-only: the ceilings, drops and backlog the kernel's classes have now
+        (for a process other than the agent, e.g. `status`); changes nothing."""
+        owners = {m: n for n, m in self.minors().items()}
+        queue: dict[str, list[int]] = {}
+        ceil: dict[str, list[int]] = {}
+        for sh in self.shapers:
+            for m, info in sh.stats().items():
+                name = owners.get(m & ~tc.EXEMPT_BIT)
+                if name is None:
+                    continue
+                q = queue.setdefault(name, [0, 0])
+                q[0] += info.drops
+                q[1] += info.backlog
+                c = ceil.setdefault(name, [0, 0])
+                c[1 if m & tc.EXEMPT_BIT else 0] = info.ceil
+        self.queue = {n: (q[0], q[1]) for n, q in queue.items()}
+        self.applied = {n: Ceilings(c[0], c[1]) for n, c in ceil.items()}
 
     # --- GetBandwidth ------------------------------------------------------------
     def report(self, name: str, now: float) -> dict[str, Any]:

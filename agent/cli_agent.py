@@ -92,6 +92,15 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
                 live = backend.live()
             except Exception as exc:  # noqa: BLE001 - status degrades, never fails
                 out["node"]["kernel"] = f"unavailable: {exc}"
+        bandwidth: dict[str, dict[str, Any]] = {}
+        if with_usage and cfg.bandwidth.interfaces:
+            try:
+                from agent.bwservice import observe
+
+                bandwidth = observe(cfg.bandwidth, st.path, {
+                    n: r.rspec for n, r in st.slivers().items() if r.state != "controller"})
+            except Exception as exc:  # noqa: BLE001 - status degrades, never fails
+                out["node"]["bandwidth"] = f"unavailable: {exc}"
         for name, rec in st.slivers().items():
             item: dict[str, Any] = {
                 "name": name, "state": rec.state, "message": rec.message, "image": rec.image,
@@ -104,6 +113,8 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
                 "ports": _port_ranges(ports.get(name, [])),
                 "ports_skipped": st.get_meta(f"ports_skipped:{name}") or "",
             }
+            if name in bandwidth:
+                item["bandwidth"] = bandwidth[name]
             if backend is not None and name in live:
                 try:
                     item["usage"] = backend.usage(name)

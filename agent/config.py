@@ -18,6 +18,8 @@ from typing import Any
 
 import tomli_w
 
+from agent.bandwidth import BandwidthConfig, BandwidthConfigError
+from agent.bandwidth import parse_config as parse_bandwidth
 from agent.ports import PortError, is_loopback_url, parse_ports_tag
 
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
@@ -173,6 +175,9 @@ class AgentConfig:
     node_pids_headroom: int
     node_mem_headroom: int
     sockets_max: int = 1024
+    # [bandwidth] table (agent/bandwidth.py): HTB shaping is off while it names no
+    # interface.
+    bandwidth: BandwidthConfig = BandwidthConfig()
     source: str = "<defaults>"
 
     @property
@@ -242,7 +247,15 @@ def _check(source: str, name: str, value: Any) -> Any:
 
 
 def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig:
-    values = {f.name: f.default for f in FIELDS}
+    values: dict[str, Any] = {f.name: f.default for f in FIELDS}
+    data = dict(data)
+    table = data.pop("bandwidth", None)
+    if table is not None and not isinstance(table, dict):
+        raise ConfigError(f"{source}: 'bandwidth' must be a table ([bandwidth])")
+    try:
+        values["bandwidth"] = parse_bandwidth(table, source)
+    except BandwidthConfigError as exc:
+        raise ConfigError(str(exc)) from None
     for name, value in data.items():
         values[name] = _check(source, name, value)
     if values["plc_url"].startswith("http://") and not values["insecure_plc"] \

@@ -27,6 +27,7 @@ import trio
 from agent import getslivers
 from agent.accounts import Accounts
 from agent.backend import Backend, KernelBackend
+from agent.bwservice import BandwidthService
 from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
 from agent.plcclient import PLCClient, PLCError
@@ -81,6 +82,11 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
     api_dir.chmod(0o755)
     background = None if once else BackgroundTasks()
     accounts = Accounts(cfg, state, backend, background=background)
+    bandwidth = (BandwidthService(cfg.bandwidth, state.path, cfg.cgroup_parent)
+                 if cfg.bandwidth.interfaces else None)
+    if bandwidth is not None and guard is not None:
+        # RawSend packets leave from the agent's socket: billed to the slice's class.
+        guard.raw.priority_of = bandwidth.priority_of
 
     def binds(name: str) -> tuple[tuple[str, str], ...]:
         return ((str(api_dir), cfg.sliver_socket_dir),)
@@ -91,11 +97,11 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
         uid_pool_ranges=cfg.uid_pool_ranges, binds=binds,
         after_start=accounts.after_start, before_destroy=accounts.before_destroy,
         before_stop=accounts.before_stop, new_context=accounts.new_context,
-        guard=guard, supervising=guard is not None and not once)
+        guard=guard, supervising=guard is not None and not once, bandwidth=bandwidth)
     api = SliceAPI(cfg, state, reconciler, backend, api_dir,
-                   guard.methods() if guard is not None else {})
+                   guard.methods() if guard is not None else {}, bandwidth=bandwidth)
     return Agent(cfg, state, backend, plc, accounts, guard, reconciler, api, background,
-                 once=once)
+                 once=once, bandwidth=bandwidth)
 
 
 class Agent:
@@ -105,7 +111,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, state: State, backend: Backend, plc: PLCClient,
                  accounts: Accounts, guard: GuardService | None, reconciler: Reconciler,
                  api: SliceAPI, background: BackgroundTasks | None, *,
-                 once: bool) -> None:
+                 once: bool, bandwidth: BandwidthService | None = None) -> None:
         self.cfg = cfg
         self.state = state
         self.backend = backend
@@ -116,6 +122,7 @@ class Agent:
         self.api = api
         self.background = background
         self.once = once
+        self.bandwidth = bandwidth
         self._ports_applied: dict[str, str] = {}
         self._reconcile_lock = trio.Lock()
         # The settings a reply is ingested under: a change of them (agent.toml edited,
@@ -149,6 +156,8 @@ class Agent:
                 log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
 
     def close(self) -> None:
+        if self.bandwidth is not None:
+            self.bandwidth.close()
         self.state.close()
 
     # -- one cycle ----------------------------------------------------------------------
@@ -158,6 +167,10 @@ class Agent:
         nothing (PLC has not been asked yet)."""
         async with self._reconcile_lock:
             self.apply_port_tags()
+            if self.bandwidth is not None:   # the HTB trees adopted before any sliver
+                rspecs = {name: rec.rspec for name, rec in self.state.slivers().items()
+                          if rec.state not in ("destroying", "controller")}
+                await trio.to_thread.run_sync(self.bandwidth.start, rspecs)
             outcome = await self.reconciler.reconcile(removed=[], have_reply=False)
             await self.accounts.sync(None)
             return outcome
@@ -308,6 +321,8 @@ class Agent:
             await nursery.start(self.api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")
+            if self.bandwidth is not None:
+                await nursery.start(self.bandwidth.serve, name="bandwidth")
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
             nursery.start_soon(self._poll_on_sigusr1, name="sigusr1")
             if ready is not None:

@@ -72,8 +72,10 @@ def applied_key(rec: SliverRecord) -> str:
 
 
 def target_of(rspec: Mapping[str, Any]) -> str:
+    # net_* (HTB classes, agent/bwservice.py): a change is an update, made in place.
+    net = {k: v for k, v in rspec.items() if k.startswith("net_")}
     return json.dumps({"limits": rspec_mod.limits_kwargs(rspec),
-                       "disk_max": rspec_mod.disk_max_kib(rspec)}, sort_keys=True)
+                       "disk_max": rspec_mod.disk_max_kib(rspec), "net": net}, sort_keys=True)
 
 
 def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str,
@@ -199,7 +201,8 @@ class Reconciler:
                  before_destroy: Callable[[str], Any] | None = None,
                  before_stop: Callable[[str], Any] | None = None,
                  new_context: Callable[[str], None] | None = None,
-                 guard: Any = None, supervising: bool = False) -> None:
+                 guard: Any = None, supervising: bool = False,
+                 bandwidth: Any = None) -> None:
         self.state = state
         self.backend = backend
         self.limiter = trio.CapacityLimiter(concurrency)
@@ -217,6 +220,8 @@ class Reconciler:
         # True when the guard's service runs and takes listeners (not in `run --once`:
         # then the inits keep theirs for the next long-running agent).
         self.supervising = supervising
+        # agent.bwservice.BandwidthService, or None (no [bandwidth] interfaces).
+        self.bandwidth = bandwidth
 
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)
@@ -300,11 +305,26 @@ class Reconciler:
                 outcome.done.append(action)
                 log.info("sliver %s: %s done (%s)", name, action.kind, action.reason)
 
-    def _plan_for(self, rec: SliverRecord, idx: int) -> SliverPlan:
+    async def _net_class(self, rec: SliverRecord) -> int | None:
+        """The sliver's HTB classes made or changed in place (before its cgroup is);
+        the class minor its cgroup's egress classifier names."""
+        if self.bandwidth is None:
+            return None
+        return await trio.to_thread.run_sync(self.bandwidth.class_for, rec.name, rec.rspec)
+
+    async def _net_release(self, name: str) -> None:
+        if self.bandwidth is not None:
+            await trio.to_thread.run_sync(self.bandwidth.released, name)
+
+    def _plan_for(self, rec: SliverRecord, idx: int,
+                  net_class_minor: int | None = None) -> SliverPlan:
+        limits = rspec_mod.limits_kwargs(rec.rspec)
+        if net_class_minor is not None:
+            limits["net_class_minor"] = net_class_minor
         return SliverPlan(
             name=rec.name, image=rec.image,
             uid_base=self.uid_pool_start + idx * self.uid_range_size,
-            uid_count=self.uid_range_size, limits=rspec_mod.limits_kwargs(rec.rspec),
+            uid_count=self.uid_range_size, limits=limits,
             disk_max_kib=rspec_mod.disk_max_kib(rec.rspec), hostname=rec.name,
             binds=self._binds(rec.name),
         )
@@ -325,6 +345,7 @@ class Reconciler:
             if self._before_destroy is not None:
                 await self._before_destroy(name)
             await trio.to_thread.run_sync(self.backend.destroy, name)
+            await self._net_release(name)
             if self.guard is not None:
                 self.guard.sliver_destroyed(name)
             self.adopted.discard(name)
@@ -338,6 +359,7 @@ class Reconciler:
             if self._before_stop is not None:
                 await self._before_stop(name)
             await trio.to_thread.run_sync(self.backend.destroy, name)
+            await self._net_release(name)
             self._new_context(name)   # forget its initscript's runs
             self.state.set_held(name, False)
             if self.guard is not None:
@@ -348,6 +370,8 @@ class Reconciler:
         if action.kind == "adopt":
             if await trio.to_thread.run_sync(self.backend.adopt, name):
                 self.adopted.add(name)
+                if self.bandwidth is not None:   # classes adopted, classifier re-attached
+                    await trio.to_thread.run_sync(self.bandwidth.adopted, name, rec.rspec)
                 if self.guard is not None and self.supervising:
                     pid = await trio.to_thread.run_sync(self.backend.guarded_init, name)
                     if pid is not None:
@@ -365,10 +389,11 @@ class Reconciler:
             try:
                 self.state.set_sliver_state(name, CREATING, "")
                 self._new_context(name)
+                minor = await self._net_class(rec)
                 # The plan saw no live context of this name (a stale one is cleared by
                 # create).
                 agent_end = await trio.to_thread.run_sync(self.backend.create,
-                                                          self._plan_for(rec, idx))
+                                                          self._plan_for(rec, idx, minor))
             except BaseException:
                 # Nothing was made (the backend undoes its own part): the range goes
                 # back to the pool, so a failed creation never holds uids; a retry
@@ -391,7 +416,7 @@ class Reconciler:
         if idx_or_none is None:
             raise RuntimeError("no uid range recorded for a live sliver")
         if action.kind == "update":
-            plan = self._plan_for(rec, idx_or_none)
+            plan = self._plan_for(rec, idx_or_none, await self._net_class(rec))
             if self._before_stop is not None and rec.state == RUNNING and \
                     await trio.to_thread.run_sync(self.backend.needs_restart, plan):
                 await self._before_stop(name)   # its processes are about to end

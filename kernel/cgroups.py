@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from kernel import netclass as _netclass
 from kernel import sockcap as _sockcap
 
 PARENT = "planetlab"
@@ -336,6 +337,15 @@ class SliverCgroup:
         # INET socket cap, in the kernel (kernel/sockcap.py); on create before any
         # process is in the group.
         _sockcap.apply(self.v2_dir(), getattr(limits, "inet_sockets_max", None))
+        # Egress classification into the sliver's HTB class (kernel/netclass.py): in
+        # the step that makes the group, so its first socket is already billed to it
+        # (a re-created group has a new id and gets the program here again).
+        minor = getattr(limits, "net_class_minor", None)
+        if minor is not None:
+            v2 = self.v2_dir()
+            if v2 is None:
+                raise OSError(errno.ENOTSUP, "net_class_minor needs a cgroup v2 hierarchy")
+            _netclass.classify_cgroup(v2, minor)
 
     def attach(self, pid: int) -> None:
         """Move process `pid` into every group of the sliver."""

@@ -102,6 +102,7 @@ class Limits:
     pids_max: int | None = None
     net_cls_classid: int | None = None
     inet_sockets_max: int | None = None    # INET sockets open at once (kernel/sockcap.py)
+    net_class_minor: int | None = None     # HTB class 1:minor of its egress (kernel/netclass.py)
     rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # -1 = unlimited
     capabilities: tuple[str, ...] | None = None   # bounding set; None = caps.DEFAULT_CAPS
     cpus: str | None = None                # cpuset, e.g. "0" or "0-1"; None = all
@@ -113,7 +114,8 @@ class Limits:
         ncpu = os.cpu_count() or 1
         if self.cpu_pct is not None and not 1 <= self.cpu_pct <= 100 * ncpu:
             raise ValueError(f"cpu_pct must be 1..{100 * ncpu}, not {self.cpu_pct!r}")
-        for key in ("mem_max", "pids_max", "net_cls_classid", "inet_sockets_max"):
+        for key in ("mem_max", "pids_max", "net_cls_classid", "inet_sockets_max",
+                    "net_class_minor"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{key} must be a positive integer, not {v!r}")

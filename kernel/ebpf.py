@@ -39,12 +39,14 @@ OBJ_GET_INFO_BY_FD, PROG_QUERY, BTF_LOAD = 15, 16, 18
 
 # Map types, program types, attach types (enum bpf_map_type, bpf_prog_type, ...).
 MAP_TYPE_HASH, MAP_TYPE_ARRAY, MAP_TYPE_SK_STORAGE = 1, 2, 24
-PROG_TYPE_CGROUP_SKB, PROG_TYPE_CGROUP_SOCK = 8, 9
+PROG_TYPE_SCHED_CLS, PROG_TYPE_CGROUP_SKB, PROG_TYPE_CGROUP_SOCK = 3, 8, 9
 CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_INET_SOCK_CREATE = 0, 1, 2
 CGROUP_INET_SOCK_RELEASE = 34
 
 # Flags.
 F_ALLOW_MULTI = 1 << 1          # attach: several programs per cgroup and hook
+F_EXCLUSIVE = 0                 # attach: the only program at the hook; nothing below
+                                # may attach its own; a second attach replaces it
 F_NO_PREALLOC = 1 << 0          # map create
 ANY, NOEXIST, EXIST = 0, 1, 2   # map update
 SK_STORAGE_GET_F_CREATE = 1
@@ -53,6 +55,7 @@ SK_STORAGE_GET_F_CREATE = 1
 FUNC_MAP_LOOKUP_ELEM = 1
 FUNC_MAP_UPDATE_ELEM = 2
 FUNC_MAP_DELETE_ELEM = 3
+FUNC_SKB_LOAD_BYTES = 26
 FUNC_GET_CURRENT_CGROUP_ID = 80
 FUNC_SK_STORAGE_GET = 107
 
@@ -129,6 +132,16 @@ def alu64_reg(op: int, dst: int, src: int) -> Insn:
     return Insn(ALU64 | op | X, dst, src)
 
 
+def mov32_imm(dst: int, imm: int) -> Insn:
+    """dst = (u32)imm, zero-extended to 64 bits."""
+    return Insn(ALU | MOV | K, dst, 0, 0, imm)
+
+
+def alu32_imm(op: int, dst: int, imm: int) -> Insn:
+    """32-bit ALU on the low half of dst (the result is zero-extended)."""
+    return Insn(ALU | op | K, dst, 0, 0, imm)
+
+
 def ldx_mem(size: int, dst: int, src: int, off: int) -> Insn:
     """dst = *(size *)(src + off)"""
     return Insn(LDX | size | MEM, dst, src, off)
@@ -157,6 +170,11 @@ def jmp_imm(op: int, dst: int, imm: int, target: str) -> Insn:
 
 def jmp_reg(op: int, dst: int, src: int, target: str) -> Insn:
     return Insn(JMP | op | X, dst, src, target)
+
+
+def jmp32_imm(op: int, dst: int, imm: int, target: str) -> Insn:
+    """Compare the low 32 bits of dst with imm."""
+    return Insn(JMP32 | op | K, dst, 0, target, imm)
 
 
 def ja(target: str) -> Insn:
@@ -363,8 +381,10 @@ def prog_attach(cgroup_fd: int, prog: Fd, attach_type: int,
          f"PROG_ATTACH type {attach_type}")
 
 
-def prog_detach(cgroup_fd: int, prog: Fd, attach_type: int) -> None:
-    _bpf(PROG_DETACH, _attr([("I", 0, cgroup_fd), ("I", 4, prog.fileno()),
+def prog_detach(cgroup_fd: int, prog: Fd | None, attach_type: int) -> None:
+    """Detach `prog`; with None, whatever single (non-MULTI) program is attached
+    at the hook (ENOENT when there is none)."""
+    _bpf(PROG_DETACH, _attr([("I", 0, cgroup_fd), ("I", 4, 0 if prog is None else prog.fileno()),
                              ("I", 8, attach_type)]), f"PROG_DETACH type {attach_type}")
 
 

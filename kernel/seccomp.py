@@ -142,6 +142,8 @@ AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 1, 2, 10, 16, 17
 NETLINK_ROUTE = 0
 ALLOWED_SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
 NR_SOCKETPAIR = 53
+NR_SETSOCKOPT = 54
+SOL_PACKET = 263
 
 
 def _link(program: Sequence[Insn | str]) -> list[Insn]:
@@ -229,6 +231,9 @@ def guard_filter(
        inspect) fail with EPERM, decided from registers alone; other netlink
        protocols EPROTONOSUPPORT; other families EAFNOSUPPORT (`_socket_block`);
        socketpair() only for AF_UNIX;
+       setsockopt() at level SOL_PACKET fails with EPERM (no packet socket should
+       ever reach a sliver; if one did, PACKET_QDISC_BYPASS would skip the shaper's
+       qdisc, docs/bandwidth.md);
     6. with `refuse_userns`: no nested user namespace, whose owner would regain
        every capability the bounding set dropped (mount, netns admin, tc; F39).
        clone() and unshare() with CLONE_NEWUSER in their flags (argument 0, read
@@ -271,6 +276,10 @@ def guard_filter(
     if guard_sockets:
         # A holds nr.
         head: list[Insn | str] = [
+            Insn(BPF_JEQ_K, 0, 3, NR_SETSOCKOPT),
+            _ld(data_arg_lo(1)),                          # level
+            Insn(BPF_JEQ_K, 0, "other", SOL_PACKET),
+            _ret(eperm),
             Insn(BPF_JEQ_K, "socket", 0, NR_SOCKET),
             Insn(BPF_JEQ_K, 0, "other", NR_SOCKETPAIR),
             _ld(data_arg_lo(0)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -213,6 +214,9 @@ class RawSockets:
         """The slice's end of a relay showing ICMP errors about its own traffic."""
         return self._open_relayed(slice_name, "errors")
 
+    # Slice name -> skb priority of its HTB class (agent/bwservice.py sets it).
+    priority_of: Callable[[str], int | None] | None = None
+
     def raw_send(self, slice_name: str, data: bytes) -> int:
         family, _, dst = check_raw_packet(self._table(), slice_name, data)
         if self._host is not None:
@@ -224,6 +228,9 @@ class RawSockets:
             sender = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                    socket.IPPROTO_RAW)
             self._senders[family] = sender
+        # The packet is billed to the slice's HTB class, not to the agent's.
+        prio = self.priority_of(slice_name) if self.priority_of is not None else None
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, prio or 0)
         return sender.sendto(data, (dst, 0))
 
     def _check_flow(self, slice_name: str, data: bytes) -> None:

@@ -44,8 +44,9 @@ class Calls:
 
     def __init__(self, cfg: AgentConfig, state: State, reconciler: Reconciler,
                  guard_methods: Mapping[str, Callable[..., Any]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`guard_methods`: the guard's calls (GuardService.methods()), if any."""
+                 clock: Callable[[], float] = time.monotonic, bandwidth: Any = None) -> None:
+        """`guard_methods`: the guard's calls (GuardService.methods()), if any;
+        `bandwidth`: agent.bwservice.BandwidthService, if shaping is on."""
         self.cfg = cfg
         self.state = state
         self.reconciler = reconciler
@@ -56,8 +57,9 @@ class Calls:
             "GetRSpec": self.GetRSpec, "GetEffectiveRSpec": self.GetEffectiveRSpec,
             "GetLoans": self.GetLoans, "GetRecord": self.GetRecord, "Ticket": self.Ticket,
             "Create": self.Create, "Destroy": self.Destroy, "Start": self.Start,
-            "Stop": self.Stop,
+            "Stop": self.Stop, "GetBandwidth": self.GetBandwidth,
         }
+        self.bandwidth = bandwidth
         # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
         self.guard_methods = dict(guard_methods or {})
         self.methods.update(self.guard_methods)
@@ -166,6 +168,20 @@ class Calls:
     async def Stop(self, caller: Caller, *args: Any) -> int:
         """Stop(name): freeze a sliver until Start (node admin only for now)."""
         return await self._start_stop(caller, args, "stop")
+
+    async def GetBandwidth(self, caller: Caller, *args: Any) -> dict[str, Any]:
+        """GetBandwidth([name]): the caller's own bytes, packets, budget left, current
+        ceilings (bit/s), drops and backlog in this window (as of the last accounting
+        pass); the admin names a slice."""
+        name = self._target(caller, args)
+        if self.bandwidth is None:
+            raise APIFault(FAULT_UNSUPPORTED, "bandwidth shaping is off on this node "
+                           "(agent.toml [bandwidth] interfaces is empty)")
+        try:
+            report = await trio.to_thread.run_sync(self.bandwidth.report, name)
+        except KeyError:
+            raise APIFault(FAULT_BAD_TARGET, f"no bandwidth ledger for {name!r} yet") from None
+        return _wire({k: v for k, v in report.items() if v is not None})
 
     async def _start_stop(self, caller: Caller, args: tuple[Any, ...], kind: str) -> int:
         if caller.kind != "admin":

@@ -131,3 +131,16 @@ def test_plain_http_plc_only_to_loopback_or_when_insecure(
     with caplog.at_level("WARNING", logger="agent.plc"):
         PLCClient(cfg.plc_url, tmp_path, lambda: (1, "k"))
     assert "insecure_plc" in caplog.text and "clear" in caplog.text
+
+
+def test_bandwidth_table_is_parsed_and_bad_keys_named() -> None:
+    cfg = config.from_mapping({"bandwidth": {"interfaces": ["eth0"], "exempt": ["10.0.0.0/8"],
+                                             "sample_s": 2}})
+    assert cfg.bandwidth.interfaces == ("eth0",) and cfg.bandwidth.sample_s == 2.0
+    assert config.from_mapping({}).bandwidth.interfaces == ()      # off by default
+    for bad, word in (({"interfaces": "eth0"}, "interfaces"), ({"rate": 1}, "'rate'"),
+                      ({"exempt": ["10.0.0.1/8"]}, "exempt")):
+        with pytest.raises(config.ConfigError, match=word):
+            config.from_mapping({"bandwidth": bad}, "t.toml")
+    with pytest.raises(config.ConfigError, match="must be a table"):
+        config.from_mapping({"bandwidth": 3}, "t.toml")

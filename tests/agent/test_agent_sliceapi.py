@@ -19,6 +19,7 @@ import trio
 from agent_fakes import FakeBackend, reply, sliver
 
 from agent import config, getslivers
+from agent.faults import FAULT_UNSUPPORTED
 from agent.main import Agent, build
 from agent.reconcile import ingest
 from agent.sliceapi import client
@@ -365,3 +366,12 @@ async def test_one_post_per_connection_with_its_length(api_env) -> None:
     assert b"Connection: close\r\n" in answer
     assert answer.count(b"methodResponse") == 2   # one response (open and close tags)
     assert b"pl_a" in answer
+
+
+async def test_get_bandwidth_without_shaping_is_a_clear_fault(api_env) -> None:
+    agent, d = api_env
+    await _setup(agent)
+    uid_a = POOL + agent.state.uid_range_of("pl_a") * SIZE
+    inner = str(agent.api.api_dir / "agent.sock")
+    (got,) = await _serving(agent, lambda: (_call_as(uid_a, inner, "GetBandwidth"),))
+    assert got["fault"] == FAULT_UNSUPPORTED and "[bandwidth] interfaces" in got["msg"]

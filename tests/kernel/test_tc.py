@@ -227,3 +227,25 @@ def test_exempt_program_matches_only_its_cidrs(shaper, net) -> None:
 def test_bad_interface_is_named() -> None:
     with pytest.raises(OSError, match="no network interface 'nosuchif0'"):
         tc.Shaper("nosuchif0")
+
+
+def test_raw_stats_dump_agrees_with_the_full_read(shaper, net) -> None:
+    """The accounting pass's struct-parsed RTM_GETTCLASS dump reads the same handles,
+    rates, quanta and counters as pyroute2's full read (drops and backlog too)."""
+    shaper.ensure_root(node_rate=100 * M, link_rate=1000 * M)
+    shaper.ensure_sliver(0x60, tc.ClassSpec(100_000, 2 * M, share=3),
+                         tc.ClassSpec(200_000, 7 * M))
+    shaper.ensure_sliver(0x61, tc.ClassSpec(100_000, 6 * M), tc.ClassSpec(100_000, 9 * M))
+    with Blaster([(net.sink4, prio(0x60), 6 * M)]):
+        time.sleep(0.5)
+    send_count(net.sink6, prio(0x61), 10, socket.AF_INET6)
+    time.sleep(0.2)
+    full, fast = shaper.counters(), shaper.stats()
+    assert set(fast) == set(full) == {0x60, 0x61, 0x8060, 0x8061}
+    for m, info in full.items():
+        assert fast[m] == tc.ClassInfo(**{**info.__dict__, "leaf_limit": None}), m
+    assert fast[0x60].drops > 0 and fast[0x60].quantum == tc.quantum_for(3)
+    assert fast[0x61].packets == 10 and fast[0x61].bytes == 10 * WIRE_V6
+    assert fast[0x8060].ceil == 7 * M and fast[0x8060].parent == tc.EXEMPT_MINOR
+    # And on an interface without our tree: nothing, no error.
+    assert tc.dump_classes(socket.if_nametoindex("lo")) == []
