@@ -66,11 +66,6 @@ class Outcome:
     failed: list[tuple[Action, str]] = field(default_factory=list)
 
 
-def applied_key(rec: SliverRecord) -> str:
-    """What must match between the kernel and the record for no update to be needed."""
-    return target_of(rec.rspec)
-
-
 def target_of(rspec: Mapping[str, Any]) -> str:
     return json.dumps({"limits": rspec_mod.limits_kwargs(rspec),
                        "disk_max": rspec_mod.disk_max_kib(rspec)}, sort_keys=True)
