@@ -169,7 +169,7 @@ class Backend(Protocol):
               env: dict[str, str]) -> Any: ...
 
 
-def _kernel_limits(limits: dict[str, Any]) -> Any:
+def kernel_limits(limits: dict[str, Any]) -> Any:
     """kernel Limits from agent.rspec.limits_kwargs: extra capabilities are added to the
     kernel's safe default set; the CPU cap is clamped to the node's CPUs."""
     extra = tuple(limits.get("extra_capabilities", ()))
@@ -267,7 +267,7 @@ class KernelBackend:
         try:
             for host, inside in plan.binds:
                 _bind_into(root, Path(host), inside)
-            return self._new_context(plan, root, _kernel_limits(plan.limits))
+            return self._new_context(plan, root, kernel_limits(plan.limits))
         except BaseException:
             release_root(self.roots_dir, plan.name)
             raise
@@ -316,7 +316,7 @@ class KernelBackend:
         ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
         new context is returned, as by create."""
         ctx = self._context(plan.name)
-        limits = _kernel_limits(plan.limits)
+        limits = kernel_limits(plan.limits)
         set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
         if not self.needs_restart(plan):
             ctx.update_limits(limits)
@@ -335,7 +335,7 @@ class KernelBackend:
     def needs_restart(self, plan: SliverPlan) -> bool:
         """Whether `update(plan)` must restart the sliver (rlimits or capabilities)."""
         ctx = self._context(plan.name)
-        limits = _kernel_limits(plan.limits)
+        limits = kernel_limits(plan.limits)
         return not (dict(limits.rlimits) == dict(ctx.limits.rlimits)
                     and limits.capabilities == ctx.limits.capabilities)
 
@@ -351,6 +351,10 @@ class KernelBackend:
             ctx = Context.adopt(self.run_dir, name)
         if ctx is not None:
             ctx.destroy()
+        elif (self.run_dir / name).exists():
+            # Its init is gone (crash, reboot): its cgroups, directory and uid
+            # reservation go too.
+            Context.destroy_stale(self.run_dir, name, cgroup_parent=self.cgroup_parent)
         for mnt in _mounts_under(self.roots_dir / name, strictly=True):
             try:
                 m.umount(mnt, detach=True)

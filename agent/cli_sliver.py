@@ -1,10 +1,15 @@
 """`planetlab-agent sliver create|start|stop|destroy|list` and `planetlab-agent enter`.
 
-Debugging commands for operators and tests: they drive kernel/ contexts and roots
-directly, with the same layout as the agent (images in <state_dir>/images, roots in
-<state_dir>/roots, contexts in <run_dir>/contexts), and keep what they created in
-<state_dir>/cli-slivers.json (name, image, uid range, limits), so that `start` can
-bring a sliver back after a reboot and `destroy` knows what to release.
+Debugging commands for operators and tests. They go through the agent's own sliver
+lifecycle, agent.backend.KernelBackend (create: image check, root, context with the
+agent's limits mapping and hostname; destroy: context, stale leftovers, mounts, root),
+with the agent's layout (images in <state_dir>/images, roots in <state_dir>/roots,
+contexts in <run_dir>/contexts). What only the CLI needs is kept in
+<state_dir>/cli-slivers.json (name, image, uid range, limits in the agent's
+`limits_kwargs` form), so that `start` can bring a sliver back after a reboot and
+`destroy` knows what to release. CLI slivers run without the guard (no agent
+supervises them) and are not in the agent's state: the agent neither adopts nor
+destroys them.
 
 uid ranges: the CLI reserves its ranges in the uid index of the contexts dir
 (kernel.context.reserve_uid_range), the one every Context.create there checks, and
@@ -31,18 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
+from agent.backend import KernelBackend, MissingImage, SliverPlan, kernel_limits
 from agent.relay import relay_pipes, relay_pty
 from kernel.context import (
     PIPE,
     Context,
     ContextError,
-    Limits,
     _check_name,
     release_uid_range,
     reserve_uid_range,
 )
-from kernel.images import ImageError, ImageStore
-from kernel.rootfs import RootError, prepare_root, release_root
+from kernel.images import ImageError
+from kernel.rootfs import RootError
 
 RECORDS = "cli-slivers.json"
 UID_COUNT = 65536
@@ -199,37 +204,51 @@ def _reserve_uids(p: Paths, name: str, records: dict[str, dict[str, Any]],
 
 # -- commands ---------------------------------------------------------------------
 
+def _backend(p: Paths) -> KernelBackend:
+    return KernelBackend(p.state_dir, p.run_dir, cgroup_parent=p.cgroup_parent)
+
+
+def _plan(name: str, rec: dict[str, Any]) -> SliverPlan:
+    """The agent's plan for a CLI record (limits in agent.rspec.limits_kwargs form;
+    records of older CLIs hold kernel Limits.to_json(), whose keys are the same)."""
+    return SliverPlan(name=name, image=rec["image"], uid_base=int(rec["uid_base"]),
+                      uid_count=int(rec["uid_count"]), limits=dict(rec["limits"]),
+                      disk_max_kib=rec.get("disk_max_kib"), hostname=name)
+
+
+_ERRORS = (ValueError, OSError, ContextError, ImageError, RootError, MissingImage)
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, MissingImage):
+        return f"image {exc.args[0]!r} is not on this node"
+    return str(exc)
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     p = _paths(args)
-    limits = Limits(cpu_share=args.cpu_share, cpu_pct=args.cpu_pct, mem_max=args.mem_max,
-                    pids_max=args.pids_max)
+    limits = {"cpu_share": args.cpu_share, "cpu_pct": args.cpu_pct,
+              "mem_max": args.mem_max, "pids_max": args.pids_max}
     try:
-        limits.validate()
+        kernel_limits(limits).validate()
+        _check_name(args.name)
         with _records(p) as records:
             if args.name in records or (p.contexts / args.name).exists():
                 return _fail("sliver create", f"sliver {args.name!r} exists already")
-            _check_name(args.name)
             base = _reserve_uids(p, args.name, records, args.uid_base)
+            rec = {"image": args.image, "uid_base": base, "uid_count": UID_COUNT,
+                   "limits": limits, "disk_max_kib": args.disk_max}
+            backend = _backend(p)
             try:
-                store = ImageStore(p.images)
-                store.get(args.image)
-                root = prepare_root(store, p.roots, args.name, args.image, base,
-                                    UID_COUNT, args.disk_max)
-                try:
-                    ctx = Context.create(p.contexts, args.name, root, base, UID_COUNT,
-                                         limits, cgroup_parent=p.cgroup_parent)
-                except BaseException:
-                    release_root(p.roots, args.name)
-                    raise
+                backend.create(_plan(args.name, rec))   # unguarded: no socket back
             except BaseException:
                 release_uid_range(p.contexts, args.name)
                 raise
-            records[args.name] = {"image": args.image, "uid_base": base,
-                                  "uid_count": UID_COUNT, "limits": limits.to_json(),
-                                  "disk_max_kib": args.disk_max}
-    except (ValueError, OSError, ContextError, ImageError, RootError) as exc:
-        return _fail("sliver create", exc)
-    print(f"created {args.name}: uids {base}..{base + UID_COUNT - 1}, init pid {ctx.init_pid}")
+            records[args.name] = rec
+            pid = _adopt(p, args.name).init_pid
+    except _ERRORS as exc:
+        return _fail("sliver create", _error(exc))
+    print(f"created {args.name}: uids {base}..{base + UID_COUNT - 1}, init pid {pid}")
     return 0
 
 
@@ -239,38 +258,33 @@ def _adopt(p: Paths, name: str) -> Any:
 
 def cmd_start(args: argparse.Namespace) -> int:
     p = _paths(args)
+    backend = _backend(p)
     try:
-        try:
-            ctx = _adopt(p, args.name)
-            ctx.start()
+        if args.name in backend.live():
+            backend.start(args.name)
             print(f"started {args.name}")
             return 0
-        except (FileNotFoundError, ProcessLookupError):
-            pass
         with _records(p) as records:
             rec = records.get(args.name)
             if rec is None:
                 return _fail("sliver start", f"no sliver {args.name!r}")
-            # Not running (reboot, crash): clear what is left, bring it back.
-            if (p.contexts / args.name).exists():
-                Context.destroy_stale(p.contexts, args.name, p.cgroup_parent)
-            root = prepare_root(ImageStore(p.images), p.roots, args.name, rec["image"],
-                                rec["uid_base"], rec["uid_count"], rec.get("disk_max_kib"))
-            ctx = Context.create(p.contexts, args.name, root, rec["uid_base"],
-                                 rec["uid_count"], Limits.from_json(rec["limits"]),
-                                 cgroup_parent=p.cgroup_parent)
-    except (ValueError, OSError, ContextError, ImageError, RootError) as exc:
-        return _fail("sliver start", exc)
-    print(f"started {args.name} again: init pid {ctx.init_pid}")
+            # Not running (reboot, crash): create clears what is left and brings it
+            # back on its root, with its recorded uid range.
+            backend.create(_plan(args.name, rec))
+            pid = _adopt(p, args.name).init_pid
+    except _ERRORS as exc:
+        return _fail("sliver start", _error(exc))
+    print(f"started {args.name} again: init pid {pid}")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     p = _paths(args)
+    backend = _backend(p)
     try:
-        _adopt(p, args.name).stop()
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        return _fail("sliver stop", f"{args.name} is not running ({exc})")
+        if args.name not in backend.live():
+            return _fail("sliver stop", f"{args.name} is not running")
+        backend.stop(args.name)
     except (OSError, ContextError, TimeoutError) as exc:
         return _fail("sliver stop", exc)
     print(f"stopped {args.name}")
@@ -285,12 +299,10 @@ def cmd_destroy(args: argparse.Namespace) -> int:
             known = args.name in records or (p.contexts / args.name).exists()
             if not known:
                 return _fail("sliver destroy", f"no sliver {args.name!r}")
-            if (p.contexts / args.name).exists():
-                Context.destroy_stale(p.contexts, args.name, p.cgroup_parent)   # running or not
-            release_root(p.roots, args.name)
+            _backend(p).destroy(args.name)   # running or not
             records.pop(args.name, None)
-    except (ValueError, OSError, ContextError, RootError) as exc:
-        return _fail("sliver destroy", exc)
+    except _ERRORS as exc:
+        return _fail("sliver destroy", _error(exc))
     print(f"destroyed {args.name}")
     return 0
 

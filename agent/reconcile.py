@@ -66,11 +66,6 @@ class Outcome:
     failed: list[tuple[Action, str]] = field(default_factory=list)
 
 
-def applied_key(rec: SliverRecord) -> str:
-    """What must match between the kernel and the record for no update to be needed."""
-    return target_of(rec.rspec)
-
-
 def target_of(rspec: Mapping[str, Any]) -> str:
     # net_* (HTB classes, agent/bwservice.py): a change is an update, made in place.
     net = {k: v for k, v in rspec.items() if k.startswith("net_")}

@@ -73,8 +73,8 @@ os.execv(sys.argv[3], sys.argv[3:])
 UNDER_ALLOW_ALL = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from kernel import seccomp
-seccomp.install(seccomp.assemble([seccomp.Insn(seccomp.BPF_RET_K, k=seccomp.SECCOMP_RET_ALLOW)]), 0)
+from kernel import cbpf, seccomp
+seccomp.install(cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, seccomp.SECCOMP_RET_ALLOW), 0)
 os.execv(sys.argv[2], sys.argv[2:])
 """
 

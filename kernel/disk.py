@@ -22,6 +22,8 @@ import os
 import uuid
 from pathlib import Path
 
+from kernel.libc import LIBC, check
+
 BTRFS_IOCTL_MAGIC = 0x94
 BTRFS_PATH_NAME_MAX = 4087
 BTRFS_INO_LOOKUP_PATH_MAX = 4080
@@ -162,8 +164,7 @@ def is_subvolume(path: Path) -> bool:
 def _is_btrfs(path: Path) -> bool:
     BTRFS_SUPER_MAGIC = 0x9123683E
     buf = (ctypes.c_long * 16)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
+    if LIBC.statfs(os.fsencode(path), buf) != 0:
         return False
     return (buf[0] & 0xFFFFFFFF) == BTRFS_SUPER_MAGIC
 
@@ -242,10 +243,7 @@ def sync_fs(path: Path) -> None:
     """syncfs(2) on the filesystem of `path` (commits the transaction)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs: {os.strerror(err)}", str(path))
+        check(LIBC.syncfs(fd), "syncfs", str(path))
     finally:
         os.close(fd)
 

@@ -24,12 +24,14 @@ import ctypes
 import os
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-NR_LANDLOCK_CREATE_RULESET = 444
-NR_LANDLOCK_ADD_RULE = 445
-NR_LANDLOCK_RESTRICT_SELF = 446
+from kernel.libc import (
+    LIBC,
+    NR_LANDLOCK_ADD_RULE,
+    NR_LANDLOCK_CREATE_RULESET,
+    NR_LANDLOCK_RESTRICT_SELF,
+    PR_SET_NO_NEW_PRIVS,
+    check,
+)
 
 LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
 LANDLOCK_ACCESS_NET_BIND_TCP = 1 << 0
@@ -37,7 +39,6 @@ LANDLOCK_ACCESS_NET_CONNECT_TCP = 1 << 1
 LANDLOCK_RULE_NET_PORT = 2
 LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
 LANDLOCK_SCOPE_SIGNAL = 1 << 1
-PR_SET_NO_NEW_PRIVS = 38
 
 RULESET_ATTR = struct.Struct("<QQQ")
 NET_PORT_ATTR = struct.Struct("<QQ")
@@ -45,16 +46,9 @@ MIN_ABI_SCOPE = 6
 MIN_ABI_NET = 4
 
 
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
 def abi_version() -> int:
     """The kernel's Landlock ABI (0 if Landlock is off or not built)."""
-    ret = _libc.syscall(ctypes.c_long(NR_LANDLOCK_CREATE_RULESET), None, ctypes.c_long(0),
+    ret = LIBC.syscall(ctypes.c_long(NR_LANDLOCK_CREATE_RULESET), None, ctypes.c_long(0),
                         ctypes.c_long(LANDLOCK_CREATE_RULESET_VERSION))
     return max(int(ret), 0)
 
@@ -73,7 +67,7 @@ def create_ruleset(scoped: int, handled_access_net: int = 0) -> int:
     if handled_access_net and abi < MIN_ABI_NET:
         raise OSError(95, f"Landlock ABI {abi} has no network rules (needs {MIN_ABI_NET})")
     attr = ctypes.create_string_buffer(ruleset_attr(scoped, handled_access_net), RULESET_ATTR.size)
-    return _check(_libc.syscall(ctypes.c_long(NR_LANDLOCK_CREATE_RULESET), attr,
+    return check(LIBC.syscall(ctypes.c_long(NR_LANDLOCK_CREATE_RULESET), attr,
                                 ctypes.c_long(RULESET_ATTR.size), ctypes.c_long(0)),
                   "landlock_create_ruleset")
 
@@ -83,15 +77,15 @@ def allow_tcp_port(ruleset: int, port: int, access: int = LANDLOCK_ACCESS_NET_BI
     if not 0 <= port <= 65535:
         raise ValueError(f"bad TCP port {port}")
     attr = ctypes.create_string_buffer(NET_PORT_ATTR.pack(access, port), NET_PORT_ATTR.size)
-    _check(_libc.syscall(ctypes.c_long(NR_LANDLOCK_ADD_RULE), ctypes.c_long(ruleset),
+    check(LIBC.syscall(ctypes.c_long(NR_LANDLOCK_ADD_RULE), ctypes.c_long(ruleset),
                          ctypes.c_long(LANDLOCK_RULE_NET_PORT), attr, ctypes.c_long(0)),
            "landlock_add_rule")
 
 
 def restrict_self(ruleset: int) -> None:
     """Set no_new_privs and enforce `ruleset` on the calling thread (and its children)."""
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    _check(_libc.syscall(ctypes.c_long(NR_LANDLOCK_RESTRICT_SELF), ctypes.c_long(ruleset),
+    check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    check(LIBC.syscall(ctypes.c_long(NR_LANDLOCK_RESTRICT_SELF), ctypes.c_long(ruleset),
                          ctypes.c_long(0)), "landlock_restrict_self")
 
 

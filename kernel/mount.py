@@ -14,16 +14,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-# x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl); the same numbers
-# are used by every architecture for these calls (they were added after the unification).
-SYS_open_tree = 428
-SYS_move_mount = 429
-SYS_fsopen = 430
-SYS_fsconfig = 431
-SYS_fsmount = 432
-SYS_mount_setattr = 442
+from kernel.libc import (
+    LIBC,
+    NR_FSCONFIG,
+    NR_FSMOUNT,
+    NR_FSOPEN,
+    NR_MOUNT_SETATTR,
+    NR_MOVE_MOUNT,
+    NR_OPEN_TREE,
+    NR_STATX,
+    error,
+    function,
+)
+from kernel.libc import check as _check_errno
 
 # open_tree(2)
 OPEN_TREE_CLONE = 1
@@ -80,23 +83,14 @@ class MountAttr(ctypes.Structure):
     ]
 
 
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-
-_mount = _libc.mount
-_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                   ctypes.c_void_p]
-_mount.restype = ctypes.c_int
-_umount2 = _libc.umount2
-_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_umount2.restype = ctypes.c_int
+_syscall = LIBC.syscall
+_mount = function("mount", ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                  ctypes.c_ulong, ctypes.c_void_p)
+_umount2 = function("umount2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
 
 
 def _check(ret: int, op: str, subject: object) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{op}: {os.strerror(err)}", str(subject))
-    return ret
+    return _check_errno(ret, op, str(subject))
 
 
 def _b(path: str | os.PathLike[str] | None) -> bytes | None:
@@ -109,7 +103,7 @@ def open_tree(path: str | os.PathLike[str], *, clone: bool = True,
     flags = OPEN_TREE_CLOEXEC | (OPEN_TREE_CLONE if clone else 0)
     if recursive:
         flags |= AT_RECURSIVE
-    ret = _syscall(SYS_open_tree, ctypes.c_int(dirfd), ctypes.c_char_p(_b(path)),
+    ret = _syscall(NR_OPEN_TREE, ctypes.c_int(dirfd), ctypes.c_char_p(_b(path)),
                    ctypes.c_uint(flags))
     return _check(ret, "open_tree", path)
 
@@ -124,7 +118,7 @@ def mount_setattr(fd: int, *, attr_set: int = 0, attr_clr: int = 0,
     """
     attr = MountAttr(attr_set, attr_clr, 0, 0 if userns_fd is None else userns_fd)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    ret = _syscall(SYS_mount_setattr, ctypes.c_int(fd), ctypes.c_char_p(b""),
+    ret = _syscall(NR_MOUNT_SETATTR, ctypes.c_int(fd), ctypes.c_char_p(b""),
                    ctypes.c_uint(flags), ctypes.byref(attr),
                    ctypes.c_size_t(ctypes.sizeof(attr)))
     _check(ret, "mount_setattr", subject or f"fd {fd}")
@@ -132,7 +126,7 @@ def mount_setattr(fd: int, *, attr_set: int = 0, attr_clr: int = 0,
 
 def move_mount(fd: int, target: str | os.PathLike[str]) -> None:
     """Attach the detached mount `fd` at `target`."""
-    ret = _syscall(SYS_move_mount, ctypes.c_int(fd), ctypes.c_char_p(b""),
+    ret = _syscall(NR_MOVE_MOUNT, ctypes.c_int(fd), ctypes.c_char_p(b""),
                    ctypes.c_int(-100), ctypes.c_char_p(_b(target)),
                    ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
     _check(ret, "move_mount", target)
@@ -140,7 +134,7 @@ def move_mount(fd: int, target: str | os.PathLike[str]) -> None:
 
 def fsopen(fstype: str) -> int:
     """Open a filesystem context for `fstype` (e.g. "overlay")."""
-    ret = _syscall(SYS_fsopen, ctypes.c_char_p(fstype.encode()), ctypes.c_uint(FSOPEN_CLOEXEC))
+    ret = _syscall(NR_FSOPEN, ctypes.c_char_p(fstype.encode()), ctypes.c_uint(FSOPEN_CLOEXEC))
     return _check(ret, "fsopen", fstype)
 
 
@@ -163,7 +157,7 @@ def fsconfig(fs_fd: int, cmd: int, key: str | None = None,
     """One fsconfig(2) step; on failure the kernel's own message is in the error."""
     kb = None if key is None else key.encode()
     vb = value.encode() if isinstance(value, str) else value
-    ret = _syscall(SYS_fsconfig, ctypes.c_int(fs_fd), ctypes.c_uint(cmd),
+    ret = _syscall(NR_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(cmd),
                    ctypes.c_char_p(kb), ctypes.c_char_p(vb), ctypes.c_int(aux))
     if ret < 0:
         err = ctypes.get_errno()
@@ -175,7 +169,7 @@ def fsconfig(fs_fd: int, cmd: int, key: str | None = None,
 
 def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
     """Turn a created filesystem context into a detached mount fd."""
-    ret = _syscall(SYS_fsmount, ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
+    ret = _syscall(NR_FSMOUNT, ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
                    ctypes.c_uint(attr_flags))
     return _check(ret, "fsmount", f"fs fd {fs_fd}")
 
@@ -242,7 +236,6 @@ def mounts_under(path: Path) -> list[MountInfo]:
     return sorted(found, key=lambda m: (m.mount_point.count("/"), m.mount_id), reverse=True)
 
 
-SYS_statx = 332
 AT_FDCWD = -100
 STATX_ATTR_MOUNT_ROOT = 0x00002000
 
@@ -263,13 +256,13 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     fallback where the attribute is not reported.
     """
     buf = _Statx()
-    ret = _syscall(SYS_statx, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(_b(path)),
+    ret = _syscall(NR_STATX, ctypes.c_int(AT_FDCWD), ctypes.c_char_p(_b(path)),
                    ctypes.c_int(AT_SYMLINK_NOFOLLOW), ctypes.c_uint(0), ctypes.byref(buf))
     if ret < 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOENT, errno.ENOTDIR):
+        exc = error("statx", str(path))
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return False
-        raise OSError(err, f"statx: {os.strerror(err)}", str(path))
+        raise exc
     if buf.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT:
         return bool(buf.stx_attributes & STATX_ATTR_MOUNT_ROOT)
     base = os.path.realpath(path)

@@ -7,8 +7,8 @@ socket later), and only then is bound to ETH_P_ALL, so no packet is ever queued
 on it unfiltered. Packets are read in SOCK_DGRAM ("cooked") form: the filter and
 the reader see the network header at offset 0.
 
-`Asm` is a tiny classic-BPF assembler with forward labels (jump offsets are
-computed, and an out-of-range jump is an error, not a wrong program).
+The filters are assembled with kernel/cbpf.py (`Asm` and the opcodes are also
+reachable here, for agent/rawsock.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,38 @@ import ctypes
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_libc.bind.restype = ctypes.c_int
+from kernel.cbpf import (
+    ALU_ADD_K,
+    ALU_ADD_X,
+    ALU_AND_K,
+    ALU_LSH_K,
+    JA,
+    JEQ_K,
+    JGE_K,
+    JGT_K,
+    JSET_K,
+    LD_B_ABS,
+    LD_B_IND,
+    LD_H_ABS,
+    LD_H_IND,
+    LD_MEM,
+    LD_W_ABS,
+    LD_W_IND,
+    LDX_B_MSH,
+    LDX_MEM,
+    RET_K,
+    SOCK_FILTER,
+    ST,
+    STX,
+    TAX,
+    TXA,
+    Asm,
+    fprog,
+)
+from kernel.libc import function
+
+_bind = function("bind", ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
@@ -30,17 +57,6 @@ SO_LOCK_FILTER = 44
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
-
-# Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
-LD_W_ABS, LD_H_ABS, LD_B_ABS = 0x20, 0x28, 0x30
-LD_W_IND, LD_H_IND, LD_B_IND = 0x40, 0x48, 0x50
-LD_MEM, LDX_MEM, LDX_B_MSH = 0x60, 0x61, 0xB1
-ST, STX = 0x02, 0x03
-ALU_ADD_K, ALU_ADD_X, ALU_AND_K, ALU_LSH_K = 0x04, 0x0C, 0x54, 0x64
-JA, JEQ_K, JGT_K, JGE_K, JSET_K = 0x05, 0x15, 0x25, 0x35, 0x45
-RET_K, TAX, TXA = 0x06, 0x07, 0x87
-SOCK_FILTER = struct.Struct("<HBBI")
-BPF_MAXINSNS = 4096
 
 
 def sock_info(fd: int) -> tuple[int, int, int]:
@@ -56,89 +72,14 @@ def sock_info(fd: int) -> tuple[int, int, int]:
 
 def bind_bytes(fd: int, raw: bytes) -> int:
     """bind(2) with exactly these sockaddr bytes; returns 0 or the errno."""
-    if _libc.bind(fd, raw, len(raw)) == 0:
+    if _bind(fd, raw, len(raw)) == 0:
         return 0
     return ctypes.get_errno()
 
 
-@dataclass
-class _Op:
-    code: int
-    jt: int | str = 0
-    jf: int | str = 0
-    k: int | str = 0
-
-
-class Asm:
-    """Classic BPF with labels: `jt`/`jf` may name a later `label()`."""
-
-    def __init__(self) -> None:
-        self.ops: list[_Op] = []
-        self.labels: dict[str, int] = {}
-        self._n = 0
-
-    def fresh(self, stem: str) -> str:
-        self._n += 1
-        return f"{stem}.{self._n}"
-
-    def label(self, name: str) -> None:
-        if name in self.labels:
-            raise ValueError(f"BPF label {name!r} defined twice")
-        self.labels[name] = len(self.ops)
-
-    def op(self, code: int, k: int | str = 0, jt: int | str = 0, jf: int | str = 0) -> None:
-        """Append one instruction; `k` may name a label only for JA (a long jump)."""
-        if isinstance(k, str) and code != JA:
-            raise ValueError(f"label {k!r} as k of opcode {code:#x}: only JA takes one")
-        self.ops.append(_Op(code, jt, jf, k))  # type: ignore[arg-type]
-
-    def drop_if(self, code: int, k: int) -> None:
-        """Return 0 (drop) when the conditional jump `code k` is true."""
-        self.op(code, k, 0, 1)
-        self.op(RET_K, 0)
-
-    def drop_unless(self, code: int, k: int) -> None:
-        """Return 0 (drop) unless the conditional jump `code k` is true."""
-        self.op(code, k, 1, 0)
-        self.op(RET_K, 0)
-
-    def assemble(self) -> bytes:
-        if not 0 < len(self.ops) <= BPF_MAXINSNS:
-            raise ValueError(f"BPF program of {len(self.ops)} instructions (1..{BPF_MAXINSNS})")
-        out = []
-        for i, o in enumerate(self.ops):
-            jumps = []
-            for j in (o.jt, o.jf):
-                if isinstance(j, str):
-                    if j not in self.labels:
-                        raise ValueError(f"BPF label {j!r} not defined")
-                    j = self.labels[j] - i - 1
-                if not 0 <= j <= 255:
-                    raise ValueError(f"BPF jump of {j} at instruction {i} (0..255 only)")
-                jumps.append(j)
-            k = o.k
-            if isinstance(k, str):
-                if k not in self.labels:
-                    raise ValueError(f"BPF label {k!r} not defined")
-                k = self.labels[k] - i - 1
-                if k < 0:
-                    raise ValueError(f"BPF jump backwards to {o.k!r} at instruction {i}")
-            out.append(SOCK_FILTER.pack(o.code, jumps[0], jumps[1], k & 0xFFFFFFFF))
-        return b"".join(out)
-
-
-def _fprog(filter_bytes: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
-    """struct sock_fprog for setsockopt, and the buffer it points to (keep it alive)."""
-    if not filter_bytes or len(filter_bytes) % SOCK_FILTER.size:
-        raise ValueError(f"filter of {len(filter_bytes)} bytes is not a sock_filter array")
-    buf = ctypes.create_string_buffer(filter_bytes, len(filter_bytes))
-    return struct.pack("<HxxxxxxQ", len(filter_bytes) // SOCK_FILTER.size,
-                       ctypes.addressof(buf)), buf
-
-
 def attach_filter(sock: socket.socket, filter_bytes: bytes, lock: bool = True) -> None:
     """Attach a classic BPF filter and, with `lock`, make it permanent (SO_LOCK_FILTER)."""
-    prog, buf = _fprog(filter_bytes)
+    prog, buf = fprog(filter_bytes)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
     del buf
     if lock:
@@ -183,4 +124,10 @@ def drain(sock: socket.socket, limit: int = 10000) -> list[bytes]:
     return out
 
 
-__all__: Sequence[str] = ("Asm", "attach_filter", "bind_bytes", "open_sniffer", "drain")
+__all__: Sequence[str] = (
+    "attach_filter", "bind_bytes", "open_sniffer", "drain", "sock_info", "accept_all",
+    # Re-exported from kernel.cbpf for agent/rawsock.py (move it to kernel.cbpf, then drop).
+    "Asm", "ALU_ADD_K", "ALU_ADD_X", "ALU_AND_K", "ALU_LSH_K", "JA", "JEQ_K", "JGE_K", "JGT_K",
+    "JSET_K", "LD_B_ABS", "LD_B_IND", "LD_H_ABS", "LD_H_IND", "LD_MEM", "LD_W_ABS", "LD_W_IND",
+    "LDX_B_MSH", "LDX_MEM", "RET_K", "ST", "STX", "TAX", "TXA",
+)

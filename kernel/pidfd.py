@@ -10,40 +10,32 @@ import os
 import signal
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_readv.argtypes = [
-    ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
-    ctypes.c_ulong,
-]
+from kernel.libc import (
+    LIBC,
+    NR_PIDFD_GETFD,
+    NR_PIDFD_OPEN,
+    NR_PIDFD_SEND_SIGNAL,
+    check,
+    error,
+    function,
+)
 
-NR_PIDFD_SEND_SIGNAL = 424
-NR_PIDFD_OPEN = 434
-NR_PIDFD_GETFD = 438
 PIDFD_NONBLOCK = os.O_NONBLOCK
 
 
 # A fixed-arity prototype of syscall(2): converting plain ints is much cheaper than
 # wrapping each argument in c_long (this is on the guard's per-notification path).
-_syscall3 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                             ctypes.c_long, use_errno=True)(("syscall", _libc))
+_syscall3 = function("syscall", ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                     ctypes.c_long)
 
 
 class _IOVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _check(ret: int, what: str, subject: object) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", subject)
-    return ret
-
-
 def pidfd_open(pid: int, flags: int = 0) -> int:
     """A pidfd for `pid` (close-on-exec). The pid must be a thread-group leader."""
-    return _check(_syscall3(NR_PIDFD_OPEN, pid, flags, 0), "pidfd_open", pid)
+    return check(_syscall3(NR_PIDFD_OPEN, pid, flags, 0), "pidfd_open", pid)
 
 
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
@@ -54,14 +46,19 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     if not 0 <= targetfd < 2**31:
         raise OSError(9, f"pidfd_getfd: bad fd number {targetfd}", targetfd)
     fd: int = _syscall3(NR_PIDFD_GETFD, pidfd, targetfd, 0)
-    return fd if fd >= 0 else _check(fd, "pidfd_getfd", targetfd)
+    return fd if fd >= 0 else check(fd, "pidfd_getfd", targetfd)
 
 
 def pidfd_send_signal(pidfd: int, sig: int = signal.SIGKILL) -> None:
     """Send `sig` to the process of `pidfd` (no pid-reuse race)."""
-    _check(_libc.syscall(ctypes.c_long(NR_PIDFD_SEND_SIGNAL), ctypes.c_long(pidfd),
+    check(LIBC.syscall(ctypes.c_long(NR_PIDFD_SEND_SIGNAL), ctypes.c_long(pidfd),
                          ctypes.c_long(sig), None, ctypes.c_long(0)),
            "pidfd_send_signal", pidfd)
+
+
+# process_vm_readv(2) with plain integer arguments (addresses of preallocated iovecs).
+_process_vm_readv = function("process_vm_readv", ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
 
 
 def read_memory(pid: int, address: int, length: int) -> bytes:
@@ -75,17 +72,13 @@ def read_memory(pid: int, address: int, length: int) -> bytes:
     buf = ctypes.create_string_buffer(length)
     local = _IOVec(ctypes.addressof(buf), length)
     remote = _IOVec(address, length)
-    got = _check(_libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0),
-                 "process_vm_readv", pid)
+    got = check(_process_vm_readv(pid, ctypes.addressof(local), 1, ctypes.addressof(remote), 1,
+                                  0), "process_vm_readv", pid)
     if got != length:
         raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
     return buf.raw
 
 
-# process_vm_readv(2) with plain integer arguments (addresses of preallocated iovecs).
-_process_vm_readv = ctypes.CFUNCTYPE(
-    ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
-    ctypes.c_ulong, ctypes.c_ulong, use_errno=True)(("process_vm_readv", _libc))
 _IOVECS = struct.Struct("<QQQQ")  # local iovec, remote iovec
 
 
@@ -118,7 +111,6 @@ class RemoteReader:
         got = _process_vm_readv(pid, iov, 1, iov + 16, 1, 0)
         if got != length:
             if got < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"process_vm_readv: {os.strerror(err)}", pid)
+                raise error("process_vm_readv", pid)
             raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
         return bytes(self._view[:length])

@@ -33,10 +33,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from kernel.libc import LIBC, NR_BPF, check
 
-NR_BPF = 321
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
@@ -244,12 +242,8 @@ def _offsets(btf: _BTF) -> dict[str, int]:
 
 def _bpf(cmd: int, attr: bytes, what: str) -> int:
     buf = ctypes.create_string_buffer(attr, len(attr))
-    ret = _libc.syscall(ctypes.c_long(NR_BPF), ctypes.c_long(cmd), buf,
-                        ctypes.c_long(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise ProcNetError(err, f"{what}: {os.strerror(err)}")
-    return int(ret)
+    return check(LIBC.syscall(ctypes.c_long(NR_BPF), ctypes.c_long(cmd), buf,
+                              ctypes.c_long(len(attr))), what, exc=ProcNetError)
 
 
 def _load(insns: bytes, attach_btf_id: int) -> int:
@@ -314,11 +308,8 @@ def attached(cgroup2_dir: Path) -> Sequence[int]:
         struct.pack_into("<IIIIQI", attr, 0, cg, BPF_LSM_CGROUP, 0, 0,
                          ctypes.addressof(ids), 64)
         buf = ctypes.create_string_buffer(bytes(attr), len(attr))
-        ret = _libc.syscall(ctypes.c_long(NR_BPF), ctypes.c_long(BPF_PROG_QUERY), buf,
-                            ctypes.c_long(len(attr)))
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise ProcNetError(err, f"query {cgroup2_dir}: {os.strerror(err)}")
+        check(LIBC.syscall(ctypes.c_long(NR_BPF), ctypes.c_long(BPF_PROG_QUERY), buf,
+                           ctypes.c_long(len(attr))), f"query {cgroup2_dir}", exc=ProcNetError)
         cnt = struct.unpack_from("<I", buf.raw, 24)[0]
         return [ids[i] for i in range(min(cnt, 64))]
     finally:

@@ -20,28 +20,30 @@ import errno as _errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import NamedTuple
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from kernel.cbpf import ALU_AND_K, JEQ_K, JGE_K, JSET_K, Asm, fprog
+from kernel.libc import (
+    LIBC,
+    NR_ADD_KEY,
+    NR_BIND,
+    NR_CLONE,
+    NR_CLONE3,
+    NR_IO_URING_ENTER,
+    NR_IO_URING_REGISTER,
+    NR_IO_URING_SETUP,
+    NR_KEYCTL,
+    NR_REQUEST_KEY,
+    NR_SECCOMP,
+    NR_SETSOCKOPT,
+    NR_SOCKET,
+    NR_SOCKETPAIR,
+    NR_UNSHARE,
+    PR_SET_NO_NEW_PRIVS,
+    check,
+)
 
-# x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
-NR_SOCKET = 41
-NR_CONNECT = 42
-NR_BIND = 49
-NR_GETPID = 39
-NR_SECCOMP = 317
-NR_ADD_KEY = 248
-NR_REQUEST_KEY = 249
-NR_KEYCTL = 250
-NR_IO_URING_SETUP = 425
-NR_IO_URING_ENTER = 426
-NR_IO_URING_REGISTER = 427
-NR_CLONE = 56
-NR_UNSHARE = 272
-NR_CLONE3 = 435
 CLONE_NEWUSER = 0x10000000
 X32_SYSCALL_BIT = 0x40000000
 
@@ -71,15 +73,6 @@ SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 SECCOMP_ADDFD_FLAG_SETFD = 1
 SECCOMP_ADDFD_FLAG_SEND = 2
 
-# Classic BPF opcodes (linux/bpf_common.h).
-BPF_LD_W_ABS = 0x20
-BPF_JEQ_K = 0x15
-BPF_JGE_K = 0x35
-BPF_JSET_K = 0x45
-BPF_RET_K = 0x06
-BPF_ALU_AND_K = 0x54
-BPF_MAXINSNS = 4096
-
 # Offsets in struct seccomp_data (little endian: low word of an argument first).
 DATA_NR = 0
 DATA_ARCH = 4
@@ -92,7 +85,6 @@ def data_arg_lo(index: int) -> int:
     return 16 + 8 * index
 
 
-SOCK_FILTER = struct.Struct("<HBBI")
 NOTIF = struct.Struct("<QIIiIQ6Q")
 NOTIF_RESP = struct.Struct("<QqiI")
 NOTIF_ADDFD = struct.Struct("<QIIII")
@@ -104,100 +96,43 @@ def errno_ret(err: int) -> int:
     return SECCOMP_RET_ERRNO | (err & 0xFFFF)
 
 
-@dataclass(frozen=True)
-class Insn:
-    """One classic BPF instruction; jumps are relative (`jt`/`jf` skip counts)."""
-
-    code: int
-    jt: int | str = 0   # a str: a label, resolved by `_link`
-    jf: int | str = 0
-    k: int = 0
-
-    def pack(self) -> bytes:
-        if not (isinstance(self.jt, int) and isinstance(self.jf, int)
-                and 0 <= self.jt <= 255 and 0 <= self.jf <= 255):
-            raise ValueError(f"BPF jump out of range in {self}")
-        return SOCK_FILTER.pack(self.code, self.jt, self.jf, self.k & 0xFFFFFFFF)
-
-
-def assemble(program: Sequence[Insn]) -> bytes:
-    """Raw `struct sock_filter[]` bytes for `program`."""
-    if not 0 < len(program) <= BPF_MAXINSNS:
-        raise ValueError(f"a BPF program has 1..{BPF_MAXINSNS} instructions, not {len(program)}")
-    return b"".join(insn.pack() for insn in program)
-
-
-def _ld(offset: int) -> Insn:
-    return Insn(BPF_LD_W_ABS, k=offset)
-
-
-def _ret(value: int) -> Insn:
-    return Insn(BPF_RET_K, k=value)
-
-
 # Socket families a sliver may create (docs/guard.md). Everything else fails with
 # EAFNOSUPPORT: AF_VSOCK is not network-namespaced (it reaches the hypervisor), and
 # other families would sit outside the port table.
 AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 1, 2, 10, 16, 17
 NETLINK_ROUTE = 0
 ALLOWED_SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
-NR_SOCKETPAIR = 53
-NR_SETSOCKOPT = 54
 SOL_PACKET = 263
 
 
-def _link(program: Sequence[Insn | str]) -> list[Insn]:
-    """Resolve labels: a `str` item marks a label; a jump's `jt`/`jf` given as a
-    label name (in `Insn`, as a str) becomes the forward skip count to it."""
-    where: dict[str, int] = {}
-    out: list[Insn] = []
-    for item in program:
-        if isinstance(item, str):
-            where[item] = len(out)
-        else:
-            out.append(item)
-
-    def skip(target: object, at: int) -> int:
-        if isinstance(target, str):
-            if where.get(target, -1) <= at:
-                raise ValueError(f"BPF label {target!r} missing or not forward")
-            return where[target] - at - 1
-        assert isinstance(target, int)
-        return target
-
-    return [Insn(i.code, skip(i.jt, n), skip(i.jf, n), i.k) for n, i in enumerate(out)]
-
-
-def _socket_block(eperm: int) -> list[Insn | str]:
+def _socket_block(a: Asm, eperm: int) -> None:
     """socket(domain, type, protocol), A holding nr == socket: an allowlist of
     families (F12). AF_PACKET, raw/packet-type and SCTP IP sockets: EPERM; netlink
     other than NETLINK_ROUTE: EPROTONOSUPPORT (what the kernel says for a netlink
     protocol it lacks); any other family: EAFNOSUPPORT."""
     allow, inet, netlink, refuse = "s_allow", "s_inet", "s_netlink", "s_eperm"
-    return [
-        _ld(data_arg_lo(0)),                              # domain
-        Insn(BPF_JEQ_K, allow, 0, AF_UNIX),
-        Insn(BPF_JEQ_K, inet, 0, AF_INET),
-        Insn(BPF_JEQ_K, inet, 0, AF_INET6),
-        Insn(BPF_JEQ_K, netlink, 0, AF_NETLINK),
-        Insn(BPF_JEQ_K, refuse, 0, AF_PACKET),
-        _ret(errno_ret(_errno.EAFNOSUPPORT)),
-        netlink,
-        _ld(data_arg_lo(2)),                              # protocol
-        Insn(BPF_JEQ_K, allow, 0, NETLINK_ROUTE),
-        _ret(errno_ret(_errno.EPROTONOSUPPORT)),
-        inet,
-        _ld(data_arg_lo(2)),                              # protocol
-        Insn(BPF_JEQ_K, refuse, 0, 132),                  # IPPROTO_SCTP
-        _ld(data_arg_lo(1)),                 # type (with SOCK_NONBLOCK|SOCK_CLOEXEC)
-        Insn(BPF_ALU_AND_K, k=0xF),                       # SOCK_TYPE_MASK
-        Insn(BPF_JEQ_K, refuse, 0, 3),                    # SOCK_RAW
-        Insn(BPF_JEQ_K, refuse, allow, 10),               # SOCK_PACKET
-        refuse,
-        _ret(eperm),
-        allow,
-        _ret(SECCOMP_RET_ALLOW),
-    ]
+    a.ld(data_arg_lo(0))                                  # domain
+    a.op(JEQ_K, AF_UNIX, allow, 0)
+    a.op(JEQ_K, AF_INET, inet, 0)
+    a.op(JEQ_K, AF_INET6, inet, 0)
+    a.op(JEQ_K, AF_NETLINK, netlink, 0)
+    a.op(JEQ_K, AF_PACKET, refuse, 0)
+    a.ret(errno_ret(_errno.EAFNOSUPPORT))
+    a.label(netlink)
+    a.ld(data_arg_lo(2))                                  # protocol
+    a.op(JEQ_K, NETLINK_ROUTE, allow, 0)
+    a.ret(errno_ret(_errno.EPROTONOSUPPORT))
+    a.label(inet)
+    a.ld(data_arg_lo(2))                                  # protocol
+    a.op(JEQ_K, 132, refuse, 0)                           # IPPROTO_SCTP
+    a.ld(data_arg_lo(1))                     # type (with SOCK_NONBLOCK|SOCK_CLOEXEC)
+    a.op(ALU_AND_K, 0xF)                                  # SOCK_TYPE_MASK
+    a.op(JEQ_K, 3, refuse, 0)                             # SOCK_RAW
+    a.op(JEQ_K, 10, refuse, allow)                        # SOCK_PACKET
+    a.label(refuse)
+    a.ret(eperm)
+    a.label(allow)
+    a.ret(SECCOMP_RET_ALLOW)
 
 
 def guard_filter(
@@ -246,57 +181,49 @@ def guard_filter(
     refuse = sorted(set(refuse))
     enosys = errno_ret(_errno.ENOSYS)
     eperm = errno_ret(_errno.EPERM)
-    prog: list[Insn | str] = [
-        _ld(DATA_ARCH),
-        Insn(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
-        _ret(enosys),
-        _ld(DATA_NR),
-        Insn(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
-        _ret(eperm),
-    ]
+    a = Asm()
+    a.ld(DATA_ARCH)
+    a.op(JEQ_K, AUDIT_ARCH_X86_64, 1, 0)
+    a.ret(enosys)
+    a.ld(DATA_NR)
+    a.op(JGE_K, X32_SYSCALL_BIT, 0, 1)
+    a.ret(eperm)
     for nr in notify:
-        prog += [Insn(BPF_JEQ_K, 0, 1, nr), _ret(SECCOMP_RET_USER_NOTIF)]
+        a.op(JEQ_K, nr, 0, 1)
+        a.ret(SECCOMP_RET_USER_NOTIF)
     for nr, err in refuse:
-        prog += [Insn(BPF_JEQ_K, 0, 1, nr), _ret(errno_ret(err))]
+        a.op(JEQ_K, nr, 0, 1)
+        a.ret(errno_ret(err))
     if refuse_userns:
         # A holds nr; the flag check loads argument 0, so nr is loaded again after.
-        prog += [
-            Insn(BPF_JEQ_K, 0, 1, NR_CLONE3),
-            _ret(enosys),
-            Insn(BPF_JEQ_K, "u_flags", 0, NR_CLONE),
-            Insn(BPF_JEQ_K, "u_flags", "u_done", NR_UNSHARE),
-            "u_flags",
-            _ld(data_arg_lo(0)),
-            Insn(BPF_JSET_K, 0, "u_reload", CLONE_NEWUSER),
-            _ret(eperm),
-            "u_reload",
-            _ld(DATA_NR),
-            "u_done",
-        ]
+        a.op(JEQ_K, NR_CLONE3, 0, 1)
+        a.ret(enosys)
+        a.op(JEQ_K, NR_CLONE, "u_flags", 0)
+        a.op(JEQ_K, NR_UNSHARE, "u_flags", "u_done")
+        a.label("u_flags")
+        a.ld(data_arg_lo(0))
+        a.op(JSET_K, CLONE_NEWUSER, 0, "u_reload")
+        a.ret(eperm)
+        a.label("u_reload")
+        a.ld(DATA_NR)
+        a.label("u_done")
     if guard_sockets:
         # A holds nr.
-        head: list[Insn | str] = [
-            Insn(BPF_JEQ_K, 0, 3, NR_SETSOCKOPT),
-            _ld(data_arg_lo(1)),                          # level
-            Insn(BPF_JEQ_K, 0, "other", SOL_PACKET),
-            _ret(eperm),
-            Insn(BPF_JEQ_K, "socket", 0, NR_SOCKET),
-            Insn(BPF_JEQ_K, 0, "other", NR_SOCKETPAIR),
-            _ld(data_arg_lo(0)),
-            Insn(BPF_JEQ_K, "other", 0, AF_UNIX),
-            _ret(errno_ret(_errno.EAFNOSUPPORT)),
-            "socket",
-        ]
-        prog += head + _socket_block(eperm) + ["other"]
-    prog.append(_ret(SECCOMP_RET_ALLOW))
-    return assemble(_link(prog))
-
-
-def _check(ret: int, what: str, subject: object = None) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", subject)
-    return ret
+        a.op(JEQ_K, NR_SETSOCKOPT, 0, "not_setsockopt")
+        a.ld(data_arg_lo(1))                              # level
+        a.op(JEQ_K, SOL_PACKET, 0, "other")
+        a.ret(eperm)
+        a.label("not_setsockopt")
+        a.op(JEQ_K, NR_SOCKET, "socket", 0)
+        a.op(JEQ_K, NR_SOCKETPAIR, 0, "other")
+        a.ld(data_arg_lo(0))
+        a.op(JEQ_K, AF_UNIX, "other", 0)
+        a.ret(errno_ret(_errno.EAFNOSUPPORT))
+        a.label("socket")
+        _socket_block(a, eperm)
+        a.label("other")
+    a.ret(SECCOMP_RET_ALLOW)
+    return a.assemble()
 
 
 def install(filter_bytes: bytes, flags: int = SECCOMP_FILTER_FLAG_NEW_LISTENER) -> int:
@@ -305,21 +232,15 @@ def install(filter_bytes: bytes, flags: int = SECCOMP_FILTER_FLAG_NEW_LISTENER) 
     With SECCOMP_FILTER_FLAG_NEW_LISTENER (the default) returns the listener fd,
     otherwise 0. Irreversible for this process and every child it creates.
     """
-    if not filter_bytes or len(filter_bytes) % SOCK_FILTER.size:
-        raise ValueError(f"filter of {len(filter_bytes)} bytes is not a sock_filter array")
-    PR_SET_NO_NEW_PRIVS = 38
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    buf = ctypes.create_string_buffer(filter_bytes, len(filter_bytes))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    prog = SockFprog(len(filter_bytes) // SOCK_FILTER.size, ctypes.addressof(buf))
-    ret = _libc.syscall(
+    prog, buf = fprog(filter_bytes)
+    check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    prog_buf = ctypes.create_string_buffer(prog, len(prog))
+    ret = LIBC.syscall(
         ctypes.c_long(NR_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-        ctypes.c_long(flags), ctypes.byref(prog),
+        ctypes.c_long(flags), prog_buf,
     )
-    return _check(ret, "seccomp(SECCOMP_SET_MODE_FILTER)")
+    del buf  # the filter's bytes had to live until the syscall copied them
+    return check(ret, "seccomp(SECCOMP_SET_MODE_FILTER)")
 
 
 class Notification(NamedTuple):
@@ -434,6 +355,6 @@ def set_sync_wake_up(listener: int) -> None:
 
     Saves the cost of waking an idle CPU (about 43 -> 5 us a notification here).
     """
-    _check(_libc.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_SET_FLAGS),
+    check(LIBC.ioctl(ctypes.c_int(listener), ctypes.c_ulong(SECCOMP_IOCTL_NOTIF_SET_FLAGS),
                        ctypes.c_ulong(SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)),
            "ioctl(SECCOMP_IOCTL_NOTIF_SET_FLAGS)", listener)

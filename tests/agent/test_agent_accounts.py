@@ -12,6 +12,7 @@ import pytest
 
 from agent import config
 from agent.accounts import Accounts, managed_block
+from agent.initscripts import Initscripts
 from agent.rootfiles import write_in_root
 from agent.tasks import BackgroundTasks
 
@@ -136,12 +137,12 @@ async def test_background_initscripts_never_hold_a_stop(tmp_path: Path,
     import trio
     from agent_fakes import FakeBackend, reply, sliver
 
-    from agent import accounts as accounts_mod
     from agent import getslivers
+    from agent import initscripts as initscripts_mod
     from agent.reconcile import ingest
     from agent.state import State
 
-    monkeypatch.setattr(accounts_mod, "INITSCRIPT_SLOTS", 1)
+    monkeypatch.setattr(initscripts_mod, "INITSCRIPT_SLOTS", 1)
     state = State.open(tmp_path / "state")
     desired = getslivers.parse(reply([sliver("pl_a"), sliver("pl_b")]))
     ingest(state, desired, "base", "pl", time.time())
@@ -166,15 +167,15 @@ async def test_background_initscripts_never_hold_a_stop(tmp_path: Path,
     cfg = config.from_mapping({"state_dir": str(tmp_path / "s"), "uid_pool_start": 1_000_000,
                                "uid_range_size": 65536}, "t")
     tasks = BackgroundTasks()
-    acc = Accounts(cfg, state, Backend(), background=tasks)   # type: ignore[arg-type]
+    scripts = initscripts_mod.Initscripts(cfg, state, Backend(), background=tasks)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(tasks.serve)
-        await acc._initscript("pl_b", "#!/bin/sh\n", "start")      # takes the slot
-        await acc._initscript("pl_a", "#!/bin/sh\n", "start")      # queued
-        await acc._initscript("pl_a", "#!/bin/sh\necho 2\n", "restart")   # supersedes it
+        await scripts.install("pl_b", "#!/bin/sh\n", "start")      # takes the slot
+        await scripts.install("pl_a", "#!/bin/sh\n", "start")      # queued
+        await scripts.install("pl_a", "#!/bin/sh\necho 2\n", "restart")   # supersedes it
         await trio.sleep(0.2)
         with trio.fail_after(5):
-            await acc.before_stop("pl_b")   # not behind the busy slot
+            await scripts.before_stop("pl_b")   # not behind the busy slot
         assert ("pl_b", "stop") in calls
         release.set()
         await trio.sleep(0.5)
@@ -205,7 +206,7 @@ def test_a_slice_name_too_long_for_a_user_gets_no_host_account(
 
 async def test_one_slivers_initscript_trap_does_not_stop_the_others(tmp_path: Path) -> None:
     """A sliver that made its /etc/planetlab a symlink gets no script; the next sliver's
-    changed script still runs (sync_initscripts keeps each failure to its sliver)."""
+    changed script still runs (Initscripts.sync keeps each failure to its sliver)."""
     import time
 
     from agent_fakes import FakeBackend, reply, sliver
@@ -241,8 +242,7 @@ async def test_one_slivers_initscript_trap_does_not_stop_the_others(tmp_path: Pa
             return 0, ""
 
     cfg = config.from_mapping({"state_dir": str(tmp_path / "s")}, "t")
-    acc = Accounts(cfg, state, Backend())   # type: ignore[arg-type]
-    await acc.sync_initscripts()
+    await Initscripts(cfg, state, Backend()).sync()   # type: ignore[arg-type]
     assert calls == ["pl_b restart"]
     assert list((tmp_path / "outside").iterdir()) == []
     state.close()

@@ -75,3 +75,19 @@ def test_run_timeout_kills_the_command(sliver: tuple[KernelBackend, str]) -> Non
     assert code == -signal.SIGKILL and text == "before\n"
     # The sliver is still usable afterwards.
     assert backend.run(name, ["/bin/sh", "-c", "echo again"]) == (0, "again\n")
+
+
+def test_destroy_clears_a_sliver_whose_init_died(sliver: tuple[KernelBackend, str]) -> None:
+    """A dead context (init killed, node crash) is destroyed whole: its directory and
+    uid reservation go, not only its root (the CLI's `sliver destroy` relies on it)."""
+    backend, name = sliver
+    pid = backend._context(name).init_pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while name in backend.live() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert name not in backend.live()
+    backend.destroy(name)
+    assert not (backend.run_dir / name).exists()
+    assert name not in (backend.run_dir / ".uid-ranges").read_text()
+    assert not (backend.roots_dir / name).exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel import caps
+from kernel import caps, cbpf
 from kernel import seccomp as sc
 from kernel.cgroups import SliverCgroup, detect_layout
 from kernel.context import (
@@ -277,16 +277,15 @@ AUDIT_ARCH_X86_64 = 0xC000003E
 
 def _sethostname_filter() -> bytes:
     """Notify on sethostname(2), allow everything else (and kill a foreign arch)."""
-    i = sc.Insn
-    return sc.assemble([
-        i(sc.BPF_LD_W_ABS, k=sc.DATA_ARCH),
-        i(sc.BPF_JEQ_K, jt=1, jf=0, k=AUDIT_ARCH_X86_64),
-        i(sc.BPF_RET_K, k=sc.SECCOMP_RET_KILL_PROCESS),
-        i(sc.BPF_LD_W_ABS, k=sc.DATA_NR),
-        i(sc.BPF_JEQ_K, jt=0, jf=1, k=NR_SETHOSTNAME),
-        i(sc.BPF_RET_K, k=sc.SECCOMP_RET_USER_NOTIF),
-        i(sc.BPF_RET_K, k=sc.SECCOMP_RET_ALLOW),
-    ])
+    a = cbpf.Asm()
+    a.ld(sc.DATA_ARCH)
+    a.op(cbpf.JEQ_K, AUDIT_ARCH_X86_64, 1, 0)
+    a.ret(sc.SECCOMP_RET_KILL_PROCESS)
+    a.ld(sc.DATA_NR)
+    a.op(cbpf.JEQ_K, NR_SETHOSTNAME, 0, 1)
+    a.ret(sc.SECCOMP_RET_USER_NOTIF)
+    a.ret(sc.SECCOMP_RET_ALLOW)
+    return a.assemble()
 
 
 def _recv_fd(sock: socket.socket) -> int:

@@ -286,3 +286,18 @@ def test_enter_hands_no_host_file_into_the_sliver(cli: Cli) -> None:
     finally:
         cli("sliver", "destroy", name)
     _nothing_left(cli, name)
+
+
+def test_destroy_of_a_dead_sliver_leaves_nothing(cli: Cli) -> None:
+    """`sliver destroy` goes through KernelBackend.destroy, which clears a context whose
+    init died (cgroups, directory, uid reservation) as well as a live one."""
+    name = f"c{os.getpid()}d"
+    cli("sliver", "create", name, "--image", "bb")
+    os.kill(cli.names()[name]["init_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cli.names()[name]["state"] != "dead" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cli.names()[name]["state"] == "dead"
+    assert cli("sliver", "destroy", name).stdout.strip() == f"destroyed {name}"
+    _nothing_left(cli, name)
+    assert name not in (cli.state_dir / "run/contexts/.uid-ranges").read_text()

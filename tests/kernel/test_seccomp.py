@@ -186,10 +186,6 @@ out["second"] = libc.bind(s2.fileno(), a, 16)
 def test_filter_assembly_checks() -> None:
     prog = seccomp.guard_filter()
     assert len(prog) % 8 == 0 and len(prog) // 8 < 64
-    with pytest.raises(ValueError, match="jump"):
-        seccomp.Insn(seccomp.BPF_JEQ_K, 300, 0, 1).pack()
-    with pytest.raises(ValueError, match="instructions"):
-        seccomp.assemble([])
     with pytest.raises(ValueError, match="sock_filter"):
         seccomp.install(b"\0" * 7)
     with pytest.raises(ValueError, match="positive"):

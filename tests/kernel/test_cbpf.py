@@ -1,0 +1,95 @@
+"""kernel/cbpf.py: the one classic BPF assembler.
+
+The golden digests were taken from the programs built by the two assemblers it
+replaced (kernel/seccomp.py's Insn/_link and kernel/packet.py's Asm, at commit
+6cc6669) on the same inputs: the unified assembler must produce them byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from agent.ports import PortRange
+from agent.rawsock import error_filter, sniffer_filter
+from kernel import cbpf, seccomp
+from kernel.libc import NR_BIND, NR_CONNECT
+
+HOLDINGS = [PortRange("udp", 5000, 5010, "127.0.0.1"), PortRange("tcp", 80, 80, "10.1.2.3"),
+            PortRange("icmp", 7, 7, "::1"), PortRange("tcp", 8000, 8100, "fd00::5")]
+
+# name: (instructions, sha256 of the sock_filter bytes) from the old assemblers.
+GOLDEN = {
+    "guard_default": (52, "1e286b9ebab8b367c37609159b28eedb8618ca1a72a43d5097a16b7dd782bd91"),
+    "guard_bind_connect": (54, "82694ebe09746f7efc9f24f70f9038c7f884f204ff5440c6304405e6518700cb"),
+    "guard_no_sockets": (29, "9031ca7ad608da6ee13fd7da414e8bcee06d497878914294ee2f548fc86fe78e"),
+    "guard_no_userns": (44, "dd2fb7160a3012ec54d3f658010ea9463682c025dc25868ab571e662b22584c2"),
+    "guard_bare": (7, "7effeb3cbb5d160f8e0e4a6639ebed32eba4b66bb813d59fdc3390842fb54a1b"),
+    "sniffer_empty": (84, "757a52cf41facf7dbce4cca9af59bf6b3e81e053abbf14b5fcef40802db74cdb"),
+    "sniffer_mixed": (226, "321904463e3313f670f4cb67f9dad6d28ede9e90f20e059e669a075b529aa3bd"),
+    "error_mixed": (96, "a7071273f7d1243db94f1ffe426e3e6dedbc18818e81b0efd1e640bae93569b2"),
+}
+
+BUILDERS = {
+    "guard_default": lambda: seccomp.guard_filter(),
+    "guard_bind_connect": lambda: seccomp.guard_filter(notify=(NR_BIND, NR_CONNECT)),
+    "guard_no_sockets": lambda: seccomp.guard_filter(guard_sockets=False),
+    "guard_no_userns": lambda: seccomp.guard_filter(refuse_userns=False),
+    "guard_bare": lambda: seccomp.guard_filter(notify=(), refuse=(), guard_sockets=False,
+                                               refuse_userns=False),
+    "sniffer_empty": lambda: sniffer_filter([]),
+    "sniffer_mixed": lambda: sniffer_filter(HOLDINGS, ["192.0.2.1", "2001:db8::1"]),
+    "error_mixed": lambda: error_filter(HOLDINGS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_programs_byte_identical_to_the_old_assemblers(name: str) -> None:
+    prog = BUILDERS[name]()
+    assert (len(prog) // 8, hashlib.sha256(prog).hexdigest()) == GOLDEN[name]
+
+
+def test_labels_resolve_to_forward_skips() -> None:
+    a = cbpf.Asm()
+    a.op(cbpf.JEQ_K, 7, "yes", 0)
+    a.ret(0)
+    a.label("yes")
+    a.op(cbpf.JA, "end")
+    a.ret(1)
+    a.label("end")
+    a.ret(2)
+    assert a.assemble() == b"".join([
+        cbpf.SOCK_FILTER.pack(cbpf.JEQ_K, 1, 0, 7), cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, 0),
+        cbpf.SOCK_FILTER.pack(cbpf.JA, 0, 0, 1), cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, 1),
+        cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, 2)])
+
+
+def test_bad_programs_are_errors_not_wrong_bytes() -> None:
+    far = cbpf.Asm()
+    far.op(cbpf.JEQ_K, 1, "far", 0)
+    for _ in range(300):
+        far.ret(0)
+    far.label("far")
+    far.ret(0)
+    with pytest.raises(ValueError, match="jump of 300"):
+        far.assemble()
+    back = cbpf.Asm()
+    back.label("top")
+    back.op(cbpf.JEQ_K, 1, "top", 0)
+    with pytest.raises(ValueError, match="jump of -1"):
+        back.assemble()
+    missing = cbpf.Asm()
+    missing.op(cbpf.JA, "nowhere")
+    with pytest.raises(ValueError, match="not defined"):
+        missing.assemble()
+    twice = cbpf.Asm()
+    twice.label("x")
+    with pytest.raises(ValueError, match="twice"):
+        twice.label("x")
+    with pytest.raises(ValueError, match="only JA"):
+        cbpf.Asm().op(cbpf.JEQ_K, "x")
+    with pytest.raises(ValueError, match="instructions"):
+        cbpf.Asm().assemble()
+    with pytest.raises(ValueError, match="sock_filter"):
+        cbpf.fprog(b"\0" * 7)
