@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +38,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_list)
 
 
+def default_config_path() -> Path:
+    """Where the agent's config is looked for without --config."""
+    return Path(os.environ.get("PLANETLAB_AGENT_CONFIG", config_mod.DEFAULT_CONFIG))
+
+
 def load_config(args: argparse.Namespace) -> config_mod.AgentConfig:
-    """The config from --config (or defaults); --state-dir overrides state_dir."""
+    """The config from --config, else the default file if there is one, else the
+    defaults; --state-dir overrides state_dir."""
+    path = args.config or (str(default_config_path()) if default_config_path().is_file()
+                           else None)
     try:
-        cfg = config_mod.load(args.config) if args.config else config_mod.defaults()
+        cfg = config_mod.load(path) if path else config_mod.defaults()
         if getattr(args, "state_dir", None):
             cfg = cfg.replace(state_dir=config_mod._check("--state-dir", "state_dir",
                                                           args.state_dir))
@@ -51,10 +59,33 @@ def load_config(args: argparse.Namespace) -> config_mod.AgentConfig:
     return cfg
 
 
+def require_root(command: str) -> None:
+    """One line, not a traceback, for a command that needs root run without it."""
+    if os.geteuid() != 0:
+        print(f"planetlab-agent {command}: must run as root (it manages kernel contexts, "
+              f"cgroups and mounts); running as uid {os.geteuid()}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def existing_state(cfg: config_mod.AgentConfig, command: str) -> None:
+    """Read-only commands never create state: without a state database they say
+    where they looked, and exit 1."""
+    db = Path(cfg.state_dir) / "agent.db"
+    if db.is_file():
+        return
+    where = (f"config {cfg.source}" if not cfg.source.startswith("<") else
+             f"no --config and no {default_config_path()}, so the defaults")
+    print(f"planetlab-agent {command}: no agent state at {db} ({where}); pass --config "
+          "FILE or --state-dir DIR of the node's agent", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    require_root("run")
+    from plc.logsetup import setup
+
+    setup(args.verbose)
     # Only `run` needs the agent program (trio, the guard, PLC client: ~0.2 s to
     # import, measured); every command imports this module to build the parser.
     from agent.main import run_agent
@@ -79,15 +110,15 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"slivers": [], "node": {}}
-    with State.open(cfg.state_dir) as st:
+    with State.open(cfg.state_dir) as st:   # callers checked existing_state
         for key in ("last_poll_ok", "last_poll_error", "last_timestamp", "last_reply_at"):
             out["node"][key] = st.get_meta(key)
         ranges = st.uid_ranges()
         ports = st.owned_ports()
         backend = None
         live: set[str] = set()
-        if with_usage:
-            try:
+        if with_usage and (Path(cfg.run_dir) / "contexts").is_dir():
+            try:   # (no run dir: nothing runs, and status creates nothing)
                 backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
                 live = backend.live()
             except Exception as exc:  # noqa: BLE001 - status degrades, never fails
@@ -137,6 +168,7 @@ def _port_text(r: list[Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    existing_state(cfg, "status")
     status = collect_status(cfg)
     if args.json:
         json.dump(status, sys.stdout, indent=2, sort_keys=True, default=str)
@@ -169,6 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    existing_state(cfg, "list")
     status = collect_status(cfg, with_usage=False)
     rows = [{"name": s["name"], "state": s["state"], "image": s["image"]}
             for s in status["slivers"]]

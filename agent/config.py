@@ -20,6 +20,7 @@ import tomli_w
 
 from agent.ports import PortError, parse_ports_tag
 
+DEFAULT_CONFIG = "/etc/planetlab/agent.toml"
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
 DEFAULT_RUN_DIR = "/run/planetlab"
 DEFAULT_SOCKET = "/run/planetlab/agent.sock"

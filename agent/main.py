@@ -30,6 +30,7 @@ from agent.backend import Backend, KernelBackend
 from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
 from agent.hostports import HostPorts, fixed_host_ports, state_uid_owner
+from agent.lockfile import PidLock
 from agent.plcclient import PLCClient, PLCError
 from agent.ports import PortError
 from agent.reconcile import Outcome, Reconciler, ingest
@@ -281,7 +282,11 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - boundary: the poller must go on
                 log.exception("poll cycle failed")
                 result = PollResult(False, f"internal error: {type(exc).__name__}: {exc}")
+            self.state.set_meta("last_poll_at", repr(time.time()))   # `poll --wait`
             if result.ok:
+                if self.failures:
+                    log.info("poll recovered after %d failed in a row: %s", self.failures,
+                             result.message)
                 self.failures = 0
             else:
                 self.failures += 1
@@ -305,7 +310,13 @@ class Agent:
                 # Takes the listeners of adopted slivers (bring_up_from_state) and of
                 # every later creation.
                 await nursery.start(self.guard.serve, name="guard")
-            await self.bring_up_from_state()
+            outcome = await self.bring_up_from_state()
+            log.info("slivers adopted: %d%s; brought up: %d; failed: %d",
+                     len(self.reconciler.adopted),
+                     f" ({', '.join(sorted(self.reconciler.adopted)[:20])})"
+                     if self.reconciler.adopted else "",
+                     sum(1 for a in outcome.done if a.kind in ("create", "start")),
+                     len(outcome.failed))
             await nursery.start(self.api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")
@@ -349,11 +360,27 @@ def protect_from_oom(value: int = AGENT_OOM_SCORE_ADJ) -> bool:
         return False
 
 
+def startup_line(cfg: AgentConfig, once: bool) -> str:
+    """The first line of every agent's log: what runs, over what, against whom."""
+    from plc.version import version
+
+    return (f"planetlab-agent {version()} starting{' (--once)' if once else ''}: "
+            f"config {cfg.source}, state {cfg.state_dir}, run {cfg.run_dir}, "
+            f"PLC {cfg.plc_url}, cgroup parent {cfg.cgroup_parent}")
+
+
 def run_agent(cfg: AgentConfig, once: bool = False) -> int:
-    raise_nofile()
-    protect_from_oom()
-    agent = build(cfg, once=once)
+    """The agent process: its lock first (a second agent on the same state or run
+    directory stops here, having changed nothing), then everything else."""
+    lock = PidLock(cfg.state_dir, cfg.run_dir).acquire()
     try:
-        return trio.run(agent.run)
+        log.info("%s", startup_line(cfg, once))
+        raise_nofile()
+        protect_from_oom()
+        agent = build(cfg, once=once)
+        try:
+            return trio.run(agent.run)
+        finally:
+            agent.close()
     finally:
-        agent.close()
+        lock.release()
