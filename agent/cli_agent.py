@@ -27,6 +27,12 @@ def register(sub: Any) -> None:
     p.add_argument("--hostname")
     p.add_argument("--key-file")
     p.add_argument("--state-dir", dest="init_state_dir")
+    p.add_argument("--node-accounts", metavar="USERS",
+                   help="local users whose ssh keys PLC manages (asked if not given on a "
+                        "terminal; else none)")
+    p.add_argument("--host-accounts", type=int, choices=(0, 1),
+                   help="1: ssh SLICE@node enters the slice's sliver (asked if not given "
+                        "on a terminal; else 0)")
     p.set_defaults(func=cmd_init_config)
 
     p = sub.add_parser("status", help="every sliver: state, image, rspec, usage")
@@ -90,7 +96,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     # import, measured); every command imports this module to build the parser.
     from agent.main import run_agent
 
-    return run_agent(cfg, once=args.once)
+    try:
+        return run_agent(cfg, once=args.once)
+    except config_mod.ConfigError as exc:
+        print(f"planetlab-agent run: {exc}", file=sys.stderr)
+        return 2
+
+
+ACCOUNT_QUESTIONS = (
+    ("node_accounts",
+     "node_accounts: local users (comma list, e.g. root,site_admin) whose "
+     "~/.ssh/authorized_keys the agent rewrites from PLC's `accounts` at every poll, "
+     "giving PLC's admins and the site's PIs ssh into this machine. Empty: none.", ""),
+    ("host_accounts",
+     "host_accounts: 1 makes a Linux user per slice on this machine, whose login shell "
+     "enters the slice's sliver (ssh SLICE@node); 0: none.", 0),
+)
+
+
+def ask_accounts(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """node_accounts and host_accounts give people ssh into this machine: asked on a
+    terminal, off otherwise, never the silent default of the config loader."""
+    given = {"node_accounts": args.node_accounts, "host_accounts": args.host_accounts}
+    for key, text, off in ACCOUNT_QUESTIONS:
+        if given[key] is not None:
+            overrides[key] = given[key]
+            continue
+        if not sys.stdin.isatty():
+            overrides[key] = off
+            print(f"{text}\n  -> {key} = {off!r} (set it in the file, or pass "
+                  f"--{key.replace('_', '-')})")
+            continue
+        print(text)
+        answer = input(f"{key} [{off}]: ").strip()
+        overrides[key] = (int(answer) if key == "host_accounts" else answer) if answer else off
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:
@@ -99,6 +138,11 @@ def cmd_init_config(args: argparse.Namespace) -> int:
                        ("key_file", args.key_file), ("state_dir", args.init_state_dir)):
         if value is not None:
             overrides[key] = value
+    try:
+        ask_accounts(args, overrides)
+    except (ValueError, EOFError):
+        print("planetlab-agent init-config: host_accounts is 0 or 1", file=sys.stderr)
+        return 2
     try:
         path = config_mod.write_default(args.path, overrides)
     except config_mod.ConfigError as exc:

@@ -31,6 +31,7 @@ from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
 from agent.hostports import HostPorts, fixed_host_ports, state_uid_owner
 from agent.lockfile import PidLock
+from agent.loginshell import install_for as install_login_shells
 from agent.plcclient import PLCClient, PLCError
 from agent.ports import PortError
 from agent.reconcile import Outcome, Reconciler, ingest
@@ -73,7 +74,8 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
                                 cgroup_parent=cfg.cgroup_parent,
                                 guard_filter=GuardService.filter() if guard else None,
                                 node_headroom=(cfg.node_pids_headroom,
-                                               cfg.node_mem_headroom << 20))
+                                               cfg.node_mem_headroom << 20),
+                                store_size_kib=cfg.disk_store_kib or None)
     if plc is None:
         plc = PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
                         ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
@@ -377,6 +379,7 @@ def run_agent(cfg: AgentConfig, once: bool = False) -> int:
         log.info("%s", startup_line(cfg, once))
         raise_nofile()
         protect_from_oom()
+        install_login_shells(cfg)
         agent = build(cfg, once=once)
         try:
             return trio.run(agent.run)
