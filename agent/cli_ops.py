@@ -22,6 +22,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("decommission",
                        help="stop every sliver; remove the store mount, loop device, "
                             "cgroups, tc state and run directory (the agent must be stopped)")
+    p.add_argument("--interface", action="append", default=[], metavar="IF",
+                   help="also remove the traffic shaping of IF (besides the config's "
+                        "[bandwidth] interfaces); repeatable")
     p.set_defaults(func=cmd_decommission)
 
 
@@ -72,7 +75,7 @@ def cmd_decommission(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     require_root("decommission")
     try:
-        problems = decommission(cfg)
+        problems = decommission(cfg, interfaces=tuple(args.interface))
     except AlreadyRunning as exc:
         print(f"planetlab-agent decommission: {exc} (systemctl stop planetlab-agent)",
               file=sys.stderr)

@@ -40,8 +40,10 @@ def _bandwidth_interfaces(cfg: AgentConfig) -> tuple[str, ...]:
     return parse_config(data.get("bandwidth"), cfg.source).interfaces
 
 
-def decommission(cfg: AgentConfig, say: Callable[[str], Any] = print) -> list[str]:
-    """Do it; `say` gets one line per thing removed. Returns the problems (empty: all
+def decommission(cfg: AgentConfig, say: Callable[[str], Any] = print,
+                 interfaces: tuple[str, ...] = ()) -> list[str]:
+    """Do it; `say` gets one line per thing removed. `interfaces`: shaped interfaces
+    besides the config's `[bandwidth] interfaces`. Returns the problems (empty: all
     done). Raises lockfile.AlreadyRunning while an agent runs."""
     from kernel.cgroups import detect_layout, remove_parent
     from kernel.context import Context
@@ -68,11 +70,11 @@ def decommission(cfg: AgentConfig, say: Callable[[str], Any] = print) -> list[st
         except OSError as exc:
             problems.append(f"cgroup {cfg.cgroup_parent}: {exc}")
         try:
-            interfaces = _bandwidth_interfaces(cfg)
+            configured = _bandwidth_interfaces(cfg)
         except ValueError as exc:
             problems.append(f"[bandwidth]: {exc}")
-            interfaces = ()
-        for ifname in interfaces:
+            configured = ()
+        for ifname in dict.fromkeys((*configured, *interfaces)):
             from kernel.tc import Shaper
 
             try:
