@@ -87,8 +87,8 @@ def existing_state(cfg: config_mod.AgentConfig, command: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
     require_root("run")
+    cfg = load_config(args)
     from plc.logsetup import setup
 
     setup(args.verbose)

@@ -72,8 +72,8 @@ def cmd_decommission(args: argparse.Namespace) -> int:
     from agent.cli_agent import load_config, require_root
     from agent.decommission import decommission
 
-    cfg = load_config(args)
     require_root("decommission")
+    cfg = load_config(args)
     try:
         problems = decommission(cfg, interfaces=tuple(args.interface))
     except AlreadyRunning as exc:
