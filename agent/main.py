@@ -35,6 +35,7 @@ from agent.loginshell import install_for as install_login_shells
 from agent.plcclient import PLCClient, PLCError
 from agent.ports import PortError
 from agent.reconcile import Outcome, Reconciler, ingest
+from agent.rspec import shown
 from agent.sliceapi import SliceAPI
 from agent.state import SliverState, State
 from agent.tasks import BackgroundTasks
@@ -150,7 +151,7 @@ class Agent:
                 skipped = self.guard.ports.host.skipped.get(name) if self.guard.ports.host else None
                 self.state.set_meta(f"ports_skipped:{name}", "; ".join(skipped or ()))  # F30
             except PortError as exc:   # PortConflict is a PortError
-                log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
+                log.error("sliver %s: ports tag %s refused: %s", name, shown(value), exc)
 
     def close(self) -> None:
         self.state.close()

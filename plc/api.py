@@ -161,6 +161,35 @@ class Call:
             raise PLCPermissionDenied(text)
 
 
+#: The longest piece of a caller's input a log line carries.
+LOG_VALUE_MAX = 200
+
+
+def log_text(value: Any, limit: int = LOG_VALUE_MAX) -> str:
+    """A caller's text for one log line: control characters escaped, cut at `limit`
+    characters with the length said (a huge value never floods the log)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def _caller_text(params: Sequence[Any]) -> str:
+    """Who called, from the auth struct as sent (the fault may be that it is wrong)."""
+    auth = params[0] if params and isinstance(params[0], dict) else None
+    if not auth:
+        return "anonymous"
+    method = auth.get("AuthMethod")
+    for key in ("Username", "node_id", "name"):   # never a password, session or key
+        if key in auth:
+            return log_text(f"{method} {auth[key]}", 80)
+    return log_text(f"{method}", 80)
+
+
+def _address_text(source: tuple[str, int] | None) -> str:
+    return f"{source[0]}:{source[1]}" if source else "(no address)"
+
+
 class API:
     def __init__(self, store: Store, config: Config) -> None:
         self.store = store
@@ -179,7 +208,18 @@ class API:
 
     def run(self, conn: Connection, name: str, params: Sequence[Any],
             source: tuple[str, int] | None = None) -> Any:
-        """One top-level call in its own transaction (system.* run without one)."""
+        """One top-level call in its own transaction (system.* run without one). Every
+        fault is logged with its caller, address and message (issue 15)."""
+        try:
+            return self._run(conn, name, params, source)
+        except PLCFault as fault:
+            log.warning("fault %d to %s at %s: %s", fault.faultCode,
+                        _caller_text(params), _address_text(source),
+                        log_text(fault.faultString))
+            raise
+
+    def _run(self, conn: Connection, name: str, params: Sequence[Any],
+             source: tuple[str, int] | None) -> Any:
         m = self.lookup(name)
         if depth(list(params)) > MAX_DEPTH:
             raise PLCInvalidArgument(f"arguments nested deeper than {MAX_DEPTH} levels")

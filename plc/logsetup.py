@@ -37,6 +37,33 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
+#: The longest argument of a log record (a slice's tag value, a caller's string) and
+#: the longest message: a huge value never floods the log (issue 15).
+ARG_MAX = 300
+MESSAGE_MAX = 4000
+
+
+def bounded(value: object, limit: int = ARG_MAX) -> object:
+    """`value`, or its text cut at `limit` characters with the full length said."""
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return value
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+class BoundedRecords(logging.Filter):
+    """Cuts every argument of a record, and its message, to a bounded length."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(bounded(a) for a in record.args)
+        if isinstance(record.msg, str) and len(record.msg) > MESSAGE_MAX:
+            record.msg = bounded(record.msg, MESSAGE_MAX)
+        return True
+
+
 def setup(verbose: bool = False) -> None:
     """Configure the root logger once for a program's lifetime."""
     handler = logging.StreamHandler(sys.stderr)
@@ -44,6 +71,7 @@ def setup(verbose: bool = False) -> None:
         handler.setFormatter(JournalFormatter("%(name)s %(levelname)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.addFilter(BoundedRecords())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
