@@ -17,6 +17,7 @@ import hmac
 import http.client
 import logging
 import os
+import socket
 import ssl
 import urllib.parse
 import xmlrpc.client
@@ -153,9 +154,9 @@ class PLCClient:
                            exc.faultCode) from None
         except xmlrpc.client.ProtocolError as exc:
             raise PLCError("protocol", self._http_text(method, exc.errcode, exc.errmsg)) from None
-        except ssl.SSLError as exc:
-            raise PLCError("unreachable", self._tls_text(method, exc)) from None
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and self._handshake_failed(exc):
+                raise PLCError("unreachable", self._tls_text(method, exc)) from None
             raise PLCError("unreachable", f"PLC {method} at {self.url}: {exc}") from None
         except xmlrpc.client.ResponseError as exc:
             raise PLCError("protocol", f"PLC {method}: malformed response: {exc}") from None
@@ -177,9 +178,9 @@ class PLCClient:
             data = resp.read(MAX_REPLY + 1)
             if resp.status != 200:
                 raise PLCError("protocol", self._http_text(method, resp.status, resp.reason))
-        except ssl.SSLError as exc:
-            raise PLCError("unreachable", self._tls_text(method, exc)) from None
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and self._handshake_failed(exc):
+                raise PLCError("unreachable", self._tls_text(method, exc)) from None
             raise PLCError("unreachable", f"PLC {method} at {self.url}: {exc}") from None
         finally:
             conn.close()
@@ -203,12 +204,28 @@ class PLCClient:
                      "/PLCAPI/, as in https://plc.example.org/PLCAPI/)")
         return text
 
-    def _tls_text(self, method: str, exc: ssl.SSLError) -> str:
+    def _tls_text(self, method: str, exc: OSError) -> str:
         text = f"PLC {method} at {self.url}: TLS failed: {exc}"
-        if exc.reason in PLAIN_HTTP_REASONS:
+        if getattr(exc, "reason", None) in PLAIN_HTTP_REASONS or self._speaks_plain_http():
             text += ("; the server answers in plain HTTP, not HTTPS: serve PLC with [api] "
                      "cert and key, or use http:// (to loopback, or with insecure_plc = 1)")
         return text
+
+    def _speaks_plain_http(self) -> bool:
+        """Whether plc_url's host and port answer a plain HTTP request (a TLS handshake
+        with a plain HTTP server fails, or hangs until it times out)."""
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            with socket.create_connection((parts.hostname or "", parts.port or 443),
+                                          timeout=min(self._timeout, 5.0)) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                return sock.recv(5) == b"HTTP/"
+        except OSError:
+            return False
+
+    def _handshake_failed(self, exc: OSError) -> bool:
+        return self.url.startswith("https://") and (
+            isinstance(exc, ssl.SSLError) or "handshake" in str(exc))
 
     async def call_raw(self, method: str, *args: Any) -> bytes:
         """Like `call`, but the successful reply is returned undecoded."""
