@@ -73,17 +73,25 @@ def require_root(command: str) -> None:
         raise SystemExit(1)
 
 
-def existing_state(cfg: config_mod.AgentConfig, command: str) -> None:
-    """Read-only commands never create state: without a state database they say
-    where they looked, and exit 1."""
+def existing_state(cfg: config_mod.AgentConfig, command: str) -> bool:
+    """Read-only commands never create state. Without a state database they say where
+    they looked; False: there is none, but a config names it (an agent that has not
+    run yet: nothing to show); no config either: exit 1."""
     db = Path(cfg.state_dir) / "agent.db"
     if db.is_file():
-        return
-    where = (f"config {cfg.source}" if not cfg.source.startswith("<") else
+        return True
+    configured = not cfg.source.startswith("<")
+    where = (f"config {cfg.source}" if configured else
              f"no --config and no {default_config_path()}, so the defaults")
-    print(f"planetlab-agent {command}: no agent state at {db} ({where}); pass --config "
-          "FILE or --state-dir DIR of the node's agent", file=sys.stderr)
-    raise SystemExit(1)
+    print(f"planetlab-agent {command}: no agent state at {db} ({where})"
+          + ("; the agent has not run yet" if configured else
+             "; pass --config FILE or --state-dir DIR of the node's agent"), file=sys.stderr)
+    if not configured:
+        raise SystemExit(1)
+    return False
+
+
+EMPTY_STATUS: dict[str, Any] = {"slivers": [], "node": {}}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -212,8 +220,7 @@ def _port_text(r: list[Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    existing_state(cfg, "status")
-    status = collect_status(cfg)
+    status = collect_status(cfg) if existing_state(cfg, "status") else EMPTY_STATUS
     if args.json:
         json.dump(status, sys.stdout, indent=2, sort_keys=True, default=str)
         print()
@@ -245,8 +252,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    existing_state(cfg, "list")
-    status = collect_status(cfg, with_usage=False)
+    status = (collect_status(cfg, with_usage=False) if existing_state(cfg, "list")
+              else EMPTY_STATUS)
     rows = [{"name": s["name"], "state": s["state"], "image": s["image"]}
             for s in status["slivers"]]
     if args.json:

@@ -6,6 +6,7 @@ files, the systemd units."""
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -58,11 +59,13 @@ def test_read_only_commands_create_nothing_and_say_where_they_looked(
     assert f"no --config and no {missing}" in out.stderr
     assert "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
-    # With a config: it names the config.
+    # With a config: it names the config; an agent that has not run has no slivers.
     cfg = config.write_default(tmp_path / "agent.toml", {
         "state_dir": str(state), "run_dir": str(tmp_path / "run")})
-    out = _agent("--config", str(cfg), command)
-    assert out.returncode == 1 and f"config {cfg}" in out.stderr, out.stderr
+    out = _agent("--config", str(cfg), command, "--json")
+    assert out.returncode == 0, out.stderr
+    assert f"config {cfg}); the agent has not run yet" in out.stderr, out.stderr
+    assert json.loads(out.stdout) in ([], {"slivers": [], "node": {}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml"]
 
 
@@ -71,6 +74,7 @@ def test_default_config_file_is_used_without_config(tmp_path: Path) -> None:
     cfg = config.write_default(tmp_path / "agent.toml", {"state_dir": str(state)})
     out = _agent("list", env={"PLANETLAB_AGENT_CONFIG": str(cfg)})
     assert f"no agent state at {state}/agent.db (config {cfg})" in out.stderr, out.stderr
+    assert out.returncode == 0 and out.stdout == ""
 
 
 @pytest.mark.parametrize("command", [["run"], ["run", "--once"], ["decommission"]])
