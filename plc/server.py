@@ -384,7 +384,11 @@ def serve(store: Store, config: Config, ready: threading.Event | None = None) ->
             finally:
                 os._exit(code)
         children.append(pid)
-    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes)", scheme, host, port, workers)
+    from plc.version import version
+
+    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes): plc %s, config %s, "
+             "database %s", scheme, host, port, workers, version(), config.source,
+             config.db_path)
     if ready is not None:
         ready.set()
     try:

@@ -159,3 +159,27 @@ def test_journald_lines_carry_the_priority(tmp_path: Path) -> None:
 def test_bounded_keeps_short_values() -> None:
     assert logsetup.bounded("short") == "short" and logsetup.bounded(7) == 7
     assert logsetup.bounded("y" * 1000) == "y" * logsetup.ARG_MAX + "... (1000 characters)"
+
+
+def test_startup_line_names_version_config_and_database(plc_store: Any) -> None:
+    import time
+
+    from plc.version import version
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*PLC, "serve", "--db", str(plc_store.path), "--listen",
+                             f"127.0.0.1:{port}", "--workers", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        assert proc.stderr is not None
+        while "PLCAPI serving" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        assert f"PLCAPI serving on http://127.0.0.1:{port}/PLCAPI/ (1 processes): plc " \
+               f"{version()}, config <defaults>, database {plc_store.path}" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(10)
