@@ -17,6 +17,7 @@ from typing import Any
 
 from plc import query
 from plc.config import Config
+from plc.faultlog import FaultLog
 from plc.faults import (
     PLCAPIError,
     PLCDBError,
@@ -197,6 +198,7 @@ class API:
         self.started = int(time.time())
         self.hash_gate = HashGate(config.api_password_checks)
         self.password_failures = Failures(config.api_password_failures)
+        self.fault_log = FaultLog(log)
         import plc.methods  # noqa: F401  (registers every method module)
         self.methods = METHODS
 
@@ -213,9 +215,9 @@ class API:
         try:
             return self._run(conn, name, params, source)
         except PLCFault as fault:
-            log.warning("fault %d to %s at %s: %s", fault.faultCode,
-                        _caller_text(params), _address_text(source),
-                        log_text(fault.faultString))
+            self.fault_log.fault(source[0] if source else "", _address_text(source),
+                                 fault.faultCode,
+                                 _caller_text(params), log_text(fault.faultString))
             raise
 
     def _run(self, conn: Connection, name: str, params: Sequence[Any],

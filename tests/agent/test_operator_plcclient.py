@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 from agent_node import LiveServer, Site, plc_server
 
 from agent.plcclient import PLCClient, PLCError

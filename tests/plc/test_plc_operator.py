@@ -183,3 +183,29 @@ def test_startup_line_names_version_config_and_database(plc_store: Any) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_fault_lines_are_bounded_per_address() -> None:
+    """A caller sending thousands of bad calls gets `burst` lines a window, then one
+    line saying how many were not logged."""
+    from plc.faultlog import FaultLog
+
+    now = [0.0]
+    records: list[str] = []
+
+    class Sink(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger(f"test.faultlog.{os.getpid()}")
+    logger.addHandler(Sink())
+    logger.propagate = False
+    flog = FaultLog(logger, burst=3, window=10.0, clock=lambda: now[0])
+    logged = [flog.fault("192.0.2.1", f"192.0.2.1:{1000 + i}", 103, "anonymous", "no")
+              for i in range(1000)]
+    assert logged.count(True) == 3 and len(records) == 3
+    assert flog.fault("192.0.2.2", "192.0.2.2:1", 102, "anonymous", "other")  # others logged
+    now[0] = 11.0
+    assert flog.fault("192.0.2.1", "192.0.2.1:5", 103, "anonymous", "no")
+    assert records[-1] == ("fault 103 to anonymous at 192.0.2.1:5: no (997 earlier faults "
+                           "to this address not logged)")
