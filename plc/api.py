@@ -215,9 +215,10 @@ class API:
         try:
             return self._run(conn, name, params, source)
         except PLCFault as fault:
+            text = fault.faultString
             self.fault_log.fault(source[0] if source else "", _address_text(source),
-                                 fault.faultCode,
-                                 _caller_text(params), log_text(fault.faultString))
+                                 fault.faultCode, lambda: _caller_text(params),
+                                 lambda: log_text(text))
             raise
 
     def _run(self, conn: Connection, name: str, params: Sequence[Any],

@@ -23,9 +23,9 @@ class FaultLog:
         # address -> [window start, lines logged in it, faults not logged]
         self._seen: dict[str, list[float]] = {}
 
-    def fault(self, host: str, address: str, code: int, caller: str, message: str) -> bool:
-        """Log one fault unless `host` (the caller's IP) is over its budget; `address`
-        is what the line says (host and port). True if logged."""
+    def admit(self, host: str) -> int | None:
+        """None if `host` (the caller's IP) is over its budget (the fault is counted);
+        else how many of its faults were not logged since its last line."""
         now = self.clock()
         with self._lock:
             entry = self._seen.get(host)
@@ -35,9 +35,19 @@ class FaultLog:
                 entry = self._seen[host] = [now, 0, entry[2] if entry else 0]
             if entry[1] >= self.burst:
                 entry[2] += 1
-                return False
+                return None
             entry[1] += 1
             dropped, entry[2] = int(entry[2]), 0
+            return dropped
+
+    def fault(self, host: str, address: str, code: int, caller: Callable[[], str],
+              message: Callable[[], str]) -> bool:
+        """Log one fault unless `host` is over its budget; `address` is what the line
+        says (host and port); the texts are made only when logged. True if logged."""
+        dropped = self.admit(host)
+        if dropped is None:
+            return False
         more = f" ({dropped} earlier faults to this address not logged)" if dropped else ""
-        self.logger.warning("fault %d to %s at %s: %s%s", code, caller, address, message, more)
+        self.logger.warning("fault %d to %s at %s: %s%s", code, caller(), address, message(),
+                            more)
         return True

@@ -201,11 +201,13 @@ def test_fault_lines_are_bounded_per_address() -> None:
     logger.addHandler(Sink())
     logger.propagate = False
     flog = FaultLog(logger, burst=3, window=10.0, clock=lambda: now[0])
-    logged = [flog.fault("192.0.2.1", f"192.0.2.1:{1000 + i}", 103, "anonymous", "no")
-              for i in range(1000)]
+    def fault(host: str, address: str, code: int, message: str) -> bool:
+        return flog.fault(host, address, code, lambda: "anonymous", lambda: message)
+
+    logged = [fault("192.0.2.1", f"192.0.2.1:{1000 + i}", 103, "no") for i in range(1000)]
     assert logged.count(True) == 3 and len(records) == 3
-    assert flog.fault("192.0.2.2", "192.0.2.2:1", 102, "anonymous", "other")  # others logged
+    assert fault("192.0.2.2", "192.0.2.2:1", 102, "other")  # other addresses are logged
     now[0] = 11.0
-    assert flog.fault("192.0.2.1", "192.0.2.1:5", 103, "anonymous", "no")
+    assert fault("192.0.2.1", "192.0.2.1:5", 103, "no")
     assert records[-1] == ("fault 103 to anonymous at 192.0.2.1:5: no (997 earlier faults "
                            "to this address not logged)")
