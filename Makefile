@@ -22,7 +22,7 @@ NATIVE_BIN += $(patsubst agent/native/%.c,agent/bin/%,$(wildcard agent/native/*.
 # Shared libraries loaded with ctypes: kernel/native/lib/NAME.c becomes kernel/bin/libNAME.so.
 NATIVE_BIN += $(patsubst kernel/native/lib/%.c,kernel/bin/lib%.so,$(wildcard kernel/native/lib/*.c))
 
-.PHONY: run test setup system venv native bench lint clean
+.PHONY: run test setup system venv native bench lint clean install-units
 
 run: setup
 	$(PY) scripts/run_demo.py
@@ -59,6 +59,20 @@ kernel/bin/lib%.so: kernel/native/lib/%.c .stamp-system
 agent/bin/%: agent/native/%.c agent/native/fdio.h .stamp-system
 	@mkdir -p agent/bin
 	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
+
+# Run PLC, the agent and the sensors under systemd from this checkout (contrib/README.md):
+# the programs linked into /usr/local/bin, the units into /etc/systemd/system, PLC's
+# system user, /etc/planetlab. Enables nothing: `systemctl enable --now UNIT` does.
+PREFIX ?= /usr/local
+install-units: setup
+	install -d -m 0755 /etc/planetlab $(PREFIX)/bin $(PREFIX)/share/doc/planetlab/contrib
+	for p in plc planetlab-agent planetlab-sensors; do \
+		if [ -x $(CURDIR)/$(VENV)/bin/$$p ]; then ln -sfn $(CURDIR)/$(VENV)/bin/$$p $(PREFIX)/bin/$$p; fi; \
+	done
+	id -u plc >/dev/null 2>&1 || useradd --system --home-dir /var/lib/plc --shell /usr/sbin/nologin plc
+	install -m 0644 contrib/*.service /etc/systemd/system/
+	install -m 0644 contrib/README.md $(PREFIX)/share/doc/planetlab/contrib/README.md
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

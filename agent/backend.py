@@ -193,7 +193,8 @@ class KernelBackend:
 
     def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab",
                  guard_filter: bytes | None = None,
-                 node_headroom: tuple[int, int] | None = None) -> None:
+                 node_headroom: tuple[int, int] | None = None,
+                 store_size_kib: int | None = None) -> None:
         """`guard_filter`: the seccomp filter every new context's init installs
         (`agent.guard.GuardService.filter()`), or None: contexts run unguarded.
         `node_headroom`: (tasks, bytes) the node keeps above all slivers together:
@@ -214,6 +215,7 @@ class KernelBackend:
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
         self.cgroup_parent = cgroup_parent
+        self.store_size_kib = store_size_kib   # config disk_store_kib (None: default)
         if node_headroom is not None:
             from kernel.cgroups import detect_layout, limit_parent, node_budget
 
@@ -263,7 +265,8 @@ class KernelBackend:
             # A context whose init is gone (node reboot, crash): clear what it left.
             Context.destroy_stale(self.run_dir, plan.name, cgroup_parent=self.cgroup_parent)
         root = prepare_root(self.store, self.roots_dir, plan.name, plan.image, plan.uid_base,
-                            plan.uid_count, plan.disk_max_kib)
+                            plan.uid_count, plan.disk_max_kib,
+                            store_size_kib=self.store_size_kib)
         try:
             for host, inside in plan.binds:
                 _bind_into(root, Path(host), inside)

@@ -19,13 +19,17 @@ SUBCOMMAND_MODULES = (
     "agent.cli_agent",
     "agent.cli_sliver",
     "agent.cli_image",
+    "agent.cli_ops",
 )
 
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from plc.version import version_line
+
     parser = argparse.ArgumentParser(prog="planetlab-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version_line("planetlab-agent"))
     parser.add_argument("--config", metavar="FILE", help="agent.toml (see `init-config`)")
     parser.add_argument(
         "--state-dir", metavar="DIR", default=None,
@@ -49,6 +53,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each subcommand sets `func(args) -> int` with set_defaults.
     try:
         return int(args.func(args) or 0)
+    except PermissionError as exc:   # a command run without the rights it needs
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"planetlab-agent {args.command}: permission denied{where}: "
+              f"{exc.strerror or exc} (run as root)", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        from agent.lockfile import AlreadyRunning
+
+        if not isinstance(exc, AlreadyRunning):
+            raise
+        print(f"planetlab-agent {args.command}: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:   # `status | head`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())   # no second error when Python flushes

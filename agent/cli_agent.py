@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +27,12 @@ def register(sub: Any) -> None:
     p.add_argument("--hostname")
     p.add_argument("--key-file")
     p.add_argument("--state-dir", dest="init_state_dir")
+    p.add_argument("--node-accounts", metavar="USERS",
+                   help="local users whose ssh keys PLC manages (asked if not given on a "
+                        "terminal; else none)")
+    p.add_argument("--host-accounts", type=int, choices=(0, 1),
+                   help="1: ssh SLICE@node enters the slice's sliver (asked if not given "
+                        "on a terminal; else 0)")
     p.set_defaults(func=cmd_init_config)
 
     p = sub.add_parser("status", help="every sliver: state, image, rspec, usage")
@@ -38,10 +44,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_list)
 
 
+def default_config_path() -> Path:
+    """Where the agent's config is looked for without --config."""
+    return Path(os.environ.get("PLANETLAB_AGENT_CONFIG", config_mod.DEFAULT_CONFIG))
+
+
 def load_config(args: argparse.Namespace) -> config_mod.AgentConfig:
-    """The config from --config (or defaults); --state-dir overrides state_dir."""
+    """The config from --config, else the default file if there is one, else the
+    defaults; --state-dir overrides state_dir."""
+    path = args.config or (str(default_config_path()) if default_config_path().is_file()
+                           else None)
     try:
-        cfg = config_mod.load(args.config) if args.config else config_mod.defaults()
+        cfg = config_mod.load(path) if path else config_mod.defaults()
         if getattr(args, "state_dir", None):
             cfg = cfg.replace(state_dir=config_mod._check("--state-dir", "state_dir",
                                                           args.state_dir))
@@ -51,15 +65,79 @@ def load_config(args: argparse.Namespace) -> config_mod.AgentConfig:
     return cfg
 
 
+def require_root(command: str) -> None:
+    """One line, not a traceback, for a command that needs root run without it."""
+    if os.geteuid() != 0:
+        print(f"planetlab-agent {command}: must run as root (it manages kernel contexts, "
+              f"cgroups and mounts); running as uid {os.geteuid()}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def existing_state(cfg: config_mod.AgentConfig, command: str) -> bool:
+    """Read-only commands never create state. Without a state database they say where
+    they looked; False: there is none, but a config names it (an agent that has not
+    run yet: nothing to show); no config either: exit 1."""
+    db = Path(cfg.state_dir) / "agent.db"
+    if db.is_file():
+        return True
+    configured = not cfg.source.startswith("<")
+    where = (f"config {cfg.source}" if configured else
+             f"no --config and no {default_config_path()}, so the defaults")
+    print(f"planetlab-agent {command}: no agent state at {db} ({where})"
+          + ("; the agent has not run yet" if configured else
+             "; pass --config FILE or --state-dir DIR of the node's agent"), file=sys.stderr)
+    if not configured:
+        raise SystemExit(1)
+    return False
+
+
+EMPTY_STATUS: dict[str, Any] = {"slivers": [], "node": {}}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    require_root("run")
     cfg = load_config(args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from plc.logsetup import setup
+
+    setup(args.verbose)
     # Only `run` needs the agent program (trio, the guard, PLC client: ~0.2 s to
     # import, measured); every command imports this module to build the parser.
     from agent.main import run_agent
 
-    return run_agent(cfg, once=args.once)
+    try:
+        return run_agent(cfg, once=args.once)
+    except config_mod.ConfigError as exc:
+        print(f"planetlab-agent run: {exc}", file=sys.stderr)
+        return 2
+
+
+ACCOUNT_QUESTIONS = (
+    ("node_accounts",
+     "node_accounts: local users (comma list, e.g. root,site_admin) whose "
+     "~/.ssh/authorized_keys the agent rewrites from PLC's `accounts` at every poll, "
+     "giving PLC's admins and the site's PIs ssh into this machine. Empty: none.", ""),
+    ("host_accounts",
+     "host_accounts: 1 makes a Linux user per slice on this machine, whose login shell "
+     "enters the slice's sliver (ssh SLICE@node); 0: none.", 0),
+)
+
+
+def ask_accounts(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """node_accounts and host_accounts give people ssh into this machine: asked on a
+    terminal, off otherwise, never the silent default of the config loader."""
+    given = {"node_accounts": args.node_accounts, "host_accounts": args.host_accounts}
+    for key, text, off in ACCOUNT_QUESTIONS:
+        if given[key] is not None:
+            overrides[key] = given[key]
+            continue
+        if not sys.stdin.isatty():
+            overrides[key] = off
+            print(f"{text}\n  -> {key} = {off!r} (set it in the file, or pass "
+                  f"--{key.replace('_', '-')})")
+            continue
+        print(text)
+        answer = input(f"{key} [{off}]: ").strip()
+        overrides[key] = (int(answer) if key == "host_accounts" else answer) if answer else off
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:
@@ -68,6 +146,11 @@ def cmd_init_config(args: argparse.Namespace) -> int:
                        ("key_file", args.key_file), ("state_dir", args.init_state_dir)):
         if value is not None:
             overrides[key] = value
+    try:
+        ask_accounts(args, overrides)
+    except (ValueError, EOFError):
+        print("planetlab-agent init-config: host_accounts is 0 or 1", file=sys.stderr)
+        return 2
     try:
         path = config_mod.write_default(args.path, overrides)
     except config_mod.ConfigError as exc:
@@ -79,15 +162,15 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"slivers": [], "node": {}}
-    with State.open(cfg.state_dir) as st:
+    with State.open(cfg.state_dir) as st:   # callers checked existing_state
         for key in ("last_poll_ok", "last_poll_error", "last_timestamp", "last_reply_at"):
             out["node"][key] = st.get_meta(key)
         ranges = st.uid_ranges()
         ports = st.owned_ports()
         backend = None
         live: set[str] = set()
-        if with_usage:
-            try:
+        if with_usage and (Path(cfg.run_dir) / "contexts").is_dir():
+            try:   # (no run dir: nothing runs, and status creates nothing)
                 backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir))
                 live = backend.live()
             except Exception as exc:  # noqa: BLE001 - status degrades, never fails
@@ -148,7 +231,7 @@ def _port_text(r: list[Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    status = collect_status(cfg)
+    status = collect_status(cfg) if existing_state(cfg, "status") else EMPTY_STATUS
     if args.json:
         json.dump(status, sys.stdout, indent=2, sort_keys=True, default=str)
         print()
@@ -180,7 +263,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    status = collect_status(cfg, with_usage=False)
+    status = (collect_status(cfg, with_usage=False) if existing_state(cfg, "list")
+              else EMPTY_STATUS)
     rows = [{"name": s["name"], "state": s["state"], "image": s["image"]}
             for s in status["slivers"]]
     if args.json:

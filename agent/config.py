@@ -9,6 +9,7 @@ what is allowed, before anything privileged happens.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import socket
 import tomllib
@@ -22,6 +23,11 @@ from agent.bandwidth import BandwidthConfig, BandwidthConfigError
 from agent.bandwidth import parse_config as parse_bandwidth
 from agent.ports import PortError, is_loopback_url, parse_ports_tag
 
+DEFAULT_CONFIG = "/etc/planetlab/agent.toml"
+# Where the agent installs the slice login shells (never a checkout: an account's
+# shell must outlive a moved or deleted source tree, and be writable by root only).
+SYSTEM_SHELL_DIR = "/usr/local/lib/planetlab"
+MIN_STORE_KIB = 256 * 1024   # kernel.disk.MIN_STORE_KIB: mkfs.btrfs needs ~114 MiB
 DEFAULT_STATE_DIR = "/var/lib/planetlab"
 DEFAULT_RUN_DIR = "/run/planetlab"
 DEFAULT_SOCKET = "/run/planetlab/agent.sock"
@@ -97,11 +103,18 @@ FIELDS: tuple[Field, ...] = (
           "local users whose authorized_keys follow GetSlivers `accounts` (comma list; "
           "empty: none)"),
     Field("ssh_shell", str, "", "login shell of slice host accounts (empty: the agent's "
-          "own agent/bin/vsh, built by `make native`)"),
+          f"own vsh, which it installs at every start as {SYSTEM_SHELL_DIR}/vsh beside "
+          "forward_api_calls)"),
     Field("guard", int, 1, "1: every sliver runs under the seccomp guard, and the agent "
           "decides its binds from the port table; 0: no guard", minimum=0, maximum=1),
     Field("addresses", str, "", "the node's addresses for the port table, comma separated "
-          "(loopback is always there)"),
+          "(loopback is always there); an address as `ip addr` prints it, 192.0.2.7/24, "
+          "counts as 192.0.2.7"),
+    Field("disk_store_kib", int, 0, "KiB of the node's layer store: one sparse btrfs image "
+          "under state_dir/roots holding every sliver's files (each sliver limited by its "
+          "disk_max). 0: 32 GiB, or half the free space when that is less. A larger value "
+          "grows the store at the next sliver creation; shrinking is refused",
+          minimum=0, maximum=1 << 40),
     Field("reserved_ports", str,
           "tcp:22,tcp:25,tcp:53,udp:53,udp:67-68,tcp:111,udp:111,udp:123,udp:161-162,"
           "tcp:179,udp:323,udp:514",
@@ -178,6 +191,7 @@ class AgentConfig:
     # [bandwidth] table (agent/bandwidth.py): HTB shaping is off while it names no
     # interface.
     bandwidth: BandwidthConfig = BandwidthConfig()
+    disk_store_kib: int = 0
     source: str = "<defaults>"
 
     @property
@@ -191,7 +205,7 @@ class AgentConfig:
     @property
     def shell_path(self) -> str:
         """The login shell of slice host accounts."""
-        return self.ssh_shell or str(Path(__file__).resolve().parent / "bin" / "vsh")
+        return self.ssh_shell or f"{SYSTEM_SHELL_DIR}/vsh"
 
     @property
     def controller_shell_path(self) -> str:
@@ -240,10 +254,33 @@ def _check(source: str, name: str, value: Any) -> Any:
             raise ConfigError(f"{source}: key 'reserved_ports' = {value!r}: {exc}") from None
     if name == "slice_prefix" and (not value or not value.replace("_", "").isalnum()):
         raise ConfigError(f"{source}: key 'slice_prefix' = {value!r} must be letters, digits or _")
+    if name == "addresses":
+        value = check_addresses(source, value)
+    if name == "disk_store_kib" and 0 < value < MIN_STORE_KIB:
+        raise ConfigError(f"{source}: key 'disk_store_kib' = {value}: a layer store needs "
+                          f"at least {MIN_STORE_KIB} KiB (or 0 for the default size)")
     if name == "cgroup_parent" and not CGROUP_PARENT_RE.match(value):
         raise ConfigError(f"{source}: key 'cgroup_parent' = {value!r} must be one cgroup name: "
                           "1 to 64 letters, digits, _ or - (not starting with -)")
     return value
+
+
+def check_addresses(source: str, value: str) -> str:
+    """The `addresses` key normalised: each item an IP address, or one as `ip addr`
+    prints it (ADDRESS/PREFIX, whose prefix is dropped); anything else is refused
+    naming the item."""
+    out: list[str] = []
+    for item in (a.strip() for a in value.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_interface(item).ip))
+        except ValueError:
+            raise ConfigError(
+                f"{source}: key 'addresses': {item!r} is not an IP address of this node "
+                "(give addresses like 192.0.2.7 or 2001:db8::7, comma separated; "
+                "192.0.2.7/24 as `ip addr` prints it is taken as 192.0.2.7)") from None
+    return ",".join(dict.fromkeys(out))
 
 
 def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig:

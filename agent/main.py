@@ -30,9 +30,12 @@ from agent.backend import Backend, KernelBackend
 from agent.bwservice import BandwidthService
 from agent.config import AgentConfig, ConfigError, read_node_key
 from agent.guard import GuardService, state_uid_range
+from agent.lockfile import PidLock
+from agent.loginshell import install_for as install_login_shells
 from agent.plcclient import PLCClient, PLCError
 from agent.ports import HostPorts, PortError, fixed_host_ports, state_uid_owner
 from agent.reconcile import Outcome, Reconciler, ingest
+from agent.rspec import shown
 from agent.sliceapi import SliceAPI
 from agent.state import SliverState, State
 from agent.tasks import BackgroundTasks
@@ -72,7 +75,8 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
                                 cgroup_parent=cfg.cgroup_parent,
                                 guard_filter=GuardService.filter() if guard else None,
                                 node_headroom=(cfg.node_pids_headroom,
-                                               cfg.node_mem_headroom << 20))
+                                               cfg.node_mem_headroom << 20),
+                                store_size_kib=cfg.disk_store_kib or None)
     if plc is None:
         plc = PLCClient(cfg.plc_url, cfg.state_dir, lambda: read_node_key(cfg),
                         ca_file=cfg.ca_file, timeout=cfg.plc_timeout,
@@ -153,7 +157,7 @@ class Agent:
                 skipped = self.guard.ports.host.skipped.get(name) if self.guard.ports.host else None
                 self.state.set_meta(f"ports_skipped:{name}", "; ".join(skipped or ()))  # F30
             except PortError as exc:   # PortConflict is a PortError
-                log.error("sliver %s: ports tag %r refused: %s", name, value, exc)
+                log.error("sliver %s: ports tag %s refused: %s", name, shown(value), exc)
 
     def close(self) -> None:
         if self.bandwidth is not None:
@@ -293,7 +297,11 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - boundary: the poller must go on
                 log.exception("poll cycle failed")
                 result = PollResult(False, f"internal error: {type(exc).__name__}: {exc}")
+            self.state.set_meta("last_poll_at", repr(time.time()))   # `poll --wait`
             if result.ok:
+                if self.failures:
+                    log.info("poll recovered after %d failed in a row: %s", self.failures,
+                             result.message)
                 self.failures = 0
             else:
                 self.failures += 1
@@ -317,7 +325,13 @@ class Agent:
                 # Takes the listeners of adopted slivers (bring_up_from_state) and of
                 # every later creation.
                 await nursery.start(self.guard.serve, name="guard")
-            await self.bring_up_from_state()
+            outcome = await self.bring_up_from_state()
+            log.info("slivers adopted: %d%s; brought up: %d; failed: %d",
+                     len(self.reconciler.adopted),
+                     f" ({', '.join(sorted(self.reconciler.adopted)[:20])})"
+                     if self.reconciler.adopted else "",
+                     sum(1 for a in outcome.done if a.kind in ("create", "start")),
+                     len(outcome.failed))
             await nursery.start(self.api.serve, name="sliceapi")
             await nursery.start(self.poller, name="poller")
             await nursery.start(self.reconciler_service, name="reconciler")
@@ -363,11 +377,28 @@ def protect_from_oom(value: int = AGENT_OOM_SCORE_ADJ) -> bool:
         return False
 
 
+def startup_line(cfg: AgentConfig, once: bool) -> str:
+    """The first line of every agent's log: what runs, over what, against whom."""
+    from plc.version import version
+
+    return (f"planetlab-agent {version()} starting{' (--once)' if once else ''}: "
+            f"config {cfg.source}, state {cfg.state_dir}, run {cfg.run_dir}, "
+            f"PLC {cfg.plc_url}, cgroup parent {cfg.cgroup_parent}")
+
+
 def run_agent(cfg: AgentConfig, once: bool = False) -> int:
-    raise_nofile()
-    protect_from_oom()
-    agent = build(cfg, once=once)
+    """The agent process: its lock first (a second agent on the same state or run
+    directory stops here, having changed nothing), then everything else."""
+    lock = PidLock(cfg.state_dir, cfg.run_dir).acquire()
     try:
-        return trio.run(agent.run)
+        log.info("%s", startup_line(cfg, once))
+        raise_nofile()
+        protect_from_oom()
+        install_login_shells(cfg)
+        agent = build(cfg, once=once)
+        try:
+            return trio.run(agent.run)
+        finally:
+            agent.close()
     finally:
-        agent.close()
+        lock.release()

@@ -17,6 +17,7 @@ import hmac
 import http.client
 import logging
 import os
+import socket
 import ssl
 import urllib.parse
 import xmlrpc.client
@@ -41,6 +42,11 @@ class PLCError(Exception):
         super().__init__(message)
         self.kind = kind
         self.fault_code = fault_code
+
+
+#: ssl.SSLError reasons of a TLS client talking to a plain-HTTP server (OpenSSL 1.1 to 3.x).
+PLAIN_HTTP_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                                "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
 
 
 def _flatten(value: Any, out: list[str]) -> None:
@@ -147,10 +153,10 @@ class PLCClient:
             raise PLCError("fault", f"PLC {method}: fault {exc.faultCode}: {exc.faultString}",
                            exc.faultCode) from None
         except xmlrpc.client.ProtocolError as exc:
-            raise PLCError("protocol", f"PLC {method}: HTTP {exc.errcode} {exc.errmsg}") from None
-        except ssl.SSLError as exc:
-            raise PLCError("unreachable", f"PLC {method}: TLS failed: {exc}") from None
+            raise PLCError("protocol", self._http_text(method, exc.errcode, exc.errmsg)) from None
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and self._handshake_failed(exc):
+                raise PLCError("unreachable", self._tls_text(method, exc)) from None
             raise PLCError("unreachable", f"PLC {method} at {self.url}: {exc}") from None
         except xmlrpc.client.ResponseError as exc:
             raise PLCError("protocol", f"PLC {method}: malformed response: {exc}") from None
@@ -171,10 +177,10 @@ class PLCClient:
             resp = conn.getresponse()
             data = resp.read(MAX_REPLY + 1)
             if resp.status != 200:
-                raise PLCError("protocol", f"PLC {method}: HTTP {resp.status} {resp.reason}")
-        except ssl.SSLError as exc:
-            raise PLCError("unreachable", f"PLC {method}: TLS failed: {exc}") from None
+                raise PLCError("protocol", self._http_text(method, resp.status, resp.reason))
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and self._handshake_failed(exc):
+                raise PLCError("unreachable", self._tls_text(method, exc)) from None
             raise PLCError("unreachable", f"PLC {method} at {self.url}: {exc}") from None
         finally:
             conn.close()
@@ -190,6 +196,36 @@ class PLCClient:
                 pass
             raise PLCError("protocol", f"PLC {method}: malformed fault response")
         return data
+
+    def _http_text(self, method: str, status: int, reason: str) -> str:
+        text = f"PLC {method} at {self.url}: HTTP {status} {reason}"
+        if status == 404:
+            text += ("; no PLCAPI at that path: check plc_url (PLC serves it at "
+                     "/PLCAPI/, as in https://plc.example.org/PLCAPI/)")
+        return text
+
+    def _tls_text(self, method: str, exc: OSError) -> str:
+        text = f"PLC {method} at {self.url}: TLS failed: {exc}"
+        if getattr(exc, "reason", None) in PLAIN_HTTP_REASONS or self._speaks_plain_http():
+            text += ("; the server answers in plain HTTP, not HTTPS: serve PLC with [api] "
+                     "cert and key, or use http:// (to loopback, or with insecure_plc = 1)")
+        return text
+
+    def _speaks_plain_http(self) -> bool:
+        """Whether plc_url's host and port answer a plain HTTP request (a TLS handshake
+        with a plain HTTP server fails, or hangs until it times out)."""
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            with socket.create_connection((parts.hostname or "", parts.port or 443),
+                                          timeout=min(self._timeout, 5.0)) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                return sock.recv(5) == b"HTTP/"
+        except OSError:
+            return False
+
+    def _handshake_failed(self, exc: OSError) -> bool:
+        return self.url.startswith("https://") and (
+            isinstance(exc, ssl.SSLError) or "handshake" in str(exc))
 
     async def call_raw(self, method: str, *args: Any) -> bytes:
         """Like `call`, but the successful reply is returned undecoded."""
@@ -217,7 +253,15 @@ class PLCClient:
         node_id, node_key = self._credentials()
         if not node_id:
             node_id = await self.resolve_node_id()
-        session = await self._call("GetSession", hmac_auth(node_id, node_key, ()), ())
+        try:
+            session = await self._call("GetSession", hmac_auth(node_id, node_key, ()), ())
+        except PLCError as exc:
+            if exc.kind == "fault" and exc.fault_code == FAULT_AUTH:
+                raise PLCError("fault", f"{exc}; the node key (node_id {node_id}) is not "
+                               "the one PLC has for this node: compare it with what "
+                               f"`plc node-key {self.hostname or 'HOSTNAME'}` prints on "
+                               "PLC", exc.fault_code) from None
+            raise
         if not isinstance(session, str) or not session:
             raise PLCError("protocol", f"PLC GetSession returned {type(session).__name__}, "
                            "not a session string")

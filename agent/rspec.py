@@ -129,6 +129,13 @@ def attributes_to_dict(attributes: Iterable[Mapping[str, Any]]) -> dict[str, str
     return out
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A slice-provided value in a message (problems, logs, status): its repr, cut at
+    `limit` characters with the full length said, so a huge tag floods nothing."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
 def _coerce(name: str, raw: Any, default: int | str) -> int | str:
     """Convert a tag value to the type of its default; ValueError names the tag."""
     if isinstance(default, str):
@@ -137,7 +144,7 @@ def _coerce(name: str, raw: Any, default: int | str) -> int | str:
     try:
         value = int(text, 10)
     except ValueError:
-        raise ValueError(f"tag {name!r} = {raw!r} is not an integer") from None
+        raise ValueError(f"tag {name!r} = {shown(raw)} is not an integer") from None
     low, high = RANGES.get(name, (-(2**63), 2**63))
     if not low <= value <= high:
         raise ValueError(f"tag {name!r} = {value} is outside [{low}, {high}]")
@@ -165,7 +172,7 @@ def resolve(attributes: Mapping[str, str], overrides: Mapping[str, str] | None =
             try:
                 value = _coerce(name, layer[name], default)
                 if name == "cpu_cores" and not _valid_cores(str(value)):
-                    raise ValueError(f"tag 'cpu_cores' = {value!r} must be <n> or <n>b")
+                    raise ValueError(f"tag 'cpu_cores' = {shown(value)} must be <n> or <n>b")
             except ValueError as exc:
                 problems.append(f"{layer_name}: {exc}; kept {rspec[name]!r}")
                 continue
@@ -217,7 +224,8 @@ def _rlimits(tags: Mapping[str, str]) -> tuple[dict[str, list[int]], list[str]]:
             if value < 0:
                 raise ValueError
         except ValueError:
-            problems.append(f"tag {tag!r} = {raw!r} is not a non-negative integer; ignored")
+            problems.append(f"tag {tag!r} = {shown(raw)} is not a non-negative integer; "
+                            "ignored")
             continue
         found.setdefault(base, {})[kind] = value
     out: dict[str, list[int]] = {}

@@ -463,3 +463,23 @@ def limit_parent(layout: Layout, parent: str, pids_max: int, mem_max: int) -> li
     for path, value in targets:
         _write(path, str(int(value)))
     return [p for p, _ in targets]
+
+
+def remove_parent(layout: Layout, parent: str, timeout: float = 10.0) -> list[Path]:
+    """Remove the node-wide parent group and everything below it, in every hierarchy
+    (a node leaving PlanetLab: `planetlab-agent decommission`). Tasks still inside are
+    killed. Returns the top directories removed; idempotent."""
+    tops = [mnt / parent for mnt in layout.v1.values()]
+    if layout.v2 is not None:
+        tops.append(layout.v2 / parent)
+    deadline = time.monotonic() + timeout
+    removed: list[Path] = []
+    for top in dict.fromkeys(tops):     # v1 co-mounted controllers share a directory
+        if not top.is_dir():
+            continue
+        # Deepest first: a cgroup directory holds only control files besides children.
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+            _rmdir_when_empty(Path(dirpath), deadline)
+        removed.append(top)
+    _parents_ready.clear()
+    return removed

@@ -26,6 +26,7 @@ agent) can always find and undo what exists.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -276,3 +277,25 @@ def disk_usage_kib(roots_dir: Path, name: str, *, sync: bool = False) -> int:
         with _roots_lock(Path(roots_dir)):
             _mount_existing_store(Path(roots_dir))
     return disk.layer_usage_kib(Path(roots_dir), name, sync=sync)
+
+
+def unmount_all(roots_dir: Path) -> list[str]:
+    """Unmount every sliver root and then the layer store, whose loop device goes with
+    it (autoclear); the layers stay in the store's image file. For a node leaving
+    (`planetlab-agent decommission`): the slivers must be gone. Returns the mount
+    points unmounted, deepest first; idempotent."""
+    roots_dir = Path(roots_dir)
+    if not roots_dir.is_dir():
+        return []
+    done: list[str] = []
+    with _roots_lock(roots_dir):
+        for info in m.mounts_under(roots_dir):
+            if info.mount_point == os.path.realpath(roots_dir):
+                continue    # roots_dir itself (a bind the operator made) is not ours
+            try:
+                m.umount(info.mount_point, detach=True)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                    raise   # EINVAL/ENOENT: gone with a parent's lazy unmount
+            done.append(info.mount_point)
+    return done

@@ -18,6 +18,7 @@ from typing import Any
 
 from plc import query
 from plc.config import Config
+from plc.faultlog import FaultLog
 from plc.faults import (
     PLCAPIError,
     PLCDBError,
@@ -173,6 +174,35 @@ class Call:
             raise PLCPermissionDenied(text)
 
 
+#: The longest piece of a caller's input a log line carries.
+LOG_VALUE_MAX = 200
+
+
+def log_text(value: Any, limit: int = LOG_VALUE_MAX) -> str:
+    """A caller's text for one log line: control characters escaped, cut at `limit`
+    characters with the length said (a huge value never floods the log)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def _caller_text(params: Sequence[Any]) -> str:
+    """Who called, from the auth struct as sent (the fault may be that it is wrong)."""
+    auth = params[0] if params and isinstance(params[0], dict) else None
+    if not auth:
+        return "anonymous"
+    method = auth.get("AuthMethod")
+    for key in ("Username", "node_id", "name"):   # never a password, session or key
+        if key in auth:
+            return log_text(f"{method} {auth[key]}", 80)
+    return log_text(f"{method}", 80)
+
+
+def _address_text(source: tuple[str, int] | None) -> str:
+    return f"{source[0]}:{source[1]}" if source else "(no address)"
+
+
 class API:
     def __init__(self, store: Store, config: Config) -> None:
         self.store = store
@@ -180,6 +210,7 @@ class API:
         self.started = int(time.time())
         self.hash_gate = HashGate(config.api_password_checks)
         self.password_failures = Failures(config.api_password_failures)
+        self.fault_log = FaultLog(log)
         import plc.methods  # noqa: F401  (registers every method module)
         self.methods = METHODS
 
@@ -194,15 +225,23 @@ class API:
         """One top-level call in its own transaction (system.* run without one). A
         transaction that lost a race with another front end's (PostgreSQL's
         serialisation failure: nothing of it was committed) is run again from the
-        start, up to RETRIES times with a short random pause; clients never see it."""
-        for attempt in range(RETRIES):
-            try:
-                return self._run_once(conn, name, params, source)
-            except RetryError as e:
-                conn.rollback()
-                log.debug("%s: serialisation failure, attempt %d: %s", name, attempt + 1, e)
-                time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
-        return self._run_once(conn, name, params, source, last=True)
+        start, up to RETRIES times with a short random pause; clients never see it.
+        Every fault is logged with its caller, address and message (issue 15)."""
+        try:
+            for attempt in range(RETRIES):
+                try:
+                    return self._run_once(conn, name, params, source)
+                except RetryError as e:
+                    conn.rollback()
+                    log.debug("%s: serialisation failure, attempt %d: %s", name, attempt + 1, e)
+                    time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
+            return self._run_once(conn, name, params, source, last=True)
+        except PLCFault as fault:
+            text = fault.faultString
+            self.fault_log.fault(source[0] if source else "", _address_text(source),
+                                 fault.faultCode, lambda: _caller_text(params),
+                                 lambda: log_text(text))
+            raise
 
     def _run_once(self, conn: Connection, name: str, params: Sequence[Any],
                   source: tuple[str, int] | None, last: bool = False) -> Any:

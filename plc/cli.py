@@ -17,6 +17,7 @@ from typing import Any
 
 from plc import config as configmod
 from plc.config import ConfigError
+from plc.version import version_line
 
 
 def _load_config(args: argparse.Namespace) -> configmod.Config:
@@ -180,6 +181,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plc", description="PlanetLab Central (PLCAPI server)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    p.add_argument("--version", action="version", version=version_line("plc"))
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init-config", help="write a commented default plc.toml")
@@ -241,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from plc.logsetup import setup
+
+    setup(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -64,7 +64,9 @@ def initialise(store: Store, admin_email: str, admin_password: str, slice_prefix
     if not _LOGIN_BASE.match(slice_prefix) or len(slice_prefix) > 32:
         raise InitError(f"--slice-prefix {slice_prefix!r}: only a-z, 0-9 and '.', at most 32")
     if store.exists():
-        raise InitError("database already initialised")
+        where = getattr(store, "path", None) or getattr(store, "url", None) or "the database"
+        raise InitError(f"{where}: a PLC database is already there (plc init makes a new "
+                        "one: keep it, or remove it or choose another --db)")
     store.create_schema()
     conn = store.connect()
     now = int(time.time())

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from plc.api import API, InternalError
-from plc.config import Config, parse_listen
+from plc.config import Config, ConfigError, parse_listen
 from plc.faults import PLCAPIError
 from plc.httpconn import Limits, Reception
 from plc.httphead import buffered_headers, http_date
@@ -293,14 +293,40 @@ def _clean(text: str) -> str:
     return re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]", "?", text)
 
 
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server's TLS context from [api] cert and key; a ConfigError names the key
+    and the file that is missing, unreadable or not what it should be."""
+    for key, path in (("cert", config.api_cert), ("key", config.api_key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{config.source}: [api] {key} = {path!r}: "
+                              f"{exc.strerror}") from None
+    try:   # the certificate alone first, to tell a bad certificate from a bad key
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(config.api_cert)
+    except ssl.SSLError:
+        raise ConfigError(f"{config.source}: [api] cert = {config.api_cert!r}: not a PEM "
+                          "certificate") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.api_cert, config.api_key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{config.source}: [api] key = {config.api_key!r}: not a PEM "
+                          f"private key, or not the key of [api] cert {config.api_cert!r} "
+                          f"({exc.reason or exc})") from None
+    return context
+
+
 def make_server(api: API, config: Config) -> PLCServer:
     host, port = parse_listen(config.api_listen, "[api] listen")
-    context = None
-    if config.api_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(config.api_cert, config.api_key)
-    return PLCServer(api, (host, port), config.api_max_body, context,
-                     config.api_max_connections, config)
+    context = tls_context(config) if config.api_cert else None
+    try:
+        return PLCServer(api, (host, port), config.api_max_body, context,
+                         config.api_max_connections, config)
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: [api] listen = {config.api_listen!r}: cannot "
+                          f"bind {host} port {port}: {exc.strerror or exc}") from None
 
 
 def plain_http_warning(config: Config) -> str | None:
@@ -358,7 +384,11 @@ def serve(store: Store, config: Config, ready: threading.Event | None = None) ->
             finally:
                 os._exit(code)
         children.append(pid)
-    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes)", scheme, host, port, workers)
+    from plc.version import version
+
+    log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes): plc %s, config %s, "
+             "database %s", scheme, host, port, workers, version(), config.source,
+             config.db_path)
     if ready is not None:
         ready.set()
     try:

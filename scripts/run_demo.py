@@ -36,6 +36,8 @@ PI = "pi@planetlab.test"
 SITE = "demo"
 SLICE = "demo_slice"
 DEMO_PORTS = "tcp:8080,udp:8080"
+DEMO_UID_POOL_START = 2_000_000_000
+DEMO_CGROUP_PARENT = "planetlab-demo"
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -121,14 +123,19 @@ def agent_config(url: str, hostname: str) -> Path:
     cfg.unlink(missing_ok=True)
     out = subprocess.run(
         [*AGENT, "init-config", str(cfg), "--plc-url", url, "--hostname", hostname,
-         "--key-file", str(STATE / "node.key"), "--state-dir", str(STATE / "agent")],
-        capture_output=True, text=True, cwd=REPO)
+         "--key-file", str(STATE / "node.key"), "--state-dir", str(STATE / "agent"),
+         "--node-accounts", "", "--host-accounts", "0"],
+        capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         sys.exit(f"planetlab-agent init-config failed: {out.stderr.strip()}")
     text = cfg.read_text()
     for key, value in (("run_dir", str(RUN_DIR)), ("socket_path", str(RUN_DIR / "agent.sock")),
                        ("default_image", IMAGE), ("poll_interval", 30), ("poll_jitter", 5),
-                       ("host_accounts", 0), ("node_accounts", "")):
+                       ("host_accounts", 0), ("node_accounts", ""),
+                       # Never a real agent's uids nor cgroups on the same machine: the
+                       # demo's pool lies above the default pool's end (1,967,040,000).
+                       ("uid_pool_start", DEMO_UID_POOL_START), ("uid_pool_ranges", 64),
+                       ("cgroup_parent", DEMO_CGROUP_PARENT)):
         literal = f'"{value}"' if isinstance(value, str) else str(value)
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {literal}", text, count=1)
     cfg.write_text(text)
@@ -200,13 +207,13 @@ def teardown() -> None:
     state_dir = STATE / "agent"
     if not state_dir.exists():
         return
-    backend = KernelBackend(state_dir, RUN_DIR)
+    backend = KernelBackend(state_dir, RUN_DIR, cgroup_parent=DEMO_CGROUP_PARENT)
     for name in Context.list(backend.run_dir):
         try:
             if name in backend.live():
                 backend.destroy(name)
             else:
-                Context.destroy_stale(backend.run_dir, name)
+                Context.destroy_stale(backend.run_dir, name, cgroup_parent=DEMO_CGROUP_PARENT)
                 backend.destroy(name)
             print(f"destroyed sliver {name}", flush=True)
         except Exception as exc:  # noqa: BLE001 - go on with the others, say what failed

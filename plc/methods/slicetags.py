@@ -12,6 +12,7 @@ from plc.methods._tags import tag_type, tag_type_roles
 from plc.methods._util import id_or_name
 from plc.model import Node, NodeGroup, Slice, SliceTag, TagType
 from plc.params import Mixed, Parameter
+from plc.tagvalues import check_tag_value
 
 if TYPE_CHECKING:
     from plc.api import Call
@@ -51,6 +52,7 @@ def may_write_slice_tag(call: Call, s: dict[str, Any], tag_type_id: int,
 
 
 def check_initscript(call: Call, tagname: str, value: str) -> None:
+    check_tag_value(tagname, value)   # numeric and rlimit tags: in range (issue 15)
     if tagname == "initscript" and not call.conn.query(
             "SELECT 1 FROM initscripts WHERE name = ? AND enabled = 1", [value]):
         raise PLCInvalidArgument(f"No such enabled initscript {value!r}", "value")

@@ -71,7 +71,7 @@ def test_cli_init_node_key_serve(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     again = run("init", "--db", str(db), "--admin-email", "root@example.org",
                 "--admin-password", "pw-1", "--slice-prefix", "demo")
-    assert again.returncode == 1 and "already initialised" in again.stderr
+    assert again.returncode == 1 and f"{db}: a PLC database is already there" in again.stderr
     assert run("node-key", "--db", str(db), "nosuch.example.org").returncode == 1
     bad_cfg = tmp_path / "bad.toml"
     bad_cfg.write_text("[api]\nlisten = 1\n")
