@@ -28,7 +28,7 @@ run: setup
 	$(PY) scripts/run_demo.py
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -rs -p no:cacheprovider tests
 
 setup: system venv native
 

@@ -388,7 +388,7 @@ def serve(store: Store, config: Config, ready: threading.Event | None = None) ->
 
     log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes): plc %s, config %s, "
              "database %s", scheme, host, port, workers, version(), config.source,
-             config.db_path)
+             getattr(store, "path", None) or store.url)
     if ready is not None:
         ready.set()
     try:

@@ -19,8 +19,19 @@ from plc import logsetup, tagvalues
 from plc.api import API
 from plc.config import Config, ConfigError
 from plc.server import make_server
+from tests.plc.conftest import store_config
 
 PLC = [sys.executable, "-m", "plc.cli"]
+
+
+def _db(store: Any) -> str:
+    """What `--db` takes for this store: the SQLite file, or the PostgreSQL DSN."""
+    return str(store.dsn if store.dialect == "postgres" else store.path)
+
+
+def _db_named(store: Any) -> str:
+    """How PLC names this store in its messages (a DSN's password never shown)."""
+    return str(store.url if store.dialect == "postgres" else store.path)
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -33,12 +44,12 @@ def test_bind_failure_names_address_and_port(plc_store: Any) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = Config().replace(api_listen=f"127.0.0.1:{port}", db_path=plc_store.path)
+        cfg = store_config(plc_store).replace(api_listen=f"127.0.0.1:{port}")
         with pytest.raises(ConfigError, match=rf"\[api\] listen = '127.0.0.1:{port}': cannot "
                                               rf"bind 127.0.0.1 port {port}: Address already "
                                               "in use"):
             make_server(API(plc_store, cfg), cfg)
-        out = _run("serve", "--db", str(plc_store.path), "--listen", f"127.0.0.1:{port}")
+        out = _run("serve", "--db", _db(plc_store), "--listen", f"127.0.0.1:{port}")
     assert out.returncode == 2
     assert f"cannot bind 127.0.0.1 port {port}" in out.stderr and "Traceback" not in out.stderr
 
@@ -73,16 +84,16 @@ def test_certificate_errors_name_the_key_and_file(plc_store: Any, tmp_path: Path
     assert tls_context(Config().replace(api_cert=str(cert), api_key=str(key)))
     toml = tmp_path / "plc.toml"
     toml.write_text(f'[api]\ncert = "{cert}"\nkey = "{other_key}"\n')
-    out = _run("serve", "--config", str(toml), "--db", str(plc_store.path))
+    out = _run("serve", "--config", str(toml), "--db", _db(plc_store))
     assert out.returncode == 2 and f"{toml}: [api] key = '{other_key}'" in out.stderr, \
         out.stderr
 
 
 def test_init_over_an_existing_database_names_it(plc_store: Any) -> None:
-    out = _run("init", "--db", str(plc_store.path), "--admin-email", "a@example.org",
+    out = _run("init", "--db", _db(plc_store), "--admin-email", "a@example.org",
                "--admin-password", "pw-123456")
     assert out.returncode == 1
-    assert f"{plc_store.path}: a PLC database is already there" in out.stderr
+    assert f"{_db_named(plc_store)}: a PLC database is already there" in out.stderr
 
 
 def test_every_fault_is_logged_with_caller_address_and_message(
@@ -169,7 +180,7 @@ def test_startup_line_names_version_config_and_database(plc_store: Any) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*PLC, "serve", "--db", str(plc_store.path), "--listen",
+    proc = subprocess.Popen([*PLC, "serve", "--db", _db(plc_store), "--listen",
                              f"127.0.0.1:{port}", "--workers", "1"],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -179,7 +190,7 @@ def test_startup_line_names_version_config_and_database(plc_store: Any) -> None:
         while "PLCAPI serving" not in line and time.monotonic() < deadline:
             line = proc.stderr.readline()
         assert f"PLCAPI serving on http://127.0.0.1:{port}/PLCAPI/ (1 processes): plc " \
-               f"{version()}, config <defaults>, database {plc_store.path}" in line, line
+               f"{version()}, config <defaults>, database {_db_named(plc_store)}" in line, line
     finally:
         proc.terminate()
         proc.wait(10)
