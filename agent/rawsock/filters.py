@@ -146,6 +146,25 @@ def _verdict(asm: Asm) -> None:
     asm.op(pk.RET_K, 0)
 
 
+def _flag_and_verdict(asm: Asm, version: int, rules: list[PortRange], local: list[str],
+                      address: Callable[[Asm, str], Callable[[int, str], None]]) -> None:
+    """With the packet's protocol, addresses and ports in scratch memory: set a flag
+    for each end that is one of `rules` and each end that is a `local` address of
+    this node, then decide by the flags. `version` 0 for IPv4, 1 for IPv6."""
+    asm.op(LD_IMM, 0)
+    asm.op(pk.ST, M_FLAGS)
+    for r in rules:
+        assert r.address is not None
+        ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
+        for side, flag in ((0, F_SRC), (1, F_DST)):
+            _mark(asm, IPPROTO[r.proto][version], side, flag, address(asm, r.address),
+                  (ports[side], r.lo, r.hi))
+    for a in local:
+        for side, flag in ((0, F_SRC_LOCAL), (1, F_DST_LOCAL)):
+            _mark(asm, None, side, flag, address(asm, a), None)
+    _verdict(asm)
+
+
 def _locals(local: Iterable[str]) -> tuple[list[str], list[str]]:
     addrs = {normalize_address(a) for a in local} | {LOOPBACK4, "::1"}
     v4 = sorted(a for a in addrs if ipaddress.ip_address(a).version == 4)
@@ -171,36 +190,14 @@ def sniffer_filter(holdings: list[PortRange], local: Iterable[str] = ()) -> byte
     for slot, off in ((M_SPORT, 0), (M_DPORT, 2), (M_ID, 4)):
         asm.op(pk.LD_H_IND, off)
         asm.op(pk.ST, slot)
-    asm.op(LD_IMM, 0)
-    asm.op(pk.ST, M_FLAGS)
-    for r in v4rules:
-        assert r.address is not None
-        ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
-        for side, flag in ((0, F_SRC), (1, F_DST)):
-            _mark(asm, IPPROTO[r.proto][0], side, flag, _v4_address(asm, r.address),
-                  (ports[side], r.lo, r.hi))
-    for a in local4:
-        for side, flag in ((0, F_SRC_LOCAL), (1, F_DST_LOCAL)):
-            _mark(asm, None, side, flag, _v4_address(asm, a), None)
-    _verdict(asm)
+    _flag_and_verdict(asm, 0, v4rules, local4, _v4_address)
     asm.label(v6)
     asm.op(pk.LD_B_ABS, 6)
     asm.op(pk.ST, M_PROTO)
     for slot, off in ((M_SPORT, 40), (M_DPORT, 42), (M_ID, 44)):
         asm.op(pk.LD_H_ABS, off)
         asm.op(pk.ST, slot)
-    asm.op(LD_IMM, 0)
-    asm.op(pk.ST, M_FLAGS)
-    for r in v6rules:
-        assert r.address is not None
-        ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
-        for side, flag in ((0, F_SRC), (1, F_DST)):
-            _mark(asm, IPPROTO[r.proto][1], side, flag, _v6_address(asm, r.address),
-                  (ports[side], r.lo, r.hi))
-    for a in local6:
-        for side, flag in ((0, F_SRC_LOCAL), (1, F_DST_LOCAL)):
-            _mark(asm, None, side, flag, _v6_address(asm, a), None)
-    _verdict(asm)
+    _flag_and_verdict(asm, 1, v6rules, local6, _v6_address)
     return asm.assemble()
 
 
