@@ -68,10 +68,8 @@ def initialise(store: Store, admin_email: str, admin_password: str, slice_prefix
         raise InitError(f"{where}: a PLC database is already there (plc init makes a new "
                         "one: keep it, or remove it or choose another --db)")
     store.create_schema()
-    conn = store.connect()
     now = int(time.time())
-    try:
-        conn.begin(write=True)
+    with store.transaction() as conn:
         conn.insert("plc_meta", {"name": "schema_version", "value": SCHEMA_VERSION})
         for rid, name in ROLES:
             conn.insert("roles", {"role_id": rid, "name": name})
@@ -103,12 +101,6 @@ def initialise(store: Store, admin_email: str, admin_password: str, slice_prefix
         hrn = conn.scalar("SELECT tag_type_id FROM tag_types WHERE tagname = 'hrn'")
         conn.insert("site_tag", {"site_id": site_id, "tag_type_id": hrn,
                                  "value": f"{hrn_root}.{slice_prefix}"})
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
 
 
 def new_node_key() -> str:
@@ -118,9 +110,7 @@ def new_node_key() -> str:
 
 def node_key(store: Store, hostname: str) -> str:
     """The node's hmac key, created if it has none."""
-    conn = store.connect()
-    try:
-        conn.begin(write=True)
+    with store.transaction() as conn:
         rows = conn.query("SELECT node_id, key FROM nodes WHERE hostname = ? AND deleted = 0",
                           [hostname.lower()])
         if not rows:
@@ -129,10 +119,4 @@ def node_key(store: Store, hostname: str) -> str:
         if not key:
             key = new_node_key()
             conn.update("nodes", {"node_id": rows[0]["node_id"]}, {"key": key})
-        conn.commit()
         return key
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()

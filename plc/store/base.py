@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*\Z")
@@ -124,6 +125,21 @@ class Store(ABC):
 
     @abstractmethod
     def connect(self) -> Connection: ...
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Connection]:
+        """A new connection in one transaction: committed when the block ends,
+        rolled back when it raises (anything, even KeyboardInterrupt); closed after."""
+        conn = self.connect()
+        try:
+            conn.begin(write=write)
+            yield conn
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            conn.close()
 
     @abstractmethod
     def exists(self) -> bool:

@@ -54,10 +54,8 @@ def _counters(conn: Connection) -> dict[str, int]:
 
 def export(store: Store, out: IO[str]) -> dict[str, int]:
     """Write the database to ``out``; rows per table."""
-    conn = store.connect()
     counts: dict[str, int] = {}
-    try:
-        conn.begin(write=False)
+    with store.transaction(write=False) as conn:
         doc: dict[str, Any] = {"format": FORMAT, "schema_version": current_version(conn),
                                "counters": _counters(conn), "tables": {}}
         for table in tables():
@@ -68,9 +66,6 @@ def export(store: Store, out: IO[str]) -> dict[str, int]:
             rows = conn.rows(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {order}")
             doc["tables"][table] = {"columns": cols, "rows": [list(r) for r in rows]}
             counts[table] = len(rows)
-        conn.commit()
-    finally:
-        conn.close()
     json.dump(doc, out)
     return counts
 
@@ -96,10 +91,8 @@ def import_(store: Store, src: IO[str]) -> dict[str, int]:
     if store.exists():
         raise ImportError_(f"{store.url}: not empty (import only into a new database)")
     store.create_schema()
-    conn = store.connect()
     counts: dict[str, int] = {}
-    try:
-        conn.begin(write=True)
+    with store.transaction() as conn:
         known = set(tables())
         for table, data in doc["tables"].items():
             if table not in known or table == "schema_version":
@@ -112,12 +105,6 @@ def import_(store: Store, src: IO[str]) -> dict[str, int]:
             counts[table] = len(data["rows"])
         for table, last in doc.get("counters", {}).items():
             _set_counter(conn, check_ident(table), int(last))
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
     return counts
 
 

@@ -96,9 +96,7 @@ def migrate(store: Store, target: int | None = None) -> list[int]:
     """Apply the missing migrations (up to ``target``) in one transaction; the
     versions applied. A database newer than the code is refused."""
     goal = latest() if target is None else target
-    conn = store.connect()
-    try:
-        conn.begin(write=True)
+    with store.transaction() as conn:
         if conn.dialect == "postgres":
             conn.execute("SELECT pg_advisory_xact_lock(?)", [_LOCK_KEY])
         have = current_version(conn)
@@ -119,13 +117,7 @@ def migrate(store: Store, target: int | None = None) -> list[int]:
                 conn.insert("schema_version", {"version": mig.version, "name": mig.name,
                                                "applied": int(time.time())})
                 done.append(mig.version)
-        conn.commit()
         return done
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
 
 
 def check_current(store: Store) -> None:
