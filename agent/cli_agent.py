@@ -179,9 +179,11 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
         if with_usage and cfg.bandwidth.interfaces:
             try:
                 from agent.bwservice import observe
+                from agent.getslivers import plc_bwlimit
 
                 bandwidth = observe(cfg.bandwidth, st.path, {
-                    n: r.rspec for n, r in st.slivers().items() if r.state != "controller"})
+                    n: r.rspec for n, r in st.slivers().items() if r.state != "controller"},
+                    plc_bwlimit=plc_bwlimit(st.last_reply()))
             except Exception as exc:  # noqa: BLE001 - status degrades, never fails
                 out["node"]["bandwidth"] = f"unavailable: {exc}"
         for name, rec in st.slivers().items():
