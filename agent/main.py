@@ -73,6 +73,7 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
     if backend is None:
         backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
                                 cgroup_parent=cfg.cgroup_parent,
+                                cpu_headroom_pct=cfg.cpu_headroom_pct,
                                 guard_filter=GuardService.filter() if guard else None,
                                 node_headroom=(cfg.node_pids_headroom,
                                                cfg.node_mem_headroom << 20),
