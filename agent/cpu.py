@@ -32,7 +32,7 @@ WEIGHT_PER_SHARE = 100      # cgroup v2 cpu.weight of cpu_share 1 (the kernel de
 WEIGHT_MAX = 10_000         # cgroup v2's largest cpu.weight
 # A reservation is computed for this many points more than asked, so scheduler noise
 # (tick granularity, load balancing across CPUs) does not eat into it.
-RESERVE_SLACK_PCT = 1.0
+RESERVE_SLACK_PCT = 2.0
 
 
 @dataclass(frozen=True)

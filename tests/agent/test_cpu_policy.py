@@ -16,7 +16,7 @@ def test_reservation_weight_against_best_effort() -> None:
     req["res"] = CpuRequest(reserve_pct=30)
     g = allocate(req, [0, 1], headroom_pct=10)
     got = share_of(g, "res", list(req))
-    assert 0.30 <= got <= 0.32            # 30 % plus the slack point
+    assert 0.30 <= got <= 0.33            # 30 % plus the slack points
     assert g["res"].reserve_pct == 30 and not g["res"].refused
     # Idle best-effort slivers only raise it (work-conserving).
     assert share_of(g, "res", ["res", "be0"]) > 0.30
