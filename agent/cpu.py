@@ -16,8 +16,9 @@ goes or changes its tags: `allocate` is called with all of them.
 
 Admission: reservations together may take at most (100 - headroom) % of the shared
 CPUs; one that does not fit is refused (the sliver runs best-effort, by its share)
-and the refusal names the numbers. Slivers admitted before keep their reservation;
-newcomers are served in name order. Whole cores (`cpu_cores` "N" or "Nb") are taken
+and the refusal names the numbers. Slivers admitted before keep their reservation
+(and cores); newcomers are served in name order, and new cores are refused when the
+CPUs left shared would no longer hold the reservations admitted before. Whole cores (`cpu_cores` "N" or "Nb") are taken
 the same way, never more than the node's CPUs minus one (the host keeps a core).
 """
 
@@ -127,14 +128,15 @@ def allocate(requests: Mapping[str, CpuRequest], node_cpus: Sequence[int],
     reservations first (a newcomer never takes what a running sliver holds)."""
     previous = previous or {}
     ncpu = len(node_cpus)
-    order = sorted(requests, key=lambda n: (n not in previous, n))
+    def holders_first(attr: str) -> list[str]:
+        return sorted(requests, key=lambda n: (not getattr(previous.get(n, _NONE), attr), n))
     refused: dict[str, list[str]] = {n: [] for n in requests}
 
     # Whole cores: earlier holders keep theirs; at most ncpu - 1 go to slivers.
     held: dict[str, list[int]] = {}
     free = list(node_cpus)
     budget = max(0, ncpu - 1)
-    for name in order:
+    for name in holders_first("cores"):
         want = requests[name].cores
         if not want:
             continue
@@ -146,6 +148,12 @@ def allocate(requests: Mapping[str, CpuRequest], node_cpus: Sequence[int],
         keep = [c for c in previous.get(name, _NONE).cores if c in free][:want]
         rest = [c for c in free if c not in keep][:want - len(keep)]
         got = keep + rest
+        if rest and not _reservations_fit(requests, previous, held, name,
+                                          len(free) - len(got), ncpu, headroom_pct):
+            refused[name].append(
+                f"cpu_cores {want} refused: the {len(free) - len(got)} CPUs left shared "
+                "would no longer hold the reservations (cpu_pct) admitted before")
+            continue
         held[name] = got
         free = [c for c in free if c not in got]
         budget -= want
@@ -156,7 +164,7 @@ def allocate(requests: Mapping[str, CpuRequest], node_cpus: Sequence[int],
     limit = (100.0 - headroom_pct) / 100.0
     frac: dict[str, float] = {}
     total = 0.0
-    for name in order:
+    for name in holders_first("reserve_pct"):
         r = requests[name]
         if not r.reserve_pct or (name in held and not r.cores_pool):
             continue   # (an exclusive-core sliver does not run in the pool)
@@ -204,6 +212,19 @@ def allocate(requests: Mapping[str, CpuRequest], node_cpus: Sequence[int],
             reserve_pct=r.reserve_pct if name in frac else 0, cores=cores,
             freeze=r.freezable and not cores, refused=tuple(refused[name]))
     return out
+
+
+def _reservations_fit(requests: Mapping[str, CpuRequest], previous: Mapping[str, CpuGrant],
+                      held: Mapping[str, list[int]], taker: str, npool: int, ncpu: int,
+                      headroom_pct: float) -> bool:
+    """Whether the reservations admitted before still fit in a pool of `npool` CPUs
+    (new cores never evict an admitted reservation)."""
+    pcts = [requests[n].reserve_pct for n, g in previous.items()
+            if n in requests and g.reserve_pct and requests[n].reserve_pct
+            and not ((n in held or n == taker) and not requests[n].cores_pool)]
+    if not pcts:
+        return True
+    return bool(npool) and sum(pcts) * ncpu / (100.0 * npool) <= (100 - headroom_pct) / 100 + 1e-9
 
 
 _NONE = CpuGrant(weight=WEIGHT_PER_SHARE, cap_pct=None, cpus=None, partition=False,

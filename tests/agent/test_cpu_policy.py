@@ -78,3 +78,15 @@ def test_parse() -> None:
     with pytest.raises(ValueError):
         parse_cores("x")
     assert cpulist([5, 0, 1, 2]) == "0-2,5" and parse_cpulist("0-2,5") == [0, 1, 2, 5]
+
+
+def test_new_cores_never_evict_an_admitted_reservation() -> None:
+    cpus = [0, 1, 2, 3]
+    first = allocate({"r": CpuRequest(reserve_pct=60)}, cpus, 10)
+    req = {"r": CpuRequest(reserve_pct=60), "k": CpuRequest(cores=2, cores_pool=False)}
+    g = allocate(req, cpus, 10, first)
+    # 2 of 4 cores taken would leave 60 % of the node on 2 CPUs: 120 % of them.
+    assert g["r"].reserve_pct == 60 and g["k"].cores == ()
+    assert "would no longer hold the reservations" in g["k"].refused[0]
+    g = allocate({**req, "k": CpuRequest(cores=1, cores_pool=False)}, cpus, 10, first)
+    assert g["r"].reserve_pct == 60 and len(g["k"].cores) == 1   # 80 % of 3 CPUs fits
