@@ -50,7 +50,8 @@ class CpuRequest:
     @classmethod
     def from_limits(cls, limits: Mapping[str, Any]) -> CpuRequest:
         cores, pool = parse_cores(str(limits.get("cpu_cores", "0b")))
-        cap = limits.get("cpu_cap")
+        # "cpu_pct" is the cap's older name in the sliver CLI's records (agent/cli_sliver.py).
+        cap = limits.get("cpu_cap", limits.get("cpu_pct"))
         return cls(share=max(1, int(limits.get("cpu_share", 1))),
                    reserve_pct=int(limits.get("cpu_reserve_pct", 0) or 0),
                    cap_pct=int(cap) if cap else None, cores=cores, cores_pool=pool,

@@ -90,3 +90,12 @@ def test_new_cores_never_evict_an_admitted_reservation() -> None:
     assert "would no longer hold the reservations" in g["k"].refused[0]
     g = allocate({**req, "k": CpuRequest(cores=1, cores_pool=False)}, cpus, 10, first)
     assert g["r"].reserve_pct == 60 and len(g["k"].cores) == 1   # 80 % of 3 CPUs fits
+
+
+def test_request_from_limits() -> None:
+    r = CpuRequest.from_limits({"cpu_share": 3, "cpu_cap": 20, "cpu_reserve_pct": 30,
+                                "cpu_cores": "1b", "cpu_freezable": 1})
+    assert r == CpuRequest(share=3, reserve_pct=30, cap_pct=20, cores=1, cores_pool=True,
+                           freezable=True)
+    # The sliver CLI's records name the cap cpu_pct: a rebalance must keep it.
+    assert CpuRequest.from_limits({"cpu_share": 1, "cpu_pct": 25}).cap_pct == 25
