@@ -8,7 +8,6 @@ a backend to act. `KernelBackend` does it with real contexts, images and COW roo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,13 +16,12 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import cpu as cpu_policy
+from agent.cpugrants import CpuGrants
 from kernel import caps
-from kernel import cgroups as cg
 from kernel import mount as m
 from kernel.context import (
     DEVNULL,
@@ -192,7 +190,7 @@ def kernel_limits(limits: dict[str, Any]) -> Any:
     )
 
 
-class KernelBackend:
+class KernelBackend(CpuGrants):
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
     def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab",
@@ -221,16 +219,8 @@ class KernelBackend:
         # contexts keep the parent recorded in their state file.
         self.cgroup_parent = cgroup_parent
         self.store_size_kib = store_size_kib   # config disk_store_kib (None: default)
-        # CPU book (agent/cpu.py): every sliver's request and grant, in run_dir/cpu.json
-        # (status reads it; an agent restart keeps grants and policy freezes).
-        self.cpu_headroom_pct = cpu_headroom_pct
-        self.cpu_path = self.run_dir.parent / CPU_BOOK
-        book = read_cpu_book(self.run_dir.parent)
-        self._cpu_requests = {n: cpu_policy.CpuRequest(**r)
-                              for n, r in book.get("requests", {}).items()}
-        self._cpu_grants = {n: cpu_policy.CpuGrant.from_json(g)
-                            for n, g in book.get("grants", {}).items()}
-        self._cpu_frozen: set[str] = set(book.get("frozen_by_policy", []))
+        # CPU book (agent/cpugrants.py): every sliver's request and grant.
+        self._cpu_init(self.run_dir.parent, cpu_headroom_pct)
         if node_headroom is not None:
             from kernel.cgroups import detect_layout, limit_parent, node_budget
 
@@ -285,7 +275,7 @@ class KernelBackend:
         try:
             for host, inside in plan.binds:
                 _bind_into(root, Path(host), inside)
-            limits = self._cpu_limits(plan)
+            limits = self._cpu_limits(plan, kernel_limits(plan.limits))
             agent_end = self._new_context(plan, root, limits)
         except BaseException:
             release_root(self.roots_dir, plan.name)
@@ -339,7 +329,7 @@ class KernelBackend:
         new context is returned, as by create."""
         ctx = self._context(plan.name)
         set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
-        limits = self._cpu_limits(plan)
+        limits = self._cpu_limits(plan, kernel_limits(plan.limits))
         if not self.needs_restart(plan):
             ctx.update_limits(limits)
             self._cpu_settle()
@@ -378,88 +368,6 @@ class KernelBackend:
         if name in self._cpu_frozen:   # frozen by an operator now: policy must not thaw it
             self._cpu_frozen.discard(name)
             self._cpu_save()
-
-    # -- CPU (agent/cpu.py) ---------------------------------------------------------
-    def _cpu_limits(self, plan: SliverPlan) -> Any:
-        """kernel Limits for `plan` with its CPU grant, the node's grants recomputed with
-        its request (the others' changed files are rewritten in place, cpusets shrunk
-        before this sliver's grow)."""
-        self._cpu_requests[plan.name] = cpu_policy.CpuRequest.from_limits(plan.limits)
-        self._cpu_reallocate(skip=plan.name)
-        g = self._cpu_grants[plan.name]
-        return replace(kernel_limits(plan.limits), cpu_weight=g.weight, cpus=g.cpus,
-                       cpu_partition=g.partition)
-
-    def _cpu_forget(self, name: str) -> None:
-        if self._cpu_requests.pop(name, None) is not None:
-            self._cpu_grants.pop(name, None)
-            self._cpu_frozen.discard(name)
-            self._cpu_reallocate(skip=name)
-
-    def _cpu_reallocate(self, skip: str) -> None:
-        layout = cg.detect_layout()
-        node = cpu_policy.parse_cpulist(cg.node_cpus(layout, self.cgroup_parent))
-        old = self._cpu_grants
-        new = cpu_policy.allocate(self._cpu_requests, node, self.cpu_headroom_pct, old)
-        for name, g in new.items():
-            if g.refused and (name not in old or old[name].refused != g.refused):
-                for why in g.refused:
-                    log.warning("sliver %s: %s", name, why)
-        self._cpu_grants = new
-        running = set(Context.list(self.run_dir))
-        others = [n for n in new if n != skip and n in running]
-        excl = cpu_policy.cpulist([c for g in new.values() if g.partition for c in g.cores])
-        # Shrink first: the members (the pool), then the parent's exclusive set, then
-        # the partitions.
-        for name in others:
-            if not new[name].partition:
-                self._cpu_write(name, new[name])
-        cg.set_parent_exclusive(layout, self.cgroup_parent, excl)
-        for name in others:
-            if new[name].partition:
-                self._cpu_write(name, new[name])
-        self._cpu_save()
-
-    def _cpu_write(self, name: str, g: cpu_policy.CpuGrant) -> None:
-        try:
-            ctx = self._context(name)
-            ctx.cgroup.set_cpu(g.weight, g.cap_pct, g.cpus, g.partition)
-        except (ProcessLookupError, FileNotFoundError, ValueError, KeyError) as exc:
-            log.info("sliver %s: CPU grant not written (%s)", name, exc)
-
-    def _cpu_settle(self) -> None:
-        """Freeze what cpu_freezable says (no cores held) and thaw what it froze before
-        and now holds cores; a sliver an operator or PLC stopped is left alone."""
-        changed = False
-        for name, g in self._cpu_grants.items():
-            if name not in self._contexts:
-                continue
-            ctx = self._contexts[name]
-            if g.freeze and name not in self._cpu_frozen and not ctx.frozen():
-                log.info("sliver %s: frozen: cpu_freezable=1 and it holds no cores", name)
-                ctx.stop()
-                self._cpu_frozen.add(name)
-                changed = True
-            elif not g.freeze and name in self._cpu_frozen:
-                log.info("sliver %s: thawed: it holds cores %s", name, list(g.cores))
-                ctx.start()
-                self._cpu_frozen.discard(name)
-                changed = True
-        if changed:
-            self._cpu_save()
-
-    def _cpu_save(self) -> None:
-        book = {"headroom_pct": self.cpu_headroom_pct,
-                "requests": {n: asdict_request(r) for n, r in self._cpu_requests.items()},
-                "grants": {n: g.to_json() for n, g in self._cpu_grants.items()},
-                "frozen_by_policy": sorted(self._cpu_frozen)}
-        tmp = self.cpu_path.with_name(self.cpu_path.name + ".tmp")
-        tmp.write_text(json.dumps(book, sort_keys=True))
-        tmp.replace(self.cpu_path)
-
-    def cpu_grant(self, name: str) -> dict[str, Any] | None:
-        g = self._cpu_grants.get(name)
-        return None if g is None else g.to_json()
 
     def destroy(self, name: str) -> None:
         try:
@@ -554,23 +462,6 @@ class KernelBackend:
         ctx = self._contexts.get(name)
         root = getattr(ctx, "root", None)
         return Path(root) if root else None
-
-
-CPU_BOOK = "cpu.json"
-
-
-def asdict_request(r: cpu_policy.CpuRequest) -> dict[str, Any]:
-    return dict(r.__dict__)
-
-
-def read_cpu_book(run_dir: str | Path) -> dict[str, Any]:
-    """The CPU book the agent's backend keeps (requests, grants, refusals), for status;
-    {} when there is none or it does not parse."""
-    try:
-        data = json.loads((Path(run_dir) / CPU_BOOK).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _mounts_under(path: Path, strictly: bool = False) -> list[str]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
-from agent.backend import KernelBackend, read_cpu_book
+from agent.backend import KernelBackend
+from agent.cpugrants import read_cpu_book
 from agent.state import State
 
 
