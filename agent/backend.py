@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.cpugrants import CpuGrants
 from kernel import caps
 from kernel import mount as m
 from kernel.context import (
@@ -176,7 +177,8 @@ def kernel_limits(limits: dict[str, Any]) -> Any:
     capabilities = None
     if extra:
         capabilities = tuple(sorted(set(caps.DEFAULT_CAPS) | {caps.normalize(c) for c in extra}))
-    cap = limits.get("cpu_pct")
+    # cpu_cap (agent.rspec); "cpu_pct" is the cap's older name in the CLI's records.
+    cap = limits.get("cpu_cap", limits.get("cpu_pct"))
     if cap is not None:
         cap = max(1, min(int(cap), 100 * (os.cpu_count() or 1)))
     return Limits(
@@ -188,13 +190,14 @@ def kernel_limits(limits: dict[str, Any]) -> Any:
     )
 
 
-class KernelBackend:
+class KernelBackend(CpuGrants):
     """Slivers as kernel contexts on COW roots. Holds open Context objects by name."""
 
     def __init__(self, state_dir: Path, run_dir: Path, cgroup_parent: str = "planetlab",
                  guard_filter: bytes | None = None,
                  node_headroom: tuple[int, int] | None = None,
-                 store_size_kib: int | None = None) -> None:
+                 store_size_kib: int | None = None,
+                 cpu_headroom_pct: float = 10.0) -> None:
         """`guard_filter`: the seccomp filter every new context's init installs
         (`agent.guard.GuardService.filter()`), or None: contexts run unguarded.
         `node_headroom`: (tasks, bytes) the node keeps above all slivers together:
@@ -216,6 +219,8 @@ class KernelBackend:
         # contexts keep the parent recorded in their state file.
         self.cgroup_parent = cgroup_parent
         self.store_size_kib = store_size_kib   # config disk_store_kib (None: default)
+        # CPU book (agent/cpugrants.py): every sliver's request and grant.
+        self._cpu_init(self.run_dir.parent, cpu_headroom_pct)
         if node_headroom is not None:
             from kernel.cgroups import detect_layout, limit_parent, node_budget
 
@@ -270,10 +275,14 @@ class KernelBackend:
         try:
             for host, inside in plan.binds:
                 _bind_into(root, Path(host), inside)
-            return self._new_context(plan, root, kernel_limits(plan.limits))
+            limits = self._cpu_limits(plan, kernel_limits(plan.limits))
+            agent_end = self._new_context(plan, root, limits)
         except BaseException:
             release_root(self.roots_dir, plan.name)
+            self._cpu_forget(plan.name)
             raise
+        self._cpu_settle()
+        return agent_end
 
     def _new_context(self, plan: SliverPlan, root: Path, limits: Any) -> socket.socket | None:
         """A context for `plan` on the prepared `root`; the guard socket's agent end."""
@@ -319,10 +328,11 @@ class KernelBackend:
         ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
         new context is returned, as by create."""
         ctx = self._context(plan.name)
-        limits = kernel_limits(plan.limits)
         set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+        limits = self._cpu_limits(plan, kernel_limits(plan.limits))
         if not self.needs_restart(plan):
             ctx.update_limits(limits)
+            self._cpu_settle()
             return None
         limits.validate()   # refused before anything is stopped
         log.info("sliver %s: rlimits or capabilities changed; restarting it", plan.name)
@@ -333,6 +343,7 @@ class KernelBackend:
         agent_end = self._new_context(plan, root, limits)
         if frozen:
             self.stop(plan.name)
+        self._cpu_settle()
         return agent_end
 
     def needs_restart(self, plan: SliverPlan) -> bool:
@@ -343,12 +354,28 @@ class KernelBackend:
                     and limits.capabilities == ctx.limits.capabilities)
 
     def start(self, name: str) -> None:
+        grant = self._cpu_grants.get(name)
+        if grant is not None and grant.freeze:   # cpu_freezable without cores: stays frozen
+            log.info("sliver %s: not thawed: cpu_freezable=1 and it holds no cores", name)
+            self._context(name).stop()
+            self._cpu_frozen.add(name)
+            self._cpu_save()
+            return
         self._context(name).start()
 
     def stop(self, name: str) -> None:
         self._context(name).stop()
+        if name in self._cpu_frozen:   # frozen by an operator now: policy must not thaw it
+            self._cpu_frozen.discard(name)
+            self._cpu_save()
 
     def destroy(self, name: str) -> None:
+        try:
+            self._destroy(name)
+        finally:
+            self._cpu_forget(name)   # its reservation and cores go back to the node
+
+    def _destroy(self, name: str) -> None:
         ctx = self._contexts.pop(name, None)
         if ctx is None and name in self.live():
             ctx = Context.adopt(self.run_dir, name)

@@ -71,6 +71,8 @@ class BandwidthService:
         # name -> class minor of every live sliver: read without the lock (RawSend
         # looks it up on the trio thread while a pass may hold the lock).
         self._minors: dict[str, int] = {}
+        self._rspecs: dict[str, Mapping[str, Any]] = {}   # of the slivers with classes
+        self.plc_bwlimit = plc_bwlimit
         self.passes = 0
         self.last_pass_s = 0.0
 
@@ -86,6 +88,7 @@ class BandwidthService:
         there are billed and removed."""
         with self._lock:
             self.bw.sync(rspecs, self.clock())
+            self._rspecs = dict(rspecs)
             self._minors = {n: m for n, m in self.bw.minors().items() if n in rspecs}
             for sh in self.shapers:
                 if self.cfg.exempt:
@@ -102,7 +105,23 @@ class BandwidthService:
         with self._lock:
             minor = self.bw.add(name, rspec, self.clock())
             self._minors = {**self._minors, name: minor}
+            self._rspecs[name] = rspec
             return minor
+
+    def set_plc_bwlimit(self, bwlimit: int | None) -> bool:
+        """PLC's interface `bwlimit` (bit/s) from the last good GetSlivers: when
+        agent.toml sets no node_rate it is the node's cap, so a change moves the root
+        class and every sliver's clamped rates in place. True when the cap changed."""
+        with self._lock:
+            self.plc_bwlimit = bwlimit
+            cap = node_cap(self.cfg, bwlimit)
+            if cap == self.bw.cap:
+                return False
+            log.info("bandwidth: node cap %d -> %d bit/s (PLC bwlimit %s)", self.bw.cap, cap,
+                     bwlimit)
+            self.bw.cap = cap
+            self.bw.sync(self._rspecs, self.clock())
+            return True
 
     def adopted(self, name: str, rspec: Mapping[str, Any]) -> int:
         """A running sliver found at start: its classes as they are, its classifier
@@ -116,6 +135,7 @@ class BandwidthService:
     def released(self, name: str) -> None:
         with self._lock:
             self._minors = {n: m for n, m in self._minors.items() if n != name}
+            self._rspecs.pop(name, None)
             self.bw.remove(name, self.clock())
 
     def minor_of(self, name: str) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from agent import config as config_mod
 from agent.backend import KernelBackend
+from agent.cpugrants import read_cpu_book
 from agent.state import State
 
 
@@ -179,11 +180,14 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
         if with_usage and cfg.bandwidth.interfaces:
             try:
                 from agent.bwservice import observe
+                from agent.getslivers import plc_bwlimit
 
                 bandwidth = observe(cfg.bandwidth, st.path, {
-                    n: r.rspec for n, r in st.slivers().items() if r.state != "controller"})
+                    n: r.rspec for n, r in st.slivers().items() if r.state != "controller"},
+                    plc_bwlimit=plc_bwlimit(st.last_reply()))
             except Exception as exc:  # noqa: BLE001 - status degrades, never fails
                 out["node"]["bandwidth"] = f"unavailable: {exc}"
+        cpu_grants = read_cpu_book(cfg.run_dir).get("grants", {})
         for name, rec in st.slivers().items():
             item: dict[str, Any] = {
                 "name": name, "state": rec.state, "message": rec.message, "image": rec.image,
@@ -198,6 +202,8 @@ def collect_status(cfg: config_mod.AgentConfig, with_usage: bool = True) -> dict
             }
             if name in bandwidth:
                 item["bandwidth"] = bandwidth[name]
+            if name in cpu_grants:
+                item["cpu"] = cpu_grants[name]
             if backend is not None and name in live:
                 try:
                     item["usage"] = backend.usage(name)
@@ -229,6 +235,23 @@ def _port_text(r: list[Any]) -> str:
     return f"{r[0]}:{span}@{r[3]} ({source})"
 
 
+def _cpu_text(g: dict[str, Any]) -> str:
+    """One line of a sliver's CPU grant (agent/cpu.py)."""
+    parts = [f"weight={g['weight']}"]
+    if g.get("reserve_pct"):
+        parts.append(f"reserved={g['reserve_pct']}%")
+    if g.get("cap_pct"):
+        parts.append(f"cap={g['cap_pct']}%")
+    if g.get("cores"):
+        parts.append(f"cores={','.join(map(str, g['cores']))}"
+                     + (" (exclusive partition)" if g.get("partition") else " (+ pool)"))
+    if g.get("cpus"):
+        parts.append(f"cpus={g['cpus']}")
+    if g.get("freeze"):
+        parts.append("frozen (cpu_freezable, no cores)")
+    return " ".join(parts)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     status = collect_status(cfg) if existing_state(cfg, "status") else EMPTY_STATUS
@@ -254,6 +277,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"    {s['message']}")
         for p in s["problems"]:
             print(f"    rspec: {p}")
+        if s.get("cpu"):
+            print(f"    cpu: {_cpu_text(s['cpu'])}")
+            for why in s["cpu"].get("refused", []):
+                print(f"    cpu: {why}")
         if s["ports"]:
             print(f"    ports: {', '.join(s['ports'])}")
         if s.get("ports_skipped"):

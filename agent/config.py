@@ -142,6 +142,10 @@ FIELDS: tuple[Field, ...] = (
           "together may never take", minimum=256, maximum=1 << 22),
     Field("node_mem_headroom", int, 1024, "MiB of RAM that slivers together may never "
           "take", minimum=64, maximum=2**32),
+    Field("cpu_headroom_pct", int, 10, "percent of the node's CPU (of the cores not "
+          "reserved whole by cpu_cores) that cpu_pct reservations together may never take: "
+          "the host's own share; a reservation beyond it is refused and the sliver runs "
+          "best-effort (docs/cpu.md)", minimum=0, maximum=99),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -192,6 +196,7 @@ class AgentConfig:
     # interface.
     bandwidth: BandwidthConfig = BandwidthConfig()
     disk_store_kib: int = 0
+    cpu_headroom_pct: int = 10
     source: str = "<defaults>"
 
     @property
@@ -340,7 +345,29 @@ def render(overrides: dict[str, Any] | None = None) -> str:
         lines.append(f"# {field.help}{bounds}")
         lines.append(tomli_w.dumps({field.name: value}).rstrip("\n"))
         lines.append("")
+    lines.extend(_render_bandwidth())
     return "\n".join(lines)
+
+
+def _render_bandwidth() -> list[str]:
+    """The [bandwidth] table (agent/bandwidth.py) at its defaults, commented."""
+    bw = BandwidthConfig()
+    return [
+        "[bandwidth]",
+        "# egress interfaces shaped by HTB (docs/bandwidth.md); empty: no shaping",
+        f"interfaces = {list(bw.interfaces)!r}",
+        "# the node's cap in bit/s; 0: PLC's interface bwlimit, else link_rate",
+        f"node_rate = {bw.node_rate}",
+        "# bit/s of the link: the exempt tree's and the link class's rate",
+        f"link_rate = {bw.link_rate}",
+        "# destinations (IPv4/IPv6 CIDRs) shaped by the net_i2_* tags instead",
+        f"exempt = {list(bw.exempt)!r}",
+        "# seconds between accounting passes",
+        f"sample_s = {bw.sample_s!r}",
+        "# seconds of a daily-budget period",
+        f"period_s = {bw.period_s}",
+        "",
+    ]
 
 
 def write_default(path: str | Path, overrides: dict[str, Any] | None = None) -> Path:

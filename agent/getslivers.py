@@ -150,6 +150,22 @@ def _tag_value(value: Any, path: str) -> str:
     return str(value)
 
 
+def plc_bwlimit(reply: Any) -> int | None:
+    """The node's bandwidth cap PLC gives (bit/s): the `bwlimit` of the primary
+    interface in a GetSlivers reply (else of the first interface that has one); None
+    when there is none, it is null, or the reply is not a dict."""
+    if not isinstance(reply, dict) or not isinstance(reply.get("interfaces"), list):
+        return None
+    found: list[tuple[bool, int]] = []
+    for item in reply["interfaces"]:
+        if not isinstance(item, dict):
+            continue
+        value = item.get("bwlimit")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.append((not item.get("is_primary"), value))
+    return min(found, key=lambda f: f[0])[1] if found else None
+
+
 def parse(reply: Any, expected_node_id: int | None = None) -> Desired:
     """Validate a GetSlivers reply; InvalidReply on the first problem."""
     _expect(reply, dict, "reply")

@@ -73,6 +73,7 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
     if backend is None:
         backend = KernelBackend(Path(cfg.state_dir), Path(cfg.run_dir),
                                 cgroup_parent=cfg.cgroup_parent,
+                                cpu_headroom_pct=cfg.cpu_headroom_pct,
                                 guard_filter=GuardService.filter() if guard else None,
                                 node_headroom=(cfg.node_pids_headroom,
                                                cfg.node_mem_headroom << 20),
@@ -86,7 +87,8 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
     api_dir.chmod(0o755)
     background = None if once else BackgroundTasks()
     accounts = Accounts(cfg, state, backend, background=background)
-    bandwidth = (BandwidthService(cfg.bandwidth, state.path, cfg.cgroup_parent)
+    bandwidth = (BandwidthService(cfg.bandwidth, state.path, cfg.cgroup_parent,
+                                  plc_bwlimit=getslivers.plc_bwlimit(state.last_reply()))
                  if cfg.bandwidth.interfaces else None)
     if bandwidth is not None and guard is not None:
         # RawSend packets leave from the agent's socket: billed to the slice's class.
@@ -226,6 +228,9 @@ class Agent:
             # Only now: a reply whose ingest failed must be decoded again next time.
             self._mark_good(desired.timestamp, digest[1] if digest else "")
             self.apply_port_tags()
+            if self.bandwidth is not None:   # PLC's bwlimit is the cap unless node_rate
+                await trio.to_thread.run_sync(self.bandwidth.set_plc_bwlimit,
+                                              getslivers.plc_bwlimit(reply))
             outcome = await self.reconciler.reconcile(removed=removed, have_reply=True)
             await self.accounts.sync(desired)
             await self.accounts.sync_initscripts()

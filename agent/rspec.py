@@ -257,20 +257,22 @@ def parse_capabilities(text: str) -> tuple[tuple[str, ...], list[str]]:
 
 
 def limits_kwargs(rspec: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for kernel `Limits` from a resolved rspec.
+    """Keyword arguments for the backend from a resolved rspec (agent.backend turns
+    them into kernel `Limits`; the CPU keys go through agent.cpu.allocate first).
 
-    cpu_share is the relative weight; cpu_pct (a reservation, which cgroups cannot
-    guarantee) raises the weight to at least cpu_pct so a reserved slice is favoured;
-    cpu_cap becomes the hard cap. Memory from KiB to bytes. Rlimits as (soft, hard).
+    cpu_share is the weight, cpu_cap the hard cap (percent of one CPU), cpu_pct a
+    reservation (percent of the node), cpu_cores whole cores ("N" or "Nb"),
+    cpu_freezable 0/1: docs/cpu.md. Memory from KiB to bytes. Rlimits as (soft, hard).
     """
-    weight = max(1, int(rspec["cpu_share"]), int(rspec["cpu_pct"]))
-    cap = int(rspec["cpu_cap"]) or None
     mem = int(rspec["mem_max"]) * 1024 or None
     rlimits = {name: (int(v[0]), int(v[1])) for name, v in rspec.get("rlimits", {}).items()}
     caps, _ = parse_capabilities(str(rspec.get("capabilities", "")))
     return {
-        "cpu_share": weight,
-        "cpu_pct": cap,
+        "cpu_share": max(1, int(rspec["cpu_share"])),
+        "cpu_cap": int(rspec["cpu_cap"]) or None,
+        "cpu_reserve_pct": int(rspec["cpu_pct"]),
+        "cpu_cores": str(rspec.get("cpu_cores", "0b")),
+        "cpu_freezable": int(rspec.get("cpu_freezable", 0)),
         "mem_max": mem,
         "pids_max": int(rspec["pids_max"]),
         "inet_sockets_max": int(rspec.get("sockets_max", 0)) or None,

@@ -68,16 +68,8 @@ CREATE TABLE IF NOT EXISTS loans (
     position INTEGER NOT NULL,
     PRIMARY KEY (lender, position)
 );
-CREATE TABLE IF NOT EXISTS byte_counters (
-    name TEXT PRIMARY KEY,       -- keyed by slice name, kept after destroy (dead-slice memory)
-    window_start REAL NOT NULL,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    i2bytes INTEGER NOT NULL DEFAULT 0,
-    baseline INTEGER NOT NULL DEFAULT 0,
-    i2baseline INTEGER NOT NULL DEFAULT 0,
-    capped INTEGER NOT NULL DEFAULT 0,
-    notified INTEGER NOT NULL DEFAULT 0
-);
+-- byte_counters (never used: the daily budgets live in bw_ledger, agent/bandwidth.py)
+DROP TABLE IF EXISTS byte_counters;
 """
 
 

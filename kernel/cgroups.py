@@ -302,17 +302,15 @@ class SliverCgroup:
         pct = limits.cpu_pct
         if pct is not None and not 1 <= pct <= 100 * os.cpu_count():  # type: ignore[operator]
             raise ValueError(f"cpu_pct {pct} out of range 1..{100 * (os.cpu_count() or 1)}")
+        weight = getattr(limits, "cpu_weight", None) or min(10000, share * V2_WEIGHT_PER_UNIT)
+
         def put(path: Path, value: str, default: str) -> None:
             if not (fresh and value == default):
                 _write(path, value)
 
-        cpus = getattr(limits, "cpus", None)
+        self.set_cpu(weight, pct, getattr(limits, "cpus", None),
+                     bool(getattr(limits, "cpu_partition", False)), fresh=fresh)
         if self.layout.mode == "v1":
-            cpu = self.path("cpu")
-            put(cpu / "cpu.shares", str(min(262144, share * V1_SHARES_PER_UNIT)), "1024")
-            put(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US), str(CFS_PERIOD_US))
-            put(cpu / "cpu.cfs_quota_us",
-                "-1" if pct is None else str(pct * CFS_PERIOD_US // 100), "-1")
             put(self.path("memory") / "memory.limit_in_bytes",
                 "-1" if limits.mem_max is None else str(int(limits.mem_max)), "-1")
             put(self.path("pids") / "pids.max",
@@ -320,20 +318,12 @@ class SliverCgroup:
             if "net_cls" in self.layout.v1:
                 put(self.path("net_cls") / "net_cls.classid",
                     str(int(limits.net_cls_classid or 0)), "0")
-            if "cpuset" in self.layout.v1 and not fresh:
-                cs = self.path("cpuset")
-                _write(cs / "cpuset.cpus", cpus if cpus else _read(cs.parent / "cpuset.cpus"))
         else:
             g = self.path("cpu")
-            put(g / "cpu.weight", str(min(10000, share * V2_WEIGHT_PER_UNIT)), "100")
-            put(g / "cpu.max", f"{'max' if pct is None else pct * CFS_PERIOD_US // 100}"
-                f" {CFS_PERIOD_US}", f"max {CFS_PERIOD_US}")
             put(g / "memory.max",
                 "max" if limits.mem_max is None else str(int(limits.mem_max)), "max")
             put(g / "pids.max",
                 "max" if limits.pids_max is None else str(int(limits.pids_max)), "max")
-            if (g / "cpuset.cpus").exists():
-                put(g / "cpuset.cpus", cpus or "", "")
         # INET socket cap, in the kernel (kernel/sockcap.py); on create before any
         # process is in the group.
         _sockcap.apply(self.v2_dir(), getattr(limits, "inet_sockets_max", None))
@@ -346,6 +336,64 @@ class SliverCgroup:
             if v2 is None:
                 raise OSError(errno.ENOTSUP, "net_class_minor needs a cgroup v2 hierarchy")
             _netclass.classify_cgroup(v2, minor)
+
+    def set_cpu(self, weight: int, cap_pct: int | None, cpus: str | None,
+                partition: bool = False, fresh: bool = False) -> None:
+        """CPU files only, in place: weight on cgroup v2's scale (1..10000; v1 gets
+        cpu.shares = weight x 1024 / 100), the cap in percent of one CPU (None: none),
+        the cpuset (None: the parent's CPUs) and, on v2, whether those CPUs are an
+        exclusive cpuset partition (the parent's `cpuset.cpus.exclusive` must already
+        hold them: `set_parent_exclusive`). Writes only what differs from the kernel's
+        value, so a rebalance of many slivers touches only the changed ones."""
+        if not 1 <= weight <= 10000:
+            raise ValueError(f"cpu weight {weight} out of range 1..10000")
+        cap = None if cap_pct is None else max(1000, cap_pct * CFS_PERIOD_US // 100)
+
+        def put(path: Path, value: str, default: str) -> None:
+            if fresh:
+                if value != default:
+                    _write(path, value)
+            elif _read(path) != value:
+                _write(path, value)
+
+        if self.layout.mode == "v1":
+            cpu = self.path("cpu")
+            put(cpu / "cpu.shares", str(max(2, min(262144, weight * V1_SHARES_PER_UNIT
+                                                   // V2_WEIGHT_PER_UNIT))), "1024")
+            put(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US), str(CFS_PERIOD_US))
+            put(cpu / "cpu.cfs_quota_us", "-1" if cap is None else str(cap), "-1")
+            if "cpuset" in self.layout.v1 and not fresh:   # (create wrote it)
+                cs = self.path("cpuset")
+                put(cs / "cpuset.cpus", cpus if cpus else _read(cs.parent / "cpuset.cpus"), "")
+            return
+        g = self.path("cpu")
+        put(g / "cpu.weight", str(weight), "100")
+        put(g / "cpu.max", f"{'max' if cap is None else cap} {CFS_PERIOD_US}",
+            f"max {CFS_PERIOD_US}")
+        if not (g / "cpuset.cpus").exists():
+            if cpus:
+                raise OSError(errno.ENOTSUP, "cpuset controller not enabled for slivers",
+                              str(g))
+            return
+        part = g / "cpuset.cpus.partition"
+        if not partition and part.exists() and _read(part).split()[0] != "member":
+            _write(part, "member")              # leave the partition before anything
+            _write(g / "cpuset.cpus.exclusive", "")
+        put(g / "cpuset.cpus", cpus or "", "")
+        if partition:
+            put(g / "cpuset.cpus.exclusive", cpus or "", "")
+            if _read(part).split()[0] != "root":
+                _write(part, "root")
+            state = _read(part)
+            if state != "root":
+                raise OSError(errno.EINVAL, f"cpuset partition of {cpus} is {state!r}",
+                              str(part))
+
+    def cpus_effective(self) -> str:
+        """The CPUs the sliver's tasks may run on now, as the kernel says."""
+        if self.layout.mode == "v1":
+            return _read(self.path("cpuset") / "cpuset.effective_cpus")
+        return _read(self.path("cpu") / "cpuset.cpus.effective")
 
     def attach(self, pid: int) -> None:
         """Move process `pid` into every group of the sliver."""
@@ -428,6 +476,30 @@ class LimitsLike(Protocol):
     def pids_max(self) -> int | None: ...
     @property
     def net_cls_classid(self) -> int | None: ...
+
+
+def node_cpus(layout: Layout, parent: str = PARENT) -> str:
+    """The CPUs slivers may be given: the root's effective cpuset (v2: of the root,
+    since the parent's own may shrink by the partitions below it)."""
+    if layout.mode == "v1":
+        if "cpuset" not in layout.v1:
+            return f"0-{(os.cpu_count() or 1) - 1}"
+        return _read(layout.v1["cpuset"] / "cpuset.effective_cpus")
+    assert layout.v2 is not None
+    f = layout.v2 / "cpuset.cpus.effective"
+    return _read(f) if f.exists() else f"0-{(os.cpu_count() or 1) - 1}"
+
+
+def set_parent_exclusive(layout: Layout, parent: str, cpus: str) -> None:
+    """v2: the CPUs the node-wide parent may hand to partitions below it
+    (`cpuset.cpus.exclusive`; a child partition's CPUs must be in it). No-op on v1,
+    whose cpusets have no partitions."""
+    if layout.mode != "v2":
+        return
+    assert layout.v2 is not None
+    f = layout.v2 / parent / "cpuset.cpus.exclusive"
+    if f.exists() and _read(f) != cpus:
+        _write(f, cpus)
 
 
 def node_budget(pids_headroom: int, mem_headroom: int) -> tuple[int, int]:

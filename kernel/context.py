@@ -106,6 +106,8 @@ class Limits:
     rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # -1 = unlimited
     capabilities: tuple[str, ...] | None = None   # bounding set; None = caps.DEFAULT_CAPS
     cpus: str | None = None                # cpuset, e.g. "0" or "0-1"; None = all
+    cpu_weight: int | None = None          # cgroup v2 cpu.weight 1..10000; None: share x 100
+    cpu_partition: bool = False            # `cpus` exclusive: a cpuset partition (v2)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -126,6 +128,11 @@ class Limits:
             s, h = _rlim(soft), _rlim(hard)
             if s > h:
                 raise ValueError(f"rlimit {name}: soft {soft} above hard {hard}")
+        if self.cpu_weight is not None and (not isinstance(self.cpu_weight, int)
+                                            or not 1 <= self.cpu_weight <= 10000):
+            raise ValueError(f"cpu_weight must be 1..10000, not {self.cpu_weight!r}")
+        if self.cpu_partition and not self.cpus:
+            raise ValueError("cpu_partition needs cpus")
         if self.cpus is not None and not re.fullmatch(r"[0-9]+([-,][0-9]+)*", self.cpus):
             raise ValueError(f"cpus must look like '0' or '0-1,3', not {self.cpus!r}")
         _caps.bounding_mask(self.capabilities)

@@ -67,13 +67,16 @@ def test_limits_kwargs() -> None:
     r = rspec.resolve({"cpu_share": "10", "cpu_cap": "50", "pids_max": "77",
                        "nofile_hard": "512", "capabilities": "net_raw,CAP_NET_ADMIN,bogus"})
     kw = rspec.limits_kwargs(r.rspec)
-    assert kw["cpu_share"] == 10 and kw["cpu_pct"] == 50 and kw["pids_max"] == 77
+    assert kw["cpu_share"] == 10 and kw["cpu_cap"] == 50 and kw["pids_max"] == 77
     assert kw["rlimits"] == {"nofile": (512, 512)}
     assert kw["extra_capabilities"] == ("CAP_NET_ADMIN", "CAP_NET_RAW")
     assert any("BOGUS" in p for p in r.problems)
-    # A reservation raises the weight: cgroups have no guaranteed minimum.
-    assert rspec.limits_kwargs(rspec.resolve({"cpu_pct": "25"}).rspec)["cpu_share"] == 25
-    assert rspec.limits_kwargs(rspec.resolve({"cpu_cap": "0"}).rspec)["cpu_pct"] is None
+    # cpu_pct is a reservation (agent/cpu.py makes its weight), not a weight or a cap.
+    kw = rspec.limits_kwargs(rspec.resolve({"cpu_pct": "25", "cpu_cores": "1b",
+                                            "cpu_freezable": "1"}).rspec)
+    assert kw["cpu_share"] == 1 and kw["cpu_cap"] is None and kw["cpu_reserve_pct"] == 25
+    assert kw["cpu_cores"] == "1b" and kw["cpu_freezable"] == 1
+    assert rspec.limits_kwargs(rspec.resolve({"cpu_cap": "0"}).rspec)["cpu_cap"] is None
 
 
 def test_image_and_initscript() -> None:

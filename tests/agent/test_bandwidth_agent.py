@@ -14,12 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from agent_node import LiveServer, Node, Site, cleanup_node, make_node, plc_server, wait_for
 
 from agent import config
@@ -115,8 +117,9 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def with_bandwidth(node: Node, ifname: str) -> Node:
     """agent.toml gets a [bandwidth] table naming the veth."""
-    with open(node.cfg_path, "a") as f:
-        f.write(f'\n[bandwidth]\ninterfaces = ["{ifname}"]\nsample_s = 1\n')
+    data = tomllib.loads(node.cfg_path.read_text())   # (init-config renders the table)
+    data["bandwidth"] = {**data.get("bandwidth", {}), "interfaces": [ifname], "sample_s": 1}
+    node.cfg_path.write_text(tomli_w.dumps(data))
     node.cfg = config.load(node.cfg_path)
     assert node.cfg.bandwidth.interfaces == (ifname,)
     return node
