@@ -65,8 +65,8 @@ def parse_ip_sockaddr(family: int, raw: bytes) -> tuple[str, int]:
     if len(raw) < 24:  # SIN6_LEN_RFC2133
         raise Denied(errno.EINVAL, f"sockaddr_in6 of {len(raw)} bytes")
     fam, port = struct.unpack_from("<H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
-    if fam != socket.AF_INET6:
-        raise Denied(errno.EINVAL, f"family {fam} on an AF_INET6 socket")
+    if fam != socket.AF_INET6:  # inet6_bind_sk: after the length check, as here
+        raise Denied(errno.EAFNOSUPPORT, f"family {fam} on an AF_INET6 socket")
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
