@@ -114,6 +114,8 @@ class Guard:
         self.revocations_settled = self.revocations.revocations_settled
         self.revoke_now = self.revocations.revoke_now
         self.listening: dict[str, int] = {}
+        # Each sliver's sockd request socket (F38): socket() notifications go there.
+        self.sockd: dict[str, socket.socket] = {}
         self._reader = RemoteReader(SOCKADDR_MAX)
         self._log_budget = TokenBuckets(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, time.monotonic)
         # pidfds of callers' threads (F22), one cache for the whole guard; its epoll set
@@ -137,6 +139,8 @@ class Guard:
                    redo: bool = False) -> Outcome | _AsCaller:
         """The synchronous part of `handle`: the answer, or the bind left to the helper."""
         try:
+            if n.nr == seccomp.NR_SOCKET:
+                return self._socket(slice_name, n)
             if n.nr != seccomp.NR_BIND:
                 raise Denied(errno.ENOSYS, f"syscall {n.nr} is not guarded by this agent")
             return self._bind(slice_name, listener, n, redo)
@@ -148,6 +152,31 @@ class Guard:
             log.exception("guard: %s: internal error on syscall %d", slice_name, n.nr)
             self.stats.errors += 1
             return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
+
+    def set_sockd(self, slice_name: str, fd: int) -> None:
+        """The sliver's sockd request socket (kernel/native/sockd.h); takes `fd`."""
+        old = self.sockd.pop(slice_name, None)
+        if old is not None:
+            old.close()
+        self.sockd[slice_name] = socket.socket(fileno=fd)
+
+    def _socket(self, slice_name: str, n: seccomp.Notification) -> Outcome:
+        """socket() of an IP or netlink family (F38): the sliver's sockd makes it in
+        the node's network namespace and answers the kernel itself (it holds a copy
+        of this listener); the notification goes to it as received. A full queue
+        (sockd frozen or slow) is ENOBUFS, which socket(2) may say."""
+        chan = self.sockd.get(slice_name)
+        if chan is None:
+            raise Denied(errno.EAFNOSUPPORT, "no sockd for this sliver")
+        raw = seccomp.NOTIF.pack(n.id, n.pid, n.flags, n.nr, n.arch,
+                                 n.instruction_pointer, *n.args)
+        try:
+            chan.send(raw, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise Denied(errno.ENOBUFS, "sockd's queue is full") from None
+        except OSError as exc:
+            raise Denied(errno.EAFNOSUPPORT, f"sockd gone: {exc.strerror}") from None
+        return FORWARDED
 
     def _bind(self, slice_name: str, listener: int, n: seccomp.Notification,
               redo: bool) -> Outcome | _AsCaller:
@@ -320,6 +349,8 @@ class Guard:
     def _reply(self, slice_name: str, listener: int, n: seccomp.Notification,
                out: Outcome) -> None:
         self.stats.handled += 1
+        if out is FORWARDED:   # sockd answers it
+            return
         if out.error:
             self.stats.denied += 1
             self.stats.by_errno[out.error] = self.stats.by_errno.get(out.error, 0) + 1
@@ -460,10 +491,17 @@ class Guard:
     def release_sliver(self, slice_name: str) -> None:
         """The sliver went: free its ports and forget its journal."""
         self.ports.release_slice(slice_name)
+        chan = self.sockd.pop(slice_name, None)
+        if chan is not None:
+            chan.close()
         try:
             journal_path(self.run_dir, slice_name).unlink()
         except FileNotFoundError:
             pass
+
+
+#: The answer to a socket() notification handed to the sliver's sockd: no reply.
+FORWARDED = Outcome(0, "made by sockd")
 
 
 def _ns_tgid(pid: int) -> int:

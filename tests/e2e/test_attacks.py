@@ -146,7 +146,7 @@ def free_port(start: int) -> int:
 
 @pytest.fixture(scope="module")
 def fence(attacker: Path) -> Iterator[Fence]:
-    from agent.guard import Guard, PortService, recv_listener
+    from agent.guard import Guard, PortService, recv_guard_fds
     from agent.ports import PortTable, read_ephemeral_range
     from kernel.seccomp import guard_filter
     from tests.kernel.test_context_support import slivers
@@ -165,9 +165,11 @@ def fence(attacker: Path) -> Iterator[Fence]:
                 agent_end, sink = socket.socketpair()
                 try:
                     ctx = sl.create(sl.name(tag), limits=Limits(pids_max=200),
-                                    guard=GuardSpec(filter=guard_filter(),
+                                    guard=GuardSpec(filter=guard_filter(sockd=True),
                                                     listener_sink=sink.fileno()))
-                    listener = recv_listener(agent_end)
+                    listener, chan = recv_guard_fds(agent_end)
+                    assert chan is not None
+                    guard.set_sockd(ctx.name, chan)
                 finally:
                     agent_end.close()
                     sink.close()
