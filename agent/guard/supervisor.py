@@ -153,6 +153,35 @@ class Guard:
             self.stats.errors += 1
             return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
 
+    def _slice_cpu(self, slice_name: str) -> Callable[[], float | None] | None:
+        """The slice's own CPU seconds so far, read from its cgroup (cpuacct.usage on
+        v1, cpu.stat usage_usec on v2) at most every 5 ms; None without cgroups."""
+        if self.cgroups is None:
+            return None
+        dirs = self.cgroups(slice_name)
+        src = next(((d / "cpuacct.usage", 1e-9) for d in dirs
+                    if (d / "cpuacct.usage").exists()), None) or \
+            next(((d / "cpu.stat", 1e-6) for d in dirs if (d / "cpu.stat").exists()), None)
+        if src is None:
+            return None
+        path, unit = src
+        last: list[float] = [0.0, -1.0]   # read at, value
+
+        def read() -> float | None:
+            now = time.monotonic()
+            if now - last[0] < 0.005 and last[1] >= 0:
+                return last[1]
+            try:
+                text = path.read_text()
+            except OSError:
+                return None
+            if path.name == "cpu.stat":
+                text = next((ln.split()[1] for ln in text.splitlines()
+                             if ln.startswith("usage_usec ")), "0")
+            last[0], last[1] = now, int(text.strip() or 0) * unit
+            return last[1]
+        return read
+
     def set_sockd(self, slice_name: str, fd: int) -> None:
         """The sliver's sockd request socket (kernel/native/sockd.h); takes `fd`."""
         old = self.sockd.pop(slice_name, None)
@@ -404,14 +433,16 @@ class Guard:
             fast = self.fast.open(slice_name, listener, io, journal.map(),
                                   self.pidfds.exits_fd())
             task_status.started()
-            budget = CpuBudget()
+            budget = CpuBudget(earned=self._slice_cpu(slice_name))
             refused_fast = 0
             while True:
                 await trio.lowlevel.wait_readable(listener)
                 rest = budget.rest()
                 if rest:   # over its share: its callers wait in the kernel meanwhile
                     self.stats.throttled += 1
+                while rest:
                     await trio.sleep(rest)
+                    rest = budget.rest()
                 # Drain what is pending without a trip through the scheduler (with
                 # SYNC_WAKE_UP the caller often has its next request in by the time
                 # the reply returns), but yield after a bounded batch.
