@@ -50,7 +50,7 @@ $(VENV)/.stamp: setup.cfg pyproject.toml .stamp-system
 	touch $@
 
 native: $(NATIVE_BIN)
-kernel/bin/%: kernel/native/%.c .stamp-system
+kernel/bin/%: kernel/native/%.c kernel/native/sockd.h .stamp-system
 	@mkdir -p kernel/bin
 	gcc -O2 -Wall -Wextra -Werror -static -o $@ $<
 kernel/bin/lib%.so: kernel/native/lib/%.c .stamp-system

@@ -364,6 +364,10 @@ class Context:
                         f.write(f"0 {uid_base} {uid_count}\n")
                 host_end.sendmsg([b"m"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                             struct.pack("i", ctl.fileno()))])
+                # sockd (kernel/native/sockd.h): the sliver's socket maker, outside
+                # its PID namespace; killed with the sliver's cgroup, reaped here.
+                sockd_pid = int(sync.expect("sockd", deadline))
+                undo.callback(_kill_and_reap, sockd_pid)
                 # Make the state file now (slow on some filesystems), fill it in
                 # (cheap) once the init's pid is known.
                 state_fd = os.open(d / "state.json",
@@ -383,6 +387,7 @@ class Context:
                     "hostname": hostname, "limits": limits.to_json(),
                     "guard": guard is not None, "created": time.time(),
                     "cgroup_parent": cgroup_parent,
+                    "sockd_pid": sockd_pid, "sockd_start": _proc_starttime(sockd_pid),
                 }
                 os.write(state_fd, json.dumps(state, sort_keys=True).encode())
                 launcher.wait()       # it exited after forking the init
@@ -603,8 +608,18 @@ class Context:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.init_pid, os.WNOHANG)
         self.cgroup.destroy(timeout)
+        self._reap_sockd()
         shutil.rmtree(self.dir, ignore_errors=True)
         _release_uids(self.run_dir, self.name)
+
+
+    def _reap_sockd(self) -> None:
+        """Reap the sliver's sockd (the cgroup removal killed it) if this process is
+        its reaper (the launcher's orphans come to a subreaper); others' do it."""
+        pid = self.state.get("sockd_pid")
+        if pid and _proc_starttime_any(pid) == self.state.get("sockd_start"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 class SliverProcess:

@@ -26,9 +26,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-NR_BPF = 321    # x86-64
+from kernel.libc import LIBC, NR_BPF, check
 
 # bpf(2) commands.
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM = 0, 1, 2
@@ -228,11 +226,8 @@ def assemble(program: Program) -> bytes:
 # ---------------------------------------------------------------------------------
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
-    r = _libc.syscall(NR_BPF, cmd, attr, len(attr))
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"bpf {what}: {os.strerror(e)}")
-    return int(r)
+    return int(check(LIBC.syscall(ctypes.c_long(NR_BPF), ctypes.c_long(cmd), attr,
+                                  ctypes.c_long(len(attr))), f"bpf {what}"))
 
 
 def _attr(fields: Sequence[tuple[str, int, int | bytes]]) -> ctypes.Array[ctypes.c_char]:

@@ -7,8 +7,7 @@ socket later), and only then is bound to ETH_P_ALL, so no packet is ever queued
 on it unfiltered. Packets are read in SOCK_DGRAM ("cooked") form: the filter and
 the reader see the network header at offset 0.
 
-The filters are assembled with kernel/cbpf.py (`Asm` and the opcodes are also
-reachable here, for agent/rawsock.py).
+The filters are assembled with kernel/cbpf.py (the one classic-BPF assembler).
 """
 
 from __future__ import annotations
@@ -19,34 +18,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from kernel.cbpf import (
-    ALU_ADD_K,
-    ALU_ADD_X,
-    ALU_AND_K,
-    ALU_LSH_K,
-    JA,
-    JEQ_K,
-    JGE_K,
-    JGT_K,
-    JSET_K,
-    LD_B_ABS,
-    LD_B_IND,
-    LD_H_ABS,
-    LD_H_IND,
-    LD_MEM,
-    LD_W_ABS,
-    LD_W_IND,
-    LDX_B_MSH,
-    LDX_MEM,
-    RET_K,
-    SOCK_FILTER,
-    ST,
-    STX,
-    TAX,
-    TXA,
-    Asm,
-    fprog,
-)
+from kernel.cbpf import RET_K, SOCK_FILTER, fprog
 from kernel.libc import function
 
 _bind = function("bind", ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
@@ -126,8 +98,4 @@ def drain(sock: socket.socket, limit: int = 10000) -> list[bytes]:
 
 __all__: Sequence[str] = (
     "attach_filter", "bind_bytes", "open_sniffer", "drain", "sock_info", "accept_all",
-    # Re-exported from kernel.cbpf for agent/rawsock.py (move it to kernel.cbpf, then drop).
-    "Asm", "ALU_ADD_K", "ALU_ADD_X", "ALU_AND_K", "ALU_LSH_K", "JA", "JEQ_K", "JGE_K", "JGT_K",
-    "JSET_K", "LD_B_ABS", "LD_B_IND", "LD_H_ABS", "LD_H_IND", "LD_MEM", "LD_W_ABS", "LD_W_IND",
-    "LDX_B_MSH", "LDX_MEM", "RET_K", "ST", "STX", "TAX", "TXA",
 )

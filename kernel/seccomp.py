@@ -105,12 +105,15 @@ ALLOWED_SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
 SOL_PACKET = 263
 
 
-def _socket_block(a: Asm, eperm: int) -> None:
+def _socket_block(a: Asm, eperm: int, sockd: bool = False) -> None:
     """socket(domain, type, protocol), A holding nr == socket: an allowlist of
     families (F12). AF_PACKET, raw/packet-type and SCTP IP sockets: EPERM; netlink
     other than NETLINK_ROUTE: EPROTONOSUPPORT (what the kernel says for a netlink
-    protocol it lacks); any other family: EAFNOSUPPORT."""
+    protocol it lacks); any other family: EAFNOSUPPORT. With `sockd`, the IP and
+    netlink sockets allowed are notified (the supervisor has the sliver's sockd make
+    them in the node's network namespace, F38); AF_UNIX ones are made by the caller."""
     allow, inet, netlink, refuse = "s_allow", "s_inet", "s_netlink", "s_eperm"
+    made = "s_sockd" if sockd else allow
     a.ld(data_arg_lo(0))                                  # domain
     a.op(JEQ_K, AF_UNIX, allow, 0)
     a.op(JEQ_K, AF_INET, inet, 0)
@@ -120,7 +123,7 @@ def _socket_block(a: Asm, eperm: int) -> None:
     a.ret(errno_ret(_errno.EAFNOSUPPORT))
     a.label(netlink)
     a.ld(data_arg_lo(2))                                  # protocol
-    a.op(JEQ_K, NETLINK_ROUTE, allow, 0)
+    a.op(JEQ_K, NETLINK_ROUTE, made, 0)
     a.ret(errno_ret(_errno.EPROTONOSUPPORT))
     a.label(inet)
     a.ld(data_arg_lo(2))                                  # protocol
@@ -128,9 +131,12 @@ def _socket_block(a: Asm, eperm: int) -> None:
     a.ld(data_arg_lo(1))                     # type (with SOCK_NONBLOCK|SOCK_CLOEXEC)
     a.op(ALU_AND_K, 0xF)                                  # SOCK_TYPE_MASK
     a.op(JEQ_K, 3, refuse, 0)                             # SOCK_RAW
-    a.op(JEQ_K, 10, refuse, allow)                        # SOCK_PACKET
+    a.op(JEQ_K, 10, refuse, made)                         # SOCK_PACKET
     a.label(refuse)
     a.ret(eperm)
+    if sockd:
+        a.label(made)
+        a.ret(SECCOMP_RET_USER_NOTIF)
     a.label(allow)
     a.ret(SECCOMP_RET_ALLOW)
 
@@ -147,6 +153,7 @@ def guard_filter(
     ),
     guard_sockets: bool = True,
     refuse_userns: bool = True,
+    sockd: bool = False,
 ) -> bytes:
     """The sliver guard program.
 
@@ -165,7 +172,8 @@ def guard_filter(
        IPPROTO_SCTP (it binds through setsockopt, which this filter does not
        inspect) fail with EPERM, decided from registers alone; other netlink
        protocols EPROTONOSUPPORT; other families EAFNOSUPPORT (`_socket_block`);
-       socketpair() only for AF_UNIX;
+       socketpair() only for AF_UNIX; with `sockd`, the IP and NETLINK_ROUTE
+       sockets it allows are notified instead (F38, kernel/native/sockd.h);
        setsockopt() at level SOL_PACKET fails with EPERM (no packet socket should
        ever reach a sliver; if one did, PACKET_QDISC_BYPASS would skip the shaper's
        qdisc, docs/bandwidth.md);
@@ -220,7 +228,7 @@ def guard_filter(
         a.op(JEQ_K, AF_UNIX, "other", 0)
         a.ret(errno_ret(_errno.EAFNOSUPPORT))
         a.label("socket")
-        _socket_block(a, eperm)
+        _socket_block(a, eperm, sockd)
         a.label("other")
     a.ret(SECCOMP_RET_ALLOW)
     return a.assemble()

@@ -61,9 +61,11 @@ from agent.guard.revoke import REVOKE_BUDGET, cgroup_pids
 from agent.guard.service import (
     GuardService,
     listener_of,
+    recv_guard_fds,
     recv_listener,
     serve_guard,
     sliver_cgroups,
+    sockd_of,
     state_uid_range,
 )
 from agent.guard.stats import GuardStats
@@ -76,6 +78,6 @@ __all__ = [
     "SLICE_CPU_SHARE", "SOCKADDR_MAX", "CpuBudget", "Denied", "Guard", "GuardAPI",
     "GuardService", "GuardStats", "IPDecision", "Outcome", "PortConflict", "PortError",
     "PortService", "PortStore", "StatePortStore", "abstract_prefix", "cgroup_pids",
-    "ip_decision", "listener_of", "parse_ip_sockaddr", "recv_listener", "serve_guard",
+    "ip_decision", "listener_of", "parse_ip_sockaddr", "recv_guard_fds", "recv_listener", "serve_guard", "sockd_of",
     "sliver_cgroups", "state_uid_range",
 ]

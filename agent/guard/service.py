@@ -50,22 +50,52 @@ def listener_of(init_pid: int) -> int:
         os.close(pidfd)
 
 
-def recv_listener(sock: socket.socket, timeout: float = 10.0) -> int:
-    """The listener fd a sliver init sent over its GuardSpec.listener_sink (SCM_RIGHTS).
+def recv_guard_fds(sock: socket.socket, timeout: float = 10.0) -> tuple[int, int | None]:
+    """(listener, sockd request socket or None) a sliver init sent over its
+    GuardSpec.listener_sink (SCM_RIGHTS; docs/guard.md, F38).
 
-    The init sends it before it reports ready, so after Context.create this does not
+    The init sends them before it reports ready, so after Context.create this does not
     wait; `timeout` bounds a broken init.
     """
     sock.settimeout(timeout)
     msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
-    if len(fds) != 1:
+    if len(fds) not in (1, 2):
         for fd in fds:
             os.close(fd)
         raise OSError(errno.EPROTO, f"expected one seccomp listener, got {len(fds)} fds ({msg!r})")
-    if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:seccomp notify":
-        os.close(fds[0])
-        raise OSError(errno.EPROTO, "the fd received is not a seccomp listener")
-    return fds[0]
+    if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:seccomp notify" or (
+            len(fds) == 2 and not os.readlink(f"/proc/self/fd/{fds[1]}").startswith("socket:")):
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EPROTO, "the fds received are not a seccomp listener (and a socket)")
+    return fds[0], (fds[1] if len(fds) == 2 else None)
+
+
+def recv_listener(sock: socket.socket, timeout: float = 10.0) -> int:
+    """The listener alone (`recv_guard_fds`; a sockd request socket is closed)."""
+    listener, chan = recv_guard_fds(sock, timeout)
+    if chan is not None:
+        os.close(chan)
+    return listener
+
+
+#: Where a sliver init keeps the agent's end of its sockd's request socket.
+SOCKD_FD = 5
+
+
+def sockd_of(init_pid: int) -> int | None:
+    """A copy of the sockd request socket the sliver's init keeps (after a restart),
+    or None for an init without one."""
+    try:
+        if not os.readlink(f"/proc/{init_pid}/fd/{SOCKD_FD}").startswith("socket:"):
+            return None
+    except FileNotFoundError:
+        return None
+    pidfd = pidfd_open(init_pid)
+    try:
+        return pidfd_getfd(pidfd, SOCKD_FD)
+    finally:
+        os.close(pidfd)
 
 
 
@@ -168,15 +198,21 @@ class GuardService:
     @staticmethod
     def filter() -> bytes:
         """The filter bytes for `kernel.context.GuardSpec.filter`."""
-        return seccomp.guard_filter()
+        return seccomp.guard_filter(sockd=True)
 
     def sliver_created(self, name: str, agent_end: socket.socket) -> None:
         """After Context.create(..., guard=GuardSpec(filter(), sink)): take the listener
         from the other end of the sink and start supervising it."""
-        self._send.send_nowait((name, recv_listener(agent_end)))
+        listener, chan = recv_guard_fds(agent_end)
+        if chan is not None:
+            self.guard.set_sockd(name, chan)
+        self._send.send_nowait((name, listener))
 
     def sliver_adopted(self, name: str, init_pid: int) -> None:
         """After an agent restart: supervise the listener the sliver's init kept."""
+        chan = sockd_of(init_pid)
+        if chan is not None:
+            self.guard.set_sockd(name, chan)
         self._send.send_nowait((name, listener_of(init_pid)))
 
     def set_tag_ports(self, name: str, tag_value: str) -> None:

@@ -114,6 +114,8 @@ class Guard:
         self.revocations_settled = self.revocations.revocations_settled
         self.revoke_now = self.revocations.revoke_now
         self.listening: dict[str, int] = {}
+        # Each sliver's sockd request socket (F38): socket() notifications go there.
+        self.sockd: dict[str, socket.socket] = {}
         self._reader = RemoteReader(SOCKADDR_MAX)
         self._log_budget = TokenBuckets(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, time.monotonic)
         # pidfds of callers' threads (F22), one cache for the whole guard; its epoll set
@@ -137,6 +139,8 @@ class Guard:
                    redo: bool = False) -> Outcome | _AsCaller:
         """The synchronous part of `handle`: the answer, or the bind left to the helper."""
         try:
+            if n.nr == seccomp.NR_SOCKET:
+                return self._socket(slice_name, n)
             if n.nr != seccomp.NR_BIND:
                 raise Denied(errno.ENOSYS, f"syscall {n.nr} is not guarded by this agent")
             return self._bind(slice_name, listener, n, redo)
@@ -148,6 +152,60 @@ class Guard:
             log.exception("guard: %s: internal error on syscall %d", slice_name, n.nr)
             self.stats.errors += 1
             return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
+
+    def _slice_cpu(self, slice_name: str) -> Callable[[], float | None] | None:
+        """The slice's own CPU seconds so far, read from its cgroup (cpuacct.usage on
+        v1, cpu.stat usage_usec on v2) at most every 5 ms; None without cgroups."""
+        if self.cgroups is None:
+            return None
+        dirs = self.cgroups(slice_name)
+        src = next(((d / "cpuacct.usage", 1e-9) for d in dirs
+                    if (d / "cpuacct.usage").exists()), None) or \
+            next(((d / "cpu.stat", 1e-6) for d in dirs if (d / "cpu.stat").exists()), None)
+        if src is None:
+            return None
+        path, unit = src
+        last: list[float] = [0.0, -1.0]   # read at, value
+
+        def read() -> float | None:
+            now = time.monotonic()
+            if now - last[0] < 0.005 and last[1] >= 0:
+                return last[1]
+            try:
+                text = path.read_text()
+            except OSError:
+                return None
+            if path.name == "cpu.stat":
+                text = next((ln.split()[1] for ln in text.splitlines()
+                             if ln.startswith("usage_usec ")), "0")
+            last[0], last[1] = now, int(text.strip() or 0) * unit
+            return last[1]
+        return read
+
+    def set_sockd(self, slice_name: str, fd: int) -> None:
+        """The sliver's sockd request socket (kernel/native/sockd.h); takes `fd`."""
+        old = self.sockd.pop(slice_name, None)
+        if old is not None:
+            old.close()
+        self.sockd[slice_name] = socket.socket(fileno=fd)
+
+    def _socket(self, slice_name: str, n: seccomp.Notification) -> Outcome:
+        """socket() of an IP or netlink family (F38): the sliver's sockd makes it in
+        the node's network namespace and answers the kernel itself (it holds a copy
+        of this listener); the notification goes to it as received. A full queue
+        (sockd frozen or slow) is ENOBUFS, which socket(2) may say."""
+        chan = self.sockd.get(slice_name)
+        if chan is None:
+            raise Denied(errno.EAFNOSUPPORT, "no sockd for this sliver")
+        raw = seccomp.NOTIF.pack(n.id, n.pid, n.flags, n.nr, n.arch,
+                                 n.instruction_pointer, *n.args)
+        try:
+            chan.send(raw, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise Denied(errno.ENOBUFS, "sockd's queue is full") from None
+        except OSError as exc:
+            raise Denied(errno.EAFNOSUPPORT, f"sockd gone: {exc.strerror}") from None
+        return FORWARDED
 
     def _bind(self, slice_name: str, listener: int, n: seccomp.Notification,
               redo: bool) -> Outcome | _AsCaller:
@@ -320,6 +378,8 @@ class Guard:
     def _reply(self, slice_name: str, listener: int, n: seccomp.Notification,
                out: Outcome) -> None:
         self.stats.handled += 1
+        if out is FORWARDED:   # sockd answers it
+            return
         if out.error:
             self.stats.denied += 1
             self.stats.by_errno[out.error] = self.stats.by_errno.get(out.error, 0) + 1
@@ -373,14 +433,16 @@ class Guard:
             fast = self.fast.open(slice_name, listener, io, journal.map(),
                                   self.pidfds.exits_fd())
             task_status.started()
-            budget = CpuBudget()
+            budget = CpuBudget(earned=self._slice_cpu(slice_name))
             refused_fast = 0
             while True:
                 await trio.lowlevel.wait_readable(listener)
                 rest = budget.rest()
                 if rest:   # over its share: its callers wait in the kernel meanwhile
                     self.stats.throttled += 1
+                while rest:
                     await trio.sleep(rest)
+                    rest = budget.rest()
                 # Drain what is pending without a trip through the scheduler (with
                 # SYNC_WAKE_UP the caller often has its next request in by the time
                 # the reply returns), but yield after a bounded batch.
@@ -460,10 +522,17 @@ class Guard:
     def release_sliver(self, slice_name: str) -> None:
         """The sliver went: free its ports and forget its journal."""
         self.ports.release_slice(slice_name)
+        chan = self.sockd.pop(slice_name, None)
+        if chan is not None:
+            chan.close()
         try:
             journal_path(self.run_dir, slice_name).unlink()
         except FileNotFoundError:
             pass
+
+
+#: The answer to a socket() notification handed to the sliver's sockd: no reply.
+FORWARDED = Outcome(0, "made by sockd")
 
 
 def _ns_tgid(pid: int) -> int:

@@ -9,8 +9,8 @@ import struct
 from collections.abc import Callable, Iterable
 
 from agent.ports.table import LOOPBACK4, PortRange, normalize_address
-from kernel import packet as pk
-from kernel.packet import Asm
+from kernel import cbpf as bpf
+from kernel.cbpf import Asm
 
 SNAPLEN = 0x40000
 ICMP_ERRORS_V4 = (3, 4, 5, 11, 12)
@@ -37,18 +37,18 @@ def _rule(asm: Asm, r: PortRange, both_sides: bool,
     IPv4 and IPv6 differ."""
     skip, other, accept = asm.fresh("skip"), asm.fresh("dst"), asm.fresh("acc")
     ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
-    asm.op(pk.LD_MEM, M_PROTO)
-    asm.op(pk.JEQ_K, IPPROTO[r.proto][proto_index], 0, skip)
+    asm.op(bpf.LD_MEM, M_PROTO)
+    asm.op(bpf.JEQ_K, IPPROTO[r.proto][proto_index], 0, skip)
     for side in range(2 if both_sides else 1):
         fail = other if (side == 0 and both_sides) else skip
         if side == 1:
             asm.label(other)
         emit_address(side, fail)
-        asm.op(pk.LD_MEM, ports[side])
-        asm.op(pk.JGE_K, r.lo, 0, fail)
-        asm.op(pk.JGT_K, r.hi, fail, accept)
+        asm.op(bpf.LD_MEM, ports[side])
+        asm.op(bpf.JGE_K, r.lo, 0, fail)
+        asm.op(bpf.JGT_K, r.hi, fail, accept)
     asm.label(accept)
-    asm.op(pk.RET_K, SNAPLEN)
+    asm.op(bpf.RET_K, SNAPLEN)
     asm.label(skip)
 
 
@@ -73,11 +73,11 @@ def _split(holdings: list[PortRange]) -> tuple[list[PortRange], list[PortRange]]
 
 def _dispatch(asm: Asm) -> tuple[str, str]:
     """IPv4 falls through to the label "v4" (next); IPv6 jumps far to "v6"; else drop."""
-    asm.op(pk.LD_B_ABS, 0)
-    asm.op(pk.ALU_AND_K, 0xF0)
-    asm.op(pk.JEQ_K, 0x40, 3, 0)
-    asm.drop_unless(pk.JEQ_K, 0x60)
-    asm.op(pk.JA, "v6")
+    asm.op(bpf.LD_B_ABS, 0)
+    asm.op(bpf.ALU_AND_K, 0xF0)
+    asm.op(bpf.JEQ_K, 0x40, 3, 0)
+    asm.drop_unless(bpf.JEQ_K, 0x60)
+    asm.op(bpf.JA, "v6")
     return "v4", "v6"
 
 
@@ -93,9 +93,9 @@ SHOWN_FLAGS = (F_SRC | F_SRC_LOCAL, F_DST | F_DST_LOCAL,
 
 
 def _set_flag(asm: Asm, flag: int) -> None:
-    asm.op(pk.LD_MEM, M_FLAGS)
+    asm.op(bpf.LD_MEM, M_FLAGS)
     asm.op(ALU_OR_K, flag)
-    asm.op(pk.ST, M_FLAGS)
+    asm.op(bpf.ST, M_FLAGS)
 
 
 def _mark(asm: Asm, proto: int | None, side: int, flag: int,
@@ -105,14 +105,14 @@ def _mark(asm: Asm, proto: int | None, side: int, flag: int,
     (slot, lo, hi) `port`."""
     nomatch = asm.fresh("nomatch")
     if proto is not None:
-        asm.op(pk.LD_MEM, M_PROTO)
-        asm.op(pk.JEQ_K, proto, 0, nomatch)
+        asm.op(bpf.LD_MEM, M_PROTO)
+        asm.op(bpf.JEQ_K, proto, 0, nomatch)
     emit_address(side, nomatch)
     if port is not None:
         slot, lo, hi = port
-        asm.op(pk.LD_MEM, slot)
-        asm.op(pk.JGE_K, lo, 0, nomatch)
-        asm.op(pk.JGT_K, hi, nomatch, 0)
+        asm.op(bpf.LD_MEM, slot)
+        asm.op(bpf.JGE_K, lo, 0, nomatch)
+        asm.op(bpf.JGT_K, hi, nomatch, 0)
     _set_flag(asm, flag)
     asm.label(nomatch)
 
@@ -121,9 +121,9 @@ def _v4_address(asm: Asm, addr: str) -> Callable[[int, str], None]:
     mask, value = _v4_match(addr)
 
     def emit(side: int, fail: str) -> None:
-        asm.op(pk.LD_MEM, (M_SRC, M_DST)[side])
-        asm.op(pk.ALU_AND_K, mask)
-        asm.op(pk.JEQ_K, value, 0, fail)
+        asm.op(bpf.LD_MEM, (M_SRC, M_DST)[side])
+        asm.op(bpf.ALU_AND_K, mask)
+        asm.op(bpf.JEQ_K, value, 0, fail)
     return emit
 
 
@@ -133,17 +133,17 @@ def _v6_address(asm: Asm, addr: str, base: int = 0) -> Callable[[int, str], None
     def emit(side: int, fail: str) -> None:
         off = base + (8, 24)[side]
         for i, w in enumerate(words):
-            asm.op(pk.LD_W_ABS, off + 4 * i)
-            asm.op(pk.JEQ_K, w, 0, fail)
+            asm.op(bpf.LD_W_ABS, off + 4 * i)
+            asm.op(bpf.JEQ_K, w, 0, fail)
     return emit
 
 
 def _verdict(asm: Asm) -> None:
-    asm.op(pk.LD_MEM, M_FLAGS)
+    asm.op(bpf.LD_MEM, M_FLAGS)
     for value in SHOWN_FLAGS:
-        asm.op(pk.JEQ_K, value, 0, 1)
-        asm.op(pk.RET_K, SNAPLEN)
-    asm.op(pk.RET_K, 0)
+        asm.op(bpf.JEQ_K, value, 0, 1)
+        asm.op(bpf.RET_K, SNAPLEN)
+    asm.op(bpf.RET_K, 0)
 
 
 def _flag_and_verdict(asm: Asm, version: int, rules: list[PortRange], local: list[str],
@@ -152,7 +152,7 @@ def _flag_and_verdict(asm: Asm, version: int, rules: list[PortRange], local: lis
     for each end that is one of `rules` and each end that is a `local` address of
     this node, then decide by the flags. `version` 0 for IPv4, 1 for IPv6."""
     asm.op(LD_IMM, 0)
-    asm.op(pk.ST, M_FLAGS)
+    asm.op(bpf.ST, M_FLAGS)
     for r in rules:
         assert r.address is not None
         ports = (M_ID, M_ID) if r.proto == "icmp" else (M_SPORT, M_DPORT)
@@ -181,22 +181,22 @@ def sniffer_filter(holdings: list[PortRange], local: Iterable[str] = ()) -> byte
     asm = Asm()
     v4, v6 = _dispatch(asm)
     asm.label(v4)
-    asm.op(pk.LD_H_ABS, 6)
-    asm.drop_if(pk.JSET_K, 0x1FFF)          # a later fragment: no ports to check
+    asm.op(bpf.LD_H_ABS, 6)
+    asm.drop_if(bpf.JSET_K, 0x1FFF)          # a later fragment: no ports to check
     for slot, off in ((M_PROTO, 9), (M_SRC, 12), (M_DST, 16)):
-        asm.op(pk.LD_B_ABS if slot == M_PROTO else pk.LD_W_ABS, off)
-        asm.op(pk.ST, slot)
-    asm.op(pk.LDX_B_MSH, 0)                 # X = IHL * 4
+        asm.op(bpf.LD_B_ABS if slot == M_PROTO else bpf.LD_W_ABS, off)
+        asm.op(bpf.ST, slot)
+    asm.op(bpf.LDX_B_MSH, 0)                 # X = IHL * 4
     for slot, off in ((M_SPORT, 0), (M_DPORT, 2), (M_ID, 4)):
-        asm.op(pk.LD_H_IND, off)
-        asm.op(pk.ST, slot)
+        asm.op(bpf.LD_H_IND, off)
+        asm.op(bpf.ST, slot)
     _flag_and_verdict(asm, 0, v4rules, local4, _v4_address)
     asm.label(v6)
-    asm.op(pk.LD_B_ABS, 6)
-    asm.op(pk.ST, M_PROTO)
+    asm.op(bpf.LD_B_ABS, 6)
+    asm.op(bpf.ST, M_PROTO)
     for slot, off in ((M_SPORT, 40), (M_DPORT, 42), (M_ID, 44)):
-        asm.op(pk.LD_H_ABS, off)
-        asm.op(pk.ST, slot)
+        asm.op(bpf.LD_H_ABS, off)
+        asm.op(bpf.ST, slot)
     _flag_and_verdict(asm, 1, v6rules, local6, _v6_address)
     return asm.assemble()
 
@@ -207,45 +207,45 @@ def error_filter(holdings: list[PortRange]) -> bytes:
     asm = Asm()
     v4, v6 = _dispatch(asm)
     asm.label(v4)
-    asm.op(pk.LD_H_ABS, 6)
-    asm.drop_if(pk.JSET_K, 0x1FFF)
-    asm.op(pk.LD_B_ABS, 9)
-    asm.drop_unless(pk.JEQ_K, 1)            # ICMP
-    asm.op(pk.LDX_B_MSH, 0)
-    asm.op(pk.LD_B_IND, 0)                  # ICMP type
+    asm.op(bpf.LD_H_ABS, 6)
+    asm.drop_if(bpf.JSET_K, 0x1FFF)
+    asm.op(bpf.LD_B_ABS, 9)
+    asm.drop_unless(bpf.JEQ_K, 1)            # ICMP
+    asm.op(bpf.LDX_B_MSH, 0)
+    asm.op(bpf.LD_B_IND, 0)                  # ICMP type
     for t in ICMP_ERRORS_V4:
-        asm.op(pk.JEQ_K, t, "v4err", 0)
-    asm.op(pk.RET_K, 0)
+        asm.op(bpf.JEQ_K, t, "v4err", 0)
+    asm.op(bpf.RET_K, 0)
     asm.label("v4err")
     # The quoted IP header starts 8 bytes into the ICMP message.
-    asm.op(pk.LD_B_IND, 8 + 9)
-    asm.op(pk.ST, M_PROTO)
-    asm.op(pk.LD_W_IND, 8 + 12)
-    asm.op(pk.ST, M_SRC)
-    asm.op(pk.LD_B_IND, 8)                  # quoted version/IHL
-    asm.op(pk.ALU_AND_K, 0x0F)
-    asm.op(pk.ALU_LSH_K, 2)
-    asm.op(pk.ALU_ADD_X, 0)
-    asm.op(pk.ALU_ADD_K, 8)
-    asm.op(pk.TAX)                          # X = start of the quoted transport header
+    asm.op(bpf.LD_B_IND, 8 + 9)
+    asm.op(bpf.ST, M_PROTO)
+    asm.op(bpf.LD_W_IND, 8 + 12)
+    asm.op(bpf.ST, M_SRC)
+    asm.op(bpf.LD_B_IND, 8)                  # quoted version/IHL
+    asm.op(bpf.ALU_AND_K, 0x0F)
+    asm.op(bpf.ALU_LSH_K, 2)
+    asm.op(bpf.ALU_ADD_X, 0)
+    asm.op(bpf.ALU_ADD_K, 8)
+    asm.op(bpf.TAX)                          # X = start of the quoted transport header
     for slot, off in ((M_SPORT, 0), (M_ID, 4)):
-        asm.op(pk.LD_H_IND, off)
-        asm.op(pk.ST, slot)
+        asm.op(bpf.LD_H_IND, off)
+        asm.op(bpf.ST, slot)
     for r in v4rules:
         _rule_v4(asm, r, both_sides=False)
-    asm.op(pk.RET_K, 0)
+    asm.op(bpf.RET_K, 0)
     asm.label(v6)
-    asm.op(pk.LD_B_ABS, 6)
-    asm.drop_unless(pk.JEQ_K, 58)           # ICMPv6
-    asm.op(pk.LD_B_ABS, 40)
-    asm.drop_unless(pk.JGE_K, ICMP_ERRORS_V6[0])
-    asm.drop_if(pk.JGT_K, ICMP_ERRORS_V6[-1])
-    asm.op(pk.LD_B_ABS, 48 + 6)             # the quoted IPv6 header at 48
-    asm.op(pk.ST, M_PROTO)
+    asm.op(bpf.LD_B_ABS, 6)
+    asm.drop_unless(bpf.JEQ_K, 58)           # ICMPv6
+    asm.op(bpf.LD_B_ABS, 40)
+    asm.drop_unless(bpf.JGE_K, ICMP_ERRORS_V6[0])
+    asm.drop_if(bpf.JGT_K, ICMP_ERRORS_V6[-1])
+    asm.op(bpf.LD_B_ABS, 48 + 6)             # the quoted IPv6 header at 48
+    asm.op(bpf.ST, M_PROTO)
     for slot, off in ((M_SPORT, 88), (M_ID, 92)):
-        asm.op(pk.LD_H_ABS, off)
-        asm.op(pk.ST, slot)
+        asm.op(bpf.LD_H_ABS, off)
+        asm.op(bpf.ST, slot)
     for r in v6rules:
         _rule_v6(asm, r, 48, both_sides=False)
-    asm.op(pk.RET_K, 0)
+    asm.op(bpf.RET_K, 0)
     return asm.assemble()

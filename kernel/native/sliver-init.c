@@ -10,20 +10,24 @@
  *   launcher: reset signal mask and dispositions; join the cgroups given; chdir into
  *             the root (as host root, which may reach it); rlimits (raising a hard
  *             limit needs the host's CAP_SYS_RESOURCE); unshare(USER); the host writes
- *             uid_map/gid_map; become root inside; unshare(NS, UTS, IPC, PID, CGROUP);
- *             fork the init; exit.
+ *             uid_map/gid_map; become root inside; fork sockd (sockd.h: it makes the
+ *             sliver's IP and netlink sockets in the node's network namespace) and
+ *             report its pid; unshare(NS, UTS, IPC, PID, CGROUP, NET); fork the init;
+ *             exit.
  *   init:     report its host pid; private mounts; clone the root as a mount of our
  *             own; mount proc (before the old root goes: the kernel wants a full proc
  *             visible, KERNEL-FACTS); tmpfs /dev with host device nodes bound in,
  *             devpts newinstance, /dev/shm; pivot_root; detach the old root; hostname;
  *             capability bounding set; no_new_privs; Landlock scoping (abstract Unix
  *             sockets, signals; TCP bind too with a guard); seccomp guard with a listener
- *             (sent to the agent and kept at fd GUARD_FD); then "ready" and serve.
+ *             (sent to the agent and kept at fd GUARD_FD); the socket filter with its
+ *             listener, sent to sockd; then "ready" and serve.
  *
  * Sync protocol (SOCK_STREAM socketpair, fd given by --sync):
  *   host -> launcher: 'm' (maps written) with the control socket's listening fd
  *                     (SCM_RIGHTS; the host binds it while the launcher starts)
- *   launcher -> host: "userns\n"; init -> host: "pid N\n" (its host pid), "ready\n"
+ *   launcher -> host: "userns\n", "sockd N\n" (its host pid);
+ *   init -> host: "pid N\n" (its host pid), "ready\n"
  *   any failure: "error STEP: strerror\n" and exit 1.
  *
  * Control protocol (root-only AF_UNIX stream socket, listening fd sent with 'm' and
@@ -78,6 +82,7 @@
 
 #define CTL_FD 3            /* the control socket, in the init */
 #define GUARD_FD 4          /* the init's own copy of the seccomp listener */
+#define SOCKD_FD 5          /* with a guard: the agent's end of sockd's requests */
 #define REQ_MAGIC 0x534c5652u  /* "SLVR" */
 #define REQ_TTY 1u
 #define REQ_MAX 262144u     /* bound on a request's strings */
@@ -159,6 +164,8 @@ static void move_fd(int fd, int to, const char *step)
 		die(step, errno);
 	close(fd);
 }
+
+#include "sockd.h"
 
 /* ---- setup ---- */
 
@@ -401,9 +408,10 @@ static void landlock_scope(int with_guard)
 	close(rs);
 }
 
-/* Read the filter, install it with a listener, send the listener to the agent and
- * keep our own copy at GUARD_FD. Returns nothing: dies on any failure. */
-static void install_guard(int filter_fd, int sink)
+/* Read the filter, install it with a listener, send the listener (and `sockd_req`,
+ * the agent's end of sockd's request socket, when >= 0) to the agent and keep our
+ * own copy at GUARD_FD. Returns the listener (-1 without a sink); dies on failure. */
+static int install_guard(int filter_fd, int sink, int sockd_req)
 {
 	/* mmap'd and unmapped after use, so no init keeps 32 KiB for it. */
 	struct sock_filter *insns = mmap(NULL, BPF_MAXINSNS * sizeof *insns,
@@ -435,22 +443,25 @@ static void install_guard(int filter_fd, int sink)
 		die("install seccomp filter", errno);
 	munmap(insns, cap);
 	if (sink < 0)
-		return;
+		return -1;
 	char byte = 'L';
+	int fds[2] = { lis, sockd_req };
+	size_t nfds = sockd_req >= 0 ? 2 : 1;
 	struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
-	union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } cm;
+	union { struct cmsghdr h; char buf[CMSG_SPACE(2 * sizeof(int))]; } cm;
 	memset(&cm, 0, sizeof cm);
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
-			     .msg_control = cm.buf, .msg_controllen = sizeof cm.buf };
+			     .msg_control = cm.buf, .msg_controllen = CMSG_SPACE(nfds * sizeof(int)) };
 	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
 	c->cmsg_level = SOL_SOCKET;
 	c->cmsg_type = SCM_RIGHTS;
-	c->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(c), &lis, sizeof(int));
+	c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+	memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
 	if (sendmsg(sink, &mh, MSG_NOSIGNAL) != 1)
 		die("send guard listener", errno);
 	close(sink);
 	move_fd(lis, GUARD_FD, "keep guard listener");
+	return GUARD_FD;
 }
 
 /* ---- service ---- */
@@ -1079,8 +1090,26 @@ int main(int argc, char **argv)
 		die("setresgid 0", errno);
 	if (setresuid(0, 0, 0) < 0)
 		die("setresuid 0", errno);
-	if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP) < 0)
-		die("unshare mount/uts/ipc/pid/cgroup namespaces", errno);
+	/* sockd (sockd.h, F38): the sliver's socket maker, in the node's network and
+	 * PID namespaces, the sliver's user namespace and cgroups. */
+	int sockd_chan[2], sockd_req[2];
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sockd_chan) < 0 ||
+	    socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sockd_req) < 0)
+		die("socketpairs for sockd", errno);
+	pid_t sockd = fork();
+	if (sockd < 0)
+		die("fork sockd", errno);
+	if (sockd == 0) {
+		close(sockd_chan[1]);
+		close(sockd_req[1]);
+		sockd_serve(sockd_chan[0], sockd_req[0]);
+	}
+	close(sockd_chan[0]);
+	close(sockd_req[0]);
+	say("sockd %d\n", (int)sockd);
+	if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP |
+		    CLONE_NEWNET) < 0)
+		die("unshare mount/uts/ipc/pid/cgroup/net namespaces", errno);
 	pid_t pid = fork();
 	if (pid < 0)
 		die("fork init", errno);
@@ -1120,8 +1149,13 @@ int main(int argc, char **argv)
 	int sfd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 10);
 	int gf = o.guard_filter >= 0 ? fcntl(o.guard_filter, F_DUPFD_CLOEXEC, 10) : -1;
 	int gs = o.guard_sink >= 0 ? fcntl(o.guard_sink, F_DUPFD_CLOEXEC, 10) : -1;
-	if (ctl < 0 || sfd < 0 || (o.guard_filter >= 0 && gf < 0) || (o.guard_sink >= 0 && gs < 0))
+	int sc = fcntl(sockd_chan[1], F_DUPFD_CLOEXEC, 10);
+	int sr = fcntl(sockd_req[1], F_DUPFD_CLOEXEC, 10);
+	if (ctl < 0 || sfd < 0 || sc < 0 || sr < 0 || (o.guard_filter >= 0 && gf < 0) ||
+	    (o.guard_sink >= 0 && gs < 0))
 		die("duplicate fds", errno);
+	close(sockd_chan[1]);
+	close(sockd_req[1]);
 	close(o.ctl);
 	close(sync_fd);
 	sync_fd = sfd;
@@ -1130,8 +1164,18 @@ int main(int argc, char **argv)
 	if (o.guard_sink >= 0)
 		close(o.guard_sink);
 	move_fd(ctl, CTL_FD, "place control socket");
-	if (gf >= 0)
-		install_guard(gf, gs);
+	/* With a guard the one listener a filter chain may have is the agent's: the
+	 * guard filter notifies socket() and the agent hands those to sockd, which gets
+	 * a copy of the listener to answer them and its request socket's other end
+	 * (kept at SOCKD_FD for a restarted agent). Without one sockd's own filter. */
+	int glis = gf >= 0 ? install_guard(gf, gs, sr) : -1;
+	if (glis >= 0) {
+		sockd_send(sc, 'G', glis);
+		move_fd(sr, SOCKD_FD, "keep sockd request socket");
+	} else {
+		close(sr);
+		sockd_install(sc);
+	}
 	hide_host_arguments(argc, argv, o.hostname);
 	serve();
 	return 0;

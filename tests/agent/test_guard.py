@@ -199,10 +199,15 @@ def hostile_binds():
     sin6 = struct.pack("<H", 10) + bytes(26)
     sun = struct.pack("<H", 1) + b"\0hostile" + bytes(4)
     unspec = struct.pack("<H", 0) + bytes(14)
+    # another family in sockaddr_in6-sized bytes on an AF_INET6 socket (EAFNOSUPPORT
+    # after inet6's length check), stream and datagram
+    v4in6 = struct.pack("<H", 2) + bytes(26)
+    unspec6 = struct.pack("<H", 0) + bytes(22)
+    odd6 = struct.pack("<H", 0xFFFF) + bytes(126)
     r, w = os.pipe()
     cases = []
-    def new(fam=socket.AF_INET):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
+    def new(fam=socket.AF_INET, kind=socket.SOCK_DGRAM):
+        s = socket.socket(fam, kind)
         cases.append(s)
         return s.fileno()
     keep = []
@@ -216,6 +221,10 @@ def hostile_binds():
         (new(), buf(sin), 200), (new(), buf(sin), 0), (new(), buf(sin6), 28),
         (new(socket.AF_INET6), buf(sin), 16), (new(), buf(unspec), 16),
         (new(), buf(sun), len(sun)), (new(), buf(sin), 8),
+        (new(socket.AF_INET6), buf(v4in6), 28), (new(socket.AF_INET6), buf(unspec6), 24),
+        (new(socket.AF_INET6), buf(odd6), 128), (new(socket.AF_INET6), buf(v4in6), 23),
+        (new(socket.AF_INET6, socket.SOCK_STREAM), buf(v4in6), 28),
+        (new(socket.AF_INET6, socket.SOCK_STREAM), buf(unspec6), 24),
     ]
     out = []
     for fd, addr, length in calls:

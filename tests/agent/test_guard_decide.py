@@ -84,11 +84,15 @@ def test_sockaddr_in6_is_read_as_the_kernel_reads_it() -> None:
     assert parse_ip_sockaddr(AF_INET6, sin6("::ffff:10.0.0.1", 80)) == ("::ffff:10.0.0.1", 80)
     assert denied(parse_ip_sockaddr, AF_INET6, sin6("::1", 22, size=23)) == errno.EINVAL
     assert denied(parse_ip_sockaddr, AF_INET6, b"") == errno.EINVAL
-    # another family on an AF_INET6 socket: refused. The guard answers EINVAL where the
-    # kernel's inet6_bind says EAFNOSUPPORT (kept as it was by the split; only the errno
-    # of a nonsense call differs)
-    assert denied(parse_ip_sockaddr, AF_INET6, sin6("::1", 22, family=AF_INET)) == errno.EINVAL
-    assert denied(parse_ip_sockaddr, AF_INET6, sin6("::1", 22, family=0)) == errno.EINVAL
+    # another family on an AF_INET6 socket: EAFNOSUPPORT as inet6_bind_sk says, but
+    # only once the length is long enough (shorter: EINVAL first, as the kernel)
+    assert denied(parse_ip_sockaddr, AF_INET6,
+                  sin6("::1", 22, family=AF_INET)) == errno.EAFNOSUPPORT
+    assert denied(parse_ip_sockaddr, AF_INET6, sin6("::1", 22, family=0)) == errno.EAFNOSUPPORT
+    assert denied(parse_ip_sockaddr, AF_INET6,
+                  sin6("::1", 22, family=0xFFFF, size=24)) == errno.EAFNOSUPPORT
+    assert denied(parse_ip_sockaddr, AF_INET6,
+                  sin6("::1", 22, family=AF_INET, size=23)) == errno.EINVAL
 
 
 def test_ip_protocols_of_socket_types() -> None:
@@ -221,3 +225,25 @@ def test_cpu_budget_rests_a_slice_that_overdraws_and_refills_to_the_burst() -> N
     now[0] += 1000                              # a long pause refills to the burst only
     budget.charge(0.02)
     assert budget.rest() > 0
+
+
+def test_cpu_budget_earned_from_the_slice_never_exceeds_half_its_cpu_plus_floor() -> None:
+    """With the slice's own CPU known, the agent's spending on it is bounded by half of
+    it plus the floor, whatever the time share would allow (F36)."""
+    now, used = [100.0], [5.0]
+    budget = CpuBudget(share=0.05, burst=0.02, clock=lambda: now[0],
+                       earned=lambda: used[0], ratio=0.5, floor=0.005)
+    budget.charge(0.02)                          # the burst is gone
+    spent = 0.0
+    for _ in range(1000):                        # 10 s of a flooder using 1% of a CPU
+        now[0] += 0.01
+        used[0] += 0.0001
+        if budget.rest() == 0.0:
+            budget.charge(0.001)
+            spent += 0.001
+    # time share alone: 0.5 s; earned: 0.5 * 0.1 s + 0.005 * 10 s = 0.1 s (+ one turn)
+    assert spent <= 0.1 + 0.002, spent
+    assert spent >= 0.09, spent                  # and it does get that
+    # a resting listener looks again within REST_MAX, not after floor-rate seconds
+    budget.charge(1.0)
+    assert 0 < budget.rest() <= 0.02
