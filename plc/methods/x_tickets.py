@@ -3,6 +3,7 @@ GetSliceTicket, and GetTicketKey, the public key nodes verify tickets with."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +19,18 @@ from plc.params import Parameter
 if TYPE_CHECKING:
     from plc.api import Call
 
+log = logging.getLogger("plc.tickets")
+
 
 def _signing_key(call: Call) -> Any:
+    """PLC's key; fault 111 without it (the file's path goes to the log only: callers,
+    anonymous ones included, learn nothing of the server's files)."""
     try:
         return tickets.load_key(tickets.key_path(call.config))
     except tickets.TicketKeyError as exc:
-        raise PLCAPIError(str(exc)) from None
+        log.error("%s", exc)
+        raise PLCAPIError("ticket signing key missing or unusable on this PLC (its operator "
+                          "runs `plc ticket-key --create`; the log names the file)") from None
 
 
 def _slice_wide_entry(call: Call, sl: dict[str, Any]) -> dict[str, Any]:
