@@ -146,6 +146,9 @@ FIELDS: tuple[Field, ...] = (
           "reserved whole by cpu_cores) that cpu_pct reservations together may never take: "
           "the host's own share; a reservation beyond it is refused and the sliver runs "
           "best-effort (docs/cpu.md)", minimum=0, maximum=99),
+    Field("plc_ticket_key", str, "", "PLC's slice ticket public key: base64 of its 32 bytes "
+          "(`plc ticket-key` prints it) or the absolute path of a file holding that; empty: "
+          "fetched from PLC (GetTicketKey) on first use and pinned (docs/tickets.md)"),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -192,6 +195,7 @@ class AgentConfig:
     node_pids_headroom: int
     node_mem_headroom: int
     sockets_max: int = 1024
+    plc_ticket_key: str = ""
     # [bandwidth] table (agent/bandwidth.py): HTB shaping is off while it names no
     # interface.
     bandwidth: BandwidthConfig = BandwidthConfig()
@@ -261,6 +265,14 @@ def _check(source: str, name: str, value: Any) -> Any:
         raise ConfigError(f"{source}: key 'slice_prefix' = {value!r} must be letters, digits or _")
     if name == "addresses":
         value = check_addresses(source, value)
+    if name == "plc_ticket_key" and value and not value.startswith("/"):
+        from agent.tickets import TicketError, parse_public_key
+
+        try:
+            parse_public_key(value)
+        except TicketError as exc:
+            raise ConfigError(f"{source}: key 'plc_ticket_key' = {value!r}: {exc}; give the "
+                              "base64 `plc ticket-key` prints, or an absolute path") from None
     if name == "disk_store_kib" and 0 < value < MIN_STORE_KIB:
         raise ConfigError(f"{source}: key 'disk_store_kib' = {value}: a layer store needs "
                           f"at least {MIN_STORE_KIB} KiB (or 0 for the default size)")

@@ -206,6 +206,15 @@ def parse(reply: Any, expected_node_id: int | None = None) -> Desired:
                    accounts=accounts, initscripts=initscripts, skipped=skipped)
 
 
+def parse_sliver(item: Any, path: str) -> SliverSpec:
+    """One sliver entry (of a reply or a ticket), validated as in `parse`; a name this
+    node cannot host is InvalidReply here."""
+    spec = _sliver(item, path)
+    if not SLICE_NAME.match(spec.name):
+        raise InvalidReply(f"{path}.name {spec.name!r} cannot name a sliver on this node")
+    return spec
+
+
 def _sliver(item: Any, path: str) -> SliverSpec:
     _expect(item, dict, path)
     name = _key(item, "name", str, path)

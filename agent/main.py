@@ -37,8 +37,10 @@ from agent.ports import HostPorts, PortError, fixed_host_ports, state_uid_owner
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.rspec import shown
 from agent.sliceapi import SliceAPI
+from agent.sliceapi.delegation import Management
 from agent.state import SliverState, State
 from agent.tasks import BackgroundTasks
+from agent.tickets import TicketKeys
 
 log = logging.getLogger("agent")
 
@@ -60,6 +62,24 @@ def make_guard(cfg: AgentConfig, state: State) -> GuardService:
         state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
         uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size),
         host_ports=host, cgroup_parent=cfg.cgroup_parent)
+
+
+def make_management(cfg: AgentConfig, state: State, reconciler: Reconciler,
+                    plc: PLCClient) -> Management:
+    """Ticket, Create, Destroy, Start, Stop (agent/sliceapi/delegation.py), trusting
+    agent.toml's plc_ticket_key or PLC's key fetched over the node session and pinned."""
+
+    def node() -> tuple[int | None, str]:
+        try:
+            node_id: int | None = read_node_key(cfg)[0]
+        except ConfigError:
+            node_id = None
+        reply = state.last_reply() or {}
+        return (node_id or plc.node_id or reply.get("node_id") or None,
+                cfg.effective_hostname)
+
+    return Management(cfg, state, reconciler,
+                      TicketKeys(cfg.plc_ticket_key, state, plc.get_ticket_key), node)
 
 
 def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | None = None,
@@ -105,7 +125,8 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
         before_stop=accounts.before_stop, new_context=accounts.new_context,
         guard=guard, supervising=guard is not None and not once, bandwidth=bandwidth)
     api = SliceAPI(cfg, state, reconciler, backend, api_dir,
-                   guard.methods() if guard is not None else {}, bandwidth=bandwidth)
+                   guard.methods() if guard is not None else {}, bandwidth=bandwidth,
+                   management=make_management(cfg, state, reconciler, plc))
     return Agent(cfg, state, backend, plc, accounts, guard, reconciler, api, background,
                  once=once, bandwidth=bandwidth)
 

@@ -297,6 +297,11 @@ class PLCClient:
         session = await self.new_session()
         return await self._call(method, {"AuthMethod": "session", "session": session}, args)
 
+    async def get_ticket_key(self) -> Any:
+        """PLC's slice ticket public key ({algorithm, public_key, key_id}), over the
+        node's authenticated session (agent/tickets.py pins it)."""
+        return await self.call("GetTicketKey")
+
     async def get_slivers(self) -> Any:
         return await self.call("GetSlivers")
 

@@ -107,6 +107,20 @@ def ingest(state: State, desired: Desired, default_image: str, slice_prefix: str
     return removed
 
 
+def admit(state: State, spec: SliverSpec, initscripts: Mapping[str, str], default_image: str,
+          now: float, node_defaults: Mapping[str, Any] | None = None,
+          overrides: Mapping[str, str] | None = None) -> SliverRecord:
+    """Write the record of one delegated sliver that a ticket or a delegate's Create
+    instantiates: the record `ingest` would write for it (the caller holds the
+    transaction). The reconciler then makes it like any other."""
+    existing = state.get_sliver(spec.name)
+    rec = _record_from_spec(spec, overrides or {}, initscripts, default_image, existing, now,
+                            node_defaults)
+    if existing is None or _differs(existing, rec):
+        state.put_sliver(rec)
+    return rec
+
+
 def _record_from_spec(spec: SliverSpec, overrides: Mapping[str, str],
                       initscripts: Mapping[str, str], default_image: str,
                       existing: SliverRecord | None, now: float,

@@ -56,6 +56,36 @@ def cmd_init(args: argparse.Namespace) -> int:
     store = _store(cfg)
     initialise(store, args.admin_email, password, prefix, hrn_root=cfg.plc_hrn_root)
     print(f"initialised {store.url}: system site '{prefix}', admin {args.admin_email}")
+    _ticket_key(cfg)
+    return 0
+
+
+def _ticket_key(cfg: configmod.Config) -> Any:
+    """PLC's ticket key pair, made if missing (an existing key is never overwritten)."""
+    from plc import tickets
+
+    path = tickets.key_path(cfg)
+    if tickets.ensure_key(path):
+        print(f"made the slice ticket key {path} (0600)")
+    try:
+        return tickets.load_key(path)
+    except tickets.TicketKeyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def cmd_ticket_key(args: argparse.Namespace) -> int:
+    """Print the public key nodes verify slice tickets with (agent.toml plc_ticket_key)."""
+    from plc import tickets
+
+    cfg = _load_config(args)
+    if args.create:
+        key = _ticket_key(cfg)
+    else:
+        try:
+            key = tickets.load_key(tickets.key_path(cfg))
+        except tickets.TicketKeyError as exc:
+            raise ConfigError(str(exc)) from None
+    print(tickets.public_b64(key))
     return 0
 
 
@@ -210,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", help="database file or postgresql://USER@HOST/DB")
     s.add_argument("hostname")
     s.set_defaults(func=cmd_node_key)
+
+    s = sub.add_parser("ticket-key", help="print the public key of slice tickets (base64), "
+                       "for agent.toml plc_ticket_key")
+    s.add_argument("--config", help="plc.toml")
+    s.add_argument("--db", help="database file (the key defaults to ticket-ed25519.pem beside it)")
+    s.add_argument("--create", action="store_true", help="make the key pair if it is missing")
+    s.set_defaults(func=cmd_ticket_key)
 
     db_help = "database file or URL: postgresql://USER@HOST/DB (overrides [database] url)"
     s = sub.add_parser("migrate", help="apply the schema migrations the database lacks")

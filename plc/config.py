@@ -99,6 +99,12 @@ SCHEMA: tuple[Key, ...] = (
     Key("www", "host", str, "localhost", "PLC_WWW_HOST (mail templates)"),
     Key("www", "ssl_port", int, 443, "PLC_WWW_SSL_PORT (mail templates)"),
     Key("release", "file", str, "/etc/myplc-release", "file GetPlcRelease parses"),
+    Key("tickets", "key", str, "",
+        "Ed25519 private key (PEM, 0600) signing slice tickets, made by `plc init` and never "
+        "overwritten; empty = ticket-ed25519.pem beside [db] path (docs/tickets.md)"),
+    Key("tickets", "lifetime", int, 3600,
+        "seconds a slice ticket may be redeemed after it is issued (never past the "
+        "slice's expiry)", minimum=60),
 )
 
 _BY_NAME = {(k.section, k.name): k for k in SCHEMA}

@@ -27,9 +27,11 @@ from agent.faults import (
     APIFault,
     FdReply,
 )
-from agent.reconcile import Action, Reconciler
+from agent.reconcile import Reconciler
+from agent.sliceapi.delegation import Management
 from agent.sliceapi.identity import Caller, identify
 from agent.state import SliverState, State
+from agent.tickets import TicketKeys
 from agent.tokenbucket import TokenBuckets
 
 log = logging.getLogger("agent.sliceapi")
@@ -41,12 +43,18 @@ class Calls:
     """The calls, their permissions, and the dispatch of one request."""
 
     PUBLIC = ("Help", "GetXIDs", "GetSSHKeys", "Ticket")
+    # What a controller slice's account may call besides: on the slivers its
+    # delegations name (agent/sliceapi/delegation.py checks that).
+    CONTROLLER = ("Create", "Destroy", "Start", "Stop")
 
     def __init__(self, cfg: AgentConfig, state: State, reconciler: Reconciler,
                  guard_methods: Mapping[str, Callable[..., Any]] | None = None,
-                 clock: Callable[[], float] = time.monotonic, bandwidth: Any = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, bandwidth: Any = None,
+                 management: Management | None = None) -> None:
         """`guard_methods`: the guard's calls (GuardService.methods()), if any;
-        `bandwidth`: agent.bwservice.BandwidthService, if shaping is on."""
+        `bandwidth`: agent.bwservice.BandwidthService, if shaping is on; `management`:
+        Ticket, Create, Destroy, Start, Stop (default: tickets checked with agent.toml's
+        plc_ticket_key only)."""
         self.cfg = cfg
         self.state = state
         self.reconciler = reconciler
@@ -55,10 +63,15 @@ class Calls:
         self.methods: dict[str, Callable[..., Any]] = {
             "Help": self.Help, "GetXIDs": self.GetXIDs, "GetSSHKeys": self.GetSSHKeys,
             "GetRSpec": self.GetRSpec, "GetEffectiveRSpec": self.GetEffectiveRSpec,
-            "GetLoans": self.GetLoans, "GetRecord": self.GetRecord, "Ticket": self.Ticket,
-            "Create": self.Create, "Destroy": self.Destroy, "Start": self.Start,
-            "Stop": self.Stop, "GetBandwidth": self.GetBandwidth,
+            "GetLoans": self.GetLoans, "GetRecord": self.GetRecord,
+            "GetBandwidth": self.GetBandwidth,
         }
+        if management is None:
+            management = Management(cfg, state, reconciler,
+                                    TicketKeys(cfg.plc_ticket_key, state),
+                                    lambda: (cfg.node_id or None, cfg.effective_hostname))
+        self.management = management
+        self.methods.update(management.methods())
         self.bandwidth = bandwidth
         # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
         self.guard_methods = dict(guard_methods or {})
@@ -146,29 +159,6 @@ class Calls:
                       "state": rec.state.value, "keys": "\n".join(rec.spec.get("keys", [])),
                       "attributes": rec.spec.get("attributes", {}), "rspec": rec.rspec})
 
-    def Ticket(self, caller: Caller, *args: Any) -> int:
-        """Ticket(ticket): redeem a PLC-signed ticket (delegated instantiation)."""
-        raise APIFault(FAULT_UNSUPPORTED, "Ticket: not supported on this node yet "
-                       "(delegated instantiation comes with signed tickets)")
-
-    def Create(self, caller: Caller, *args: Any) -> int:
-        """Create(name): instantiate a delegated sliver."""
-        raise APIFault(FAULT_UNSUPPORTED, "Create: only delegated slivers may be created by "
-                       "call, and this node does not redeem tickets yet")
-
-    def Destroy(self, caller: Caller, *args: Any) -> int:
-        """Destroy(name): remove a delegated sliver."""
-        raise APIFault(FAULT_UNSUPPORTED, "Destroy: only delegated slivers may be destroyed "
-                       "by call, and this node does not redeem tickets yet")
-
-    async def Start(self, caller: Caller, *args: Any) -> int:
-        """Start(name): thaw a sliver (node admin only for now)."""
-        return await self._start_stop(caller, args, "start")
-
-    async def Stop(self, caller: Caller, *args: Any) -> int:
-        """Stop(name): freeze a sliver until Start (node admin only for now)."""
-        return await self._start_stop(caller, args, "stop")
-
     async def GetBandwidth(self, caller: Caller, *args: Any) -> dict[str, Any]:
         """GetBandwidth([name]): the caller's own bytes, packets, budget left, current
         ceilings (bit/s), drops and backlog in this window (as of the last accounting
@@ -182,20 +172,6 @@ class Calls:
         except KeyError:
             raise APIFault(FAULT_BAD_TARGET, f"no bandwidth ledger for {name!r} yet") from None
         return _wire({k: v for k, v in report.items() if v is not None})
-
-    async def _start_stop(self, caller: Caller, args: tuple[Any, ...], kind: str) -> int:
-        if caller.kind != "admin":
-            raise APIFault(FAULT_UNSUPPORTED, f"{kind.title()}: not supported for slivers "
-                           "yet (needs delegations); the node admin may call it")
-        name = self._target(caller, args)
-        # Held stopped until Start: the reconciles in between must not start it again.
-        self.state.set_held(name, kind == "stop")
-        outcome = await self.reconciler.execute(
-            [Action(kind, name, "stopped by the slice API's Stop until Start"
-                    if kind == "stop" else "slice API")])
-        if outcome.failed:
-            raise APIFault(FAULT_ERROR, f"{kind} {name}: failed; see the agent's log")
-        return 1
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -226,7 +202,8 @@ class Calls:
             if fn is None:
                 raise APIFault(FAULT_UNKNOWN_METHOD, f"Invalid method {method!r}; valid: "
                                + ", ".join(sorted(self.methods)))
-            if caller.kind in ("host", "controller") and method not in self.PUBLIC:
+            if caller.kind in ("host", "controller") and method not in self.PUBLIC and not (
+                    caller.kind == "controller" and method in self.CONTROLLER):
                 raise APIFault(FAULT_PERMISSION, f"{method}: not allowed for {caller.name}")
             if len(args) > 4:
                 raise APIFault(FAULT_ARG_COUNT, f"{method}: too many arguments ({len(args)})")

@@ -1,20 +1,16 @@
 """Slice queries outside the CORE set (spec 6.1 Slices): GetSliceKeys, ResolveSlices,
-RetrieveSlicePersonKeys, RetrieveSliceSliverKeys, GetSliceTicket; and GetPeers, GetPeerName for a PLC
-without peers (GetEvents and GetEventObjects are the core's)."""
+RetrieveSlicePersonKeys, RetrieveSliceSliverKeys; and GetPeers, GetPeerName for a PLC
+without peers (GetEvents and GetEventObjects are the core's). GetSliceTicket is x_tickets.py's."""
 
 from __future__ import annotations
 
-import subprocess
-import xmlrpc.client
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plc.auth import Auth
-from plc.faults import PLCAPIError, PLCInvalidArgument
+from plc.faults import PLCInvalidArgument
 from plc.filters import FilterParam, ReturnFields
 from plc.methods._util import id_or_name
 from plc.methods._xtra import xmethod
-from plc.methods.slivers import MAX_EXPIRES, merge_attributes
 from plc.model import Node, Peer, Person, Slice
 from plc.params import Parameter
 
@@ -141,81 +137,3 @@ def GetPeers(call: Call, auth: dict, peer_filter: Any = None,
 def GetPeerName(call: Call, auth: dict) -> str:
     """Returns this PLC's name, as it is known to peers."""
     return str(call.config.get("plc", "name"))
-
-
-# -- slice tickets (spec 8) ---------------------------------------------------------------------
-TICKET_GNUPG = "ticket-gnupg"  # GnuPG home holding PLC's signing key, next to the database
-GPG_TIMEOUT = 30
-
-
-def ticket_gnupg_home(call: Call) -> Path:
-    """Where the ticket signing key lives: ``<database directory>/ticket-gnupg``."""
-    return Path(call.config.get("db", "path")).resolve().parent / TICKET_GNUPG
-
-
-def _gpg(home: Path, args: list[str], data: bytes) -> subprocess.CompletedProcess[bytes]:
-    try:
-        return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--yes", "--quiet",
-                               *args], input=data, capture_output=True, timeout=GPG_TIMEOUT,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PLCAPIError(f"ticket signing failed: gpg: {exc}") from None
-
-
-def slice_ticket_data(call: Call, sl: dict[str, Any]) -> dict[str, Any]:
-    """The GetSlivers-shaped content of a ticket: one sliver, slice-wide attributes."""
-    keys = [{"key_type": r["key_type"], "key": r["key"]} for r in call.conn.query(
-        "SELECT k.key_type, k.key FROM slice_person sp "
-        "JOIN persons p ON p.person_id = sp.person_id "
-        "JOIN person_key pk ON pk.person_id = p.person_id JOIN keys k ON k.key_id = pk.key_id "
-        "WHERE sp.slice_id = ? AND p.enabled = 1 AND p.deleted = 0 AND k.is_blacklisted = 0 "
-        "ORDER BY p.person_id, k.key_id", [sl["slice_id"]])]
-    stags = call.conn.query(
-        "SELECT tt.tagname, t.value, t.node_id, t.nodegroup_id FROM slice_tag t "
-        "JOIN tag_types tt ON tt.tag_type_id = t.tag_type_id WHERE t.slice_id = ? "
-        "AND t.node_id IS NULL AND t.nodegroup_id IS NULL ORDER BY t.slice_tag_id",
-        [sl["slice_id"]])
-    attributes = merge_attributes(stags, -1, set())
-    wide: dict[str, str] = {}
-    for t in stags:
-        wide.setdefault(t["tagname"], t["value"])
-    cfg = call.config
-    family = "-".join([wide.get("vref") or wide.get("pldistro") or cfg.flavour_slice_pldistro,
-                       wide.get("fcdistro") or cfg.flavour_slice_fcdistro,
-                       wide.get("arch") or cfg.flavour_slice_arch])
-    initscripts = call.conn.query("SELECT initscript_id, name, enabled, script FROM initscripts "
-                                  "WHERE enabled = 1 ORDER BY initscript_id")
-    for i in initscripts:
-        i["enabled"] = bool(i["enabled"])
-    return {"timestamp": call.now, "initscripts": initscripts, "slivers": [{
-        "name": sl["name"], "slice_id": sl["slice_id"], "instantiation": sl["instantiation"],
-        "expires": min(sl["expires"], MAX_EXPIRES), "keys": keys, "attributes": attributes,
-        "GetSliceFamily": family}]}
-
-
-@xmethod(roles=["admin", "pi", "user", "peer"], accepts=[Auth(), id_or_name(Slice)],
-         returns=Parameter(str, "Signed slice ticket"))
-def GetSliceTicket(call: Call, auth: dict, slice_id_or_name: int | str) -> str:
-    """Returns a ticket for a slice: its sliver description (as GetSlivers gives it,
-    with slice-wide attributes only) serialized as an XML-RPC methodResponse and signed
-    (ASCII-armoured, attached) with PLC's GnuPG key, which a node manager redeems
-    without asking PLC. The key is the secret key in ``ticket-gnupg`` next to the
-    database; without it the call fails with fault 111."""
-    sl = call.one(Slice, slice_id_or_name,
-                  ["slice_id", "name", "instantiation", "expires", "peer_id"], what="slice")
-    if sl["peer_id"] is not None:
-        raise PLCInvalidArgument("Not a local slice (only its authoritative peer issues "
-                                 "tickets)")
-    home = ticket_gnupg_home(call)
-    if not home.is_dir():
-        raise PLCAPIError(f"ticket signing key missing: no GnuPG home {home}")
-    ticket = xmlrpc.client.dumps((slice_ticket_data(call, sl),), methodresponse=True,
-                                 allow_none=True).encode()
-    signed = _gpg(home, ["--armor", "--sign"], ticket)
-    if signed.returncode != 0:
-        reason = signed.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
-        raise PLCAPIError(f"ticket signing key missing or unusable in {home}: {reason[0]}")
-    check = _gpg(home, ["--verify"], signed.stdout)
-    if check.returncode != 0:
-        raise PLCAPIError("ticket signature does not verify")
-    return signed.stdout.decode()

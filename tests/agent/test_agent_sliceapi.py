@@ -147,7 +147,7 @@ async def test_host_callers(api_env) -> None:
     assert set(xids) == {"pl_a", "pl_b"} and min(xids.values()) == POOL
     assert keys["pl_a"] == "ssh-ed25519 AAAA pl_a"
     assert unknown.faultCode == 100
-    assert unsupported.faultCode == 106
+    assert unsupported.faultCode == 102 and "malformed" in unsupported.faultString
     assert other["fault"] == 108
     assert set(public["ok"]) == {"pl_a", "pl_b"}
 

@@ -559,8 +559,9 @@ def test_every_extra_method_has_a_case() -> None:
                          "GetPCUProtocolTypes", "GetAddresses", "GetAddressTypes", "GetIlinks")
              if n in METHODS}
     # Covered by their own tests: RebootNodeWithPCU (cannot succeed here, no PCU control:
-    # test_reboot_with_pcu) and GetSliceTicket (needs a signing key: test_get_slice_ticket).
-    assert mine - set(IDS) == {"RebootNodeWithPCU", "GetSliceTicket"}
+    # test_reboot_with_pcu), GetSliceTicket and GetTicketKey (need a signing key:
+    # tests/plc/test_plc_tickets.py).
+    assert mine - set(IDS) == {"RebootNodeWithPCU", "GetSliceTicket", "GetTicketKey"}
 
 
 def test_reboot_node_sends_the_session_to_port_64000(world: World) -> None:
@@ -651,39 +652,3 @@ def test_pcu_rules(world: World) -> None:
     # The PI of site B sees no PCU of site A.
     assert w.api.GetPCUs(w.auth["pi_b"], [pcu]) == []
     assert w.api.GetPCUs(w.auth["pi"], [pcu])[0]["pcu_id"] == pcu
-
-
-def test_get_slice_ticket(world: World) -> None:
-    """Fault 111 without a signing key; with one, a signed methodResponse describing the
-    slice (slice-wide attributes, member keys) that gpg verifies."""
-    import subprocess
-
-    w = world
-    home = w.spool.parent / "ticket-gnupg"
-    w.api.AddSliceTag(ADMIN, w.slice, "cpu_share", "11")
-    w.api.AddSliceTag(ADMIN, w.slice, "cpu_share", "99", w.node_a)  # sliver: not in ticket
-    assert fault(w, "GetSliceTicket", ADMIN, w.slice) == 111
-    try:
-        home.mkdir(mode=0o700)
-        subprocess.run(["gpg", "--homedir", str(home), "--batch", "--passphrase", "",
-                        "--quick-gen-key", f"PLC test {PID} <plc@example.org>", "ed25519",
-                        "sign", "never"], check=True, capture_output=True, timeout=60)
-        signed = w.api.GetSliceTicket(w.auth["user"], w.slice_name)
-        assert signed.startswith("-----BEGIN PGP MESSAGE-----")
-        out = subprocess.run(["gpg", "--homedir", str(home), "--batch", "--decrypt"],
-                             input=signed.encode(), capture_output=True, timeout=60)
-        assert out.returncode == 0 and b"Good signature" in out.stderr
-        (data,), _ = xmlrpc.client.loads(out.stdout)
-        (sliver,) = data["slivers"]
-        assert (sliver["name"], sliver["slice_id"]) == (w.slice_name, w.slice)
-        assert {"tagname": "cpu_share", "value": "11"} in sliver["attributes"]
-        assert {"tagname": "cpu_share", "value": "99"} not in sliver["attributes"]
-        assert sliver["keys"] == [{"key_type": "ssh", "key": w.user_key}]
-        assert isinstance(data["initscripts"], list) and data["timestamp"] > 0
-        # wrong role, wrong type, missing object
-        assert fault(w, "GetSliceTicket", w.auth["tech"], w.slice) == 103
-        assert fault(w, "GetSliceTicket", ADMIN, 1.5) == 102
-        assert fault(w, "GetSliceTicket", ADMIN, "nosuch_slice") == 102
-    finally:
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"],
-                       capture_output=True, timeout=30, check=False)
