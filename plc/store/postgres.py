@@ -67,9 +67,12 @@ class PostgresConnection(Connection):
         except OverflowError:
             raise DBError("integer out of range") from None
 
-    def begin(self, write: bool) -> None:
-        self._run_plain("BEGIN ISOLATION LEVEL SERIALIZABLE" if write
-                        else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    def begin(self, write: bool, serializable: bool = True) -> None:
+        if not write:
+            self._run_plain("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        else:
+            self._run_plain("BEGIN ISOLATION LEVEL SERIALIZABLE" if serializable
+                            else "BEGIN ISOLATION LEVEL READ COMMITTED")
         self._in_tx = True
 
     def _run_plain(self, sql: str) -> None:
