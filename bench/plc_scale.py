@@ -136,8 +136,43 @@ def _client(urls: list[str], nodes: int, rate: float, seconds: float, clients: i
     out.put((lat, errors[0]))
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    """CPU time (user + system) of these processes and their children."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) in pids or int(fields[1]) in pids:
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def rollbacks(server: Any, db: str) -> int:
+    """Transactions rolled back in ``db`` so far (serialisation failures show here:
+    GetSlivers never faults in this bench, so every rollback is a re-run)."""
+    import psycopg
+    with psycopg.connect(server.url(), autocommit=True) as c:
+        row = c.execute("SELECT xact_rollback FROM pg_stat_database WHERE datname = %s",
+                        [db]).fetchone()
+    return int(row[0]) if row else 0
+
+
 def load(urls: list[str], nodes: int, rate: float, seconds: float,
-         procs: int = 2, clients: int = 16) -> dict[str, Any]:
+         procs: int = 2, clients: int = 16, watch: tuple[set[int], set[int]] | None = None,
+         pg: Any = None) -> dict[str, Any]:
+    """Run the load; with ``watch`` (front-end pids, PostgreSQL postmaster pid), also
+    the CPU per call of the front ends and of PostgreSQL, and (``pg``) rollbacks."""
+    fe0 = cpu_seconds(watch[0]) if watch else 0.0
+    db0 = cpu_seconds(watch[1]) if watch else 0.0
+    rb0 = rollbacks(pg, "scale") if pg else 0
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     ps = [ctx.Process(target=_client, args=(urls, nodes, rate / procs if rate else 0,
@@ -158,8 +193,14 @@ def load(urls: list[str], nodes: int, rate: float, seconds: float,
     def pct(p: float) -> float:
         return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else -1.0
 
-    return {"calls": len(lat), "errors": errors, "rate": round(len(lat) / elapsed, 1),
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+    out = {"calls": len(lat), "errors": errors, "rate": round(len(lat) / elapsed, 1),
+           "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+    if watch and lat:
+        out["fe_cpu_us_per_call"] = round((cpu_seconds(watch[0]) - fe0) / len(lat) * 1e6)
+        out["pg_cpu_us_per_call"] = round((cpu_seconds(watch[1]) - db0) / len(lat) * 1e6)
+    if pg:
+        out["rollbacks"] = rollbacks(pg, "scale") - rb0
+    return out
 
 
 def main() -> int:
@@ -171,6 +212,8 @@ def main() -> int:
     args = ap.parse_args()
     rate = args.nodes / args.period
     server = pgserver.start(max_connections=300, name="bench")
+    with open(f"{server.dir}/data/postmaster.pid") as f:
+        postmaster = {int(f.readline())}
     result: dict[str, Any] = {"nodes": args.nodes, "slices": args.slices,
                               "target_rate": round(rate, 1), "seconds": args.seconds}
     tmp = tempfile.mkdtemp(prefix=f"plc-scale-{os.getpid()}-")
@@ -191,7 +234,10 @@ def main() -> int:
         for name, db in (("postgres", url), ("sqlite", lite.path)):
             urls, procs = start_front_ends(db, 1)
             try:
-                result[f"{name}_full_rate"] = load(urls, args.nodes, rate, args.seconds)
+                result[f"{name}_full_rate"] = load(
+                    urls, args.nodes, rate, args.seconds,
+                    watch=({p.pid for p in procs}, postmaster if name == "postgres" else set()),
+                    pg=server if name == "postgres" else None)
             finally:
                 stop(procs)
             print(name, result[f"{name}_full_rate"], flush=True)
@@ -200,7 +246,9 @@ def main() -> int:
             try:
                 result[f"postgres_throughput_{n}fe"] = load(urls, args.nodes, 0,
                                                             args.seconds / 2, procs=2,
-                                                            clients=8 * n)
+                                                            clients=8 * n,
+                                                            watch=({p.pid for p in procs},
+                                                                   postmaster), pg=server)
             finally:
                 stop(procs)
             print(f"{n} front ends", result[f"postgres_throughput_{n}fe"], flush=True)

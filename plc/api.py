@@ -211,6 +211,7 @@ class API:
         self.hash_gate = HashGate(config.api_password_checks)
         self.password_failures = Failures(config.api_password_failures)
         self.fault_log = FaultLog(log)
+        self.retries = 0  # transactions run again after a serialisation failure
         import plc.methods  # noqa: F401  (registers every method module)
         self.methods = METHODS
 
@@ -233,6 +234,7 @@ class API:
                     return self._run_once(conn, name, params, source)
                 except RetryError as e:
                     conn.rollback()
+                    self.retries += 1  # (a lost increment under threads is harmless)
                     log.debug("%s: serialisation failure, attempt %d: %s", name, attempt + 1, e)
                     time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
             return self._run_once(conn, name, params, source, last=True)
@@ -258,7 +260,7 @@ class API:
         # call that may write runs in one transaction.
         transactional = m.writes or self.config.api_debug
         if transactional:
-            conn.begin(write=True)
+            conn.begin(write=True, serializable=m.serializable)
         try:
             result = self._execute(call)
             if call.message is not None or (self.config.api_debug and m.name != "ReportRunlevel"):

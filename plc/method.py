@@ -16,6 +16,10 @@ i-th entry of ``accepts`` types the i-th argument. A method with ``roles`` takes
 (``Method.auth``), then its other arguments are type-checked (fault 102), as legacy
 PLCAPI did (spec 1.2), so a caller that cannot authenticate learns nothing about them. ``writes`` (default: the name does
 not start with Get/Resolve/Retrieve and is not system.*) selects a write transaction.
+A write transaction is serialisable (on PostgreSQL; SQLite serialises writers anyway)
+unless the method says ``serializable=False``: only for a method whose writes depend on
+nothing it read (GetSlivers' ``last_contact``), which then runs READ COMMITTED, takes no
+predicate locks and can neither lose nor cause a serialisation race.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Method:
     max_args: int = 0
     transaction: bool = True   # system.* manage their own
     auth: Auth | None = None   # accepts[0] of a method with roles: authenticated first
+    serializable: bool = True  # False: its writes depend on nothing it read (see above)
 
     def signatures(self) -> list[list[str]]:
         """[return_type, arg types...] per arg count and Mixed alternative (spec 1.3)."""
@@ -95,12 +100,13 @@ def register(m: Method) -> Method:
 
 def api_method(*, roles: list[str], accepts: list[Any], returns: Any,
                name: str | None = None, writes: bool | None = None,
-               doc: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+               doc: str | None = None, serializable: bool = True
+               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare and register an API method (see module docstring)."""
 
     def deco(func: Callable[..., Any]) -> Callable[..., Any]:
         make_method(func, roles=roles, accepts=accepts, returns=returns, name=name,
-                    writes=writes, doc=doc)
+                    writes=writes, doc=doc, serializable=serializable)
         return func
 
     return deco
@@ -108,7 +114,8 @@ def api_method(*, roles: list[str], accepts: list[Any], returns: Any,
 
 def make_method(func: Callable[..., Any], *, roles: list[str], accepts: list[Any],
                 returns: Any, name: str | None = None, writes: bool | None = None,
-                doc: str | None = None, transaction: bool = True) -> Method:
+                doc: str | None = None, transaction: bool = True,
+                serializable: bool = True) -> Method:
     mname = name or func.__name__
     params = list(inspect.signature(func).parameters.values())[1:]  # skip `call`
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
@@ -128,7 +135,8 @@ def make_method(func: Callable[..., Any], *, roles: list[str], accepts: list[Any
         doc=inspect.cleandoc(doc or func.__doc__ or ""), writes=writes,
         arg_names=[p.name for p in params],
         min_args=sum(1 for p in params if p.default is inspect.Parameter.empty),
-        max_args=len(params), transaction=transaction, auth=auth))
+        max_args=len(params), transaction=transaction, auth=auth,
+        serializable=serializable))
 
 
 __all__ = ["ALL_PERSON_ROLES", "ALL_ROLES", "METHODS", "Method", "api_method", "doc_of",

@@ -28,12 +28,16 @@ def _in(ids: list[int]) -> tuple[str, str]:
 def slivers_of(call: Call, node_id: int) -> list[dict[str, Any]]:
     """The sliver entries of the node, attributes merged by precedence (spec 7)."""
     slices = call.conn.rows(
-        "SELECT slice_id, name, instantiation, expires FROM slices s WHERE s.deleted = 0 AND "
-        "s.expires > ? AND (s.slice_id IN (SELECT slice_id FROM slice_node WHERE node_id = ?) "
-        "OR s.instantiation IN ('nm-controller', 'delegated') OR s.slice_id IN ("
-        "SELECT t.slice_id FROM slice_tag t JOIN tag_types tt ON tt.tag_type_id = t.tag_type_id "
-        "WHERE tt.tagname = 'system' AND t.value = '1')) ORDER BY s.slice_id",
-        [call.now, node_id])
+        # one IN over a UNION (not three ORed conditions): each part uses its index, so
+        # the cost follows the node's slices, not every slice of the PLC (an OR made
+        # both stores filter the whole slices table on every poll)
+        "SELECT slice_id, name, instantiation, expires FROM slices s WHERE s.slice_id IN ("
+        "SELECT slice_id FROM slice_node WHERE node_id = ? "
+        "UNION SELECT slice_id FROM slices WHERE instantiation IN ('nm-controller', 'delegated') "
+        "UNION SELECT t.slice_id FROM slice_tag t JOIN tag_types tt ON tt.tag_type_id = "
+        "t.tag_type_id WHERE tt.tagname = 'system' AND t.value = '1') "
+        "AND s.deleted = 0 AND s.expires > ? ORDER BY s.slice_id",
+        [node_id, call.now])
     if not slices:
         return []
     in_sql, ids = _in([s[0] for s in slices])
@@ -153,7 +157,11 @@ def _accounts(call: Call, site_id: int) -> list[dict[str, Any]]:
 
 @api_method(roles=["admin", "node"],
             accepts=[Auth(), Parameter(id_or_name(Node), "Node id or hostname", nullok=True)],
-            returns=Parameter(dict, "the node's slivers and configuration"), writes=True)
+            returns=Parameter(dict, "the node's slivers and configuration"), writes=True,
+            # its one write (the node's last_contact) depends on nothing it reads: READ
+            # COMMITTED, so 167 polls/s take no predicate locks and never abort (or make
+            # abort) another front end's serialisable transaction
+            serializable=False)
 def GetSlivers(call: Call, auth: dict, node_id_or_hostname: int | str | None = None) -> dict:
     """Returns a struct containing information about the specified node (or calling
     node, if called by a node and node_id_or_hostname is not specified), including the

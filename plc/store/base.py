@@ -41,7 +41,9 @@ class Connection(ABC):
     dialect = "sqlite"
 
     @abstractmethod
-    def begin(self, write: bool) -> None: ...
+    def begin(self, write: bool, serializable: bool = True) -> None:
+        """Start a transaction; ``serializable=False`` (PostgreSQL: READ COMMITTED) for
+        writes that depend on nothing read in it (plc.method)."""
 
     @abstractmethod
     def commit(self) -> None: ...

@@ -51,7 +51,7 @@ class SQLiteConnection(Connection):
             raise DBError(f"cannot open database {path}: {e}") from None
         self._in_tx = False
 
-    def begin(self, write: bool) -> None:
+    def begin(self, write: bool, serializable: bool = True) -> None:
         # IMMEDIATE takes the write lock up front: two writers never deadlock on a
         # read-to-write upgrade, the second waits (busy_timeout) for the first.
         self._run("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -255,3 +255,47 @@ def test_export_import_sqlite_to_postgres_and_back_loses_nothing(
             max(s["slice_id"] for s in before["GetSlices"])
     finally:
         conn.close()
+
+
+def test_getslivers_polls_never_abort_a_serialisable_transaction(pg_db: PostgresStore) -> None:
+    """GetSlivers' one write (last_contact) depends on nothing it reads, so it runs READ
+    COMMITTED: a node polling cannot make another front end's serialisable transaction
+    fail, nor be run again itself. The interleaving below is a read/write cycle
+    (the other transaction reads the node and writes the slice GetSlivers reads):
+    with both serialisable, PostgreSQL aborts one of them."""
+    now = int(__import__("time").time())
+    setup = pg_db.connect_direct()
+    try:
+        setup.begin(write=True)
+        site = setup.insert("sites", {"login_base": "gs", "name": "GS", "abbreviated_name": "GS",
+                                      "max_slices": 10, "date_created": now,
+                                      "last_updated": now})
+        node = setup.insert("nodes", {"hostname": "gs1.example.org", "site_id": site,
+                                      "boot_state": "boot", "date_created": now,
+                                      "last_updated": now})
+        setup.insert("sessions", {"session_id": "gs-session", "expires": None})
+        setup.insert("node_session", {"node_id": node, "session_id": "gs-session"})
+        sl = setup.insert("slices", {"site_id": site, "name": "gs_one", "created": now,
+                                     "expires": now + 86400})
+        setup.insert("slice_node", {"slice_id": sl, "node_id": node})
+        setup.commit()
+    finally:
+        setup.close()
+    api = API(pg_db, store_config(pg_db))
+    other = pg_db.connect_direct()
+    poller = pg_db.connect_direct()
+    try:
+        other.begin(write=True)
+        other.query("SELECT last_contact FROM nodes WHERE node_id = ?", [node])
+        other.execute("UPDATE slices SET description = 'changed' WHERE slice_id = ?", [sl])
+        result = api.run(poller, "GetSlivers", [{"AuthMethod": "session",
+                                                 "session": "gs-session"}])
+        assert [s["name"] for s in result["slivers"]] == ["gs_one"]
+        other.commit()  # serialisable GetSlivers: "could not serialize access"
+        assert api.retries == 0
+        assert poller.scalar("SELECT last_contact FROM nodes WHERE node_id = ?", [node]) >= now
+        assert poller.scalar("SELECT description FROM slices WHERE slice_id = ?",
+                             [sl]) == "changed"
+    finally:
+        other.close()
+        poller.close()
