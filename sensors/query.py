@@ -29,13 +29,13 @@ NODE_FIELDS = ("name", "site", "address", "up", "resptime", "load1", "load5", "l
                "disk_used", "rx_bytes", "tx_bytes", "rx_rate", "tx_rate", "uptime", "procs",
                "slices", "liveslices", "kernel", "last_ok")
 SLICE_FIELDS = ("name", "nodes", "cpu_pct", "mem_bytes", "procs", "tx_rate", "tx_bytes",
-                "disk_kib", "ports", "budget_left", "pressure")
+                "disk_bytes", "ports", "budget_left", "pressure")
 SITE_FIELDS = ("name", "nodes", "up", "load1", "cpu_pct", "rx_rate", "tx_rate", "slices")
 TABLES = {"nodes": NODE_FIELDS, "slices": SLICE_FIELDS, "sites": SITE_FIELDS}
 TEXT_FIELDS = {"name", "site", "address", "kernel"}
 # how a slice / site aggregates its members' values
 SLICE_AGG = {"cpu_pct": "sum", "mem_bytes": "sum", "procs": "sum", "tx_rate": "sum",
-             "tx_bytes": "sum", "disk_kib": "sum", "ports": "sum", "budget_left": "min",
+             "tx_bytes": "sum", "disk_bytes": "sum", "ports": "sum", "budget_left": "min",
              "pressure": "max"}
 SITE_AGG = {"up": "sum", "load1": "avg", "cpu_pct": "avg", "rx_rate": "sum",
             "tx_rate": "sum", "slices": "sum"}

@@ -23,18 +23,14 @@ from dataclasses import dataclass, field
 
 import aiosqlite
 
+from sensors.fields import SCALES
+
 RAW_KEEP = 2 * 86400
 ROLL5_KEEP = 30 * 86400
 ROLL1H_KEEP = 365 * 86400
 
-# Fixed-point scale per field (value stored = round(value * scale)); others use 1000.
-SCALES: dict[str, int] = {
-    "load1": 100, "load5": 100, "load15": 100, "cpu_pct": 10, "resptime": 1,
-    "up": 1, "procs": 1, "mem_total": 1, "mem_used": 1, "swap_total": 1, "swap_used": 1,
-    "disk_total": 1, "disk_used": 1, "rx_bytes": 1, "tx_bytes": 1, "uptime": 1,
-    "rx_rate": 1, "tx_rate": 1, "cpu_s": 100, "mem_bytes": 1, "budget_left": 1,
-    "disk_kib": 1, "ports": 1, "pressure": 100, "slices": 1,
-}
+# Fixed-point scale per field (value stored = round(value * scale)), declared with the
+# fields in sensors/fields.py; others use 1000.
 DEFAULT_SCALE = 1000
 
 SCHEMA = """

@@ -4,6 +4,7 @@ to a slice), and a running `planetlab-agent run` answering GETs with its slivers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,8 +14,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from agent_node import LiveServer, Site, cleanup_node, free_tcp_port, make_node, plc_server, \
-    wait_for
+from agent_node import (
+    LiveServer,
+    Site,
+    cleanup_node,
+    free_tcp_port,
+    make_node,
+    plc_server,
+    wait_for,
+)
 
 from agent import config
 from agent.faults import APIFault
@@ -83,6 +91,32 @@ def get(port: int, path: str) -> tuple[int, bytes, Any]:
         return r.status, r.read(), r.headers
 
 
+async def collect(port: int, hostname: str, db: Path) -> dict[str, Any]:
+    """Two rounds of the central collector polling the agent's sensor server: what it
+    stored for the node and the sliver, and the /query slices table."""
+    from sensors import query
+    from sensors.collecthttp import Request
+    from sensors.collector import Collector, Config, NodeEntry
+    from sensors.tsstore import TSStore
+
+    store = await TSStore.open_path(str(db))
+    try:
+        col = Collector(Config(db=str(db), timeout=10.0,
+                               nodes=[NodeEntry(hostname, "127.0.0.1", port, "s")]), store)
+        for _ in range(2):
+            await col.poll_round()
+            await asyncio.sleep(1.2)    # a new snapshot (ttl 1 s) for the second round
+        st = col.nodes[hostname]
+        (sliver,) = st.slices
+        r = await query.handle_query(col, Request("GET", "/query", {"table": "slices",
+                                                                  "select": "name"}))
+        return {"node": {**store.latest_values("node")[hostname], **st.info},
+                "sliver": store.latest_values("slice")[f"{sliver['name']}@{hostname}"],
+                "slices": [row["name"] for row in json.loads(r.body)]}
+    finally:
+        await store.close()
+
+
 def test_running_agent_serves_its_slivers(plc: LiveServer) -> None:
     site = Site(plc)
     name = site.add_slice("sens")
@@ -112,6 +146,13 @@ def test_running_agent_serves_its_slivers(plc: LiveServer) -> None:
         assert f'planetlab_sliver_info{{slice="{name}",state="running"}} 1' in body.decode()
         _, body, _ = get(port, "/sensors/node?format=json")
         assert json.loads(body)["load.load1"] >= 0
+        stored = asyncio.run(collect(port, site.hostname, node.base / "collector.db"))
+        assert stored["node"]["up"] == 1.0 and stored["node"]["mem_total"] > 0
+        assert stored["node"]["kernel"] == os.uname().release
+        sliver_row = stored["sliver"]
+        assert sliver_row["procs"] >= 1 and sliver_row["mem_bytes"] > 0
+        assert "cpu_pct" in sliver_row and sliver_row["cpu_s"] >= 0, sliver_row
+        assert stored["slices"] == [name]
         assert agents[0].poll() is None
     finally:
         cleanup_node(node, agents)
