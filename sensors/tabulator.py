@@ -123,7 +123,7 @@ async def handle_tabulator(col: Collector, req: Request) -> Response:
         if c not in cols:
             return Response.text(f"unknown column {c!r} in dumpcols\n", 400)
     shown = ["name"] + [c for c in (dump or cols) if c != "name"]
-    rows = [r for r in rows if selectexpr.matches(expr, r)]
+    rows = list(filter(selectexpr.predicate(expr), rows))
     sort = q.get("sort", "name")
     if sort not in cols:
         return Response.text(f"unknown sort column {sort!r}\n", 400)

@@ -83,16 +83,16 @@ def test_retention_rolls_up_and_drops_exactly() -> None:
                 samples.setdefault(base, []).append((base + i, v))
         # pre-existing old rollups: one 5m beyond 30 days, one 1h beyond a year, and
         # ones just inside their windows
-        await st.db.executemany("INSERT INTO roll5m VALUES(?,?,?,?,?,?)", [
-            (sid, now - ROLL5_KEEP - 300, 1, 1, 1, 1), (sid, now - ROLL5_KEEP - 299, 1, 2, 2, 2)])
-        await st.db.executemany("INSERT INTO roll1h VALUES(?,?,?,?,?,?)", [
-            (sid, now - ROLL1H_KEEP - 3600, 1, 1, 1, 1),
-            (sid, now - ROLL1H_KEEP - 3599, 1, 2, 2, 2)])
+        await st.put_rollups("roll5m", [(sid, (now - ROLL5_KEEP - 300, 1, 1, 1, 1)),
+                                        (sid, (now - ROLL5_KEEP - 299, 1, 2, 2, 2))])
+        await st.put_rollups("roll1h", [(sid, (now - ROLL1H_KEEP - 3600, 1, 1, 1, 1)),
+                                        (sid, (now - ROLL1H_KEEP - 3599, 1, 2, 2, 2)),
+                                        (sid, (now - ROLL1H_KEEP - 3 * 86400, 1, 1, 1, 1))])
         await st.flush(now)
         stats = await st.retention(now)
         old = [b for b in samples if b + 3600 <= now - RAW_KEEP]
         assert len(old) == 2 and stats["blocks_dropped"] == 2
-        assert stats["roll5m_dropped"] == 1 and stats["roll1h_dropped"] == 1
+        assert stats["roll5m_dropped"] == 1 and stats["roll1h_dropped"] == 2
         cur = await st.db.execute("SELECT hour FROM blocks")
         assert [r[0] for r in await cur.fetchall()] == [b for b in samples if b not in old]
         r5 = (await st.rollups("roll5m", [sid], 0, now))[sid]
@@ -117,3 +117,32 @@ def test_retention_rolls_up_and_drops_exactly() -> None:
         await st.close()
     with tempfile.TemporaryDirectory(prefix=f"tss{os.getpid()}") as d:
         _run(go(os.path.join(d, "c.db")))
+
+
+def test_rollups_of_the_row_layout_are_migrated() -> None:
+    """A database written by the first layout (a row per rollup) opens with its
+    rollups readable, and the old tables gone."""
+    import sqlite3
+
+    async def go(path: str) -> None:
+        con = sqlite3.connect(path)
+        con.executescript(
+            "CREATE TABLE series(id INTEGER PRIMARY KEY, kind TEXT NOT NULL, entity TEXT "
+            "NOT NULL, field TEXT NOT NULL, UNIQUE(kind, entity, field));"
+            "INSERT INTO series VALUES(1, 'node', 'n1', 'load1');"
+            "CREATE TABLE roll5m(series INTEGER, bucket INTEGER, n INTEGER, min REAL, "
+            "avg REAL, max REAL, PRIMARY KEY(series, bucket)) WITHOUT ROWID;"
+            "CREATE TABLE roll1h(series INTEGER, bucket INTEGER, n INTEGER, min REAL, "
+            "avg REAL, max REAL, PRIMARY KEY(series, bucket)) WITHOUT ROWID;"
+            "INSERT INTO roll5m VALUES(1, 7200, 3, 1.0, 2.0, 3.0), (1, 7500, 1, 4.0, 4.0, 4.0);"
+            "INSERT INTO roll1h VALUES(1, 7200, 4, 1.0, 2.5, 4.0);")
+        con.close()
+        st = await TSStore.open_path(path)
+        assert (await st.rollups("roll5m", [1], 0, 10**9))[1] == [
+            (7200, 3, 1.0, 2.0, 3.0), (7500, 1, 4.0, 4.0, 4.0)]
+        assert (await st.rollups("roll1h", [1], 0, 10**9))[1] == [(7200, 4, 1.0, 2.5, 4.0)]
+        cur = await st.db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'roll%'")
+        assert await cur.fetchall() == []
+        await st.close()
+    with tempfile.TemporaryDirectory(prefix=f"tss{os.getpid()}") as d:
+        _run(go(os.path.join(d, "old.db")))
