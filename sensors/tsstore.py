@@ -3,8 +3,10 @@
 Layout (one SQLite file):
 - `series(id, kind, entity, field)`: one row per (node|slice, name, field).
 - `blocks(series, hour, epoch, data)`: raw samples of one series in one hour, as one
-  BLOB: delta-of-delta timestamps and delta values, zigzag + varint packed, values in
-  scaled fixed point (see `SCALES`). A steady series costs 2-3 bytes a sample.
+  BLOB (`BlockWriter`): values in scaled fixed point (`SCALES`), each step a tagged
+  varint (value delta, or delta of the delta, at the usual interval) and runs of
+  repeated steps as one token: a gauge costs ~1 byte a sample, a constant or a
+  steady counter a few bytes an hour.
   `epoch` is the writer's run number, so a restarted collector appends new rows
   instead of reading back and rewriting the old ones.
 - `r5m(series, span, n, data)`, `r1h(...)`: rollups (raw 2 days, 5-minute 30 days,
@@ -85,51 +87,77 @@ def scale_of(name: str) -> int:
 
 # --- codec -----------------------------------------------------------------------
 
-def _put(buf: bytearray, n: int) -> None:
-    """Append signed n as zigzag varint."""
-    z = (n << 1) ^ (n >> 63) if -(1 << 63) <= n < (1 << 63) else None
-    if z is None:
-        raise ValueError(f"sample value out of range: {n}")
-    z &= (1 << 64) - 1
-    while z >= 0x80:
-        buf.append((z & 0x7F) | 0x80)
-        z >>= 7
-    buf.append(z)
+MARK = b"\x00\x02"    # a block of the second codec (the first never starts so: ts 0)
+
+
+def _zz(n: int) -> int:
+    return n << 1 if n >= 0 else (-n << 1) - 1
+
+
+def _uvar(buf: bytearray, u: int) -> None:
+    """Append unsigned u (any size) as a varint."""
+    while u >= 0x80:
+        buf.append((u & 0x7F) | 0x80)
+        u >>= 7
+    buf.append(u)
 
 
 @dataclass
 class BlockWriter:
     """Incremental encoder of one (series, hour) block.
 
-    Stream: first sample = (ts, value) absolute; then per sample the delta-of-delta
-    of the timestamp and the delta of the value, each a zigzag varint."""
+    Stream: MARK, the first sample's (ts, value) as zigzag varints, then one token
+    varint per step, its low 2 bits a tag, the rest zigzag x:
+      0  same interval, value delta x
+      3  same interval, value delta = the previous delta + x (steady counters)
+      1  x + 1 samples each repeating the previous interval and value delta
+         (a constant gauge or a steady counter costs one token per run)
+      2  interval = the previous interval + x, then the value delta as a varint.
+    A run is the last token while it grows: it is rewritten in place."""
 
     buf: bytearray = field(default_factory=bytearray)
     count: int = 0
     last_ts: int = 0
     last_dt: int = 0
     last_v: int = 0
+    last_dv: int = 0
+    run_at: int = -1
+    run_n: int = 0
     dirty: bool = False
 
     def add(self, ts: int, v: int) -> None:
+        buf = self.buf
         if self.count == 0:
-            _put(self.buf, ts)
-            _put(self.buf, v)
+            buf += MARK
+            _uvar(buf, _zz(ts))
+            _uvar(buf, _zz(v))
         else:
             dt = ts - self.last_ts
             if dt < 0:
                 raise ValueError("samples must be appended in time order")
-            _put(self.buf, dt - self.last_dt)
-            _put(self.buf, v - self.last_v)
-            self.last_dt = dt
+            dv = v - self.last_v
+            if dt != self.last_dt:
+                self.run_at = -1
+                _uvar(buf, _zz(dt - self.last_dt) << 2 | 2)
+                _uvar(buf, _zz(dv))
+            elif dv == self.last_dv:
+                if self.run_at >= 0:
+                    del buf[self.run_at:]
+                    self.run_n += 1
+                else:
+                    self.run_at, self.run_n = len(buf), 1
+                _uvar(buf, (self.run_n - 1) << 2 | 1)
+            else:
+                self.run_at = -1
+                plain, step = _zz(dv), _zz(dv - self.last_dv)
+                _uvar(buf, step << 2 | 3 if step < plain else plain << 2)
+            self.last_dt, self.last_dv = dt, dv
         self.last_ts, self.last_v = ts, v
         self.count += 1
         self.dirty = True
 
 
-def decode_block(data: bytes) -> list[tuple[int, int]]:
-    """(ts, scaled value) pairs of one block, in order."""
-    out: list[tuple[int, int]] = []
+def _varints(data: bytes | memoryview) -> list[int]:
     nums: list[int] = []
     z = shift = 0
     for b in data:
@@ -137,10 +165,62 @@ def decode_block(data: bytes) -> list[tuple[int, int]]:
         if b & 0x80:
             shift += 7
             continue
-        nums.append((z >> 1) ^ -(z & 1))
+        nums.append(z)
         z = shift = 0
+    if shift:
+        raise ValueError("truncated block")
+    return nums
+
+
+def decode_block(data: bytes) -> list[tuple[int, int]]:
+    """(ts, scaled value) pairs of one block, in order (either codec)."""
+    if data[:2] != MARK:
+        return _decode_v1(data)
+    nums = _varints(memoryview(data)[2:])
+    if not nums:
+        return []
+    if len(nums) < 2:
+        raise ValueError("truncated block")
+    ts, v = (nums[0] >> 1) ^ -(nums[0] & 1), (nums[1] >> 1) ^ -(nums[1] & 1)
+    out = [(ts, v)]
+    append = out.append
+    dt = dv = 0
+    i, n = 2, len(nums)
+    while i < n:
+        t = nums[i]
+        i += 1
+        tag, x = t & 3, t >> 2
+        if tag == 1:
+            for _ in range(x + 1):
+                ts += dt
+                v += dv
+                append((ts, v))
+            continue
+        x = (x >> 1) ^ -(x & 1)
+        if tag == 0:
+            dv = x
+        elif tag == 3:
+            dv += x
+        else:
+            if i >= n:
+                raise ValueError("truncated block")
+            dt += x
+            z = nums[i]
+            i += 1
+            dv = (z >> 1) ^ -(z & 1)
+        ts += dt
+        v += dv
+        append((ts, v))
+    return out
+
+
+def _decode_v1(data: bytes) -> list[tuple[int, int]]:
+    """The first codec: (ts, value) absolute, then per sample the delta-of-delta of
+    the timestamp and the delta of the value, zigzag varints."""
+    nums = [(z >> 1) ^ -(z & 1) for z in _varints(data)]
     if len(nums) % 2:
         raise ValueError("truncated block")
+    out: list[tuple[int, int]] = []
     if not nums:
         return out
     ts, v = nums[0], nums[1]
