@@ -1,4 +1,6 @@
-"""Sensors collector bench. Last line: one JSON object.
+"""Sensors bench (issue 11). Last line: one JSON object.
+
+0. Node side: bench/sensors_node.py's measurement at 1000 slivers (node_* keys).
 
 1. Polling: 1000 simulated node servers (tests/sensors/fakenode.py, in a child process,
    on loopback) polled by the collector for ROUNDS rounds: seconds per round.
@@ -242,10 +244,25 @@ async def bench_week(tmp: str) -> dict[str, float]:
     return out
 
 
+async def bench_node(tmp: str) -> dict[str, float]:
+    """The node side (bench/sensors_node.py, its own process: real sliver cgroups):
+    CPU per collection at 1000 slivers and cached answer p99, keys prefixed node_.
+    BENCH_NODE=0 skips it (it needs root and cgroups)."""
+    if os.environ.get("BENCH_NODE", "1") == "0" or os.geteuid() != 0:
+        return {}
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "sensors_node.py"),
+                          os.environ.get("BENCH_SLIVERS", "1000"), "--child"],
+                         env={**os.environ, "SENSORS_BENCH_TREE": TREE}, check=True,
+                         capture_output=True, text=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return {f"node_{k}": v for k, v in got.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 async def main() -> dict[str, float]:
     result: dict[str, float] = {"nodes": NODES}
     with tempfile.TemporaryDirectory(prefix=f"bsens{os.getpid()}") as tmp:
-        for step in (bench_poll, bench_store, bench_latest, bench_week):
+        for step in (bench_node, bench_poll, bench_store, bench_latest, bench_week):
             t0 = time.monotonic()
             part = await step(tmp)
             print(f"{step.__name__}: {part} ({time.monotonic() - t0:.1f}s)", file=sys.stderr)

@@ -26,7 +26,8 @@ LOWER = ("_ms", "_s_max", "_s_median", "bytes_per_sample")
 
 
 def run(tree: Path) -> dict[str, float]:
-    env = {**os.environ, "BENCH_TREE": str(tree)}
+    # the node side has its own side-by-side: bench/sensors_node.py --compare
+    env = {**os.environ, "BENCH_TREE": str(tree), "BENCH_NODE": "0"}
     out = subprocess.run([sys.executable, str(HERE / "bench" / "sensors.py")], env=env,
                          capture_output=True, text=True, check=True, cwd=tree)
     sys.stderr.write(out.stderr)
