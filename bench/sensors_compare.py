@@ -1,6 +1,7 @@
 """Side by side: bench/sensors.py over this tree and over an older commit's tree, in
 one run, alternating (old, new) ROUNDS times; prints each figure with old/new ratios.
-Last line: one JSON object {"old": {...}, "new": {...}, "ratio_old_over_new": {...}}.
+Last line: one JSON object {"old": {...}, "new": {...}, "gain_new_over_old": {...}}
+(gain: old/new for times and sizes, new/old for rates; > 1 means better).
 
     .venv/bin/python bench/sensors_compare.py [OLD_COMMIT] [--rounds N]
 
@@ -55,15 +56,16 @@ def main() -> None:
         return (min(vals) if key.endswith(LOWER) else max(vals)) if vals else float("nan")
     keys = [k for k in new[0] if k in old[0]]
     table = {k: (best(old, k), best(new, k)) for k in keys}
-    print(f"{'figure':34} {'old':>14} {'new':>14} {'old/new':>8}")
+    print(f"{'figure':34} {'old':>14} {'new':>14} {'gain':>8}")
     ratios = {}
-    for k, (o, n) in table.items():
-        ratio = o / n if n else float("inf")
+    for k, (o, n) in table.items():   # gain > 1: new is better (time/size down, rate up)
+        lower = k.endswith(LOWER)
+        ratio = (o / n if lower else n / o) if (n if lower else o) else float("nan")
         ratios[k] = round(ratio, 2)
         print(f"{k:34} {o:14.3f} {n:14.3f} {ratio:8.2f}")
     print(json.dumps({"old": {k: v[0] for k, v in table.items()},
                       "new": {k: v[1] for k, v in table.items()},
-                      "ratio_old_over_new": ratios}))
+                      "gain_new_over_old": ratios}))
 
 
 if __name__ == "__main__":
