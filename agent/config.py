@@ -22,6 +22,7 @@ import tomli_w
 from agent.bandwidth import BandwidthConfig, BandwidthConfigError
 from agent.bandwidth import parse_config as parse_bandwidth
 from agent.ports import PortError, is_loopback_url, parse_ports_tag
+from agent.sensorsource import SensorConfigError, parse_listen
 
 DEFAULT_CONFIG = "/etc/planetlab/agent.toml"
 # Where the agent installs the slice login shells (never a checkout: an account's
@@ -33,6 +34,11 @@ DEFAULT_RUN_DIR = "/run/planetlab"
 DEFAULT_SOCKET = "/run/planetlab/agent.sock"
 # One directory name in every cgroup hierarchy; no dot, so never a cgroupfs control file.
 CGROUP_PARENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
+# [sensors] listen: the node sensor server (docs/sensors.md); 3100 is slicestat's port.
+DEFAULT_SENSORS_LISTEN = "0.0.0.0:3100"
+SENSORS_LISTEN_HELP = ("the node sensor server (slicestat, /metrics; docs/sensors.md) "
+                       "listens on \"ADDR:PORT\" (\"[v6addr]:PORT\"); its port is the "
+                       "host's: no slice may own it")
 
 
 class ConfigError(ValueError):
@@ -201,6 +207,8 @@ class AgentConfig:
     bandwidth: BandwidthConfig = BandwidthConfig()
     disk_store_kib: int = 0
     cpu_headroom_pct: int = 10
+    # [sensors] table: listen = "ADDR:PORT" of the node sensor server.
+    sensors_listen: str = DEFAULT_SENSORS_LISTEN
     source: str = "<defaults>"
 
     @property
@@ -210,6 +218,11 @@ class AgentConfig:
     @property
     def effective_hostname(self) -> str:
         return self.hostname or socket.getfqdn()
+
+    @property
+    def sensors_at(self) -> tuple[str, int]:
+        """(host, port) the node sensor server listens on."""
+        return parse_listen(self.sensors_listen, self.source)
 
     @property
     def shell_path(self) -> str:
@@ -300,6 +313,23 @@ def check_addresses(source: str, value: str) -> str:
     return ",".join(dict.fromkeys(out))
 
 
+def _sensors_table(source: str, table: Any) -> str:
+    """The `[sensors]` table's `listen`, checked (the default when absent)."""
+    if table is None:
+        return DEFAULT_SENSORS_LISTEN
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: 'sensors' must be a table ([sensors])")
+    for key in table:
+        if key != "listen":
+            raise ConfigError(f"{source}: [sensors] has no key {key!r} (known: listen)")
+    listen = table.get("listen", DEFAULT_SENSORS_LISTEN)
+    try:
+        parse_listen(listen, source)
+    except SensorConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return str(listen).strip()
+
+
 def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig:
     values: dict[str, Any] = {f.name: f.default for f in FIELDS}
     data = dict(data)
@@ -310,6 +340,7 @@ def from_mapping(data: dict[str, Any], source: str = "<mapping>") -> AgentConfig
         values["bandwidth"] = parse_bandwidth(table, source)
     except BandwidthConfigError as exc:
         raise ConfigError(str(exc)) from None
+    values["sensors_listen"] = _sensors_table(source, data.pop("sensors", None))
     for name, value in data.items():
         values[name] = _check(source, name, value)
     if values["plc_url"].startswith("http://") and not values["insecure_plc"] \
@@ -341,7 +372,8 @@ def defaults() -> AgentConfig:
 
 def render(overrides: dict[str, Any] | None = None) -> str:
     """A commented agent.toml with every key at its default or the given override."""
-    overrides = overrides or {}
+    overrides = dict(overrides or {})
+    sensors_listen = _sensors_table("<init-config>", overrides.pop("sensors", None))
     for name, value in overrides.items():
         _check("<init-config>", name, value)
     lines = ["# planetlab-agent configuration (agent.toml).",
@@ -358,6 +390,8 @@ def render(overrides: dict[str, Any] | None = None) -> str:
         lines.append(tomli_w.dumps({field.name: value}).rstrip("\n"))
         lines.append("")
     lines.extend(_render_bandwidth())
+    lines += ["[sensors]", f"# {SENSORS_LISTEN_HELP}",
+              tomli_w.dumps({"listen": sensors_listen}).rstrip("\n"), ""]
     return "\n".join(lines)
 
 

@@ -202,6 +202,7 @@ def allocate(requests: Mapping[str, CpuRequest], node_cpus: Sequence[int],
     for name in requests:
         r = requests[name]
         cores = tuple(held.get(name, ()))
+        cpus: str | None
         if cores:
             cpus = cpulist(cores) if not r.cores_pool else cpulist([*cores, *pool])
         else:

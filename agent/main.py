@@ -36,11 +36,13 @@ from agent.plcclient import PLCClient, PLCError
 from agent.ports import HostPorts, PortError, fixed_host_ports, state_uid_owner
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.rspec import shown
+from agent.sensorsource import make_sensor_server
 from agent.sliceapi import SliceAPI
 from agent.sliceapi.delegation import Management
 from agent.state import SliverState, State
 from agent.tasks import BackgroundTasks
 from agent.tickets import TicketKeys
+from sensors.nodeserver import NodeServer
 
 log = logging.getLogger("agent")
 
@@ -57,7 +59,8 @@ def make_guard(cfg: AgentConfig, state: State) -> GuardService:
     """The seccomp guard and port table (agent/guard/), over this agent's uid pool."""
     addresses = [a.strip() for a in cfg.addresses.split(",") if a.strip()]
     host = HostPorts(state_uid_owner(state, cfg.uid_pool_start, cfg.uid_range_size),
-                     fixed_host_ports(cfg.plc_url, [cfg.effective_hostname], addresses))
+                     fixed_host_ports(cfg.plc_url, [cfg.effective_hostname], addresses,
+                                      sensors_port=cfg.sensors_at[1]))
     return GuardService(
         state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
         uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size),
@@ -127,8 +130,12 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
     api = SliceAPI(cfg, state, reconciler, backend, api_dir,
                    guard.methods() if guard is not None else {}, bandwidth=bandwidth,
                    management=make_management(cfg, state, reconciler, plc))
+    sensors = None if once else make_sensor_server(   # docs/sensors.md
+        state, cgroup_parent=cfg.cgroup_parent, roots_dir=Path(cfg.state_dir) / "roots",
+        bandwidth=bandwidth, interfaces=cfg.bandwidth.interfaces,
+        address=next((a.strip() for a in cfg.addresses.split(",") if a.strip()), ""))
     return Agent(cfg, state, backend, plc, accounts, guard, reconciler, api, background,
-                 once=once, bandwidth=bandwidth)
+                 once=once, bandwidth=bandwidth, sensors=sensors)
 
 
 class Agent:
@@ -138,7 +145,8 @@ class Agent:
     def __init__(self, cfg: AgentConfig, state: State, backend: Backend, plc: PLCClient,
                  accounts: Accounts, guard: GuardService | None, reconciler: Reconciler,
                  api: SliceAPI, background: BackgroundTasks | None, *,
-                 once: bool, bandwidth: BandwidthService | None = None) -> None:
+                 once: bool, bandwidth: BandwidthService | None = None,
+                 sensors: NodeServer | None = None) -> None:
         self.cfg = cfg
         self.state = state
         self.backend = backend
@@ -150,6 +158,7 @@ class Agent:
         self.background = background
         self.once = once
         self.bandwidth = bandwidth
+        self.sensors = sensors
         self._ports_applied: dict[str, str] = {}
         self._reconcile_lock = trio.Lock()
         # The settings a reply is ingested under: a change of them (agent.toml edited,
@@ -335,6 +344,22 @@ class Agent:
             with trio.move_on_after(self.next_wait()):
                 await self._poke_recv.receive()
 
+    async def _start_sensors(self, nursery: trio.Nursery) -> None:
+        """The node sensor server on `[sensors] listen`. A port it cannot take (another
+        program holds it) is logged and leaves the agent running without it: monitoring
+        never stops the node from serving its slices."""
+        assert self.sensors is not None
+        host, port = self.cfg.sensors_at
+        try:
+            await nursery.start(self.sensors.serve, host, port, name="sensors")
+        except OSError as exc:
+            log.error("sensors: cannot listen on %s port %d (%s); running without the "
+                      "node sensor server", host, port, exc.strerror or exc)
+            self.state.set_meta("sensors_error", f"listen {host}:{port}: {exc}")
+            return
+        self.state.set_meta("sensors_error", "")
+        log.info("sensors: node sensor server on %s port %d", host, port)
+
     async def run(self, *, ready: Callable[[], Awaitable[None]] | None = None) -> int:
         """The program. Built `once`: bring up from state, poll once, exit (1 if it
         failed). Guarded syscalls of the slivers wait while no agent supervises them."""
@@ -363,6 +388,8 @@ class Agent:
             await nursery.start(self.reconciler_service, name="reconciler")
             if self.bandwidth is not None:
                 await nursery.start(self.bandwidth.serve, name="bandwidth")
+            if self.sensors is not None:
+                await self._start_sensors(nursery)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
             nursery.start_soon(self._poll_on_sigusr1, name="sigusr1")
             if ready is not None:

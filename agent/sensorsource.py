@@ -4,18 +4,18 @@ sensor server built over them (sensors/nodeserver.py, docs/sensors.md).
 The source runs in the agent's trio thread (the state database and the bandwidth
 ledger belong to the loop) and does bounded work per sliver: one summaries query,
 one ports query, one ledger row per sliver; a sliver's slice id is read (with its
-JSON record) only when its record changed.
+JSON record) only when its record changed. The bandwidth facts come from the agent's
+`BandwidthService` (agent/bwservice.py: `report` under its lock, `minor_of` from its
+in-memory table), as GetBandwidth reads them.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from agent.bandwidth import Bandwidth
 from agent.state import State
 from sensors.nodeserver import DEFAULT_PORT, NodeServer
 from sensors.readers import NodeReader, SliverReader
@@ -54,10 +54,18 @@ def parse_listen(value: Any, source: str = "agent.toml") -> tuple[str, int]:
     return host, port
 
 
+class BandwidthFacts(Protocol):
+    """What the source reads of agent/bwservice.py's BandwidthService."""
+
+    def report(self, name: str) -> dict[str, Any]: ...
+
+    def minor_of(self, name: str) -> int | None: ...
+
+
 class AgentSensorSource:
     """The SliverSource of sensors/snapshot.py over the agent's state and ledger."""
 
-    def __init__(self, state: State, bandwidth: Bandwidth | None = None) -> None:
+    def __init__(self, state: State, bandwidth: BandwidthFacts | None = None) -> None:
         self.state = state
         self.bandwidth = bandwidth
         self._ids: dict[str, tuple[int, int]] = {}   # name -> (hash of applied, id)
@@ -73,9 +81,7 @@ class AgentSensorSource:
         return rec.slice_id
 
     def __call__(self) -> dict[str, dict[str, Any]]:
-        now = time.time()
         ports = self.state.owned_ports()
-        minors = self.bandwidth.minors() if self.bandwidth is not None else {}
         out: dict[str, dict[str, Any]] = {}
         summaries = self.state.summaries()
         for gone in set(self._ids) - set(summaries):
@@ -87,7 +93,7 @@ class AgentSensorSource:
                                              for proto, port, addr, _ in ports.get(name, [])]}
             if self.bandwidth is not None:
                 try:
-                    bw = self.bandwidth.report(name, now)
+                    bw = self.bandwidth.report(name)
                 except KeyError:
                     bw = None
                 if bw is not None:
@@ -98,14 +104,15 @@ class AgentSensorSource:
                                         ("ceil_bps", "ceil")):
                         if bw[theirs] is not None:
                             rec[key] = bw[theirs]
-                if name in minors:
-                    rec["htb_minor"] = minors[name]
+                minor = self.bandwidth.minor_of(name)
+                if minor is not None:
+                    rec["htb_minor"] = minor
             out[name] = rec
         return out
 
 
 def make_sensor_server(state: State, *, cgroup_parent: str, roots_dir: str | Path | None,
-                       bandwidth: Bandwidth | None = None,
+                       bandwidth: BandwidthFacts | None = None,
                        interfaces: Sequence[str] = (), address: str = "",
                        ttl: float = 1.0) -> NodeServer:
     """The node sensor server of this agent (serve it with nursery.start(server.serve,

@@ -1,4 +1,6 @@
-"""Sensors collector bench. Last line: one JSON object.
+"""Sensors bench (issue 11). Last line: one JSON object.
+
+0. Node side: bench/sensors_node.py's measurement at 1000 slivers (node_* keys).
 
 1. Polling: 1000 simulated node servers (tests/sensors/fakenode.py, in a child process,
    on loopback) polled by the collector for ROUNDS rounds: seconds per round.
@@ -27,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# BENCH_TREE: the source tree measured (default this one); bench/sensors_compare.py
+# runs this same script over an older commit's tree for a side-by-side.
+TREE = os.environ.get("BENCH_TREE") or str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, TREE)
 
 from sensors import query, tabulator  # noqa: E402
 from sensors.collecthttp import Request  # noqa: E402
@@ -65,7 +70,7 @@ def pct(xs: list[float], p: float) -> float:
 async def bench_poll(tmp: str) -> dict[str, float]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
-    proc = subprocess.Popen([sys.executable, "-c", SERVERS, str(Path(__file__).parents[1]),
+    proc = subprocess.Popen([sys.executable, "-c", SERVERS, TREE,
                              str(NODES)], stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: resource.setrlimit(
                                 resource.RLIMIT_NOFILE, (min(hard, 65536), hard)))
@@ -216,9 +221,9 @@ async def bench_week(tmp: str) -> dict[str, float]:
     plain.commit()
     await store.retention(now)
     out: dict[str, float] = {}
-    for res in ("1h", "5m"):
+    for res, reps in (("1h", 5), ("5m", 1)):
         lat = []
-        for _ in range(5):
+        for _ in range(reps):
             req = Request("GET", "/query", {"select": "load1", "since": "-7d", "res": res})
             t0 = time.perf_counter()
             r = await query.handle_query(col, req)
@@ -239,10 +244,25 @@ async def bench_week(tmp: str) -> dict[str, float]:
     return out
 
 
+async def bench_node(tmp: str) -> dict[str, float]:
+    """The node side (bench/sensors_node.py, its own process: real sliver cgroups):
+    CPU per collection at 1000 slivers and cached answer p99, keys prefixed node_.
+    BENCH_NODE=0 skips it (it needs root and cgroups)."""
+    if os.environ.get("BENCH_NODE", "1") == "0" or os.geteuid() != 0:
+        return {}
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "sensors_node.py"),
+                          os.environ.get("BENCH_SLIVERS", "1000"), "--child"],
+                         env={**os.environ, "SENSORS_BENCH_TREE": TREE}, check=True,
+                         capture_output=True, text=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return {f"node_{k}": v for k, v in got.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 async def main() -> dict[str, float]:
     result: dict[str, float] = {"nodes": NODES}
     with tempfile.TemporaryDirectory(prefix=f"bsens{os.getpid()}") as tmp:
-        for step in (bench_poll, bench_store, bench_latest, bench_week):
+        for step in (bench_node, bench_poll, bench_store, bench_latest, bench_week):
             t0 = time.monotonic()
             part = await step(tmp)
             print(f"{step.__name__}: {part} ({time.monotonic() - t0:.1f}s)", file=sys.stderr)

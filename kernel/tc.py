@@ -219,7 +219,8 @@ class Shaper:
         for q in self.ipr.get_qdiscs(index=self.ifindex):
             kind = q.get_attr("TCA_KIND")
             if q["parent"] == TC_H_ROOT and kind == "htb" and q["handle"] == handle(MAJOR, 0):
-                init = (q.get_attr("TCA_OPTIONS") or {}).get_attr("TCA_HTB_INIT") or {}
+                opts = q.get_attr("TCA_OPTIONS")   # absent on a qdisc dumped without them
+                init = (opts.get_attr("TCA_HTB_INIT") if opts is not None else None) or {}
                 ours = init.get("defcls") == DEFAULT_MINOR
             elif kind == "bfifo" and q["parent"] >> 16 == MAJOR:
                 limits[q["parent"] & 0xFFFF] = (q.get_attr("TCA_OPTIONS") or {}).get("limit", 0)

@@ -34,16 +34,16 @@ async def http_get(host: str, port: int, path: str, timeout: float) -> bytes:
             hdrs = {k.strip().lower(): v.strip() for k, _, v in
                     (ln.partition(":") for ln in lines[1:] if ln)}
             if hdrs.get("transfer-encoding", "").lower() == "chunked":
-                body = bytearray()
+                chunked = bytearray()
                 while True:
                     size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
                     if size == 0:
                         break
-                    body += await reader.readexactly(size)
+                    chunked += await reader.readexactly(size)
                     await reader.readexactly(2)
-                    if len(body) > MAX_BODY:
+                    if len(chunked) > MAX_BODY:
                         raise FetchError(f"{path}: body too large")
-                return bytes(body)
+                return bytes(chunked)
             if "content-length" in hdrs:
                 n = int(hdrs["content-length"])
                 if n > MAX_BODY:

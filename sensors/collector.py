@@ -3,9 +3,10 @@ sensor server concurrently each round, stores samples in the compact TSStore, ma
 node down after two failed rounds and backs off from it, and serves queries, the
 CoMon tabulator and the dashboard over HTTP.
 
-Node data polled (JSON shapes: docs/sensors-collector.md):
-  GET /sensors/node?format=json   -> one object of node figures
-  GET /slices?format=json         -> list of sliver objects (or {"slices": [...]})
+Node data polled (the node sensor server's answers, docs/sensors.md; which keys are
+stored under which names: sensors/fields.py, docs/sensors-collector.md):
+  GET /sensors/node?format=json   -> {"time": T, "load.load1": ..., ...}
+  GET /slices?format=json         -> {"time": T, "slices": {NAME: {key: value}}}
 """
 
 from __future__ import annotations
@@ -16,21 +17,17 @@ import logging
 import time
 import tomllib
 import xmlrpc.client
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sensors import fields
 from sensors.collecthttp import FetchError, get_json
 from sensors.tsstore import TSStore
 
 log = logging.getLogger("sensors.collector")
 
-NODE_NUMERIC = ("load1", "load5", "load15", "cpu_pct", "cpu_mhz", "mem_total", "mem_used",
-                "swap_total", "swap_used", "disk_total", "disk_used", "rx_bytes",
-                "tx_bytes", "uptime", "procs")
-NODE_TEXT = ("kernel", "address")
-SLICE_NUMERIC = ("cpu_s", "mem_bytes", "procs", "tx_bytes", "rx_bytes", "budget_left",
-                 "disk_kib", "pressure")
 DOWN_AFTER = 2           # consecutive failed rounds before a node is marked down
 MAX_BACKOFF_ROUNDS = 8   # a down node is retried at least every 8 rounds
 
@@ -108,7 +105,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
     c = raw.get("collector", {})
     cfg = Config()
-    types = {"db": str, "listen": str, "port": int, "interval": (int, float),
+    types: dict[str, type | tuple[type, ...]] = {"db": str, "listen": str, "port": int, "interval": (int, float),
              "timeout": (int, float), "concurrency": int, "node_port": int,
              "retention_every": (int, float)}
     for key, val in c.items():
@@ -138,18 +135,29 @@ def plc_nodes(plc: dict[str, Any], node_port: int) -> list[NodeEntry]:
                                     if plc["url"].startswith("https") else None)
     auth = {"AuthMethod": plc.get("auth_method", "password"),
             "Username": plc.get("username", ""), "AuthString": plc.get("password", "")}
-    nodes = api.GetNodes(auth, {}, ["hostname", "site_id", "interface_ids"])
-    sites = {s["site_id"]: s["login_base"]
-             for s in api.GetSites(auth, {}, ["site_id", "login_base"])}
-    ifs = {i["interface_id"]: i for i in
-           api.GetInterfaces(auth, {}, ["interface_id", "ip", "is_primary"])}
+    nodes = _records(api.GetNodes(auth, {}, ["hostname", "site_id", "interface_ids"]),
+                     "GetNodes")
+    sites = {s.get("site_id"): str(s.get("login_base") or "") for s in
+             _records(api.GetSites(auth, {}, ["site_id", "login_base"]), "GetSites")}
+    ifs = {i.get("interface_id"): i for i in _records(
+        api.GetInterfaces(auth, {}, ["interface_id", "ip", "is_primary"]), "GetInterfaces")}
     out = []
     for n in nodes:
-        ip = next((ifs[i]["ip"] for i in n.get("interface_ids") or []
+        host = n.get("hostname")
+        if not isinstance(host, str) or not host:
+            continue
+        ip = next((str(ifs[i]["ip"]) for i in n.get("interface_ids") or []
                    if i in ifs and ifs[i].get("is_primary") and ifs[i].get("ip")), None)
-        out.append(NodeEntry(n["hostname"], ip or n["hostname"], node_port,
-                             sites.get(n.get("site_id"), "")))
+        out.append(NodeEntry(host, ip or host, node_port, sites.get(n.get("site_id"), "")))
     return out
+
+
+def _records(value: object, call: str) -> list[dict[str, Any]]:
+    """A PLC answer that must be a list of structs (xmlrpc.client.Fault if not)."""
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise xmlrpc.client.Fault(-1, f"{call}: expected a list of structs, got "
+                                      f"{type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -164,14 +172,6 @@ class NodeState:
     slices: list[dict[str, Any]] = field(default_factory=list)
     prev: dict[str, tuple[float, float]] = field(default_factory=dict)  # counters
     error: str = ""
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    return None
 
 
 def _rate(prev: dict[str, tuple[float, float]], key: str, ts: float, value: float | None
@@ -219,7 +219,8 @@ class Collector:
             return
         self.set_nodes(self.cfg.nodes + found)
 
-    async def _fetch(self, st: NodeState) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    async def _fetch(self, st: NodeState
+                     ) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]], float]:
         e = st.entry
         async with self._sem:
             t0 = time.monotonic()
@@ -229,11 +230,10 @@ class Collector:
             dt = time.monotonic() - t0
         if not isinstance(node, dict):
             raise FetchError(f"{e.hostname}: /sensors/node is not a JSON object")
-        if isinstance(sl, dict):
-            sl = sl.get("slices", [])
-        if not isinstance(sl, list):
-            raise FetchError(f"{e.hostname}: /slices is not a JSON list")
-        return node, [s for s in sl if isinstance(s, dict) and isinstance(s.get("name"), str)], dt
+        slivers = fields.slivers_of(sl)
+        if slivers is None:
+            raise FetchError(f"{e.hostname}: /slices is not {{\"slices\": {{NAME: {{...}}}}}}")
+        return node, slivers, dt
 
     async def poll_round(self, now: float | None = None) -> int:
         """Poll every node due this round; store what answered. Returns samples stored."""
@@ -276,48 +276,36 @@ class Collector:
         return stored
 
     async def _store_node(self, st: NodeState, ts: int, node: dict[str, Any],
-                          slices: list[dict[str, Any]]) -> int:
-        vals: dict[str, float] = {}
-        for k in NODE_NUMERIC:
-            v = _num(node.get(k))
-            if v is not None:
-                vals[k] = v
-        for k in ("rx_bytes", "tx_bytes"):
-            rate = _rate(st.prev, k, ts, vals.get(k))
-            if rate is not None:
-                vals[k.replace("_bytes", "_rate")] = rate
+                          slivers: dict[str, Mapping[str, Any]]) -> int:
+        vals, info = fields.node_values(node)
+        for f in fields.NODE_FIELDS:
+            if f.rate:
+                rate = _rate(st.prev, f.name, ts, vals.get(f.name))
+                if rate is not None:
+                    vals[f.rate] = rate * f.rate_factor
         vals["up"] = 1.0
         vals["resptime"] = st.resptime
-        vals["slices"] = float(len(slices))
-        vals["liveslices"] = float(sum(1 for s in slices if (_num(s.get("procs")) or 0) > 0))
-        info = {k: node.get(k) for k in NODE_TEXT if isinstance(node.get(k), str)}
-        if isinstance(node.get("time"), (int, float)):
-            info["drift"] = abs(float(node["time"]) - ts)
-        st.info = {**vals, **info}
-        n = await self.store.append_many("node", st.entry.hostname, ts, vals)
+        vals["slices"] = float(len(slivers))
         kept = []
-        for s in slices:
-            sv: dict[str, float] = {}
-            for k in SLICE_NUMERIC:
-                v = _num(s.get(k))
-                if v is not None:
-                    sv[k] = v
-            ports = s.get("ports")
-            if isinstance(ports, list):
-                sv["ports"] = float(len(ports))
-            elif _num(ports) is not None:
-                sv["ports"] = float(ports)
-            sliver = f"{s['name']}@{st.entry.hostname}"
-            cpu = _rate(st.prev, f"{s['name']}.cpu_s", ts, sv.get("cpu_s"))
-            if cpu is not None:
-                sv["cpu_pct"] = cpu * 100.0
-            tx = _rate(st.prev, f"{s['name']}.tx_bytes", ts, sv.get("tx_bytes"))
-            if tx is not None:
-                sv["tx_rate"] = tx
-            n += await self.store.append_many("slice", sliver, ts, sv)
-            kept.append({**sv, "name": s["name"],
-                         "state": s.get("state") if isinstance(s.get("state"), str) else ""})
-        st.slices = kept
+        for name, rec in sorted(slivers.items()):
+            sv, text = fields.sliver_values(rec)
+            for f in fields.SLICE_FIELDS:
+                if f.rate:
+                    rate = _rate(st.prev, f"{name}.{f.name}", ts, sv.get(f.name))
+                    if rate is not None:
+                        sv[f.rate] = rate * f.rate_factor
+            kept.append((name, sv, text.get("state", "")))
+        vals["liveslices"] = float(sum(1 for _n, sv, _s in kept if sv.get("procs", 0) > 0))
+        node_time = fields.number(node.get("time"))
+        st.info = {**vals, **info}
+        if node_time is not None:
+            st.info["drift"] = abs(node_time - ts)
+        n = await self.store.append_many("node", st.entry.hostname, ts, vals)
+        for name, sv, _state in kept:
+            n += await self.store.append_many("slice", f"{name}@{st.entry.hostname}", ts, sv)
+        for gone in [k for k in st.prev if "." in k and k.split(".", 1)[0] not in slivers]:
+            del st.prev[gone]
+        st.slices = [{**sv, "name": name, "state": state} for name, sv, state in kept]
         return n
 
     def status(self) -> list[dict[str, Any]]:

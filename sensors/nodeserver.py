@@ -366,7 +366,7 @@ class NodeServer:
         head = conn.send(h11.Response(status_code=status, headers=headers,
                                       reason=_REASONS.get(status, b""))) or b""
         # h11 frames the body (checks it against Content-Length) without copying it
-        chunks = conn.send_with_data_passthrough(h11.Data(data=body)) if body else []
+        chunks = (conn.send_with_data_passthrough(h11.Data(data=body)) or []) if body else []
         end = conn.send(h11.EndOfMessage()) or b""
         if len(body) <= 65536:          # one send for head and a small body
             await stream.send_all(b"".join([head, *chunks, end]))

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
+from collections.abc import Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from sensors import selectexpr
@@ -29,13 +32,13 @@ NODE_FIELDS = ("name", "site", "address", "up", "resptime", "load1", "load5", "l
                "disk_used", "rx_bytes", "tx_bytes", "rx_rate", "tx_rate", "uptime", "procs",
                "slices", "liveslices", "kernel", "last_ok")
 SLICE_FIELDS = ("name", "nodes", "cpu_pct", "mem_bytes", "procs", "tx_rate", "tx_bytes",
-                "disk_kib", "ports", "budget_left", "pressure")
+                "disk_bytes", "ports", "budget_left", "pressure")
 SITE_FIELDS = ("name", "nodes", "up", "load1", "cpu_pct", "rx_rate", "tx_rate", "slices")
 TABLES = {"nodes": NODE_FIELDS, "slices": SLICE_FIELDS, "sites": SITE_FIELDS}
 TEXT_FIELDS = {"name", "site", "address", "kernel"}
 # how a slice / site aggregates its members' values
 SLICE_AGG = {"cpu_pct": "sum", "mem_bytes": "sum", "procs": "sum", "tx_rate": "sum",
-             "tx_bytes": "sum", "disk_kib": "sum", "ports": "sum", "budget_left": "min",
+             "tx_bytes": "sum", "disk_bytes": "sum", "ports": "sum", "budget_left": "min",
              "pressure": "max"}
 SITE_AGG = {"up": "sum", "load1": "avg", "cpu_pct": "avg", "rx_rate": "sum",
             "tx_rate": "sum", "slices": "sum"}
@@ -141,9 +144,14 @@ def render(rows: list[dict[str, Any]], fields: list[str], fmt: str) -> Response:
     return Response.json([{f: r.get(f) for f in fields} for r in rows])
 
 
-async def series_rows(col: Collector, table: str, entities: list[str], fields: list[str],
-                      since: float, until: float, res: str) -> list[dict[str, Any]]:
-    """Time-series rows of `fields` for `entities` of `table` in [since, until]."""
+Points = tuple[Sequence[float], Sequence[float]]    # timestamps, values (same length)
+
+
+async def series_points(col: Collector, table: str, entities: list[str], fields: list[str],
+                        since: float, until: float, res: str
+                        ) -> tuple[dict[tuple[str, str, str], int], dict[int, Points]]:
+    """The series of `fields` for `entities` of `table` ({(entity, member, field):
+    series id}) and their points in [since, until] at resolution `res`."""
     now = time.time()
     if res == "auto":
         res = "raw" if since >= now - RAW_KEEP else "5m" if since >= now - ROLL5_KEEP else "1h"
@@ -173,31 +181,107 @@ async def series_rows(col: Collector, table: str, entities: list[str], fields: l
                 if sid is not None:
                     sid_of[(ent, e, f)] = sid
     lo, hi = int(since), int(until)
+    pts: dict[int, Points] = {}
     if res == "raw":
         data = await col.store.raw(sid_of.values(), lo, hi)
-        pts = {sid: [(t, v) for t, v in s] for sid, s in data.items()}
+        for sid, samples in data.items():
+            samples.sort()   # blocks of one hour from two collector runs may interleave
+            pts[sid] = ([t for t, _ in samples], [v for _, v in samples])
     else:
-        rdata = await col.store.rollups("roll5m" if res == "5m" else "roll1h",
-                                        sid_of.values(), lo, hi)
-        pts = {sid: [(b, avg) for b, _n, _mn, avg, _mx in s] for sid, s in rdata.items()}
+        arrays = await col.store.rollup_arrays("roll5m" if res == "5m" else "roll1h",
+                                               sid_of.values(), lo, hi)
+        pts.update(arrays)
+    return sid_of, pts
+
+
+async def series_rows(col: Collector, table: str, entities: list[str], fields: list[str],
+                      since: float, until: float, res: str) -> list[dict[str, Any]]:
+    """Time-series rows of `fields` for `entities` of `table` in [since, until]."""
+    sid_of, pts = await series_points(col, table, entities, fields, since, until, res)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     if table == "nodes":   # one member per entity: no aggregation
         for (ent, _e, f), sid in sid_of.items():
-            for t, v in pts.get(sid, []):
-                row = rows.get((ent, t))
+            ts, vs = pts.get(sid, ((), ()))
+            for t, v in zip(ts, vs, strict=True):
+                row = rows.get((ent, int(t)))
                 if row is None:
-                    row = rows[(ent, t)] = {"name": ent, "ts": t}
+                    row = rows[(ent, int(t))] = {"name": ent, "ts": int(t)}
                 row[f] = v
         return [rows[k] for k in sorted(rows)]
     agg = SLICE_AGG if table == "slices" else SITE_AGG
     acc: dict[tuple[str, int, str], list[float]] = {}
     for (ent, _e, f), sid in sid_of.items():
-        for t, v in pts.get(sid, []):
-            acc.setdefault((ent, t, f), []).append(v)
+        ts, vs = pts.get(sid, ((), ()))
+        for t, v in zip(ts, vs, strict=True):
+            acc.setdefault((ent, int(t), f), []).append(v)
     for (ent, t, f), vals in acc.items():
         row = rows.setdefault((ent, t), {"name": ent, "ts": t})
         row[f] = _agg(agg.get(f, "avg"), vals)
     return [rows[k] for k in sorted(rows)]
+
+
+async def node_series_answer(col: Collector, entities: list[str], fields: list[str],
+                             since: float, until: float, res: str, fmt: str) -> Response:
+    """The nodes table's time series, written straight from the stored arrays: the
+    same rows and bytes as render(series_rows(...)) (test_collector_query checks),
+    without a dict per row. A week of 1000 nodes is 168,000 rows."""
+    if fmt not in ("json", "csv"):
+        raise QueryError(f"bad format {fmt!r}: use json or csv")
+    sid_of, pts = await series_points(col, "nodes", entities, fields, since, until, res)
+    by_ent: dict[str, dict[str, int]] = {}
+    for (ent, _e, f), sid in sid_of.items():
+        by_ent.setdefault(ent, {})[f] = sid
+    value_fields = fields[2:]     # after name, ts
+    parts: list[str] = []
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(fields)
+        parts.append(buf.getvalue())
+    for ent in sorted(by_ent):
+        have = by_ent[ent]
+        if fmt == "json":
+            head = "{" + json.dumps("name") + ": " + json.dumps(ent) + ', "ts": '
+        else:
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="").writerow([ent])
+            head = buf.getvalue() + ","
+        cols = [f for f in value_fields if f in have]
+        if len(cols) == 1 and len(value_fields) == 1:   # the common case: one series
+            ts, vs = pts.get(have[cols[0]], ((), ()))
+            head = head.replace("%", "%%")
+            if fmt == "json":
+                head += "%d, " + json.dumps(cols[0]).replace("%", "%%") + ": "
+                tail = "}"
+            else:
+                head += "%d,"
+                tail = ""
+            # one head string per timestamp, then head + repr(value) + tail: the
+            # timestamps repeat over entities (rollup buckets), the strings are made once
+            heads = {}
+            for t in ts:
+                if t not in heads:
+                    heads[t] = head % t
+            rows = map(str.__add__, map(heads.__getitem__, ts), map(repr, vs))
+            parts.extend(map(str.__add__, rows, repeat(tail)) if tail else rows)
+            continue
+        merged: dict[int, dict[str, float]] = {}
+        for f in cols:
+            ts, vs = pts.get(have[f], ((), ()))
+            for t, v in zip(ts, vs, strict=True):
+                merged.setdefault(int(t), {})[f] = v
+        for t in sorted(merged):
+            row = merged[t]
+            if fmt == "json":
+                parts.append(head + str(t) + "".join(
+                    ", " + json.dumps(f) + ": " + (repr(row[f]) if f in row else "null")
+                    for f in value_fields) + "}")
+            else:
+                parts.append(head + str(t) + "".join(
+                    "," + (repr(row[f]) if f in row else "") for f in value_fields))
+    if fmt == "json":
+        return Response(200, ("[" + ", ".join(parts) + "]").encode(), "application/json")
+    return Response(200, (parts[0] + "".join(p + "\n" for p in parts[1:])).encode(),
+                    "text/csv; charset=utf-8")
 
 
 async def handle_query(col: Collector, req: Request) -> Response:
@@ -218,14 +302,17 @@ async def handle_query(col: Collector, req: Request) -> Response:
         now = time.time()
         since = parse_time(q.get("since"), now, None)
         until = parse_time(q.get("until"), now, now)
-        rows = [r for r in cached_rows(col, table, ROWS[table])
-                if selectexpr.matches(where, r)]
+        keep = selectexpr.predicate(where)
+        rows = [r for r in cached_rows(col, table, ROWS[table]) if keep(r)]
         fmt = q.get("format", "json")
         if since is None:
             return render(rows, fields, fmt)
         assert until is not None
         names = [r["name"] for r in rows]
         out_fields = ["name", "ts"] + [f for f in fields if f not in ("name", "ts")]
+        if table == "nodes":
+            return await node_series_answer(col, names, out_fields, since, until,
+                                            q.get("res", "auto"), fmt)
         srows = await series_rows(col, table, names, out_fields, since, until,
                                   q.get("res", "auto"))
         return render(srows, out_fields, fmt)

@@ -36,6 +36,19 @@ def _pct(part: float, whole: float) -> float:
     return round(100.0 * part / whole, 2) if whole > 0 else 0.0
 
 
+def _cpu_mhz() -> float | None:
+    """The CPU's nominal speed in MHz (the highest cpufreq offers, else the current
+    one), read once: CoMon's `cpuspeed`. None where the kernel tells none."""
+    try:
+        f = psutil.cpu_freq()
+    except (OSError, NotImplementedError, AttributeError):
+        return None
+    if f is None:
+        return None
+    mhz = f.max or f.current
+    return round(mhz, 1) if mhz and mhz > 0 else None
+
+
 class NodeReader:
     """The node's figures as the sensors `load`, `cpu`, ... of docs/sensors.md.
 
@@ -47,6 +60,7 @@ class NodeReader:
     def __init__(self, disk_path: str = "/") -> None:
         self.disk_path = disk_path
         self._last_cpu: Any = None
+        self._mhz = _cpu_mhz()
 
     def read(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, "_" + name)() for name in self.SENSORS}
@@ -58,6 +72,8 @@ class NodeReader:
     def _cpu(self) -> dict[str, Any]:
         t = psutil.cpu_times()
         out: dict[str, Any] = {"count": psutil.cpu_count() or 1}
+        if self._mhz is not None:
+            out["mhz"] = self._mhz
         for field in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"):
             if hasattr(t, field):
                 out[f"{field}_seconds_total"] = round(getattr(t, field), 2)
@@ -327,7 +343,8 @@ class SliverReader:
             kept = self._psi_kept[name] = (time.monotonic() if now is None else now,
                                            dict(pairs))
         out.update(kept[1])
-        fds = tuple(self._fds.get(x, -1) for x in (p.cpu, p.memory, p.pids))
+        fds = (self._fds.get(p.cpu, -1), self._fds.get(p.memory, -1),
+               self._fds.get(p.pids, -1))
         if -1 not in fds and "memory_bytes" in out and "processes" in out:
             self._held[name] = fds    # read() may read these three directly
         return out
@@ -344,7 +361,7 @@ class SliverReader:
             k = kept.get(name)
             due = k is None or i % spread == turn or k[0] <= stale
             fds = held.get(name)
-            if fds is None or due:
+            if fds is None or k is None or due:
                 out[name] = self.read_one(name, due, now)
                 continue
             # the common case, inlined: three counters from held fds, pressure kept

@@ -18,8 +18,9 @@ syntax errors raise ExprError with the position.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -221,3 +222,86 @@ def evaluate(node: Node, row: Mapping[str, Any]) -> Any:
 
 def matches(node: Node, row: Mapping[str, Any]) -> bool:
     return bool(evaluate(node, row))
+
+
+# --- compiled form -------------------------------------------------------------------
+# `evaluate` walks the tree for every row: ~25 us a row for a three-clause select, a
+# quarter second over 10,000 nodes. `compile_expr` turns the tree into nested closures
+# once per request, with the same semantics (tests/sensors/test_selectexpr_compile.py
+# checks them against `evaluate`), and a direct path for the common `column OP number`.
+
+Fn = Callable[[Mapping[str, Any]], Any]
+_CMP: dict[str, Callable[[Any, Any], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+_ARITH: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def compile_expr(node: Node) -> Fn:
+    kind = node[0]
+    if kind in ("num", "str"):
+        const = node[1]
+        return lambda row: const
+    if kind == "col":
+        return operator.methodcaller("get", node[1])
+    if kind == "not":
+        f = compile_expr(node[1])
+        return lambda row: 0 if f(row) else 1
+    if kind == "neg":
+        f = compile_expr(node[1])
+
+        def neg(row: Mapping[str, Any]) -> Any:
+            v = _num(f(row))
+            return -v if isinstance(v, (int, float)) else None
+        return neg
+    _, op, ln, rn = node
+    a, b = compile_expr(ln), compile_expr(rn)
+    if op == "&&":
+        return lambda row: 1 if a(row) and b(row) else 0
+    if op == "||":
+        return lambda row: 1 if a(row) or b(row) else 0
+    if op in ("==", "!="):
+        want = op == "=="
+
+        def eq(row: Mapping[str, Any]) -> int:
+            x, y = a(row), b(row)
+            same = x == y if isinstance(x, str) and isinstance(y, str) else _num(x) == _num(y)
+            return int(same == want)
+        return eq
+    if op in _CMP:
+        cmp = _CMP[op]
+        if ln[0] == "col" and rn[0] == "num" and isinstance(rn[1], (int, float)):
+            col, const = ln[1], rn[1]
+
+            def col_cmp(row: Mapping[str, Any]) -> int:
+                x = row.get(col)
+                if isinstance(x, (int, float)):
+                    return 1 if cmp(x, const) else 0
+                x = _num(x)
+                if x is None or isinstance(x, str):
+                    return 0
+                return 1 if cmp(x, const) else 0
+            return col_cmp
+
+        def gen_cmp(row: Mapping[str, Any]) -> int:
+            x, y = _num(a(row)), _num(b(row))
+            if x is None or y is None or isinstance(x, str) != isinstance(y, str):
+                return 0
+            return int(cmp(x, y))
+        return gen_cmp
+    arith = _ARITH.get(op)
+
+    def calc(row: Mapping[str, Any]) -> Any:
+        x, y = _num(a(row)), _num(b(row))
+        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
+            return None
+        if arith is not None:
+            return arith(x, y)
+        return x / y if y else None
+    return calc
+
+
+def predicate(node: Node) -> Callable[[Mapping[str, Any]], bool]:
+    """A row filter for `node`, compiled once (see compile_expr)."""
+    f = compile_expr(node)
+    return lambda row: bool(f(row))

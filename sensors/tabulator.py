@@ -80,7 +80,7 @@ def comon_node_rows(col: Collector) -> list[dict[str, Any]]:
 def comon_slice_rows(col: Collector) -> list[dict[str, Any]]:
     return [{"name": r["name"], "nodes": r["nodes"], "cpu": r["cpu_pct"],
              "mem": _div(r["mem_bytes"], MB, 1), "procs": r["procs"],
-             "txrate": _div(r["tx_rate"], 125.0), "disk": _div(r["disk_kib"], 1024.0, 1),
+             "txrate": _div(r["tx_rate"], 125.0), "disk": _div(r["disk_bytes"], MB, 1),
              "ports": r["ports"], "budgetleft": r["budget_left"], "pressure": r["pressure"]}
             for r in query.cached_rows(col, "slices", query.slice_rows)]
 
@@ -106,6 +106,7 @@ def _unquote(s: str) -> str:
 async def handle_tabulator(col: Collector, req: Request) -> Response:
     q = req.query
     table = q.get("table", "table_nodeviewshort")
+    cols: tuple[str, ...]
     if table in ("table_nodeviewshort", "table_nodeview"):
         cols, rows = NODE_COLS, query.cached_rows(col, "comon_nodes", comon_node_rows)
     elif table == "table_slicestat":
@@ -122,7 +123,7 @@ async def handle_tabulator(col: Collector, req: Request) -> Response:
         if c not in cols:
             return Response.text(f"unknown column {c!r} in dumpcols\n", 400)
     shown = ["name"] + [c for c in (dump or cols) if c != "name"]
-    rows = [r for r in rows if selectexpr.matches(expr, r)]
+    rows = list(filter(selectexpr.predicate(expr), rows))
     sort = q.get("sort", "name")
     if sort not in cols:
         return Response.text(f"unknown sort column {sort!r}\n", 400)

@@ -169,12 +169,19 @@ class HostPorts:
 
 
 def fixed_host_ports(plc_url: str, local_names: Iterable[str], addresses: Iterable[str],
-                     ) -> list[tuple[PortRange, str]]:
-    """The fixed host ports of an agent configuration: PLC's port when PLC is local."""
+                     sensors_port: int | None = None) -> list[tuple[PortRange, str]]:
+    """The fixed host ports of an agent configuration: PLC's port when PLC is local, and
+    the node sensor server's port (`[sensors] listen`, on every address: slicestat's
+    3100 is the node's wherever a slice would bind it)."""
+    out: list[tuple[PortRange, str]] = []
     port = plc_port(plc_url, local_names, addresses)
-    if port is None:
-        return []
-    return [(PortRange("tcp", port, port), f"PLC's port (plc_url {plc_url}): {HOST_SERVICE}")]
+    if port is not None:
+        out.append((PortRange("tcp", port, port),
+                    f"PLC's port (plc_url {plc_url}): {HOST_SERVICE}"))
+    if sensors_port is not None:
+        out.append((PortRange("tcp", sensors_port, sensors_port),
+                    f"the node sensor server's port ([sensors] listen): {HOST_SERVICE}"))
+    return out
 
 
 __all__ = ["HOST_SERVICE", "HostPortError", "HostPorts",

@@ -100,8 +100,7 @@ class Management:
             ts = int(self.state.get_meta("last_timestamp") or 0)
         except ValueError:
             ts = 0
-        initscripts = {i.get("name"): i.get("script") for i in reply.get("initscripts", [])
-                       if isinstance(i, dict)}
+        initscripts = _initscripts(reply.get("initscripts", []))
         found, overrides = None, {}
         for i, item in enumerate(reply.get("slivers", [])):
             if not isinstance(item, dict):
@@ -190,8 +189,7 @@ class Management:
             spec = getslivers.parse_sliver(items[0], "ticket.slivers[0]")
         except getslivers.InvalidReply as exc:
             raise APIFault(FAULT_TICKET, f"Ticket error: malformed: {exc}") from None
-        initscripts = {i.get("name"): i.get("script") for i in body["initscripts"]
-                       if isinstance(i, dict) and isinstance(i.get("script"), str)}
+        initscripts = _initscripts(body["initscripts"])
         newer, reply_scripts, overrides, reply_ts = self._reply_entry(spec.name)
         if ticket.issued < reply_ts:
             # PLC's later word wins over an older ticket's content (spec §4.3 timestamps).
@@ -269,3 +267,11 @@ class Management:
         if outcome.failed:
             raise APIFault(FAULT_ERROR, f"{kind} {name}: failed; see the agent's log")
         return 1
+
+
+def _initscripts(items: Any) -> dict[str, str]:
+    """GetSlivers' `initscripts` list as name -> script; malformed entries left out."""
+    if not isinstance(items, list):
+        return {}
+    return {i["name"]: i["script"] for i in items if isinstance(i, dict)
+            and isinstance(i.get("name"), str) and isinstance(i.get("script"), str)}

@@ -33,23 +33,39 @@ function fillTable(id, rows, keys, onPick) {
   table._rows = rows; table._keys = keys; table._pick = onPick;
 }
 
+function sortTable(id, k, desc) {
+  const table = document.getElementById(id);
+  table._sortKey = k; table._desc = desc;
+  const rows = table._rows.slice().sort((a, b) => {
+    const x = a[k], y = b[k];
+    if (x === y) return 0;
+    if (x === null || x === undefined) return 1;
+    if (y === null || y === undefined) return -1;
+    return (x < y ? -1 : 1) * (desc ? -1 : 1);
+  });
+  fillTable(id, rows, table._keys, table._pick);
+  table.dataset.sort = k + (desc ? ":desc" : ":asc");
+}
+
 function makeSortable(id) {
+  // Click a header to sort (again: reverse). `?sort=TABLE:KEY[:desc]` in the page's
+  // address opens it sorted, so a sorted view can be linked.
   const table = document.getElementById(id);
   table.querySelectorAll("th").forEach((th) => {
     th.addEventListener("click", () => {
       const k = th.dataset.k;
-      const desc = table._sortKey === k ? !table._desc : false;
-      table._sortKey = k; table._desc = desc;
-      const rows = table._rows.slice().sort((a, b) => {
-        const x = a[k], y = b[k];
-        if (x === y) return 0;
-        if (x === null || x === undefined) return 1;
-        if (y === null || y === undefined) return -1;
-        return (x < y ? -1 : 1) * (desc ? -1 : 1);
-      });
-      fillTable(id, rows, table._keys, table._pick);
+      sortTable(id, k, table._sortKey === k ? !table._desc : false);
     });
   });
+}
+
+function sortFromAddress() {
+  for (const spec of new URLSearchParams(location.search).getAll("sort")) {
+    const [id, k, dir] = spec.split(":");
+    const table = document.getElementById(id);
+    if (table && table.classList.contains("sortable") && table._keys && table._keys.includes(k))
+      sortTable(id, k, dir === "desc");
+  }
 }
 
 function plot(title, points) {
@@ -111,6 +127,7 @@ async function refresh() {
             (r) => showPlots("nodes", r.name, ["load1", "cpu_pct", "tx_rate"]));
   fillTable("slices", slices, ["name", "nodes", "cpu_pct", "mem_bytes", "procs", "tx_rate"],
             (r) => showPlots("slices", r.name, ["cpu_pct", "mem_bytes", "tx_rate"]));
+  sortFromAddress();
   const box = document.getElementById("plots");
   if (!box.dataset.for) {
     const params = new URLSearchParams(location.search);

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,14 @@ class Node:
             return ""
 
 
+def free_tcp_port() -> int:
+    """A TCP port free on loopback now (the kernel's pick), for a node's sensor server:
+    agents of parallel tests must not all take the default 3100."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def make_node(plc: LiveServer | None, hostname: str, **extra: Any) -> Node:
     base = Path(tempfile.mkdtemp(prefix=f"agent-node-{os.getpid()}-", dir="/tmp"))
     os.chmod(base, 0o755)
@@ -89,6 +98,7 @@ def make_node(plc: LiveServer | None, hostname: str, **extra: Any) -> Node:
         "run_dir": str(base / "run"), "socket_path": str(base / "agent.sock"),
         "default_image": "bb", "poll_interval": 2, "poll_jitter": 1, "backoff_max": 2,
         "node_accounts": "", "plc_timeout": 10, "host_accounts": 0,
+        "sensors": {"listen": f"127.0.0.1:{free_tcp_port()}"},
     }
     values.update(extra)
     cfg_path = config.write_default(base / "agent.toml", values)

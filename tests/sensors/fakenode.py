@@ -1,7 +1,9 @@
 """A fake node sensor server for the collector tests and benchmark: answers
-`/sensors/node?format=json` and `/slices?format=json` with the JSON shapes of
-docs/sensors-collector.md. Figures are a pure function of (seed, k), k counting the
-node requests served, so a test can recompute what a node said.
+`/sensors/node?format=json` and `/slices?format=json` in the node sensor server's
+shapes and key names (docs/sensors.md; translated by sensors/fields.py, whose table
+tests/sensors/test_fields.py checks against the real server). Figures (collector
+names) are a pure function of (seed, k), k counting the node requests served, so a
+test can recompute what a node said.
 
 In-process: `await serve_fake(host, port, hostname, seed)`; as a program (inside a
 network namespace): `python tests/sensors/fakenode.py HOST PORT HOSTNAME SEED`.
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sensors.collecthttp import Request, Response, serve  # noqa: E402
+from sensors.fields import to_wire_node, to_wire_slivers  # noqa: E402
 
 SLICES = ("pl_alpha", "pl_beta", "pl_gamma")
 
@@ -40,7 +44,7 @@ def slice_figures(seed: int, k: int) -> list[dict[str, object]]:
         out.append({"name": name, "cpu_s": 10.0 * (i + 1) * k + seed,
                     "mem_bytes": (i + 1) * (64 << 20), "procs": i + 1,
                     "tx_bytes": (i + 1) * 10_000 * k, "budget_left": 10**9 - k * 1000,
-                    "ports": [8000 + i], "disk_kib": 1024 * (i + 1), "state": "running",
+                    "ports": [8000 + i], "disk_bytes": (1 << 20) * (i + 1), "state": "running",
                     "pressure": 0.5 * i})
     return out
 
@@ -51,10 +55,12 @@ async def serve_fake(host: str, port: int, hostname: str, seed: int) -> asyncio.
     async def handle(req: Request) -> Response:
         if req.path == "/sensors/node":
             count["node"] += 1
-            return Response.json(node_figures(hostname, seed, count["node"]))
+            return Response.json(to_wire_node(node_figures(hostname, seed, count["node"]),
+                                              time.time()))
         if req.path == "/slices":
             count["slices"] += 1
-            return Response.json(slice_figures(seed, count["slices"]))
+            return Response.json(to_wire_slivers(slice_figures(seed, count["slices"]),
+                                                 time.time()))
         return Response.text("not found\n", 404)
     return await serve(handle, host, port)
 

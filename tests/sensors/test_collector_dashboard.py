@@ -85,7 +85,8 @@ def test_dashboard_shows_stored_data() -> None:
             t0 = int(time.time()) - 60
             for r in range(4):
                 await col.poll_round(now=t0 + 10 * r)
-            url = f"http://127.0.0.1:{port}/?node=node1.princeton.test&slice=pl_alpha"
+            url = (f"http://127.0.0.1:{port}/?node=node1.princeton.test&slice=pl_alpha"
+                   "&sort=nodes:load1:desc&sort=slices:mem_bytes")
             dom = await _chromium("--dump-dom", url)
             await _chromium("--window-size=1200,1400", f"--screenshot={SHOT}", url)
             return dom
@@ -96,6 +97,15 @@ def test_dashboard_shows_stored_data() -> None:
     p.feed(dom)
     assert re.search(r'id="nodes-up">5<', dom) and re.search(r'id="nodes-total">5<', dom)
     nodes = {r[0]: r for r in p.tables["nodes"]}
+    # sorted as the address asked: nodes by load1 descending, slices by memory
+    loads = [float(r[3]) for r in p.tables["nodes"]]
+    assert loads == sorted(loads, reverse=True)
+    mems = [float(r[3]) for r in p.tables["slices"]]
+    assert mems == sorted(mems)
+    assert re.search(r'id="nodes"[^>]*data-sort="load1:desc"', dom)
+    avg = sum(node_figures(n, int(n[4]) + 1, 4)["load1"] for n in nodes) / len(nodes)
+    shown = re.search(r'id="load-avg">([^<]*)<', dom)
+    assert shown and float(shown.group(1)) == pytest.approx(avg, abs=0.01)
     assert sorted(nodes) == [f"node{i}.{s}.test" for i, s in
                              enumerate(("princeton", "princeton", "mit", "mit", "ucb"))]
     for name, row in nodes.items():
@@ -110,6 +120,14 @@ def test_dashboard_shows_stored_data() -> None:
             cpu[a["name"]] += (b["cpu_s"] - a["cpu_s"]) / 10 * 100
     assert [r[0] for r in p.tables["top-cpu"]] == sorted(cpu, key=lambda n: -cpu[n])
     assert [float(r[1]) for r in p.tables["top-cpu"]] == sorted(cpu.values(), reverse=True)
+    # bandwidth of a slice = sum over its slivers of d(tx_bytes)/dt
+    bw = {n: 0.0 for n in SLICES}
+    for name in nodes:
+        seed = int(name[4]) + 1
+        for a, b in zip(slice_figures(seed, 3), slice_figures(seed, 4), strict=True):
+            bw[a["name"]] += (b["tx_bytes"] - a["tx_bytes"]) / 10
+    assert [r[0] for r in p.tables["top-bw"]] == sorted(bw, key=lambda n: -bw[n])
+    assert [float(r[1]) for r in p.tables["top-bw"]] == sorted(bw.values(), reverse=True)
     titles = {s.get("title"): s for s in p.svgs}
     load = titles["node1.princeton.test load1"]
     assert load["points"] == "4" and len(load["line"].split()) == 4

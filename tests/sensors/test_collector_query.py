@@ -148,3 +148,45 @@ def test_queries_and_tabulator_match_stored_samples() -> None:
     for k in ("bad_field", "bad_where", "bad_table", "bad_col"):
         assert res[k][0] == 400, (k, res[k])
     assert "nope" in res["bad_field"][1] and "nope" in res["bad_col"][1]
+
+
+def test_node_series_answer_is_render_of_series_rows() -> None:
+    """The nodes table's series are written straight from the stored arrays: byte for
+    byte what rendering the generic rows gives, raw and rolled up, one field or
+    several (with gaps), JSON and CSV."""
+    from sensors import query
+    from sensors.collector import Collector, Config, NodeEntry, NodeState
+    from sensors.tsstore import SeriesKey, TSStore
+
+    async def go(path: str) -> None:
+        store = await TSStore.open_path(path)
+        col = Collector(Config(db=""), store)
+        now = int(time.time())
+        start = now - 3 * 86400
+        for i, h in enumerate(("a,1.x", "b%d.x", 'c"q.x')):
+            col.nodes[h] = NodeState(NodeEntry(h, "127.0.0.1", 3100, "s"))
+            load = await store.series_id(SeriesKey("node", h, "load1"))
+            tx = await store.series_id(SeriesKey("node", h, "tx_rate"))
+            for ts in range(start, now, 600):
+                store.append(load, ts, ((ts // 600 + i) % 40) / 7, 100)
+                if ts % 1800:                       # tx_rate has gaps
+                    store.append(tx, ts, ts % 977 + 0.5, 1)
+                if ts % 3600 < 600:
+                    await store.flush(ts)
+        await store.flush(now)
+        await store.retention(now)
+        names = sorted(col.nodes)
+        for res, since in (("raw", now - 86400), ("5m", start), ("1h", start)):
+            for fields in (["name", "ts", "load1"], ["name", "ts", "load1", "tx_rate"],
+                           ["name", "ts", "tx_rate", "address"]):
+                for fmt in ("json", "csv"):
+                    fast = await query.node_series_answer(col, names, fields, since, now,
+                                                          res, fmt)
+                    rows = await query.series_rows(col, "nodes", names, fields, since, now,
+                                                   res)
+                    slow = query.render(rows, fields, fmt)
+                    assert rows and fast.body == slow.body, (res, fields, fmt)
+                    assert fast.ctype == slow.ctype
+        await store.close()
+    with tempfile.TemporaryDirectory(prefix=f"scq{os.getpid()}") as d:
+        asyncio.run(go(os.path.join(d, "s.db")))

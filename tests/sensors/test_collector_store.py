@@ -32,11 +32,52 @@ def test_codec_roundtrip_random() -> None:
         assert decode_block(bytes(w.buf)) == pts
 
 
+def test_codec_runs_and_steady_counters() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        w = BlockWriter()
+        ts, v, pts = 1_700_000_000, rng.randrange(10**9), []
+        step, dv = 60, rng.choice([0, 1, 4096, -3])
+        for _ in range(rng.randrange(1, 120)):
+            if rng.random() < 0.1:
+                step = rng.choice([0, 30, 60, 61])
+            if rng.random() < 0.1:
+                dv = rng.randrange(-50, 50)
+            ts, v = ts + step, v + dv
+            w.add(ts, v)
+            pts.append((ts, v))
+        assert decode_block(bytes(w.buf)) == pts
+    const, counter = BlockWriter(), BlockWriter()
+    for i in range(60):
+        const.add(1_700_000_000 + 60 * i, 8 << 30)
+        counter.add(1_700_000_000 + 60 * i, 10**9 + 50_000 * i)
+    assert len(const.buf) <= 18 and len(counter.buf) <= 20   # vs ~2 bytes a sample
+
+
+def test_first_codec_blocks_still_read() -> None:
+    def put(buf: bytearray, n: int) -> None:
+        z = (n << 1) ^ (n >> 63)
+        while z >= 0x80:
+            buf.append((z & 0x7F) | 0x80)
+            z >>= 7
+        buf.append(z)
+    pts = [(1_700_000_000 + 60 * i, 150 + i % 3) for i in range(10)]
+    buf = bytearray()
+    put(buf, pts[0][0])
+    put(buf, pts[0][1])
+    last_dt = 0
+    for (t0, v0), (t1, v1) in zip(pts, pts[1:], strict=False):
+        put(buf, (t1 - t0) - last_dt)
+        put(buf, v1 - v0)
+        last_dt = t1 - t0
+    assert decode_block(bytes(buf)) == pts
+
+
 def test_steady_series_costs_few_bytes() -> None:
     w = BlockWriter()
     for i in range(60):
         w.add(1_700_000_000 + 60 * i, 150 + (i % 5) - 2)   # load ~1.5 at scale 100
-    assert len(w.buf) / 60 <= 2.5
+    assert len(w.buf) / 60 <= 1.1
 
 
 def _run(coro):  # the repo's pytest runs trio; the collector is asyncio
@@ -83,16 +124,16 @@ def test_retention_rolls_up_and_drops_exactly() -> None:
                 samples.setdefault(base, []).append((base + i, v))
         # pre-existing old rollups: one 5m beyond 30 days, one 1h beyond a year, and
         # ones just inside their windows
-        await st.db.executemany("INSERT INTO roll5m VALUES(?,?,?,?,?,?)", [
-            (sid, now - ROLL5_KEEP - 300, 1, 1, 1, 1), (sid, now - ROLL5_KEEP - 299, 1, 2, 2, 2)])
-        await st.db.executemany("INSERT INTO roll1h VALUES(?,?,?,?,?,?)", [
-            (sid, now - ROLL1H_KEEP - 3600, 1, 1, 1, 1),
-            (sid, now - ROLL1H_KEEP - 3599, 1, 2, 2, 2)])
+        await st.put_rollups("roll5m", [(sid, (now - ROLL5_KEEP - 300, 1, 1, 1, 1)),
+                                        (sid, (now - ROLL5_KEEP - 299, 1, 2, 2, 2))])
+        await st.put_rollups("roll1h", [(sid, (now - ROLL1H_KEEP - 3600, 1, 1, 1, 1)),
+                                        (sid, (now - ROLL1H_KEEP - 3599, 1, 2, 2, 2)),
+                                        (sid, (now - ROLL1H_KEEP - 3 * 86400, 1, 1, 1, 1))])
         await st.flush(now)
         stats = await st.retention(now)
         old = [b for b in samples if b + 3600 <= now - RAW_KEEP]
         assert len(old) == 2 and stats["blocks_dropped"] == 2
-        assert stats["roll5m_dropped"] == 1 and stats["roll1h_dropped"] == 1
+        assert stats["roll5m_dropped"] == 1 and stats["roll1h_dropped"] == 2
         cur = await st.db.execute("SELECT hour FROM blocks")
         assert [r[0] for r in await cur.fetchall()] == [b for b in samples if b not in old]
         r5 = (await st.rollups("roll5m", [sid], 0, now))[sid]
@@ -117,3 +158,32 @@ def test_retention_rolls_up_and_drops_exactly() -> None:
         await st.close()
     with tempfile.TemporaryDirectory(prefix=f"tss{os.getpid()}") as d:
         _run(go(os.path.join(d, "c.db")))
+
+
+def test_rollups_of_the_row_layout_are_migrated() -> None:
+    """A database written by the first layout (a row per rollup) opens with its
+    rollups readable, and the old tables gone."""
+    import sqlite3
+
+    async def go(path: str) -> None:
+        con = sqlite3.connect(path)
+        con.executescript(
+            "CREATE TABLE series(id INTEGER PRIMARY KEY, kind TEXT NOT NULL, entity TEXT "
+            "NOT NULL, field TEXT NOT NULL, UNIQUE(kind, entity, field));"
+            "INSERT INTO series VALUES(1, 'node', 'n1', 'load1');"
+            "CREATE TABLE roll5m(series INTEGER, bucket INTEGER, n INTEGER, min REAL, "
+            "avg REAL, max REAL, PRIMARY KEY(series, bucket)) WITHOUT ROWID;"
+            "CREATE TABLE roll1h(series INTEGER, bucket INTEGER, n INTEGER, min REAL, "
+            "avg REAL, max REAL, PRIMARY KEY(series, bucket)) WITHOUT ROWID;"
+            "INSERT INTO roll5m VALUES(1, 7200, 3, 1.0, 2.0, 3.0), (1, 7500, 1, 4.0, 4.0, 4.0);"
+            "INSERT INTO roll1h VALUES(1, 7200, 4, 1.0, 2.5, 4.0);")
+        con.close()
+        st = await TSStore.open_path(path)
+        assert (await st.rollups("roll5m", [1], 0, 10**9))[1] == [
+            (7200, 3, 1.0, 2.0, 3.0), (7500, 1, 4.0, 4.0, 4.0)]
+        assert (await st.rollups("roll1h", [1], 0, 10**9))[1] == [(7200, 4, 1.0, 2.5, 4.0)]
+        cur = await st.db.execute("SELECT name FROM sqlite_master WHERE name LIKE 'roll%'")
+        assert await cur.fetchall() == []
+        await st.close()
+    with tempfile.TemporaryDirectory(prefix=f"tss{os.getpid()}") as d:
+        _run(go(os.path.join(d, "old.db")))
