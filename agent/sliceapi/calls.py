@@ -44,9 +44,12 @@ class Calls:
 
     def __init__(self, cfg: AgentConfig, state: State, reconciler: Reconciler,
                  guard_methods: Mapping[str, Callable[..., Any]] | None = None,
-                 clock: Callable[[], float] = time.monotonic, bandwidth: Any = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, bandwidth: Any = None,
+                 rcaps: Any = None) -> None:
         """`guard_methods`: the guard's calls (GuardService.methods()), if any;
-        `bandwidth`: agent.bwservice.BandwidthService, if shaping is on."""
+        `bandwidth`: agent.bwservice.BandwidthService, if shaping is on; `rcaps`:
+        agent.rcaps.RcapService (its calls, agent/sliceapi/rcaps.py, replace GetLoans
+        and GetEffectiveRSpec here and add SetLoans and the rcap calls)."""
         self.cfg = cfg
         self.state = state
         self.reconciler = reconciler
@@ -63,6 +66,10 @@ class Calls:
         # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
         self.guard_methods = dict(guard_methods or {})
         self.methods.update(self.guard_methods)
+        if rcaps is not None:
+            from agent.sliceapi.rcaps import RcapCalls
+
+            self.methods.update(RcapCalls(rcaps, state).methods())
 
 
     # -- identity and targets -----------------------------------------------------------
