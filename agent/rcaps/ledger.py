@@ -137,6 +137,7 @@ class Ledger:
         self._held: dict[str, int] = {}               # holder -> rcaps it acquired
         self._next_loan = 1
         self._next_seq = 1
+        self._pool_used = zero()                      # what node-origin roots hold
         for r in list(self.rcaps.values()):
             self._next_seq = max(self._next_seq, r.seq + 1)
             self._index_rcap(r)
@@ -155,6 +156,9 @@ class Ledger:
         if r.origin == ORIGIN_PLC and r.bound is not None:
             self._plc[r.bound] = r.id
         self._held[r.holder] = self._held.get(r.holder, 0) + 1
+        if r.origin == ORIGIN_NODE:
+            for k, v in r.amounts.items():
+                self._pool_used[k] += v
 
     def _index_loan(self, loan: Loan) -> None:
         self._loan_children.setdefault(loan.id, set())
@@ -236,12 +240,7 @@ class Ledger:
     def free_pool(self) -> Amounts:
         """The node's capacity less every root acquired from it (PLC-minted roots are
         PLC's admission and outside the pool)."""
-        out = dict(self.capacity)
-        for r in self.rcaps.values():
-            if r.origin == ORIGIN_NODE:
-                for k, v in r.amounts.items():
-                    out[k] -= v
-        return {k: max(0, v) for k, v in out.items()}
+        return {k: max(0, self.capacity[k] - self._pool_used[k]) for k in RESOURCES}
 
     def slices(self) -> set[str]:
         return {s for s, ids in self._bound.items() if ids}
@@ -376,6 +375,9 @@ class Ledger:
         if r.parent is not None and r.parent in self._children:
             self._children[r.parent].discard(rid)
         self._held[r.holder] -= 1
+        if r.origin == ORIGIN_NODE:
+            for k, v in r.amounts.items():
+                self._pool_used[k] -= v
         if not self._held[r.holder]:
             del self._held[r.holder]
         if r.bound is not None:
@@ -556,6 +558,7 @@ class Ledger:
             if r.origin == ORIGIN_NODE:
                 for k in RESOURCES:
                     used[k] += r.amounts[k]
+        assert used == self._pool_used, "the pool's running sum drifted"
         for k in RESOURCES:
             assert used[k] <= self.capacity[k], f"pool {k}: {used[k]} > {self.capacity[k]}"
         live = self.slices()
