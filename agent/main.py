@@ -34,6 +34,7 @@ from agent.lockfile import PidLock
 from agent.loginshell import install_for as install_login_shells
 from agent.plcclient import PLCClient, PLCError
 from agent.ports import HostPorts, PortError, fixed_host_ports, state_uid_owner
+from agent.rcaps import RcapService, node_capacity
 from agent.reconcile import Outcome, Reconciler, ingest
 from agent.rspec import shown
 from agent.sensorsource import make_sensor_server
@@ -117,6 +118,11 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
         # RawSend packets leave from the agent's socket: billed to the slice's class.
         guard.raw.priority_of = bandwidth.priority_of
 
+    rcaps = RcapService(state, node_capacity(cfg.state_dir, cfg.disk_store_kib,
+                                             (cfg.bandwidth.node_rate or
+                                              cfg.bandwidth.link_rate) // 1000),
+                        background=background)
+
     def binds(name: str) -> tuple[tuple[str, str], ...]:
         return ((str(api_dir), cfg.sliver_socket_dir),)
 
@@ -126,10 +132,11 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
         uid_pool_ranges=cfg.uid_pool_ranges, binds=binds,
         after_start=accounts.after_start, before_destroy=accounts.before_destroy,
         before_stop=accounts.before_stop, new_context=accounts.new_context,
-        guard=guard, supervising=guard is not None and not once, bandwidth=bandwidth)
+        guard=guard, supervising=guard is not None and not once, bandwidth=bandwidth,
+        rcaps=rcaps)
     api = SliceAPI(cfg, state, reconciler, backend, api_dir,
                    guard.methods() if guard is not None else {}, bandwidth=bandwidth,
-                   management=make_management(cfg, state, reconciler, plc))
+                   management=make_management(cfg, state, reconciler, plc), rcaps=rcaps)
     sensors = None if once else make_sensor_server(   # docs/sensors.md
         state, cgroup_parent=cfg.cgroup_parent, roots_dir=Path(cfg.state_dir) / "roots",
         bandwidth=bandwidth, interfaces=cfg.bandwidth.interfaces,

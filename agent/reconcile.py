@@ -211,7 +211,7 @@ class Reconciler:
                  before_stop: Callable[[str], Any] | None = None,
                  new_context: Callable[[str], None] | None = None,
                  guard: Any = None, supervising: bool = False,
-                 bandwidth: Any = None) -> None:
+                 bandwidth: Any = None, rcaps: Any = None) -> None:
         self.state = state
         self.backend = backend
         self.limiter = trio.CapacityLimiter(concurrency)
@@ -231,6 +231,19 @@ class Reconciler:
         self.supervising = supervising
         # agent.bwservice.BandwidthService, or None (no [bandwidth] interfaces).
         self.bandwidth = bandwidth
+        # agent.rcaps.RcapService, or None: the amounts a sliver is granted (its PLC
+        # rspec as an rcap bound to it, after loans), checked before each grant.
+        self.rcaps = rcaps
+        if rcaps is not None:
+            rcaps.attach(self)
+
+    def rspec_of(self, rec: SliverRecord) -> dict[str, Any]:
+        """What is granted to the sliver: its rspec after the rcap ledger, checked."""
+        if self.rcaps is None:
+            return rec.rspec
+        rspec = self.rcaps.effective_rspec(rec)
+        self.rcaps.check_grant(rec.name, rspec)
+        return rspec
 
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)
@@ -248,6 +261,8 @@ class Reconciler:
         # Contexts this agent has not adopted yet (after a restart) are adopted first,
         # so nothing is created twice.
         self.adopted &= live
+        if self.rcaps is not None:   # PLC's rspecs as rcaps, expired loans ended
+            self.rcaps.sync()
         actions = plan(self.state.summaries(), live, self.adopted, removed,
                        time.time() if now is None else now, have_reply)
         return await self.execute(actions)
@@ -319,7 +334,8 @@ class Reconciler:
         the class minor its cgroup's egress classifier names."""
         if self.bandwidth is None:
             return None
-        return await trio.to_thread.run_sync(self.bandwidth.class_for, rec.name, rec.rspec)
+        return await trio.to_thread.run_sync(self.bandwidth.class_for, rec.name,
+                                             self.rspec_of(rec))
 
     async def _net_release(self, name: str) -> None:
         if self.bandwidth is not None:
@@ -327,14 +343,15 @@ class Reconciler:
 
     def _plan_for(self, rec: SliverRecord, idx: int,
                   net_class_minor: int | None = None) -> SliverPlan:
-        limits = rspec_mod.limits_kwargs(rec.rspec)
+        rspec = self.rspec_of(rec)
+        limits = rspec_mod.limits_kwargs(rspec)
         if net_class_minor is not None:
             limits["net_class_minor"] = net_class_minor
         return SliverPlan(
             name=rec.name, image=rec.image,
             uid_base=self.uid_pool_start + idx * self.uid_range_size,
             uid_count=self.uid_range_size, limits=limits,
-            disk_max_kib=rspec_mod.disk_max_kib(rec.rspec), hostname=rec.name,
+            disk_max_kib=rspec_mod.disk_max_kib(rspec), hostname=rec.name,
             binds=self._binds(rec.name),
         )
 
@@ -359,6 +376,8 @@ class Reconciler:
                 self.guard.sliver_destroyed(name)
             self.adopted.discard(name)
             self.state.delete_sliver(name)
+            if self.rcaps is not None:   # its loans and rcaps end; the others' come back
+                await self.rcaps.sliver_gone(name)
             return
         if rec is None:
             return
@@ -380,7 +399,8 @@ class Reconciler:
             if await trio.to_thread.run_sync(self.backend.adopt, name):
                 self.adopted.add(name)
                 if self.bandwidth is not None:   # classes adopted, classifier re-attached
-                    await trio.to_thread.run_sync(self.bandwidth.adopted, name, rec.rspec)
+                    await trio.to_thread.run_sync(self.bandwidth.adopted, name,
+                                                  self.rspec_of(rec))
                 if self.guard is not None and self.supervising:
                     pid = await trio.to_thread.run_sync(self.backend.guarded_init, name)
                     if pid is not None:

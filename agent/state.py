@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -71,6 +71,35 @@ CREATE TABLE IF NOT EXISTS loans (
 -- byte_counters (never used: the daily budgets live in bw_ledger, agent/bandwidth.py)
 DROP TABLE IF EXISTS byte_counters;
 """
+
+
+# Migrations: MIGRATIONS[n] brings a database of version n to n + 1 (in one transaction).
+# Version 2: the rcap ledger (agent/rcaps/): rcaps (only the sha256 of each rcap string
+# is stored) and loans between slices.
+RCAP_TABLES = """
+CREATE TABLE IF NOT EXISTS rcaps (
+    id TEXT PRIMARY KEY,         -- sha256 hex of the rcap string (the string is never stored)
+    parent TEXT,                 -- the rcap it was split off, NULL for a root
+    amounts TEXT NOT NULL,       -- JSON {resource: amount}
+    holder TEXT NOT NULL,        -- who acquired it ('' the node admin, plc:<slice> PLC's)
+    origin TEXT NOT NULL,        -- node | plc | split
+    bound TEXT,                  -- the slice it is bound to, if any
+    created REAL NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rcap_loans (
+    id INTEGER PRIMARY KEY,
+    lender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    expires REAL NOT NULL,       -- unix time, 0: none
+    relend INTEGER NOT NULL,
+    parent INTEGER,              -- the loan it was lent on
+    created REAL NOT NULL
+);
+"""
+MIGRATIONS: dict[int, str] = {1: RCAP_TABLES}
 
 
 class StateError(RuntimeError):
@@ -219,8 +248,15 @@ class State:
             db.executescript(SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
+                db.executescript(RCAP_TABLES)
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
+                row = (str(SCHEMA_VERSION),)
+            while int(row[0]) in MIGRATIONS and int(row[0]) < SCHEMA_VERSION:
+                version = int(row[0])
+                db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} UPDATE meta SET "
+                                 f"value='{version + 1}' WHERE key='schema_version'; COMMIT;")
+                row = (str(version + 1),)
+            if int(row[0]) != SCHEMA_VERSION:
                 raise StateError(f"{path}: schema version {row[0]}, this agent knows "
                                  f"{SCHEMA_VERSION}; move the file aside or upgrade the agent")
         except BaseException:
@@ -355,6 +391,10 @@ class State:
         else:
             self._db.execute("UPDATE slivers SET state=?, message=?, applied=?, updated_at=? "
                              "WHERE name=?", (state, message, applied, time.time(), name))
+
+    def set_target(self, name: str, target: str) -> None:
+        """What should be applied to the sliver (agent/rcaps: its amounts after loans)."""
+        self._db.execute("UPDATE slivers SET target=? WHERE name=?", (target, name))
 
     def get_sliver(self, name: str) -> SliverRecord | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM slivers WHERE name=?", (name,)).fetchone()

@@ -30,6 +30,7 @@ from agent.faults import (
 from agent.reconcile import Reconciler
 from agent.sliceapi.delegation import Management
 from agent.sliceapi.identity import Caller, identify
+from agent.sliceapi.rcaps import RcapCalls
 from agent.state import SliverState, State
 from agent.tickets import TicketKeys
 from agent.tokenbucket import TokenBuckets
@@ -50,11 +51,13 @@ class Calls:
     def __init__(self, cfg: AgentConfig, state: State, reconciler: Reconciler,
                  guard_methods: Mapping[str, Callable[..., Any]] | None = None,
                  clock: Callable[[], float] = time.monotonic, bandwidth: Any = None,
-                 management: Management | None = None) -> None:
+                 management: Management | None = None, rcaps: Any = None) -> None:
         """`guard_methods`: the guard's calls (GuardService.methods()), if any;
         `bandwidth`: agent.bwservice.BandwidthService, if shaping is on; `management`:
         Ticket, Create, Destroy, Start, Stop (default: tickets checked with agent.toml's
-        plc_ticket_key only)."""
+        plc_ticket_key only); `rcaps`: agent.rcaps.RcapService (its calls,
+        agent/sliceapi/rcaps.py, replace GetLoans and GetEffectiveRSpec here and add
+        SetLoans and the rcap calls)."""
         self.cfg = cfg
         self.state = state
         self.reconciler = reconciler
@@ -76,7 +79,8 @@ class Calls:
         # ReservePort, ReleasePort, GetPorts, OpenSniffer, OpenErrorSocket, RawSend
         self.guard_methods = dict(guard_methods or {})
         self.methods.update(self.guard_methods)
-
+        if rcaps is not None:
+            self.methods.update(RcapCalls(rcaps, state).methods())
 
     # -- identity and targets -----------------------------------------------------------
 

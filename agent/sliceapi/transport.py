@@ -51,7 +51,7 @@ class SliceAPI:
                  backend: Backend, api_dir: Path,
                  guard_methods: Mapping[str, Callable[..., Any]] | None = None,
                  clock: Callable[[], float] = time.monotonic, bandwidth: Any = None,
-                 management: Any = None) -> None:
+                 management: Any = None, rcaps: Any = None) -> None:
         """`api_dir`: the directory of the sliver-side socket (bind-mounted into every
         sliver); `guard_methods`: the guard's calls (GuardService.methods()), if any;
         `management`: agent.sliceapi.delegation.Management (Ticket, Create, ...)."""
@@ -60,7 +60,7 @@ class SliceAPI:
         self.backend = backend
         self.api_dir = api_dir
         self.calls = Calls(cfg, state, reconciler, guard_methods, clock, bandwidth=bandwidth,
-                           management=management)
+                           management=management, rcaps=rcaps)
         self.max_request = cfg.api_max_request
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._admin_connections = trio.CapacityLimiter(ADMIN_CONNECTIONS)

@@ -1,0 +1,582 @@
+"""The rcap and loan ledger: pure, in memory, no I/O (docs/rcaps.md).
+
+An rcap names amounts of this node's resources. It is a root (acquired from the node's
+free pool by the node admin, or minted for a PLC sliver from its rspec) or a child
+split off another rcap. Bound to a slice, an rcap gives that slice its *remainder*:
+its amounts less what was split off it. The invariant, per rcap and resource:
+
+    sum(children's amounts) + remainder-bound  <=  amounts      (remainder >= 0)
+
+Loans move part of a slice's holdings to another slice until they end. A loan is drawn
+from the lender's own holdings (what its bound rcaps give it) or, if the loan it
+borrowed allows it (`relend`), from a loan it received: loans form trees, and a loan
+ends with everything lent on it. Per slice and resource:
+
+    sum(loans from own holdings) <= max(0, holdings - MINIMUM)
+    sum(loans lent on loan L)    <= L.amount                  (only if L.relend)
+
+`check()` verifies all of it (the property test calls it after every step). Every
+change marks the rcaps and loans it touched dirty, so the store writes only those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Ledger resources: rspec keys (agent/rspec.py units: cpu_share a weight, cpu_pct a
+# reserved percentage, net_* kbit/s, mem_max and disk_max KiB, pids_max processes).
+RESOURCES: tuple[str, ...] = ("cpu_share", "cpu_pct", "net_min_rate", "net_max_rate",
+                              "mem_max", "disk_max", "pids_max")
+RENEWABLE = frozenset({"cpu_share", "cpu_pct", "net_min_rate", "net_max_rate"})
+# What a holder keeps whatever it lends (nodemanager spec §4.1), and 1 process.
+MINIMUM: dict[str, int] = {"cpu_share": 1, "net_max_rate": 8, "pids_max": 1}
+# 0 means "no limit" for these rspec keys: a slice holding 0 is unlimited; it has
+# nothing to lend, and what it receives leaves it unlimited.
+UNLIMITED_AT_ZERO = frozenset({"mem_max", "disk_max"})
+MAX_AMOUNT = 2**53
+
+Amounts = dict[str, int]
+
+ORIGIN_NODE = "node"     # a root acquired from the node's free pool
+ORIGIN_PLC = "plc"       # a root minted from a PLC sliver's rspec (PLC admitted it)
+ORIGIN_SPLIT = "split"   # a child of another rcap
+
+
+class LedgerError(Exception):
+    """A refused ledger operation; `kind` says which rule (docs/rcaps.md, "Errors")
+    and `resource` names the resource where one is at fault."""
+
+    def __init__(self, kind: str, message: str, resource: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.resource = resource
+
+
+def zero() -> Amounts:
+    return dict.fromkeys(RESOURCES, 0)
+
+
+def amounts_of(spec: Mapping[str, object]) -> Amounts:
+    """A request {resource: int} to full Amounts; unknown keys or bad values refused."""
+    if not isinstance(spec, Mapping):
+        raise LedgerError("bad_request", "an rspec is a struct {resource: integer}")
+    out = zero()
+    for key, value in spec.items():
+        if key not in RESOURCES:
+            raise LedgerError("bad_request", f"{str(key)[:40]!r} is not a resource an rcap "
+                              f"names; known: {', '.join(RESOURCES)}", str(key)[:40])
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)          # XML-RPC ints beyond 32 bits travel as strings
+        if not isinstance(value, int) or isinstance(value, bool) or \
+                not 0 <= value <= MAX_AMOUNT:
+            raise LedgerError("bad_request", f"{key}: amount must be an integer in "
+                              f"[0, 2**53], not {str(value)[:40]!r}", key)
+        out[key] = value
+    return out
+
+
+def new_token() -> tuple[str, str]:
+    """(rcap string shown once to its acquirer, its id: the sha256 stored)."""
+    token = secrets.token_bytes(16).hex()
+    return token, token_id(token)
+
+
+def token_id(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Rcap:
+    id: str
+    parent: str | None
+    amounts: Amounts
+    holder: str           # who acquired it: a slice name, "" for the node admin
+    origin: str
+    bound: str | None = None
+    created: float = 0.0
+    seq: int = 0          # creation order (given by the ledger)
+
+
+@dataclass
+class Loan:
+    id: int
+    lender: str
+    recipient: str
+    resource: str
+    amount: int
+    expires: float = 0.0      # unix time; 0: until revoked or either sliver goes
+    relend: bool = False      # the recipient may lend on it
+    parent: int | None = None  # the loan it was lent on (None: the lender's own holdings)
+    created: float = 0.0
+
+    def key(self) -> tuple[str, str, int, float, bool]:
+        return (self.recipient, self.resource, self.amount, self.expires, self.relend)
+
+    def wire(self) -> list[object]:
+        return [self.recipient, self.resource, self.amount, int(self.expires), self.relend]
+
+
+@dataclass
+class Ledger:
+    capacity: Amounts = field(default_factory=zero)
+    rcaps: dict[str, Rcap] = field(default_factory=dict)
+    loans: dict[int, Loan] = field(default_factory=dict)
+    dirty_rcaps: set[str] = field(default_factory=set)
+    dirty_loans: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._children: dict[str, set[str]] = {}
+        self._bound: dict[str, set[str]] = {}        # slice -> rcap ids bound to it
+        self._plc: dict[str, str] = {}                # slice -> its PLC rcap id
+        self._loan_children: dict[int, set[int]] = {}
+        self._lent: dict[str, set[int]] = {}          # lender -> loan ids
+        self._received: dict[str, set[int]] = {}      # recipient -> loan ids
+        self._held: dict[str, int] = {}               # holder -> rcaps it acquired
+        self._next_loan = 1
+        self._next_seq = 1
+        self._pool_used = zero()                      # what node-origin roots hold
+        for r in list(self.rcaps.values()):
+            self._next_seq = max(self._next_seq, r.seq + 1)
+            self._index_rcap(r)
+        for loan in list(self.loans.values()):
+            self._index_loan(loan)
+            self._next_loan = max(self._next_loan, loan.id + 1)
+
+    # -- indexes --------------------------------------------------------------------------
+
+    def _index_rcap(self, r: Rcap) -> None:
+        self._children.setdefault(r.id, set())
+        if r.parent is not None:
+            self._children.setdefault(r.parent, set()).add(r.id)
+        if r.bound is not None:
+            self._bound.setdefault(r.bound, set()).add(r.id)
+        if r.origin == ORIGIN_PLC and r.bound is not None:
+            self._plc[r.bound] = r.id
+        self._held[r.holder] = self._held.get(r.holder, 0) + 1
+        if r.origin == ORIGIN_NODE:
+            for k, v in r.amounts.items():
+                self._pool_used[k] += v
+
+    def _index_loan(self, loan: Loan) -> None:
+        self._loan_children.setdefault(loan.id, set())
+        if loan.parent is not None:
+            self._loan_children.setdefault(loan.parent, set()).add(loan.id)
+        self._lent.setdefault(loan.lender, set()).add(loan.id)
+        self._received.setdefault(loan.recipient, set()).add(loan.id)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, rcap_id: str) -> Rcap:
+        r = self.rcaps.get(rcap_id)
+        if r is None:
+            raise LedgerError("unknown_rcap", "no such rcap on this node (released, or "
+                              "never issued)")
+        return r
+
+    def held_count(self, holder: str) -> int:
+        return self._held.get(holder, 0)
+
+    def split_off(self, rcap_id: str) -> Amounts:
+        out = zero()
+        for c in self._children.get(rcap_id, ()):
+            for k, v in self.rcaps[c].amounts.items():
+                out[k] += v
+        return out
+
+    def remainder(self, rcap_id: str) -> Amounts:
+        r = self.rcaps[rcap_id]
+        off = self.split_off(rcap_id)
+        return {k: r.amounts[k] - off[k] for k in RESOURCES}
+
+    def holdings(self, name: str) -> Amounts:
+        """What the rcaps bound to slice `name` give it."""
+        out = zero()
+        for rid in self._bound.get(name, ()):
+            for k, v in self.remainder(rid).items():
+                out[k] += v
+        return out
+
+    def lent_own(self, name: str) -> Amounts:
+        out = zero()
+        for lid in self._lent.get(name, ()):
+            loan = self.loans[lid]
+            if loan.parent is None:
+                out[loan.resource] += loan.amount
+        return out
+
+    def sublent(self, loan_id: int) -> int:
+        return sum(self.loans[c].amount for c in self._loan_children.get(loan_id, ()))
+
+    def effective(self, name: str) -> Amounts:
+        """Holdings less what it lent of its own, plus what it received less what it
+        lent on that; a resource unlimited at 0 stays 0 when held at 0."""
+        hold = self.holdings(name)
+        out = {k: hold[k] - v for k, v in self.lent_own(name).items()}
+        for lid in self._received.get(name, ()):
+            loan = self.loans[lid]
+            out[loan.resource] += loan.amount - self.sublent(lid)
+        for k in UNLIMITED_AT_ZERO:
+            if hold[k] == 0:
+                out[k] = 0
+        return out
+
+    def adjusted(self, name: str) -> bool:
+        """Whether the slice's effective amounts may differ from its PLC rcap's."""
+        bound = self._bound.get(name, set())
+        plc = self._plc.get(name)
+        return bool(self._lent.get(name) or self._received.get(name)
+                    or bound - {plc} or (plc is not None and self._children.get(plc)))
+
+    def loans_of(self, lender: str) -> list[Loan]:
+        return sorted((self.loans[i] for i in self._lent.get(lender, ())), key=lambda x: x.id)
+
+    def loans_to(self, recipient: str) -> list[Loan]:
+        return sorted((self.loans[i] for i in self._received.get(recipient, ())),
+                      key=lambda x: x.id)
+
+    def free_pool(self) -> Amounts:
+        """The node's capacity less every root acquired from it (PLC-minted roots are
+        PLC's admission and outside the pool)."""
+        return {k: max(0, self.capacity[k] - self._pool_used[k]) for k in RESOURCES}
+
+    def slices(self) -> set[str]:
+        return {s for s, ids in self._bound.items() if ids}
+
+    # -- rcaps ------------------------------------------------------------------------------
+
+    def acquire(self, want: Amounts, holder: str, *, from_slice: str | None = None,
+                now: float = 0.0) -> tuple[str, set[str]]:
+        """A new rcap from the node's free pool (from_slice None) or from the holdings
+        of `from_slice` (split off the first of its bound rcaps it fits in). Returns
+        (rcap string, slices whose holdings changed)."""
+        _nonzero(want)
+        if from_slice is None:
+            free = self.free_pool()
+            for k in RESOURCES:
+                if want[k] > free[k]:
+                    raise LedgerError("exceeds_pool", f"{k}: asks {want[k]}, the node's free "
+                                      f"pool has {free[k]}", k)
+            token, rid = new_token()
+            self._add(Rcap(rid, None, want, holder, ORIGIN_NODE, created=now))
+            return token, set()
+        candidates = sorted(self._bound.get(from_slice, ()),
+                            key=lambda i: (self.rcaps[i].origin != ORIGIN_PLC,
+                                           self.rcaps[i].seq))
+        if not candidates:
+            raise LedgerError("exceeds_holdings", f"{from_slice} holds no rcap to acquire from")
+        last: LedgerError | None = None
+        for rid in candidates:
+            try:
+                return self.split(rid, want, holder, now=now)
+            except LedgerError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def split(self, rcap_id: str, want: Amounts, holder: str,
+              now: float = 0.0) -> tuple[str, set[str]]:
+        """A child of `rcap_id` with amounts `want`, taken from its remainder."""
+        _nonzero(want)
+        parent = self.get(rcap_id)
+        rem = self.remainder(rcap_id)
+        for k in RESOURCES:
+            if want[k] > rem[k]:
+                raise LedgerError("exceeds_rcap", f"{k}: asks {want[k]}, the rcap has "
+                                  f"{rem[k]} left", k)
+        touched: set[str] = set()
+        if parent.bound is not None:
+            self._check_shrink(parent.bound, want)
+            touched.add(parent.bound)
+        token, rid = new_token()
+        self._add(Rcap(rid, rcap_id, want, holder, ORIGIN_SPLIT, created=now))
+        return token, touched
+
+    def _check_shrink(self, name: str, less: Amounts) -> None:
+        """Refuse taking `less` from slice `name`'s holdings if its loans would not fit."""
+        hold, lent = self.holdings(name), self.lent_own(name)
+        for k in RESOURCES:
+            if less[k] and lent[k] and hold[k] - less[k] - lent[k] < MINIMUM.get(k, 0):
+                raise LedgerError("lent", f"{k}: {name} has lent {lent[k]} of its "
+                                  f"{hold[k]}; end those loans first", k)
+
+    def bind(self, rcap_id: str, name: str) -> set[str]:
+        r = self.get(rcap_id)
+        if r.bound is not None:
+            raise LedgerError("bound", f"this rcap is already bound to {r.bound}; release "
+                              "it first")
+        r.bound = name
+        self._bound.setdefault(name, set()).add(rcap_id)
+        self.dirty_rcaps.add(rcap_id)
+        return {name}
+
+    def release(self, rcap_id: str, *, force: bool = False) -> set[str]:
+        """Remove an rcap and everything split off it; amounts go back to its parent.
+        A PLC-minted rcap is released only by the agent (force)."""
+        r = self.get(rcap_id)
+        if r.origin == ORIGIN_PLC and not force:
+            raise LedgerError("plc_rcap", "this rcap is PLC's grant to a sliver; it ends "
+                              "with the sliver")
+        touched: set[str] = set()
+        for rid in self._subtree(rcap_id):
+            touched |= self._remove(rid)
+        parent = self.rcaps.get(r.parent) if r.parent is not None else None
+        if parent is not None and parent.bound is not None:
+            touched.add(parent.bound)   # its remainder grew back
+        for name in sorted(touched):
+            touched |= self._settle(name)
+        return touched
+
+    def mint_plc(self, name: str, want: Amounts, now: float = 0.0) -> set[str]:
+        """The PLC rcap of sliver `name` made or set to `want` (PLC's authority: what was
+        split off it beyond the new amounts is released, newest first)."""
+        rid = self._plc.get(name)
+        if rid is None:
+            _, rid = new_token()
+            self._add(Rcap(rid, None, dict(want), f"plc:{name}", ORIGIN_PLC, name, now))
+            self._bound.setdefault(name, set()).add(rid)
+            self._plc[name] = rid
+            return {name}
+        r = self.rcaps[rid]
+        if r.amounts == want:
+            return set()
+        r.amounts = dict(want)
+        self.dirty_rcaps.add(rid)
+        touched = {name}
+        kids = sorted(self._children.get(rid, ()), key=lambda i: self.rcaps[i].seq)
+        while kids and any(v < 0 for v in self.remainder(rid).values()):
+            touched |= self.release(kids.pop(), force=True)
+        touched |= self._settle(name)
+        return touched
+
+    def _subtree(self, rcap_id: str) -> list[str]:
+        """rcap_id and its descendants, children before parents."""
+        out: list[str] = []
+        stack = [rcap_id]
+        while stack:
+            rid = stack.pop()
+            out.append(rid)
+            stack.extend(self._children.get(rid, ()))
+        return out[::-1]
+
+    def _add(self, r: Rcap) -> None:
+        r.seq = self._next_seq
+        self._next_seq += 1
+        self.rcaps[r.id] = r
+        self._index_rcap(r)
+        self.dirty_rcaps.add(r.id)
+
+    def _remove(self, rid: str) -> set[str]:
+        r = self.rcaps.pop(rid)
+        self.dirty_rcaps.add(rid)
+        self._children.pop(rid, None)
+        if r.parent is not None and r.parent in self._children:
+            self._children[r.parent].discard(rid)
+        self._held[r.holder] -= 1
+        if r.origin == ORIGIN_NODE:
+            for k, v in r.amounts.items():
+                self._pool_used[k] -= v
+        if not self._held[r.holder]:
+            del self._held[r.holder]
+        if r.bound is not None:
+            self._bound[r.bound].discard(rid)
+            if not self._bound[r.bound]:
+                del self._bound[r.bound]
+            if self._plc.get(r.bound) == rid:
+                del self._plc[r.bound]
+            return {r.bound}
+        return set()
+
+    # -- loans ------------------------------------------------------------------------------
+
+    def lend(self, lender: str, recipient: str, resource: str, amount: int, *,
+             expires: float = 0.0, relend: bool = False, now: float = 0.0) -> tuple[int, set[str]]:
+        """A loan from `lender`'s own holdings, else from a loan it received that allows
+        re-lending; refused if neither has room."""
+        if resource not in RESOURCES:
+            raise LedgerError("bad_request", f"{str(resource)[:40]!r} is not loanable; "
+                              f"loanable: {', '.join(RESOURCES)}", str(resource)[:40])
+        if not isinstance(amount, int) or isinstance(amount, bool) or \
+                not 0 < amount <= MAX_AMOUNT:
+            raise LedgerError("bad_request", f"{resource}: a loan's amount is a positive "
+                              "integer", resource)
+        if lender == recipient:
+            raise LedgerError("bad_request", "a slice cannot lend to itself")
+        if recipient not in self.slices():
+            raise LedgerError("unknown_slice", f"no sliver {recipient!r} holds resources "
+                              "on this node")
+        if expires and expires <= now:
+            raise LedgerError("bad_request", "the loan's expiry is in the past")
+        hold = self.holdings(lender)[resource]
+        own_free = 0 if (resource in UNLIMITED_AT_ZERO and hold == 0) else max(
+            0, hold - MINIMUM.get(resource, 0) - self.lent_own(lender)[resource])
+        parent: int | None = None
+        if amount > own_free:
+            borrowed = 0
+            for loan in self.loans_to(lender):
+                if loan.resource != resource:
+                    continue
+                room = loan.amount - self.sublent(loan.id) if loan.relend else 0
+                borrowed += room
+                if amount <= room and parent is None:
+                    parent = loan.id
+            if parent is None:
+                raise LedgerError("over_lend", f"{resource}: asks {amount}; {lender} has "
+                                  f"{own_free} of its own to lend ({MINIMUM.get(resource, 0)} "
+                                  f"kept) and {borrowed} borrowed it may re-lend", resource)
+        lid = self._next_loan
+        self._next_loan += 1
+        loan = Loan(lid, lender, recipient, resource, amount, float(expires), bool(relend),
+                    parent, now)
+        self.loans[lid] = loan
+        self._index_loan(loan)
+        self.dirty_loans.add(lid)
+        return lid, {lender, recipient}
+
+    def end_loan(self, loan_id: int) -> set[str]:
+        """End a loan and every loan lent on it."""
+        touched: set[str] = set()
+        stack, order = [loan_id], []
+        while stack:
+            lid = stack.pop()
+            order.append(lid)
+            stack.extend(self._loan_children.get(lid, ()))
+        for lid in reversed(order):
+            loan = self.loans.pop(lid)
+            self.dirty_loans.add(lid)
+            self._loan_children.pop(lid, None)
+            if loan.parent is not None and loan.parent in self._loan_children:
+                self._loan_children[loan.parent].discard(lid)
+            self._lent[loan.lender].discard(lid)
+            self._received[loan.recipient].discard(lid)
+            touched |= {loan.lender, loan.recipient}
+        return touched
+
+    def expire(self, now: float) -> set[str]:
+        touched: set[str] = set()
+        for lid in sorted(i for i, loan in self.loans.items() if 0 < loan.expires <= now):
+            if lid in self.loans:
+                touched |= self.end_loan(lid)
+        return touched
+
+    def next_expiry(self) -> float | None:
+        times = [loan.expires for loan in self.loans.values() if loan.expires > 0]
+        return min(times) if times else None
+
+    def set_loans(self, lender: str, wanted: Iterable[tuple[str, str, int, float, bool]],
+                  now: float = 0.0) -> set[str]:
+        """Replace `lender`'s loans by `wanted` (recipient, resource, amount, expires,
+        relend): unchanged ones stay, the others end (with their trees), new ones are
+        made in order. All or nothing: a refused one leaves the loans as they were."""
+        wanted = list(wanted)
+        keep: dict[tuple[str, str, int, float, bool], list[int]] = {}
+        for loan in self.loans_of(lender):
+            keep.setdefault(loan.key(), []).append(loan.id)
+        ending: list[int] = []
+        fresh: list[tuple[str, str, int, float, bool]] = []
+        for w in wanted:
+            ids = keep.get(w)
+            if ids:
+                ids.pop(0)
+            else:
+                fresh.append(w)
+        for ids in keep.values():
+            ending.extend(ids)
+        saved = self._save_loans()
+        try:
+            touched: set[str] = set()
+            for lid in ending:
+                if lid in self.loans:
+                    touched |= self.end_loan(lid)
+            for recipient, resource, amount, expires, relend in fresh:
+                _, t = self.lend(lender, recipient, resource, amount, expires=expires,
+                                 relend=relend, now=now)
+                touched |= t
+        except BaseException:
+            self._restore_loans(saved)
+            raise
+        return touched
+
+    def _save_loans(self) -> tuple[object, ...]:
+        return ({k: Loan(**vars(v)) for k, v in self.loans.items()}, set(self.dirty_loans),
+                self._next_loan)
+
+    def _restore_loans(self, saved: tuple[object, ...]) -> None:
+        loans, dirty, nxt = saved
+        self.loans = loans  # type: ignore[assignment]
+        self.dirty_loans = dirty  # type: ignore[assignment]
+        self._loan_children, self._lent, self._received = {}, {}, {}
+        for loan in self.loans.values():
+            self._index_loan(loan)
+        self._next_loan = nxt  # type: ignore[assignment]
+
+    def _settle(self, name: str) -> set[str]:
+        """End `name`'s own loans, newest first, until they fit its holdings again."""
+        touched: set[str] = set()
+        hold = self.holdings(name)
+        for k in RESOURCES:
+            mine = sorted((lid for lid in self._lent.get(name, ())
+                           if self.loans[lid].resource == k and self.loans[lid].parent is None),
+                          reverse=True)
+            lent = sum(self.loans[i].amount for i in mine)
+            while mine and lent > max(0, hold[k] - MINIMUM.get(k, 0)):
+                lid = mine.pop(0)
+                lent -= self.loans[lid].amount
+                touched |= self.end_loan(lid)
+        return touched
+
+    # -- slivers ----------------------------------------------------------------------------
+
+    def sliver_gone(self, name: str) -> set[str]:
+        """Slice `name` has no sliver any more: its loans (given and received, with their
+        trees) end, and the rcaps bound to it are released with what was split off them."""
+        touched: set[str] = set()
+        for lid in sorted(self._lent.get(name, set()) | self._received.get(name, set())):
+            if lid in self.loans:
+                touched |= self.end_loan(lid)
+        for rid in sorted(self._bound.get(name, set()), key=lambda i: self.rcaps[i].seq):
+            if rid in self.rcaps:
+                touched |= self.release(rid, force=True)
+        touched.discard(name)
+        return touched
+
+    # -- the invariant ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """AssertionError naming the first broken rule, if any."""
+        for r in self.rcaps.values():
+            off = self.split_off(r.id)
+            for k in RESOURCES:
+                assert r.amounts[k] >= 0, (r.id, k)
+                assert off[k] <= r.amounts[k], f"rcap {r.id[:8]}: {k} split {off[k]} > {r.amounts[k]}"
+            if r.parent is not None:
+                assert r.parent in self.rcaps, f"rcap {r.id[:8]}: parent gone"
+        used = zero()
+        for r in self.rcaps.values():
+            if r.origin == ORIGIN_NODE:
+                for k in RESOURCES:
+                    used[k] += r.amounts[k]
+        assert used == self._pool_used, "the pool's running sum drifted"
+        for k in RESOURCES:
+            assert used[k] <= self.capacity[k], f"pool {k}: {used[k]} > {self.capacity[k]}"
+        live = self.slices()
+        for name in set(self._lent) | set(self._received):
+            hold, lent = self.holdings(name), self.lent_own(name)
+            for k in RESOURCES:
+                if lent[k]:
+                    assert lent[k] <= hold[k] - MINIMUM.get(k, 0), f"{name} over-lent {k}"
+            eff = self.effective(name)
+            assert all(v >= 0 for v in eff.values()), f"{name}: negative {eff}"
+        for loan in self.loans.values():
+            assert loan.lender in live and loan.recipient in live, f"loan {loan.id}: dead party"
+            assert self.sublent(loan.id) <= loan.amount, f"loan {loan.id} over-relent"
+            if loan.parent is not None:
+                p = self.loans[loan.parent]
+                assert p.relend and p.recipient == loan.lender and p.resource == loan.resource
+
+
+def _nonzero(want: Amounts) -> None:
+    if not any(want.values()):
+        raise LedgerError("bad_request", "an rcap names at least one positive amount")

@@ -1,0 +1,191 @@
+"""The rcap ledger in the agent: loaded from the state, changed by the slice API
+(agent/sliceapi/rcaps.py) and by the reconciler (a PLC sliver's rspec is an rcap bound
+to it), written before anything is granted, and applied in place: a slice whose
+effective amounts change gets a new target and an `update` (cgroups by the backend, HTB
+classes by agent/bwservice.py). Loans end at their expiry by `serve`, a task of the
+agent's background nursery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.rcaps import store
+from agent.rcaps.ledger import RESOURCES, UNLIMITED_AT_ZERO, Amounts, Ledger, LedgerError, zero
+from agent.state import HAS_SLIVER, SliverRecord, State
+
+log = logging.getLogger("agent.rcaps")
+
+MAX_SLEEP = 60.0     # the expiry task looks at the clock at least this often
+
+
+class GrantRefused(LedgerError):
+    """A grant (cgroup values, HTB class) beyond what the slice's rcaps and loans give."""
+
+
+def node_capacity(state_dir: str | Path, store_kib: int = 0, link_kbit: int = 0) -> Amounts:
+    """The node's free pool before any rcap is acquired from it: cpu_share the cgroup
+    weight range (10,000), cpu_pct 100 (% of the node), bandwidth the shaped link's
+    rate (kbit/s; 1 Gbit/s without shaping), memory from /proc/meminfo, disk the layer
+    store (or the state directory's file system), processes the kernel's pid_max."""
+    cap = zero()
+    cap["cpu_share"], cap["cpu_pct"] = 10_000, 100
+    cap["net_min_rate"] = cap["net_max_rate"] = link_kbit or 1_000_000
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                cap["mem_max"] = int(line.split()[1])
+    except OSError:
+        pass
+    if store_kib:
+        cap["disk_max"] = store_kib
+    else:
+        st = os.statvfs(state_dir)
+        cap["disk_max"] = st.f_blocks * st.f_frsize // 1024
+    try:
+        cap["pids_max"] = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        cap["pids_max"] = 32768
+    return cap
+
+
+def plc_amounts(rspec: Mapping[str, Any]) -> Amounts:
+    out = zero()
+    for k in RESOURCES:
+        try:
+            out[k] = max(0, int(rspec.get(k, 0)))
+        except (TypeError, ValueError):
+            out[k] = 0
+    return out
+
+
+class RcapService:
+    """The ledger, its store, and the path from a ledger change to the kernel."""
+
+    def __init__(self, state: State, capacity: Amounts, *,
+                 clock: Callable[[], float] = time.time, background: Any = None) -> None:
+        self.state = state
+        self.clock = clock
+        self.led: Ledger = store.load(state, capacity)
+        self.reconciler: Any = None          # agent.reconcile.Reconciler, by attach()
+        self._target_of: Callable[[Mapping[str, Any]], str] | None = None
+        self._wake = trio.Event()
+        if background is not None:
+            background.start_soon(self.serve, name="rcaps-expiry")
+
+    def attach(self, reconciler: Any) -> None:
+        from agent.reconcile import target_of  # reconcile imports nothing of ours
+
+        self.reconciler = reconciler
+        self._target_of = target_of
+
+    # -- what the reconciler asks -------------------------------------------------------------
+
+    def effective_rspec(self, rec: SliverRecord) -> dict[str, Any]:
+        """The sliver's rspec with the ledger's amounts (loans given and received, rcaps
+        bound or split off); PLC's rspec unchanged when the ledger changes nothing."""
+        if not self.led.adjusted(rec.name):
+            return rec.rspec
+        eff = dict(rec.rspec)
+        eff.update(self.led.effective(rec.name))
+        return eff
+
+    def check_grant(self, name: str, rspec: Mapping[str, Any]) -> None:
+        """GrantRefused naming the resource if `rspec` asks more than the rcaps bound to
+        slice `name` and its loans give."""
+        if name not in self.led.slices():
+            raise GrantRefused("grant", f"{name}: no rcap is bound to this slice; nothing "
+                               "may be granted to it")
+        ent = self.led.effective(name)
+        for k in RESOURCES:
+            want = int(rspec.get(k, 0))
+            if k in UNLIMITED_AT_ZERO and ent[k] == 0:
+                continue
+            if want > ent[k]:
+                raise GrantRefused("grant", f"{name}: {k} {want} is beyond the {ent[k]} its "
+                                   "bound rcaps and loans give", k)
+
+    def sync(self) -> set[str]:
+        """Before each reconcile plan: every sliver's PLC rcap minted from its rspec
+        (made, changed), slivers gone or going end their loans and rcaps, expired
+        loans end; then the targets of the slices whose amounts differ from PLC's."""
+        touched = self.led.expire(self.clock())
+        records = self.state.slivers()
+        alive = {n for n, r in records.items() if r.state in HAS_SLIVER}
+        for name in sorted(self.led.slices() - alive):
+            touched |= self.led.sliver_gone(name) | {name}
+        for name in sorted(alive):
+            touched |= self.led.mint_plc(name, plc_amounts(records[name].rspec), self.clock())
+        store.flush(self.state, self.led)
+        self._retarget({n for n in alive if n in touched or self.led.adjusted(n)}, records)
+        return touched
+
+    def _retarget(self, names: set[str], records: Mapping[str, SliverRecord] | None = None
+                  ) -> list[str]:
+        """New targets for slices `names`; the live ones whose target moved."""
+        if self._target_of is None:
+            return []
+        changed = []
+        for name in sorted(names):
+            rec = records.get(name) if records is not None else self.state.get_sliver(name)
+            if rec is None or rec.state not in HAS_SLIVER:
+                continue
+            target = self._target_of(self.effective_rspec(rec))
+            if target != rec.target:
+                self.state.set_target(name, target)
+            if target != rec.applied:
+                changed.append(name)
+        return changed
+
+    async def apply(self, names: set[str]) -> list[str]:
+        """Written, then applied in place: an update of every live slice in `names`
+        whose effective amounts moved. Returns the names whose update failed."""
+        store.flush(self.state, self.led)
+        changed = self._retarget(names)
+        if self.reconciler is None:
+            return []
+        from agent.reconcile import Action
+
+        live = [n for n in changed if n in self.reconciler.adopted]
+        if not live:
+            return []
+        outcome = await self.reconciler.execute(
+            [Action("update", n, "rcaps or loans changed") for n in live])
+        return [a.name for a, _ in outcome.failed]
+
+    async def sliver_gone(self, name: str) -> None:
+        """The reconciler destroyed sliver `name`: its loans and rcaps end, and the slices
+        that lent to it or borrowed from it get their amounts back."""
+        touched = self.led.sliver_gone(name)
+        await self.apply(touched)
+
+    # -- expiry -------------------------------------------------------------------------------
+
+    def loan_changed(self) -> None:
+        """A loan was made: the expiry task looks at its expiry."""
+        self._wake.set()
+
+    async def expire_now(self) -> set[str]:
+        touched = self.led.expire(self.clock())
+        if touched:
+            log.info("loans expired: slices %s get their amounts back", ", ".join(sorted(touched)))
+            await self.apply(touched)
+        return touched
+
+    async def serve(self) -> None:
+        while True:
+            nxt = self.led.next_expiry()
+            wait = MAX_SLEEP if nxt is None else min(MAX_SLEEP, max(0.0, nxt - self.clock()))
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await self.expire_now()
+            except Exception:  # noqa: BLE001 - boundary: the expiry task goes on
+                log.exception("loan expiry failed")
