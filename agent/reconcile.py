@@ -245,6 +245,12 @@ class Reconciler:
         self.rcaps.check_grant(rec.name, rspec)
         return rspec
 
+    def sync_grants(self) -> None:
+        """Before any plan (a poll's, or one sliver's from the slice API): every record's
+        rspec as PLC's rcap bound to its sliver, expired loans ended (agent.rcaps)."""
+        if self.rcaps is not None:
+            self.rcaps.sync()
+
     def lock(self, name: str) -> trio.Lock:
         lock = self._locks.get(name)
         if lock is None:
@@ -261,8 +267,7 @@ class Reconciler:
         # Contexts this agent has not adopted yet (after a restart) are adopted first,
         # so nothing is created twice.
         self.adopted &= live
-        if self.rcaps is not None:   # PLC's rspecs as rcaps, expired loans ended
-            self.rcaps.sync()
+        self.sync_grants()
         actions = plan(self.state.summaries(), live, self.adopted, removed,
                        time.time() if now is None else now, have_reply)
         return await self.execute(actions)

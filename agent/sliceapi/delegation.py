@@ -117,6 +117,7 @@ class Management:
         if summary is None:
             return
         live = await self.reconciler.live()
+        self.reconciler.sync_grants()
         actions = plan({name: summary}, live, self.reconciler.adopted, [], self.clock(),
                        have_reply=False)
         outcome = await self.reconciler.execute(actions)

@@ -14,11 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "plc"))
@@ -199,3 +202,13 @@ class Site:
             self.api.UpdateSliceTag(self.admin, tags[0]["slice_tag_id"], value)
         else:
             self.api.AddSliceTag(self.admin, name, tag, value)
+
+
+def with_bandwidth(node: Node, ifname: str) -> Node:
+    """agent.toml gets a [bandwidth] table naming the veth."""
+    data = tomllib.loads(node.cfg_path.read_text())   # (init-config renders the table)
+    data["bandwidth"] = {**data.get("bandwidth", {}), "interfaces": [ifname], "sample_s": 1}
+    node.cfg_path.write_text(tomli_w.dumps(data))
+    node.cfg = config.load(node.cfg_path)
+    assert node.cfg.bandwidth.interfaces == (ifname,)
+    return node

@@ -14,17 +14,22 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
-from agent_node import LiveServer, Node, Site, cleanup_node, make_node, plc_server, wait_for
+from agent_node import (
+    LiveServer,
+    Site,
+    cleanup_node,
+    make_node,
+    plc_server,
+    wait_for,
+    with_bandwidth,
+)
 
-from agent import config
 from agent.ports import PortRange, PortTable
 from agent.rawsock import RawSockets
 from agent.sliceapi import client
@@ -113,16 +118,6 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(HERE / "bwprobe.c")],
                    check=True, timeout=120, capture_output=True)
     return out
-
-
-def with_bandwidth(node: Node, ifname: str) -> Node:
-    """agent.toml gets a [bandwidth] table naming the veth."""
-    data = tomllib.loads(node.cfg_path.read_text())   # (init-config renders the table)
-    data["bandwidth"] = {**data.get("bandwidth", {}), "interfaces": [ifname], "sample_s": 1}
-    node.cfg_path.write_text(tomli_w.dumps(data))
-    node.cfg = config.load(node.cfg_path)
-    assert node.cfg.bandwidth.interfaces == (ifname,)
-    return node
 
 
 def get_bandwidth_inside(ctx: Any) -> dict[str, Any]:

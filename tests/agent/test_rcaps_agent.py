@@ -17,9 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_node import LiveServer, Node, Site, cleanup_node, make_node, plc_server, wait_for
+from agent_node import (
+    LiveServer,
+    Node,
+    Site,
+    cleanup_node,
+    make_node,
+    plc_server,
+    wait_for,
+    with_bandwidth,
+)
 
-from agent import config
 from agent.sliceapi import client
 from kernel import tc
 from kernel.cgroups import V1_SHARES_PER_UNIT, V2_WEIGHT_PER_UNIT
@@ -38,13 +46,6 @@ M = 1_000_000
 def plc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with plc_server(tmp_path_factory.mktemp(f"agent-rcaps-plc-{PID}")) as srv:
         yield srv
-
-
-def with_bandwidth(node: Node, ifname: str) -> Node:
-    with open(node.cfg_path, "a") as f:
-        f.write(f'\n[bandwidth]\ninterfaces = ["{ifname}"]\nsample_s = 1\n')
-    node.cfg = config.load(node.cfg_path)
-    return node
 
 
 def weight(node: Node, name: str) -> int:
