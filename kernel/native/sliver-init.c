@@ -165,6 +165,15 @@ static void move_fd(int fd, int to, const char *step)
 	close(fd);
 }
 
+/* PR_SET_DUMPABLE 0, checked (F42). Owned by the node's root then, /proc/<pid>/fd,
+ * mem, environ and ptrace/pidfd_getfd/process_vm_* need CAP_SYS_PTRACE over the
+ * namespace our mm belongs to: the node's, which no sliver has. */
+static void non_dumpable(const char *step)
+{
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0 || prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0)
+		die(step, errno ? errno : EPERM);
+}
+
 #include "sockd.h"
 
 /* ---- setup ---- */
@@ -1090,6 +1099,12 @@ int main(int argc, char **argv)
 		die("setresgid 0", errno);
 	if (setresuid(0, 0, 0) < 0)
 		die("setresuid 0", errno);
+	/* Never dumpable (F42): the init (and sockd, forked next) hold the guard's
+	 * listener, sockd's request socket and the control socket. The kernel resets
+	 * "dumpable" at every id change to fs.suid_dumpable, which a node may set to 1;
+	 * then a sliver root given CAP_SYS_PTRACE could pidfd_getfd/ptrace its init.
+	 * Set after the last id change of the init (none follows: see below). */
+	non_dumpable("make the init non-dumpable");
 	/* sockd (sockd.h, F38): the sliver's socket maker, in the node's network and
 	 * PID namespaces, the sliver's user namespace and cgroups. */
 	int sockd_chan[2], sockd_req[2];
@@ -1177,6 +1192,7 @@ int main(int argc, char **argv)
 		sockd_install(sc);
 	}
 	hide_host_arguments(argc, argv, o.hostname);
+	non_dumpable("make the init non-dumpable");   /* again, whatever setup changed */
 	serve();
 	return 0;
 }

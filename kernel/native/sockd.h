@@ -134,19 +134,22 @@ static int sockd_read_ids(pid_t pid, struct sockd_ids *ids)
 /* Make socket(domain, type, protocol) as the caller would have, or -errno. */
 static int sockd_socket(const struct sockd_ids *ids, int domain, int type, int protocol)
 {
-	int fd, err = 0;
-	if (setgroups((size_t)ids->ngroups, ids->groups) < 0 ||
-	    syscall(SYS_setresgid, -1, ids->egid, -1) < 0)
-		return -EPERM;
-	setfsgid(ids->fsgid);
-	setfsuid(ids->fsuid);
-	fd = socket(domain, type | SOCK_CLOEXEC, protocol);
-	if (fd < 0)
-		err = errno;
+	int fd = -1, err = EPERM;
+	if (setgroups((size_t)ids->ngroups, ids->groups) == 0 &&
+	    syscall(SYS_setresgid, -1, ids->egid, -1) == 0) {
+		setfsgid(ids->fsgid);
+		setfsuid(ids->fsuid);
+		fd = socket(domain, type | SOCK_CLOEXEC, protocol);
+		err = fd < 0 ? errno : 0;
+	}
+	/* Back to our own identity whatever happened (a half-taken one included). */
 	setfsuid(0);
 	setfsgid(0);
 	if (syscall(SYS_setresgid, -1, 0, -1) < 0 || setgroups(0, NULL) < 0)
 		_exit(1);   /* cannot get back to a known identity: stop serving */
+	/* Each id change above reset "dumpable" to fs.suid_dumpable (F42). */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		_exit(1);
 	return fd < 0 ? -err : fd;
 }
 
@@ -169,6 +172,8 @@ static void sockd_drop_caps(void)
 	if (syscall(SYS_capset, &h, d) < 0)
 		_exit(1);
 	prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)   /* F42; see sockd_socket */
+		_exit(1);
 }
 
 /* One socket() notification: make the socket as the caller, answer with it. */
