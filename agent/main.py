@@ -379,7 +379,7 @@ def protect_from_oom(value: int = AGENT_OOM_SCORE_ADJ) -> bool:
 
 def startup_line(cfg: AgentConfig, once: bool) -> str:
     """The first line of every agent's log: what runs, over what, against whom."""
-    from plc.version import version
+    from planetlab.version import version
 
     return (f"planetlab-agent {version()} starting{' (--once)' if once else ''}: "
             f"config {cfg.source}, state {cfg.state_dir}, run {cfg.run_dir}, "
