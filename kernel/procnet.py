@@ -5,7 +5,7 @@ Slivers share the host's network namespace, so every file of `/proc/<pid>/net/`
 every slice's sockets and the host's socket paths, whatever pid the path names
 (`/proc/net` is a link to `/proc/self/net`; `/proc/<pid>/task/<tid>/net` and
 `/proc/thread-self/net` are the same files). Mounts cannot mask them: every pid's
-directory has dentries of its own, made when first looked up (docs/findings-security.md
+directory has dentries of its own, made when first looked up (docs/dev/findings-security.md
 F38). So the refusal is made where every path ends: the open of the file.
 
 The program is of type LSM attached with BPF_LSM_CGROUP to a sliver's cgroup2 group:
@@ -20,7 +20,7 @@ program reads kernel memory only with bpf_probe_read_kernel, so the verifier nee
 type information but the hook's BTF id.
 
 Not wired into Context.create yet: this project's VM kernel refuses BPF LSM programs
-(see `available`), so the fence cannot be checked here; docs/findings-security.md F38.
+(see `available`), so the fence cannot be checked here; docs/dev/findings-security.md F38.
 """
 
 from __future__ import annotations

@@ -231,5 +231,5 @@ async def test_a_flooding_slice_slows_no_other_and_bounds_the_agent_cpu(
     assert int(under[1]) < 2 * max(int(base[1]), 100), (base, under)   # loaded 2-core VMs
     # The agent's CPU for all of it (A's flood within its budget, B's binds, the
     # loop) stays a small share of one CPU. (Below A's own CPU, the target,
-    # is not reached: see F36 in docs/findings-security.md.)
+    # is not reached: see F36 in docs/dev/findings-security.md.)
     assert agent_cpu < 0.3 * window, (agent_cpu, slice_cpu, window)
