@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from agent import getslivers
+from agent import getslivers, loginshell
 from agent.accounts import Accounts
 from agent.backend import Backend, KernelBackend
 from agent.bwservice import BandwidthService
@@ -92,8 +92,11 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
         # RawSend packets leave from the agent's socket: billed to the slice's class.
         guard.raw.priority_of = bandwidth.priority_of
 
+    tools = loginshell.install_sliver_tools(Path(cfg.run_dir))
+    tool_bind = ((str(tools), loginshell.SLIVER_TOOLS_DIR),) if tools is not None else ()
+
     def binds(name: str) -> tuple[tuple[str, str], ...]:
-        return ((str(api_dir), cfg.sliver_socket_dir),)
+        return ((str(api_dir), cfg.sliver_socket_dir), *tool_bind)
 
     reconciler = Reconciler(
         state, backend, concurrency=cfg.concurrency,
