@@ -25,7 +25,7 @@ NATIVE_BIN += $(patsubst kernel/native/lib/%.c,kernel/bin/lib%.so,$(wildcard ker
 .PHONY: run test setup system venv native bench lint clean install-units
 
 run: setup
-	$(PY) scripts/run_demo.py
+	$(PY) scripts/run_demo.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
