@@ -58,9 +58,11 @@ def test_minor_for_is_deterministic_and_skips_taken() -> None:
     assert len(taken) == 5000 and max(taken) > 0xFFF
 
 
-def test_leaf_limit_is_ms_of_ceiling_and_at_least_three_mtu() -> None:
+def test_leaf_limit_is_ms_of_ceiling_and_at_least_one_gso_packet() -> None:
     assert tc.leaf_limit(100 * M) == 100 * M * tc.QUEUE_MS // 8000
-    assert tc.leaf_limit(8000) == 3 * 1514
+    assert tc.leaf_limit(8000) == tc.QUEUE_MIN_BYTES > 65536 > 3 * 1514
+    assert tc.leaf_limit(4 * M) > 65536, "a 64 KiB TCP GSO packet fits a slow class"
+    assert tc.leaf_limit(1000, mtu=30000) == 3 * 30014
 
 
 def test_two_ceilings_hold_within_2_percent(shaper, net) -> None:
