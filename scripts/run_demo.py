@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import sys
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
 STATE = Path(os.environ.get("PLANETLAB_DEMO_DIR", "/var/lib/planetlab-demo"))
 RUN_DIR = Path(os.environ.get("PLANETLAB_DEMO_RUN", "/run/planetlab-demo"))
@@ -275,15 +277,14 @@ def ensure_image() -> None:
     print(f"built the image {IMAGE!r} (busybox)", flush=True)
 
 
-def wait_sliver(cfg: Path, agent: subprocess.Popen[bytes]) -> dict:
+def wait_sliver(status_argv: list[str], agent: subprocess.Popen[bytes], log: Path) -> dict:
+    """The demo sliver's status once it runs (`status_argv`: the agent's `status --json`)."""
     import json
 
     for _ in range(600):
         if agent.poll() is not None:
-            sys.exit(f"planetlab-agent exited with status {agent.returncode} "
-                     f"(see {STATE / 'agent.log'})")
-        out = subprocess.run([*AGENT, "--config", str(cfg), "status", "--json"],
-                             capture_output=True, text=True, cwd=REPO)
+            sys.exit(f"planetlab-agent exited with status {agent.returncode} (see {log})")
+        out = subprocess.run(status_argv, capture_output=True, text=True, cwd=REPO)
         if out.returncode == 0:
             for s in json.loads(out.stdout)["slivers"]:
                 if s["name"] == SLICE and s["state"] == "running" and s["live"]:
@@ -291,7 +292,7 @@ def wait_sliver(cfg: Path, agent: subprocess.Popen[bytes]) -> dict:
                 if s["name"] == SLICE and s["state"] in ("failed", "pending") and s["message"]:
                     print(f"sliver {SLICE}: {s['state']}: {s['message']}", flush=True)
         time.sleep(0.5)
-    sys.exit(f"the sliver {SLICE} did not come up within 5 minutes (see {STATE / 'agent.log'})")
+    sys.exit(f"the sliver {SLICE} did not come up within 5 minutes (see {log})")
 
 
 def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
@@ -336,25 +337,16 @@ def options(argv: list[str] | None) -> argparse.Namespace:
                    help="the agent's cgroup parent (one per demo on a machine)")
     p.add_argument("--uid-pool-start", type=int, default=DEMO_UID_POOL_START,
                    help="first host uid of the slivers (one range per demo on a machine)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="N > 1: N nodes, each an agent in its own network namespace")
     p.add_argument("--shape", action="append", default=[], metavar="IFACE",
                    help="shape this interface's traffic (HTB, net_max_rate); none by default")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    global STATE, RUN_DIR
-    opts = options(argv)
-    STATE, RUN_DIR = opts.state_dir.resolve(), opts.run_dir.resolve()
-    if os.geteuid() != 0:
-        sys.exit("make run: run as root (the node agent makes namespaces, mounts, cgroups)")
-    for value, what, option in ((opts.listen, "PLC's API", "--listen"),
-                                (opts.sensors_listen, "the node sensor server",
-                                 "--sensors-listen"),
-                                (opts.collector_listen, "the collector's dashboard",
-                                 "--collector-listen")):
-        check_free(value, what, option)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+def prepare_plc(listen: str) -> tuple[Path, str, str]:
+    """plc.toml (made once, its listen set by every run) and the database (made once);
+    (config, admin password, PI password)."""
     STATE.mkdir(parents=True, exist_ok=True)
     cfg = STATE / "plc.toml"
     db = STATE / "plc.db"
@@ -365,27 +357,142 @@ def main(argv: list[str] | None = None) -> int:
         text = re.sub(r'(?m)^spool_dir = ".*"$', f'spool_dir = "{STATE / "mail"}"', text)
         cfg.write_text(text)
     # Every run honours --listen (a second run on another port reuses the database).
-    cfg.write_text(re.sub(r'(?m)^listen = ".*"$', f'listen = "{opts.listen}"',
+    cfg.write_text(re.sub(r'(?m)^listen = ".*"$', f'listen = "{listen}"',
                           cfg.read_text(), count=1))
     admin_password = secret("admin-password")
     pi_password = secret("pi-password")
     if not db.exists():
         run("init", "--config", str(cfg), "--admin-email", ADMIN,
             "--admin-password", admin_password, "--slice-prefix", "pl")
-    children: list[subprocess.Popen[bytes]] = []
-    logs = []
-    agent_cfg: Path | None = None
+    return cfg, admin_password, pi_password
 
-    def start(argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        # Its own session: the terminal's SIGINT/SIGHUP reach this script only, which
-        # stops the children in order and cleans up after them.
+
+class Children:
+    """The demo's long-running programs, each in its own session: the terminal's
+    SIGINT/SIGHUP reach this script only, which stops them in reverse order."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
+
+    def start(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(STATE / log_name, "ab")
-        logs.append(log)
+        self.logs.append(log)
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        children.append(proc)
+        self.procs.append(proc)
         return proc
 
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):   # collector, agent, then PLC
+            stop(proc)
+        for log in self.logs:
+            log.close()
+
+
+def main_nodes(opts: argparse.Namespace) -> int:
+    """`make run NODES=N`: PLC, N agents in network namespaces, the collector."""
+    sys.path.insert(0, str(REPO))
+    from scripts.demo_nodes import SENSORS_PORT, Nodes
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    check_free(opts.collector_listen, "the collector's dashboard", "--collector-listen")
+    _, port = split_listen(opts.listen, "--listen")
+    nodes = Nodes(opts.nodes)
+    children = Children()
+    try:
+        nodes.make_links()
+        listen = f"{nodes.plc_address}:{port}"
+        check_free(listen, "PLC's API", "--listen")
+        cfg, admin_password, pi_password = prepare_plc(listen)
+        proc = children.start([*PLC, "serve", "--config", str(cfg)], "plc-serve.log")
+        url = f"http://{listen}/PLCAPI/"
+        api = xmlrpc.client.ServerProxy(url, allow_none=True)
+        wait_ready(api, proc)
+        admin = {"AuthMethod": "password", "Username": ADMIN, "AuthString": admin_password}
+        key, pubkey = ssh_key()
+        hostnames = nodes.hostnames()
+        populate(api, admin, pi_password, hostnames[0], pubkey)
+        for hostname in hostnames[1:]:
+            if not api.GetNodes(admin, [hostname], ["node_id"]):
+                api.AddNode(admin, SITE, {"hostname": hostname, "boot_state": "boot"})
+        api.AddSliceToNodes(admin, SLICE, hostnames)
+        from agent import config as agent_config_mod
+
+        try:
+            agent_config_mod.from_mapping({"sensors": {"listen": "127.0.0.1:3100"}}, "probe")
+            serves = True
+        except agent_config_mod.ConfigError:
+            serves = False   # an agent without the node sensor server
+        nodes.start(STATE, port, "pl", ADMIN, opts.uid_pool_start, serves)
+        col_cfg = collector_config(opts, "", admin_password)
+        col_cfg.write_text(col_cfg.read_text() + "".join(
+            f'\n[[nodes]]\nhostname = "{n.hostname}"\naddress = "{n.link.node_addr}"\n'
+            f'port = {SENSORS_PORT}\nsite = "{SITE}"\n' for n in nodes.nodes))
+        collector = children.start([*SENSORS, "collect", "--config", str(col_cfg)],
+                                   "collector.log")
+        lines = []
+        for n in nodes.nodes:
+            sliver = wait_sliver(n.agent_argv("status", "--json"), n.agents[-1],
+                                 n.base / "agent.log")
+            lines.append(f"  node {n.index} {n.hostname} ({n.link.node_addr}, netns "
+                         f"{n.link.netns}): {SLICE} {sliver['state']}, log {n.base}/agent.log\n"
+                         f"    {shlex.join(n.agent_argv('enter', SLICE))}")
+        say(f"""
+PLC is running: {url} (admin {ADMIN} / {admin_password}; PI {PI} / {pi_password},
+  ssh key {key})
+{len(nodes.nodes)} nodes, each an agent in its own network namespace; the slice {SLICE}
+runs on each. Enter it on a node:
+""" + "\n".join(lines) + f"""
+From a sliver, another node's sliver is reachable on the slice's ports
+(`nc -l -p 8080` on one, `nc NODE_ADDRESS 8080` on another); plapi is in every sliver:
+  /usr/lib/planetlab/plapi GetRSpec
+Ask PLC:
+  {REPO}/.venv/bin/plc shell --url {url} --user {ADMIN} --password {admin_password} \\
+      -c 'GetSlices({{}}, ["name", "node_ids"])'
+Open the dashboard: http://{opts.collector_listen}/
+
+Ctrl-C stops everything.""")
+        while proc.poll() is None and collector.poll() is None and \
+                all(n.agents[-1].poll() is None for n in nodes.nodes):
+            time.sleep(0.5)
+        say("a program of the demo exited; stopping")
+        return 1
+    except Stop as why:
+        say(f"stopping ({why})")
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)   # let the cleanup finish
+        children.stop_all()
+        for error in nodes.close():
+            say(f"cleaning up: {error}")
+        say(f"stopped: PLC, {len(nodes.nodes)} nodes, the collector and every demo sliver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    global STATE, RUN_DIR
+    opts = options(argv)
+    STATE, RUN_DIR = opts.state_dir.resolve(), opts.run_dir.resolve()
+    if os.geteuid() != 0:
+        sys.exit("make run: run as root (the node agent makes namespaces, mounts, cgroups)")
+    if opts.nodes > 1:
+        return main_nodes(opts)
+    if opts.nodes < 1:
+        sys.exit("make run: --nodes (NODES=) must be at least 1")
+    for value, what, option in ((opts.listen, "PLC's API", "--listen"),
+                                (opts.sensors_listen, "the node sensor server",
+                                 "--sensors-listen"),
+                                (opts.collector_listen, "the collector's dashboard",
+                                 "--collector-listen")):
+        check_free(value, what, option)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    cfg, admin_password, pi_password = prepare_plc(opts.listen)
+    children = Children()
+    start = children.start
+    agent_cfg: Path | None = None
     try:
         proc = start([*PLC, "serve", "--config", str(cfg)], "plc-serve.log")
         url = f"http://{opts.listen}/PLCAPI/"
@@ -404,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         agent = start([*AGENT, "--config", str(agent_cfg), "run"], "agent.log")
         collector = start([*SENSORS, "collect", "--config",
                            str(collector_config(opts, url, admin_password))], "collector.log")
-        sliver = wait_sliver(agent_cfg, agent)
+        sliver = wait_sliver([*AGENT, "--config", str(agent_cfg), "status", "--json"], agent,
+                             STATE / "agent.log")
         cli = f"{REPO}/.venv/bin"
         say(f"""
 PLC is running: {url}
@@ -450,10 +558,7 @@ Ctrl-C stops everything.""")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)   # let the cleanup finish
-        for c in reversed(children):   # collector, agent, then PLC
-            stop(c)
-        for log in logs:
-            log.close()
+        children.stop_all()
         teardown(agent_cfg)
         say("stopped: PLC, the agent, the collector and every demo sliver")
 

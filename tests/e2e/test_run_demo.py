@@ -163,3 +163,30 @@ def test_busy_port_is_named_with_the_option(tmp_path: Path) -> None:
     assert f"PLC's API address 127.0.0.1:{port} is already in use" in out.stderr
     assert "--listen ADDRESS:PORT" in out.stderr
     assert not (tmp_path / "s").exists(), "nothing made before the check"
+
+
+def test_make_run_nodes_3_and_sighup_leaves_nothing(tmp_path: Path) -> None:
+    """`make run NODES=3`: three agents in network namespaces, the slice on each; SIGHUP
+    removes the namespaces, veths, cgroup subtrees, node directories and processes."""
+    state, run = tmp_path / "state", Path(f"/run/pldemo3-test-{PID}")
+    plc_port = _ports()[0]
+    out = tmp_path / "out"
+    proc = _run_until_ready([*_argv(state, run, plc_port), "--nodes", "3"], out)
+    demo = proc.pid
+    try:
+        text = out.read_text()
+        assert text.count("demo_slice running") == 3, text
+        assert len(list(Path("/run/netns").glob(f"e2e{demo}n*"))) == 3
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(120) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "stopped: PLC, 3 nodes" in out.read_text()
+    assert list(Path("/run/netns").glob(f"e2e{demo}n*")) == []
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"e2h{demo}n" not in links
+    assert list(CG.glob(f"*/e2e-{demo}-n*")) + list(CG.glob(f"e2e-{demo}-n*")) == []
+    assert list(Path("/tmp").glob(f"e2e-node*-{demo}-*")) == []
+    assert _leftovers(state, run) == []
