@@ -241,6 +241,10 @@ def test_raw_stats_dump_agrees_with_the_full_read(shaper, net) -> None:
     with Blaster([(net.sink4, prio(0x60), 6 * M)]):
         time.sleep(0.5)
     send_count(net.sink6, prio(0x61), 10, socket.AF_INET6)
+    # At rest: the queues (one 64 KiB GSO packet at least, ~270 ms at 2 Mbit/s) drained.
+    deadline = time.monotonic() + 5
+    while any(c.backlog for c in shaper.counters().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     time.sleep(0.2)
     full, fast = shaper.counters(), shaper.stats()
     assert set(fast) == set(full) == {0x60, 0x61, 0x8060, 0x8061}
