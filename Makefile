@@ -24,8 +24,11 @@ NATIVE_BIN += $(patsubst kernel/native/lib/%.c,kernel/bin/lib%.so,$(wildcard ker
 
 .PHONY: run test setup system venv native bench lint clean install-units
 
+# `make run NODES=3`: three nodes, each an agent in its own network namespace.
+# `make run ARGS='--listen 127.0.0.1:8001'`: options of scripts/run_demo.py (--help).
+NODES ?= 1
 run: setup
-	$(PY) scripts/run_demo.py
+	$(PY) scripts/run_demo.py --nodes $(NODES) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -rs -p no:cacheprovider tests

@@ -2,7 +2,7 @@
 
 `Backend` is the seam: the reconciler plans and records in the agent's state, then asks
 a backend to act. `KernelBackend` does it with real contexts, images and COW roots
-(docs/interfaces.md); its methods block, so the reconciler calls them through
+(docs/dev/interfaces.md); its methods block, so the reconciler calls them through
 `trio.to_thread.run_sync`.
 """
 
@@ -203,7 +203,7 @@ class KernelBackend(CpuGrants):
         `node_headroom`: (tasks, bytes) the node keeps above all slivers together:
         the parent cgroup is capped at pid_max and RAM less these (F41)."""
         # Inits we create are reparented to us, so destroy() reaps them at once instead
-        # of waiting for the host's PID 1 (docs/interfaces.md).
+        # of waiting for the host's PID 1 (docs/dev/interfaces.md).
         become_subreaper()
 
         self.images_dir = state_dir / "images"

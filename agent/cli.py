@@ -26,7 +26,7 @@ DEFAULT_STATE_DIR = "/var/lib/planetlab"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from plc.version import version_line
+    from planetlab.version import version_line
 
     parser = argparse.ArgumentParser(prog="planetlab-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=version_line("planetlab-agent"))

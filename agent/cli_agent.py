@@ -98,7 +98,7 @@ EMPTY_STATUS: dict[str, Any] = {"slivers": [], "node": {}}
 def cmd_run(args: argparse.Namespace) -> int:
     require_root("run")
     cfg = load_config(args)
-    from plc.logsetup import setup
+    from planetlab.logsetup import setup
 
     setup(args.verbose)
     # Only `run` needs the agent program (trio, the guard, PLC client: ~0.2 s to

@@ -1,7 +1,9 @@
 """`planetlab-agent decommission`: a node leaving PlanetLab (or a tryout ending).
 
-Stops every sliver (kills its processes), then removes what the agent made in the
-kernel and under /run: every sliver root mount and the layer store's mount (its
+Stops every sliver (kills its processes), removes the host accounts (`ssh SLICE@node`)
+the agent made for its slivers (only an account of a sliver it knows whose login
+shell is one of the agent's: an operator's own account of the same name stays),
+then removes what the agent made in the kernel and under /run: every sliver root mount and the layer store's mount (its
 loop device goes with it), the node-wide cgroup parent in every hierarchy, the
 traffic-shaping qdiscs of `[bandwidth] interfaces`, and the run directory. The state
 directory stays (agent.db, images, the store's image file with the slivers' files):
@@ -13,7 +15,9 @@ held throughout, so none starts meanwhile.
 
 from __future__ import annotations
 
+import pwd
 import shutil
+import subprocess
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +44,38 @@ def _bandwidth_interfaces(cfg: AgentConfig) -> tuple[str, ...]:
     return parse_config(data.get("bandwidth"), cfg.source).interfaces
 
 
+def _known_slivers(cfg: AgentConfig, contexts: Path) -> list[str]:
+    """The slivers this agent made: its state database's and its run directory's."""
+    from kernel.context import Context
+
+    names = set(Context.list(contexts))
+    if (Path(cfg.state_dir) / "agent.db").exists():
+        from agent.state import State
+
+        with State.open(cfg.state_dir) as state:
+            names.update(state.slivers())
+    return sorted(names)
+
+
+def remove_host_accounts(cfg: AgentConfig, names: list[str], say: Callable[[str], Any],
+                         problems: list[str]) -> None:
+    from agent.accounts import HostAccountError, remove_host_account
+
+    shells = (cfg.shell_path, cfg.controller_shell_path)
+    for name in names:
+        try:
+            made = pwd.getpwnam(name).pw_shell in shells
+        except KeyError:
+            continue
+        if not made:
+            continue
+        try:
+            remove_host_account(name, shells, Path(cfg.account_home_base))
+            say(f"removed host account {name}")
+        except (HostAccountError, OSError, subprocess.SubprocessError) as exc:
+            problems.append(f"host account {name}: {exc}")
+
+
 def decommission(cfg: AgentConfig, say: Callable[[str], Any] = print,
                  interfaces: tuple[str, ...] = ()) -> list[str]:
     """Do it; `say` gets one line per thing removed. `interfaces`: shaped interfaces
@@ -53,12 +89,14 @@ def decommission(cfg: AgentConfig, say: Callable[[str], Any] = print,
     run_dir, state_dir = Path(cfg.run_dir), Path(cfg.state_dir)
     contexts = run_dir / "contexts"
     with PidLock(state_dir, run_dir):
+        known = _known_slivers(cfg, contexts)
         for name in Context.list(contexts):
             try:
                 Context.destroy_stale(contexts, name, cgroup_parent=cfg.cgroup_parent)
                 say(f"stopped sliver {name}")
             except OSError as exc:
                 problems.append(f"sliver {name}: {exc}")
+        remove_host_accounts(cfg, known, say, problems)
         try:
             for mount in unmount_all(state_dir / "roots"):
                 say(f"unmounted {mount}")

@@ -22,12 +22,13 @@ SHELLS = ("vsh", "forward_api_calls")
 BUILT_DIR = Path(__file__).resolve().parent / "bin"   # `make native` builds them here
 
 
-def install(src_dir: Path = BUILT_DIR, dest_dir: Path = Path(SYSTEM_SHELL_DIR)) -> list[Path]:
-    """Copy each shell from `src_dir` to `dest_dir` (mode 0755, owned by root) where its
-    content differs; returns the files written."""
+def install(src_dir: Path = BUILT_DIR, dest_dir: Path = Path(SYSTEM_SHELL_DIR),
+            names: tuple[str, ...] = SHELLS) -> list[Path]:
+    """Copy each program `names` from `src_dir` to `dest_dir` (mode 0755, owned by root)
+    where its content differs; returns the files written."""
     written: list[Path] = []
     dest_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    for name in SHELLS:
+    for name in names:
         src = src_dir / name
         try:
             data = src.read_bytes()
@@ -60,3 +61,22 @@ def install_for(cfg: AgentConfig) -> None:
         return
     for path in install():
         log.info("installed slice login shell %s", path)
+
+
+#: The sliver tools: programs every sliver finds read-only at SLIVER_TOOLS_DIR
+#: (`plapi`, the slice API client), bind-mounted from `<run_dir>/tools`.
+SLIVER_TOOLS = ("plapi",)
+SLIVER_TOOLS_DIR = "/usr/lib/planetlab"
+
+
+def install_sliver_tools(run_dir: Path) -> Path | None:
+    """`<run_dir>/tools` with the sliver tools (root-owned, so read-only to every
+    sliver); None, said in the log, when they are not built."""
+    dest = run_dir / "tools"
+    try:
+        install(BUILT_DIR, dest, SLIVER_TOOLS)
+    except ConfigError as exc:
+        log.warning("no sliver tools: %s", exc)
+        return None
+    dest.chmod(0o755)
+    return dest

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from agent import getslivers
+from agent import getslivers, loginshell
 from agent.accounts import Accounts
 from agent.backend import Backend, KernelBackend
 from agent.bwservice import BandwidthService
@@ -122,9 +122,11 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
                                              (cfg.bandwidth.node_rate or
                                               cfg.bandwidth.link_rate) // 1000),
                         background=background)
+    tools = loginshell.install_sliver_tools(Path(cfg.run_dir))
+    tool_bind = ((str(tools), loginshell.SLIVER_TOOLS_DIR),) if tools is not None else ()
 
     def binds(name: str) -> tuple[tuple[str, str], ...]:
-        return ((str(api_dir), cfg.sliver_socket_dir),)
+        return ((str(api_dir), cfg.sliver_socket_dir), *tool_bind)
 
     reconciler = Reconciler(
         state, backend, concurrency=cfg.concurrency,
@@ -439,7 +441,7 @@ def protect_from_oom(value: int = AGENT_OOM_SCORE_ADJ) -> bool:
 
 def startup_line(cfg: AgentConfig, once: bool) -> str:
     """The first line of every agent's log: what runs, over what, against whom."""
-    from plc.version import version
+    from planetlab.version import version
 
     return (f"planetlab-agent {version()} starting{' (--once)' if once else ''}: "
             f"config {cfg.source}, state {cfg.state_dir}, run {cfg.run_dir}, "

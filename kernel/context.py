@@ -542,7 +542,7 @@ class Context:
                     if os.isatty(fd):
                         # A host terminal inside the sliver stays there: any of its
                         # processes can take it (pidfd_getfd) and read what is typed
-                        # in it later (docs/findings-security.md F10).
+                        # in it later (docs/dev/findings-security.md F10).
                         raise ContextError(
                             f"enter {self.name}: {('stdin', 'stdout', 'stderr')[i]} "
                             f"(fd {fd}) is a terminal; a host terminal is never passed "

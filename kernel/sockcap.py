@@ -3,7 +3,7 @@
 Why: every UDP socket bound to port 0 (explicitly, or by `sendto`/`connect`
 autobind) takes a port from the node's ephemeral range (28,232 by default); one
 sliver looping on socket()+bind() drained it and the node's resolver and every UDP
-client failed (docs/findings-security.md F33). pids.max and RLIMIT_NOFILE do not
+client failed (docs/dev/findings-security.md F33). pids.max and RLIMIT_NOFILE do not
 bound this (many processes x 1024 fds each).
 
 How: two cgroup programs (kernel/ebpf.py) attached to the sliver's cgroup v2 group

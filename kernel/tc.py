@@ -29,8 +29,8 @@ class of this qdisc (`install_exempt_filter`). Packets with any other priority
 must exist, since HTB sends unclassified packets unshaped otherwise.
 
 Queues are byte-sized bfifos (this kernel has no fq_codel, sfq or cake): about
-`QUEUE_MS` of the class's ceiling, at least `QUEUE_MIN_MTUS` MTUs, resized whenever
-the ceiling changes (`leaf_limit`).
+`QUEUE_MS` of the class's ceiling, at least `QUEUE_MIN_MTUS` MTUs and one 64 KiB GSO
+packet, resized whenever the ceiling changes (`leaf_limit`).
 
 Changes are made in place (RTM_NEWTCLASS with NLM_F_REPLACE semantics through
 pyroute2's "change-class"); adoption reads the tree back and changes nothing that
@@ -71,6 +71,11 @@ SLIVER_MINORS = LAST_SLIVER_MINOR - FIRST_SLIVER_MINOR + 1
 TC_H_ROOT = 0xFFFFFFFF
 QUEUE_MS = 30
 QUEUE_MIN_MTUS = 3
+#: A leaf must hold one whole GSO packet: TCP hands a veth or a TSO-capable NIC skbs of up
+#: to 64 KiB (the default gso_max_size), HTB does not segment them, and a bfifo drops a
+#: packet larger than its free room. Below this, every large TCP skb of a slow class was
+#: dropped and TCP through a 4 Mbit/s ceiling fell to ~55 kbit/s (issue 15, multi-node).
+QUEUE_MIN_BYTES = 65536 + 2 * 1514
 QUANTUM_PER_SHARE = 1600           # bwmon: quantum = share x 1600 bytes
 QUANTUM_MAX = 200_000              # the kernel warns above this ("quantum is big")
 MIN_RATE_BPS = 64                  # 8 bytes/s: HTB cannot express less
@@ -104,8 +109,8 @@ def minor_for(name: str, taken: Mapping[int, str]) -> int:
 
 def leaf_limit(ceil_bps: int, mtu: int = 1500) -> int:
     """bfifo size in bytes: QUEUE_MS of the ceiling, at least QUEUE_MIN_MTUS packets
-    (with their Ethernet header)."""
-    return max(ceil_bps * QUEUE_MS // 8000, QUEUE_MIN_MTUS * (mtu + 14))
+    (with their Ethernet header) and one GSO packet (QUEUE_MIN_BYTES)."""
+    return max(ceil_bps * QUEUE_MS // 8000, QUEUE_MIN_MTUS * (mtu + 14), QUEUE_MIN_BYTES)
 
 
 def quantum_for(share: int) -> int:

@@ -66,7 +66,7 @@ def clean_text(text: str) -> str:
 
 
 class Call:
-    """What a method sees: the connection, the caller and helpers (see docs/plc-internals.md)."""
+    """What a method sees: the connection, the caller and helpers (see docs/dev/plc-internals.md)."""
 
     def __init__(self, api: API, conn: Connection, method: Method, args: Sequence[Any],
                  source: tuple[str, int] | None, parent: Call | None = None) -> None:

@@ -15,9 +15,9 @@ import signal
 import sys
 from typing import Any
 
+from planetlab.version import version_line
 from plc import config as configmod
 from plc.config import ConfigError
-from plc.version import version_line
 
 
 def _load_config(args: argparse.Namespace) -> configmod.Config:
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from plc.logsetup import setup
+    from planetlab.logsetup import setup
 
     setup(args.verbose)
     try:

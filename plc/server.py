@@ -384,7 +384,7 @@ def serve(store: Store, config: Config, ready: threading.Event | None = None) ->
             finally:
                 os._exit(code)
         children.append(pid)
-    from plc.version import version
+    from planetlab.version import version
 
     log.info("PLCAPI serving on %s://%s:%s/PLCAPI/ (%d processes): plc %s, config %s, "
              "database %s", scheme, host, port, workers, version(), config.source,

@@ -63,7 +63,7 @@ async def enter_session(stream: trio.SocketStream, caller: Caller, first: bytes,
         return
     term = strings[0] if strings else ""
     argv = ["/bin/sh", "-c", strings[1]] if len(strings) > 1 else []
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/planetlab",
            "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/sh"}
     if term and term.isprintable() and len(term) < 64:
         env["TERM"] = term

@@ -1,13 +1,26 @@
-"""The agent's module graph (issue 14): no import circle, imports made inside
-functions included (a lazy import hides a circle, it does not remove it), and no
-module too long to read in one sitting."""
+"""The module graph: no import circle in the agent (issue 14), imports made inside
+functions included (a lazy import hides a circle, it does not remove it), no module
+too long to read in one sitting, and the layering of the top-level packages
+(ARCHITECTURE.md's "may import" column, docs/dev/layering.md) for every package."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-AGENT = Path(__file__).resolve().parents[2] / "agent"
+REPO = Path(__file__).resolve().parents[2]
+AGENT = REPO / "agent"
+#: Which of the project's top-level packages each one may import. `planetlab` is the
+#: one neutral package (version, log format): everyone may import it, it imports
+#: nothing of the project.
+PROJECT = ("planetlab", "plc", "agent", "kernel", "sensors")
+MAY_IMPORT: dict[str, set[str]] = {
+    "planetlab": set(),
+    "kernel": {"planetlab"},
+    "plc": {"planetlab"},
+    "sensors": {"planetlab", "kernel"},
+    "agent": {"planetlab", "kernel", "sensors"},
+}
 MAX_LINES = 500
 TOO_LONG_FOR_NOW: set[str] = set()  # every module fits since issue 14 stage 2
 
@@ -110,3 +123,49 @@ def test_no_module_over_500_lines() -> None:
         if lines > MAX_LINES and rel not in TOO_LONG_FOR_NOW:
             long[rel] = lines
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def project_imports(path: Path) -> set[tuple[int, str]]:
+    """(line, top-level project package) of every import in `path`, lazy ones
+    included; relative imports stay inside their own package and are skipped."""
+    found: set[tuple[int, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top in PROJECT:
+                found.add((node.lineno, top))
+    return found
+
+
+def layering_violations(root: Path) -> list[str]:
+    bad = []
+    for package, allowed in MAY_IMPORT.items():
+        for path in sorted((root / package).rglob("*.py")):
+            for line, top in sorted(project_imports(path)):
+                if top != package and top not in allowed:
+                    bad.append(f"{path.relative_to(root)}:{line} imports {top}")
+    return sorted(bad)
+
+
+def test_layering_checker_sees_a_lazy_forbidden_import(tmp_path: Path) -> None:
+    for package in MAY_IMPORT:
+        (tmp_path / package).mkdir()
+    (tmp_path / "agent" / "x.py").write_text(
+        "import kernel.cgroups\nfrom planetlab.version import version\n"
+        "def f():\n    from plc.version import version\n")
+    (tmp_path / "kernel" / "y.py").write_text("import sensors\nfrom . import z\n")
+    assert layering_violations(tmp_path) == ["agent/x.py:4 imports plc",
+                                            "kernel/y.py:1 imports sensors"]
+
+
+def test_every_package_imports_only_what_the_architecture_allows() -> None:
+    assert set(MAY_IMPORT) == {p.name for p in REPO.iterdir()
+                               if (p / "__init__.py").exists() and p.name in PROJECT}
+    bad = layering_violations(REPO)
+    assert not bad, "imports across the layering (docs/dev/layering.md):\n" + "\n".join(bad)

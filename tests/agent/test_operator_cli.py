@@ -31,7 +31,7 @@ def _agent(*args: str, env: dict[str, str] | None = None,
 
 
 def test_version_everywhere() -> None:
-    from plc.version import version
+    from planetlab.version import version
 
     assert version() == _setup_cfg_version()
     for prog in ("plc", "planetlab-agent"):

@@ -167,6 +167,25 @@ class Plc:
             srv.stop()
             raise
 
+    def restart(self) -> None:
+        """Stop `plc serve` and start it again on the same database and port."""
+        self.stop()
+        with open(self.workdir / "serve.log", "ab") as log:
+            self.proc = subprocess.Popen([PLC, "serve", "--db", str(self.db), "--listen",
+                                          f"{self.listen}:{self.port}"], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"plc serve exited: {self.log_text()}")
+            try:
+                self.proxy().system.listMethods()
+                return
+            except (OSError, xmlrpc.client.ProtocolError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"plc serve not ready: {self.log_text()}") from None
+                time.sleep(0.1)
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
@@ -215,7 +234,9 @@ class AgentNode:
         return self.base / "agent.sock"
 
     @classmethod
-    def create(cls, index: int, link: Link, plc: Plc, hostname: str) -> AgentNode:
+    def create(cls, index: int, link: Link, plc: Plc, hostname: str,
+               tables: str = "") -> AgentNode:
+        """`tables`: TOML tables appended to the node's agent.toml ([bandwidth], ...)."""
         from agent import config
         from kernel.images import ImageStore
         from tests.kernel.busybox_image import make_busybox_tree
@@ -237,9 +258,12 @@ class AgentNode:
                 "node_accounts": "", "host_accounts": 0, "slice_prefix": plc.prefix,
                 "addresses": link.node_addr,   # the guard's port table
                 # disjoint uid pools: 4 ranges per node, per test process
-                "uid_pool_start": 1_600_000_000 + ((pid % 1000) * 2 + index) * 4 * 65536,
+                "uid_pool_start": 1_600_000_000 + ((pid % 500) * 4 + index) * 4 * 65536,
                 "uid_pool_ranges": 4,
             })
+            if tables:
+                with open(node.cfg_path, "a") as f:
+                    f.write("\n" + tables)
             ImageStore(base / "state" / "images").import_dir("bb",
                                                               make_busybox_tree(base / "src"))
             node._start_holder()

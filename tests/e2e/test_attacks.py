@@ -5,7 +5,7 @@ kernel/rootfs roots of one shared busybox image, the seccomp guard installed by 
 init, the agent's `Guard` supervising them in a thread), and for the agent socket a
 real `planetlab-agent run` against a real `plc serve` with slivers it made. The
 attacks are one static C program (tests/e2e/attacker.c) copied into the slivers.
-Every check here is one that holds; the holes found are in docs/findings-security.md.
+Every check here is one that holds; the holes found are in docs/dev/findings-security.md.
 """
 
 from __future__ import annotations

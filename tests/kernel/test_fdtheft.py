@@ -1,5 +1,5 @@
 """A sliver's processes cannot take the fds of its init or its sockd (F42 and
-"Attacks tried and held" in docs/findings-security.md).
+"Attacks tried and held" in docs/dev/findings-security.md).
 
 The init holds the guard's seccomp listener (fd 4: whoever has it answers the
 sliver's binds, e.g. with CONTINUE, past the port table), sockd's request socket

@@ -58,9 +58,11 @@ def test_minor_for_is_deterministic_and_skips_taken() -> None:
     assert len(taken) == 5000 and max(taken) > 0xFFF
 
 
-def test_leaf_limit_is_ms_of_ceiling_and_at_least_three_mtu() -> None:
+def test_leaf_limit_is_ms_of_ceiling_and_at_least_one_gso_packet() -> None:
     assert tc.leaf_limit(100 * M) == 100 * M * tc.QUEUE_MS // 8000
-    assert tc.leaf_limit(8000) == 3 * 1514
+    assert tc.leaf_limit(8000) == tc.QUEUE_MIN_BYTES > 65536 > 3 * 1514
+    assert tc.leaf_limit(4 * M) > 65536, "a 64 KiB TCP GSO packet fits a slow class"
+    assert tc.leaf_limit(1000, mtu=30000) == 3 * 30014
 
 
 def test_two_ceilings_hold_within_2_percent(shaper, net) -> None:
@@ -239,6 +241,10 @@ def test_raw_stats_dump_agrees_with_the_full_read(shaper, net) -> None:
     with Blaster([(net.sink4, prio(0x60), 6 * M)]):
         time.sleep(0.5)
     send_count(net.sink6, prio(0x61), 10, socket.AF_INET6)
+    # At rest: the queues (one 64 KiB GSO packet at least, ~270 ms at 2 Mbit/s) drained.
+    deadline = time.monotonic() + 5
+    while any(c.backlog for c in shaper.counters().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     time.sleep(0.2)
     full, fast = shaper.counters(), shaper.stats()
     assert set(fast) == set(full) == {0x60, 0x61, 0x8060, 0x8061}

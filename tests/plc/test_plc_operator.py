@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from plc import logsetup, tagvalues
+from planetlab import logsetup
+from plc import tagvalues
 from plc.api import API
 from plc.config import Config, ConfigError
 from plc.server import make_server
@@ -148,7 +149,7 @@ def test_plc_and_agent_agree_on_numeric_ranges() -> None:
 
 
 def test_journald_lines_carry_the_priority(tmp_path: Path) -> None:
-    code = ("import logging; from plc import logsetup; logsetup.setup(); "
+    code = ("import logging; from planetlab import logsetup; logsetup.setup(); "
             "logging.getLogger('plc').error('bad %s', 'x' * 5000); "
             "logging.getLogger('plc').info('fine')")
     err = tmp_path / "err"
@@ -175,7 +176,7 @@ def test_bounded_keeps_short_values() -> None:
 def test_startup_line_names_version_config_and_database(plc_store: Any) -> None:
     import time
 
-    from plc.version import version
+    from planetlab.version import version
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

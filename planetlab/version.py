@@ -1,7 +1,7 @@
 """The one version of every PlanetLab program (`plc`, `planetlab-agent`,
 `planetlab-sensors`): the installed distribution's, or setup.cfg's in a checkout
-that was never installed. Lives in plc/ because plc imports nothing of the agent
-or the kernel, so every program may import it."""
+that was never installed. In the neutral package planetlab/, which every other
+package may import (docs/dev/layering.md)."""
 
 from __future__ import annotations
 
