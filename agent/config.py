@@ -36,6 +36,8 @@ DEFAULT_SOCKET = "/run/planetlab/agent.sock"
 CGROUP_PARENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z")
 # [sensors] listen: the node sensor server (docs/sensors.md); 3100 is slicestat's port.
 DEFAULT_SENSORS_LISTEN = "0.0.0.0:3100"
+#: the keys of the `[sensors]` table
+SENSORS_KEYS = ("listen",)
 SENSORS_LISTEN_HELP = ("the node sensor server (slicestat, /metrics; docs/sensors.md) "
                        "listens on \"ADDR:PORT\" (\"[v6addr]:PORT\"); its port is the "
                        "host's: no slice may own it")
@@ -320,8 +322,9 @@ def _sensors_table(source: str, table: Any) -> str:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: 'sensors' must be a table ([sensors])")
     for key in table:
-        if key != "listen":
-            raise ConfigError(f"{source}: [sensors] has no key {key!r} (known: listen)")
+        if key not in SENSORS_KEYS:
+            raise ConfigError(f"{source}: [sensors] has no key {key!r} (known: "
+                              f"{', '.join(SENSORS_KEYS)})")
     listen = table.get("listen", DEFAULT_SENSORS_LISTEN)
     try:
         parse_listen(listen, source)

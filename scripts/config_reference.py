@@ -83,7 +83,7 @@ def plc_rows() -> list[tuple[str, str, Any, str]]:
 
 def agent_rows() -> list[tuple[str, str, Any, str]]:
     from agent.bandwidth import BandwidthConfig
-    from agent.config import FIELDS
+    from agent.config import DEFAULT_SENSORS_LISTEN, FIELDS, SENSORS_LISTEN_HELP
 
     rows: list[tuple[str, str, Any, str]] = []
     for f in FIELDS:
@@ -95,6 +95,7 @@ def agent_rows() -> list[tuple[str, str, Any, str]]:
         rows.append(("", f.name, f.default, f.help + bounds))
     for f in dataclasses.fields(BandwidthConfig):
         rows.append(("bandwidth", f.name, f.default, BANDWIDTH_HELP[f.name]))
+    rows.append(("sensors", "listen", DEFAULT_SENSORS_LISTEN, SENSORS_LISTEN_HELP))
     return rows
 
 
@@ -120,7 +121,7 @@ def keys_read_by_code() -> dict[str, set[tuple[str, str]]]:
     """What each program's loader accepts, read from the code (not from this file's
     tables): the test compares it with the tables."""
     from agent.bandwidth import BandwidthConfig
-    from agent.config import FIELDS
+    from agent.config import FIELDS, SENSORS_KEYS
     from plc.config import SCHEMA
     from sensors import collector
 
@@ -129,7 +130,8 @@ def keys_read_by_code() -> dict[str, set[tuple[str, str]]]:
     return {
         "plc.toml": {(k.section, k.name) for k in SCHEMA},
         "agent.toml": {("", f.name) for f in FIELDS}
-        | {("bandwidth", f.name) for f in dataclasses.fields(BandwidthConfig)},
+        | {("bandwidth", f.name) for f in dataclasses.fields(BandwidthConfig)}
+        | {("sensors", k) for k in SENSORS_KEYS},
         "sensors.toml": {("collector", f.name) for f in dataclasses.fields(collector.Config)
                          if f.name not in ("plc", "nodes")}
         | {("plc", k) for k in plc_keys}
