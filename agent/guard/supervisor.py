@@ -156,7 +156,6 @@ class Guard:
             return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
 
     def _slice_cpu(self, slice_name: str) -> Callable[[], float | None] | None:
-        """The slice's own CPU seconds so far (`slicecpu`); None without cgroups."""
         return None if self.cgroups is None else slice_cpu_reader(self.cgroups(slice_name))
 
     def set_sockd(self, slice_name: str, fd: int) -> None:
@@ -389,10 +388,17 @@ class Guard:
             fast = self.fast.open(slice_name, listener, io, journal.map(),
                                   self.pidfds.exits_fd())
             task_status.started()
-            async with trio.open_nursery() as watch:
-                watch.start_soon(self.sockd.watch, slice_name, listener)
-                await self._serve(slice_name, listener, io, fast, poller, journal)
-                watch.cancel_scope.cancel()
+            if slice_name not in self.sockd.chans:
+                return await self._serve(slice_name, listener, io, fast, poller, journal)
+            try:   # with a sockd: its watcher alongside (agent.guard.sockd)
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(self.sockd.watch, slice_name, listener)
+                    await self._serve(slice_name, listener, io, fast, poller, journal)
+                    watch.cancel_scope.cancel()
+            except BaseExceptionGroup as group:   # the loop's own, as without one
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             if self.listening.get(slice_name) == listener:
                 del self.listening[slice_name]
@@ -407,8 +413,7 @@ class Guard:
     async def _serve(self, slice_name: str, listener: int, io: seccomp.ListenerIO,
                      fast: guardfast.FastPath | None, poller: select.poll,
                      journal: Journal) -> None:
-        """The loop of `supervise`: answer in batches, within the slice's CPU budget
-        (F36); returns when no process uses the filter any more."""
+        """`supervise`'s loop: batches within the slice's CPU budget (F36)."""
         budget = CpuBudget(earned=self._slice_cpu(slice_name))
         refused_fast = 0
         while True:
