@@ -42,13 +42,15 @@ from agent.guard.decide import (
 )
 from agent.guard.fast import FastPaths, ListenerDone
 from agent.guard.journal import Journal, journal_path
-from agent.guard.pidfds import PIDFD_THREAD, PidfdCache
+from agent.guard.pidfds import PIDFD_THREAD, PidfdCache, ns_tgid
 from agent.guard.revoke import Revoker
+from agent.guard.slicecpu import slice_cpu_reader
+from agent.guard.sockd import FORWARDED, SockdLinks
 from agent.guard.stats import GuardStats
 from agent.ports.store import PortService
 from agent.ports.table import PortTable
 from agent.tokenbucket import TokenBuckets
-from kernel import seccomp
+from kernel import guardfast, seccomp
 from kernel.packet import bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_open
 
@@ -115,7 +117,7 @@ class Guard:
         self.revoke_now = self.revocations.revoke_now
         self.listening: dict[str, int] = {}
         # Each sliver's sockd request socket (F38): socket() notifications go there.
-        self.sockd: dict[str, socket.socket] = {}
+        self.sockd = SockdLinks()
         self._reader = RemoteReader(SOCKADDR_MAX)
         self._log_budget = TokenBuckets(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, time.monotonic)
         # pidfds of callers' threads (F22), one cache for the whole guard; its epoll set
@@ -139,8 +141,8 @@ class Guard:
                    redo: bool = False) -> Outcome | _AsCaller:
         """The synchronous part of `handle`: the answer, or the bind left to the helper."""
         try:
-            if n.nr == seccomp.NR_SOCKET:
-                return self._socket(slice_name, n)
+            if n.nr == seccomp.NR_SOCKET:   # made by the sliver's sockd (F38)
+                return self.sockd.forward(slice_name, listener, n)
             if n.nr != seccomp.NR_BIND:
                 raise Denied(errno.ENOSYS, f"syscall {n.nr} is not guarded by this agent")
             return self._bind(slice_name, listener, n, redo)
@@ -154,58 +156,11 @@ class Guard:
             return Outcome(errno.EPERM, f"internal error {type(exc).__name__}")
 
     def _slice_cpu(self, slice_name: str) -> Callable[[], float | None] | None:
-        """The slice's own CPU seconds so far, read from its cgroup (cpuacct.usage on
-        v1, cpu.stat usage_usec on v2) at most every 5 ms; None without cgroups."""
-        if self.cgroups is None:
-            return None
-        dirs = self.cgroups(slice_name)
-        src = next(((d / "cpuacct.usage", 1e-9) for d in dirs
-                    if (d / "cpuacct.usage").exists()), None) or \
-            next(((d / "cpu.stat", 1e-6) for d in dirs if (d / "cpu.stat").exists()), None)
-        if src is None:
-            return None
-        path, unit = src
-        last: list[float] = [0.0, -1.0]   # read at, value
-
-        def read() -> float | None:
-            now = time.monotonic()
-            if now - last[0] < 0.005 and last[1] >= 0:
-                return last[1]
-            try:
-                text = path.read_text()
-            except OSError:
-                return None
-            if path.name == "cpu.stat":
-                text = next((ln.split()[1] for ln in text.splitlines()
-                             if ln.startswith("usage_usec ")), "0")
-            last[0], last[1] = now, int(text.strip() or 0) * unit
-            return last[1]
-        return read
+        return None if self.cgroups is None else slice_cpu_reader(self.cgroups(slice_name))
 
     def set_sockd(self, slice_name: str, fd: int) -> None:
         """The sliver's sockd request socket (kernel/native/sockd.h); takes `fd`."""
-        old = self.sockd.pop(slice_name, None)
-        if old is not None:
-            old.close()
-        self.sockd[slice_name] = socket.socket(fileno=fd)
-
-    def _socket(self, slice_name: str, n: seccomp.Notification) -> Outcome:
-        """socket() of an IP or netlink family (F38): the sliver's sockd makes it in
-        the node's network namespace and answers the kernel itself (it holds a copy
-        of this listener); the notification goes to it as received. A full queue
-        (sockd frozen or slow) is ENOBUFS, which socket(2) may say."""
-        chan = self.sockd.get(slice_name)
-        if chan is None:
-            raise Denied(errno.EAFNOSUPPORT, "no sockd for this sliver")
-        raw = seccomp.NOTIF.pack(n.id, n.pid, n.flags, n.nr, n.arch,
-                                 n.instruction_pointer, *n.args)
-        try:
-            chan.send(raw, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            raise Denied(errno.ENOBUFS, "sockd's queue is full") from None
-        except OSError as exc:
-            raise Denied(errno.EAFNOSUPPORT, f"sockd gone: {exc.strerror}") from None
-        return FORWARDED
+        self.sockd.set(slice_name, fd)
 
     def _bind(self, slice_name: str, listener: int, n: seccomp.Notification,
               redo: bool) -> Outcome | _AsCaller:
@@ -340,7 +295,7 @@ class Guard:
         caller's own tgid (in its pid namespace) first.
         """
         if nl_pid == 0:
-            tgid = _ns_tgid(pid)
+            tgid = ns_tgid(pid)
             if tgid:
                 err = bind_bytes(fd, raw[:4] + struct.pack("<I", tgid) + raw[8:])
                 if err != errno.EADDRINUSE:
@@ -433,55 +388,17 @@ class Guard:
             fast = self.fast.open(slice_name, listener, io, journal.map(),
                                   self.pidfds.exits_fd())
             task_status.started()
-            budget = CpuBudget(earned=self._slice_cpu(slice_name))
-            refused_fast = 0
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                rest = budget.rest()
-                if rest:   # over its share: its callers wait in the kernel meanwhile
-                    self.stats.throttled += 1
-                while rest:
-                    await trio.sleep(rest)
-                    rest = budget.rest()
-                # Drain what is pending without a trip through the scheduler (with
-                # SYNC_WAKE_UP the caller often has its next request in by the time
-                # the reply returns), but yield after a bounded batch.
-                left = BATCH   # notifications per turn, whoever answers them
-                started = time.thread_time()
-                handled0, fast0 = self.stats.handled, self.stats.fast
-                while left > 0:
-                    try:
-                        if fast is not None:
-                            n, answered = self.fast.run(slice_name, fast, io, left,
-                                                                self.ports.table)
-                            left -= answered + 1
-                        else:
-                            n = self._recv(slice_name, poller, io, journal)
-                            left -= 1
-                    except ListenerDone:
-                        return
-                    if n is None:
-                        break
-                    out = self.handle_now(slice_name, listener, n)
-                    if not isinstance(out, Outcome):
-                        budget.charge(time.thread_time() - started + BINDAS_CHARGE)
-                        out = await self._finish(out)
-                        started = time.thread_time()
-                    self._reply(slice_name, listener, n, out)
-                spent = time.thread_time() - started
-                if fast is not None:
-                    refused = fast.refused()
-                    self.stats.denied += refused - refused_fast
-                    # Binds the fast path allowed cost the agent about what they
-                    # cost the slice: only the rest of the turn (refusals, Python)
-                    # is charged to the budget.
-                    handled = self.stats.handled - handled0
-                    if handled > 0:
-                        free = self.stats.fast - fast0 - (refused - refused_fast)
-                        spent *= (handled - free) / handled
-                    refused_fast = refused
-                budget.charge(spent)
-                await trio.lowlevel.checkpoint()
+            if slice_name not in self.sockd.chans:
+                return await self._serve(slice_name, listener, io, fast, poller, journal)
+            try:   # with a sockd: its watcher alongside (agent.guard.sockd)
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(self.sockd.watch, slice_name, listener)
+                    await self._serve(slice_name, listener, io, fast, poller, journal)
+                    watch.cancel_scope.cancel()
+            except BaseExceptionGroup as group:   # the loop's own, as without one
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             if self.listening.get(slice_name) == listener:
                 del self.listening[slice_name]
@@ -492,6 +409,60 @@ class Guard:
             trio.lowlevel.notify_closing(listener)
             os.close(listener)
             journal.close()
+
+    async def _serve(self, slice_name: str, listener: int, io: seccomp.ListenerIO,
+                     fast: guardfast.FastPath | None, poller: select.poll,
+                     journal: Journal) -> None:
+        """`supervise`'s loop: batches within the slice's CPU budget (F36)."""
+        budget = CpuBudget(earned=self._slice_cpu(slice_name))
+        refused_fast = 0
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            rest = budget.rest()
+            if rest:   # over its share: its callers wait in the kernel meanwhile
+                self.stats.throttled += 1
+            while rest:
+                await trio.sleep(rest)
+                rest = budget.rest()
+            # Drain what is pending without a trip through the scheduler (with
+            # SYNC_WAKE_UP the caller often has its next request in by the time
+            # the reply returns), but yield after a bounded batch.
+            left = BATCH   # notifications per turn, whoever answers them
+            started = time.thread_time()
+            handled0, fast0 = self.stats.handled, self.stats.fast
+            while left > 0:
+                try:
+                    if fast is not None:
+                        n, answered = self.fast.run(slice_name, fast, io, left,
+                                                            self.ports.table)
+                        left -= answered + 1
+                    else:
+                        n = self._recv(slice_name, poller, io, journal)
+                        left -= 1
+                except ListenerDone:
+                    return
+                if n is None:
+                    break
+                out = self.handle_now(slice_name, listener, n)
+                if not isinstance(out, Outcome):
+                    budget.charge(time.thread_time() - started + BINDAS_CHARGE)
+                    out = await self._finish(out)
+                    started = time.thread_time()
+                self._reply(slice_name, listener, n, out)
+            spent = time.thread_time() - started
+            if fast is not None:
+                refused = fast.refused()
+                self.stats.denied += refused - refused_fast
+                # Binds the fast path allowed cost the agent about what they
+                # cost the slice: only the rest of the turn (refusals, Python)
+                # is charged to the budget.
+                handled = self.stats.handled - handled0
+                if handled > 0:
+                    free = self.stats.fast - fast0 - (refused - refused_fast)
+                    spent *= (handled - free) / handled
+                refused_fast = refused
+            budget.charge(spent)
+            await trio.lowlevel.checkpoint()
 
     @staticmethod
     def _recv(slice_name: str, poller: select.poll, io: seccomp.ListenerIO,
@@ -522,26 +493,8 @@ class Guard:
     def release_sliver(self, slice_name: str) -> None:
         """The sliver went: free its ports and forget its journal."""
         self.ports.release_slice(slice_name)
-        chan = self.sockd.pop(slice_name, None)
-        if chan is not None:
-            chan.close()
+        self.sockd.release(slice_name)
         try:
             journal_path(self.run_dir, slice_name).unlink()
         except FileNotFoundError:
             pass
-
-
-#: The answer to a socket() notification handed to the sliver's sockd: no reply.
-FORWARDED = Outcome(0, "made by sockd")
-
-
-def _ns_tgid(pid: int) -> int:
-    """The caller's tgid as seen in its own pid namespace (last NSpid of its leader)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
-        with open(f"/proc/{tgid}/status") as f:
-            line = next(line for line in f if line.startswith("NSpid:"))
-        return int(line.split()[-1])
-    except (OSError, StopIteration, ValueError):
-        return 0

@@ -1121,6 +1121,7 @@ int main(int argc, char **argv)
 	}
 	close(sockd_chan[0]);
 	close(sockd_req[0]);
+	sockd_started(sockd_chan[1], sockd);
 	say("sockd %d\n", (int)sockd);
 	if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP |
 		    CLONE_NEWNET) < 0)

@@ -28,7 +28,11 @@
  * only (none over the node's network namespace).
  *
  * It exits when the listener hangs up (no process of the sliver is left) or when the
- * init goes away before handing it the listener.
+ * init goes away before handing it the listener. Its setup (fds, cwd, capabilities)
+ * ends with a word to the launcher on its channel: "ok", or why it failed (then it
+ * exits with that step's SOCKD_EXIT_* code); the launcher waits for it, so a sockd
+ * that cannot serve fails the create with its reason instead of leaving a sliver
+ * whose socket() calls have nobody to answer them.
  */
 #include <linux/audit.h>
 #include <linux/capability.h>
@@ -68,8 +72,8 @@ static void sockd_send(int chan, char tag, int fd)
 	c->cmsg_type = SCM_RIGHTS;
 	c->cmsg_len = CMSG_LEN(sizeof(int));
 	memcpy(CMSG_DATA(c), &fd, sizeof(int));
-	if (sendmsg(chan, &mh, MSG_NOSIGNAL) != 1)
-		die("send sockd its listener", errno);
+	if (sendmsg(chan, &mh, MSG_NOSIGNAL) != 1)   /* it started (it said so): killed */
+		die("send sockd its listener (sockd gone since it started)", errno);
 	close(chan);
 }
 
@@ -84,6 +88,54 @@ static void sockd_install(int chan)
 		die("install socket filter", errno);
 	sockd_send(chan, 'S', lis);
 	close(lis);
+}
+
+/* Exit codes, one per reason (the launcher reports them; the host reaps later ones). */
+enum {
+	SOCKD_EXIT_DONE = 0,      /* the sliver is gone, or the init failed before its filters */
+	SOCKD_EXIT_FDS = 10,      /* could not move its two sockets out of the way */
+	SOCKD_EXIT_CHDIR = 11,
+	SOCKD_EXIT_CAPS = 12,     /* could not drop to CAP_SETUID and CAP_SETGID */
+	SOCKD_EXIT_IDENTITY = 13, /* could not get back to root after making a socket */
+	SOCKD_EXIT_POLL = 14,
+};
+
+/* Setup failed: tell the launcher why over `chan`, exit with `code`. */
+static void __attribute__((noreturn)) sockd_fail(int chan, int code, const char *what, int err)
+{
+	char buf[160];
+	int n = snprintf(buf, sizeof buf, "%s: %s", what, strerror(err));
+	if (n > 0)
+		(void)send(chan, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1,
+			   MSG_NOSIGNAL | MSG_DONTWAIT);
+	_exit(code);
+}
+
+/* In the launcher: wait for sockd's word on `chan` (see the top of this file).
+ * Dies with sockd's reason, or its exit status if it left without one. */
+static void sockd_started(int chan, pid_t sockd)
+{
+	char buf[200], step[320];
+	ssize_t n;
+	do
+		n = recv(chan, buf, sizeof buf - 1, 0);
+	while (n < 0 && errno == EINTR);
+	if (n == 2 && memcmp(buf, "ok", 2) == 0)
+		return;
+	int err = n < 0 ? errno : EPIPE, status = 0;
+	buf[n > 0 ? n : 0] = 0;
+	pid_t w;
+	do
+		w = waitpid(sockd, &status, 0);
+	while (w < 0 && errno == EINTR);
+	if (w == sockd && WIFSIGNALED(status))
+		snprintf(step, sizeof step, "start sockd (killed by signal %d)", WTERMSIG(status));
+	else if (w == sockd && WIFEXITED(status))
+		snprintf(step, sizeof step, "start sockd (exit %d%s%s)", WEXITSTATUS(status),
+			 n > 0 ? ": " : "", buf);
+	else
+		snprintf(step, sizeof step, "start sockd (%s)", n > 0 ? buf : "no word");
+	die(step, err);
 }
 
 struct sockd_ids {
@@ -146,10 +198,10 @@ static int sockd_socket(const struct sockd_ids *ids, int domain, int type, int p
 	setfsuid(0);
 	setfsgid(0);
 	if (syscall(SYS_setresgid, -1, 0, -1) < 0 || setgroups(0, NULL) < 0)
-		_exit(1);   /* cannot get back to a known identity: stop serving */
+		_exit(SOCKD_EXIT_IDENTITY);   /* cannot get back to a known identity: stop serving */
 	/* Each id change above reset "dumpable" to fs.suid_dumpable (F42). */
 	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
-		_exit(1);
+		_exit(SOCKD_EXIT_IDENTITY);
 	return fd < 0 ? -err : fd;
 }
 
@@ -159,8 +211,8 @@ static void sockd_answer(int lis, uint64_t id, int error)
 	(void)ioctl(lis, SECCOMP_IOCTL_NOTIF_SEND, &resp);  /* ENOENT: the caller left */
 }
 
-/* Keep CAP_SETUID and CAP_SETGID (of our user namespace) and nothing else. */
-static void sockd_drop_caps(void)
+/* Keep CAP_SETUID and CAP_SETGID (of our user namespace) and nothing else. 0 or -1. */
+static int sockd_drop_caps(void)
 {
 	for (int c = 0; c <= CAP_LAST_CAP; c++)
 		if (c != CAP_SETUID && c != CAP_SETGID)
@@ -170,10 +222,10 @@ static void sockd_drop_caps(void)
 	memset(d, 0, sizeof d);
 	d[0].effective = d[0].permitted = (1u << CAP_SETUID) | (1u << CAP_SETGID);
 	if (syscall(SYS_capset, &h, d) < 0)
-		_exit(1);
-	prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)   /* F42; see sockd_socket */
-		_exit(1);
+		return -1;
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		return -1;
+	return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);   /* F42; see sockd_socket */
 }
 
 /* One socket() notification: make the socket as the caller, answer with it. */
@@ -208,19 +260,30 @@ static void sockd_handle(int lis, const struct seccomp_notif *req)
 
 static void __attribute__((noreturn)) sockd_serve(int chan, int reqs)
 {
-	/* Nothing of the launcher's but the two sockets, a cwd outside the sliver. */
+	/* Nothing of the launcher's but the two sockets, a cwd outside the sliver. The
+	 * launcher keeps its caller's fd numbers (the sync socket, the guard filter pipe
+	 * can be anywhere, 65 included): the two go at the lowest free numbers from 64,
+	 * wherever those are, and everything else is closed around them. (They once had
+	 * to land on 64 and 65 exactly, and sockd left silently when 65 was taken.) */
 	int keep = fcntl(chan, F_DUPFD_CLOEXEC, 64);
-	int keepr = keep < 0 ? -1 : fcntl(reqs, F_DUPFD_CLOEXEC, keep + 1);
-	if (keep < 0 || keepr != keep + 1)
-		_exit(1);
+	if (keep < 0)
+		sockd_fail(chan, SOCKD_EXIT_FDS, "keep its channel", errno);
+	int keepr = fcntl(reqs, F_DUPFD_CLOEXEC, keep + 1);
+	if (keepr < 0)
+		sockd_fail(chan, SOCKD_EXIT_FDS, "keep its request socket", errno);
 	syscall(SYS_close_range, 0U, (unsigned)keep - 1, 0);
+	if (keepr > keep + 1)
+		syscall(SYS_close_range, (unsigned)keep + 1, (unsigned)keepr - 1, 0);
 	syscall(SYS_close_range, (unsigned)keepr + 1, ~0U, 0);
 	chan = keep;
 	reqs = keepr;
 	if (chdir("/") < 0)
-		_exit(1);
+		sockd_fail(chan, SOCKD_EXIT_CHDIR, "chdir /", errno);
 	prctl(PR_SET_NAME, "sliver-sockd", 0, 0, 0);
-	sockd_drop_caps();
+	if (sockd_drop_caps() < 0)
+		sockd_fail(chan, SOCKD_EXIT_CAPS, "drop capabilities", errno);
+	if (send(chan, "ok", 2, MSG_NOSIGNAL) != 2)
+		_exit(SOCKD_EXIT_DONE);   /* the launcher is gone: so is the create */
 	/* The listener, sent by the init once its filters are in. */
 	char tag = 0;
 	int lis = -1;
@@ -238,7 +301,7 @@ static void __attribute__((noreturn)) sockd_serve(int chan, int reqs)
 		memcpy(&lis, CMSG_DATA(h), sizeof lis);
 	close(chan);
 	if (lis < 0 || (tag != 'S' && tag != 'G'))
-		_exit(0);   /* the init failed before its filters */
+		_exit(SOCKD_EXIT_DONE);   /* the init failed before its filters */
 	const int own = tag == 'S';
 	if (own)
 		close(reqs);   /* no agent in between */
@@ -251,10 +314,10 @@ static void __attribute__((noreturn)) sockd_serve(int chan, int reqs)
 		if (poll(p, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			_exit(1);
+			_exit(SOCKD_EXIT_POLL);
 		}
 		if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))
-			_exit(0);   /* no process of the sliver is left */
+			_exit(SOCKD_EXIT_DONE);   /* no process of the sliver is left */
 		struct seccomp_notif req;
 		memset(&req, 0, sizeof req);
 		if (own && (p[0].revents & POLLIN)) {
@@ -270,6 +333,6 @@ static void __attribute__((noreturn)) sockd_serve(int chan, int reqs)
 		/* Every end of the request socket is gone (the init's copy at SOCKD_FD
 		 * too): the sliver is gone. */
 		if (!own && (p[1].revents & POLLHUP))
-			_exit(0);
+			_exit(SOCKD_EXIT_DONE);
 	}
 }

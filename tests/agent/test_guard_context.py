@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,3 +306,39 @@ async def test_a_flooding_slice_slows_no_other_and_bounds_the_agent_cpu(
     # half of A's CPU plus 0.5% of a CPU; 20 ms of slack for measuring noise).
     assert agent_cpu < 0.3 * window, (agent_cpu, slice_cpu, window)
     assert on_a < slice_cpu + 0.02, (on_a, slice_cpu, agent_cpu, alone_cpu)
+
+
+async def test_socket_callers_a_dead_sockd_left_are_answered(sl: Slivers, tmp_path: Path) -> None:
+    """sockd is charged to the slice (its OOM killer may take it). A socket() it had
+    received or had queued when it died must fail, not wait forever: the agent
+    holds the listener, so the kernel itself never fails them. Sliver processes
+    cannot name sockd (another PID namespace): the host kills it here."""
+    ctx, listener = guarded(sl, "d")
+    guard = Guard(PortService(PortTable([], read_ephemeral_range())), tmp_path / "guard")
+    sockd = ctx.state["sockd_pid"]
+    try:
+        async with trio.open_nursery() as nursery:
+            await supervise(nursery, guard, ctx, listener)
+            os.kill(sockd, signal.SIGSTOP)   # it takes nothing more off its queue
+            result: list[tuple[int, bytes, bytes]] = []
+
+            def call() -> None:
+                result.append(ctx.output(["sh", "-c", "nc -l -p 1 </dev/null; echo $?"],
+                                         timeout=30))
+            nursery.start_soon(trio.to_thread.run_sync, call)
+            with trio.fail_after(10):   # the call is forwarded, waiting on sockd
+                while guard.stats.handled == 0:
+                    await trio.sleep(0.02)
+            os.kill(sockd, signal.SIGKILL)
+            with trio.fail_after(10):
+                while not result:
+                    await trio.sleep(0.05)
+            assert guard.sockd.failed >= 1
+            assert guard.sockd.chans.get(ctx.name) is None
+            # later socket() calls are refused at once
+            rc, out, err = await trio.to_thread.run_sync(
+                lambda: ctx.output(["/bin/guard-probe", "bind", "127.0.0.1", "0"], timeout=30))
+            assert str(errno.EAFNOSUPPORT) in out.decode() + err.decode() or rc != 0
+            nursery.cancel_scope.cancel()
+    finally:
+        ctx.destroy()

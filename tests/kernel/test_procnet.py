@@ -118,6 +118,7 @@ def test_sockets_live_in_the_node_with_the_callers_uid(node: Slivers) -> None:
 
     def answer() -> None:
         conn, _ = srv.accept()
+        conn.recv(4096)   # the request first: closing with it unread is a reset
         conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nfrom-the-node\n")
         conn.close()
 
@@ -162,3 +163,31 @@ def test_sockd_is_outside_the_sliver_and_goes_with_it(node: Slivers) -> None:
     out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
                          text=True).stdout
     assert "Z" not in out
+
+
+@pytest.mark.parametrize("lowest_free", [62, 63, 64, 65, 66])
+def test_sockd_starts_whatever_fd_numbers_the_launcher_inherits(node: Slivers,
+                                                                lowest_free: int) -> None:
+    """The launcher keeps the fd numbers of its caller's fds (the sync socket, the
+    guard filter pipe), which are high in a busy caller (many threads creating at
+    once). sockd once needed fds 64 and 65 to be free and left silently otherwise,
+    so the init failed with "send sockd its listener: Broken pipe". Here every fd
+    below `lowest_free` is taken, so create()'s own fds land around 64."""
+    held: list[int] = []
+    try:
+        while True:
+            fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            if fd >= lowest_free:
+                os.close(fd)
+                break
+            held.append(fd)
+        ctx = node.create()
+    finally:
+        for fd in held:
+            os.close(fd)
+    try:
+        assert Path(f"/proc/{ctx.state['sockd_pid']}/comm").read_text().strip() == \
+            "sliver-sockd"
+        sh(ctx, "ip addr show lo >/dev/null")
+    finally:
+        ctx.destroy()
