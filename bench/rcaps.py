@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "agent"), str(ROOT / "tests" / "kernel")]
 
 from agent.rcaps import RcapService, store  # noqa: E402
-from agent.rcaps.ledger import amounts_of, token_id, zero  # noqa: E402
+from agent.rcaps.model import amounts_of, token_id, zero  # noqa: E402
 from agent.state import State  # noqa: E402
 
 N_CALLS = 50

@@ -17,7 +17,8 @@ from typing import Any
 import trio
 
 from agent.rcaps import store
-from agent.rcaps.ledger import RESOURCES, UNLIMITED_AT_ZERO, Amounts, Ledger, LedgerError, zero
+from agent.rcaps.ledger import Ledger
+from agent.rcaps.model import RESOURCES, UNLIMITED_AT_ZERO, Amounts, LedgerError, zero
 from agent.state import HAS_SLIVER, SliverRecord, State
 
 log = logging.getLogger("agent.rcaps")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from agent.rcaps.ledger import RESOURCES, Amounts, Ledger, Loan, Rcap, zero
+from agent.rcaps.ledger import Ledger
+from agent.rcaps.model import RESOURCES, Amounts, Loan, Rcap, zero
 from agent.state import State
 
 

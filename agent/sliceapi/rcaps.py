@@ -19,7 +19,7 @@ from agent.faults import (
     FAULT_PERMISSION,
     APIFault,
 )
-from agent.rcaps.ledger import MAX_AMOUNT, LedgerError, amounts_of, token_id
+from agent.rcaps.model import MAX_AMOUNT, LedgerError, amounts_of, token_id
 from agent.rcaps.service import RcapService
 from agent.sliceapi.identity import Caller
 from agent.state import HAS_SLIVER, State

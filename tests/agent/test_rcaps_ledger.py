@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from agent.rcaps.ledger import Ledger, LedgerError, amounts_of, token_id, zero
+from agent.rcaps.ledger import Ledger
+from agent.rcaps.model import LedgerError, amounts_of, token_id, zero
 
 
 def cap(**kw: int) -> dict[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.rcaps import GrantRefused, RcapService
-from agent.rcaps.ledger import amounts_of, token_id, zero
+from agent.rcaps.model import amounts_of, token_id, zero
 from agent.state import SCHEMA_VERSION, State
 
 
