@@ -28,10 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 REPO = Path(__file__).resolve().parents[2]
 PLC = str(Path(sys.executable).with_name("plc"))
@@ -236,7 +239,7 @@ class AgentNode:
     @classmethod
     def create(cls, index: int, link: Link, plc: Plc, hostname: str,
                tables: str = "") -> AgentNode:
-        """`tables`: TOML tables appended to the node's agent.toml ([bandwidth], ...)."""
+        """`tables`: TOML tables merged into the node's agent.toml ([bandwidth], ...)."""
         from agent import config
         from kernel.images import ImageStore
         from tests.kernel.busybox_image import make_busybox_tree
@@ -261,9 +264,11 @@ class AgentNode:
                 "uid_pool_start": 1_600_000_000 + ((pid % 500) * 4 + index) * 4 * 65536,
                 "uid_pool_ranges": 4,
             })
-            if tables:
-                with open(node.cfg_path, "a") as f:
-                    f.write("\n" + tables)
+            if tables:   # merged into the tables init-config renders
+                data = tomllib.loads(node.cfg_path.read_text())
+                for name, table in tomllib.loads(tables).items():
+                    data[name] = {**data.get(name, {}), **table}
+                node.cfg_path.write_text(tomli_w.dumps(data))
             ImageStore(base / "state" / "images").import_dir("bb",
                                                               make_busybox_tree(base / "src"))
             node._start_holder()
