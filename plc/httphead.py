@@ -50,6 +50,44 @@ def buffered_headers(rfile: Any, message_class: type[HTTPMessage] = HTTPMessage)
     return msg
 
 
+_API_POST = re.compile(rb"POST /PLCAPI/ HTTP/1\.([01])\r\n")
+_CONNECTION = re.compile(rb"\r\nconnection:[ \t]*([\x20-\x7e\t]*)\r\n", re.IGNORECASE)
+
+
+def api_post(request: bytes) -> tuple[int, bool] | None:
+    """(offset of the body, close the connection after it?) of the usual API call:
+    ``POST /PLCAPI/ HTTP/1.x`` with a plain head (what ``buffered_headers`` reads); None
+    for any other request, which then goes through the full request handler.
+
+    "close" is what http.server decides for such a request: HTTP/1.0 closes unless the
+    first Connection header says keep-alive, HTTP/1.1 keeps unless it says close."""
+    line = _API_POST.match(request)
+    if line is None:
+        return None
+    start = line.end()
+    if request.startswith(b"\r\n", start):
+        end = start
+        size = 2
+    else:
+        end = request.find(b"\r\n\r\n", start)
+        if end < 0:
+            return None
+        end += 2
+        size = end + 2 - start
+    if (size > MAX_HEAD or request.count(b"\n", start, end) > MAX_HEADERS
+            or not _HEAD.fullmatch(request, start, end)):
+        return None
+    close = line.group(1) == b"0"
+    conn = _CONNECTION.search(request, start - 2, end)
+    if conn is not None:
+        value = conn.group(1).lower()
+        if value == b"close":
+            close = True
+        elif value == b"keep-alive":
+            close = False
+    return start + size, close
+
+
 class FramingError(Exception):
     """A request head whose body cannot be delimited: answered ``status`` and closed."""
 
@@ -60,6 +98,9 @@ class FramingError(Exception):
 
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+# a header line whose name (ASCII whitespace around it ignored) matters for framing
+_FRAMING = re.compile(rb"\n[ \t\r\x0b\x0c]*(content-length|transfer-encoding|expect)"
+                      rb"[ \t\r\x0b\x0c]*:([^\n]*)", re.IGNORECASE)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 
@@ -79,11 +120,9 @@ def framing(head: bytes) -> tuple[int | None, bool]:
     """
     lengths: set[bytes] = set()
     expect = False
-    for line in head.split(b"\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip().lower()
+    for match in _FRAMING.finditer(head):  # the lines after the request line
+        name = match.group(1).lower()
+        value = match.group(2)
         if name == b"content-length":
             for item in value.split(b","):
                 item = item.strip(b" \t\r")

@@ -28,8 +28,8 @@ from typing import Any
 from plc.api import API, InternalError
 from plc.config import Config, ConfigError, parse_listen
 from plc.faults import PLCAPIError
-from plc.httpconn import Limits, Reception
-from plc.httphead import buffered_headers, http_date
+from plc.httpconn import WRITE_TIMEOUT, Limits, Reception, send_all
+from plc.httphead import api_post, buffered_headers, http_date
 from plc.marshal import BadCall, load_call, marshal_response
 from plc.store import Store
 from plc.store.base import Connection
@@ -98,11 +98,32 @@ class PLCServer(HTTPServer):
 
     def answer(self, sock: socket.socket, addr: Any, request: bytes,
                length: int | None) -> bool:
-        """Answer one complete request; True to keep the connection open."""
+        """Answer one complete request on the non-blocking ``sock`` (left non-blocking);
+        True to keep the connection open.
+
+        The usual call (``POST /PLCAPI/`` with a plain head and a well-formed body) is
+        answered here directly with the bytes ``Handler`` would send; every other
+        request goes through ``Handler`` (http.server's parsing and error answers)."""
         try:
+            post = api_post(request) if length is not None else None
+            if post is not None:
+                start, close = post
+                try:
+                    params, method = load_call(request[start:start + length])  # type: ignore[operator]
+                except BadCall:
+                    pass  # Handler answers 400
+                else:
+                    reply = call_reply(self, method, params, addr)
+                    send_all(sock, _reply_head(len(reply)) + reply, WRITE_TIMEOUT)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug('%s "%s" 200 -', addr[0],
+                                  request[:request.find(b"\r\n")].decode("latin-1"))
+                    return not close
+            sock.settimeout(WRITE_TIMEOUT)
             handler = Handler(sock, addr, self, request, length)
+            sock.setblocking(False)
             return not handler.close_connection
-        except OSError:  # the client went away mid-answer
+        except OSError:  # the client went away mid-answer, or did not read in time
             return False
         finally:
             self._release()
@@ -253,32 +274,41 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             self.close_connection = True
             return
-        reply = self._dispatch(body)
-        if reply is not None:
-            self._send(200, reply, "text/xml; charset=utf-8")
-
-    def _dispatch(self, body: bytes) -> bytes | None:
         try:
             params, method = load_call(body)
         except BadCall as e:
             self._error(400, f"Bad Request ({e})")
-            return None
-        api = self.server.api
-        try:
-            conn = self.server.connection()
-            result = api.run(conn, method, params, self.client_address[:2])
-            return marshal_response(result)
-        except xmlrpc.client.Fault as fault:
-            log.info("%s: fault %s", method, fault.faultCode)
-            return _fault_reply(fault)
-        except InternalError:  # logged with its traceback by API.run
-            return _fault_reply(PLCAPIError(_INTERNAL))
-        except Exception:  # e.g. a result XML-RPC cannot carry (an int beyond 32 bits)
-            log.exception("unexpected error serving %s", method)
-            return _fault_reply(PLCAPIError(_INTERNAL))
+            return
+        reply = call_reply(self.server, method, params, self.client_address)
+        self._send(200, reply, "text/xml; charset=utf-8")
+
+
+def call_reply(server: PLCServer, method: str, params: tuple[Any, ...], addr: Any) -> bytes:
+    """The methodResponse to one call: its result, or the fault it raised (an unexpected
+    error is fault 111 without details)."""
+    try:
+        conn = server.connection()
+        result = server.api.run(conn, method, params, addr[:2])
+        return marshal_response(result)
+    except xmlrpc.client.Fault as fault:
+        log.info("%s: fault %s", method, fault.faultCode)
+        return _fault_reply(fault)
+    except InternalError:  # logged with its traceback by API.run
+        return _fault_reply(PLCAPIError(_INTERNAL))
+    except Exception:  # e.g. a result XML-RPC cannot carry (an int beyond 32 bits)
+        log.exception("unexpected error serving %s", method)
+        return _fault_reply(PLCAPIError(_INTERNAL))
+
+
+def _reply_head(length: int) -> bytes:
+    """The head ``Handler._send`` writes for a 200 XML reply of ``length`` bytes."""
+    return (f"HTTP/1.1 200 OK\r\nServer: {_SERVER}\r\nDate: {http_date()}\r\n"
+            f"Content-Type: text/xml; charset=utf-8\r\nContent-Length: {length}\r\n\r\n"
+            ).encode("latin-1")
 
 
 _INTERNAL = "unexpected error, see the server log"
+_SERVER = f"{Handler.server_version} {Handler.sys_version}"
 
 
 def _fault_reply(fault: xmlrpc.client.Fault) -> bytes:

@@ -75,17 +75,53 @@ def pg_template(pg_server: pgserver.PGServer) -> str:
     return name
 
 
+#: per template, a copy that its last test left exactly as it was made (see pg_copy)
+_unchanged_copy: dict[tuple[str, str], str] = {}
+
+
+def _pg_mark(server: pgserver.PGServer, name: str) -> tuple[Any, ...]:
+    """What changes when anything is written: the cluster's next transaction id (every
+    row written, in any database, takes one) and the copy's sequences (nextval takes
+    none). Other sessions on the copy are ended first, so none writes after the look."""
+    import psycopg
+
+    with psycopg.connect(server.url(name), autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        xid = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()
+        seqs = conn.execute("SELECT schemaname, sequencename, last_value FROM pg_sequences "
+                            "ORDER BY 1, 2").fetchall()
+    return (xid, tuple(seqs))
+
+
 def pg_copy(server: pgserver.PGServer, template: str) -> Iterator[Store]:
-    """A fresh database copied from ``template``; dropped afterwards."""
+    """A database equal to ``template``: a new copy (CREATE DATABASE ... TEMPLATE, most of
+    a PostgreSQL test's setup), or the copy the previous test of this template was given
+    if that test wrote nothing at all (checked by ``_pg_mark``: nothing in the cluster
+    took a transaction id and no sequence moved); a copy a test wrote to is dropped."""
     from plc.store.postgres import PostgresStore
 
-    name = f"t{os.getpid()}_{next(_db_counter)}"
-    store = PostgresStore(server.create_db(name, template), pool_size=16)
+    key = (server.dir, template)
+    name = _unchanged_copy.pop(key, None)
+    if name is None:
+        name = f"t{os.getpid()}_{next(_db_counter)}"
+        server.create_db(name, template)
+    mark = _pg_mark(server, name)
+    store = PostgresStore(server.url(name), pool_size=16)
+    keep = False
     try:
-        yield store
+        try:
+            yield store
+        except GeneratorExit:  # world's teardown closes the generator
+            pass
+        store.close()
+        keep = key not in _unchanged_copy and _pg_mark(server, name) == mark
     finally:
         store.close()
-        server.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if keep:
+            _unchanged_copy[key] = name
+        else:
+            server.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=STORES)

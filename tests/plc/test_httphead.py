@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plc.httphead import buffered_headers, http_date
+from plc.httphead import FramingError, api_post, buffered_headers, framing, http_date
 
 
 def reader(data: bytes) -> io.BufferedReader:
@@ -75,6 +75,92 @@ def test_plain_heads_take_the_fast_path() -> None:
         assert buffered_headers(reader(other)) is None, other
 
 
+def framing_by_lines(head: bytes) -> tuple[int | None, bool] | tuple[int, str]:
+    """The reference framing: every line after the request line, split at its first
+    colon, the name stripped of ASCII whitespace and lowered (as before the regex)."""
+    lengths: set[bytes] = set()
+    expect = False
+    for line in head.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if name == b"content-length":
+            for item in value.split(b","):
+                item = item.strip(b" \t\r")
+                if not (item.isdigit() and item.isascii() and len(item) <= 18):
+                    return 400, "invalid"
+                lengths.add(item.lstrip(b"0") or b"0")
+        elif name == b"transfer-encoding":
+            return 411, "chunked"
+        elif name == b"expect":
+            expect = value.strip(b" \t\r").lower() == b"100-continue"
+    if len(lengths) > 1:
+        return 400, "conflicting"
+    return (int(lengths.pop()) if lengths else None), expect
+
+
+FRAMING_NAME = st.sampled_from(["Content-Length", "content-LENGTH", " Content-Length\t",
+                                "Transfer-Encoding", "Expect", "eXpect ", "X-Content-Length",
+                                "Content-Length2", "Host", "\x0bexpect"])
+FRAMING_VALUE = st.sampled_from(["12", " 012", "1,1", "1, 2", "", " 100-continue", "abc",
+                                 "\u00b2", "9" * 19, "7\r", "Content-Length: 3"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.one_of(st.tuples(FRAMING_NAME, FRAMING_VALUE).map(lambda nv: ":".join(nv)),
+                          LINE, NAME), max_size=6),
+       st.sampled_from(["\r\n", "\n"]))
+def test_framing_reads_every_head_as_the_line_by_line_reference(lines: list[str],
+                                                                  end: str) -> None:
+    head = ("POST /PLCAPI/ HTTP/1.1" + end + "".join(x + end for x in lines) + end).encode()
+    expected = framing_by_lines(head)
+    try:
+        got: Any = framing(head)
+    except FramingError as e:
+        assert (e.status, e.text.split("(")[1].split()[0]) == expected
+    else:
+        assert got == expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(heads(), st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+       st.sampled_from(["", "Connection: close\r\n", "Connection: keep-alive\r\n",
+                        "connection:  Close\r\n", "Connection: close \r\n",
+                        "Connection: keep-alive\r\nConnection: close\r\n"]))
+def test_api_post_decides_as_the_stdlib_handler(head: bytes, version: str,
+                                                 connection: str) -> None:
+    request = f"POST /PLCAPI/ {version}\r\n{connection}".encode() + head + b"body"
+    got = api_post(request)
+    rest = reader(request[request.index(b"\n") + 1:])
+    headers = buffered_headers(rest)
+    if headers is None:  # the full handler's business
+        assert got is None
+        return
+    assert got is not None
+    start, close = got
+    assert request[start:] == rest.read()  # the body starts where the stdlib's does
+    conntype = headers.get("Connection", "").lower()
+    expected = version == "HTTP/1.0"
+    if conntype == "close":
+        expected = True
+    elif conntype == "keep-alive":
+        expected = False
+    assert close == expected
+
+
+def test_api_post_is_only_the_plain_api_call() -> None:
+    for plain in (b"POST /PLCAPI/ HTTP/1.1\r\nA: b\r\n\r\nx", b"POST /PLCAPI/ HTTP/1.1\r\n\r\nx"):
+        assert api_post(plain) == (len(plain) - 1, False)
+    assert api_post(b"POST /PLCAPI/ HTTP/1.0\r\n\r\nx") == (26, True)
+    for other in (b"POST /PLCAPI HTTP/1.1\r\n\r\n", b"POST //PLCAPI/ HTTP/1.1\r\n\r\n",
+                  b"GET /PLCAPI/ HTTP/1.1\r\n\r\n", b"POST /PLCAPI/ HTTP/1.2\r\n\r\n",
+                  b"POST /PLCAPI/?x HTTP/1.1\r\n\r\n", b"POST /PLCAPI/ HTTP/1.1\n\n",
+                  b"POST /PLCAPI/ HTTP/1.1\r\nA: 1\r\n b\r\n\r\n",
+                  b"post /PLCAPI/ HTTP/1.1\r\n\r\n"):
+        assert api_post(other) is None, other
+
+
 def test_http_date_is_the_stdlib_date() -> None:
     for _ in range(3):
         before = email.utils.formatdate(time.time(), usegmt=True)
@@ -131,3 +217,26 @@ def test_on_the_wire(plc: Any) -> None:
     assert b"<int>1</int>" in raw_exchange(plc.url, request(body, path="//PLCAPI//"))
     too_many = "".join(f"H{i}: x\r\n" for i in range(101))
     assert raw_exchange(plc.url, request(body, extra=too_many)).startswith(b"HTTP/1.1 431")
+
+
+def without_date(reply: bytes) -> bytes:
+    return b"\r\n".join(line for line in reply.split(b"\r\n") if not line.startswith(b"Date: "))
+
+
+def test_the_direct_answer_is_the_handlers_answer(plc: Any) -> None:
+    """A plain POST /PLCAPI/ is answered without http.server (plc.server.PLCServer.answer);
+    the same call by a request only the full handler takes gets the same bytes."""
+    calls = [xmlrpc.client.dumps((plc.admin,), "AuthCheck"),
+             xmlrpc.client.dumps((plc.admin, {"login_base": "nosuchsite"}), "GetSites"),
+             xmlrpc.client.dumps(({"AuthMethod": "password"},), "GetSites"),  # fault
+             xmlrpc.client.dumps((), "NoSuchMethod")]
+    for call in calls:
+        body = call.encode()
+        direct = raw_exchange(plc.url, request(body))
+        assert direct.startswith(b"HTTP/1.1 200 OK\r\nServer: PLCAPI Python/")
+        for via_handler in (request(body, path="/PLCAPI"),  # not the fast path's line
+                            request(body, extra="X-Folded: a\r\n b\r\n")):
+            assert without_date(raw_exchange(plc.url, via_handler)) == without_date(direct)
+    # a body that is not a call: the handler's 400, from both
+    bad = raw_exchange(plc.url, request(b"<methodCall>"))
+    assert bad.startswith(b"HTTP/1.1 400 ") and b"Connection: close" not in bad
