@@ -398,6 +398,13 @@ def test_a_wrong_password_flood_leaves_others_latency_within_2x(server: Any) -> 
                                   user, "8"])
         try:
             time.sleep(1.5)
+            # The address's first wrong passwords are hashed (50-65 ms of CPU each, up
+            # to the failure limit) before it is held off; on a loaded machine that
+            # can run past 1.5 s. What is bounded is the flood once held off.
+            deadline = time.monotonic() + 20
+            while (user != "-" and not server.api.password_failures.blocked(source)
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
             return latency(40)
         finally:
             flood.kill()
