@@ -65,7 +65,8 @@ def make_guard(cfg: AgentConfig, state: State) -> GuardService:
     return GuardService(
         state, addresses, Path(cfg.run_dir), reserved_ports=cfg.reserved_ports,
         uid_range=state_uid_range(state, cfg.uid_pool_start, cfg.uid_range_size),
-        host_ports=host, cgroup_parent=cfg.cgroup_parent)
+        host_ports=host, cgroup_parent=cfg.cgroup_parent,
+        roots_dir=Path(cfg.state_dir) / "roots")
 
 
 def make_management(cfg: AgentConfig, state: State, reconciler: Reconciler,

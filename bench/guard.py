@@ -10,6 +10,9 @@ Figures, all from one run on this machine:
   the guard filter against outside it, and under a filter that allows everything
   (seccomp's own cost). seccomp adds a fixed cost at syscall entry, so the ratio
   shows where it matters (tiny syscalls) and where it does not (real work per call).
+- statfs (kernel/bin/guard-probe slat) in real slivers on the layer store: unguarded,
+  guarded and answered by the agent with the sliver's disk_max (agent.guard.statfs),
+  and guarded on /proc (the agent says CONTINUE), us per call.
 Targets: agent/C per guarded bind <= 1.5; inside/outside for unguarded syscalls <= 1.02.
 The last line of output is one JSON object of the figures.
 """
@@ -181,6 +184,69 @@ def in_real_sliver(calls: list[str]) -> dict[str, list[float]]:
     return out
 
 
+STATFS_CALLS = int(os.environ.get("GUARD_BENCH_STATFS", "20000"))
+
+
+def statfs_in_slivers() -> dict[str, float]:
+    """us per statfs() in a real sliver: unguarded (/), guarded with a disk limit
+    answered by the agent (/), guarded and CONTINUEd (/proc); median of ROUNDS. The
+    slice's CPU budget (F36) is lifted: a tight loop of notified calls is a flood,
+    which the budget holds to about 5% of a CPU (then ~1 ms a call)."""
+    import shutil
+
+    import agent.guard.supervisor as sup
+    from agent.guard.decide import CpuBudget
+
+    class Unbounded(CpuBudget):
+        def rest(self) -> float:
+            return 0.0
+    sup.CpuBudget = Unbounded  # type: ignore[misc]
+
+    from agent.guard.service import GuardService
+    from agent.guard.statfs import sliver_disks
+    from agent.guard.supervisor import Guard
+    from kernel.context import GuardSpec
+    from tests.kernel.test_context_support import slivers
+
+    out: dict[str, list[float]] = {"statfs_unguarded_us": [], "statfs_guarded_us": [],
+                                   "statfs_continued_us": []}
+    with slivers(images=True) as sl, tempfile.TemporaryDirectory() as tmp:
+        plain = sl.create(disk_max_kib=65536)
+        agent_end, sink = socket.socketpair()
+        try:
+            ctx = sl.create(guard=GuardSpec(filter=GuardService.filter(),
+                                            listener_sink=sink.fileno()), disk_max_kib=65536)
+            _, fds, _, _ = socket.recv_fds(agent_end, 4, 2)
+        finally:
+            agent_end.close()
+            sink.close()
+        for c in (plain, ctx):
+            shutil.copy(BIN / "guard-probe", c.root / "bin" / "guard-probe")
+        guard = Guard(PortService(PortTable([], read_ephemeral_range())), Path(tmp),
+                      disk_of=sliver_disks(sl.roots_dir))
+        guard.set_sockd(ctx.name, fds[1])
+
+        def slat(c: object, path: str) -> float:
+            rc, o, e = c.output(["/bin/guard-probe", "slat", str(STATFS_CALLS), path],  # type: ignore[attr-defined]
+                                timeout=600)
+            if rc != 0:
+                raise RuntimeError(f"guard-probe slat: {e.decode().strip()}")
+            return parse(o.decode()) / 1000
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(guard.supervise, ctx.name, fds[0])
+                for _ in range(ROUNDS):
+                    out["statfs_unguarded_us"].append(
+                        await trio.to_thread.run_sync(slat, plain, "/"))
+                    out["statfs_guarded_us"].append(await trio.to_thread.run_sync(slat, ctx, "/"))
+                    out["statfs_continued_us"].append(
+                        await trio.to_thread.run_sync(slat, ctx, "/proc"))
+                nursery.cancel_scope.cancel()
+        trio.run(run)
+    return {k: round(statistics.median(v), 2) for k, v in out.items()}
+
+
 def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/guard.py needs root (seccomp listeners, pidfd_getfd)")
@@ -211,6 +277,10 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - report, keep the other figures
         print(f"real sliver figures unavailable: {exc}")
     med = {k: round(statistics.median(v), 3) for k, v in figures.items()}
+    try:
+        med.update(statfs_in_slivers())
+    except Exception as exc:  # noqa: BLE001 - report, keep the other figures
+        print(f"statfs figures unavailable: {exc}")
     un = med["bind_unguarded_us"]
     result = {
         **med,
@@ -241,6 +311,10 @@ def main() -> None:
         print(f"  {labels[c]:11s} {med[f'{c}_outside_ns']:9.1f} / {med[f'{c}_inside_ns']:9.1f} / "
               f"{med[f'{c}_allow_all_ns']:9.1f}  ({result[f'{c}_inside_over_outside']}, "
               f"+{result[f'{c}_inside_minus_outside_ns']} ns{sliver})")
+    if "statfs_guarded_us" in med:
+        print(f"statfs in a sliver, us per call: unguarded {med['statfs_unguarded_us']} / "
+              f"guarded, answered with disk_max {med['statfs_guarded_us']} / guarded, "
+              f"CONTINUE (/proc) {med['statfs_continued_us']}")
     print(json.dumps(result))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _socket
 import ctypes
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -47,6 +48,19 @@ def bind_bytes(fd: int, raw: bytes) -> int:
     if _bind(fd, raw, len(raw)) == 0:
         return 0
     return ctypes.get_errno()
+
+
+def already_bound(fd: int, info: tuple[int, int, int], address: str, port: int) -> bool:
+    """Is socket `fd` bound to `address`:`port` (any port if 0) already?"""
+    family = info[0]
+    with socket.socket(family, info[1], info[2], fileno=os.dup(fd)) as sock:
+        try:
+            got = sock.getsockname()
+        except OSError:
+            return False
+    bound_port = got[1]
+    return bound_port != 0 and (port == 0 or bound_port == port) and \
+        socket.inet_pton(family, got[0]) == socket.inet_pton(family, address)
 
 
 def attach_filter(sock: socket.socket, filter_bytes: bytes, lock: bool = True) -> None:

@@ -114,3 +114,56 @@ class RemoteReader:
                 raise error("process_vm_readv", pid)
             raise OSError(14, f"process_vm_readv: short read {got}/{length}", pid)
         return bytes(self._view[:length])
+
+
+PAGE = 4096
+
+
+def read_cstring(pid: int, address: int, limit: int) -> bytes:
+    """The NUL-terminated string at `address` of `pid`, without its NUL, read page by
+    page (a string may end just before an unmapped page). OSError(EFAULT) if a byte
+    before the NUL is unreadable, OSError(ENAMETOOLONG) if there is no NUL in the
+    first `limit` bytes (what the kernel says of a path longer than PATH_MAX)."""
+    got = bytearray()
+    while len(got) < limit:
+        chunk = min(limit - len(got), PAGE - (address + len(got)) % PAGE)
+        part = read_memory(pid, address + len(got), chunk)
+        end = part.find(b"\0")
+        if end >= 0:
+            return bytes(got + part[:end])
+        got += part
+    raise OSError(36, f"no NUL in {limit} bytes", pid)
+
+
+def open_memory(tid: int) -> int:
+    """/proc/TID/mem, open for writing: the fd pins the thread's address space, so a
+    write through it never lands in a process that later reuses the number. Check
+    the thread is still the one expected after this (seccomp's NOTIF_ID_VALID).
+    Writes through it use FOLL_FORCE: see `writable`."""
+    return os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+
+
+def writable(maps_fd: int, address: int, length: int, limit: int = 1 << 18) -> bool | None:
+    """Is [address, address+length) mapped writable, per /proc/TID/maps open as
+    `maps_fd` (at offset 0)? None if the first `limit` bytes of the file do not say
+    (a process with thousands of mappings). /proc/TID/mem writes (FOLL_FORCE) also
+    reach private read-only mappings, where the thread's own write would fault:
+    check this first."""
+    end, want, done, tail = address + length, address, 0, b""
+    while done < limit:
+        chunk = os.read(maps_fd, 65536)   # seq_file: about a page per read
+        if not chunk:
+            return False   # the whole file read: not mapped
+        done += len(chunk)
+        *lines, tail = (tail + chunk).split(b"\n")
+        for line in lines:
+            fields = line.split(b" ", 2)
+            lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
+            if hi <= want:
+                continue
+            if lo > want or fields[1][1:2] != b"w":
+                return False
+            want = hi
+            if want >= end:
+                return True
+    return None

@@ -17,6 +17,7 @@ import trio
 
 from agent.config import defaults
 from agent.guard.api import GuardAPI
+from agent.guard.statfs import sliver_disks
 from agent.guard.supervisor import Guard
 from agent.ports.host import HostPorts, state_uid_owner
 from agent.ports.store import PortService, StatePortStore
@@ -24,6 +25,7 @@ from agent.ports.table import PortTable, parse_ports_tag, read_ephemeral_range
 from agent.rawsock.service import RawSockets
 from kernel import seccomp
 from kernel.cgroups import PARENT, SliverCgroup, detect_layout
+from kernel.libc import NR_BIND, NR_FSTATFS, NR_STATFS
 from kernel.pidfd import pidfd_getfd, pidfd_open
 
 log = logging.getLogger("agent.guard")
@@ -168,14 +170,17 @@ class GuardService:
                  reserved_ports: str | None = None,
                  uid_range: Callable[[str], tuple[int, int] | None] | None = None,
                  host_ports: Any = None,
-                 cgroup_parent: str | None = None) -> None:
+                 cgroup_parent: str | None = None,
+                 roots_dir: Path | None = None) -> None:
         """`host_ports`: an `agent.ports.HostPorts` (F30; None: none when `state`
         is None, else one from the state's uid ranges). `reserved_ports`: host ports
         no slice may own, in the ports tag syntax (agent config key `reserved_ports`;
         None: that key's default). `uid_range`: a slice's host uids (first, count), see
         `Guard`; None: from the state's uid_ranges table and the config keys' defaults
         (`state_uid_range`). `cgroup_parent`: where the slivers' cgroups are (config
-        key; None: the default), to find a sliver's processes (`cgroup_members`)."""
+        key; None: the default), to find a sliver's processes (`cgroup_members`).
+        `roots_dir`: where the slivers' roots and disk layers are (the backend's
+        <state_dir>/roots), for statfs answers with each sliver's disk_max."""
         if reserved_ports is None:
             reserved_ports = defaults().reserved_ports
         if host_ports is None and state is not None:
@@ -189,7 +194,8 @@ class GuardService:
         if uid_range is None and state is not None:
             uid_range = state_uid_range(state)
         self.guard = Guard(self.ports, Path(run_dir) / "guard", uid_range,
-                           sliver_cgroups(cgroup_parent))
+                           sliver_cgroups(cgroup_parent),
+                           sliver_disks(roots_dir) if roots_dir is not None else None)
         self.raw = RawSockets(lambda: self.ports.table, host_ports)
         self.ports.on_lost.append(self.raw.ports_lost)
         self.api = GuardAPI(self.guard, self.raw)
@@ -197,8 +203,9 @@ class GuardService:
 
     @staticmethod
     def filter() -> bytes:
-        """The filter bytes for `kernel.context.GuardSpec.filter`."""
-        return seccomp.guard_filter(sockd=True)
+        """The filter bytes for `kernel.context.GuardSpec.filter`: binds, and statfs
+        and fstatfs (`agent.guard.statfs`), notified; socket() through sockd."""
+        return seccomp.guard_filter(notify=(NR_BIND, NR_STATFS, NR_FSTATFS), sockd=True)
 
     def sliver_created(self, name: str, agent_end: socket.socket) -> None:
         """After Context.create(..., guard=GuardSpec(filter(), sink)): take the listener

@@ -1,13 +1,10 @@
 """The guard supervisor: answers the seccomp user notifications of every sliver
-(the bind path and the loop; the whole design is in `agent.guard`'s docstring and
-docs/guard.md).
-
-Per bind notification: copy the caller's socket (pidfd_getfd) and read its sockaddr
-(process_vm_readv); check the caller still waits (SECCOMP_IOCTL_NOTIF_ID_VALID);
-decide (`agent.guard.decide`); bind the copy with the agent's own bytes and reply.
-Never CONTINUE. The parts it uses: `decide` (pure decisions), `pidfds` (caller pidfd
-cache), `journal` (restarts), `fast` (the C fast path), `revoke` (sockets of ports
-taken from a slice).
+(the design: `agent.guard`'s docstring and docs/guard.md). Per bind: copy the
+caller's socket (pidfd_getfd), read its sockaddr (process_vm_readv), check the
+caller still waits (NOTIF_ID_VALID), decide (`decide`), bind the copy with the
+agent's own bytes and reply; never CONTINUE. Also: socket() to sockd (`sockd`),
+statfs (`statfs`, the one CONTINUE). Parts: `pidfds` (caller pidfd cache),
+`journal` (restarts), `fast` (the C fast path), `revoke` (ports taken back).
 """
 
 from __future__ import annotations
@@ -46,12 +43,13 @@ from agent.guard.pidfds import PIDFD_THREAD, PidfdCache, ns_tgid
 from agent.guard.revoke import Revoker
 from agent.guard.slicecpu import slice_cpu_reader
 from agent.guard.sockd import FORWARDED, SockdLinks
+from agent.guard.statfs import CONTINUED, NOTIFIED, DiskOf, StatfsAnswers
 from agent.guard.stats import GuardStats
 from agent.ports.store import PortService
 from agent.ports.table import PortTable
 from agent.tokenbucket import TokenBuckets
 from kernel import guardfast, seccomp
-from kernel.packet import bind_bytes, sock_info
+from kernel.packet import already_bound, bind_bytes, sock_info
 from kernel.pidfd import RemoteReader, pidfd_open
 
 log = logging.getLogger("agent.guard")
@@ -62,19 +60,6 @@ DECISIONS = 1024  # cached port table decisions per Guard (cleared when full)
 BATCH = 32  # notifications handled per scheduler turn of one listener
 REFUSAL_LOG_RATE, REFUSAL_LOG_BURST = 5.0, 20  # refusal log lines per slice
 BINDAS_CHARGE = 0.002  # agent CPU charged per guard-bindas run (spawn and wait)
-
-
-def _already_bound(fd: int, info: tuple[int, int, int], address: str, port: int) -> bool:
-    """Is socket `fd` bound to `address`:`port` (any port if 0) already?"""
-    family = info[0]
-    with socket.socket(family, info[1], info[2], fileno=os.dup(fd)) as sock:
-        try:
-            got = sock.getsockname()
-        except OSError:
-            return False
-    bound_port = got[1]
-    return bound_port != 0 and (port == 0 or bound_port == port) and \
-        socket.inet_pton(family, got[0]) == socket.inet_pton(family, address)
 
 
 class _AsCaller(NamedTuple):
@@ -96,14 +81,17 @@ class Guard:
 
     def __init__(self, ports: PortService, run_dir: Path,
                  uid_range: Callable[[str], tuple[int, int] | None] | None = None,
-                 cgroups: Callable[[str], list[Path]] | None = None) -> None:
+                 cgroups: Callable[[str], list[Path]] | None = None,
+                 disk_of: DiskOf | None = None) -> None:
         """`uid_range(slice)`: the slice's host uids as (first, count), or None if
         unknown; with it, sockets on ports taken from a slice are closed (F20).
         `cgroups(slice)`: the sliver's cgroup directories (`sliver_cgroups`). The
         holders of a revoked UDP socket are looked for among their processes (F32;
         without: every process of the node with a uid of the slice), and the
-        guard-bindas helper runs in them, charged to the slice (F36)."""
+        guard-bindas helper runs in them, charged to the slice (F36). `disk_of`:
+        `agent.guard.statfs.sliver_disks` (None: statfs runs as is)."""
         self.ports = ports
+        self.statfs = StatfsAnswers(disk_of)
         self.uid_range = uid_range
         self.cgroups = cgroups
         self.run_dir = Path(run_dir)
@@ -143,6 +131,8 @@ class Guard:
         try:
             if n.nr == seccomp.NR_SOCKET:   # made by the sliver's sockd (F38)
                 return self.sockd.forward(slice_name, listener, n)
+            if n.nr in NOTIFIED:   # the sliver's disk limit (agent.guard.statfs)
+                return self.statfs.answer(slice_name, listener, n)
             if n.nr != seccomp.NR_BIND:
                 raise Denied(errno.ENOSYS, f"syscall {n.nr} is not guarded by this agent")
             return self._bind(slice_name, listener, n, redo)
@@ -207,7 +197,6 @@ class Guard:
             await trio.lowlevel.wait_readable(self.pidfds.exits_fd())
             self.reap_pidfds()
 
-
     def _bind_socket(self, slice_name: str, listener: int, n: seccomp.Notification, fd: int,
                      info: tuple[int, int, int], raw: bytes, redo: bool) -> Outcome | _AsCaller:
         family = info[0]
@@ -227,7 +216,7 @@ class Guard:
                               decision.reason)
                 raise Denied(decision.errno, decision.reason)
             err = bind_bytes(fd, raw)
-            if err == errno.EINVAL and redo and _already_bound(fd, info, d.address, d.port):
+            if err == errno.EINVAL and redo and already_bound(fd, info, d.address, d.port):
                 err = 0  # the previous supervisor did it before it died
             if err == 0 and fast is not None:
                 fast.allow(family, info[1], info[2], raw)   # decided under this table
@@ -342,7 +331,9 @@ class Guard:
                       errno.errorcode.get(out.error, out.error))
         try:
             io = self._io.get(listener)
-            if io is not None:
+            if out is CONTINUED:
+                seccomp.notif_continue(listener, n.id)
+            elif io is not None:
                 io.send(n.id, out.error)
             else:
                 seccomp.notif_send(listener, n.id, 0, out.error)
@@ -494,6 +485,7 @@ class Guard:
         """The sliver went: free its ports and forget its journal."""
         self.ports.release_slice(slice_name)
         self.sockd.release(slice_name)
+        self.statfs.forget(slice_name)
         try:
             journal_path(self.run_dir, slice_name).unlink()
         except FileNotFoundError:

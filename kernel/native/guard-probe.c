@@ -13,6 +13,17 @@
  *   guard-probe unix PATH  "unix ERRNO": bind a Unix socket ('@' first: abstract)
  *   guard-probe socket FAMILY TYPE PROTO
  *                          "socket ERRNO": socket(FAMILY, TYPE, PROTO), numbers
+ *   guard-probe statfs PATH / fstatfs PATH
+ *                          "statfs ERRNO TYPE BSIZE FRSIZE BLOCKS BFREE BAVAIL FILES":
+ *                          statfs(PATH), or fstatfs of PATH opened O_RDONLY
+ *   guard-probe statfs-bad PATH
+ *                          "NAME ERRNO" lines: statfs(PATH) into a NULL, a read-only
+ *                          and a text-segment buffer; of a path with no NUL within
+ *                          PATH_MAX, and of one running into an unmapped page
+ *   guard-probe sflood SECONDS PROCS PATH
+ *                          "sflood TOTAL": PROCS processes statfs(PATH) in a loop
+ *   guard-probe slat COUNT PATH
+ *                          "slat NS_PER_CALL": COUNT statfs(PATH) back to back
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -21,7 +32,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/statfs.h>
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -218,8 +232,100 @@ static int probe_flood(double seconds, int procs, const char *addr, int port)
 	return 0;
 }
 
+static void print_statfs(const char *what, int ret, const struct statfs *f)
+{
+	if (ret < 0) {
+		printf("%s %d\n", what, errno);
+		return;
+	}
+	printf("%s 0 %lx %ld %ld %llu %llu %llu %llu\n", what, (long)f->f_type, (long)f->f_bsize,
+	       (long)f->f_frsize, (unsigned long long)f->f_blocks,
+	       (unsigned long long)f->f_bfree, (unsigned long long)f->f_bavail,
+	       (unsigned long long)f->f_files);
+}
+
+static int probe_statfs(const char *path, int by_fd)
+{
+	struct statfs f;
+	int ret;
+	if (by_fd) {
+		int fd = open(path, O_RDONLY);
+		ret = fd < 0 ? fd : fstatfs(fd, &f);
+	} else {
+		ret = statfs(path, &f);
+	}
+	print_statfs(by_fd ? "fstatfs" : "statfs", ret, &f);
+	return 0;
+}
+
+static int probe_statfs_bad(const char *path)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	struct statfs *volatile nul = NULL;   /* volatile: glibc declares buf nonnull */
+	printf("null %d\n", statfs(path, nul) < 0 ? errno : 0);
+	void *ro = mmap(NULL, (size_t)page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	printf("readonly %d\n", statfs(path, ro) < 0 ? errno : 0);
+	printf("text %d\n", statfs(path, (struct statfs *)(void *)probe_statfs_bad) < 0 ? errno : 0);
+	char *two = mmap(NULL, 2 * (size_t)page, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	struct statfs f;
+	memset(two, 'a', 2 * (size_t)page);
+	two[0] = '/';
+	printf("toolong %d\n", statfs(two, &f) < 0 ? errno : 0);
+	munmap(two + page, (size_t)page);
+	printf("unterminated %d\n", statfs(two + page / 2, &f) < 0 ? errno : 0);
+	return 0;
+}
+
+static int probe_sflood(double seconds, int procs, const char *path)
+{
+	int pipefd[2];
+	if (pipe(pipefd) < 0)
+		return 1;
+	for (int p = 0; p < procs; p++) {
+		if (fork() == 0) {
+			long n = 0;
+			struct statfs f;
+			double end = now_us() + seconds * 1e6;
+			while (now_us() < end) {
+				statfs(path, &f);
+				n++;
+			}
+			if (write(pipefd[1], &n, sizeof n) != sizeof n)
+				_exit(1);
+			_exit(0);
+		}
+	}
+	close(pipefd[1]);
+	long total = 0, n;
+	while (read(pipefd[0], &n, sizeof n) == sizeof n)
+		total += n;
+	while (wait(NULL) > 0)
+		;
+	printf("sflood %ld\n", total);
+	return 0;
+}
+
+static int probe_slat(long count, const char *path)
+{
+	struct statfs f;
+	double t0 = now_us();
+	for (long i = 0; i < count; i++)
+		statfs(path, &f);
+	printf("slat %.0f\n", (now_us() - t0) * 1e3 / (double)count);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 3 && (strcmp(argv[1], "statfs") == 0 || strcmp(argv[1], "fstatfs") == 0))
+		return probe_statfs(argv[2], argv[1][0] == 'f');
+	if (argc == 3 && strcmp(argv[1], "statfs-bad") == 0)
+		return probe_statfs_bad(argv[2]);
+	if (argc == 5 && strcmp(argv[1], "sflood") == 0)
+		return probe_sflood(atof(argv[2]), atoi(argv[3]), argv[4]);
+	if (argc == 4 && strcmp(argv[1], "slat") == 0)
+		return probe_slat(atol(argv[2]), argv[3]);
 	if (argc == 5 && strcmp(argv[1], "hold") == 0)
 		return probe_hold(atol(argv[2]), argv[3], atoi(argv[4]));
 	if (argc == 5 && strcmp(argv[1], "lat") == 0)

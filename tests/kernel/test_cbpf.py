@@ -11,10 +11,11 @@ import hashlib
 
 import pytest
 
+from agent.guard.service import GuardService
 from agent.ports import PortRange
 from agent.rawsock import error_filter, sniffer_filter
 from kernel import cbpf, seccomp
-from kernel.libc import NR_BIND, NR_CONNECT
+from kernel.libc import NR_BIND, NR_CONNECT, NR_FSTATFS, NR_STATFS
 
 HOLDINGS = [PortRange("udp", 5000, 5010, "127.0.0.1"), PortRange("tcp", 80, 80, "10.1.2.3"),
             PortRange("icmp", 7, 7, "::1"), PortRange("tcp", 8000, 8100, "fd00::5")]
@@ -29,6 +30,10 @@ GOLDEN = {
     "guard_no_sockets": (29, "9031ca7ad608da6ee13fd7da414e8bcee06d497878914294ee2f548fc86fe78e"),
     "guard_no_userns": (48, "59ef1792f8bdae1b2134a38cb6ba8e9c744c5cecf5b98271d6519ce0996ab8e5"),
     "guard_bare": (7, "7effeb3cbb5d160f8e0e4a6639ebed32eba4b66bb813d59fdc3390842fb54a1b"),
+    # Not from the old assemblers: the agent's own filter (GuardService.filter) since
+    # it notifies statfs and fstatfs; test_the_agent_filter_is_the_sockd_one_plus_statfs
+    # checks it is the sockd program with exactly those two notify pairs added.
+    "guard_agent": (61, "77cc375bdb1a4425800a1c936beccb5375df66f83812f1d6e4364d0c24016b4b"),
     "sniffer_empty": (84, "757a52cf41facf7dbce4cca9af59bf6b3e81e053abbf14b5fcef40802db74cdb"),
     "sniffer_mixed": (226, "321904463e3313f670f4cb67f9dad6d28ede9e90f20e059e669a075b529aa3bd"),
     "error_mixed": (96, "a7071273f7d1243db94f1ffe426e3e6dedbc18818e81b0efd1e640bae93569b2"),
@@ -41,6 +46,7 @@ BUILDERS = {
     "guard_no_userns": lambda: seccomp.guard_filter(refuse_userns=False),
     "guard_bare": lambda: seccomp.guard_filter(notify=(), refuse=(), guard_sockets=False,
                                                refuse_userns=False),
+    "guard_agent": lambda: GuardService.filter(),
     "sniffer_empty": lambda: sniffer_filter([]),
     "sniffer_mixed": lambda: sniffer_filter(HOLDINGS, ["192.0.2.1", "2001:db8::1"]),
     "error_mixed": lambda: error_filter(HOLDINGS),
@@ -51,6 +57,19 @@ BUILDERS = {
 def test_programs_byte_identical_to_the_old_assemblers(name: str) -> None:
     prog = BUILDERS[name]()
     assert (len(prog) // 8, hashlib.sha256(prog).hexdigest()) == GOLDEN[name]
+
+
+def test_the_agent_filter_is_the_sockd_one_plus_statfs() -> None:
+    """The agent's filter = guard_filter(sockd=True) with statfs and fstatfs notified:
+    the same instructions, two JEQ/RET_USER_NOTIF pairs after bind's (jumps are
+    relative and only forward past them, so nothing else moves)."""
+    def insns(prog: bytes) -> list[bytes]:
+        return [prog[i:i + 8] for i in range(0, len(prog), 8)]
+    agent, sockd = insns(GuardService.filter()), insns(seccomp.guard_filter(sockd=True))
+    notify = [cbpf.SOCK_FILTER.pack(cbpf.JEQ_K, 0, 1, nr) for nr in (NR_STATFS, NR_FSTATFS)]
+    ret = cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, seccomp.SECCOMP_RET_USER_NOTIF)
+    assert sockd[6:8] == [cbpf.SOCK_FILTER.pack(cbpf.JEQ_K, 0, 1, NR_BIND), ret]
+    assert agent == sockd[:8] + [notify[0], ret, notify[1], ret] + sockd[8:]
 
 
 def test_labels_resolve_to_forward_skips() -> None:

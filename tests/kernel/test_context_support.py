@@ -94,10 +94,11 @@ class Slivers:
         return private_root(self.tmp / "private" / name, base)
 
     def create(self, name: str | None = None, limits: Limits | None = None,
-               uid_base: int | None = None, **kw: object) -> Context:
+               uid_base: int | None = None, disk_max_kib: int | None = None,
+               **kw: object) -> Context:
         name = name or self.name()
         base = uid_base if uid_base is not None else unique_uid_base()
-        root = self.root(name, base)
+        root = self.root(name, base, disk_max_kib)
         ctx = Context.create(self.run_dir, name, root, base, limits=limits or Limits(),
                              **kw)  # type: ignore[arg-type]
         self.contexts.append(ctx)
