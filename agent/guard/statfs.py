@@ -25,10 +25,9 @@ filter notifies both calls; for each, `StatfsAnswers.answer`:
    with its own errors. Safe because nothing is authorised by it: a caller racing
    its own path or memory only changes which figures it sees of its own view.
 
-Known difference: the resolution runs with the agent's credentials, so a caller
-inside the sliver that could not search a directory of its own sliver gets the
-limit figures for a path under it where the kernel would say EACCES (it learns that
-the path exists on the root filesystem; nothing outside the sliver).
+The lookup runs under the caller's filesystem ids (kernel/fsview.py), so it finds
+only what the caller may reach itself; where it would need a capability, the kernel
+answers.
 """
 
 from __future__ import annotations

@@ -75,16 +75,17 @@ async def supervise(nursery: trio.Nursery, guard: Guard, ctx: Context, listener:
     await nursery.start(guard.supervise, ctx.name, listener)
 
 
-async def sh(ctx: Context, cmd: str) -> str:
+async def sh(ctx: Context, cmd: str, user: str = "root") -> str:
     rc, out, err = await trio.to_thread.run_sync(
-        lambda: ctx.output(["/bin/sh", "-c", cmd], timeout=60))
+        lambda: ctx.output(["/bin/sh", "-c", cmd], user, timeout=60))
     assert rc == 0, (cmd, rc, out, err)
     return out.decode()
 
 
-async def statfs(ctx: Context, path: str, call: str = "statfs", cwd: str = "/") -> list[int]:
+async def statfs(ctx: Context, path: str, call: str = "statfs", cwd: str = "/",
+                 user: str = "root") -> list[int]:
     """[errno, f_type, f_bsize, f_frsize, f_blocks, f_bfree, f_bavail, f_files]."""
-    words = (await sh(ctx, f"cd {cwd} && /bin/guard-probe {call} '{path}'")).split()
+    words = (await sh(ctx, f"cd {cwd} && /bin/guard-probe {call} '{path}'", user)).split()
     assert words[0] == call, words
     return [int(words[1]), *(int(w, 16 if i == 0 else 10) for i, w in enumerate(words[2:]))]
 
@@ -197,6 +198,29 @@ async def test_paths_resolve_in_the_sliver_and_bad_buffers_fault(
                    .splitlines())
         assert out == {"null": "14", "readonly": "14", "text": "14", "toolong": "36",
                        "unterminated": "14"}, out
+        nursery.cancel_scope.cancel()
+
+
+async def test_paths_resolve_with_the_callers_permissions(
+        sl: Slivers, tmp_path: Path) -> None:
+    """The guard looks a path up with the caller's filesystem ids, not the agent's: a
+    sliver user gets the kernel's EACCES under a directory it may not search (the
+    existence of what is inside is not told), while its owner gets the limit."""
+    a, la, ca = guarded(sl, "p", 8192)
+    guard = guard_for(sl, tmp_path, a)
+    async with trio.open_nursery() as nursery:
+        await supervise(nursery, guard, a, la, ca)
+        await sh(a, "mkdir -m 700 /priv && mkdir /priv/sub && "
+                    "echo 'u1:x:1000:1000::/:/bin/sh' >> /etc/passwd && "
+                    "echo 'u1:x:1000:' >> /etc/group")
+        for path in ("/priv/sub", "/priv/none"):
+            got = await statfs(a, path, user="u1")
+            assert got[0] == 13, (path, got)      # the kernel's EACCES, both alike
+        got = await statfs(a, "/etc", user="u1")
+        assert got[0] == 0 and got[4] * got[3] == 8192 * 1024, got
+        got = await statfs(a, "/priv/sub")        # root of the sliver owns /priv
+        assert got[0] == 0 and got[4] * got[3] == 8192 * 1024, got
+        assert guard.statfs.answered >= 2
         nursery.cancel_scope.cancel()
 
 
