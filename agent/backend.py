@@ -214,6 +214,8 @@ class KernelBackend(CpuGrants):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store = ImageStore(self.images_dir)
         self._contexts: dict[str, Any] = {}
+        # disk_max_kib last set by update() (an in-place update skips an unchanged one)
+        self._disk_applied: dict[str, int | None] = {}
         self.guard_filter = guard_filter
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
@@ -328,7 +330,9 @@ class KernelBackend(CpuGrants):
         ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
         new context is returned, as by create."""
         ctx = self._context(plan.name)
-        set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+        if self._disk_applied.get(plan.name, -1) != plan.disk_max_kib:
+            set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+            self._disk_applied[plan.name] = plan.disk_max_kib
         limits = self._cpu_limits(plan, kernel_limits(plan.limits))
         if not self.needs_restart(plan):
             ctx.update_limits(limits)
@@ -377,6 +381,7 @@ class KernelBackend(CpuGrants):
 
     def _destroy(self, name: str) -> None:
         ctx = self._contexts.pop(name, None)
+        self._disk_applied.pop(name, None)
         if ctx is None and name in self.live():
             ctx = Context.adopt(self.run_dir, name)
         if ctx is not None:

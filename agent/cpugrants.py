@@ -53,6 +53,8 @@ class CpuGrants:
         self._cpu_grants = {n: cpu_policy.CpuGrant.from_json(g)
                             for n, g in book.get("grants", {}).items()}
         self._cpu_frozen: set[str] = set(book.get("frozen_by_policy", []))
+        self._cpu_excl_set = False      # the parent's exclusive set written once here
+        self._cpu_saved: tuple[Any, ...] | None = None   # what the book on disk holds
 
     def _cpu_limits(self, plan: Any, base: Any) -> Any:
         """`base` (kernel Limits for `plan`) with its CPU grant; the node's grants are
@@ -80,19 +82,28 @@ class CpuGrants:
                 for why in g.refused:
                     log.warning("sliver %s: %s", name, why)
         self._cpu_grants = new
-        running = set(Context.list(self.run_dir))
-        others = [n for n in new if n != skip and n in running]
+        # Only the others whose grant moved are written (a weight change of one sliver
+        # leaves the rest as they are), and the book only when something changed.
+        others = [n for n in new if n != skip and new[n] != old.get(n)]
+        if others:
+            running = set(Context.list(self.run_dir))
+            others = [n for n in others if n in running]
         excl = cpu_policy.cpulist([c for g in new.values() if g.partition for c in g.cores])
+        old_excl = cpu_policy.cpulist([c for g in old.values() if g.partition for c in g.cores])
         # Shrink first: the members (the pool), then the parent's exclusive set, then
         # the partitions.
         for name in others:
             if not new[name].partition:
                 self._cpu_write(name, new[name])
-        cg.set_parent_exclusive(layout, self.cgroup_parent, excl)
+        if excl != old_excl or not self._cpu_excl_set:
+            cg.set_parent_exclusive(layout, self.cgroup_parent, excl)
+            self._cpu_excl_set = True
         for name in others:
             if new[name].partition:
                 self._cpu_write(name, new[name])
-        self._cpu_save()
+        book = (dict(self._cpu_requests), new, set(self._cpu_frozen))
+        if book != self._cpu_saved:
+            self._cpu_save()
 
     def _cpu_write(self, name: str, g: cpu_policy.CpuGrant) -> None:
         try:
@@ -130,6 +141,8 @@ class CpuGrants:
         tmp = self.cpu_path.with_name(self.cpu_path.name + ".tmp")
         tmp.write_text(json.dumps(book, sort_keys=True))
         tmp.replace(self.cpu_path)
+        self._cpu_saved = (dict(self._cpu_requests), dict(self._cpu_grants),
+                           set(self._cpu_frozen))
 
     def cpu_grant(self, name: str) -> dict[str, Any] | None:
         g = self._cpu_grants.get(name)

@@ -23,7 +23,7 @@ from agent.rcaps import RcapService, store  # noqa: E402
 from agent.rcaps.model import amounts_of, token_id, zero  # noqa: E402
 from agent.state import State  # noqa: E402
 
-N_CALLS = 50
+N_CALLS = int(os.environ.get("RCAPS_N", "50"))
 
 
 def ms(samples: list[float]) -> dict[str, float]:
@@ -33,20 +33,17 @@ def ms(samples: list[float]) -> dict[str, float]:
 
 
 def agent_socket() -> dict[str, Any]:
-    from agent_node import Site, cleanup_node, make_node, plc_server, wait_for
+    from agent_node import Site, cleanup_node, make_node, plc_server, wait_for, with_bandwidth
     from bwnet import veth_netns
 
-    from agent import config
     from agent.sliceapi import client
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=f"bench-rcaps-{os.getpid()}-") as tmp, \
             plc_server(Path(tmp)) as plc, veth_netns("q") as net:
         site = Site(plc)
-        node = make_node(plc, site.hostname, api_rate=10_000, api_burst=10_000)
-        with open(node.cfg_path, "a") as f:
-            f.write(f'\n[bandwidth]\ninterfaces = ["{net.host}"]\n')
-        node.cfg = config.load(node.cfg_path)
+        node = with_bandwidth(make_node(plc, site.hostname, api_rate=10_000,
+                                        api_burst=10_000), net.host)
         agents = []
         try:
             a, b = (site.add_slice(s, cpu_share="10", net_max_rate="20000") for s in "ab")
@@ -79,6 +76,7 @@ def agent_socket() -> dict[str, Any]:
                 t2 = time.perf_counter()
                 lend.append(t1 - t0)
                 back.append(t2 - t1)
+            print(node.log_text()[-200:], file=sys.stderr); import shutil; shutil.copy(node.base / "agent.log", "/tmp/rcports-agent.log")
             out = {"acquire": ms(acq), "split": ms(spl), "bind_applied": ms(bnd),
                    "release_applied": ms(rel), "loan_applied_cgroups_htb": ms(lend),
                    "loan_revoked_applied": ms(back)}
