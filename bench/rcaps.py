@@ -76,7 +76,6 @@ def agent_socket() -> dict[str, Any]:
                 t2 = time.perf_counter()
                 lend.append(t1 - t0)
                 back.append(t2 - t1)
-            print(node.log_text()[-200:], file=sys.stderr); import shutil; shutil.copy(node.base / "agent.log", "/tmp/rcports-agent.log")
             out = {"acquire": ms(acq), "split": ms(spl), "bind_applied": ms(bnd),
                    "release_applied": ms(rel), "loan_applied_cgroups_htb": ms(lend),
                    "loan_revoked_applied": ms(back)}

@@ -15,6 +15,11 @@ ends with everything lent on it. Per slice and resource:
     sum(loans from own holdings) <= max(0, holdings - MINIMUM)
     sum(loans lent on loan L)    <= L.amount                  (only if L.relend)
 
+Ports are a set, not an amount: an rcap's split-off parts are disjoint subsets of its
+ports, the node roots' port sets are disjoint, a slice lends only ports it holds and
+has not lent, and a loan lent on a port loan takes a subset of it not lent yet. So no
+two slices are ever given the same port (`effective_ports`).
+
 `check()` verifies all of it (the property test calls it after every step). Every
 change marks the rcaps and loans it touched dirty, so the store writes only those.
 """
@@ -27,17 +32,21 @@ from dataclasses import dataclass, field
 from agent.rcaps.model import (
     MAX_AMOUNT,
     MINIMUM,
+    NO_PORTS,
     ORIGIN_NODE,
     ORIGIN_PLC,
     ORIGIN_SPLIT,
+    PORTS,
     RESOURCES,
     UNLIMITED_AT_ZERO,
     Amounts,
     LedgerError,
     Loan,
+    Ports,
     Rcap,
     new_token,
     nonzero,
+    port_text,
     zero,
 )
 
@@ -61,6 +70,7 @@ class Ledger:
         self._next_loan = 1
         self._next_seq = 1
         self._pool_used = zero()                      # what node-origin roots hold
+        self._pool_ports: set[tuple[str, int, str]] = set()   # ... and their ports
         for r in list(self.rcaps.values()):
             self._next_seq = max(self._next_seq, r.seq + 1)
             self._index_rcap(r)
@@ -82,6 +92,7 @@ class Ledger:
         if r.origin == ORIGIN_NODE:
             for k, v in r.amounts.items():
                 self._pool_used[k] += v
+            self._pool_ports |= r.ports
 
     def _index_loan(self, loan: Loan) -> None:
         self._loan_children.setdefault(loan.id, set())
@@ -126,8 +137,58 @@ class Ledger:
         out = zero()
         for lid in self._lent.get(name, ()):
             loan = self.loans[lid]
-            if loan.parent is None:
+            if loan.parent is None and loan.resource != PORTS:
                 out[loan.resource] += loan.amount
+        return out
+
+    # -- ports ------------------------------------------------------------------------------
+
+    def remainder_ports(self, rcap_id: str) -> Ports:
+        r = self.rcaps[rcap_id]
+        if not r.ports:
+            return NO_PORTS
+        off: set[tuple[str, int, str]] = set()
+        for c in self._children.get(rcap_id, ()):
+            off |= self.rcaps[c].ports
+        return r.ports - off
+
+    def holdings_ports(self, name: str) -> Ports:
+        out: set[tuple[str, int, str]] = set()
+        for rid in self._bound.get(name, ()):
+            out |= self.remainder_ports(rid)
+        return frozenset(out)
+
+    def lent_own_ports(self, name: str) -> Ports:
+        out: set[tuple[str, int, str]] = set()
+        for lid in self._lent.get(name, ()):
+            loan = self.loans[lid]
+            if loan.parent is None and loan.resource == PORTS:
+                out |= loan.ports
+        return frozenset(out)
+
+    def sublent_ports(self, loan_id: int) -> Ports:
+        out: set[tuple[str, int, str]] = set()
+        for c in self._loan_children.get(loan_id, ()):
+            out |= self.loans[c].ports
+        return frozenset(out)
+
+    def effective_ports(self, name: str) -> Ports:
+        """The ports slice `name` is given: what its bound rcaps hold less what it lent of
+        them, plus the port loans it received less what it lent on them."""
+        out = set(self.holdings_ports(name) - self.lent_own_ports(name))
+        for lid in self._received.get(name, ()):
+            loan = self.loans[lid]
+            if loan.resource == PORTS:
+                out |= loan.ports - self.sublent_ports(lid)
+        return frozenset(out)
+
+    def ported_slices(self) -> set[str]:
+        """Slices that may be given ports by the ledger (a bound rcap with ports or a
+        port loan received)."""
+        out = {loan.recipient for loan in self.loans.values() if loan.resource == PORTS}
+        for name, ids in self._bound.items():
+            if any(self.rcaps[i].ports for i in ids):
+                out.add(name)
         return out
 
     def sublent(self, loan_id: int) -> int:
@@ -140,7 +201,8 @@ class Ledger:
         out = {k: hold[k] - v for k, v in self.lent_own(name).items()}
         for lid in self._received.get(name, ()):
             loan = self.loans[lid]
-            out[loan.resource] += loan.amount - self.sublent(lid)
+            if loan.resource != PORTS:
+                out[loan.resource] += loan.amount - self.sublent(lid)
         for k in UNLIMITED_AT_ZERO:
             if hold[k] == 0:
                 out[k] = 0
@@ -171,19 +233,25 @@ class Ledger:
     # -- rcaps ------------------------------------------------------------------------------
 
     def acquire(self, want: Amounts, holder: str, *, from_slice: str | None = None,
-                now: float = 0.0) -> tuple[str, set[str]]:
+                now: float = 0.0, ports: Ports = NO_PORTS) -> tuple[str, set[str]]:
         """A new rcap from the node's free pool (from_slice None) or from the holdings
         of `from_slice` (split off the first of its bound rcaps it fits in). Returns
-        (rcap string, slices whose holdings changed)."""
-        nonzero(want)
+        (rcap string, slices whose holdings changed). Ports from the pool: none another
+        node root holds (whether the port table gives them to a slice, or the host
+        holds them, is the caller's check: `RcapService.check_pool_ports`)."""
+        nonzero(want, ports)
         if from_slice is None:
             free = self.free_pool()
             for k in RESOURCES:
                 if want[k] > free[k]:
                     raise LedgerError("exceeds_pool", f"{k}: asks {want[k]}, the node's free "
                                       f"pool has {free[k]}", k)
+            taken = ports & self._pool_ports
+            if taken:
+                raise LedgerError("exceeds_pool", f"{port_text(min(taken))}: another rcap "
+                                  "acquired from the node holds this port", PORTS)
             token, rid = new_token()
-            self._add(Rcap(rid, None, want, holder, ORIGIN_NODE, created=now))
+            self._add(Rcap(rid, None, want, holder, ORIGIN_NODE, created=now, ports=ports))
             return token, set()
         candidates = sorted(self._bound.get(from_slice, ()),
                             key=lambda i: (self.rcaps[i].origin != ORIGIN_PLC,
@@ -193,37 +261,47 @@ class Ledger:
         last: LedgerError | None = None
         for rid in candidates:
             try:
-                return self.split(rid, want, holder, now=now)
+                return self.split(rid, want, holder, now=now, ports=ports)
             except LedgerError as exc:
                 last = exc
         assert last is not None
         raise last
 
     def split(self, rcap_id: str, want: Amounts, holder: str,
-              now: float = 0.0) -> tuple[str, set[str]]:
-        """A child of `rcap_id` with amounts `want`, taken from its remainder."""
-        nonzero(want)
+              now: float = 0.0, ports: Ports = NO_PORTS) -> tuple[str, set[str]]:
+        """A child of `rcap_id` with amounts `want` and `ports`, taken from its
+        remainder."""
+        nonzero(want, ports)
         parent = self.get(rcap_id)
         rem = self.remainder(rcap_id)
         for k in RESOURCES:
             if want[k] > rem[k]:
                 raise LedgerError("exceeds_rcap", f"{k}: asks {want[k]}, the rcap has "
                                   f"{rem[k]} left", k)
+        if ports:
+            missing = ports - self.remainder_ports(rcap_id)
+            if missing:
+                raise LedgerError("exceeds_rcap", f"{port_text(min(missing))}: not among "
+                                  "the ports the rcap has left", PORTS)
         touched: set[str] = set()
         if parent.bound is not None:
-            self._check_shrink(parent.bound, want)
+            self._check_shrink(parent.bound, want, ports)
             touched.add(parent.bound)
         token, rid = new_token()
-        self._add(Rcap(rid, rcap_id, want, holder, ORIGIN_SPLIT, created=now))
+        self._add(Rcap(rid, rcap_id, want, holder, ORIGIN_SPLIT, created=now, ports=ports))
         return token, touched
 
-    def _check_shrink(self, name: str, less: Amounts) -> None:
+    def _check_shrink(self, name: str, less: Amounts, ports: Ports = NO_PORTS) -> None:
         """Refuse taking `less` from slice `name`'s holdings if its loans would not fit."""
         hold, lent = self.holdings(name), self.lent_own(name)
         for k in RESOURCES:
             if less[k] and lent[k] and hold[k] - less[k] - lent[k] < MINIMUM.get(k, 0):
                 raise LedgerError("lent", f"{k}: {name} has lent {lent[k]} of its "
                                   f"{hold[k]}; end those loans first", k)
+        lent_ports = ports & self.lent_own_ports(name) if ports else NO_PORTS
+        if lent_ports:
+            raise LedgerError("lent", f"{port_text(min(lent_ports))}: {name} has lent this "
+                              "port; end that loan first", PORTS)
 
     def bind(self, rcap_id: str, name: str) -> set[str]:
         r = self.get(rcap_id)
@@ -301,6 +379,7 @@ class Ledger:
         if r.origin == ORIGIN_NODE:
             for k, v in r.amounts.items():
                 self._pool_used[k] -= v
+            self._pool_ports -= r.ports
         if not self._held[r.holder]:
             del self._held[r.holder]
         if r.bound is not None:
@@ -315,12 +394,23 @@ class Ledger:
     # -- loans ------------------------------------------------------------------------------
 
     def lend(self, lender: str, recipient: str, resource: str, amount: int, *,
-             expires: float = 0.0, relend: bool = False, now: float = 0.0) -> tuple[int, set[str]]:
+             expires: float = 0.0, relend: bool = False, now: float = 0.0,
+             ports: Ports = NO_PORTS) -> tuple[int, set[str]]:
         """A loan from `lender`'s own holdings, else from a loan it received that allows
-        re-lending; refused if neither has room."""
-        if resource not in RESOURCES:
+        re-lending; refused if neither has room. A loan of PORTS names its `ports`
+        (`amount` is their count)."""
+        if resource not in RESOURCES and resource != PORTS:
             raise LedgerError("bad_request", f"{str(resource)[:40]!r} is not loanable; "
-                              f"loanable: {', '.join(RESOURCES)}", str(resource)[:40])
+                              f"loanable: {', '.join(RESOURCES)}, {PORTS}",
+                              str(resource)[:40])
+        if resource == PORTS:
+            amount = len(ports)
+            if not ports:
+                raise LedgerError("bad_request", "ports: a loan of ports names at least one",
+                                  PORTS)
+        elif ports:
+            raise LedgerError("bad_request", f"{resource}: only a loan of ports names ports",
+                              resource)
         if not isinstance(amount, int) or isinstance(amount, bool) or \
                 not 0 < amount <= MAX_AMOUNT:
             raise LedgerError("bad_request", f"{resource}: a loan's amount is a positive "
@@ -332,6 +422,34 @@ class Ledger:
                               "on this node")
         if expires and expires <= now:
             raise LedgerError("bad_request", "the loan's expiry is in the past")
+        if resource == PORTS:
+            parent = self._port_source(lender, ports)
+        else:
+            parent = self._amount_source(lender, resource, amount)
+        lid = self._next_loan
+        self._next_loan += 1
+        loan = Loan(lid, lender, recipient, resource, amount, float(expires), bool(relend),
+                    parent, now, ports=ports)
+        self.loans[lid] = loan
+        self._index_loan(loan)
+        self.dirty_loans.add(lid)
+        return lid, {lender, recipient}
+
+    def _port_source(self, lender: str, ports: Ports) -> int | None:
+        """None: lent from its own ports; else the received port loan it is lent on."""
+        own = self.holdings_ports(lender) - self.lent_own_ports(lender)
+        if ports <= own:
+            return None
+        for loan in self.loans_to(lender):
+            if loan.resource == PORTS and loan.relend and \
+                    ports <= loan.ports - self.sublent_ports(loan.id):
+                return loan.id
+        missing = min(ports - own)
+        raise LedgerError("over_lend", f"{PORTS}: {port_text(missing)} is neither a port "
+                          f"{lender} holds and has not lent, nor in a loan of ports it may "
+                          "re-lend (one loan draws from one source)", PORTS)
+
+    def _amount_source(self, lender: str, resource: str, amount: int) -> int | None:
         hold = self.holdings(lender)[resource]
         own_free = 0 if (resource in UNLIMITED_AT_ZERO and hold == 0) else max(
             0, hold - MINIMUM.get(resource, 0) - self.lent_own(lender)[resource])
@@ -349,14 +467,7 @@ class Ledger:
                 raise LedgerError("over_lend", f"{resource}: asks {amount}; {lender} has "
                                   f"{own_free} of its own to lend ({MINIMUM.get(resource, 0)} "
                                   f"kept) and {borrowed} borrowed it may re-lend", resource)
-        lid = self._next_loan
-        self._next_loan += 1
-        loan = Loan(lid, lender, recipient, resource, amount, float(expires), bool(relend),
-                    parent, now)
-        self.loans[lid] = loan
-        self._index_loan(loan)
-        self.dirty_loans.add(lid)
-        return lid, {lender, recipient}
+        return parent
 
     def end_loan(self, loan_id: int) -> set[str]:
         """End a loan and every loan lent on it."""
@@ -388,17 +499,18 @@ class Ledger:
         times = [loan.expires for loan in self.loans.values() if loan.expires > 0]
         return min(times) if times else None
 
-    def set_loans(self, lender: str, wanted: Iterable[tuple[str, str, int, float, bool]],
+    def set_loans(self, lender: str, wanted: Iterable[tuple[object, ...]],
                   now: float = 0.0) -> set[str]:
         """Replace `lender`'s loans by `wanted` (recipient, resource, amount, expires,
-        relend): unchanged ones stay, the others end (with their trees), new ones are
-        made in order. All or nothing: a refused one leaves the loans as they were."""
-        wanted = list(wanted)
-        keep: dict[tuple[str, str, int, float, bool], list[int]] = {}
+        relend[, ports]): unchanged ones stay, the others end (with their trees), new
+        ones are made in order. All or nothing: a refused one leaves the loans as they
+        were."""
+        wanted = [tuple(w) if len(w) == 6 else (*w, NO_PORTS) for w in wanted]
+        keep: dict[tuple[object, ...], list[int]] = {}
         for loan in self.loans_of(lender):
             keep.setdefault(loan.key(), []).append(loan.id)
         ending: list[int] = []
-        fresh: list[tuple[str, str, int, float, bool]] = []
+        fresh: list[tuple[object, ...]] = []
         for w in wanted:
             ids = keep.get(w)
             if ids:
@@ -413,9 +525,10 @@ class Ledger:
             for lid in ending:
                 if lid in self.loans:
                     touched |= self.end_loan(lid)
-            for recipient, resource, amount, expires, relend in fresh:
-                _, t = self.lend(lender, recipient, resource, amount, expires=expires,
-                                 relend=relend, now=now)
+            for recipient, resource, amount, expires, relend, ports in fresh:
+                _, t = self.lend(lender, recipient, resource, amount,  # type: ignore[arg-type]
+                                 expires=expires, relend=relend, now=now,  # type: ignore[arg-type]
+                                 ports=ports)  # type: ignore[arg-type]
                 touched |= t
         except BaseException:
             self._restore_loans(saved)
@@ -448,6 +561,12 @@ class Ledger:
                 lid = mine.pop(0)
                 lent -= self.loans[lid].amount
                 touched |= self.end_loan(lid)
+        held_ports = self.holdings_ports(name)
+        for lid in sorted(self._lent.get(name, ()), reverse=True):
+            loan = self.loans.get(lid)
+            if loan is not None and loan.resource == PORTS and loan.parent is None \
+                    and not loan.ports <= held_ports:
+                touched |= self.end_loan(lid)   # a port it lent is no longer its own
         return touched
 
     # -- slivers ----------------------------------------------------------------------------
@@ -469,6 +588,7 @@ class Ledger:
 
     def check(self) -> None:
         """AssertionError naming the first broken rule, if any."""
+        self._check_ports()
         for r in self.rcaps.values():
             off = self.split_off(r.id)
             for k in RESOURCES:
@@ -498,3 +618,37 @@ class Ledger:
             if loan.parent is not None:
                 p = self.loans[loan.parent]
                 assert p.relend and p.recipient == loan.lender and p.resource == loan.resource
+
+    def _check_ports(self) -> None:
+        """The port rules: split-off parts disjoint subsets of their parent, node roots
+        disjoint, own port loans disjoint subsets of the lender's holdings, loans lent
+        on a port loan disjoint subsets of it, and no port given to two slices."""
+        def disjoint_within(parts: list[Ports], whole: Ports | None, what: str) -> None:
+            seen: set[tuple[str, int, str]] = set()
+            for p in parts:
+                assert not seen & p, f"{what}: a port in two parts"
+                seen |= p
+            assert whole is None or seen <= whole, f"{what}: parts beyond the whole"
+        for r in self.rcaps.values():
+            disjoint_within([self.rcaps[c].ports for c in self._children.get(r.id, ())],
+                            r.ports, f"rcap {r.id[:8]}")
+        roots = [r.ports for r in self.rcaps.values() if r.origin == ORIGIN_NODE]
+        disjoint_within(roots, None, "node roots")
+        assert set().union(*roots) == self._pool_ports, "the pool's ports drifted"
+        for name in set(self._lent):
+            own = [self.loans[i].ports for i in self._lent[name]
+                   if self.loans[i].resource == PORTS and self.loans[i].parent is None]
+            disjoint_within(own, self.holdings_ports(name), f"{name}'s port loans")
+        for loan in self.loans.values():
+            if loan.resource == PORTS:
+                assert loan.ports and loan.amount == len(loan.ports), f"loan {loan.id}"
+                disjoint_within([self.loans[c].ports
+                                 for c in self._loan_children.get(loan.id, ())],
+                                loan.ports, f"port loan {loan.id}")
+            else:
+                assert not loan.ports, f"loan {loan.id}: ports on a loan of {loan.resource}"
+        given: dict[tuple[str, int, str], str] = {}
+        for name in self.slices() | {x.recipient for x in self.loans.values()}:
+            for key in self.effective_ports(name):
+                assert key not in given, f"{port_text(key)} given to {given[key]} and {name}"
+                given[key] = name
