@@ -214,8 +214,7 @@ class KernelBackend(CpuGrants):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store = ImageStore(self.images_dir)
         self._contexts: dict[str, Any] = {}
-        # disk_max_kib last set by update() (an in-place update skips an unchanged one)
-        self._disk_applied: dict[str, int | None] = {}
+        self._disk_applied: dict[str, int | None] = {}   # disk_max_kib update() set
         self.guard_filter = guard_filter
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
@@ -323,12 +322,8 @@ class KernelBackend(CpuGrants):
         return int(ctx.init_pid) if ctx.state.get("guard") else None
 
     def update(self, plan: SliverPlan) -> socket.socket | None:
-        """Apply `plan`'s limits to the running sliver. cgroup limits and disk_max
-        change in place (None is returned). rlimits and the capability bounding set are
-        fixed for a process tree's life, so when they change the sliver is restarted:
-        its processes end and a new context starts on the same root (its files, keys and
-        ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
-        new context is returned, as by create."""
+        """`plan`'s limits in place, only what moved (None); changed rlimits or caps
+        restart the sliver on its root (stopped stays so): the new guard end, as create."""
         ctx = self._context(plan.name)
         if self._disk_applied.get(plan.name, -1) != plan.disk_max_kib:
             set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)

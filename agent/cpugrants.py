@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ class CpuGrants:
         self._cpu_grants = {n: cpu_policy.CpuGrant.from_json(g)
                             for n, g in book.get("grants", {}).items()}
         self._cpu_frozen: set[str] = set(book.get("frozen_by_policy", []))
+        # Updates of several slivers run in threads at once: the book and its file are
+        # changed by one at a time (two saves raced on the same .tmp file).
+        self._cpu_lock = threading.RLock()
         self._cpu_excl_set = False      # the parent's exclusive set written once here
         self._cpu_saved: tuple[Any, ...] | None = None   # what the book on disk holds
 
@@ -60,17 +64,19 @@ class CpuGrants:
         """`base` (kernel Limits for `plan`) with its CPU grant; the node's grants are
         recomputed with its request (the others' changed files rewritten in place,
         cpusets shrunk before this sliver's grow)."""
-        self._cpu_requests[plan.name] = cpu_policy.CpuRequest.from_limits(plan.limits)
-        self._cpu_reallocate(skip=plan.name)
-        g = self._cpu_grants[plan.name]
-        return replace(base, cpu_weight=g.weight, cpus=g.cpus,
-                       cpu_partition=g.partition)
+        with self._cpu_lock:
+            self._cpu_requests[plan.name] = cpu_policy.CpuRequest.from_limits(plan.limits)
+            self._cpu_reallocate(skip=plan.name)
+            g = self._cpu_grants[plan.name]
+            return replace(base, cpu_weight=g.weight, cpus=g.cpus,
+                           cpu_partition=g.partition)
 
     def _cpu_forget(self, name: str) -> None:
-        if self._cpu_requests.pop(name, None) is not None:
-            self._cpu_grants.pop(name, None)
-            self._cpu_frozen.discard(name)
-            self._cpu_reallocate(skip=name)
+        with self._cpu_lock:
+            if self._cpu_requests.pop(name, None) is not None:
+                self._cpu_grants.pop(name, None)
+                self._cpu_frozen.discard(name)
+                self._cpu_reallocate(skip=name)
 
     def _cpu_reallocate(self, skip: str) -> None:
         layout = cg.detect_layout()
@@ -115,34 +121,36 @@ class CpuGrants:
     def _cpu_settle(self) -> None:
         """Freeze what cpu_freezable says (no cores held) and thaw what it froze before
         and now holds cores; a sliver an operator or PLC stopped is left alone."""
-        changed = False
-        for name, g in self._cpu_grants.items():
-            if name not in self._contexts:
-                continue
-            ctx = self._contexts[name]
-            if g.freeze and name not in self._cpu_frozen and not ctx.frozen():
-                log.info("sliver %s: frozen: cpu_freezable=1 and it holds no cores", name)
-                ctx.stop()
-                self._cpu_frozen.add(name)
-                changed = True
-            elif not g.freeze and name in self._cpu_frozen:
-                log.info("sliver %s: thawed: it holds cores %s", name, list(g.cores))
-                ctx.start()
-                self._cpu_frozen.discard(name)
-                changed = True
-        if changed:
-            self._cpu_save()
+        with self._cpu_lock:
+            changed = False
+            for name, g in self._cpu_grants.items():
+                if name not in self._contexts:
+                    continue
+                ctx = self._contexts[name]
+                if g.freeze and name not in self._cpu_frozen and not ctx.frozen():
+                    log.info("sliver %s: frozen: cpu_freezable=1 and it holds no cores", name)
+                    ctx.stop()
+                    self._cpu_frozen.add(name)
+                    changed = True
+                elif not g.freeze and name in self._cpu_frozen:
+                    log.info("sliver %s: thawed: it holds cores %s", name, list(g.cores))
+                    ctx.start()
+                    self._cpu_frozen.discard(name)
+                    changed = True
+            if changed:
+                self._cpu_save()
 
     def _cpu_save(self) -> None:
-        book = {"headroom_pct": self.cpu_headroom_pct,
-                "requests": {n: asdict_request(r) for n, r in self._cpu_requests.items()},
-                "grants": {n: g.to_json() for n, g in self._cpu_grants.items()},
-                "frozen_by_policy": sorted(self._cpu_frozen)}
-        tmp = self.cpu_path.with_name(self.cpu_path.name + ".tmp")
-        tmp.write_text(json.dumps(book, sort_keys=True))
-        tmp.replace(self.cpu_path)
-        self._cpu_saved = (dict(self._cpu_requests), dict(self._cpu_grants),
-                           set(self._cpu_frozen))
+        with self._cpu_lock:
+            book = {"headroom_pct": self.cpu_headroom_pct,
+                    "requests": {n: asdict_request(r) for n, r in self._cpu_requests.items()},
+                    "grants": {n: g.to_json() for n, g in self._cpu_grants.items()},
+                    "frozen_by_policy": sorted(self._cpu_frozen)}
+            tmp = self.cpu_path.with_name(self.cpu_path.name + ".tmp")
+            tmp.write_text(json.dumps(book, sort_keys=True))
+            tmp.replace(self.cpu_path)
+            self._cpu_saved = (dict(self._cpu_requests), dict(self._cpu_grants),
+                               set(self._cpu_frozen))
 
     def cpu_grant(self, name: str) -> dict[str, Any] | None:
         g = self._cpu_grants.get(name)
