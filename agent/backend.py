@@ -214,6 +214,7 @@ class KernelBackend(CpuGrants):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.store = ImageStore(self.images_dir)
         self._contexts: dict[str, Any] = {}
+        self._disk_applied: dict[str, int | None] = {}   # disk_max_kib update() set
         self.guard_filter = guard_filter
         # Where this agent's slivers' cgroups go (config cgroup_parent, F2). Adopted
         # contexts keep the parent recorded in their state file.
@@ -321,14 +322,12 @@ class KernelBackend(CpuGrants):
         return int(ctx.init_pid) if ctx.state.get("guard") else None
 
     def update(self, plan: SliverPlan) -> socket.socket | None:
-        """Apply `plan`'s limits to the running sliver. cgroup limits and disk_max
-        change in place (None is returned). rlimits and the capability bounding set are
-        fixed for a process tree's life, so when they change the sliver is restarted:
-        its processes end and a new context starts on the same root (its files, keys and
-        ports stay; a stopped sliver stays stopped); the guard socket's agent end of the
-        new context is returned, as by create."""
+        """`plan`'s limits in place, only what moved (None); changed rlimits or caps
+        restart the sliver on its root (stopped stays so): the new guard end, as create."""
         ctx = self._context(plan.name)
-        set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+        if self._disk_applied.get(plan.name, -1) != plan.disk_max_kib:
+            set_disk_limit(self.roots_dir, plan.name, plan.disk_max_kib)
+            self._disk_applied[plan.name] = plan.disk_max_kib
         limits = self._cpu_limits(plan, kernel_limits(plan.limits))
         if not self.needs_restart(plan):
             ctx.update_limits(limits)
@@ -377,6 +376,7 @@ class KernelBackend(CpuGrants):
 
     def _destroy(self, name: str) -> None:
         ctx = self._contexts.pop(name, None)
+        self._disk_applied.pop(name, None)
         if ctx is None and name in self.live():
             ctx = Context.adopt(self.run_dir, name)
         if ctx is not None:

@@ -307,8 +307,15 @@ class Bandwidth:
         self.applied[name] = ceil
 
     def add(self, name: str, rspec: Mapping[str, Any], now: float) -> int:
-        """Create or update one sliver's classes; returns its minor (for netclass)."""
-        self.rates[name] = Rates.from_rspec(rspec, self.cap, self.cfg.link_rate)
+        """Create or update one sliver's classes; returns its minor (for netclass).
+        Rates unchanged since its classes were made here: nothing to do (an update of
+        its CPU or memory does not touch tc)."""
+        rates = Rates.from_rspec(rspec, self.cap, self.cfg.link_rate)
+        if self.rates.get(name) == rates and name in self.applied:
+            minor = self.minors().get(name)
+            if minor is not None:
+                return minor
+        self.rates[name] = rates
         self._ensure(name, now, {sh.ifname: sh.counters() for sh in self.shapers})
         return self.minors()[name]
 

@@ -123,6 +123,8 @@ def build(cfg: AgentConfig, backend: Backend | None = None, plc: PLCClient | Non
                                              (cfg.bandwidth.node_rate or
                                               cfg.bandwidth.link_rate) // 1000),
                         background=background)
+    if guard is not None:   # ports given by rcaps and loans; ReservePort checked
+        rcaps.attach_ports(guard.ports)
     tools = loginshell.install_sliver_tools(Path(cfg.run_dir))
     tool_bind = ((str(tools), loginshell.SLIVER_TOOLS_DIR),) if tools is not None else ()
 

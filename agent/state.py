@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -99,7 +99,10 @@ CREATE TABLE IF NOT EXISTS rcap_loans (
     created REAL NOT NULL
 );
 """
-MIGRATIONS: dict[int, str] = {1: RCAP_TABLES}
+# Version 3: a loan of ports names them (rcap_loans.ports, the ports tag syntax; an
+# rcap's ports are in its amounts JSON under "ports").
+LOAN_PORTS = "ALTER TABLE rcap_loans ADD COLUMN ports TEXT NOT NULL DEFAULT '';"
+MIGRATIONS: dict[int, str] = {1: RCAP_TABLES, 2: LOAN_PORTS}
 
 
 class StateError(RuntimeError):
@@ -247,10 +250,10 @@ class State:
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
+            if row is None:   # a new database: version 2's tables, then the migrations
                 db.executescript(RCAP_TABLES)
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                row = (str(SCHEMA_VERSION),)
+                db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+                row = ("2",)
             while int(row[0]) in MIGRATIONS and int(row[0]) < SCHEMA_VERSION:
                 version = int(row[0])
                 db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} UPDATE meta SET "

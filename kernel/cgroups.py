@@ -293,11 +293,14 @@ class SliverCgroup:
                 _rmdir_when_empty(d, time.monotonic() + 2)
             raise
 
-    def apply(self, limits: LimitsLike, fresh: bool = False) -> None:
+    def apply(self, limits: LimitsLike, fresh: bool = False,
+              prev: LimitsLike | None = None) -> None:
         """Write the limits into the groups (also used to update them in place).
 
         `fresh`: the groups were just made, so values equal to the kernel's
-        defaults (no cap, no limit, weight 1) need not be written."""
+        defaults (no cap, no limit, weight 1) need not be written. `prev`: the limits
+        applied before (an update in place): only files whose value differs from the
+        kernel's are written, and the socket cap and classifier only if they moved."""
         share = max(1, int(limits.cpu_share))
         pct = limits.cpu_pct
         if pct is not None and not 1 <= pct <= 100 * os.cpu_count():  # type: ignore[operator]
@@ -305,7 +308,10 @@ class SliverCgroup:
         weight = getattr(limits, "cpu_weight", None) or min(10000, share * V2_WEIGHT_PER_UNIT)
 
         def put(path: Path, value: str, default: str) -> None:
-            if not (fresh and value == default):
+            if fresh:
+                if value != default:
+                    _write(path, value)
+            elif prev is None or _read(path) != value:
                 _write(path, value)
 
         self.set_cpu(weight, pct, getattr(limits, "cpus", None),
@@ -326,12 +332,15 @@ class SliverCgroup:
                 "max" if limits.pids_max is None else str(int(limits.pids_max)), "max")
         # INET socket cap, in the kernel (kernel/sockcap.py); on create before any
         # process is in the group.
-        _sockcap.apply(self.v2_dir(), getattr(limits, "inet_sockets_max", None))
+        socks = getattr(limits, "inet_sockets_max", None)
+        if prev is None or getattr(prev, "inet_sockets_max", None) != socks:
+            _sockcap.apply(self.v2_dir(), socks)
         # Egress classification into the sliver's HTB class (kernel/netclass.py): in
         # the step that makes the group, so its first socket is already billed to it
         # (a re-created group has a new id and gets the program here again).
         minor = getattr(limits, "net_class_minor", None)
-        if minor is not None:
+        if minor is not None and (prev is None
+                                  or getattr(prev, "net_class_minor", None) != minor):
             v2 = self.v2_dir()
             if v2 is None:
                 raise OSError(errno.ENOTSUP, "net_class_minor needs a cgroup v2 hierarchy")

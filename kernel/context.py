@@ -472,10 +472,11 @@ class Context:
         if limits.net_cls_classid and "net_cls" not in self.cgroup.layout.v1 \
                 and self.cgroup.layout.mode == "v1":
             raise ValueError(f"update {self.name}: net_cls was not mounted at creation")
-        self.cgroup.apply(limits)
-        self.limits = limits
-        self.state["limits"] = limits.to_json()
-        _write_json(self.dir / "state.json", self.state)
+        self.cgroup.apply(limits, prev=self.limits)
+        if limits != self.limits:
+            self.limits = limits
+            self.state["limits"] = limits.to_json()
+            _write_json(self.dir / "state.json", self.state)
 
     def usage(self) -> dict[str, int]:
         """cpu_usec, mem_bytes, pids of the whole context."""

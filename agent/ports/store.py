@@ -35,7 +35,7 @@ class PortStore:
 class StatePortStore(PortStore):
     """The `ports` table of `agent.state.State` (sources 'plc' = tag, 'runtime' = reserve)."""
 
-    _TO_DB = {"tag": "plc", "reserve": "runtime"}
+    _TO_DB = {"tag": "plc", "reserve": "runtime", "rcap": "rcap"}
     _FROM_DB = {v: k for k, v in _TO_DB.items()}
 
     def __init__(self, state: Any) -> None:
@@ -71,6 +71,9 @@ class PortService:
         # that slice (F20: the guard then closes the old owner's sockets there).
         self.on_revoked: list[Callable[[dict[Key, str]], object]] = []
         self.host: Any = None  # agent.ports.host.HostPorts: ports the host holds (F30)
+        # Called with (slice, ranges) before a ReservePort: raises PortError if the
+        # slice is not given them (agent.rcaps.RcapService.check_port_grant).
+        self.grant_check: Callable[[str, list[PortRange]], None] | None = None
         dropped = self.table.load(self.store.load())
         if dropped:
             log.warning("ports: recorded ownership no longer allowed, dropped: %s",
@@ -99,6 +102,8 @@ class PortService:
         ranges = parse_ports_tag(spec)
         if self.host is not None:
             self.host.refuse_held(ranges)  # F30: HostPortError, fault 102
+        if self.grant_check is not None:
+            self.grant_check(slice_name, ranges)   # PortError: not given to the slice
         self._commit(lambda t: t.grant(slice_name, ranges, "reserve"))
         log.info("slice %s reserved %s", slice_name, format_ports_tag(ranges))
 
@@ -112,6 +117,12 @@ class PortService:
         if self.host is not None:  # F30: host-held ports skipped, logged
             ranges = self.host.without_held(slice_name, ranges)
         self._commit(lambda t: t.set_tag_ports(slice_name, ranges))
+
+    def set_rcap_ports(self, wanted: dict[str, set[Key]],
+                       unreserve: dict[str, set[Key]] | None = None) -> None:
+        """The ports the slices' rcaps and loans give them, in one recorded change
+        (PortTable.set_rcap_ports); the ports taken are revoked as any (F20, F13)."""
+        self._commit(lambda t: t.set_rcap_ports(wanted, unreserve))
 
     def release_slice(self, slice_name: str) -> None:
         self._commit(lambda t: t.release_slice(slice_name))

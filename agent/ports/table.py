@@ -42,7 +42,7 @@ MAX_PORTS_PER_RANGE = 4096  # bounds the table: a tag cannot claim 64k ports at 
 MAX_TAG_LENGTH = 4096
 LOOPBACK4 = "127.0.0.1"
 LOOPBACK6 = "::1"
-SOURCES = ("tag", "reserve")
+SOURCES = ("tag", "reserve", "rcap")   # rcap: given by the slice's rcaps and loans
 FIRST_UNPRIVILEGED = 1024  # ReservePort grants TCP/UDP ports from here on
 
 
@@ -291,9 +291,10 @@ class PortTable:
         keys = [k for r in ranges for k in self._keys(r)]
         for k in keys:  # all-or-nothing: check everything before changing anything
             got = self._owner.get(k)
-            # A PLC tag takes precedence over another slice's runtime reservation.
+            # A PLC tag (or an rcap) takes precedence over another slice's runtime
+            # reservation.
             if got is not None and got[0] != slice_name \
-                    and not (source == "tag" and got[1] == "reserve"):
+                    and not (source in ("tag", "rcap") and got[1] == "reserve"):
                 raise PortConflict(k[0], k[1], k[2], got[0])
         return keys
 
@@ -302,7 +303,7 @@ class PortTable:
         keys = self._claim(slice_name, source, list(ranges), False)
         for k in keys:
             # A port held by tag stays a tag port; a reservation does not downgrade it.
-            if self._owner.get(k, ("", ""))[1] != "tag":
+            if self._owner.get(k, ("", ""))[1] not in ("tag", "rcap"):
                 self._owner[k] = (slice_name, source)
 
     def set_tag_ports(self, slice_name: str, ranges: Iterable[PortRange]) -> None:
@@ -313,6 +314,35 @@ class PortTable:
                 del self._owner[k]
         for k in keys:
             self._owner[k] = (slice_name, "tag")
+
+    def keys_of(self, slice_name: str, sources: Iterable[str] = SOURCES) -> set[Key]:
+        srcs = set(sources)
+        return {k for k, (s, src) in self._owner.items() if s == slice_name and src in srcs}
+
+    def expand(self, ranges: Iterable[PortRange]) -> set[Key]:
+        """The keys `ranges` name (PortError as a grant of them would raise)."""
+        return {k for r in ranges for k in self._keys(r)}
+
+    def set_rcap_ports(self, wanted: dict[str, set[Key]],
+                       unreserve: dict[str, set[Key]] | None = None) -> None:
+        """Make each slice's rcap-given keys exactly `wanted[slice]` (a key it holds by
+        tag stays a tag key), dropping its reservations in `unreserve[slice]` (no longer
+        given to it): first everything taken, then everything given, so a port moving
+        between two slices in one change never conflicts with itself."""
+        for name, keys in wanted.items():
+            drop = (unreserve or {}).get(name, set())
+            for k, (s, src) in list(self._owner.items()):
+                if s == name and ((src == "rcap" and k not in keys)
+                                  or (src == "reserve" and k in drop)):
+                    del self._owner[k]
+        for name, keys in wanted.items():
+            for k in keys:   # all-or-nothing (the caller changes a copy)
+                got = self._owner.get(k)
+                if got is not None and got[0] != name and got[1] != "reserve":
+                    raise PortConflict(k[0], k[1], k[2], got[0])
+            for k in keys:
+                if self._owner.get(k, ("", ""))[:2] != (name, "tag"):
+                    self._owner[k] = (name, "rcap")
 
     def release(self, slice_name: str, ranges: Iterable[PortRange]) -> int:
         """Give up `ranges` (ports not owned by the slice are ignored); returns the count."""

@@ -15,35 +15,43 @@ ends with everything lent on it. Per slice and resource:
     sum(loans from own holdings) <= max(0, holdings - MINIMUM)
     sum(loans lent on loan L)    <= L.amount                  (only if L.relend)
 
+Ports are a set, not an amount: an rcap's split-off parts are disjoint subsets of its
+ports, the node roots' port sets are disjoint, a slice lends only ports it holds and
+has not lent, and a loan lent on a port loan takes a subset of it not lent yet. So no
+two slices are ever given the same port (`effective_ports`).
+
 `check()` verifies all of it (the property test calls it after every step). Every
 change marks the rcaps and loans it touched dirty, so the store writes only those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from agent.rcaps.loans import LoanBook
 from agent.rcaps.model import (
-    MAX_AMOUNT,
     MINIMUM,
+    NO_PORTS,
     ORIGIN_NODE,
     ORIGIN_PLC,
     ORIGIN_SPLIT,
+    PORTS,
     RESOURCES,
     UNLIMITED_AT_ZERO,
     Amounts,
     LedgerError,
     Loan,
+    Ports,
     Rcap,
     new_token,
     nonzero,
+    port_text,
     zero,
 )
 
 
 @dataclass
-class Ledger:
+class Ledger(LoanBook):
     capacity: Amounts = field(default_factory=zero)
     rcaps: dict[str, Rcap] = field(default_factory=dict)
     loans: dict[int, Loan] = field(default_factory=dict)
@@ -61,6 +69,7 @@ class Ledger:
         self._next_loan = 1
         self._next_seq = 1
         self._pool_used = zero()                      # what node-origin roots hold
+        self._pool_ports: set[tuple[str, int, str]] = set()   # ... and their ports
         for r in list(self.rcaps.values()):
             self._next_seq = max(self._next_seq, r.seq + 1)
             self._index_rcap(r)
@@ -82,6 +91,7 @@ class Ledger:
         if r.origin == ORIGIN_NODE:
             for k, v in r.amounts.items():
                 self._pool_used[k] += v
+            self._pool_ports |= r.ports
 
     def _index_loan(self, loan: Loan) -> None:
         self._loan_children.setdefault(loan.id, set())
@@ -126,8 +136,58 @@ class Ledger:
         out = zero()
         for lid in self._lent.get(name, ()):
             loan = self.loans[lid]
-            if loan.parent is None:
+            if loan.parent is None and loan.resource != PORTS:
                 out[loan.resource] += loan.amount
+        return out
+
+    # -- ports ------------------------------------------------------------------------------
+
+    def remainder_ports(self, rcap_id: str) -> Ports:
+        r = self.rcaps[rcap_id]
+        if not r.ports:
+            return NO_PORTS
+        off: set[tuple[str, int, str]] = set()
+        for c in self._children.get(rcap_id, ()):
+            off |= self.rcaps[c].ports
+        return r.ports - off
+
+    def holdings_ports(self, name: str) -> Ports:
+        out: set[tuple[str, int, str]] = set()
+        for rid in self._bound.get(name, ()):
+            out |= self.remainder_ports(rid)
+        return frozenset(out)
+
+    def lent_own_ports(self, name: str) -> Ports:
+        out: set[tuple[str, int, str]] = set()
+        for lid in self._lent.get(name, ()):
+            loan = self.loans[lid]
+            if loan.parent is None and loan.resource == PORTS:
+                out |= loan.ports
+        return frozenset(out)
+
+    def sublent_ports(self, loan_id: int) -> Ports:
+        out: set[tuple[str, int, str]] = set()
+        for c in self._loan_children.get(loan_id, ()):
+            out |= self.loans[c].ports
+        return frozenset(out)
+
+    def effective_ports(self, name: str) -> Ports:
+        """The ports slice `name` is given: what its bound rcaps hold less what it lent of
+        them, plus the port loans it received less what it lent on them."""
+        out = set(self.holdings_ports(name) - self.lent_own_ports(name))
+        for lid in self._received.get(name, ()):
+            loan = self.loans[lid]
+            if loan.resource == PORTS:
+                out |= loan.ports - self.sublent_ports(lid)
+        return frozenset(out)
+
+    def ported_slices(self) -> set[str]:
+        """Slices that may be given ports by the ledger (a bound rcap with ports or a
+        port loan received)."""
+        out = {loan.recipient for loan in self.loans.values() if loan.resource == PORTS}
+        for name, ids in self._bound.items():
+            if any(self.rcaps[i].ports for i in ids):
+                out.add(name)
         return out
 
     def sublent(self, loan_id: int) -> int:
@@ -140,7 +200,8 @@ class Ledger:
         out = {k: hold[k] - v for k, v in self.lent_own(name).items()}
         for lid in self._received.get(name, ()):
             loan = self.loans[lid]
-            out[loan.resource] += loan.amount - self.sublent(lid)
+            if loan.resource != PORTS:
+                out[loan.resource] += loan.amount - self.sublent(lid)
         for k in UNLIMITED_AT_ZERO:
             if hold[k] == 0:
                 out[k] = 0
@@ -171,19 +232,25 @@ class Ledger:
     # -- rcaps ------------------------------------------------------------------------------
 
     def acquire(self, want: Amounts, holder: str, *, from_slice: str | None = None,
-                now: float = 0.0) -> tuple[str, set[str]]:
+                now: float = 0.0, ports: Ports = NO_PORTS) -> tuple[str, set[str]]:
         """A new rcap from the node's free pool (from_slice None) or from the holdings
         of `from_slice` (split off the first of its bound rcaps it fits in). Returns
-        (rcap string, slices whose holdings changed)."""
-        nonzero(want)
+        (rcap string, slices whose holdings changed). Ports from the pool: none another
+        node root holds (whether the port table gives them to a slice, or the host
+        holds them, is the caller's check: `RcapService.check_pool_ports`)."""
+        nonzero(want, ports)
         if from_slice is None:
             free = self.free_pool()
             for k in RESOURCES:
                 if want[k] > free[k]:
                     raise LedgerError("exceeds_pool", f"{k}: asks {want[k]}, the node's free "
                                       f"pool has {free[k]}", k)
+            taken = ports & self._pool_ports
+            if taken:
+                raise LedgerError("exceeds_pool", f"{port_text(min(taken))}: another rcap "
+                                  "acquired from the node holds this port", PORTS)
             token, rid = new_token()
-            self._add(Rcap(rid, None, want, holder, ORIGIN_NODE, created=now))
+            self._add(Rcap(rid, None, want, holder, ORIGIN_NODE, created=now, ports=ports))
             return token, set()
         candidates = sorted(self._bound.get(from_slice, ()),
                             key=lambda i: (self.rcaps[i].origin != ORIGIN_PLC,
@@ -193,37 +260,47 @@ class Ledger:
         last: LedgerError | None = None
         for rid in candidates:
             try:
-                return self.split(rid, want, holder, now=now)
+                return self.split(rid, want, holder, now=now, ports=ports)
             except LedgerError as exc:
                 last = exc
         assert last is not None
         raise last
 
     def split(self, rcap_id: str, want: Amounts, holder: str,
-              now: float = 0.0) -> tuple[str, set[str]]:
-        """A child of `rcap_id` with amounts `want`, taken from its remainder."""
-        nonzero(want)
+              now: float = 0.0, ports: Ports = NO_PORTS) -> tuple[str, set[str]]:
+        """A child of `rcap_id` with amounts `want` and `ports`, taken from its
+        remainder."""
+        nonzero(want, ports)
         parent = self.get(rcap_id)
         rem = self.remainder(rcap_id)
         for k in RESOURCES:
             if want[k] > rem[k]:
                 raise LedgerError("exceeds_rcap", f"{k}: asks {want[k]}, the rcap has "
                                   f"{rem[k]} left", k)
+        if ports:
+            missing = ports - self.remainder_ports(rcap_id)
+            if missing:
+                raise LedgerError("exceeds_rcap", f"{port_text(min(missing))}: not among "
+                                  "the ports the rcap has left", PORTS)
         touched: set[str] = set()
         if parent.bound is not None:
-            self._check_shrink(parent.bound, want)
+            self._check_shrink(parent.bound, want, ports)
             touched.add(parent.bound)
         token, rid = new_token()
-        self._add(Rcap(rid, rcap_id, want, holder, ORIGIN_SPLIT, created=now))
+        self._add(Rcap(rid, rcap_id, want, holder, ORIGIN_SPLIT, created=now, ports=ports))
         return token, touched
 
-    def _check_shrink(self, name: str, less: Amounts) -> None:
+    def _check_shrink(self, name: str, less: Amounts, ports: Ports = NO_PORTS) -> None:
         """Refuse taking `less` from slice `name`'s holdings if its loans would not fit."""
         hold, lent = self.holdings(name), self.lent_own(name)
         for k in RESOURCES:
             if less[k] and lent[k] and hold[k] - less[k] - lent[k] < MINIMUM.get(k, 0):
                 raise LedgerError("lent", f"{k}: {name} has lent {lent[k]} of its "
                                   f"{hold[k]}; end those loans first", k)
+        lent_ports = ports & self.lent_own_ports(name) if ports else NO_PORTS
+        if lent_ports:
+            raise LedgerError("lent", f"{port_text(min(lent_ports))}: {name} has lent this "
+                              "port; end that loan first", PORTS)
 
     def bind(self, rcap_id: str, name: str) -> set[str]:
         r = self.get(rcap_id)
@@ -301,6 +378,7 @@ class Ledger:
         if r.origin == ORIGIN_NODE:
             for k, v in r.amounts.items():
                 self._pool_used[k] -= v
+            self._pool_ports -= r.ports
         if not self._held[r.holder]:
             del self._held[r.holder]
         if r.bound is not None:
@@ -311,144 +389,6 @@ class Ledger:
                 del self._plc[r.bound]
             return {r.bound}
         return set()
-
-    # -- loans ------------------------------------------------------------------------------
-
-    def lend(self, lender: str, recipient: str, resource: str, amount: int, *,
-             expires: float = 0.0, relend: bool = False, now: float = 0.0) -> tuple[int, set[str]]:
-        """A loan from `lender`'s own holdings, else from a loan it received that allows
-        re-lending; refused if neither has room."""
-        if resource not in RESOURCES:
-            raise LedgerError("bad_request", f"{str(resource)[:40]!r} is not loanable; "
-                              f"loanable: {', '.join(RESOURCES)}", str(resource)[:40])
-        if not isinstance(amount, int) or isinstance(amount, bool) or \
-                not 0 < amount <= MAX_AMOUNT:
-            raise LedgerError("bad_request", f"{resource}: a loan's amount is a positive "
-                              "integer", resource)
-        if lender == recipient:
-            raise LedgerError("bad_request", "a slice cannot lend to itself")
-        if recipient not in self.slices():
-            raise LedgerError("unknown_slice", f"no sliver {recipient!r} holds resources "
-                              "on this node")
-        if expires and expires <= now:
-            raise LedgerError("bad_request", "the loan's expiry is in the past")
-        hold = self.holdings(lender)[resource]
-        own_free = 0 if (resource in UNLIMITED_AT_ZERO and hold == 0) else max(
-            0, hold - MINIMUM.get(resource, 0) - self.lent_own(lender)[resource])
-        parent: int | None = None
-        if amount > own_free:
-            borrowed = 0
-            for loan in self.loans_to(lender):
-                if loan.resource != resource:
-                    continue
-                room = loan.amount - self.sublent(loan.id) if loan.relend else 0
-                borrowed += room
-                if amount <= room and parent is None:
-                    parent = loan.id
-            if parent is None:
-                raise LedgerError("over_lend", f"{resource}: asks {amount}; {lender} has "
-                                  f"{own_free} of its own to lend ({MINIMUM.get(resource, 0)} "
-                                  f"kept) and {borrowed} borrowed it may re-lend", resource)
-        lid = self._next_loan
-        self._next_loan += 1
-        loan = Loan(lid, lender, recipient, resource, amount, float(expires), bool(relend),
-                    parent, now)
-        self.loans[lid] = loan
-        self._index_loan(loan)
-        self.dirty_loans.add(lid)
-        return lid, {lender, recipient}
-
-    def end_loan(self, loan_id: int) -> set[str]:
-        """End a loan and every loan lent on it."""
-        touched: set[str] = set()
-        stack, order = [loan_id], []
-        while stack:
-            lid = stack.pop()
-            order.append(lid)
-            stack.extend(self._loan_children.get(lid, ()))
-        for lid in reversed(order):
-            loan = self.loans.pop(lid)
-            self.dirty_loans.add(lid)
-            self._loan_children.pop(lid, None)
-            if loan.parent is not None and loan.parent in self._loan_children:
-                self._loan_children[loan.parent].discard(lid)
-            self._lent[loan.lender].discard(lid)
-            self._received[loan.recipient].discard(lid)
-            touched |= {loan.lender, loan.recipient}
-        return touched
-
-    def expire(self, now: float) -> set[str]:
-        touched: set[str] = set()
-        for lid in sorted(i for i, loan in self.loans.items() if 0 < loan.expires <= now):
-            if lid in self.loans:
-                touched |= self.end_loan(lid)
-        return touched
-
-    def next_expiry(self) -> float | None:
-        times = [loan.expires for loan in self.loans.values() if loan.expires > 0]
-        return min(times) if times else None
-
-    def set_loans(self, lender: str, wanted: Iterable[tuple[str, str, int, float, bool]],
-                  now: float = 0.0) -> set[str]:
-        """Replace `lender`'s loans by `wanted` (recipient, resource, amount, expires,
-        relend): unchanged ones stay, the others end (with their trees), new ones are
-        made in order. All or nothing: a refused one leaves the loans as they were."""
-        wanted = list(wanted)
-        keep: dict[tuple[str, str, int, float, bool], list[int]] = {}
-        for loan in self.loans_of(lender):
-            keep.setdefault(loan.key(), []).append(loan.id)
-        ending: list[int] = []
-        fresh: list[tuple[str, str, int, float, bool]] = []
-        for w in wanted:
-            ids = keep.get(w)
-            if ids:
-                ids.pop(0)
-            else:
-                fresh.append(w)
-        for ids in keep.values():
-            ending.extend(ids)
-        saved = self._save_loans()
-        try:
-            touched: set[str] = set()
-            for lid in ending:
-                if lid in self.loans:
-                    touched |= self.end_loan(lid)
-            for recipient, resource, amount, expires, relend in fresh:
-                _, t = self.lend(lender, recipient, resource, amount, expires=expires,
-                                 relend=relend, now=now)
-                touched |= t
-        except BaseException:
-            self._restore_loans(saved)
-            raise
-        return touched
-
-    def _save_loans(self) -> tuple[object, ...]:
-        return ({k: Loan(**vars(v)) for k, v in self.loans.items()}, set(self.dirty_loans),
-                self._next_loan)
-
-    def _restore_loans(self, saved: tuple[object, ...]) -> None:
-        loans, dirty, nxt = saved
-        self.loans = loans  # type: ignore[assignment]
-        self.dirty_loans = dirty  # type: ignore[assignment]
-        self._loan_children, self._lent, self._received = {}, {}, {}
-        for loan in self.loans.values():
-            self._index_loan(loan)
-        self._next_loan = nxt  # type: ignore[assignment]
-
-    def _settle(self, name: str) -> set[str]:
-        """End `name`'s own loans, newest first, until they fit its holdings again."""
-        touched: set[str] = set()
-        hold = self.holdings(name)
-        for k in RESOURCES:
-            mine = sorted((lid for lid in self._lent.get(name, ())
-                           if self.loans[lid].resource == k and self.loans[lid].parent is None),
-                          reverse=True)
-            lent = sum(self.loans[i].amount for i in mine)
-            while mine and lent > max(0, hold[k] - MINIMUM.get(k, 0)):
-                lid = mine.pop(0)
-                lent -= self.loans[lid].amount
-                touched |= self.end_loan(lid)
-        return touched
 
     # -- slivers ----------------------------------------------------------------------------
 
@@ -469,6 +409,7 @@ class Ledger:
 
     def check(self) -> None:
         """AssertionError naming the first broken rule, if any."""
+        self._check_ports()
         for r in self.rcaps.values():
             off = self.split_off(r.id)
             for k in RESOURCES:
@@ -498,3 +439,37 @@ class Ledger:
             if loan.parent is not None:
                 p = self.loans[loan.parent]
                 assert p.relend and p.recipient == loan.lender and p.resource == loan.resource
+
+    def _check_ports(self) -> None:
+        """The port rules: split-off parts disjoint subsets of their parent, node roots
+        disjoint, own port loans disjoint subsets of the lender's holdings, loans lent
+        on a port loan disjoint subsets of it, and no port given to two slices."""
+        def disjoint_within(parts: list[Ports], whole: Ports | None, what: str) -> None:
+            seen: set[tuple[str, int, str]] = set()
+            for p in parts:
+                assert not seen & p, f"{what}: a port in two parts"
+                seen |= p
+            assert whole is None or seen <= whole, f"{what}: parts beyond the whole"
+        for r in self.rcaps.values():
+            disjoint_within([self.rcaps[c].ports for c in self._children.get(r.id, ())],
+                            r.ports, f"rcap {r.id[:8]}")
+        roots = [r.ports for r in self.rcaps.values() if r.origin == ORIGIN_NODE]
+        disjoint_within(roots, None, "node roots")
+        assert set().union(*roots) == self._pool_ports, "the pool's ports drifted"
+        for name in set(self._lent):
+            own = [self.loans[i].ports for i in self._lent[name]
+                   if self.loans[i].resource == PORTS and self.loans[i].parent is None]
+            disjoint_within(own, self.holdings_ports(name), f"{name}'s port loans")
+        for loan in self.loans.values():
+            if loan.resource == PORTS:
+                assert loan.ports and loan.amount == len(loan.ports), f"loan {loan.id}"
+                disjoint_within([self.loans[c].ports
+                                 for c in self._loan_children.get(loan.id, ())],
+                                loan.ports, f"port loan {loan.id}")
+            else:
+                assert not loan.ports, f"loan {loan.id}: ports on a loan of {loan.resource}"
+        given: dict[tuple[str, int, str], str] = {}
+        for name in self.slices() | {x.recipient for x in self.loans.values()}:
+            for key in self.effective_ports(name):
+                assert key not in given, f"{port_text(key)} given to {given[key]} and {name}"
+                given[key] = name

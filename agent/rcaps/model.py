@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from agent.ports.table import PortError, PortRange, parse_ports_tag
 
 # Ledger resources: rspec keys (agent/rspec.py units: cpu_share a weight, cpu_pct a
 # reserved percentage, net_* kbit/s, mem_max and disk_max KiB, pids_max processes).
@@ -21,6 +23,16 @@ UNLIMITED_AT_ZERO = frozenset({"mem_max", "disk_max"})
 MAX_AMOUNT = 2**53
 
 Amounts = dict[str, int]
+
+# Ports are the one resource that is a set, not an amount: (proto, port, address), ""
+# for every node address, as the `ports` tag names them (agent/ports/table.py). Within
+# the ledger a port is in at most one rcap's remainder: split-off parts are disjoint
+# subsets of the parent's set.
+PORTS = "ports"
+MAX_RCAP_PORTS = 4096      # ports one request (AcquireRcap, SplitRcap, a loan) names
+PortKey = tuple[str, int, str]
+Ports = frozenset[PortKey]
+NO_PORTS: Ports = frozenset()
 
 ORIGIN_NODE = "node"     # a root acquired from the node's free pool
 ORIGIN_PLC = "plc"       # a root minted from a PLC sliver's rspec (PLC admitted it)
@@ -41,6 +53,45 @@ def zero() -> Amounts:
     return dict.fromkeys(RESOURCES, 0)
 
 
+def ports_of(value: object, *, limit: int | None = MAX_RCAP_PORTS) -> Ports:
+    """The port set a `ports` value names (tag syntax: "tcp:8080,udp:5000-5010@ADDR");
+    LedgerError naming the item if malformed."""
+    if not isinstance(value, str):
+        raise LedgerError("bad_request", "ports: a string in the ports tag syntax, e.g. "
+                          "\"tcp:8080,udp:5000-5010\"", PORTS)
+    try:
+        ranges = parse_ports_tag(value)
+    except PortError as exc:
+        raise LedgerError("bad_request", f"ports: {exc}", PORTS) from None
+    out = {(r.proto, n, r.address or "") for r in ranges for n in range(r.lo, r.hi + 1)}
+    if limit is not None and len(out) > limit:
+        raise LedgerError("bad_request", f"ports: {len(out)} ports; at most {limit} in one "
+                          "request", PORTS)
+    return frozenset(out)
+
+
+def port_text(key: PortKey) -> str:
+    proto, port, address = key
+    return f"{proto}:{port}" + (f"@{address}" if address else "")
+
+
+def port_ranges(ports: Ports) -> list[PortRange]:
+    """The set as maximal ranges per (protocol, address)."""
+    out: list[PortRange] = []
+    for proto, port, address in sorted(ports, key=lambda k: (k[0], k[2], k[1])):
+        last = out[-1] if out else None
+        if last is not None and last.proto == proto and (last.address or "") == address \
+                and last.hi == port - 1 and last.hi - last.lo + 1 < MAX_RCAP_PORTS:
+            out[-1] = PortRange(proto, last.lo, port, last.address)
+        else:
+            out.append(PortRange(proto, port, port, address or None))
+    return out
+
+
+def format_ports(ports: Ports) -> str:
+    return ",".join(str(r) for r in port_ranges(ports))
+
+
 def amounts_of(spec: Mapping[str, object]) -> Amounts:
     """A request {resource: int} to full Amounts; unknown keys or bad values refused."""
     if not isinstance(spec, Mapping):
@@ -58,6 +109,14 @@ def amounts_of(spec: Mapping[str, object]) -> Amounts:
                               f"[0, 2**53], not {str(value)[:40]!r}", key)
         out[key] = value
     return out
+
+
+def request_of(spec: Mapping[str, object]) -> tuple[Amounts, Ports]:
+    """An AcquireRcap/SplitRcap request: its amounts and its ports."""
+    if not isinstance(spec, Mapping):
+        raise LedgerError("bad_request", "an rspec is a struct {resource: integer}")
+    rest = {k: v for k, v in spec.items() if k != PORTS}
+    return amounts_of(rest), ports_of(spec[PORTS]) if PORTS in spec else NO_PORTS
 
 
 def new_token() -> tuple[str, str]:
@@ -80,6 +139,7 @@ class Rcap:
     bound: str | None = None
     created: float = 0.0
     seq: int = 0          # creation order (given by the ledger)
+    ports: Ports = field(default=NO_PORTS)
 
 
 @dataclass
@@ -93,15 +153,19 @@ class Loan:
     relend: bool = False      # the recipient may lend on it
     parent: int | None = None  # the loan it was lent on (None: the lender's own holdings)
     created: float = 0.0
+    ports: Ports = field(default=NO_PORTS)   # a loan of PORTS: the ports (amount = count)
 
-    def key(self) -> tuple[str, str, int, float, bool]:
-        return (self.recipient, self.resource, self.amount, self.expires, self.relend)
+    def key(self) -> tuple[str, str, int, float, bool, Ports]:
+        return (self.recipient, self.resource, self.amount, self.expires, self.relend,
+                self.ports)
 
     def wire(self) -> list[object]:
-        return [self.recipient, self.resource, self.amount, int(self.expires), self.relend]
+        amount: object = format_ports(self.ports) if self.resource == PORTS else self.amount
+        return [self.recipient, self.resource, amount, int(self.expires), self.relend]
 
 
-def nonzero(want: Amounts) -> None:
-    """Refuse a request that names no positive amount."""
-    if not any(want.values()):
-        raise LedgerError("bad_request", "an rcap names at least one positive amount")
+def nonzero(want: Amounts, ports: Ports = NO_PORTS) -> None:
+    """Refuse a request that names no positive amount and no port."""
+    if not any(want.values()) and not ports:
+        raise LedgerError("bad_request", "an rcap names at least one positive amount "
+                          "or port")

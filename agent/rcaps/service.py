@@ -16,9 +16,20 @@ from typing import Any
 
 import trio
 
+from agent.ports.table import FIRST_UNPRIVILEGED, PortError, PortRange, parse_ports_tag
 from agent.rcaps import store
 from agent.rcaps.ledger import Ledger
-from agent.rcaps.model import RESOURCES, UNLIMITED_AT_ZERO, Amounts, LedgerError, zero
+from agent.rcaps.model import (
+    PORTS,
+    RESOURCES,
+    UNLIMITED_AT_ZERO,
+    Amounts,
+    LedgerError,
+    Ports,
+    port_ranges,
+    port_text,
+    zero,
+)
 from agent.state import HAS_SLIVER, SliverRecord, State
 
 log = logging.getLogger("agent.rcaps")
@@ -28,6 +39,11 @@ MAX_SLEEP = 60.0     # the expiry task looks at the clock at least this often
 
 class GrantRefused(LedgerError):
     """A grant (cgroup values, HTB class) beyond what the slice's rcaps and loans give."""
+
+
+class PortNotGiven(PortError):
+    """ReservePort of a port neither the slice's rspec (`ports` tag) nor its rcaps and
+    loans give it (fault 102, as the port table's refusals)."""
 
 
 def node_capacity(state_dir: str | Path, store_kib: int = 0, link_kbit: int = 0) -> Amounts:
@@ -75,6 +91,7 @@ class RcapService:
         self.clock = clock
         self.led: Ledger = store.load(state, capacity)
         self.reconciler: Any = None          # agent.reconcile.Reconciler, by attach()
+        self.ports: Any = None               # agent.ports.PortService, by attach_ports()
         self._target_of: Callable[[Mapping[str, Any]], str] | None = None
         self._wake = trio.Event()
         if background is not None:
@@ -85,6 +102,110 @@ class RcapService:
 
         self.reconciler = reconciler
         self._target_of = target_of
+
+    def attach_ports(self, ports: Any) -> None:
+        """The port table: the ports rcaps and loans give are granted there (source
+        "rcap"), and its ReservePort asks `check_port_grant` first."""
+        self.ports = ports
+        ports.grant_check = self.check_port_grant
+
+    # -- ports --------------------------------------------------------------------------------
+
+    def _tag_keys(self, name: str) -> set[tuple[str, int, str]]:
+        rec = self.state.get_sliver(name)
+        tag = rec.spec.get("attributes", {}).get("ports", "") if rec is not None else ""
+        try:
+            return {(r.proto, n, r.address or "") for r in parse_ports_tag(str(tag))
+                    for n in range(r.lo, r.hi + 1)}
+        except PortError:
+            return set()
+
+    def check_port_grant(self, name: str, ranges: list[PortRange]) -> None:
+        """PortNotGiven naming the port if slice `name` asks a port neither its `ports`
+        tag nor its bound rcaps and loans give it (a port on every address needs it
+        given on every address)."""
+        given = self.led.effective_ports(name) | self._tag_keys(name)
+        for r in ranges:
+            for n in range(r.lo, r.hi + 1):
+                if (r.proto, n, "") in given or (r.address and (r.proto, n, r.address) in given):
+                    continue
+                raise PortNotGiven(f"{name}: {port_text((r.proto, n, r.address or ''))} is "
+                                   "not among the ports its rspec (ports tag), bound rcaps "
+                                   "and loans give it")
+
+    def check_pool_ports(self, ports: Ports) -> None:
+        """LedgerError naming the port if a port asked of the node's free pool is one the
+        node never grants (below 1024, ephemeral, reserved for the host or held by a host
+        service, F30) or one the port table gives a slice already."""
+        if not ports or self.ports is None:
+            return
+        table, host = self.ports.table, self.ports.host
+        for key in sorted(ports):
+            proto, port, address = key
+            what = port_text(key)
+            if proto != "icmp" and port < FIRST_UNPRIVILEGED:
+                raise LedgerError("port_refused", f"{what}: ports below "
+                                  f"{FIRST_UNPRIVILEGED} are granted by PLC tag only", PORTS)
+            try:
+                keys = table.expand([PortRange(proto, port, port, address or None)])
+            except PortError as exc:
+                raise LedgerError("port_refused", f"{what}: {exc}", PORTS) from None
+            for k in sorted(keys):
+                owner = table.owner(*k)
+                if owner is not None:
+                    raise LedgerError("port_refused", f"{what}: {proto} port {port} on "
+                                      f"{k[1]} is granted to slice {owner!r}", PORTS)
+            held = host.held(proto, port) if host is not None else {}
+            if held:
+                raise LedgerError("port_refused", f"{what}: held by the host: {held[port]}",
+                                  PORTS)
+
+    def apply_ports(self, names: set[str] | None = None) -> None:
+        """The port table made to give each live slice in `names` (None: every slice the
+        ledger or the table has rcap ports for) what its rcaps and loans give, in one
+        recorded change; ports taken from a slice are revoked (its sockets silenced)."""
+        if self.ports is None:
+            return
+        table = self.ports.table
+        have: dict[str, set[tuple[str, str, int]]] = {}
+        for k, (owner, src) in table._owner.items():
+            if src == "rcap":
+                have.setdefault(owner, set()).add(k)
+        if names is None:
+            names = self.led.ported_slices() | set(have)
+        else:
+            names = set(names) & (self.led.ported_slices() | set(have))
+        if not names:
+            return
+        records = self.state.slivers()
+        wanted: dict[str, set[tuple[str, str, int]]] = {}
+        unreserve: dict[str, set[tuple[str, str, int]]] = {}
+        for name in sorted(names):
+            rec = records.get(name)
+            ports = self.led.effective_ports(name) \
+                if rec is not None and rec.state in HAS_SLIVER else frozenset()
+            try:
+                keys = table.expand(port_ranges(ports))
+            except PortError as exc:
+                log.error("slice %s: rcap ports not granted: %s", name, exc)
+                continue
+            drop = table.keys_of(name, ("reserve",)) - keys
+            if drop:   # reservations of ports no longer given (ReleasePort, ReservePort)
+                try:
+                    drop -= table.expand(port_ranges(frozenset(self._tag_keys(name))))
+                except PortError:
+                    pass
+            if not drop and have.get(name, set()) == keys - table.keys_of(name, ("tag",)):
+                continue
+            wanted[name] = keys
+            if drop:
+                unreserve[name] = drop
+        if not wanted:
+            return
+        try:
+            self.ports.set_rcap_ports(wanted, unreserve)
+        except PortError as exc:
+            log.error("rcap ports of %s not granted: %s", ", ".join(sorted(wanted)), exc)
 
     # -- what the reconciler asks -------------------------------------------------------------
 
@@ -124,6 +245,7 @@ class RcapService:
         for name in sorted(alive):
             touched |= self.led.mint_plc(name, plc_amounts(records[name].rspec), self.clock())
         store.flush(self.state, self.led)
+        self.apply_ports()
         self._retarget({n for n in alive if n in touched or self.led.adjusted(n)}, records)
         return touched
 
@@ -148,6 +270,7 @@ class RcapService:
         """Written, then applied in place: an update of every live slice in `names`
         whose effective amounts moved. Returns the names whose update failed."""
         store.flush(self.state, self.led)
+        self.apply_ports(names)      # recorded, then granted (revoked ones silenced)
         changed = self._retarget(names)
         if self.reconciler is None:
             return []

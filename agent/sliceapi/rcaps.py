@@ -19,7 +19,16 @@ from agent.faults import (
     FAULT_PERMISSION,
     APIFault,
 )
-from agent.rcaps.model import MAX_AMOUNT, LedgerError, amounts_of, token_id
+from agent.rcaps.model import (
+    MAX_AMOUNT,
+    NO_PORTS,
+    PORTS,
+    LedgerError,
+    format_ports,
+    ports_of,
+    request_of,
+    token_id,
+)
 from agent.rcaps.service import RcapService
 from agent.sliceapi.identity import Caller
 from agent.state import HAS_SLIVER, State
@@ -97,9 +106,11 @@ class RcapCalls:
             raise APIFault(FAULT_ERROR, f"AcquireRcap: {who} holds {MAX_RCAPS_PER_SLICE} "
                            "rcaps already; release some")
         try:
-            want = amounts_of(args[0])
+            want, ports = request_of(args[0])
+            if who is None:
+                self.service.check_pool_ports(ports)
             token, touched = self.service.led.acquire(want, who or "", from_slice=who,
-                                                      now=self.service.clock())
+                                                      now=self.service.clock(), ports=ports)
         except LedgerError as exc:
             raise self._fault("AcquireRcap", exc) from None
         await self._apply(touched, "AcquireRcap")
@@ -116,8 +127,9 @@ class RcapCalls:
             raise APIFault(FAULT_ERROR, f"SplitRcap: {who} holds {MAX_RCAPS_PER_SLICE} "
                            "rcaps already; release some")
         try:
-            token, touched = self.service.led.split(rid, amounts_of(args[1]), who or "",
-                                                    now=self.service.clock())
+            want, ports = request_of(args[1])
+            token, touched = self.service.led.split(rid, want, who or "",
+                                                    now=self.service.clock(), ports=ports)
         except LedgerError as exc:
             raise self._fault("SplitRcap", exc) from None
         await self._apply(touched, "SplitRcap")
@@ -162,7 +174,9 @@ class RcapCalls:
             r = led.get(rid)
         except LedgerError as exc:
             raise self._fault("GetRcap", exc) from None
-        return {"amounts": _wire(r.amounts), "remainder": _wire(led.remainder(rid)),
+        return {"amounts": _wire({**r.amounts, PORTS: format_ports(r.ports)}),
+                "remainder": _wire({**led.remainder(rid),
+                                    PORTS: format_ports(led.remainder_ports(rid))}),
                 "bound": r.bound or "", "origin": r.origin}
 
     # -- loans --------------------------------------------------------------------------
@@ -180,7 +194,10 @@ class RcapCalls:
             raise APIFault(FAULT_ARG_COUNT, "SetLoans([name,] loans): loans is a list")
         if len(args[0]) > MAX_LOANS:
             raise APIFault(FAULT_ARG_COUNT, f"SetLoans: at most {MAX_LOANS} loans")
-        wanted = [_loan(item, i) for i, item in enumerate(args[0])]
+        try:
+            wanted = [_loan(item, i) for i, item in enumerate(args[0])]
+        except LedgerError as exc:
+            raise self._fault("SetLoans", exc) from None
         for recipient, *_ in wanted:
             self._live(recipient, "SetLoans")
         try:
@@ -206,7 +223,7 @@ class RcapCalls:
         return _wire(self.service.effective_rspec(rec))
 
 
-def _loan(item: Any, index: int) -> tuple[str, str, int, float, bool]:
+def _loan(item: Any, index: int) -> tuple[str, str, int, float, bool, Any]:
     where = f"SetLoans: loan {index}"
     if isinstance(item, dict):
         item = [item.get("recipient", item.get("to")), item.get("resource"),
@@ -217,6 +234,10 @@ def _loan(item: Any, index: int) -> tuple[str, str, int, float, bool]:
     recipient, resource, amount = item[0], item[1], item[2]
     expires = item[3] if len(item) > 3 else 0
     relend = item[4] if len(item) > 4 else False
+    ports = NO_PORTS
+    if resource == PORTS:        # the amount of a loan of ports is the ports it lends
+        ports = ports_of(amount)
+        amount = len(ports)
     if isinstance(amount, str) and amount.isdigit():
         amount = int(amount)
     if not isinstance(recipient, str) or not isinstance(resource, str):
@@ -226,7 +247,7 @@ def _loan(item: Any, index: int) -> tuple[str, str, int, float, bool]:
                        "positive integer")
     if not isinstance(expires, (int, float)) or isinstance(expires, bool) or expires < 0:
         raise APIFault(FAULT_ARG_COUNT, f"{where}: expires is a unix time (0: none)")
-    return recipient, resource, amount, float(expires), bool(relend)
+    return recipient, resource, amount, float(expires), bool(relend), ports
 
 
 def _wire(value: Any) -> Any:

@@ -63,6 +63,23 @@ def ceilings(ifname: str) -> dict[int, int]:
             if tc.is_sliver_minor(c.minor) and not c.minor & tc.EXEMPT_BIT}
 
 
+class Logged:
+    """The agent socket; a fault 104 ("applying it ... failed") carries the agent's log."""
+
+    def __init__(self, api: Any, node: Node) -> None:
+        self._api, self._node = api, node
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*args: Any) -> Any:
+            try:
+                return getattr(self._api, method)(*args)
+            except xmlrpc.client.Fault as exc:
+                if "applying it" in exc.faultString:
+                    raise AssertionError(f"{exc.faultString}\n{self._node.log_text()}") from None
+                raise
+        return call
+
+
 def fault(call: Any, *args: Any) -> xmlrpc.client.Fault:
     with pytest.raises(xmlrpc.client.Fault) as exc:
         call(*args)
@@ -81,7 +98,7 @@ def test_loans_and_rcaps_on_real_slivers(plc: LiveServer) -> None:
             for n in (a, b, c):
                 wait_for(lambda n=n: f"{n}: create done" in node.log_text(), 90,
                          f"sliver {n}", node.log_text)
-            api: Any = client(str(node.cfg.socket_path))
+            api: Any = Logged(client(str(node.cfg.socket_path)), node)
             w = 1
             assert [weight(node, n) for n in (a, b, c)] == [10 * w] * 3
             assert sorted(ceilings(net.host).values()) == [20 * M] * 3
@@ -148,7 +165,7 @@ def test_loans_and_rcaps_on_real_slivers(plc: LiveServer) -> None:
             agents.append(node.start_agent())
             wait_for(lambda: node.log_text().count(f"{a}: adopt done") == 1, 60,
                      "the restarted agent", node.log_text)
-            api = client(str(node.cfg.socket_path))
+            api = Logged(client(str(node.cfg.socket_path)), node)
             assert api.GetLoans(a) == [[b, "cpu_share", 3, loan_until, False]]
             assert api.GetLoans(b) == [[c, "cpu_share", 9, 0, False]]
             assert api.GetRcap(r2)["bound"] == c and api.GetRcap(r)["remainder"]["cpu_share"] == 12

@@ -115,6 +115,12 @@ def test_set_loans_is_all_or_nothing() -> None:
 
 SLICES = ["s0", "s1", "s2", "s3"]
 RES3 = ["cpu_share", "net_max_rate", "mem_max"]
+PORT_KEYS = [("tcp", 5000 + n, "") for n in range(5)] + [("udp", 5000, "")]
+
+
+def port_subset(i: int) -> frozenset[tuple[str, int, str]]:
+    """One of the 64 subsets of PORT_KEYS (i's low bits)."""
+    return frozenset(k for b, k in enumerate(PORT_KEYS) if i >> b & 1)
 
 
 class Driver:
@@ -134,9 +140,14 @@ class Driver:
                 led.mint_plc(name, cap(**want), self.now)
                 self.alive.add(name)
             elif op == "acquire":
-                led.acquire(cap(**want), "", from_slice=name if i % 2 else None, now=self.now)
+                led.acquire(cap(**want), "", from_slice=name if i % 2 else None, now=self.now,
+                            ports=port_subset(i // 7))
+            elif op == "acquire_bind" and name in self.alive:   # ports held, lendable
+                tok, _ = led.acquire(cap(**want), "", now=self.now, ports=port_subset(i // 7))
+                led.bind(token_id(tok), name)
             elif op == "split" and ids:
-                led.split(ids[i % len(ids)], cap(**want), "", self.now)
+                led.split(ids[i % len(ids)], cap(**want), "", self.now,
+                          ports=port_subset(i // 7))
             elif op == "bind" and ids and name in self.alive:
                 led.bind(ids[i % len(ids)], name)
             elif op == "release" and ids:
@@ -146,6 +157,16 @@ class Driver:
                          expires=self.now + ttl if ttl else 0)
             elif op == "set_loans" and name in self.alive:
                 led.set_loans(name, [(other, "cpu_share", amt, 0.0, True)], self.now)
+            elif op == "lend_ports" and name in self.alive:
+                name = next((s for s in sorted(self.alive) if led.effective_ports(s)
+                             and i % 4), name)   # mostly a slice with ports to lend
+                other = next((s for s in sorted(led.slices(), key=lambda x: (x != other, x))
+                              if s != name and i % 3), other)    # mostly a live recipient
+                have = sorted(led.effective_ports(name))   # mostly ports it may lend
+                ports = frozenset(have[i % len(have):][:1 + i % 3]) if have and i % 5 \
+                    else port_subset(i)
+                led.lend(name, other, "ports", 0, relend=relend, now=self.now,
+                         expires=self.now + ttl if ttl else 0, ports=ports)
             elif op == "revoke" and led.loans:
                 led.end_loan(sorted(led.loans)[i % len(led.loans)])
             elif op == "expire":
@@ -162,7 +183,7 @@ class Driver:
 
 
 OPS = ["plc", "acquire", "split", "bind", "release", "lend", "set_loans", "revoke",
-       "expire", "destroy"]
+       "expire", "destroy", "lend_ports", "acquire_bind", "lend_ports"]
 amount = st.integers(min_value=0, max_value=40)
 small = st.fixed_dictionaries({k: amount for k in RES3})
 

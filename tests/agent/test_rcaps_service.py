@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.rcaps import GrantRefused, RcapService
+from agent.rcaps import GrantRefused, RcapService, store
 from agent.rcaps.model import amounts_of, token_id, zero
 from agent.state import SCHEMA_VERSION, State
 
@@ -55,5 +56,90 @@ def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     db.commit()
     db.close()
     state = State.open(tmp_path)
-    assert state.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    assert state.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
     RcapService(state, capacity()).led.check()
+
+
+
+def port_service(state: State) -> Any:
+    from agent.ports import PortService, PortTable, StatePortStore
+
+    return PortService(PortTable(["10.0.0.1"], (40000, 60999)), StatePortStore(state))
+
+
+def _make_slivers(state: State, *names: str, tags: dict[str, str] | None = None) -> None:
+    """Live slivers in the state, each with a PLC rcap bound (as sync() mints)."""
+    from agent.state import SliverRecord, SliverState
+
+    for n in names:
+        tag = (tags or {}).get(n, "")
+        state.put_sliver(SliverRecord(n, 1, "plc-instantiated", 2**31, "img",
+                                      {"attributes": {"ports": tag} if tag else {}},
+                                      {"cpu_share": 10}, [], SliverState.RUNNING, "", True,
+                                      "", 0.0, 0.0))
+
+
+def test_ports_are_a_ledger_resource(tmp_path: Path) -> None:
+    """An rcap with ports bound to a slice grants them in the port table; split and loan
+    move them; release revokes; ReservePort and pool acquisition are checked."""
+    from agent.ports import PortError
+    from agent.rcaps.model import LedgerError, ports_of
+
+    state = State.open(tmp_path)
+    svc = RcapService(state, capacity())
+    ps = port_service(state)
+    revoked: list[dict[Any, str]] = []
+    ps.on_revoked.append(revoked.append)
+    svc.attach_ports(ps)
+    _make_slivers(state, "a", "b", tags={"b": "tcp:2000"})
+    svc.sync()
+    ps.set_tag_ports("b", "tcp:2000")
+    with pytest.raises(LedgerError, match="tcp:2000: tcp port 2000 on .* granted to slice 'b'"):
+        svc.check_pool_ports(ports_of("tcp:2000"))
+    for bad, why in (("tcp:80", "below 1024"), ("tcp:45000", "ephemeral")):
+        with pytest.raises(LedgerError, match=why):
+            svc.check_pool_ports(ports_of(bad))
+    want = ports_of("tcp:3000-3001")
+    svc.check_pool_ports(want)
+    tok, _ = svc.led.acquire(zero(), "", ports=want)
+    with pytest.raises(LedgerError, match="tcp:3000: another rcap"):
+        svc.led.acquire(zero(), "", ports=ports_of("tcp:3000"))
+    svc.led.bind(token_id(tok), "a")
+    svc.apply_ports({"a"})
+    assert ps.check_bind("a", "tcp", "10.0.0.1", 3000).allowed
+    assert not ps.check_bind("b", "tcp", "10.0.0.1", 3000).allowed
+    # a splits tcp:3001 off and binds it to b: it moves, a's is revoked
+    child, touched = svc.led.acquire(zero(), "a", from_slice="a", ports=ports_of("tcp:3001"))
+    with pytest.raises(LedgerError, match="tcp:3005: not among"):
+        svc.led.split(token_id(tok), zero(), "", ports=ports_of("tcp:3005"))
+    touched |= svc.led.bind(token_id(child), "b")
+    svc.apply_ports(touched)
+    assert ps.check_bind("b", "tcp", "10.0.0.1", 3001).allowed
+    assert not ps.check_bind("a", "tcp", "10.0.0.1", 3001).allowed
+    assert any(k[2] == 3001 and s == "a" for r in revoked for k, s in r.items())
+    # ReservePort: b may re-reserve what it is given, not a port nobody gave it
+    ps.release("b", "tcp:3001")
+    ps.reserve("b", "tcp:3001")
+    with pytest.raises(PortError, match="tcp:3002 is not among the ports"):
+        ps.reserve("b", "tcp:3002")
+    ps.reserve("b", "tcp:2000")          # its tag gives it
+    # a loan of ports: a lends tcp:3000 to b
+    t = svc.led.set_loans("a", [("b", "ports", 1, 0.0, False, ports_of("tcp:3000"))])
+    svc.apply_ports(t)
+    assert ps.check_bind("b", "tcp", "10.0.0.1", 3000).allowed
+    assert not ps.check_bind("a", "tcp", "10.0.0.1", 3000).allowed
+    with pytest.raises(LedgerError, match="tcp:3000 is neither"):
+        svc.led.lend("a", "b", "ports", 1, ports=ports_of("tcp:3000"))
+    svc.led.check()
+    # release of the child: b's tcp:3001 (re-reserved) is revoked
+    t = svc.led.release(token_id(child))
+    svc.apply_ports(t)
+    assert not ps.check_bind("b", "tcp", "10.0.0.1", 3001).allowed
+    # both survive a reopen
+    store.flush(state, svc.led)
+    state.close()
+    again = RcapService(State.open(tmp_path), capacity())
+    assert again.led.effective_ports("b") == ports_of("tcp:3000")
+    assert again.led.effective_ports("a") == ports_of("tcp:3001")
+    again.led.check()
+

@@ -481,6 +481,14 @@ class AgentSide:
                                          transport=UnixTransport(str(self.node.cfg.socket_path),
                                                                  timeout))
 
+    def give(self, ctx: Context, spec: str) -> str:
+        """The node admin gives slice `ctx` the ports `spec` (an rcap acquired from the
+        node's pool and bound to it): ReservePort grants only ports a slice is given."""
+        api = self.admin()
+        rcap = api.AcquireRcap({"ports": spec})
+        assert api.BindRcap(ctx.name, rcap) == 1
+        return str(rcap)
+
     def agent_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.agent.pid}/fd"))
 
@@ -825,6 +833,7 @@ def test_agent_made_slivers_are_guarded(agent_side: AgentSide) -> None:
     assert run(s.a, "socket", str(AF_PACKET), str(SOCK_RAW), "768")[1] != "0"
     port = free_port(26000 + PID % 3000)
     nxt = free_port(port + 1)
+    s.give(s.a, f"tcp:{port}@127.0.0.1")
     reply = call_from(s.a, http(xmlrpc.client.dumps((f"tcp:{port}@127.0.0.1",),
                                                     "ReservePort").encode()))
     assert b"<fault>" not in reply, reply
@@ -856,6 +865,7 @@ def test_raw_send_checks_source_and_refuses_ip_options(agent_side: AgentSide) ->
     s = agent_side
     port = free_port(29000 + PID % 2000)
     dest = free_port(port + 1)
+    s.give(s.a, f"udp:{port}@127.0.0.1,udp:{dest}@127.0.0.1")
     reply = call_from(s.a, http(xmlrpc.client.dumps((f"udp:{port}@127.0.0.1,udp:{dest}@127.0.0.1",),
                                                     "ReservePort").encode()))
     assert b"<fault>" not in reply, reply
@@ -1009,6 +1019,7 @@ def test_sniffer_stops_seeing_a_port_its_slice_gave_up(agent_side: AgentSide) ->
     def api(ctx: Context, method: str, *args: str) -> bytes:
         return call_from(ctx, http(xmlrpc.client.dumps(args, method).encode()))
 
+    rcap = s.give(s.a, spec)
     assert b"<fault>" not in api(s.a, "ReservePort", spec)
     # A sniffer covers the ports A holds a socket on (F30): A's socket talks to itself.
     own = s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "3", f"Aown{PID}"],
@@ -1022,6 +1033,8 @@ def test_sniffer_stops_seeing_a_port_its_slice_gave_up(agent_side: AgentSide) ->
         assert sniffer.stdout.readline().split() == [b"sniff1", b"ready"]
         own.wait(10)
         assert b"<fault>" not in api(s.a, "ReleasePort", spec)
+        assert s.admin().ReleaseRcap(rcap) == 1     # A gives the port up for good
+        s.give(s.b, spec)
         assert b"<fault>" not in api(s.b, "ReservePort", spec)
         b_own = s.b.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "1",
                            f"Bpriv{PID}"], stdout=PIPE, stderr=PIPE)
@@ -1046,6 +1059,7 @@ def test_sniffers_are_capped_per_slice(agent_side: AgentSide) -> None:
     s = agent_side
     port = free_port(30000 + PID % 1500)
     spec = f"udp:{port}@127.0.0.1"
+    s.give(s.a, spec)
     reply = call_from(s.a, http(xmlrpc.client.dumps((spec,), "ReservePort").encode()))
     assert b"<fault>" not in reply, reply
     holder = s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "10"],
@@ -1097,3 +1111,44 @@ def test_slice_chosen_image_names_cannot_leave_the_image_store(agent_side: Agent
         assert got[name]["state"] != "running" and not got[name]["live"], got[name]
         assert not (s.node.contexts_dir / name).exists()
     assert s.admin().GetRSpec(s.b.name)["cpu_share"] == s.share_b   # others unaffected
+
+
+def test_rcap_ports_move_between_slices(agent_side: AgentSide) -> None:
+    """Issue 12, ports as an rcap resource on the real kernel: A (given a port by the
+    node admin) acquires an rcap of it from its own holdings and binds it to B: B's
+    sliver binds the port through the guard and A's cannot; the rcap released, B's bind
+    is refused and B's bound socket silenced (the port table's revoke path), and the
+    port is A's again."""
+    import xmlrpc.client
+
+    from kernel.context import PIPE
+
+    s = agent_side
+    port = free_port(22000 + PID % 1500)
+    spec = f"tcp:{port}@127.0.0.1,udp:{port}@127.0.0.1"
+
+    def call(ctx: Context, method: str, *args: Any) -> Any:
+        time.sleep(0.25)   # within the agent's api_rate (5/s)
+        reply = call_from(ctx, http(xmlrpc.client.dumps(args, method).encode()))
+        body = reply.split(b"\r\n\r\n", 1)[1]
+        return xmlrpc.client.loads(body.decode())[0][0]
+
+    s.give(s.a, spec)
+    assert run(s.a, "bind", "127.0.0.1", str(port))[1] == "0"
+    rcap = call(s.a, "AcquireRcap", {"ports": spec})     # from A's own holdings
+    assert call(s.a, "BindRcap", s.b.name, rcap) == 1
+    assert run(s.b, "bind", "127.0.0.1", str(port))[1] == "0"
+    assert run(s.a, "bind", "127.0.0.1", str(port))[1] == str(errno.EADDRINUSE)
+    holder = s.b.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "6",
+                        f"Bheld{PID}"], stdout=PIPE, stderr=PIPE)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().split() == [b"udphold", b"0"]
+    assert holder.stdout.readline().split()[0] == b"msg"       # it hears itself
+    assert call(s.a, "ReleaseRcap", rcap) == 1
+    assert holder.wait(30) == 0
+    heard = holder.stdout.read().split(b"\n")
+    # 10 a second for 6 s unless silenced within about a second of the release
+    assert sum(line.startswith(b"msg") for line in heard) < 30, heard
+    assert run(s.b, "bind", "127.0.0.1", str(port))[1] != "0"
+    assert run(s.a, "bind", "127.0.0.1", str(port))[1] == "0"
+    time.sleep(2)   # the slice's API budget refills for the tests after this one
