@@ -1,8 +1,9 @@
-"""`planetlab-agent poll | decommission`: an operator's handles on a running node."""
+"""`planetlab-agent poll | api | decommission`: an operator's handles on a running node."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -18,6 +19,15 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
                    help="wait (at most SECONDS) for that poll to finish and print its result")
     p.set_defaults(func=cmd_poll)
+
+    p = sub.add_parser("api", help="call the running agent's slice API as the node admin "
+                                   "(root): e.g. AcquireRcap '{\"ports\": \"tcp:9000\"}'")
+    p.add_argument("method", help="the method, e.g. GetSlivers, AcquireRcap, BindRcap, Help")
+    p.add_argument("params", nargs="*", metavar="ARG",
+                   help="each a JSON value (number, struct, list, true/false, quoted "
+                        "string), else taken as a string")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("decommission",
                        help="stop every sliver; remove the store mount, loop device, "
@@ -66,6 +76,39 @@ def cmd_poll(args: argparse.Namespace) -> int:
             return 0
     print(f"planetlab-agent poll: no poll finished within {args.wait:g} s", file=sys.stderr)
     return 1
+
+
+def api_arg(text: str) -> Any:
+    """A command-line argument as an XML-RPC value: JSON where it parses (null is
+    refused: XML-RPC has no nil for the agent), else the text itself."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return text if value is None else value
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import xmlrpc.client
+
+    from agent.cli_agent import load_config
+    from agent.sliceapi import UnixTransport
+
+    cfg = load_config(args)
+    api = xmlrpc.client.ServerProxy("http://agent/", allow_none=True,
+                                    transport=UnixTransport(cfg.socket_path, args.timeout))
+    try:
+        result = getattr(api, args.method)(*(api_arg(a) for a in args.params))
+    except xmlrpc.client.Fault as fault:
+        print(f"planetlab-agent api: fault {fault.faultCode}: {fault.faultString}",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"planetlab-agent api: cannot reach the agent at {cfg.socket_path}: {exc} "
+              f"(config {cfg.source})", file=sys.stderr)
+        return 1
+    print(result if isinstance(result, str) else json.dumps(result, indent=1, default=str))
+    return 0
 
 
 def cmd_decommission(args: argparse.Namespace) -> int:

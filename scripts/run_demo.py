@@ -531,8 +531,13 @@ Enter the sliver (it owns {DEMO_PORTS}: try `nc -l -p 8080` there, and 8081, ref
   {cli}/planetlab-agent --config {agent_cfg} enter {SLICE}
 Call the slice API from inside the sliver (plapi, in every sliver):
   /usr/lib/planetlab/plapi GetRSpec
-  /usr/lib/planetlab/plapi ReservePort tcp:9000     # then `nc -l -p 9000` works
+  /usr/lib/planetlab/plapi GetPorts                 # the ports it may bind
   /usr/lib/planetlab/plapi Help
+  df -k /                                           # its own disk_max, not the node's disk
+Give the slice another port (the node admin's rcap, on the host):
+  {cli}/planetlab-agent --config {agent_cfg} api AcquireRcap '{{"ports": "tcp:9000"}}'
+  {cli}/planetlab-agent --config {agent_cfg} api BindRcap {SLICE} RCAP
+  # RCAP: the 32 hex digits AcquireRcap printed; then `nc -l -p 9000` works in the sliver
 ssh into the sliver (host accounts are off in the demo; with host_accounts = 1 in
 {agent_cfg}, the PI's key logs in as the slice):
   ssh -i {key} {SLICE}@localhost

@@ -102,6 +102,20 @@ def test_lock_poll_and_log_lines(plc: LiveServer) -> None:
         wait_for(lambda: f"{name}: create done" in node.log_text(), 60,
                  "the sliver after `poll`", node.log_text)
 
+        # `api` calls the slice API as the node admin: a port given by an rcap.
+        port = 20000 + PID % 5000
+        out = _cmd(node, "api", "AcquireRcap", json.dumps({"ports": f"tcp:{port}"}))
+        assert out.returncode == 0 and re.fullmatch(r"[0-9a-f]{32}\n", out.stdout), out
+        rcap = out.stdout.strip()
+        out = _cmd(node, "api", "BindRcap", name, rcap)
+        assert out.returncode == 0 and out.stdout.strip() == "1", out
+        out = _cmd(node, "status", "--json")
+        assert f"tcp:{port}" in out.stdout, out.stdout
+        out = _cmd(node, "api", "BindRcap", name, "0" * 32)
+        assert out.returncode == 1 and "fault" in out.stderr and not out.stdout, out
+        out = _cmd(node, "api", "ReleaseRcap", rcap)
+        assert out.returncode == 0, out
+
         # Restarted, the agent says which slivers it adopted; without it `poll` says so.
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)

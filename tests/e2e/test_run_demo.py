@@ -123,6 +123,19 @@ def test_make_run_comes_up_and_leaves_nothing(tmp_path: Path) -> None:
                      "GetRSpec")
         assert got.returncode == 0, got.stderr
         assert "<name>cpu_cap</name>" in got.stdout and "<int>50</int>" in got.stdout
+        # The tour's `df` and the node admin's port: `df /` shows the sliver's disk_max
+        # (the agent's default, 10,000,000 KiB); an rcap gives the slice a port.
+        got = _agent(state, "enter", "-T", "demo_slice", "--", "df", "-k", "/")
+        assert got.returncode == 0 and got.stdout.splitlines()[-1].split()[1] == "10000000", \
+            got.stdout + got.stderr
+        port = 20000 + PID % 5000
+        got = _agent(state, "api", "AcquireRcap", f'{{"ports": "tcp:{port}"}}')
+        assert got.returncode == 0, got.stderr
+        got = _agent(state, "api", "BindRcap", "demo_slice", got.stdout.strip())
+        assert got.returncode == 0 and got.stdout.strip() == "1", got.stderr
+        got = _agent(state, "enter", "-T", "demo_slice", "--", "/usr/lib/planetlab/plapi",
+                     "GetPorts")
+        assert f"tcp:{port}" in got.stdout, got.stdout + got.stderr
         # Read-only for the sliver's root.
         got = _agent(state, "enter", "-T", "demo_slice", "--", "sh", "-c",
                      "echo x > /usr/lib/planetlab/plapi")
