@@ -195,8 +195,10 @@ class Agent:
             value = rec.spec.get("attributes", {}).get("ports", "")
             if self._ports_applied.get(name) == value:
                 continue   # each change saves the whole table: only what changed
-            try:
-                self.guard.set_tag_ports(name, value)
+            rcaps = self.reconciler.rcaps
+            try:   # less its tag ports it lent, split off or released (agent/rcaps)
+                self.guard.set_tag_ports(name, value, rcaps.tag_withheld(name)
+                                         if rcaps is not None else frozenset())
                 self._ports_applied[name] = value
                 skipped = self.guard.ports.host.skipped.get(name) if self.guard.ports.host else None
                 self.state.set_meta(f"ports_skipped:{name}", "; ".join(skipped or ()))  # F30

@@ -21,7 +21,7 @@ from agent.guard.statfs import sliver_disks
 from agent.guard.supervisor import Guard
 from agent.ports.host import HostPorts, state_uid_owner
 from agent.ports.store import PortService, StatePortStore
-from agent.ports.table import PortTable, parse_ports_tag, read_ephemeral_range
+from agent.ports.table import Key, PortTable, parse_ports_tag, read_ephemeral_range
 from agent.rawsock.service import RawSockets
 from kernel import seccomp
 from kernel.cgroups import PARENT, SliverCgroup, detect_layout
@@ -222,9 +222,11 @@ class GuardService:
             self.guard.set_sockd(name, chan)
         self._send.send_nowait((name, listener_of(init_pid)))
 
-    def set_tag_ports(self, name: str, tag_value: str) -> None:
-        """The slice's `ports` tag (raises PortError/PortConflict, changing nothing)."""
-        self.ports.set_tag_ports(name, tag_value)
+    def set_tag_ports(self, name: str, tag_value: str,
+                      without: frozenset[Key] | set[Key] = frozenset()) -> None:
+        """The slice's `ports` tag less the keys `without` (raises PortError/PortConflict,
+        changing nothing)."""
+        self.ports.set_tag_ports(name, tag_value, without)
 
     def sliver_destroyed(self, name: str) -> None:
         self.guard.release_sliver(name)

@@ -74,6 +74,13 @@ class PortService:
         # Called with (slice, ranges) before a ReservePort: raises PortError if the
         # slice is not given them (agent.rcaps.RcapService.check_port_grant).
         self.grant_check: Callable[[str, list[PortRange]], None] | None = None
+        # Called with (slice, keys) after a ReleasePort gave up keys it owned, and after
+        # a ReservePort took keys (agent.rcaps: a released rcap port stays released).
+        self.on_released: Callable[[str, set[Key]], None] | None = None
+        self.on_reserved: Callable[[str, set[Key]], None] | None = None
+        # The ranges each slice's `ports` tag was last granted (host-held ports left
+        # out), before any `without`: what its PLC rcap names (agent.rcaps).
+        self.tag_ranges: dict[str, list[PortRange]] = {}
         dropped = self.table.load(self.store.load())
         if dropped:
             log.warning("ports: recorded ownership no longer allowed, dropped: %s",
@@ -106,26 +113,37 @@ class PortService:
             self.grant_check(slice_name, ranges)   # PortError: not given to the slice
         self._commit(lambda t: t.grant(slice_name, ranges, "reserve"))
         log.info("slice %s reserved %s", slice_name, format_ports_tag(ranges))
+        if self.on_reserved is not None:
+            self.on_reserved(slice_name, self.table.expand(ranges))
 
     def release(self, slice_name: str, spec: str) -> None:
         ranges = parse_ports_tag(spec)
+        before = self.table.keys_of(slice_name)
         self._commit(lambda t: t.release(slice_name, ranges))
         log.info("slice %s released %s", slice_name, format_ports_tag(ranges))
+        gone = before - self.table.keys_of(slice_name)
+        if gone and self.on_released is not None:
+            self.on_released(slice_name, gone)
 
-    def set_tag_ports(self, slice_name: str, tag_value: str) -> None:
+    def set_tag_ports(self, slice_name: str, tag_value: str,
+                      without: frozenset[Key] | set[Key] = frozenset()) -> None:
+        """The slice's `ports` tag granted, less the keys `without` (PortTable)."""
         ranges = parse_ports_tag(tag_value)
         if self.host is not None:  # F30: host-held ports skipped, logged
             ranges = self.host.without_held(slice_name, ranges)
-        self._commit(lambda t: t.set_tag_ports(slice_name, ranges))
+        self._commit(lambda t: t.set_tag_ports(slice_name, ranges, without))
+        self.tag_ranges[slice_name] = list(ranges)
 
     def set_rcap_ports(self, wanted: dict[str, set[Key]],
-                       unreserve: dict[str, set[Key]] | None = None) -> None:
+                       unreserve: dict[str, set[Key]] | None = None,
+                       untag: dict[str, set[Key]] | None = None) -> None:
         """The ports the slices' rcaps and loans give them, in one recorded change
         (PortTable.set_rcap_ports); the ports taken are revoked as any (F20, F13)."""
-        self._commit(lambda t: t.set_rcap_ports(wanted, unreserve))
+        self._commit(lambda t: t.set_rcap_ports(wanted, unreserve, untag))
 
     def release_slice(self, slice_name: str) -> None:
         self._commit(lambda t: t.release_slice(slice_name))
+        self.tag_ranges.pop(slice_name, None)
         log.info("slice %s: all ports released", slice_name)
 
     def check_bind(self, slice_name: str, proto: str, address: str, port: int) -> BindDecision:

@@ -277,7 +277,8 @@ class PortTable:
         return keys
 
     def _claim(self, slice_name: str, source: str, ranges: Iterable[PortRange],
-               replace_source: bool) -> list[Key]:
+               replace_source: bool, skip: frozenset[Key] | set[Key] = frozenset()
+               ) -> list[Key]:
         if not slice_name:
             raise PortError("empty slice name")
         if source not in SOURCES:
@@ -288,7 +289,7 @@ class PortTable:
                 if r.proto != "icmp" and r.lo < FIRST_UNPRIVILEGED:
                     raise PortError(f"{r}: ports below {FIRST_UNPRIVILEGED} are granted by "
                                     "PLC tag only, not by ReservePort")
-        keys = [k for r in ranges for k in self._keys(r)]
+        keys = [k for r in ranges for k in self._keys(r) if k not in skip]
         for k in keys:  # all-or-nothing: check everything before changing anything
             got = self._owner.get(k)
             # A PLC tag (or an rcap) takes precedence over another slice's runtime
@@ -306,9 +307,11 @@ class PortTable:
             if self._owner.get(k, ("", ""))[1] not in ("tag", "rcap"):
                 self._owner[k] = (slice_name, source)
 
-    def set_tag_ports(self, slice_name: str, ranges: Iterable[PortRange]) -> None:
-        """Make the slice's tag-derived ports exactly `ranges` (all or nothing)."""
-        keys = set(self._claim(slice_name, "tag", list(ranges), True))
+    def set_tag_ports(self, slice_name: str, ranges: Iterable[PortRange],
+                      without: frozenset[Key] | set[Key] = frozenset()) -> None:
+        """Make the slice's tag-derived ports exactly `ranges` less the keys `without`
+        (its tag ports it lent, split off or released: agent/rcaps), all or nothing."""
+        keys = set(self._claim(slice_name, "tag", list(ranges), True, without))
         for k, (s, src) in list(self._owner.items()):
             if s == slice_name and src == "tag" and k not in keys:
                 del self._owner[k]
@@ -324,16 +327,20 @@ class PortTable:
         return {k for r in ranges for k in self._keys(r)}
 
     def set_rcap_ports(self, wanted: dict[str, set[Key]],
-                       unreserve: dict[str, set[Key]] | None = None) -> None:
+                       unreserve: dict[str, set[Key]] | None = None,
+                       untag: dict[str, set[Key]] | None = None) -> None:
         """Make each slice's rcap-given keys exactly `wanted[slice]` (a key it holds by
         tag stays a tag key), dropping its reservations in `unreserve[slice]` (no longer
-        given to it): first everything taken, then everything given, so a port moving
-        between two slices in one change never conflicts with itself."""
+        given to it) and its tag keys in `untag[slice]` (tag ports it lent or split
+        off): first everything taken, then everything given, so a port moving between
+        two slices in one change never conflicts with itself."""
         for name, keys in wanted.items():
             drop = (unreserve or {}).get(name, set())
+            drop_tag = (untag or {}).get(name, set())
             for k, (s, src) in list(self._owner.items()):
                 if s == name and ((src == "rcap" and k not in keys)
-                                  or (src == "reserve" and k in drop)):
+                                  or (src == "reserve" and k in drop)
+                                  or (src == "tag" and k in drop_tag)):
                     del self._owner[k]
         for name, keys in wanted.items():
             for k in keys:   # all-or-nothing (the caller changes a copy)

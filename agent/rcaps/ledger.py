@@ -16,9 +16,10 @@ ends with everything lent on it. Per slice and resource:
     sum(loans lent on loan L)    <= L.amount                  (only if L.relend)
 
 Ports are a set, not an amount: an rcap's split-off parts are disjoint subsets of its
-ports, the node roots' port sets are disjoint, a slice lends only ports it holds and
-has not lent, and a loan lent on a port loan takes a subset of it not lent yet. So no
-two slices are ever given the same port (`effective_ports`).
+ports, the roots' port sets (node roots, and PLC roots from the `ports` tag) do not
+overlap, a slice lends only ports it holds and has not lent, and a loan lent on a
+port loan takes a subset of it not lent yet. So no two slices are ever given the same
+port (`effective_ports`).
 
 `check()` verifies all of it (the property test calls it after every step). Every
 change marks the rcaps and loans it touched dirty, so the store writes only those.
@@ -48,10 +49,11 @@ from agent.rcaps.model import (
     port_text,
     zero,
 )
+from agent.rcaps.portbook import PortBook
 
 
 @dataclass
-class Ledger(LoanBook):
+class Ledger(PortBook, LoanBook):
     capacity: Amounts = field(default_factory=zero)
     rcaps: dict[str, Rcap] = field(default_factory=dict)
     loans: dict[int, Loan] = field(default_factory=dict)
@@ -70,6 +72,8 @@ class Ledger(LoanBook):
         self._next_seq = 1
         self._pool_used = zero()                      # what node-origin roots hold
         self._pool_ports: set[tuple[str, int, str]] = set()   # ... and their ports
+        # (proto, port) -> {address: root rcap id}: every root's ports (node and PLC)
+        self._root_ports: dict[tuple[str, int], dict[str, str]] = {}
         for r in list(self.rcaps.values()):
             self._next_seq = max(self._next_seq, r.seq + 1)
             self._index_rcap(r)
@@ -92,6 +96,8 @@ class Ledger(LoanBook):
             for k, v in r.amounts.items():
                 self._pool_used[k] += v
             self._pool_ports |= r.ports
+        if r.parent is None:
+            self._index_root_ports(r.id, r.ports, add=True)
 
     def _index_loan(self, loan: Loan) -> None:
         self._loan_children.setdefault(loan.id, set())
@@ -138,56 +144,6 @@ class Ledger(LoanBook):
             loan = self.loans[lid]
             if loan.parent is None and loan.resource != PORTS:
                 out[loan.resource] += loan.amount
-        return out
-
-    # -- ports ------------------------------------------------------------------------------
-
-    def remainder_ports(self, rcap_id: str) -> Ports:
-        r = self.rcaps[rcap_id]
-        if not r.ports:
-            return NO_PORTS
-        off: set[tuple[str, int, str]] = set()
-        for c in self._children.get(rcap_id, ()):
-            off |= self.rcaps[c].ports
-        return r.ports - off
-
-    def holdings_ports(self, name: str) -> Ports:
-        out: set[tuple[str, int, str]] = set()
-        for rid in self._bound.get(name, ()):
-            out |= self.remainder_ports(rid)
-        return frozenset(out)
-
-    def lent_own_ports(self, name: str) -> Ports:
-        out: set[tuple[str, int, str]] = set()
-        for lid in self._lent.get(name, ()):
-            loan = self.loans[lid]
-            if loan.parent is None and loan.resource == PORTS:
-                out |= loan.ports
-        return frozenset(out)
-
-    def sublent_ports(self, loan_id: int) -> Ports:
-        out: set[tuple[str, int, str]] = set()
-        for c in self._loan_children.get(loan_id, ()):
-            out |= self.loans[c].ports
-        return frozenset(out)
-
-    def effective_ports(self, name: str) -> Ports:
-        """The ports slice `name` is given: what its bound rcaps hold less what it lent of
-        them, plus the port loans it received less what it lent on them."""
-        out = set(self.holdings_ports(name) - self.lent_own_ports(name))
-        for lid in self._received.get(name, ()):
-            loan = self.loans[lid]
-            if loan.resource == PORTS:
-                out |= loan.ports - self.sublent_ports(lid)
-        return frozenset(out)
-
-    def ported_slices(self) -> set[str]:
-        """Slices that may be given ports by the ledger (a bound rcap with ports or a
-        port loan received)."""
-        out = {loan.recipient for loan in self.loans.values() if loan.resource == PORTS}
-        for name, ids in self._bound.items():
-            if any(self.rcaps[i].ports for i in ids):
-                out.add(name)
         return out
 
     def sublent(self, loan_id: int) -> int:
@@ -245,10 +201,11 @@ class Ledger(LoanBook):
                 if want[k] > free[k]:
                     raise LedgerError("exceeds_pool", f"{k}: asks {want[k]}, the node's free "
                                       f"pool has {free[k]}", k)
-            taken = ports & self._pool_ports
+            taken = [k for k in sorted(ports) if self.root_clash(k)]
             if taken:
-                raise LedgerError("exceeds_pool", f"{port_text(min(taken))}: another rcap "
-                                  "acquired from the node holds this port", PORTS)
+                raise LedgerError("exceeds_pool", f"{port_text(taken[0])}: another rcap "
+                                  "acquired from the node, or a PLC sliver's ports tag, "
+                                  "holds this port", PORTS)
             token, rid = new_token()
             self._add(Rcap(rid, None, want, holder, ORIGIN_NODE, created=now, ports=ports))
             return token, set()
@@ -329,23 +286,35 @@ class Ledger(LoanBook):
             touched |= self._settle(name)
         return touched
 
-    def mint_plc(self, name: str, want: Amounts, now: float = 0.0) -> set[str]:
-        """The PLC rcap of sliver `name` made or set to `want` (PLC's authority: what was
-        split off it beyond the new amounts is released, newest first)."""
+    def mint_plc(self, name: str, want: Amounts, now: float = 0.0,
+                 ports: Ports = NO_PORTS) -> set[str]:
+        """The PLC rcap of sliver `name` made or set to `want` and `ports` (its `ports`
+        tag, less any port another root holds: roots stay disjoint). PLC's authority:
+        children holding ports no longer in it, then the newest children beyond the new
+        amounts, are released, and own loans that no longer fit end."""
         rid = self._plc.get(name)
+        ports = frozenset(k for k in ports if self.root_clash(k, rid) is None)
         if rid is None:
             _, rid = new_token()
-            self._add(Rcap(rid, None, dict(want), f"plc:{name}", ORIGIN_PLC, name, now))
+            self._add(Rcap(rid, None, dict(want), f"plc:{name}", ORIGIN_PLC, name, now,
+                           ports=ports))
             self._bound.setdefault(name, set()).add(rid)
             self._plc[name] = rid
             return {name}
         r = self.rcaps[rid]
-        if r.amounts == want:
+        if r.amounts == want and r.ports == ports:
             return set()
         r.amounts = dict(want)
+        if r.ports != ports:
+            self._index_root_ports(rid, r.ports - ports, add=False)
+            self._index_root_ports(rid, ports - r.ports, add=True)
+            r.ports = ports
         self.dirty_rcaps.add(rid)
         touched = {name}
         kids = sorted(self._children.get(rid, ()), key=lambda i: self.rcaps[i].seq)
+        for kid in [k for k in kids if not self.rcaps[k].ports <= ports]:
+            kids.remove(kid)
+            touched |= self.release(kid, force=True)
         while kids and any(v < 0 for v in self.remainder(rid).values()):
             touched |= self.release(kids.pop(), force=True)
         touched |= self._settle(name)
@@ -379,6 +348,8 @@ class Ledger(LoanBook):
             for k, v in r.amounts.items():
                 self._pool_used[k] -= v
             self._pool_ports -= r.ports
+        if r.parent is None:
+            self._index_root_ports(rid, r.ports, add=False)
         if not self._held[r.holder]:
             del self._held[r.holder]
         if r.bound is not None:
@@ -439,37 +410,3 @@ class Ledger(LoanBook):
             if loan.parent is not None:
                 p = self.loans[loan.parent]
                 assert p.relend and p.recipient == loan.lender and p.resource == loan.resource
-
-    def _check_ports(self) -> None:
-        """The port rules: split-off parts disjoint subsets of their parent, node roots
-        disjoint, own port loans disjoint subsets of the lender's holdings, loans lent
-        on a port loan disjoint subsets of it, and no port given to two slices."""
-        def disjoint_within(parts: list[Ports], whole: Ports | None, what: str) -> None:
-            seen: set[tuple[str, int, str]] = set()
-            for p in parts:
-                assert not seen & p, f"{what}: a port in two parts"
-                seen |= p
-            assert whole is None or seen <= whole, f"{what}: parts beyond the whole"
-        for r in self.rcaps.values():
-            disjoint_within([self.rcaps[c].ports for c in self._children.get(r.id, ())],
-                            r.ports, f"rcap {r.id[:8]}")
-        roots = [r.ports for r in self.rcaps.values() if r.origin == ORIGIN_NODE]
-        disjoint_within(roots, None, "node roots")
-        assert set().union(*roots) == self._pool_ports, "the pool's ports drifted"
-        for name in set(self._lent):
-            own = [self.loans[i].ports for i in self._lent[name]
-                   if self.loans[i].resource == PORTS and self.loans[i].parent is None]
-            disjoint_within(own, self.holdings_ports(name), f"{name}'s port loans")
-        for loan in self.loans.values():
-            if loan.resource == PORTS:
-                assert loan.ports and loan.amount == len(loan.ports), f"loan {loan.id}"
-                disjoint_within([self.loans[c].ports
-                                 for c in self._loan_children.get(loan.id, ())],
-                                loan.ports, f"port loan {loan.id}")
-            else:
-                assert not loan.ports, f"loan {loan.id}: ports on a loan of {loan.resource}"
-        given: dict[tuple[str, int, str], str] = {}
-        for name in self.slices() | {x.recipient for x in self.loans.values()}:
-            for key in self.effective_ports(name):
-                assert key not in given, f"{port_text(key)} given to {given[key]} and {name}"
-                given[key] = name

@@ -7,6 +7,7 @@ agent's background nursery."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,10 +17,11 @@ from typing import Any
 
 import trio
 
-from agent.ports.table import FIRST_UNPRIVILEGED, PortError, PortRange, parse_ports_tag
+from agent.ports.table import FIRST_UNPRIVILEGED, Key, PortError, PortRange, parse_ports_tag
 from agent.rcaps import store
 from agent.rcaps.ledger import Ledger
 from agent.rcaps.model import (
+    NO_PORTS,
     PORTS,
     RESOURCES,
     UNLIMITED_AT_ZERO,
@@ -35,6 +37,7 @@ from agent.state import HAS_SLIVER, SliverRecord, State
 log = logging.getLogger("agent.rcaps")
 
 MAX_SLEEP = 60.0     # the expiry task looks at the clock at least this often
+RELEASED_META = "rcap_released:"   # + slice: the rcap/tag ports it gave up (ReleasePort)
 
 
 class GrantRefused(LedgerError):
@@ -93,6 +96,14 @@ class RcapService:
         self.reconciler: Any = None          # agent.reconcile.Reconciler, by attach()
         self.ports: Any = None               # agent.ports.PortService, by attach_ports()
         self._target_of: Callable[[Mapping[str, Any]], str] | None = None
+        # slice -> port table keys it gave up with ReleasePort: not granted again by a
+        # ledger change or a tag change until it reserves them (ReservePort).
+        self._released: dict[str, set[Key]] = {}
+        for name, text in state.meta_with_prefix(RELEASED_META).items():
+            try:
+                self._released[name] = {(str(p), str(a), int(n)) for p, a, n in json.loads(text)}
+            except (ValueError, TypeError):
+                log.warning("slice %s: unreadable released ports dropped", name)
         self._wake = trio.Event()
         if background is not None:
             background.start_soon(self.serve, name="rcaps-expiry")
@@ -108,6 +119,8 @@ class RcapService:
         "rcap"), and its ReservePort asks `check_port_grant` first."""
         self.ports = ports
         ports.grant_check = self.check_port_grant
+        ports.on_released = self.port_released
+        ports.on_reserved = self.port_reserved
 
     # -- ports --------------------------------------------------------------------------------
 
@@ -120,11 +133,53 @@ class RcapService:
         except PortError:
             return set()
 
+    def tag_ports(self, name: str) -> Ports:
+        """The ports of slice `name`'s `ports` tag as the port table last granted them
+        (host-held ports left out, F30): what its PLC rcap names."""
+        ranges = self.ports.tag_ranges.get(name) if self.ports is not None else None
+        if not ranges:
+            return NO_PORTS
+        return frozenset((r.proto, n, r.address or "") for r in ranges
+                         for n in range(r.lo, r.hi + 1))
+
+    def tag_withheld(self, name: str) -> set[Key]:
+        """The port table keys slice `name`'s tag is not to grant it: the ports of its
+        PLC rcap it lent or split off, and the ones it released (ReleasePort)."""
+        if self.ports is None:
+            return set()
+        away = self.led.plc_ports(name) - self.led.effective_ports(name)
+        try:
+            keys = self.ports.table.expand(port_ranges(away)) if away else set()
+        except PortError:
+            keys = set()
+        return keys | self._released.get(name, set())
+
+    def port_released(self, name: str, keys: set[Key]) -> None:
+        """ReleasePort gave up `keys`: they stay released until reserved again."""
+        self._released.setdefault(name, set()).update(keys)
+        self._save_released(name)
+
+    def port_reserved(self, name: str, keys: set[Key]) -> None:
+        got = self._released.get(name)
+        if got and got & keys:
+            got -= keys
+            self._save_released(name)
+
+    def _save_released(self, name: str) -> None:
+        got = self._released.get(name)
+        if got:
+            self.state.set_meta(RELEASED_META + name, json.dumps(sorted(got)))
+        else:
+            self._released.pop(name, None)
+            self.state.delete_meta(RELEASED_META + name)
+
     def check_port_grant(self, name: str, ranges: list[PortRange]) -> None:
         """PortNotGiven naming the port if slice `name` asks a port neither its `ports`
         tag nor its bound rcaps and loans give it (a port on every address needs it
-        given on every address)."""
-        given = self.led.effective_ports(name) | self._tag_keys(name)
+        given on every address). The tag's ports in its PLC rcap count only while it
+        has not lent or split them off."""
+        given = self.led.effective_ports(name) | \
+            (self._tag_keys(name) - self.led.plc_ports(name))
         for r in ranges:
             for n in range(r.lo, r.hi + 1):
                 if (r.proto, n, "") in given or (r.address and (r.proto, n, r.address) in given):
@@ -180,30 +235,43 @@ class RcapService:
         records = self.state.slivers()
         wanted: dict[str, set[tuple[str, str, int]]] = {}
         unreserve: dict[str, set[tuple[str, str, int]]] = {}
+        untag: dict[str, set[tuple[str, str, int]]] = {}
         for name in sorted(names):
             rec = records.get(name)
-            ports = self.led.effective_ports(name) \
-                if rec is not None and rec.state in HAS_SLIVER else frozenset()
+            live = rec is not None and rec.state in HAS_SLIVER
+            ports = self.led.effective_ports(name) if live else frozenset()
             try:
                 keys = table.expand(port_ranges(ports))
+                tagged = table.expand(port_ranges(self.led.plc_ports(name))) \
+                    if live else set()
             except PortError as exc:
                 log.error("slice %s: rcap ports not granted: %s", name, exc)
                 continue
+            released = self._released.get(name)
+            if released:      # stays released; forgotten once no longer given
+                if not released <= keys:
+                    released &= keys
+                    self._save_released(name)
+                keys -= released
+            tag_now = table.keys_of(name, ("tag",))
+            lose_tag = (tag_now & tagged) - keys   # tag ports lent or split off
             drop = table.keys_of(name, ("reserve",)) - keys
             if drop:   # reservations of ports no longer given (ReleasePort, ReservePort)
                 try:
                     drop -= table.expand(port_ranges(frozenset(self._tag_keys(name))))
                 except PortError:
                     pass
-            if not drop and have.get(name, set()) == keys - table.keys_of(name, ("tag",)):
+            if not drop and not lose_tag and have.get(name, set()) == keys - tag_now:
                 continue
             wanted[name] = keys
             if drop:
                 unreserve[name] = drop
+            if lose_tag:
+                untag[name] = lose_tag
         if not wanted:
             return
         try:
-            self.ports.set_rcap_ports(wanted, unreserve)
+            self.ports.set_rcap_ports(wanted, unreserve, untag)
         except PortError as exc:
             log.error("rcap ports of %s not granted: %s", ", ".join(sorted(wanted)), exc)
 
@@ -243,7 +311,11 @@ class RcapService:
         for name in sorted(self.led.slices() - alive):
             touched |= self.led.sliver_gone(name) | {name}
         for name in sorted(alive):
-            touched |= self.led.mint_plc(name, plc_amounts(records[name].rspec), self.clock())
+            touched |= self.led.mint_plc(name, plc_amounts(records[name].rspec), self.clock(),
+                                         self.tag_ports(name))
+        for name in set(self._released) - alive:
+            del self._released[name]
+            self.state.delete_meta(RELEASED_META + name)
         store.flush(self.state, self.led)
         self.apply_ports()
         self._retarget({n for n in alive if n in touched or self.led.adjusted(n)}, records)
