@@ -136,9 +136,10 @@ class Driver:
              amt: int, ttl: int, relend: bool) -> None:
         led, ids = self.led, list(self.led.rcaps)
         try:
-            if op == "plc":
-                led.mint_plc(name, cap(**want), self.now)
+            if op == "plc":   # a PLC rspec and `ports` tag, new or changed
+                led.mint_plc(name, cap(**want), self.now, ports=port_subset(i // 3))
                 self.alive.add(name)
+                assert led.plc_ports(name) <= port_subset(i // 3)
             elif op == "acquire":
                 led.acquire(cap(**want), "", from_slice=name if i % 2 else None, now=self.now,
                             ports=port_subset(i // 7))

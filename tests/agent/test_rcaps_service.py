@@ -143,3 +143,121 @@ def test_ports_are_a_ledger_resource(tmp_path: Path) -> None:
     assert again.led.effective_ports("a") == ports_of("tcp:3001")
     again.led.check()
 
+
+
+def _tag(state: State, svc: RcapService, ps: Any, name: str, value: str) -> None:
+    """PLC's `ports` tag of `name` set as the agent does: the sliver's spec, the port
+    table (less what the slice lent, split off or released), then the reconciler's sync."""
+    _make_slivers(state, name, tags={name: value})
+    ps.set_tag_ports(name, value, svc.tag_withheld(name))
+    svc.sync()
+
+
+def test_tag_ports_are_lent_split_and_end_with_the_tag(tmp_path: Path) -> None:
+    """A PLC sliver's `ports` tag is its PLC rcap's port set: bindable as before, lent
+    (SetLoans) and split off (AcquireRcap) like any holding, the port moving in the
+    table; PLC removing tag ports ends the loan and the child rcap holding them."""
+    import errno
+
+    from agent.ports import PortError
+    from agent.rcaps.model import ports_of
+
+    state = State.open(tmp_path)
+    svc = RcapService(state, capacity())
+    ps = port_service(state)
+    svc.attach_ports(ps)
+    _make_slivers(state, "b")
+    _tag(state, svc, ps, "a", "tcp:80,tcp:2000-2001")
+    assert svc.led.plc_ports("a") == ports_of("tcp:80,tcp:2000-2001")
+    # lending nothing, nothing moved: the tag's ports are held by tag, as before
+    assert ps.table.keys_of("a", ("tag",)) == ps.table.expand(ps.table.holdings("a"))
+    assert not ps.table.keys_of("a", ("rcap",))
+    for port in (80, 2000, 2001):
+        assert ps.check_bind("a", "tcp", "10.0.0.1", port).allowed
+    # a lends tcp:2000 to b (SetLoans) and splits tcp:80 off, bound to b
+    t = svc.led.set_loans("a", [("b", "ports", 1, 0.0, False, ports_of("tcp:2000"))])
+    tok, t2 = svc.led.acquire(zero(), "a", from_slice="a", ports=ports_of("tcp:80"))
+    t |= t2 | svc.led.bind(token_id(tok), "b")
+    svc.apply_ports(t)
+    svc.led.check()
+    for port in (80, 2000):
+        assert ps.check_bind("b", "tcp", "10.0.0.1", port).allowed
+        assert ps.check_bind("a", "tcp", "10.0.0.1", port).errno == errno.EADDRINUSE
+    with pytest.raises(PortError, match="tcp:2000 is not among"):
+        ps.reserve("a", "tcp:2000")
+    # an unrelated tag change keeps them where they are (the tag path leaves them out)
+    _tag(state, svc, ps, "a", "tcp:80,tcp:2000-2002")
+    assert ps.check_bind("b", "tcp", "10.0.0.1", 2000).allowed
+    assert ps.check_bind("a", "tcp", "10.0.0.1", 2002).allowed
+    # PLC drops tcp:80 and tcp:2000: the loan and the child rcap end, b loses both
+    _tag(state, svc, ps, "a", "tcp:2001-2002")
+    assert not svc.led.loans_of("a") and token_id(tok) not in svc.led.rcaps
+    svc.led.check()
+    for port in (80, 2000):
+        assert not ps.check_bind("b", "tcp", "10.0.0.1", port).allowed
+        assert not ps.check_bind("a", "tcp", "10.0.0.1", port).allowed
+    assert ps.check_bind("a", "tcp", "10.0.0.1", 2001).allowed
+    # a loan revoked gives the port back to the lender
+    t = svc.led.set_loans("a", [("b", "ports", 1, 0.0, False, ports_of("tcp:2002"))])
+    svc.apply_ports(t)
+    assert ps.check_bind("b", "tcp", "10.0.0.1", 2002).allowed
+    svc.apply_ports(svc.led.set_loans("a", []))
+    assert ps.check_bind("a", "tcp", "10.0.0.1", 2002).allowed
+    assert not ps.check_bind("b", "tcp", "10.0.0.1", 2002).allowed
+
+
+def test_tag_conflicting_with_a_node_root_stays_out_of_the_ledger(tmp_path: Path) -> None:
+    """Roots never overlap: a tag port a node root holds is not in the PLC rcap, and a
+    pool acquisition of a port in a PLC rcap is refused."""
+    from agent.rcaps.model import LedgerError, ports_of
+
+    state = State.open(tmp_path)
+    svc = RcapService(state, capacity())
+    _make_slivers(state, "a")
+    svc.led.acquire(zero(), "", ports=ports_of("tcp:3000@10.0.0.1"))
+    svc.led.mint_plc("a", zero(), ports=ports_of("tcp:3000,tcp:3001"))
+    assert svc.led.plc_ports("a") == ports_of("tcp:3001")
+    with pytest.raises(LedgerError, match="tcp:3001@10.0.0.1: another rcap"):
+        svc.led.acquire(zero(), "", ports=ports_of("tcp:3001@10.0.0.1"))
+    svc.led.check()
+
+
+def test_released_ports_stay_released(tmp_path: Path) -> None:
+    """A port given up with ReleasePort (an rcap's or the tag's) is not granted again by
+    an unrelated ledger change, a tag change or a restart; ReservePort takes it back."""
+    from agent.rcaps.model import ports_of
+
+    state = State.open(tmp_path)
+    svc = RcapService(state, capacity())
+    ps = port_service(state)
+    svc.attach_ports(ps)
+    _make_slivers(state, "b")
+    _tag(state, svc, ps, "a", "tcp:2000")
+    tok, _ = svc.led.acquire(zero(), "", ports=ports_of("tcp:3000-3001"))
+    svc.apply_ports(svc.led.bind(token_id(tok), "a"))
+    ps.release("a", "tcp:3000,tcp:2000")
+
+    def a_has(port: int) -> bool:
+        return ps.check_bind("a", "tcp", "10.0.0.1", port).allowed
+
+    assert not a_has(3000) and not a_has(2000) and a_has(3001)
+    # unrelated changes: a loan of cpu, one of ports, a tag change, the sync
+    svc.apply_ports(svc.led.set_loans("a", [("b", "cpu_share", 2, 0.0, False)]))
+    svc.apply_ports(svc.led.set_loans("b", [("a", "cpu_share", 1, 0.0, False)]))
+    svc.apply_ports(svc.led.set_loans("a", [("b", "ports", 1, 0.0, False,
+                                             ports_of("tcp:3001"))]))
+    _tag(state, svc, ps, "a", "tcp:2000,tcp:2005")
+    svc.apply_ports(None)
+    assert not a_has(3000) and not a_has(2000) and a_has(2005)
+    assert ps.check_bind("b", "tcp", "10.0.0.1", 3001).allowed
+    # a restart: the released ports are remembered in the state
+    store.flush(state, svc.led)
+    svc2 = RcapService(state, capacity())
+    svc2.attach_ports(ps)
+    svc2.apply_ports(None)
+    assert not a_has(3000) and not a_has(2000)
+    # ReservePort takes them back, and they stay through the next change
+    ps.reserve("a", "tcp:3000")
+    ps.reserve("a", "tcp:2000")
+    svc2.apply_ports(svc2.led.set_loans("a", []))
+    assert a_has(3000) and a_has(2000) and a_has(3001)
