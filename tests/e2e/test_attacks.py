@@ -1152,3 +1152,44 @@ def test_rcap_ports_move_between_slices(agent_side: AgentSide) -> None:
     assert run(s.b, "bind", "127.0.0.1", str(port))[1] != "0"
     assert run(s.a, "bind", "127.0.0.1", str(port))[1] == "0"
     time.sleep(2)   # the slice's API budget refills for the tests after this one
+
+
+def test_rcap_tag_ports_lent_between_slices(agent_side: AgentSide) -> None:
+    """Issue 12, a PLC sliver's `ports` tag in the ledger on the real kernel: A, given
+    tcp:P by its tag, lends it to B with SetLoans: B's sliver binds P and A's gets
+    EADDRINUSE; the loan revoked, P is A's again and B's bind is refused (EADDRINUSE,
+    the port table names A as owner)."""
+    import xmlrpc.client
+
+    from tests.agent.agent_node import wait_for
+
+    s = agent_side
+    port = free_port(25000 + PID % 1500)
+
+    def call(ctx: Context, method: str, *args: Any) -> Any:
+        time.sleep(0.25)   # within the agent's api_rate (5/s)
+        reply = call_from(ctx, http(xmlrpc.client.dumps(args, method).encode()))
+        body = reply.split(b"\r\n\r\n", 1)[1]
+        return xmlrpc.client.loads(body.decode())[0][0]
+
+    def bind(ctx: Context) -> str:
+        return run(ctx, "bind", "127.0.0.1", str(port))[1]
+
+    tag_id = s.api.AddSliceTag(s.auth, s.a.name, "ports", f"tcp:{port}")
+    try:
+        wait_for(lambda: bind(s.a) == "0", 30, "A given its tag's port", s.node.log_text)
+        assert bind(s.b) == str(errno.EADDRINUSE)     # A's
+        assert call(s.a, "SetLoans", [[s.b.name, "ports", f"tcp:{port}", 0, False]]) == 1
+        assert call(s.a, "GetLoans") == [[s.b.name, "ports", f"tcp:{port}", 0, False]]
+        assert bind(s.b) == "0"
+        assert bind(s.a) == str(errno.EADDRINUSE)
+        time.sleep(5)    # polls of the unchanged tag leave the loan in place
+        assert bind(s.b) == "0" and bind(s.a) == str(errno.EADDRINUSE)
+        assert call(s.a, "SetLoans", []) == 1          # revoked: back to A
+        assert bind(s.a) == "0"
+        assert bind(s.b) == str(errno.EADDRINUSE)
+    finally:
+        s.api.DeleteSliceTag(s.auth, tag_id)
+    wait_for(lambda: bind(s.a) != "0", 30, "the tag's port gone with the tag",
+             s.node.log_text)
+    time.sleep(2)   # the slice's API budget refills for the tests after this one
