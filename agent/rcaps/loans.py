@@ -30,6 +30,14 @@ else:
 class LoanBook(_Base):
     """Loans; see the module docstring."""
 
+    # The state it shares with `Ledger` (set there in __init__).
+    loans: dict[int, Loan]
+    dirty_loans: set[int]
+    _next_loan: int
+    _loan_children: dict[int, set[int]]
+    _lent: dict[str, set[int]]
+    _received: dict[str, set[int]]
+
     # -- loans ------------------------------------------------------------------------------
 
     def lend(self, lender: str, recipient: str, resource: str, amount: int, *,
