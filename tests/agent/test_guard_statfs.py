@@ -242,13 +242,14 @@ async def test_a_statfs_flood_slows_no_other_slice(sl: Slivers, tmp_path: Path) 
 
         async def flood() -> None:
             flood_out.extend((await sh(a, "/bin/guard-probe sflood 4 4 /")).split())
+        # (counted over the whole flood: one rest may span B's whole measurement)
+        throttled0 = guard.stats.throttled
         nursery.start_soon(flood)
         await trio.sleep(0.5)
-        throttled0 = guard.stats.throttled
         under = (await sh(b, f"/bin/guard-probe lat 300 127.0.0.1 {tcp}")).split()
-        throttled = guard.stats.throttled - throttled0
         while not flood_out:
             await trio.sleep(0.1)
+        throttled = guard.stats.throttled - throttled0
         nursery.cancel_scope.cancel()
     print(f"B's bind p50/p90/max us alone {base[1:4]}, under A's statfs flood {under[1:4]}; "
           f"flood statfs {flood_out[1]}; answered {guard.statfs.answered}; throttled "

@@ -131,13 +131,21 @@ class Fence:
     guard: Any
 
 
+_HANDED_OUT: set[int] = set()   # ports given to a test of this module already
+
+
 def free_port(start: int) -> int:
+    """A port from `start` on that nobody has bound and no earlier test of this module
+    was given (the tests share one agent, whose ledger keeps the ports it gave)."""
     for port in range(start, start + 2000):
+        if port in _HANDED_OUT:
+            continue
         try:
             with socket.socket() as s:
                 s.bind(("0.0.0.0", port))
             with socket.socket(socket.AF_INET6) as s:
                 s.bind(("::", port))
+            _HANDED_OUT.add(port)
             return port
         except OSError:
             continue
