@@ -192,6 +192,26 @@ static int probe_lat(int count, const char *addr, int port)
 
 /* flood SECONDS PROCS ADDR PORT: PROCS processes bind ADDR:PORT (refused) in a loop;
  * prints "flood TOTAL". A path starting with '/' instead of ADDR: Unix-path binds. */
+/* A flood's child reports how many calls it made, and exits. */
+static void report_count(int fd, long n)
+{
+	if (write(fd, &n, sizeof n) != sizeof n)
+		_exit(1);
+	_exit(0);
+}
+
+/* The parent adds up its children's counts and reaps them. */
+static long gather_counts(int pipefd[2])
+{
+	close(pipefd[1]);
+	long total = 0, n;
+	while (read(pipefd[0], &n, sizeof n) == sizeof n)
+		total += n;
+	while (wait(NULL) > 0)
+		;
+	return total;
+}
+
 static int probe_flood(double seconds, int procs, const char *addr, int port)
 {
 	int pipefd[2];
@@ -217,18 +237,10 @@ static int probe_flood(double seconds, int procs, const char *addr, int port)
 				}
 				n++;
 			}
-			if (write(pipefd[1], &n, sizeof n) != sizeof n)
-				_exit(1);
-			_exit(0);
+			report_count(pipefd[1], n);
 		}
 	}
-	close(pipefd[1]);
-	long total = 0, n;
-	while (read(pipefd[0], &n, sizeof n) == sizeof n)
-		total += n;
-	while (wait(NULL) > 0)
-		;
-	printf("flood %ld\n", total);
+	printf("flood %ld\n", gather_counts(pipefd));
 	return 0;
 }
 
@@ -291,18 +303,10 @@ static int probe_sflood(double seconds, int procs, const char *path)
 				statfs(path, &f);
 				n++;
 			}
-			if (write(pipefd[1], &n, sizeof n) != sizeof n)
-				_exit(1);
-			_exit(0);
+			report_count(pipefd[1], n);
 		}
 	}
-	close(pipefd[1]);
-	long total = 0, n;
-	while (read(pipefd[0], &n, sizeof n) == sizeof n)
-		total += n;
-	while (wait(NULL) > 0)
-		;
-	printf("sflood %ld\n", total);
+	printf("sflood %ld\n", gather_counts(pipefd));
 	return 0;
 }
 
