@@ -1030,10 +1030,12 @@ def test_sniffer_stops_seeing_a_port_its_slice_gave_up(agent_side: AgentSide) ->
     rcap = s.give(s.a, spec)
     assert b"<fault>" not in api(s.a, "ReservePort", spec)
     # A sniffer covers the ports A holds a socket on (F30): A's socket talks to itself.
-    own = s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "3", f"Aown{PID}"],
+    # (A holds its socket 5 s: the sniffer must open while it exists, on a loaded
+    # machine too; the sniffer then reads until after B's traffic.)
+    own = s.a.spawn(["/bin/attacker", "udphold", "127.0.0.1", str(port), "5", f"Aown{PID}"],
                     stdout=PIPE, stderr=PIPE)
     assert own.stdout is not None and own.stdout.readline().split() == [b"udphold", b"0"]
-    sniffer = s.a.spawn(["/bin/attacker", "sniff1", SOCK_IN_SLIVER, "4", f"Aown{PID}",
+    sniffer = s.a.spawn(["/bin/attacker", "sniff1", SOCK_IN_SLIVER, "8", f"Aown{PID}",
                          f"Bpriv{PID}"],
                         stdout=PIPE, stderr=PIPE)
     try:
