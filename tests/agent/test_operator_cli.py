@@ -217,6 +217,25 @@ def test_poll_without_an_agent_says_so(tmp_path: Path) -> None:
     assert f"no agent runs over {tmp_path}/run" in out.stderr, out.stderr
 
 
+def test_api_without_an_agent_says_where_it_looked(tmp_path: Path) -> None:
+    sock = tmp_path / "run" / "agent.sock"
+    cfg = config.write_default(tmp_path / "agent.toml", {
+        "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
+        "socket_path": str(sock)})
+    out = _agent("--config", str(cfg), "api", "GetSlivers")
+    assert out.returncode == 1 and not out.stdout
+    assert f"cannot reach the agent at {sock}" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("text, value", [
+    ('{"ports": "tcp:9000"}', {"ports": "tcp:9000"}), ("12", 12), ("true", True),
+    ('"12"', "12"), ("demo_slice", "demo_slice"), ("null", "null"), ("[1, 2]", [1, 2]),
+])
+def test_api_arguments_are_json_else_strings(text: str, value: object) -> None:
+    from agent.cli_ops import api_arg
+    assert api_arg(text) == value
+
+
 # -- systemd units ---------------------------------------------------------------------
 
 UNITS = sorted((REPO / "contrib").glob("*.service"))
