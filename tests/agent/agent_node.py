@@ -78,6 +78,19 @@ class Node:
         except OSError:
             return ""
 
+    def api_answers(self) -> bool:
+        """Whether the agent socket takes a connection. After a kill -9 the old socket
+        file stays until the new agent, which adopts its slivers first, serves again."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.cfg.socket_path))
+            except OSError:
+                return False
+        return True
+
+    def wait_api(self, timeout: float = 60) -> None:
+        wait_for(self.api_answers, timeout, "the agent socket", self.log_text)
+
 
 def free_tcp_port() -> int:
     """A TCP port free on loopback now (the kernel's pick), for a node's sensor server:

@@ -207,6 +207,7 @@ def test_agent_shapes_bills_adopts_and_cleans_up(plc: LiveServer, probe: Path) -
             agents.append(node.start_agent())
             wait_for(lambda: node.log_text().count(f"{name}: adopt done") == 1, 30,
                      "the restarted agent", node.log_text)
+            node.wait_api()
             time.sleep(2.5)                          # adopted and one pass done
             again = sliver_classes(net.host)[minor]
             assert again.packets >= held.packets and again.ceil == 8 * M

@@ -165,6 +165,7 @@ def test_loans_and_rcaps_on_real_slivers(plc: LiveServer) -> None:
             agents.append(node.start_agent())
             wait_for(lambda: node.log_text().count(f"{a}: adopt done") == 1, 60,
                      "the restarted agent", node.log_text)
+            node.wait_api()
             api = Logged(client(str(node.cfg.socket_path)), node)
             assert api.GetLoans(a) == [[b, "cpu_share", 3, loan_until, False]]
             assert api.GetLoans(b) == [[c, "cpu_share", 9, 0, False]]

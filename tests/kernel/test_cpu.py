@@ -6,6 +6,11 @@ machine has. Hogs run on every core. Each timed scenario lives under its own par
 group and they run at the same time (about 20 s in all); shares are measured against
 what the scenario's groups got together, so a busy host (other tests, other
 processes) does not decide the result, only the weights between siblings do.
+
+The parents keep the default weight: a heavier parent would starve everything else
+on the machine, this test's own measuring thread with it (a CI run lost 120 s that
+way). The cap is shown by the kernel's throttling counters, not by CPU time against
+wall time alone, which a stalled host stretches.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ class Scenario:
     parent: str
     groups: dict[str, cg.SliverCgroup] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    # per window: name -> CPU seconds; and each window's wall seconds
+    # per window: name -> CPU seconds; each window's wall seconds; and per window,
+    # name -> (CFS periods, periods throttled) from cpu.stat
     windows: list[dict[str, float]] = field(default_factory=list)
     walls: list[float] = field(default_factory=list)
+    throttling: list[dict[str, tuple[int, int]]] = field(default_factory=list)
 
     def add(self, name: str, hogs: int = NCPU) -> cg.SliverCgroup:
         g = cg.SliverCgroup(cg.detect_layout(), name, self.parent)
@@ -64,15 +71,26 @@ class Scenario:
     def usage(self) -> dict[str, float]:
         return {n: g.usage()["cpu_usec"] / 1e6 for n, g in self.groups.items()}
 
+    def periods(self) -> dict[str, tuple[int, int]]:
+        """name -> (nr_periods, nr_throttled) of the group's CFS bandwidth control."""
+        out = {}
+        for n, g in self.groups.items():
+            stat = dict(line.split() for line in
+                        (g.path("cpu") / "cpu.stat").read_text().splitlines())
+            out[n] = (int(stat["nr_periods"]), int(stat["nr_throttled"]))
+        return out
+
     def measure(self) -> None:
         time.sleep(0.5)    # settle
-        last, t0 = self.usage(), time.monotonic()
+        last, t0, lastp = self.usage(), time.monotonic(), self.periods()
         for _ in range(WINDOWS):
             time.sleep(WINDOW_S)
-            now, t1 = self.usage(), time.monotonic()
+            now, t1, nowp = self.usage(), time.monotonic(), self.periods()
             self.windows.append({n: now[n] - last[n] for n in now})
             self.walls.append(t1 - t0)
-            last, t0 = now, t1
+            self.throttling.append({n: (nowp[n][0] - lastp[n][0], nowp[n][1] - lastp[n][1])
+                                    for n in nowp})
+            last, t0, lastp = now, t1, nowp
 
     def close(self) -> None:
         for p in self.procs:
@@ -82,17 +100,6 @@ class Scenario:
         for g in self.groups.values():
             g.destroy()
         cg.remove_parent(cg.detect_layout(), self.parent)
-
-
-def parent_weight(parent: str, weight: int) -> None:
-    """The scenario parent's weight against its siblings (the other scenarios, the
-    host's other groups)."""
-    layout = cg.detect_layout()
-    if layout.mode == "v1":
-        (layout.v1["cpu"] / parent / "cpu.shares").write_text(str(weight * 1024 // 100))
-    else:
-        assert layout.v2 is not None
-        (layout.v2 / parent / "cpu.weight").write_text(str(weight))
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +116,10 @@ def measured() -> Iterator[dict[str, Scenario]]:
         sc["res"].add("r")
         sc["res"].grant({**{f"be{i}": CpuRequest() for i in range(4)},
                          "r": CpuRequest(reserve_pct=30)})
-        # A 20 % cap; its parent weighs most, so contention never holds it below 20 %.
+        # A 20 % cap: its parent's fair part (a quarter of the node, beside the other
+        # two scenarios and the host) is well above 20 % of one CPU.
         sc["cap"].add("c")
         sc["cap"].grant({"c": CpuRequest(cap_pct=20)})
-        # Every scenario's parent weighs most (the cap's, so contention never holds it
-        # below 20 %; the others, so they measure on enough CPU time on a busy host).
-        for s in sc.values():
-            parent_weight(s.parent, 10000)
         threads = [threading.Thread(target=s.measure) for s in sc.values()]
         for t in threads:
             t.start()
@@ -149,10 +153,18 @@ def test_reservation_30_against_four_best_effort(measured: dict[str, Scenario]) 
 
 
 def test_cap_20_pct(measured: dict[str, Scenario]) -> None:
-    for w, wall in zip(measured["cap"].windows, measured["cap"].walls, strict=True):
+    cap = measured["cap"]
+    for w, wall, thr in zip(cap.windows, cap.walls, cap.throttling, strict=True):
         frac = w["c"] / wall
-        print(f"cpu_cap 20: {frac:.2%} of one CPU")
-        assert abs(frac - 0.20) <= 0.01, frac
+        periods, throttled = thr["c"]
+        print(f"cpu_cap 20: {frac:.2%} of one CPU over {wall:.1f} s; throttled in "
+              f"{throttled} of {periods} periods")
+        # Never above the cap (a stalled host only stretches the wall time, lowering it).
+        assert frac <= 0.21, frac
+        # The cap, not contention, is what held it: the group ran into its quota in
+        # most periods, and it got close to the cap.
+        assert periods > 0 and throttled / periods >= 0.5, thr
+        assert frac >= 0.15, frac
 
 
 def _cpus_of(pid: int) -> set[int]:
