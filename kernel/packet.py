@@ -50,6 +50,15 @@ def bind_bytes(fd: int, raw: bytes) -> int:
     return ctypes.get_errno()
 
 
+def netlink_port(fd: int) -> int:
+    """The port id netlink socket `fd` is bound to; 0 if it is not bound (or gone)."""
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, fileno=os.dup(fd)) as sock:
+            return int(sock.getsockname()[0])
+    except OSError:
+        return 0
+
+
 def already_bound(fd: int, info: tuple[int, int, int], address: str, port: int) -> bool:
     """Is socket `fd` bound to `address`:`port` (any port if 0) already?"""
     family = info[0]

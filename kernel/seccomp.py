@@ -40,6 +40,7 @@ from kernel.libc import (
     NR_SOCKET,
     NR_SOCKETPAIR,
     NR_UNSHARE,
+    NR_USTAT,
     PR_SET_NO_NEW_PRIVS,
     check,
 )
@@ -150,6 +151,7 @@ def guard_filter(
         (NR_ADD_KEY, _errno.ENOSYS),
         (NR_REQUEST_KEY, _errno.ENOSYS),
         (NR_KEYCTL, _errno.ENOSYS),
+        (NR_USTAT, _errno.ENOSYS),
     ),
     guard_sockets: bool = True,
     refuse_userns: bool = True,
@@ -167,6 +169,8 @@ def guard_filter(
        keyring calls (keys are charged to host uids, not to the sliver's memory
        cgroup: a sliver switching among its 65536 uids could pin gigabytes of kernel
        memory), ENOSYS: "no keyrings here", which pam_keyinit and the like accept;
+       and ustat(2), ENOSYS (glibc dropped it; it would report the store's free
+       space where statfs, answered by the guard, shows the sliver's disk_max);
     5. socket(): only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (NETLINK_ROUTE
        only); AF_PACKET, and AF_INET/AF_INET6 with SOCK_RAW or SOCK_PACKET or
        IPPROTO_SCTP (it binds through setsockopt, which this filter does not

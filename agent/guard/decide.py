@@ -104,6 +104,17 @@ def netlink_unicast_pid(raw: bytes) -> int | None:
     return nl_pid if groups == 0 else None
 
 
+def netlink_keep_port(raw: bytes, port: int) -> bytes:
+    """A sockaddr_nl asking for the port id `port` (the socket's own; 0 if it has
+    none yet, which asks the kernel to choose) instead of the one the caller named.
+    The kernel takes this bind as a check when the socket is bound (the same id) and
+    as autobind when it is not; either way the caller chooses no id. Too short to
+    hold an nl_pid: unchanged (the kernel's EINVAL)."""
+    if len(raw) < 8:
+        return raw
+    return raw[:4] + struct.pack("<I", port) + raw[8:]
+
+
 class Outcome(NamedTuple):
     """The reply for one notification and what happened (for the log and tests)."""
 

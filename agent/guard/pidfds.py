@@ -103,15 +103,3 @@ class PidfdCache:
                         pass
             if len(ready) < 256:
                 return closed
-
-
-def ns_tgid(pid: int) -> int:
-    """The caller's tgid as seen in its own pid namespace (last NSpid of its leader)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
-        with open(f"/proc/{tgid}/status") as f:
-            line = next(line for line in f if line.startswith("NSpid:"))
-        return int(line.split()[-1])
-    except (OSError, StopIteration, ValueError):
-        return 0

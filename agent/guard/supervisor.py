@@ -14,7 +14,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +32,14 @@ from agent.guard.decide import (
     abstract_allowed,
     abstract_prefix,
     ip_decision,
+    netlink_keep_port,
     netlink_unicast_pid,
     refused_for_any_socket,
     unix_abstract_name,
 )
 from agent.guard.fast import FastPaths, ListenerDone
 from agent.guard.journal import Journal, journal_path
-from agent.guard.pidfds import PIDFD_THREAD, PidfdCache, ns_tgid
+from agent.guard.pidfds import PIDFD_THREAD, PidfdCache
 from agent.guard.revoke import Revoker
 from agent.guard.slicecpu import slice_cpu_reader
 from agent.guard.sockd import FORWARDED, SockdLinks
@@ -49,7 +49,7 @@ from agent.ports.store import PortService
 from agent.ports.table import PortTable
 from agent.tokenbucket import TokenBuckets
 from kernel import guardfast, seccomp
-from kernel.packet import already_bound, bind_bytes, sock_info
+from kernel.packet import already_bound, bind_bytes, netlink_port, sock_info
 from kernel.pidfd import RemoteReader, pidfd_open
 
 log = logging.getLogger("agent.guard")
@@ -234,9 +234,11 @@ class Guard:
                     raise Denied(errno.EPERM, f"abstract name outside {prefix!r}")
                 return Outcome(bind_bytes(fd, raw), f"unix abstract {name!r}")
         if family == socket.AF_NETLINK:
-            nl_pid = netlink_unicast_pid(raw)
-            if nl_pid is not None:
-                return Outcome(self._bind_netlink(n.pid, fd, raw, nl_pid), "netlink")
+            # The port id stays the one the socket has (sockd bound it at birth): a
+            # sliver never picks an id in the node's namespace (kernel/native/sockd.h).
+            raw = netlink_keep_port(raw, netlink_port(fd))
+            if netlink_unicast_pid(raw) is not None:
+                return Outcome(bind_bytes(fd, raw), "netlink")
         # The helper reads the caller through /proc/PID; this pidfd, taken while the
         # caller is still the one waiting, lets it check that PID was not reused (F8).
         try:
@@ -275,21 +277,6 @@ class Guard:
                 cache.clear()
             cache[key] = d
         return d
-
-    def _bind_netlink(self, pid: int, fd: int, raw: bytes, nl_pid: int) -> int:
-        """A netlink bind without groups, as the kernel would do it for the caller.
-
-        The kernel's autobind (nl_pid 0) takes the caller's tgid as the port id
-        (netlink_autobind); done by the agent it would take the agent's, so try the
-        caller's own tgid (in its pid namespace) first.
-        """
-        if nl_pid == 0:
-            tgid = ns_tgid(pid)
-            if tgid:
-                err = bind_bytes(fd, raw[:4] + struct.pack("<I", tgid) + raw[8:])
-                if err != errno.EADDRINUSE:
-                    return err
-        return bind_bytes(fd, raw)
 
     async def _bind_as_caller(self, pid: int, fd: int, raw: bytes, pidfd: int,
                               cgroups: tuple[str, ...] = ()) -> int:

@@ -27,6 +27,19 @@
  * after the read. It keeps CAP_SETUID and CAP_SETGID of the sliver's user namespace
  * only (none over the node's network namespace).
  *
+ * Netlink port ids (F43): in a guarded sliver every netlink socket is bound here,
+ * at birth, to a port id the kernel picks (autobind: our own tgid, in the node's PID
+ * namespace, once, then its negative rover). A sliver therefore never picks the port
+ * id of a socket in the node's namespace: not by bind(2) with an explicit nl_pid
+ * (the guard keeps the id the socket has, agent/guard/supervisor.py), and not by the
+ * kernel's autobind at its first send or connect, which would take the caller's tgid
+ * in the sliver's PID namespace, a number a sliver chooses by forking. Otherwise a
+ * sliver could squat the ids that processes of the node bind explicitly (libnl's
+ * and pyroute2's pid + (n << 22), the agent's among them) and make their bind fail.
+ * Without a guard nobody rewrites the sliver's bind(2), and the kernel refuses a
+ * second bind naming another id (`ip` binds nl_pid 0: EINVAL), so the socket is
+ * left unbound; such a sliver has no port table either.
+ *
  * It exits when the listener hangs up (no process of the sliver is left) or when the
  * init goes away before handing it the listener. Its setup (fds, cwd, capabilities)
  * ends with a word to the launcher on its channel: "ok", or why it failed (then it
@@ -36,6 +49,7 @@
  */
 #include <linux/audit.h>
 #include <linux/capability.h>
+#include <linux/netlink.h>
 #include <sys/fsuid.h>
 
 /* Missing from Debian 12's headers (KERNEL-FACTS); the flag goes by value. */
@@ -228,8 +242,9 @@ static int sockd_drop_caps(void)
 	return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);   /* F42; see sockd_socket */
 }
 
-/* One socket() notification: make the socket as the caller, answer with it. */
-static void sockd_handle(int lis, const struct seccomp_notif *req)
+/* One socket() notification: make the socket as the caller, answer with it. With
+ * `guarded` (the agent decides the sliver's binds) a netlink socket is bound first. */
+static void sockd_handle(int lis, const struct seccomp_notif *req, int guarded)
 {
 	const struct seccomp_data *d = &req->data;
 	int domain = (int)d->args[0], type = (int)d->args[1], proto = (int)d->args[2];
@@ -248,6 +263,14 @@ static void sockd_handle(int lis, const struct seccomp_notif *req)
 	if (fd < 0) {
 		sockd_answer(lis, req->id, -fd);
 		return;
+	}
+	if (guarded && domain == AF_NETLINK) {   /* a port id the kernel picks; see the top */
+		struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
+		if (bind(fd, (struct sockaddr *)&nl, sizeof nl) < 0) {
+			sockd_answer(lis, req->id, errno);
+			close(fd);
+			return;
+		}
 	}
 	struct seccomp_notif_addfd add = {
 		.id = req->id, .flags = SECCOMP_ADDFD_FLAG_SEND, .srcfd = (uint32_t)fd,
@@ -322,13 +345,13 @@ static void __attribute__((noreturn)) sockd_serve(int chan, int reqs)
 		memset(&req, 0, sizeof req);
 		if (own && (p[0].revents & POLLIN)) {
 			if (ioctl(lis, SECCOMP_IOCTL_NOTIF_RECV, &req) == 0)
-				sockd_handle(lis, &req);   /* else ENOENT: the caller left */
+				sockd_handle(lis, &req, 0);   /* else ENOENT: the caller left */
 		}
 		if (!own && (p[1].revents & POLLIN)) {
 			/* The agent forwards the notification it received, as is. */
 			ssize_t got = recv(reqs, &req, sizeof req, MSG_DONTWAIT);
 			if (got == (ssize_t)sizeof req)
-				sockd_handle(lis, &req);
+				sockd_handle(lis, &req, 1);
 		}
 		/* Every end of the request socket is gone (the init's copy at SOCKD_FD
 		 * too): the sliver is gone. */

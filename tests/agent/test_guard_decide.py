@@ -22,6 +22,7 @@ from agent.guard.decide import (
     abstract_prefix,
     ip_decision,
     ip_proto,
+    netlink_keep_port,
     netlink_unicast_pid,
     parse_ip_sockaddr,
     refused_for_any_socket,
@@ -124,6 +125,15 @@ def test_netlink_binds_without_groups_only() -> None:
     for size in (0, 2, 8, 11):
         assert netlink_unicast_pid(snl(0, 0)[:size]) is None
     assert netlink_unicast_pid(snl(7, 0) + b"\xff" * 4) == 7   # longer: the rest ignored
+
+
+def test_netlink_binds_keep_the_sockets_own_port_id() -> None:
+    """Whatever nl_pid the sliver names, the bind asks for the id the socket has."""
+    assert netlink_keep_port(snl(4321, 0), 99) == snl(99, 0)
+    assert netlink_keep_port(snl(4321, 5), 0) == snl(0, 5)          # groups kept
+    assert netlink_keep_port(snl(1, 2) + b"tail", 3) == snl(3, 2) + b"tail"
+    assert netlink_keep_port(snl(0, 0)[:6], 3) == snl(0, 0)[:6]     # too short: EINVAL
+    assert netlink_keep_port(snl(7, 0), 2**32 - 4097) == snl(2**32 - 4097, 0)  # the rover
 
 
 # -- what a slice may bind -------------------------------------------------------------------

@@ -52,6 +52,14 @@
  *                                                           -> "junkfds SENT"
  *   slow PATH SECS            send a request one byte a second -> "slow CLOSED_AFTER_S"
  *   call PATH                 stdin -> PATH -> stdout (one HTTP request)
+ *   mlisten ADDR PORT SECS    an MPTCP listener on ADDR:PORT (IPv4) -> "mlisten ERRNO"; accepts
+ *                             one connection -> "accepted ERRNO", holds it SECS
+ *   mconnect ADDR PORT SECS   an MPTCP connection to ADDR:PORT -> "mconnect ERRNO LOCALPORT",
+ *                             held SECS
+ *   nlsquat ID SECS           NETLINK_ROUTE port ids: a new socket's, one bound with the
+ *                             explicit nl_pid ID, one bound with ID and a multicast group,
+ *                             and one autobound by its first send; held SECS
+ *                             -> "nlsquat NEW E_BIND BOUND E_GROUP GROUPED SENT MYPID"
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -66,6 +74,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/filter.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <sys/ioctl.h>
@@ -104,6 +114,81 @@ static int unix_connect(const char *path, int abstract)
 		return -1;
 	}
 	return s;
+}
+
+static int ipv4(const char *addr, int port, struct sockaddr_in *sa)
+{
+	memset(sa, 0, sizeof *sa);
+	sa->sin_family = AF_INET;
+	sa->sin_port = htons((uint16_t)port);
+	return inet_pton(AF_INET, addr, &sa->sin_addr) == 1 ? 0 : -1;
+}
+
+/* MPTCP (IPPROTO_MPTCP): its subflows are TCP sockets the kernel makes. */
+static void do_mptcp(int listening, const char *addr, int port, unsigned secs)
+{
+	struct sockaddr_in sa;
+	if (ipv4(addr, port, &sa) < 0) {
+		printf("%s %d\n", listening ? "mlisten" : "mconnect", EINVAL);
+		return;
+	}
+	int s = socket(AF_INET, SOCK_STREAM, 262);
+	if (s < 0) {
+		printf("%s %d\n", listening ? "mlisten" : "mconnect", errno);
+		return;
+	}
+	if (listening) {
+		int e = err(bind(s, (struct sockaddr *)&sa, sizeof sa));
+		if (!e)
+			e = err(listen(s, 4));
+		printf("mlisten %d\n", e);
+		if (e)
+			return;
+		int c = accept(s, NULL, NULL);
+		printf("accepted %d\n", c < 0 ? errno : 0);
+	} else {
+		int e = err(connect(s, (struct sockaddr *)&sa, sizeof sa));
+		socklen_t len = sizeof sa;
+		getsockname(s, (struct sockaddr *)&sa, &len);
+		printf("mconnect %d %d\n", e, ntohs(sa.sin_port));
+	}
+	sleep(secs);
+}
+
+static unsigned nl_port(int s)
+{
+	struct sockaddr_nl nl = {0};
+	socklen_t len = sizeof nl;
+	return getsockname(s, (struct sockaddr *)&nl, &len) < 0 ? 0xFFFFFFFFu : nl.nl_pid;
+}
+
+/* Try to take the port id `id` of the node's netlink namespace, every way there is. */
+static void do_nlsquat(unsigned id, unsigned secs)
+{
+	int a = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	int b = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	int c = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	int d = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	if (a < 0 || b < 0 || c < 0 || d < 0) {
+		printf("nlsquat socket %d\n", errno);
+		return;
+	}
+	struct sockaddr_nl want = {.nl_family = AF_NETLINK, .nl_pid = id};
+	int e_bind = err(bind(b, (struct sockaddr *)&want, sizeof want));
+	want.nl_groups = 1;   /* RTMGRP_LINK: open to anyone */
+	int e_group = err(bind(c, (struct sockaddr *)&want, sizeof want));
+	struct {
+		struct nlmsghdr h;
+		struct rtgenmsg g;
+	} req = {.h = {.nlmsg_len = sizeof req, .nlmsg_type = RTM_GETLINK,
+		       .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP, .nlmsg_seq = 1},
+		 .g = {.rtgen_family = AF_UNSPEC}};
+	struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+	if (sendto(d, &req, sizeof req, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0)
+		printf("nlsquat sendto %d\n", errno);
+	printf("nlsquat %u %d %u %d %u %u %d\n", nl_port(a), e_bind, nl_port(b), e_group,
+	       nl_port(c), nl_port(d), (int)getpid());
+	sleep(secs);   /* held while the test binds the id itself */
 }
 
 static int do_read(const char *path)
@@ -643,6 +728,12 @@ int main(int argc, char **argv)
 	} else if (!strcmp(cmd, "call")) {
 		NEED(1);
 		do_call(argv[2]);
+	} else if (!strcmp(cmd, "mlisten") || !strcmp(cmd, "mconnect")) {
+		NEED(3);
+		do_mptcp(cmd[1] == 'l', argv[2], atoi(argv[3]), (unsigned)atoi(argv[4]));
+	} else if (!strcmp(cmd, "nlsquat")) {
+		NEED(2);
+		do_nlsquat((unsigned)strtoul(argv[2], NULL, 0), (unsigned)atoi(argv[3]));
 	} else {
 		fprintf(stderr, "attacker: unknown command %s\n", cmd);
 		return 2;

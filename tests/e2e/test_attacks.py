@@ -657,6 +657,51 @@ def test_other_protocols_and_freebind_do_not_bypass_ports(fence: Fence) -> None:
     assert out[1] in (str(errno.EADDRNOTAVAIL), str(errno.EACCES)), out
 
 
+def test_mptcp_subflows_are_the_slices_sockets(fence: Fence) -> None:
+    """MPTCP's subflows are TCP sockets the kernel makes (the first one, of a listener,
+    inside the guard's bind, by the agent). The node tells a slice's sockets from its
+    own by their uid in sock_diag (host-held ports and sniffers, F30; revocation, F20):
+    each subflow of a slice's MPTCP listener, of a connection it accepted and of one it
+    made carries the uid of the sliver's user, never the node's root."""
+    from kernel import sockdiag
+    from kernel.context import PIPE
+
+    a, port = fence.a, fence.port_a
+    root = a.uid_base
+    listener = a.spawn(["/bin/attacker", "mlisten", "127.0.0.1", str(port), "10"],
+                       stdout=PIPE, stderr=PIPE)
+    outward: Any = None
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().split() == [b"mlisten", b"0"]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as peer:
+            peer.connect(("127.0.0.1", port))
+            assert listener.stdout.readline().split() == [b"accepted", b"0"]
+            mine = [d for d in sockdiag.find("tcp", port) if d.local == "127.0.0.1"]
+            assert {d.state for d in mine} >= {1, 10}, mine     # ESTABLISHED, LISTEN
+            peer_port = peer.getsockname()[1]
+            assert {d.uid for d in mine if d.port == port} == {root}, mine
+            # ...and the node's own end (this process, root) stays the node's
+            assert {d.uid for d in sockdiag.find("tcp", peer_port)} == {0}
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as host:
+            host.bind(("127.0.0.1", 0))
+            host.listen(1)
+            outward = a.spawn(["/bin/attacker", "mconnect", "127.0.0.1",
+                               str(host.getsockname()[1]), "5"], stdout=PIPE, stderr=PIPE,
+                              user="user")
+            assert outward.stdout is not None
+            word, e, local = outward.stdout.readline().split()
+            assert (word, e) == (b"mconnect", b"0")
+            conn, _ = host.accept()
+            conn.close()
+            assert {d.uid for d in sockdiag.find("tcp", int(local))} == {root + 1000}
+    finally:
+        for proc in (listener, outward):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+
+
 def test_kernel_interfaces_closed_to_sliver_root(fence: Fence) -> None:
     """bpf, system-wide perf, sysrq, kcore, the kernel log, kernel addresses."""
     a = fence.a
@@ -866,6 +911,35 @@ def test_only_ip_unix_and_route_netlink_sockets(fence: Fence) -> None:
                             (10, SOCK_DGRAM, 0), (16, SOCK_RAW, 0)):
         assert run(fence.a, "socket", str(fam), str(typ), str(proto)) == ["socket", "0"], \
             (fam, typ, proto)
+
+
+def test_no_netlink_port_id_of_the_node_is_the_slivers_to_pick(fence: Fence) -> None:
+    """Netlink port ids are per network namespace, and a sliver's netlink sockets live in
+    the node's. A sliver asking for an id by hand (libnl's and pyroute2's pid + (n << 22)
+    of a node process: the agent's own are found by a bind failing), with a multicast
+    group, or through the autobind of a first send (its tgid, a number it picks by
+    forking), holds none: its binds succeed on ids the kernel picked, and the node's
+    process that binds that id gets it."""
+    from kernel.context import PIPE
+
+    target = (os.getpid() & 0x3FFFFF) | (77 << 22)   # pyroute2 here, its 77th socket
+    squat = fence.a.spawn(["/bin/attacker", "nlsquat", str(target), "10"], stdout=PIPE,
+                          stderr=PIPE)
+    try:
+        assert squat.stdout is not None
+        line = squat.stdout.readline().split()
+        assert len(line) == 8 and line[0] == b"nlsquat", line
+        new, e_bind, bound, e_group, grouped, sent, sliver_pid = (int(x) for x in line[1:])
+        assert (e_bind, e_group) == (0, 0)            # a program inside goes on...
+        assert new != 0 and target not in (new, bound, grouped, sent)   # ...on other ids
+        assert sent != sliver_pid
+        assert len({new, bound, grouped, sent}) == 4
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as mine:
+            mine.bind((target, 0))
+            assert mine.getsockname()[0] == target
+    finally:
+        squat.kill()
+        squat.wait(10)
 
 
 def test_raw_send_checks_source_and_refuses_ip_options(agent_side: AgentSide) -> None:

@@ -132,6 +132,20 @@ except OSError as e:
                    "bind_without_supervisor": errno.ENOSYS}
 
 
+def test_ustat_refused() -> None:
+    """ustat(2) would report the store's free space (statfs is the guard's to answer)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    buf = ctypes.create_string_buffer(64)
+    dev = os.stat("/").st_dev
+    assert libc.syscall(136, ctypes.c_uint(dev), buf) == 0   # reaches the kernel here
+    got = under_filter(f"""
+buf = ctypes.create_string_buffer(64)
+out["ustat"] = libc.syscall(136, ctypes.c_uint({dev}), buf) == -1 and ctypes.get_errno()
+""")
+    assert got == {"ustat": errno.ENOSYS}
+
+
 def test_notification_recv_send_addfd_id_valid() -> None:
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     code = r"""
