@@ -7,7 +7,9 @@ replaced (kernel/seccomp.py's Insn/_link and kernel/packet.py's Asm, at commit
 
 from __future__ import annotations
 
+import errno
 import hashlib
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,19 @@ from agent.guard.service import GuardService
 from agent.ports import PortRange
 from agent.rawsock import error_filter, sniffer_filter
 from kernel import cbpf, seccomp
-from kernel.libc import NR_BIND, NR_CONNECT, NR_FSTATFS, NR_STATFS
+from kernel.libc import (
+    NR_ADD_KEY,
+    NR_BIND,
+    NR_CONNECT,
+    NR_FSTATFS,
+    NR_IO_URING_ENTER,
+    NR_IO_URING_REGISTER,
+    NR_IO_URING_SETUP,
+    NR_KEYCTL,
+    NR_REQUEST_KEY,
+    NR_STATFS,
+    NR_USTAT,
+)
 
 HOLDINGS = [PortRange("udp", 5000, 5010, "127.0.0.1"), PortRange("tcp", 80, 80, "10.1.2.3"),
             PortRange("icmp", 7, 7, "::1"), PortRange("tcp", 8000, 8100, "fd00::5")]
@@ -32,18 +46,26 @@ GOLDEN = {
     "guard_bare": (7, "7effeb3cbb5d160f8e0e4a6639ebed32eba4b66bb813d59fdc3390842fb54a1b"),
     # Not from the old assemblers: the agent's own filter (GuardService.filter) since
     # it notifies statfs and fstatfs; test_the_agent_filter_is_the_sockd_one_plus_statfs
-    # checks it is the sockd program with exactly those two notify pairs added.
-    "guard_agent": (61, "77cc375bdb1a4425800a1c936beccb5375df66f83812f1d6e4364d0c24016b4b"),
+    # checks it is the sockd program with exactly those two notify pairs added, and
+    # test_ustat_is_one_refusal_more the ustat pair (61 instructions before it).
+    "guard_agent": (63, "cfb213036fe6acefb8c12755f357cc249efeed21af9dc09c47e22871f4374d6a"),
     "sniffer_empty": (84, "757a52cf41facf7dbce4cca9af59bf6b3e81e053abbf14b5fcef40802db74cdb"),
     "sniffer_mixed": (226, "321904463e3313f670f4cb67f9dad6d28ede9e90f20e059e669a075b529aa3bd"),
     "error_mixed": (96, "a7071273f7d1243db94f1ffe426e3e6dedbc18818e81b0efd1e640bae93569b2"),
 }
 
+# The default refusals when the golden digests were taken; ustat (ENOSYS) came after,
+# and test_ustat_is_one_refusal_more checks what it added.
+OLD_REFUSE = ((NR_IO_URING_SETUP, errno.EPERM), (NR_IO_URING_ENTER, errno.EPERM),
+              (NR_IO_URING_REGISTER, errno.EPERM), (NR_ADD_KEY, errno.ENOSYS),
+              (NR_REQUEST_KEY, errno.ENOSYS), (NR_KEYCTL, errno.ENOSYS))
+
 BUILDERS = {
-    "guard_default": lambda: seccomp.guard_filter(),
-    "guard_bind_connect": lambda: seccomp.guard_filter(notify=(NR_BIND, NR_CONNECT)),
-    "guard_no_sockets": lambda: seccomp.guard_filter(guard_sockets=False),
-    "guard_no_userns": lambda: seccomp.guard_filter(refuse_userns=False),
+    "guard_default": lambda: seccomp.guard_filter(refuse=OLD_REFUSE),
+    "guard_bind_connect": lambda: seccomp.guard_filter(notify=(NR_BIND, NR_CONNECT),
+                                                       refuse=OLD_REFUSE),
+    "guard_no_sockets": lambda: seccomp.guard_filter(guard_sockets=False, refuse=OLD_REFUSE),
+    "guard_no_userns": lambda: seccomp.guard_filter(refuse_userns=False, refuse=OLD_REFUSE),
     "guard_bare": lambda: seccomp.guard_filter(notify=(), refuse=(), guard_sockets=False,
                                                refuse_userns=False),
     "guard_agent": lambda: GuardService.filter(),
@@ -70,6 +92,21 @@ def test_the_agent_filter_is_the_sockd_one_plus_statfs() -> None:
     ret = cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, seccomp.SECCOMP_RET_USER_NOTIF)
     assert sockd[6:8] == [cbpf.SOCK_FILTER.pack(cbpf.JEQ_K, 0, 1, NR_BIND), ret]
     assert agent == sockd[:8] + [notify[0], ret, notify[1], ret] + sockd[8:]
+
+
+def test_ustat_is_one_refusal_more() -> None:
+    """The default program = the one of the golden refusals with one JEQ/RET pair for
+    ustat (ENOSYS) first among the refusals (they are sorted by number)."""
+    def insns(prog: bytes) -> list[bytes]:
+        return [prog[i:i + 8] for i in range(0, len(prog), 8)]
+    variants: list[dict[str, Any]] = [{}, {"sockd": True}, {"guard_sockets": False}]
+    for kw in variants:
+        now = insns(seccomp.guard_filter(**kw))
+        old = insns(seccomp.guard_filter(refuse=OLD_REFUSE, **kw))
+        at = old.index(cbpf.SOCK_FILTER.pack(cbpf.JEQ_K, 0, 1, NR_ADD_KEY))
+        pair = [cbpf.SOCK_FILTER.pack(cbpf.JEQ_K, 0, 1, NR_USTAT),
+                cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, seccomp.errno_ret(errno.ENOSYS))]
+        assert now == old[:at] + pair + old[at:], kw
 
 
 def test_labels_resolve_to_forward_skips() -> None:
