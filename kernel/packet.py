@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import _socket
 import ctypes
+import errno
 import os
+import secrets
 import socket
 import struct
 from collections.abc import Sequence
@@ -57,6 +59,23 @@ def netlink_port(fd: int) -> int:
             return int(sock.getsockname()[0])
     except OSError:
         return 0
+
+
+#: The ids the kernel's own netlink autobind falls back to: S32_MIN..-4097, as u32.
+NETLINK_RANDOM_IDS = (2**31, 2**32 - 4096)
+
+
+def bind_netlink_random(fd: int, tries: int = 16) -> int:
+    """Bind unbound netlink socket `fd` to a random id of the kernel's fallback range
+    (never the caller's pid, which a plain autobind would take first); 0 or the errno."""
+    first, end = NETLINK_RANDOM_IDS
+    err = errno.EADDRINUSE
+    for _ in range(tries):
+        port = first + secrets.randbelow(end - first)
+        err = bind_bytes(fd, struct.pack("<HHII", socket.AF_NETLINK, 0, port, 0))
+        if err != errno.EADDRINUSE:
+            return err
+    return err
 
 
 def already_bound(fd: int, info: tuple[int, int, int], address: str, port: int) -> bool:

@@ -49,7 +49,13 @@ from agent.ports.store import PortService
 from agent.ports.table import PortTable
 from agent.tokenbucket import TokenBuckets
 from kernel import guardfast, seccomp
-from kernel.packet import already_bound, bind_bytes, netlink_port, sock_info
+from kernel.packet import (
+    already_bound,
+    bind_bytes,
+    bind_netlink_random,
+    netlink_port,
+    sock_info,
+)
 from kernel.pidfd import RemoteReader, pidfd_open
 
 log = logging.getLogger("agent.guard")
@@ -236,7 +242,16 @@ class Guard:
         if family == socket.AF_NETLINK:
             # The port id stays the one the socket has (sockd bound it at birth): a
             # sliver never picks an id in the node's namespace (kernel/native/sockd.h).
-            raw = netlink_keep_port(raw, netlink_port(fd))
+            port = netlink_port(fd)
+            if port == 0 and len(raw) >= 12:
+                # Unbound (a sliver whose sockd predates F43): an id the agent picks
+                # at random, as the kernel's autobind would beyond the first; the
+                # autobind here would hand the sliver the agent's own pid.
+                err = bind_netlink_random(fd)
+                port = netlink_port(fd)   # (EINVAL: a racing bind was first; its id)
+                if port == 0:
+                    raise Denied(err or errno.EADDRINUSE, "netlink: no free port id")
+            raw = netlink_keep_port(raw, port)
             if netlink_unicast_pid(raw) is not None:
                 return Outcome(bind_bytes(fd, raw), "netlink")
         # The helper reads the caller through /proc/PID; this pidfd, taken while the

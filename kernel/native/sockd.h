@@ -28,8 +28,8 @@
  * only (none over the node's network namespace).
  *
  * Netlink port ids (F43): in a guarded sliver every netlink socket is bound here,
- * at birth, to a port id the kernel picks (autobind: our own tgid, in the node's PID
- * namespace, once, then its negative rover). A sliver therefore never picks the port
+ * at birth, to a port id the kernel picks (autobind: a random negative id, since a
+ * socket of our own holds our tgid, the id it would try first). A sliver therefore never picks the port
  * id of a socket in the node's namespace: not by bind(2) with an explicit nl_pid
  * (the guard keeps the id the socket has, agent/guard/supervisor.py), and not by the
  * kernel's autobind at its first send or connect, which would take the caller's tgid
@@ -328,6 +328,16 @@ static void __attribute__((noreturn)) sockd_serve(int chan, int reqs)
 	const int own = tag == 'S';
 	if (own)
 		close(reqs);   /* no agent in between */
+	else {
+		/* Our own pid is the id the kernel's autobind tries first: take it with a
+		 * socket of ours, kept, so that every socket bound for the sliver gets a
+		 * random id and none tells it a pid of the node. (If this fails, the first
+		 * socket gets that id: nothing worse.) */
+		int hold = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+		struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
+		if (hold >= 0 && bind(hold, (struct sockaddr *)&nl, sizeof nl) < 0)
+			close(hold);
+	}
 	/* Wake the caller on the CPU it waits on (KERNEL-FACTS: 43 -> 5 us). */
 	if (own)
 		(void)ioctl(lis, SECCOMP_IOCTL_NOTIF_SET_FLAGS_, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP_);

@@ -880,3 +880,36 @@ async def test_revocations_in_flight_follow_the_current_table(tmp_path: Path,
         assert got["errno"] == 0, got   # p3 is a's again: its socket was left alone
         assert guard.stats.deafened == 2, guard.stats
         nursery.cancel_scope.cancel()
+
+
+def test_unbound_netlink_socket_gets_a_random_id_never_the_agents_pid(tmp_path: Path) -> None:
+    """A sliver whose sockd predates F43 hands the guard unbound netlink sockets. Their
+    bind gets a random id of the kernel's fallback range, whatever nl_pid is named:
+    never the named one, and never the agent's pid (a plain autobind done by the agent
+    would take it and tell the sliver). A bound socket keeps its id."""
+    import struct
+
+    from agent.guard.decide import Outcome
+    from kernel.packet import NETLINK_RANDOM_IDS
+    from kernel.seccomp import Notification
+
+    guard = make_guard(tmp_path)
+    info = (socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    note = Notification(1, os.getpid(), 0, 49, 0, 0, (0, 0, 12, 0, 0, 0))
+    named = (os.getpid() & 0x3FFFFF) | (33 << 22)
+    seen = set()
+    for ask in (0, os.getpid(), named):   # (a group goes through guard-bindas: e2e)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:
+            raw = struct.pack("<HHII", socket.AF_NETLINK, 0, ask, 0)
+            got = guard._bind_socket("a", -1, note, s.fileno(), info, raw, False)
+            assert got == Outcome(0, "netlink")
+            port = s.getsockname()[0]
+            assert NETLINK_RANDOM_IDS[0] <= port < NETLINK_RANDOM_IDS[1], hex(port)
+            seen.add(port)
+            # bound now: a second bind naming another id keeps this one (the kernel's
+            # check passes), and nothing rebinds it
+            again = struct.pack("<HHII", socket.AF_NETLINK, 0, named, 0)
+            assert guard._bind_socket("a", -1, note, s.fileno(), info, again,
+                                      False) == Outcome(0, "netlink")
+            assert s.getsockname()[0] == port
+    assert len(seen) == 3

@@ -138,7 +138,8 @@ def test_ustat_refused() -> None:
     libc.syscall.restype = ctypes.c_long
     buf = ctypes.create_string_buffer(64)
     dev = os.stat("/").st_dev
-    assert libc.syscall(136, ctypes.c_uint(dev), buf) == 0   # reaches the kernel here
+    # reaches the kernel here (0, or EINVAL for a device no superblock has as its own)
+    assert libc.syscall(136, ctypes.c_uint(dev), buf) == 0 or ctypes.get_errno() != errno.ENOSYS
     got = under_filter(f"""
 buf = ctypes.create_string_buffer(64)
 out["ustat"] = libc.syscall(136, ctypes.c_uint({dev}), buf) == -1 and ctypes.get_errno()
