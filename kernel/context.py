@@ -66,6 +66,9 @@ SHM_DEFAULT = 64 << 20
 #: Every process of a sliver starts with this oom_score_adj, also its floor (the init
 #: sets it as host root): the OOM killer takes a sliver before the node's own processes.
 SLIVER_OOM_SCORE_ADJ = 500
+#: What a process the init starts adds to it (kernel/native/sliver-init.c): at its
+#: memory limit, a sliver loses that process before its init and sockd.
+CHILD_OOM_STEP = 100
 
 SETUP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0   # for the init to start a process (it gives up on an exec after 10 s)
@@ -401,10 +404,14 @@ class Context:
 
     @staticmethod
     def read_state(run_dir: Path, name: str) -> dict[str, Any] | None:
+        """The context's recorded state; None if there is none, or none yet: create()
+        makes state.json empty early and fills it once the init's pid is known (an
+        empty file stays if the creator died in between)."""
         try:
-            return json.loads((Path(run_dir) / name / "state.json").read_text())
+            text = (Path(run_dir) / name / "state.json").read_text()
         except FileNotFoundError:
             return None
+        return json.loads(text) if text else None
 
     @classmethod
     def adopt(cls, run_dir: Path, name: str) -> Context:

@@ -668,6 +668,36 @@ static ssize_t read_full(int fd, void *buf, size_t len)
 
 /* In the forked child: become the user, wire stdio, exec. Writes errno and exits
  * on failure (errpipe is close-on-exec, so a successful exec closes it silently). */
+/* A process the init starts is a likelier OOM victim than the init (and sockd): the
+ * sliver's memory cgroup at its limit with memory no process owns (socket buffers,
+ * tmpfs) made the OOM killer take the init, whose rss was the largest left, and the
+ * whole sliver died with it. Raising one's own oom_score_adj needs no privilege, but
+ * the file of a process that is not dumpable belongs to the node's root: the child
+ * (not dumpable, as the init, F42) becomes dumpable for the write only once it holds
+ * no fd of the init's (the caller closed them), then not dumpable again until its
+ * exec. It may lower the value again, down to the sliver's floor (its own choice). */
+#define CHILD_OOM_STEP 100
+
+static void raise_oom_score_adj(void)
+{
+	char v[16];
+	if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
+		return;
+	int fd = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC);
+	if (fd >= 0) {
+		ssize_t n = read(fd, v, sizeof v - 1);
+		if (n > 0) {
+			v[n] = 0;
+			long adj = strtol(v, NULL, 10) + CHILD_OOM_STEP;
+			int len = snprintf(v, sizeof v, "%ld", adj > 1000 ? 1000 : adj);
+			(void)!pwrite(fd, v, (size_t)len, 0);
+		}
+		close(fd);
+	}
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		_exit(127);   /* never exec dumpable by accident */
+}
+
 static void child_exec(int errpipe, const struct user *u, const char *cwd, char **argv,
 		       char **envp, const int *fds, int nfds, const char *pts)
 {
@@ -714,6 +744,18 @@ static void child_exec(int errpipe, const struct user *u, const char *cwd, char 
 			if (dup2(nul, i) < 0)
 				goto fail;
 	}
+	/* Nothing of the init's past this point: the error pipe at fd 3, every other fd
+	 * above the standard three closed (they were close-on-exec, but the child is made
+	 * dumpable for a moment below). */
+	step = "close the init's fds";
+	if (errpipe != 3) {
+		if (dup3(errpipe, 3, O_CLOEXEC) < 0)
+			goto fail;
+		errpipe = 3;
+	}
+	if (syscall(SYS_close_range, 4U, ~0U, 0U) < 0)
+		goto fail;
+	raise_oom_score_adj();
 	step = "setgroups";
 	if (setgroups((size_t)u->ngroups, u->groups) < 0)
 		goto fail;

@@ -79,7 +79,12 @@ def sliver(node: Node, name: str) -> dict[str, Any] | None:
 
 
 def context_state(node: Node, name: str) -> dict[str, Any]:
-    return json.loads((node.contexts_dir / name / "state.json").read_text())
+    """The sliver's state.json, once create() has filled it in (it makes it empty
+    first: a CI run read it in between)."""
+    from kernel.context import Context
+
+    return wait_for(lambda: Context.read_state(node.contexts_dir, name), 30,
+                    f"{name}'s state", node.log_text)
 
 
 def nothing_left(node: Node, name: str) -> None:

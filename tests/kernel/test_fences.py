@@ -110,14 +110,21 @@ def test_dev_shm_bounded_by_mem_max(node: Slivers) -> None:
 
 
 def test_sliver_oom_score_adj_is_its_floor(node: Slivers) -> None:
+    """The init and sockd sit at the sliver's floor; what the init starts sits above it,
+    so at the sliver's memory limit the OOM killer takes a process before the init (a
+    CI run saw the init killed while socket buffers, owned by no process, filled the
+    cgroup: its rss was the largest left)."""
     ctx = node.create(limits=Limits(mem_max=128 << 20))
-    assert Path(f"/proc/{ctx.init_pid}/oom_score_adj").read_text().strip() == \
-        str(kctx.SLIVER_OOM_SCORE_ADJ)
+    floor = kctx.SLIVER_OOM_SCORE_ADJ
+    assert Path(f"/proc/{ctx.init_pid}/oom_score_adj").read_text().strip() == str(floor)
+    sockd = ctx.state.get("sockd_pid")
+    if sockd:
+        assert Path(f"/proc/{sockd}/oom_score_adj").read_text().strip() == str(floor)
     rc, out, _ = sh(ctx, "cat /proc/self/oom_score_adj; echo -1000 > /proc/self/oom_score_adj;"
                          " cat /proc/self/oom_score_adj")
     vals = out.split()
-    assert vals[0] == str(kctx.SLIVER_OOM_SCORE_ADJ)
-    assert vals[-1] == str(kctx.SLIVER_OOM_SCORE_ADJ), out   # lowering it is refused
+    assert vals[0] == str(floor + kctx.CHILD_OOM_STEP), out
+    assert vals[-1] == str(floor + kctx.CHILD_OOM_STEP), out   # below the floor: refused
 
 
 @pytest.mark.parametrize("plant", ["fifo", "dir", "zero", "bad-uid"])
