@@ -66,7 +66,7 @@ SHM_DEFAULT = 64 << 20
 #: Every process of a sliver starts with this oom_score_adj, also its floor (the init
 #: sets it as host root): the OOM killer takes a sliver before the node's own processes.
 SLIVER_OOM_SCORE_ADJ = 500
-#: What a process the init starts adds to it (kernel/native/sliver-init.c): at its
+#: What a process the init starts has above it (kernel/native/sliver-init.c): at its
 #: memory limit, a sliver loses that process before its init and sockd.
 CHILD_OOM_STEP = 100
 

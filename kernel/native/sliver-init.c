@@ -671,31 +671,43 @@ static ssize_t read_full(int fd, void *buf, size_t len)
 /* A process the init starts is a likelier OOM victim than the init (and sockd): the
  * sliver's memory cgroup at its limit with memory no process owns (socket buffers,
  * tmpfs) made the OOM killer take the init, whose rss was the largest left, and the
- * whole sliver died with it. Raising one's own oom_score_adj needs no privilege, but
- * the file of a process that is not dumpable belongs to the node's root: the child
- * (not dumpable, as the init, F42) becomes dumpable for the write only once it holds
- * no fd of the init's (the caller closed them), then not dumpable again until its
- * exec. It may lower the value again, down to the sliver's floor (its own choice). */
+ * whole sliver died with it. The init keeps an fd of its own oom_score_adj, opened
+ * during setup while no process of the sliver existed (a non-dumpable task's /proc
+ * files belong to the node's root: it was dumpable for that open only), and writes
+ * floor + CHILD_OOM_STEP through it for the moment of each fork: the child inherits
+ * that value, the init goes back to the floor. Writes through an open fd check only
+ * the floor (oom_score_adj_min), so neither needs privilege. A started process may
+ * lower its value again, down to the floor: its own choice. */
 #define CHILD_OOM_STEP 100
+static int oom_fd = -1;
+static char oom_floor[24], oom_child[24];
 
-static void raise_oom_score_adj(void)
+static void open_own_oom_score_adj(void)
 {
-	char v[16];
 	if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
-		return;
+		die("make the init dumpable to open its oom_score_adj", errno);
 	int fd = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC);
-	if (fd >= 0) {
-		ssize_t n = read(fd, v, sizeof v - 1);
-		if (n > 0) {
-			v[n] = 0;
-			long adj = strtol(v, NULL, 10) + CHILD_OOM_STEP;
-			int len = snprintf(v, sizeof v, "%ld", adj > 1000 ? 1000 : adj);
-			(void)!pwrite(fd, v, (size_t)len, 0);
-		}
-		close(fd);
-	}
-	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
-		_exit(127);   /* never exec dumpable by accident */
+	int err = errno;
+	non_dumpable("make the init non-dumpable");
+	if (fd < 0)
+		die("open own oom_score_adj", err);
+	ssize_t n = pread(fd, oom_floor, sizeof oom_floor - 1, 0);
+	if (n <= 0)
+		die("read own oom_score_adj", n < 0 ? errno : EINVAL);
+	oom_floor[n] = 0;
+	long adj = strtol(oom_floor, NULL, 10);
+	snprintf(oom_floor, sizeof oom_floor, "%ld", adj);
+	snprintf(oom_child, sizeof oom_child, "%ld", adj + CHILD_OOM_STEP > 1000 ? 1000 :
+		 adj + CHILD_OOM_STEP);
+	oom_fd = fd;
+}
+
+/* The init's oom_score_adj: its children's (raise) or its own (back to the floor). */
+static void set_oom_score_adj(int raise)
+{
+	const char *v = raise ? oom_child : oom_floor;
+	if (oom_fd >= 0)
+		(void)!pwrite(oom_fd, v, strlen(v), 0);
 }
 
 static void child_exec(int errpipe, const struct user *u, const char *cwd, char **argv,
@@ -704,6 +716,8 @@ static void child_exec(int errpipe, const struct user *u, const char *cwd, char 
 	int err;
 	const char *step;
 	sigset_t none;
+	if (oom_fd >= 0)
+		close(oom_fd);   /* the init's own (close-on-exec too) */
 	/* The init only blocks SIGCHLD (for its signalfd) and installs no handler,
 	 * so the default dispositions are already in place: unblock, nothing else. */
 	sigemptyset(&none);
@@ -744,18 +758,6 @@ static void child_exec(int errpipe, const struct user *u, const char *cwd, char 
 			if (dup2(nul, i) < 0)
 				goto fail;
 	}
-	/* Nothing of the init's past this point: the error pipe at fd 3, every other fd
-	 * above the standard three closed (they were close-on-exec, but the child is made
-	 * dumpable for a moment below). */
-	step = "close the init's fds";
-	if (errpipe != 3) {
-		if (dup3(errpipe, 3, O_CLOEXEC) < 0)
-			goto fail;
-		errpipe = 3;
-	}
-	if (syscall(SYS_close_range, 4U, ~0U, 0U) < 0)
-		goto fail;
-	raise_oom_score_adj();
 	step = "setgroups";
 	if (setgroups((size_t)u->ngroups, u->groups) < 0)
 		goto fail;
@@ -764,6 +766,11 @@ static void child_exec(int errpipe, const struct user *u, const char *cwd, char 
 		goto fail;
 	step = "setresuid";
 	if (setresuid(u->uid, u->uid, u->uid) < 0)
+		goto fail;
+	/* The id change set "dumpable" to fs.suid_dumpable: with 1 this copy of the init
+	 * (its fds until the exec, its memory) was open to the user it became (F42). */
+	step = "make the child non-dumpable";
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
 		goto fail;
 	step = "chdir";
 	if (chdir(cwd ? cwd : u->home) < 0 && (cwd || chdir("/") < 0))
@@ -894,14 +901,17 @@ static void handle_request(int conn)
 		err = errno;
 		goto bad;
 	}
+	set_oom_score_adj(1);   /* inherited by the child (see CHILD_OOM_STEP) */
 	pid_t pid = fork();
 	if (pid == 0) {
 		close(ep[0]);
 		child_exec(ep[1], &u, cwd, argv, envp, fds, nfds, master >= 0 ? pts : NULL);
 	}
+	int fork_errno = errno;
+	set_oom_score_adj(0);
 	close(ep[1]);
 	if (pid < 0) {
-		err = errno;
+		err = fork_errno;
 		emsg = "fork";
 		close(ep[0]);
 		goto bad;
@@ -1193,6 +1203,7 @@ int main(int argc, char **argv)
 		die("read host pid (/proc/self)", sl < 0 ? errno : EINVAL);
 	self[sl] = 0;
 	say("pid %s\n", self);
+	open_own_oom_score_adj();   /* no process of the sliver exists yet */
 	if (setsid() < 0)
 		die("setsid", errno);
 	setup_root(&o);
