@@ -176,6 +176,16 @@ def destroy(target: DiagSocket) -> bool:
 
 
 DROP_ALL = cbpf.SOCK_FILTER.pack(cbpf.RET_K, 0, 0, 0)
+TCP_LISTEN = 10
+
+
+def stop_listening(fd: int) -> None:
+    """shutdown(2) a listening socket `fd` (through a copy: the holder's fd stays open).
+    For an MPTCP listener, whose listening subflow SOCK_DESTROY refuses (EINVAL), this
+    closes it: connections are refused, accept() fails with EINVAL, and the port stays
+    bound until the holders close it, as with a destroyed TCP listener."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def deafen(fd: int) -> None:
@@ -226,4 +236,5 @@ def holders(inodes: set[int], first_uid: int, uid_count: int,
     return found
 
 
-__all__ = ["DiagSocket", "SockDiagError", "deafen", "destroy", "find", "holders"]
+__all__ = ["DiagSocket", "SockDiagError", "TCP_LISTEN", "deafen", "destroy", "find",
+           "holders", "stop_listening"]

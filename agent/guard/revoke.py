@@ -9,6 +9,7 @@ sliver's processes, within REVOKE_BUDGET seconds.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -131,20 +132,36 @@ class Revoker:
                 continue
             first, count = uids
             aborted: set[int] = set()
+            listeners: set[int] = set()   # MPTCP listeners, by socket inode
             try:  # one dump of the span, whatever the number of ports
-                for sock in sockdiag.find(proto, min(ports), max(ports)):
-                    addresses = ports.get(sock.port)
-                    if addresses and first <= sock.uid < first + count and \
-                            addresses.intersection(table.covered(sock.local)) and \
-                            sockdiag.destroy(sock):
+                found = sockdiag.find(proto, min(ports), max(ports))
+            except OSError as exc:
+                log.error("guard: finding %s's %s sockets on ports %s failed: %s",
+                          owner, proto, sorted(ports), exc)
+                continue
+            for sock in found:
+                addresses = ports.get(sock.port)
+                if not (addresses and first <= sock.uid < first + count and
+                        addresses.intersection(table.covered(sock.local))):
+                    continue
+                try:
+                    if sockdiag.destroy(sock):
                         closed += 1
                         if proto == "udp":
                             aborted.add(sock.inode)
-            except OSError as exc:
-                log.error("guard: closing %s's %s sockets on ports %s failed: %s",
-                          owner, proto, sorted(ports), exc)
+                except OSError as exc:   # one socket's failure stops no other's
+                    if exc.errno == errno.EINVAL and sock.state == sockdiag.TCP_LISTEN:
+                        # The listening subflow of an MPTCP socket: the kernel will not
+                        # destroy it (tcp_abort_override); shut the MPTCP socket instead.
+                        listeners.add(sock.inode)
+                    else:
+                        log.error("guard: closing %s's %s socket on port %d failed: %s",
+                                  owner, proto, sock.port, exc)
             if aborted:
                 self._deafen(owner, aborted, first, count, deadline)
+            if listeners:
+                closed += self._through_holders(owner, listeners, first, count, deadline,
+                                                sockdiag.stop_listening, "MPTCP listener")
         if closed:
             log.info("guard: closed %d socket(s) on ports taken from %s", closed,
                      ", ".join(sorted({o for o, _ in wanted})))
@@ -154,9 +171,16 @@ class Revoker:
                 deadline: float) -> None:
         """A destroyed UDP socket keeps its port and would go on receiving after its
         one ECONNABORTED: make it drop everything (a locked filter), through a copy
-        of it taken from a process of `owner` that holds it. Holders are looked for
-        among the sliver's processes only (its `cgroups`), by socket inode, stopping once
-        each inode has one, or at `deadline`."""
+        of it taken from a process of `owner` that holds it."""
+        self._through_holders(owner, inodes, first, count, deadline, sockdiag.deafen,
+                              "destroyed UDP socket")
+
+    def _through_holders(self, owner: str, inodes: set[int], first: int, count: int,
+                         deadline: float, act: Callable[[int], None], what: str) -> int:
+        """`act` on a copy of each socket of `inodes`, taken from a process of `owner`
+        that holds it; how many. Holders are looked for among the sliver's processes
+        only (its `cgroups`), by socket inode, stopping once each inode has one, or at
+        `deadline`."""
         pids = None
         if self.cgroups is not None:
             try:
@@ -166,9 +190,9 @@ class Revoker:
                 log.warning("guard: %s: its processes are unknown (%s)", owner, exc)
         found = sockdiag.holders(inodes, first, count, pids, deadline)
         if len(found) < len(inodes):
-            log.warning("guard: %s: no holder found in time for %d destroyed UDP "
-                        "socket(s); they were aborted but may go on receiving",
-                        owner, len(inodes) - len(found))
+            log.warning("guard: %s: no holder found in time for %d %s(s); they keep "
+                        "working", owner, len(inodes) - len(found), what)
+        done = 0
         for inode, (pid, fdnum) in found.items():
             try:
                 pidfd = pidfd_open(pid)
@@ -178,10 +202,13 @@ class Revoker:
                     os.close(pidfd)
                 try:
                     if os.fstat(fd).st_ino == inode:  # not a reused pid or fd number
-                        sockdiag.deafen(fd)
-                        self.stats.deafened += 1
+                        act(fd)
+                        done += 1
+                        if act is sockdiag.deafen:
+                            self.stats.deafened += 1
                 finally:
                     os.close(fd)
             except OSError as exc:
-                log.warning("guard: %s: could not silence UDP socket %d of pid %d: %s",
-                            owner, inode, pid, exc)
+                log.warning("guard: %s: could not silence %s %d of pid %d: %s",
+                            owner, what, inode, pid, exc)
+        return done

@@ -57,7 +57,8 @@ def do(req):
     op = req["op"]
     if op == "bind":
         fam = socket.AF_INET6 if ":" in req["host"] else socket.AF_INET
-        s = socket.socket(fam, getattr(socket, req.get("type", "SOCK_STREAM")))
+        s = socket.socket(fam, getattr(socket, req.get("type", "SOCK_STREAM")),
+                          req.get("proto", 0))
         try:
             s.bind((req["host"], req["port"]))
         except OSError as e:
@@ -699,14 +700,14 @@ async def test_pidfds_of_exited_threads_are_closed(tmp_path: Path, slivers: Any,
 async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, slivers: Any) -> None:
     """F20: a port taken from a slice (a tag overriding its reservation, ReleasePort)
     closes its sockets there: its TCP listener's accept fails, its UDP socket is
-    aborted. Sockets of other uids on the port stay."""
+    aborted, its MPTCP listener is shut. Sockets of other uids on the port stay."""
     first = 100_000_000 + os.getpid() * 4  # uids no other test run uses
     uids = {f"a{os.getpid()}": (first, 2), f"b{os.getpid()}": (first + 2, 2)}
     table = PortTable([], read_ephemeral_range())
     guard = Guard(PortService(table, PortStore()), tmp_path / "guard", uids.get)
     a, b = slivers("a", first + 1), slivers("b", first + 2)
-    tcp, udp, last = free_ports(3)
-    guard.ports.reserve(a.name, f"tcp:{tcp},udp:{udp},tcp:{last}")
+    tcp, udp, last, mptcp = free_ports(4)
+    guard.ports.reserve(a.name, f"tcp:{tcp},udp:{udp},tcp:{last},tcp:{mptcp}")
     host = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # uid 0, same UDP port
     host.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     host.bind(("::1", udp))
@@ -737,6 +738,17 @@ async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, sliver
         host.settimeout(0.2)  # the host's socket on that port was left alone
         with pytest.raises(socket.timeout):
             host.recv(16)
+        # An MPTCP listener: the kernel refuses SOCK_DESTROY on its listening subflow
+        # (EINVAL), so the guard shuts the MPTCP socket through a holder's fd.
+        mp = await a.acall(op="bind", host="127.0.0.1", port=mptcp, proto=262)
+        assert mp["errno"] == 0, mp
+        await a.acall(op="listen", fd=mp["fd"])
+        guard.ports.release(a.name, f"tcp:{mptcp}")
+        await guard.revocations_settled()
+        got = await a.acall(op="accept", fd=mp["fd"], timeout=2)
+        assert got["errno"] == errno.EINVAL, got
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", mptcp), timeout=2).close()
         third = await a.acall(op="bind", host="::", port=last)  # wildcard, both families
         assert third["errno"] == 0
         await a.acall(op="listen", fd=third["fd"])
