@@ -172,8 +172,8 @@ class Revoker:
         """A destroyed UDP socket keeps its port and would go on receiving after its
         one ECONNABORTED: make it drop everything (a locked filter), through a copy
         of it taken from a process of `owner` that holds it."""
-        self._through_holders(owner, inodes, first, count, deadline, sockdiag.deafen,
-                              "destroyed UDP socket")
+        self.stats.deafened += self._through_holders(owner, inodes, first, count, deadline,
+                                                     sockdiag.deafen, "destroyed UDP socket")
 
     def _through_holders(self, owner: str, inodes: set[int], first: int, count: int,
                          deadline: float, act: Callable[[int], None], what: str) -> int:
@@ -204,8 +204,6 @@ class Revoker:
                     if os.fstat(fd).st_ino == inode:  # not a reused pid or fd number
                         act(fd)
                         done += 1
-                        if act is sockdiag.deafen:
-                            self.stats.deafened += 1
                 finally:
                     os.close(fd)
             except OSError as exc:

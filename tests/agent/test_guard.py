@@ -740,15 +740,20 @@ async def test_revoked_ports_close_the_old_owners_sockets(tmp_path: Path, sliver
             host.recv(16)
         # An MPTCP listener: the kernel refuses SOCK_DESTROY on its listening subflow
         # (EINVAL), so the guard shuts the MPTCP socket through a holder's fd.
+        # A TCP listener on another address of that port comes after it in the dump:
+        # the MPTCP one's refusal must not spare it.
         mp = await a.acall(op="bind", host="127.0.0.1", port=mptcp, proto=262)
-        assert mp["errno"] == 0, mp
+        tl = await a.acall(op="bind", host="127.0.0.2", port=mptcp)
+        assert mp["errno"] == 0 and tl["errno"] == 0, (mp, tl)
         await a.acall(op="listen", fd=mp["fd"])
+        await a.acall(op="listen", fd=tl["fd"])
         guard.ports.release(a.name, f"tcp:{mptcp}")
         await guard.revocations_settled()
-        got = await a.acall(op="accept", fd=mp["fd"], timeout=2)
-        assert got["errno"] == errno.EINVAL, got
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", mptcp), timeout=2).close()
+        for fd, addr in ((mp["fd"], "127.0.0.1"), (tl["fd"], "127.0.0.2")):
+            got = await a.acall(op="accept", fd=fd, timeout=2)
+            assert got["errno"] == errno.EINVAL, (addr, got)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((addr, mptcp), timeout=2).close()
         third = await a.acall(op="bind", host="::", port=last)  # wildcard, both families
         assert third["errno"] == 0
         await a.acall(op="listen", fd=third["fd"])

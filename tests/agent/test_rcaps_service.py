@@ -145,6 +145,16 @@ def test_ports_are_a_ledger_resource(tmp_path: Path) -> None:
 
 
 
+def _with_ports(tmp_path: Path, *slivers: str) -> tuple[State, RcapService, Any]:
+    """A state, a rcap service with its port table attached, and these slivers."""
+    state = State.open(tmp_path)
+    svc = RcapService(state, capacity())
+    ps = port_service(state)
+    svc.attach_ports(ps)
+    _make_slivers(state, *slivers)
+    return state, svc, ps
+
+
 def _tag(state: State, svc: RcapService, ps: Any, name: str, value: str) -> None:
     """PLC's `ports` tag of `name` set as the agent does: the sliver's spec, the port
     table (less what the slice lent, split off or released), then the reconciler's sync."""
@@ -162,11 +172,7 @@ def test_tag_ports_are_lent_split_and_end_with_the_tag(tmp_path: Path) -> None:
     from agent.ports import PortError
     from agent.rcaps.model import ports_of
 
-    state = State.open(tmp_path)
-    svc = RcapService(state, capacity())
-    ps = port_service(state)
-    svc.attach_ports(ps)
-    _make_slivers(state, "b")
+    state, svc, ps = _with_ports(tmp_path, "b")
     _tag(state, svc, ps, "a", "tcp:80,tcp:2000-2001")
     assert svc.led.plc_ports("a") == ports_of("tcp:80,tcp:2000-2001")
     # lending nothing, nothing moved: the tag's ports are held by tag, as before
@@ -227,11 +233,7 @@ def test_released_ports_stay_released(tmp_path: Path) -> None:
     an unrelated ledger change, a tag change or a restart; ReservePort takes it back."""
     from agent.rcaps.model import ports_of
 
-    state = State.open(tmp_path)
-    svc = RcapService(state, capacity())
-    ps = port_service(state)
-    svc.attach_ports(ps)
-    _make_slivers(state, "b")
+    state, svc, ps = _with_ports(tmp_path, "b")
     _tag(state, svc, ps, "a", "tcp:2000")
     tok, _ = svc.led.acquire(zero(), "", ports=ports_of("tcp:3000-3001"))
     svc.apply_ports(svc.led.bind(token_id(tok), "a"))

@@ -516,3 +516,15 @@ def test_spawn_refuses_host_terminals(ctx: Context) -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_read_state_of_an_empty_state_file_is_no_state(tmp_path: Path) -> None:
+    """create() makes state.json empty first and fills it once the init's pid is known;
+    a reader in between (or after a creator that died there) gets no state, not a
+    JSON error, and adopt() says the context is not there."""
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "state.json").write_text("")
+    assert Context.read_state(tmp_path, "s1") is None
+    with pytest.raises(FileNotFoundError):
+        Context.adopt(tmp_path, "s1")
+    assert Context.read_state(tmp_path, "nothere") is None
