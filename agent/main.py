@@ -346,7 +346,6 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - boundary: the poller must go on
                 log.exception("poll cycle failed")
                 result = PollResult(False, f"internal error: {type(exc).__name__}: {exc}")
-            self.state.set_meta("last_poll_at", repr(time.time()))   # `poll --wait`
             if result.ok:
                 if self.failures:
                     log.info("poll recovered after %d failed in a row: %s", self.failures,
@@ -355,6 +354,9 @@ class Agent:
             else:
                 self.failures += 1
                 log.warning("poll failed (%d in a row): %s", self.failures, result.message)
+            # Last: `poll --wait` returns on this mark, and the log above must be there
+            # for whoever reads it then.
+            self.state.set_meta("last_poll_at", repr(time.time()))
             with trio.move_on_after(self.next_wait()):
                 await self._poke_recv.receive()
 

@@ -447,7 +447,9 @@ def test_dead_sliver_comes_back_between_polls(site: Site, node: Node) -> None:
         return new != pid and Path(f"/proc/{new}").exists()
 
     wait_for(replaced, 30, "the sliver to come back", node.log_text)
-    assert "local reconcile: 1 done" in node.log_text()
+    # The reconciler writes the new init into state.json before it logs its outcome.
+    wait_for(lambda: "local reconcile: 1 done" in node.log_text(), 30,
+             "the reconciler's report", node.log_text)
 
 
 BINDTEST_C = r"""
